@@ -1,0 +1,74 @@
+"""Benchmark harness: device selection, and a ratio table per group printed after the run.
+
+Each benchmark declares a ``group`` (one workload) and a ``role``: "ours", "fused" (PyTorch's
+best fused op for the job), "eager" (the reference) or "other" (shown for scale). After the run, every group prints each entry's median
+time and its ratio to the group's "fused" and "eager" entries: all measured side by side in this
+one run, on one device.
+"""
+
+import platform
+
+import pytest
+import torch
+
+_RESULTS: dict[str, dict[str, dict]] = {}
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.fixture
+def measure(benchmark, device):
+    """``measure(fn, group=..., name=..., role=...)``: time ``fn`` and record it for the ratio table.
+
+    ``fn`` runs once untimed (warm-up, and peak-memory reading on CUDA), then under
+    pytest-benchmark with a device synchronisation inside the timed call.
+    """
+
+    def run(fn, *, group: str, name: str, role: str):
+        benchmark.group = group
+        fn()
+        synchronize(device)
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+        benchmark.extra_info.update(role=role, name=name, peak_extra_bytes=peak)
+
+        def timed():
+            fn()
+            synchronize(device)
+
+        benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=1)
+        _RESULTS.setdefault(group, {})[name] = dict(
+            role=role, median=benchmark.stats.stats.median, peak=peak
+        )
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    tr.section(f"ratios (median time / baseline median), device: {dev}, torch {torch.__version__}")
+    for group, entries in _RESULTS.items():
+        base = {e["role"]: e["median"] for e in entries.values() if e["role"] in ("fused", "eager")}
+        tr.write_line(f"{group}")
+        for name, e in entries.items():
+            ratios = "  ".join(
+                f"x{e['median'] / base[r]:.2f} vs {r}" for r in ("fused", "eager") if r in base and r != e["role"]
+            )
+            peak = "" if e["peak"] is None else f"  peak extra {e['peak'] / 2**20:.1f} MiB"
+            tr.write_line(f"  {name:<40s} {e['median'] * 1e3:10.3f} ms  {ratios}{peak}")

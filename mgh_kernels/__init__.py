@@ -1,0 +1,35 @@
+"""mgh_kernels: pooling and loss operations for LLM text embedders, with eager references.
+
+Public API::
+
+    from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
+    from mgh_kernels import reference   # eager ground truth: attention_with_colsum, ata_weights, infonce, ...
+
+This package never imports the trainer (``mgh_train``).
+"""
+
+from . import reference
+from .pooling import (
+    POOLING_METHODS,
+    ata_pool,
+    first_token_pool,
+    last_token_pool,
+    mean_pool,
+    pool,
+    weighted_mean_pool,
+)
+from .reference import ata_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POOLING_METHODS",
+    "ata_pool",
+    "ata_weights",
+    "first_token_pool",
+    "last_token_pool",
+    "mean_pool",
+    "pool",
+    "reference",
+    "weighted_mean_pool",
+]

@@ -1,0 +1,105 @@
+"""Argument checks shared by every public function of ``mgh_kernels``.
+
+Each check raises ``ValueError`` whose message starts with the argument's name and says what was
+expected and what was received, so a user can fix the call without reading our code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_tensor(name: str, value, *, ndim: int, layout: str) -> torch.Tensor:
+    """Require a tensor of rank ``ndim``; ``layout`` names the dimensions, e.g. "[B, L, H]"."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions {layout}, got shape {_shape(value)}")
+    return value
+
+
+def check_float(name: str, value: torch.Tensor) -> None:
+    if value.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
+        )
+
+
+def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name}: expected to be on {ref.device} like {ref_name}, got {value.device}")
+
+
+def check_same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.dtype != ref.dtype:
+        raise ValueError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {value.dtype}")
+
+
+def check_dim(name: str, value: torch.Tensor, dim: int, size: int, what: str) -> None:
+    if value.shape[dim] != size:
+        raise ValueError(
+            f"{name}: expected size {size} in dimension {dim} ({what}), got shape {_shape(value)}"
+        )
+
+
+def check_mask(
+    name: str,
+    mask,
+    *,
+    batch: int,
+    length: int,
+    device: torch.device,
+    allow_empty_rows: bool = False,
+) -> torch.Tensor:
+    """Validate a [B, L] padding mask (True/1 = real token) and return it as bool.
+
+    Bool and integer 0/1 masks are accepted (transformers' ``attention_mask`` is int64). Unless
+    ``allow_empty_rows``, a row with no real token is an error: nothing could be pooled from it.
+    """
+    check_tensor(name, mask, ndim=2, layout="[B, L] (True or 1 = real token)")
+    if mask.dtype not in MASK_DTYPES:
+        raise ValueError(f"{name}: expected a bool or integer 0/1 mask, got dtype {mask.dtype}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name}: expected shape [{batch}, {length}] (B, L), got {_shape(mask)}")
+    if mask.device != device:
+        raise ValueError(f"{name}: expected to be on {device}, got {mask.device}")
+    if mask.dtype != torch.bool:
+        if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name}: expected only 0 and 1 values in an integer mask")
+        mask = mask != 0
+    if not allow_empty_rows and mask.numel():
+        empty = (~mask.any(dim=1)).nonzero().flatten()
+        if empty.numel():
+            rows = ", ".join(str(int(r)) for r in empty[:8])
+            raise ValueError(
+                f"{name}: every row needs at least one real token; rows {rows} are all padding"
+            )
+    return mask
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)

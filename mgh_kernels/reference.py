@@ -1,0 +1,352 @@
+"""Eager PyTorch references: the ground truth for every kernel and the baselines of the benchmarks.
+
+Everything here is written for clarity, not speed: attention materialises the full [B, H, L, L]
+probabilities. Arithmetic runs in float32 (float64 when the inputs are float64, so tests can
+measure a kernel's error against a float64 reference); results that mirror the input come back
+in the input's dtype.
+
+Conventions shared by every function:
+
+* ``attention_mask`` / ``key_padding_mask`` is [B, L], bool or integer 0/1, True/1 = real token.
+  Left and right padding are both supported; a row with no real token is an error.
+* Hidden states are [B, L, H]; pooled embeddings are [B, H] in the hidden states' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import (
+    check_choice,
+    check_dim,
+    check_float,
+    check_fraction,
+    check_mask,
+    check_positive,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+
+__all__ = [
+    "attention_with_colsum",
+    "colsum_from_attentions",
+    "ata_weights",
+    "weighted_pool",
+    "mean_pool",
+    "weighted_mean_pool",
+    "last_token_pool",
+    "first_token_pool",
+    "ata_pool_from_colsum",
+    "infonce",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with per-key column sums
+# --------------------------------------------------------------------------------------------
+
+
+def attention_with_colsum(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product self-attention that also returns each key's received attention.
+
+    Args:
+        q: [B, Hq, L, D] queries, float16/bfloat16/float32/float64.
+        k, v: [B, Hkv, L, D] keys and values, same dtype and device as ``q``; ``Hq`` must be a
+            multiple of ``Hkv`` (grouped-query attention: query head ``h`` reads kv head
+            ``h // (Hq // Hkv)``, as in transformers' ``repeat_kv``).
+        causal: query ``i`` sees keys ``j <= i`` (positions in the padded sequence, as in
+            transformers); otherwise every key.
+        key_padding_mask: [B, L] bool or 0/1, True = real token. Padded keys receive no
+            attention; padded queries attend to nothing and their output rows are zero.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``out``: [B, Hq, L, D] in ``q.dtype``, zero at padded query positions.
+        ``colsum``: [B, L] float32 (float64 for float64 inputs): for each key, the sum over valid
+        queries of the softmax probabilities, averaged over the ``Hq`` heads; zero at padded keys.
+        Over the valid keys of a row it sums to the row's number of valid queries.
+    """
+    check_tensor("q", q, ndim=4, layout="[B, Hq, L, D]")
+    check_tensor("k", k, ndim=4, layout="[B, Hkv, L, D]")
+    check_tensor("v", v, ndim=4, layout="[B, Hkv, L, D]")
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v)):
+        check_same_dtype(name, t, "q", q)
+        check_same_device(name, t, "q", q)
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
+    check_dim("k", k, 0, batch, "batch B of q")
+    check_dim("k", k, 2, length, "sequence length L of q")
+    check_dim("k", k, 3, dim, "head dim D of q")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}"
+        )
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected True or False, got {causal!r}")
+    scale = check_positive("scale", scale, allow_none=True)
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    if key_padding_mask is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    else:
+        valid = check_mask("key_padding_mask", key_padding_mask, batch=batch, length=length, device=q.device)
+
+    compute = _compute_dtype(q.dtype)
+    group = hq // hkv
+    qf = q.to(compute)
+    kf = k.to(compute).repeat_interleave(group, dim=1)
+    vf = v.to(compute).repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+    allowed = valid[:, None, None, :]  # [B, 1, 1, L] over keys
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    allowed = allowed.expand(batch, 1, length, length)
+    # Only padded queries can have no allowed key; let them see every key so the softmax stays
+    # finite (and its gradient NaN-free), then drop their rows below.
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.where(valid[:, None, :, None], probs, torch.zeros((), dtype=compute, device=q.device))
+
+    out = torch.matmul(probs, vf).to(q.dtype)
+    colsum = probs.sum(dim=2).mean(dim=1)
+    return out, colsum
+
+
+def colsum_from_attentions(attentions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column sums from materialised attention probabilities (transformers' ``output_attentions``).
+
+    Args:
+        attentions: [B, H, L, L] softmax probabilities of one layer (queries on dim 2).
+        attention_mask: [B, L] bool or 0/1, True = real token.
+
+    Returns:
+        [B, L] float32 (float64 for float64 input): the sum over valid queries of each key's
+        probability, averaged over heads, zero at padded keys. Rows of padded queries are ignored
+        whatever they hold (transformers fills them differently per attention backend).
+    """
+    check_tensor("attentions", attentions, ndim=4, layout="[B, H, L, L]")
+    check_float("attentions", attentions)
+    batch, _, length, length_k = attentions.shape
+    if length_k != length:
+        raise ValueError(
+            f"attentions: expected square self-attention probabilities [B, H, L, L], "
+            f"got shape {list(attentions.shape)}"
+        )
+    valid = check_mask("attention_mask", attention_mask, batch=batch, length=length, device=attentions.device)
+    probs = attentions.to(_compute_dtype(attentions.dtype))
+    kept = torch.where(valid[:, None, :, None], probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    return kept.sum(dim=2).mean(dim=1) * valid
+
+
+# --------------------------------------------------------------------------------------------
+# Poolings
+# --------------------------------------------------------------------------------------------
+
+
+def _check_hidden(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    check_tensor("hidden_states", hidden_states, ndim=3, layout="[B, L, H]")
+    check_float("hidden_states", hidden_states)
+    batch, length, _ = hidden_states.shape
+    return check_mask(
+        "attention_mask", attention_mask, batch=batch, length=length, device=hidden_states.device
+    )
+
+
+def ata_weights(colsum: torch.Tensor, attention_mask: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+    """Anchor-token-aware pooling weights from per-key column sums.
+
+    The weights are the column sums restricted to real tokens and normalised to sum to 1 per row
+    (so padding never takes weight, and a sequence's weights do not depend on how it was padded).
+    ``mix`` blends in mean pooling: ``w = (1 - mix) * ata + mix * uniform_over_real_tokens``;
+    ``mix=0`` is pure ATA, ``mix=1`` is mean pooling.
+
+    Args:
+        colsum: [B, L] float, non-negative (e.g. from ``attention_with_colsum``).
+        attention_mask: [B, L] bool or 0/1, True = real token.
+        mix: fraction of mean-pooling weight in [0, 1].
+
+    Returns:
+        [B, L] float32 (float64 for float64 ``colsum``), each row summing to 1, zero on padding.
+    """
+    check_tensor("colsum", colsum, ndim=2, layout="[B, L]")
+    check_float("colsum", colsum)
+    batch, length = colsum.shape
+    valid = check_mask("attention_mask", attention_mask, batch=batch, length=length, device=colsum.device)
+    mix = check_fraction("mix", mix)
+    c = colsum.to(_compute_dtype(colsum.dtype)) * valid
+    total = c.sum(dim=1, keepdim=True)
+    if mix < 1.0:
+        bad = (~(total > 0)).flatten().nonzero().flatten()
+        if bad.numel():
+            rows = ", ".join(str(int(r)) for r in bad[:8])
+            raise ValueError(
+                f"colsum: expected a positive total over the real tokens of every row; rows {rows} "
+                "have none (all zero, negative or NaN)"
+            )
+    weights = c / total.clamp_min(torch.finfo(c.dtype).tiny)
+    if mix > 0.0:
+        uniform = valid.to(c.dtype) / valid.sum(dim=1, keepdim=True)
+        weights = (1.0 - mix) * weights + mix * uniform
+    return weights
+
+
+def weighted_pool(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum of hidden states [B, L, H] under per-token weights [B, L]; fp32 accumulation.
+
+    Returns [B, H] in ``hidden_states.dtype``.
+    """
+    check_tensor("hidden_states", hidden_states, ndim=3, layout="[B, L, H]")
+    check_float("hidden_states", hidden_states)
+    check_tensor("weights", weights, ndim=2, layout="[B, L]")
+    check_float("weights", weights)
+    check_same_device("weights", weights, "hidden_states", hidden_states)
+    if tuple(weights.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(
+            f"weights: expected shape {list(hidden_states.shape[:2])} (B, L of hidden_states), "
+            f"got {list(weights.shape)}"
+        )
+    compute = torch.promote_types(_compute_dtype(hidden_states.dtype), weights.dtype)
+    pooled = torch.einsum("bl,blh->bh", weights.to(compute), hidden_states.to(compute))
+    return pooled.to(hidden_states.dtype)
+
+
+def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the real tokens' hidden states. [B, L, H], [B, L] -> [B, H]."""
+    valid = _check_hidden(hidden_states, attention_mask)
+    compute = _compute_dtype(hidden_states.dtype)
+    weights = valid.to(compute) / valid.sum(dim=1, keepdim=True)
+    return weighted_pool(hidden_states, weights)
+
+
+def weighted_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position-weighted mean (SGPT, LLM2Vec's ``weighted_mean``). [B, L, H], [B, L] -> [B, H].
+
+    The i-th real token (counting from 1, whatever the padding side) gets weight proportional to
+    i, so later tokens, which have seen more of a causal model's input, count more.
+    """
+    valid = _check_hidden(hidden_states, attention_mask)
+    compute = _compute_dtype(hidden_states.dtype)
+    rank = valid.to(compute).cumsum(dim=1) * valid
+    return weighted_pool(hidden_states, rank / rank.sum(dim=1, keepdim=True))
+
+
+def _gather_token(hidden_states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    return hidden_states[rows, index]
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last real token (left or right padding). -> [B, H]."""
+    valid = _check_hidden(hidden_states, attention_mask)
+    length = valid.shape[1]
+    index = length - 1 - valid.flip(dims=[1]).to(torch.int8).argmax(dim=1)
+    return _gather_token(hidden_states, index)
+
+
+def first_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's first real token (left or right padding). -> [B, H]."""
+    valid = _check_hidden(hidden_states, attention_mask)
+    return _gather_token(hidden_states, valid.to(torch.int8).argmax(dim=1))
+
+
+def ata_pool_from_colsum(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor, colsum: torch.Tensor, *, mix: float = 0.0
+) -> torch.Tensor:
+    """ATA pooling: hidden states [B, L, H] weighted by ``ata_weights(colsum, mask, mix)``. -> [B, H]."""
+    valid = _check_hidden(hidden_states, attention_mask)
+    check_tensor("colsum", colsum, ndim=2, layout="[B, L]")
+    check_same_device("colsum", colsum, "hidden_states", hidden_states)
+    if tuple(colsum.shape) != tuple(valid.shape):
+        raise ValueError(
+            f"colsum: expected shape {list(valid.shape)} (B, L of hidden_states), got {list(colsum.shape)}"
+        )
+    return weighted_pool(hidden_states, ata_weights(colsum, valid, mix))
+
+
+# --------------------------------------------------------------------------------------------
+# InfoNCE
+# --------------------------------------------------------------------------------------------
+
+NEGATIVE_MODES = ("global", "own")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def infonce(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: Optional[torch.Tensor] = None,
+    *,
+    tau: float = 0.05,
+    negatives: str = "global",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE over cosine similarities with in-batch and hard negatives.
+
+    Args:
+        q: [B, D] query embeddings (any float dtype; arithmetic in float32, float64 for float64).
+        pos: [B, D] positives; ``pos[i]`` is query ``i``'s target.
+        neg: optional [B, K, D] hard negatives, ``K`` may be 0.
+        tau: temperature; logits are ``cos(q, c) / tau`` (tau=0.05 is scale 20).
+        negatives: ``"global"``: every query scores all B positives and all B*K negatives of the
+            batch (sentence-transformers' MultipleNegativesRankingLoss with n-tuples);
+            ``"own"``: each query scores its own positive and its own K negatives only.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-query losses [B]).
+
+    Returns:
+        The cross-entropy with each query's own positive as the target: a float32 scalar
+        (float64 for float64 inputs), or [B] for ``reduction="none"``.
+    """
+    check_tensor("q", q, ndim=2, layout="[B, D]")
+    check_float("q", q)
+    check_tensor("pos", pos, ndim=2, layout="[B, D]")
+    check_same_dtype("pos", pos, "q", q)
+    check_same_device("pos", pos, "q", q)
+    if tuple(pos.shape) != tuple(q.shape):
+        raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
+    batch, dim = q.shape
+    if batch == 0:
+        raise ValueError("q: expected at least one query (B >= 1), got B=0")
+    if neg is not None:
+        check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
+        check_same_dtype("neg", neg, "q", q)
+        check_same_device("neg", neg, "q", q)
+        check_dim("neg", neg, 0, batch, "batch B of q")
+        check_dim("neg", neg, 2, dim, "embedding dim D of q")
+    tau = check_positive("tau", tau)
+    check_choice("negatives", negatives, NEGATIVE_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+
+    compute = _compute_dtype(q.dtype)
+    qn = F.normalize(q.to(compute), dim=-1)
+    pn = F.normalize(pos.to(compute), dim=-1)
+    nn_ = None if neg is None else F.normalize(neg.to(compute), dim=-1)
+    if negatives == "global":
+        candidates = pn if nn_ is None else torch.cat([pn, nn_.reshape(-1, dim)], dim=0)
+        logits = qn @ candidates.T / tau  # [B, B(1+K)]
+        target = torch.arange(batch, device=q.device)
+    else:
+        candidates = pn[:, None] if nn_ is None else torch.cat([pn[:, None], nn_], dim=1)
+        logits = torch.einsum("bd,bcd->bc", qn, candidates) / tau  # [B, 1+K]
+        target = torch.zeros(batch, dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target, reduction=reduction)

@@ -1,0 +1,18 @@
+"""Random test inputs shared by the test modules."""
+
+import torch
+
+
+def padding_mask(batch, length, side, gen):
+    """[B, L] bool mask with per-row lengths 1..L: 'none', 'left', 'right', or 'one' (one real token)."""
+    if side == "none":
+        return torch.ones(batch, length, dtype=torch.bool)
+    if side == "one":
+        lengths = torch.ones(batch, dtype=torch.long)
+    else:
+        lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+        lengths[0] = length  # keep one full row
+    pos = torch.arange(length)[None, :]
+    if side in ("right", "one"):
+        return pos < lengths[:, None]
+    return pos >= (length - lengths)[:, None]
