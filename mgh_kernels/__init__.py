@@ -2,6 +2,7 @@
 
 Public API::
 
+    from mgh_kernels import ata_attention  # fused attention + per-key column sums (Triton)
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
     from mgh_kernels import reference   # eager ground truth: attention_with_colsum, ata_weights, infonce, ...
 
@@ -9,6 +10,7 @@ This package never imports the trainer (``mgh_train``).
 """
 
 from . import reference
+from .attention import ata_attention
 from .pooling import (
     POOLING_METHODS,
     ata_pool,
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "POOLING_METHODS",
+    "ata_attention",
     "ata_pool",
     "ata_weights",
     "first_token_pool",

@@ -6,6 +6,7 @@ expected and what was received, so a user can fix the call without reading our c
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -103,3 +104,37 @@ def check_positive(name: str, value, *, allow_none: bool = False) -> Optional[fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0:
         raise ValueError(f"{name}: expected a positive number, got {value!r}")
     return float(value)
+
+
+def check_attention_args(q, k, v, *, causal, key_padding_mask, scale):
+    """Validate self-attention arguments; return (bool mask [B, L] or None, scale as float).
+
+    q: [B, Hq, L, D]; k, v: [B, Hkv, L, D] with Hq a multiple of Hkv; same dtype and device.
+    """
+    check_tensor("q", q, ndim=4, layout="[B, Hq, L, D]")
+    check_tensor("k", k, ndim=4, layout="[B, Hkv, L, D]")
+    check_tensor("v", v, ndim=4, layout="[B, Hkv, L, D]")
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v)):
+        check_same_dtype(name, t, "q", q)
+        check_same_device(name, t, "q", q)
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
+    check_dim("k", k, 0, batch, "batch B of q")
+    check_dim("k", k, 2, length, "sequence length L of q")
+    check_dim("k", k, 3, dim, "head dim D of q")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}"
+        )
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected True or False, got {causal!r}")
+    scale = check_positive("scale", scale, allow_none=True)
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    mask = None
+    if key_padding_mask is not None:
+        mask = check_mask("key_padding_mask", key_padding_mask, batch=batch, length=length, device=q.device)
+    return mask, scale

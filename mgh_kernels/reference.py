@@ -14,13 +14,13 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ._validation import (
+    check_attention_args,
     check_choice,
     check_dim,
     check_float,
@@ -83,33 +83,11 @@ def attention_with_colsum(
         queries of the softmax probabilities, averaged over the ``Hq`` heads; zero at padded keys.
         Over the valid keys of a row it sums to the row's number of valid queries.
     """
-    check_tensor("q", q, ndim=4, layout="[B, Hq, L, D]")
-    check_tensor("k", k, ndim=4, layout="[B, Hkv, L, D]")
-    check_tensor("v", v, ndim=4, layout="[B, Hkv, L, D]")
-    check_float("q", q)
-    for name, t in (("k", k), ("v", v)):
-        check_same_dtype(name, t, "q", q)
-        check_same_device(name, t, "q", q)
-    batch, hq, length, dim = q.shape
+    valid, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    batch, hq, length, _ = q.shape
     hkv = k.shape[1]
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
-    check_dim("k", k, 0, batch, "batch B of q")
-    check_dim("k", k, 2, length, "sequence length L of q")
-    check_dim("k", k, 3, dim, "head dim D of q")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}"
-        )
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal: expected True or False, got {causal!r}")
-    scale = check_positive("scale", scale, allow_none=True)
-    if scale is None:
-        scale = 1.0 / math.sqrt(dim)
-    if key_padding_mask is None:
+    if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    else:
-        valid = check_mask("key_padding_mask", key_padding_mask, batch=batch, length=length, device=q.device)
 
     compute = _compute_dtype(q.dtype)
     group = hq // hkv

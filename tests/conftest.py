@@ -9,6 +9,11 @@ import random
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under Triton's interpreter. It is chosen when the kernels
+# are defined, so this must happen before any test module imports mgh_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def gen():

@@ -1,0 +1,573 @@
+"""Flash attention that also emits per-key column sums (the weights of ATA pooling).
+
+``ata_attention(q, k, v, ...)`` returns the attention output and, for each key, the attention it
+receives: the sum over valid queries of the softmax probabilities, averaged over query heads, with
+the exact semantics of ``reference.attention_with_colsum`` and without ever storing an L x L matrix.
+
+Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
+
+* forward: a flash-attention pass per query block gives the output and the row log-sum-exp;
+  a column-sum pass per key block (one program per kv head, looping over the query heads that
+  share it and over query blocks) re-computes the probabilities from the log-sum-exp and sums
+  them down the columns. Each program owns its outputs: results are deterministic, no atomics.
+* backward, exact through both outputs. With ``dc`` the gradient of the column sums and
+  ``g_j = dc_j / Hq``, the gradient of the probabilities is ``dP_ij = dO_i . V_j + g_j``, so the
+  softmax backward ``dS_ij = P_ij (dP_ij - delta_i)`` needs ``delta_i = dO_i . O_i + sum_j P_ij g_j``.
+  A pre-pass computes delta (the second term re-streams the keys, only when ``dc`` is given), then
+  one kernel per key block accumulates dK and dV over its query heads, and one per query block
+  accumulates dQ (deterministic, no atomics).
+
+Dispatch, visible through ``last_backend()`` and a debug log line:
+
+* CUDA tensors: the Triton kernels (``"triton"``).
+* CPU tensors with ``TRITON_INTERPRET=1`` set before import: the same kernels under Triton's
+  interpreter (``"triton-interpreter"``; float16 and float32 only, the tests' path).
+* otherwise: a memory-frugal PyTorch path (``"torch-chunked"``) that processes a block of queries
+  of one sequence at a time (never L x L for the whole batch), re-computing the block in backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.utils.checkpoint
+import triton
+import triton.language as tl
+
+from ._validation import check_attention_args
+
+__all__ = ["ata_attention", "last_backend"]
+
+logger = logging.getLogger(__name__)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+_last_backend: Optional[str] = None
+
+
+def last_backend() -> Optional[str]:
+    """Which path the latest ``ata_attention`` call took: "triton", "triton-interpreter" or
+    "torch-chunked" (None before the first call)."""
+    return _last_backend
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. Tiles: queries [BLOCK_M, BLOCK_D], keys/values [BLOCK_N, BLOCK_D]. Scores are
+# kept in log2 units (qk_scale = scale * log2(e)), and so is the saved log-sum-exp. Padded
+# queries get lse = +inf, which makes every re-computed probability of theirs exactly 0.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_valid(mask_ptr, stride_mn, offs, in_range, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        return (tl.load(mask_ptr + offs * stride_mn, mask=in_range, other=0) != 0) & in_range
+    return in_range
+
+
+@triton.jit
+def _keep(offs_m, offs_n, key_valid, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: key n is visible to query m."""
+    keep = key_valid[None, :] & (offs_m[:, None] >= 0)
+    if CAUSAL:
+        keep = keep & (offs_m[:, None] >= offs_n[None, :])
+    return keep
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, MASK, OUT, LSE,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
+    H, GROUP, L, D, qk_scale,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < L
+    d_in = offs_d < D
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=row_in[:, None] & d_in[None, :], other=0.0,
+    )
+    q_valid = _load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_in = offs_n < L
+        kt = tl.load(
+            K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            mask=col_in[None, :] & d_in[:, None], other=0.0,
+        )
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+        s = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            mask=col_in[:, None] & d_in[None, :], other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    row_ok = q_valid & (l_i > 0)
+    out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+    out = tl.where(row_ok[:, None], out, 0.0)
+    tl.store(
+        OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(OUT.dtype.element_ty), mask=row_in[:, None] & d_in[None, :],
+    )
+    lse = tl.where(row_ok, m_i + tl.log2(tl.where(row_ok, l_i, 1.0)), float("inf"))
+    tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_in)
+
+
+@triton.jit
+def _colsum_kernel(
+    Q, K, MASK, LSE, PART,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn,
+    H, HKV, GROUP, L, D, qk_scale,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // HKV
+    hk = pid_bk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_in = offs_n < L
+    d_in = offs_d < D
+    kt = tl.load(
+        K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+        mask=col_in[None, :] & d_in[:, None], other=0.0,
+    )
+    key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+    col = tl.zeros([BLOCK_N], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        for start_m in range(lo, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_in = offs_m < L
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_in[:, None] & d_in[None, :], other=0.0,
+            )
+            lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_in, other=float("inf"))
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+            col += tl.sum(p, 0)
+    tl.store(PART + pid_bk * L + offs_n, col, mask=col_in)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Q, K, OUT, DOUT, MASK, LSE, DC, DELTA,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, sob, soh, som, sod, sdb, sdh, sdm, sdd, smb, smn,
+    H, GROUP, L, D, qk_scale, inv_heads,
+    HAS_MASK: tl.constexpr, HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta_i = dO_i . O_i (+ sum_j P_ij dc_j / Hq when the column sums have a gradient)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < L
+    d_in = offs_d < D
+    tile = row_in[:, None] & d_in[None, :]
+    o = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=tile, other=0.0)
+    do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=tile, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DC:
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=tile, other=0.0)
+        lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_in, other=float("inf"))
+        pg = tl.zeros([BLOCK_M], tl.float32)
+        hi = L
+        if CAUSAL:
+            hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_in = offs_n < L
+            kt = tl.load(
+                K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=col_in[None, :] & d_in[:, None], other=0.0,
+            )
+            key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+            g = tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads
+            pg += tl.sum(p * g[None, :], 1)
+        delta += pg
+    q_valid = _load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
+    tl.store(DELTA + pid_bh * L + offs_m, tl.where(q_valid, delta, 0.0), mask=row_in)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOUT, MASK, LSE, DELTA, DC, DK, DV,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smn,
+    H, HKV, GROUP, L, D, qk_scale, scale, inv_heads,
+    HAS_MASK: tl.constexpr, HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head, summed over the query heads that share it."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // HKV
+    hk = pid_bk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_in = offs_n < L
+    d_in = offs_d < D
+    kv_tile = col_in[:, None] & d_in[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_tile, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_tile, other=0.0)
+    key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+    g = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_DC:
+        g = tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for gi in range(0, GROUP):
+        h = hk * GROUP + gi
+        for start_m in range(lo, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_in = offs_m < L
+            q_tile = row_in[:, None] & d_in[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_tile, other=0.0)
+            do = tl.load(
+                DOUT + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=q_tile, other=0.0
+            )
+            lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_in, other=float("inf"))
+            delta = tl.load(DELTA + (b * H + h) * L + offs_m, mask=row_in, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            keep_t = tl.trans(_keep(offs_m, offs_n, key_valid, CAUSAL))
+            pt = tl.where(keep_t, tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HAS_DC:
+                dpt += g[:, None]
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(
+        DK + pid_bk * L * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_tile
+    )
+    tl.store(DV + pid_bk * L * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOUT, MASK, LSE, DELTA, DC, DQ,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smn,
+    H, GROUP, L, D, qk_scale, scale, inv_heads,
+    HAS_MASK: tl.constexpr, HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of one query block of one head, summed over key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < L
+    d_in = offs_d < D
+    q_tile = row_in[:, None] & d_in[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=q_tile, other=0.0)
+    do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=q_tile, other=0.0)
+    lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_in, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_in, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_in = offs_n < L
+        kv_t = col_in[None, :] & d_in[:, None]
+        kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=kv_t, other=0.0)
+        vt = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=kv_t, other=0.0)
+        key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_DC:
+            dp += (tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads)[None, :]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    tl.store(
+        DQ + pid_bh * L * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_tile
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _config(device: torch.device, head_dim: int) -> dict:
+    """Tile sizes: small under the interpreter (it runs one program at a time), flash-like on GPU."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+
+
+def _bwd_config(device: torch.device, head_dim: int) -> dict:
+    cfg = _config(device, head_dim)
+    if device.type == "cuda":
+        cfg.update(BLOCK_M=64, BLOCK_N=64 if cfg["BLOCK_D"] <= 128 else 32)
+    return cfg
+
+
+def _precision(dtype: torch.dtype) -> Optional[str]:
+    # float32 inputs get true float32 products (not TF32); half inputs use Triton's default.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _forward(q, k, v, mask, causal, scale, return_colsum):
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    cfg = _config(q.device, dim)
+    out = _new_output((batch, hq, length, dim), q.dtype, q.device)
+    lse = _new_output((batch, hq, length), torch.float32, q.device)
+    mask_arg = mask if mask is not None else q
+    smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    qk_scale = scale * LOG2E
+    common = dict(HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg)
+    grid = (triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)
+    _fwd_kernel[grid](
+        q, k, v, mask_arg, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
+        hq, group, length, dim, qk_scale, **common,
+    )
+    colsum = None
+    if return_colsum:
+        part = _new_output((batch, hkv, length), torch.float32, q.device)
+        grid = (triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)
+        _colsum_kernel[grid](
+            q, k, mask_arg, lse, part,
+            *_strides(q), *_strides(k), smb, smn,
+            hq, hkv, group, length, dim, qk_scale, **common,
+        )
+        colsum = part.sum(dim=1) / hq
+    return out, lse, colsum
+
+
+def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale):
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    cfg = _bwd_config(q.device, dim)
+    mask_arg = mask if mask is not None else q
+    smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    has_dc = dcolsum is not None
+    dc = dcolsum.to(torch.float32).contiguous() if has_dc else lse
+    qk_scale = scale * LOG2E
+    common = dict(
+        HAS_MASK=mask is not None, HAS_DC=has_dc, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg
+    )
+    delta = _new_output((batch, hq, length), torch.float32, q.device)
+    grid_m = (triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)
+    _bwd_delta_kernel[grid_m](
+        q, k, out, dout, mask_arg, lse, dc, delta,
+        *_strides(q), *_strides(k), *_strides(out), *_strides(dout), smb, smn,
+        hq, group, length, dim, qk_scale, 1.0 / hq, **common,
+    )
+    dk = _new_output((batch, hkv, length, dim), k.dtype, k.device)
+    dv = _new_output((batch, hkv, length, dim), v.dtype, v.device)
+    _bwd_dkdv_kernel[(triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)](
+        q, k, v, dout, mask_arg, lse, delta, dc, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), smb, smn,
+        hq, hkv, group, length, dim, qk_scale, scale, 1.0 / hq, **common,
+    )
+    dq = _new_output((batch, hq, length, dim), q.dtype, q.device)
+    _bwd_dq_kernel[grid_m](
+        q, k, v, dout, mask_arg, lse, delta, dc, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), smb, smn,
+        hq, group, length, dim, qk_scale, scale, 1.0 / hq, **common,
+    )
+    return dq, dk, dv
+
+
+class _ATAAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; gradients flow through ``out`` and ``colsum``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale, return_colsum):
+        out, lse, colsum = _forward(q, k, v, mask, causal, scale, return_colsum)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        if colsum is None:
+            colsum = torch.zeros(0, device=q.device)
+            ctx.mark_non_differentiable(colsum)
+        return out, colsum
+
+    @staticmethod
+    def backward(ctx, dout, dcolsum):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        if dcolsum is not None and dcolsum.numel() == 0:
+            dcolsum = None
+        dq, dk, dv = _backward(q, k, v, out, lse, mask, dout, dcolsum, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The memory-frugal PyTorch path (CPU without the interpreter, and bfloat16 on CPU)
+# --------------------------------------------------------------------------------------------
+
+_CHUNK_ELEMENTS = 1 << 22  # score elements per chunk (16 MiB in float32)
+
+
+def _attend_rows(q_rows, k_b, v_b, valid_b, row_start, causal, scale):
+    """One sequence, a block of query rows. q_rows [Hkv, G, C, D]; k_b, v_b [Hkv, L, D]; valid_b [L].
+
+    Returns out [Hkv, G, C, D] and the block's colsum contribution [L], summed over heads.
+    """
+    compute = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
+    length = k_b.shape[1]
+    rows = row_start + torch.arange(q_rows.shape[2], device=q_rows.device)
+    scores = torch.matmul(q_rows.to(compute), k_b.to(compute).transpose(-1, -2)[:, None]) * scale
+    allowed = valid_b[None, :].expand(rows.shape[0], length)
+    if causal:
+        allowed = allowed & (rows[:, None] >= torch.arange(length, device=q_rows.device)[None, :])
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # padded rows: finite, zeroed below
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = probs * valid_b[rows].to(compute)[:, None]
+    out = torch.matmul(probs, v_b.to(compute)[:, None])
+    return out.to(q_rows.dtype), probs.sum(dim=(0, 1, 2))
+
+
+def _chunked(q, k, v, mask, causal, scale, return_colsum):
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, hq * length))
+    valid = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs, colsums = [], []
+    for b in range(batch):
+        q_b = q[b].view(hkv, group, length, dim)
+        row_outs, col = [], None
+        for start in range(0, length, chunk):
+            args = (q_b[:, :, start : start + chunk], k[b], v[b], valid[b], start, causal, scale)
+            if grad:  # re-compute the block's probabilities in backward instead of storing them
+                o, c = torch.utils.checkpoint.checkpoint(_attend_rows, *args, use_reentrant=False)
+            else:
+                o, c = _attend_rows(*args)
+            row_outs.append(o)
+            col = c if col is None else col + c
+        outs.append(torch.cat(row_outs, dim=2).reshape(hq, length, dim))
+        colsums.append(col / hq)
+    out = torch.stack(outs)
+    colsum = torch.stack(colsums) if return_colsum else None
+    if colsum is not None and colsum.dtype != torch.float64:
+        colsum = colsum.to(torch.float32)
+    return out, colsum
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _select_backend(q: torch.Tensor) -> str:
+    if q.is_cuda:
+        return "triton"
+    if q.device.type == "cpu" and INTERPRETED and q.dtype in (torch.float16, torch.float32):
+        return "triton-interpreter"
+    return "torch-chunked"
+
+
+def ata_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    return_colsum: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Self-attention that also returns each key's received attention, never storing L x L.
+
+    Args:
+        q: [B, Hq, L, D] queries; float16, bfloat16 or float32 on CUDA (float32 accumulation),
+            any float dtype on CPU. Head dims up to 256, any L.
+        k, v: [B, Hkv, L, D], same dtype and device; ``Hq`` a multiple of ``Hkv`` (GQA, handled in
+            the kernel without repeating K/V).
+        causal: query i sees keys j <= i; otherwise all keys.
+        key_padding_mask: [B, L] bool or 0/1, True = real token (left or right padding).
+        scale: softmax scale, default 1/sqrt(D).
+        return_colsum: also compute the column sums (skip them for plain attention).
+
+    Returns:
+        ``out`` [B, Hq, L, D] in ``q.dtype`` (zero at padded queries) and ``colsum`` [B, L]
+        float32 (sum over valid queries of the probabilities, averaged over heads; zero at padded
+        keys), or ``None`` when ``return_colsum`` is False. Differentiable through both.
+    """
+    global _last_backend
+    mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if not isinstance(return_colsum, bool):
+        raise ValueError(f"return_colsum: expected True or False, got {return_colsum!r}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"q: expected a head dim D <= {MAX_HEAD_DIM}, got shape {list(q.shape)}")
+    backend = _select_backend(q)
+    if backend != "torch-chunked" and q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q: expected float16, bfloat16 or float32 on {q.device.type}, got {q.dtype}")
+    if q.numel() == 0:
+        raise ValueError(f"q: expected a non-empty tensor, got shape {list(q.shape)}")
+    _last_backend = backend
+    logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
+    if backend == "torch-chunked":
+        return _chunked(q, k, v, mask, causal, scale, return_colsum)
+    mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
+    out, colsum = _ATAAttentionFunction.apply(q, k, v, mask_u8, causal, scale, return_colsum)
+    return out, (colsum if return_colsum else None)

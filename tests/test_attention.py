@@ -1,0 +1,243 @@
+"""ata_attention against the reference: forward, column sums and gradients, every path pinned.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (float32, float16); with one, the
+same tests also run bfloat16 on CUDA. Tolerances follow flash-attention's rule: the kernel's error
+against a float64 reference is at most twice PyTorch's own eager error in the same precision,
+plus a small absolute term.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mgh_kernels import ata_attention, attention, reference
+from random_inputs import padding_mask
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
+    allocated = []
+
+    def poisoned(shape, dtype, device):
+        allocated.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention, "_new_output", poisoned)
+    return allocated
+
+
+def eager_same_precision(q, k, v, causal, mask, scale):
+    """PyTorch's eager attention computed in the inputs' own dtype: the error baseline."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    length = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(q.shape[0], 1, length, length, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    if mask is not None:
+        probs = probs * mask[:, None, :, None].to(probs.dtype)
+    return probs @ v, probs.sum(2).mean(1)
+
+
+def make_inputs(shape, dtype, gen, requires_grad=False):
+    batch, hq, hkv, length, dim = shape
+    q = torch.randn(batch, hq, length, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, hkv, length, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, hkv, length, dim, generator=gen, dtype=torch.float64)
+    low = [t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+    # The float64 truth sees exactly the rounded inputs the kernel sees.
+    truth = [t.detach().double().requires_grad_(requires_grad) for t in low]
+    return low, truth
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_rule(got, baseline, truth, dtype, what):
+    err, ref_err = max_err(got, truth), max_err(baseline, truth)
+    assert err <= 2 * ref_err + ATOL[dtype], f"{what}: kernel error {err:.3g} vs PyTorch's {ref_err:.3g}"
+
+
+FORWARD_SHAPES = [
+    # B, Hq, Hkv, L, D
+    (1, 1, 1, 1, 16),  # L = 1
+    (2, 4, 2, 23, 24),  # GQA, L not a multiple of the block, D not a power of two
+    (1, 3, 1, 40, 32),  # MQA, three key blocks
+    (2, 2, 2, 16, 64),  # exactly one block
+    (1, 2, 2, 33, 128),
+]
+
+
+@pytest.mark.parametrize("shape", FORWARD_SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_reference(shape, causal, side, dtype, gen):
+    (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen)
+    mask = None if side == "none" else padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
+    scale = 1 / math.sqrt(shape[4])
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert attention.last_backend() == ("triton" if CUDA else "triton-interpreter")
+    assert out.dtype == dtype and out.shape == q.shape
+    assert colsum.dtype == torch.float32 and colsum.shape == (shape[0], shape[3])
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    base_out, base_colsum = eager_same_precision(q, k, v, causal, mask, scale)
+    assert_within_rule(out, base_out, want_out, dtype, "out")
+    assert_within_rule(colsum, base_colsum, want_colsum, dtype, "colsum")
+    if mask is not None:
+        assert (colsum[~mask] == 0).all()
+        assert (out.transpose(1, 2)[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_row_with_one_valid_token(causal, side, gen):
+    (q, k, v), (q64, k64, v64) = make_inputs((3, 2, 1, 21, 16), torch.float32, gen)
+    mask = padding_mask(3, 21, "one", gen).to(DEVICE)
+    if side == "left":
+        mask = mask.flip(1)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    # The single real token receives all the attention of its single query.
+    torch.testing.assert_close(colsum, torch.ones(3, device=DEVICE)[:, None] * mask, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-6, atol=1e-6)
+
+
+GRAD_SHAPES = [(1, 1, 1, 1, 16), (2, 4, 2, 23, 24), (1, 2, 1, 33, 32)]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_through_out_and_colsum(shape, causal, side, dtype, gen):
+    (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen, requires_grad=True)
+    base_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    mask = padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
+    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    w_col = torch.randn(shape[0], shape[3], generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def loss(out, colsum):
+        return (out.double() * w_out).sum() + (colsum.double() * w_col).sum()
+
+    loss(*ata_attention(q, k, v, causal=causal, key_padding_mask=mask)).backward()
+    loss(*reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)).backward()
+    loss(*eager_same_precision(*base_inputs, causal, mask, 1 / math.sqrt(shape[4]))).backward()
+    for name, got, base, want in zip("qkv", (q, k, v), base_inputs, (q64, k64, v64)):
+        assert got.grad.dtype == dtype
+        assert_within_rule(got.grad, base.grad, want.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("use", ["out only", "colsum only"])
+def test_gradients_when_only_one_output_is_used(use, gen):
+    (q, k, v), (q64, k64, v64) = make_inputs((2, 2, 1, 19, 16), torch.float32, gen, requires_grad=True)
+    mask = padding_mask(2, 19, "left", gen).to(DEVICE)
+    for args in ((q, k, v), (q64, k64, v64)):
+        fn = ata_attention if args[0].dtype == torch.float32 else reference.attention_with_colsum
+        out, colsum = fn(*args, causal=True, key_padding_mask=mask)
+        (out.double().square().sum() if use == "out only" else colsum.double().square().sum()).backward()
+    for got, want in zip((q, k, v), (q64, k64, v64)):
+        # The column sums do not depend on v: autograd leaves its gradient None, the kernel zero.
+        want_grad = torch.zeros_like(want) if want.grad is None else want.grad
+        torch.testing.assert_close(got.grad.double(), want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_no_colsum_and_explicit_scale(gen):
+    (q, k, v), (q64, k64, v64) = make_inputs((1, 2, 2, 18, 16), torch.float32, gen)
+    out, colsum = ata_attention(q, k, v, causal=False, scale=0.3, return_colsum=False)
+    assert colsum is None
+    want, _ = reference.attention_with_colsum(q64, k64, v64, causal=False, scale=0.3)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_noncontiguous_inputs_and_integer_mask(gen):
+    """Strided q/k/v, as transformers hands them over ([B, L, H, D] transposed)."""
+    blhd = torch.randn(2, 20, 4, 16, generator=gen).to(DEVICE)
+    q = blhd.transpose(1, 2)
+    k = v = blhd[:, :, :2].transpose(1, 2)
+    assert not q.is_contiguous()
+    mask = padding_mask(2, 20, "right", gen).to(DEVICE)
+    out, colsum = ata_attention(q, k, v, causal=True, key_padding_mask=mask.long())
+    want_out, want_colsum = reference.attention_with_colsum(q, k, v, causal=True, key_padding_mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(colsum, want_colsum, rtol=1e-5, atol=1e-5)
+
+
+def test_never_allocates_length_squared(poisoned_outputs, gen):
+    (q, k, v), _ = make_inputs((1, 2, 1, 48, 16), torch.float32, gen, requires_grad=True)
+    out, colsum = ata_attention(q, k, v, causal=False)
+    (out.sum() + colsum.sum()).backward()
+    assert poisoned_outputs  # the kernels' outputs all pass through _new_output
+    for shape in poisoned_outputs:
+        assert math.prod(shape) <= 2 * 48 * 16, shape
+
+
+# ---- the PyTorch path (CPU without the interpreter) -------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_chunked_path_matches_reference(monkeypatch, causal, dtype, gen):
+    monkeypatch.setattr(attention, "INTERPRETED", False)
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 64)  # several query chunks per sequence
+    shape = (2, 4, 2, 13, 8)
+    q, k, v = (t.detach().requires_grad_() for t in make_inputs(shape, dtype, gen)[0])
+    q, k, v = (t.cpu().detach().requires_grad_() for t in (q, k, v))
+    mask = padding_mask(2, 13, "left", gen)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert attention.last_backend() == "torch-chunked"
+    assert colsum.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want_out, want_colsum = reference.attention_with_colsum(*args, causal=causal, key_padding_mask=mask)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(colsum, want_colsum, rtol=tol, atol=tol)
+    w = torch.randn(out.shape, generator=gen).to(dtype)
+    ((out * w).sum() + colsum.square().sum()).backward()
+    ((want_out * w).sum() + want_colsum.square().sum()).backward()
+    for got, want in zip((q, k, v), args):
+        torch.testing.assert_close(got.grad, want.grad, rtol=tol * 10, atol=tol * 10)
+
+
+def test_backend_selection(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setattr(attention, "INTERPRETED", True)
+    assert attention._select_backend(cpu) == "triton-interpreter"
+    assert attention._select_backend(cpu.half()) == "triton-interpreter"
+    assert attention._select_backend(cpu.bfloat16()) == "torch-chunked"  # no bf16 in the interpreter
+    monkeypatch.setattr(attention, "INTERPRETED", False)
+    assert attention._select_backend(cpu) == "torch-chunked"
+    if CUDA:
+        assert attention._select_backend(cpu.cuda()) == "triton"
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument, expected",
+    [
+        (dict(return_colsum=1), "return_colsum", "True or False"),
+        (dict(q=torch.randn(1, 2, 4, 300), k=torch.randn(1, 2, 4, 300), v=torch.randn(1, 2, 4, 300)), "q", "D <= 256"),
+        (dict(q=torch.randn(1, 2, 0, 8), k=torch.randn(1, 2, 0, 8), v=torch.randn(1, 2, 0, 8)), "q", "non-empty"),
+        (dict(k=torch.randn(1, 3, 4, 8), v=torch.randn(1, 3, 4, 8)), "k", "divides"),
+        (dict(key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "key_padding_mask", "all padding"),
+    ],
+)
+def test_bad_input_names_argument(kwargs, argument, expected):
+    args = dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8), causal=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        ata_attention(**args)
+    assert str(info.value).startswith(argument + ":") and expected in str(info.value), str(info.value)
