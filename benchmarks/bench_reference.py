@@ -32,7 +32,8 @@ def bench_attention_forward(measure, device, index, causal, impl):
         torch.randn(batch, heads, length, dim, generator=gen, device=device, dtype=dtype_for(device))
         for _ in range(3)
     )
-    group = f"attention fwd B{batch} H{heads} L{length} D{dim} {'causal' if causal else 'bidir'}"
+    # Not "attention fwd ...": bench_attention.py owns those groups (with cuDNN as the baseline).
+    group = f"reference attention fwd B{batch} H{heads} L{length} D{dim} {'causal' if causal else 'bidir'}"
     if impl == "eager_colsum":
         fn = lambda: reference.attention_with_colsum(q, k, v, causal=causal)  # noqa: E731
         measure(fn, group=group, name="eager reference (out + colsum)", role="eager")

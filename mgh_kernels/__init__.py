@@ -3,6 +3,7 @@
 Public API::
 
     from mgh_kernels import ata_attention  # fused attention + per-key column sums (Triton)
+    from mgh_kernels import enable_ata     # transformers integration: ATA without output_attentions
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
     from mgh_kernels import reference   # eager ground truth: attention_with_colsum, ata_weights, infonce, ...
 
@@ -12,7 +13,10 @@ This package never imports the trainer (``mgh_train``).
 from . import reference
 from .attention import ata_attention
 from .pooling import (
+    ATA_ATTENTION,
     POOLING_METHODS,
+    ATACapture,
+    enable_ata,
     ata_pool,
     first_token_pool,
     last_token_pool,
@@ -25,7 +29,10 @@ from .reference import ata_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATA_ATTENTION",
+    "ATACapture",
     "POOLING_METHODS",
+    "enable_ata",
     "ata_attention",
     "ata_pool",
     "ata_weights",

@@ -1,10 +1,11 @@
-"""Public poolings: ``ata_pool`` (the drop-in for anchor-token-aware pooling) and ``pool``.
+"""Public poolings: ``ata_pool`` (the drop-in for anchor-token-aware pooling), ``pool``, and
+``enable_ata``, the transformers integration that produces ATA's column sums with the fused kernel.
 
 The plain poolings (mean, weighted mean, last token, first token) need no kernel: they are the
 functions of :mod:`mgh_kernels.reference`, re-exported here so users import every pooling from one
 place. ATA pooling needs per-key column sums of the last layer's attention; ``ata_pool`` takes
-them precomputed (``colsum=``) or derives them from transformers' ``output_attentions=True``
-tuple (``attentions=``).
+them precomputed (``colsum=``, e.g. from ``enable_ata``) or derives them from transformers'
+``output_attentions=True`` tuple (``attentions=``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._validation import check_choice
+from .attention import ata_attention
 from .reference import (
     ata_pool_from_colsum,
     colsum_from_attentions,
@@ -24,8 +26,11 @@ from .reference import (
 )
 
 __all__ = [
+    "ATA_ATTENTION",
+    "ATACapture",
     "POOLING_METHODS",
     "ata_pool",
+    "enable_ata",
     "first_token_pool",
     "last_token_pool",
     "mean_pool",
@@ -124,3 +129,179 @@ def pool(
         "first_token": first_token_pool,
     }
     return simple[method](hidden_states, attention_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# transformers integration
+# --------------------------------------------------------------------------------------------
+
+ATA_ATTENTION = "mgh_ata"
+"""The name ``enable_ata`` registers with transformers' ``AttentionInterface`` (and, with
+``sdpa_mask``, with ``AttentionMaskInterface``, so padded batches get their mask)."""
+
+_CAPTURE_ATTR = "_mgh_ata_capture"
+
+
+class ATACapture:
+    """Handle returned by :func:`enable_ata`: holds the column sums of the latest forward pass.
+
+    Attributes:
+        colsum: [B, L] float32 column sums of the chosen layer from the latest forward (part of the
+            autograd graph when gradients are on), or None before the first forward.
+        layer: index of the layer that runs the fused kernel.
+
+    Use it as a context manager, or call :meth:`remove`, to restore the model's attention.
+    """
+
+    def __init__(self, model, module, layer: int, previous: str):
+        self.model, self.module, self.layer, self._previous = model, module, layer, previous
+        self.colsum: Optional[torch.Tensor] = None
+
+    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, *, mix: float = 0.0) -> torch.Tensor:
+        """``ata_pool`` with the captured column sums: [B, L, H] hidden states -> [B, H]."""
+        if self.colsum is None:
+            raise ValueError("colsum: no forward pass has run since enable_ata; run the model first")
+        return ata_pool(hidden_states, attention_mask, colsum=self.colsum, mix=mix)
+
+    def remove(self) -> None:
+        """Restore the model's previous attention implementation; the capture stops."""
+        if getattr(self.module, _CAPTURE_ATTR, None) is self:
+            delattr(self.module, _CAPTURE_ATTR)
+            _set_attn_implementation(self.model, self._previous)
+
+    def __enter__(self) -> "ATACapture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def attend(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+        """The chosen layer's attention: fused kernel, column sums kept. Shapes as transformers'."""
+        if dropout:
+            raise ValueError(
+                f"dropout: the ATA layer has no attention dropout, got {dropout} (set the model's "
+                "attention_dropout to 0)"
+            )
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(
+                f"key: the ATA layer needs self-attention over the whole sequence, got {query.shape[2]} "
+                f"queries and {key.shape[2]} keys (is a KV cache in use?)"
+            )
+        length = query.shape[2]
+        window = kwargs.get("sliding_window")
+        if window is not None and length > window:
+            raise ValueError(f"sliding_window: the ATA layer attends to the whole sequence; L={length} > {window}")
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        key_padding_mask = _key_padding_mask(attention_mask, causal, length)
+        out, colsum = ata_attention(
+            query, key, value, causal=causal, key_padding_mask=key_padding_mask, scale=scaling
+        )
+        self.colsum = colsum
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[torch.Tensor]:
+    """[B, L] key padding from the mask transformers hands an attention function.
+
+    transformers builds [B, 1, L, L] masks (bool: True = attend; float: 0 = attend); padding masks
+    keys only, so the last query row of a causal mask, or any row of a bidirectional one, is the
+    key padding. The whole mask is then checked to be exactly padding + (causal or not): packed
+    sequences, sliding windows or other custom masks are refused rather than silently mis-read.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (length, length):
+        raise ValueError(
+            f"attention_mask: expected a [B, 1, L, L] mask with L={length}, got {list(attention_mask.shape)}"
+        )
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    keys = allowed[:, 0, -1, :]
+    expected = keys[:, None, :].expand(-1, length, -1)
+    if causal:
+        expected = expected & torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
+    if not torch.equal(allowed.expand(-1, -1, length, length), expected[:, None].expand_as(allowed)):
+        raise ValueError(
+            "attention_mask: the ATA layer supports padding with causal or bidirectional attention "
+            f"only (causal={causal}); got a mask of another pattern (packed sequences, sliding window?)"
+        )
+    return keys
+
+
+def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The attention function registered as ``mgh_ata``: fused ATA in the chosen layer, SDPA elsewhere."""
+    capture = getattr(module, _CAPTURE_ATTR, None)
+    if capture is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    return capture.attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATA_ATTENTION, _dispatch)
+    AttentionMaskInterface.register(ATA_ATTENTION, sdpa_mask)
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # a bare config-holding module
+        model.config._attn_implementation = name
+
+
+def _attention_layers(model) -> list:
+    """The self-attention modules of a transformers decoder, in layer order."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "is_causal")]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def enable_ata(model, layer: int = -1) -> ATACapture:
+    """Run ``model``'s attention in ``layer`` with the fused ATA kernel and capture its column sums.
+
+    Every other layer keeps PyTorch's SDPA attention. After a forward pass, ``capture.colsum``
+    ([B, L] float32, differentiable) holds the chosen layer's per-key column sums, so ATA pooling
+    needs no ``output_attentions``::
+
+        capture = enable_ata(model)                 # or: with enable_ata(model) as capture:
+        out = model(input_ids=ids, attention_mask=mask)
+        emb = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
+
+    Works for transformers 5 decoders whose attention goes through ``AttentionInterface`` (the
+    Llama, Mistral, Qwen2 and Qwen3 families, GGUF-loaded ones and peft-wrapped ones included),
+    causal or bidirectional (a layer with ``is_causal=False``), left or right padding.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (or a peft model wrapping one).
+        layer: which layer runs the kernel; negative counts from the end (-1 = last).
+
+    Returns:
+        An :class:`ATACapture`; ``capture.remove()`` (or leaving its ``with`` block) restores the
+        previous attention implementation.
+    """
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(
+            f"model: expected a transformers decoder with attention layers (modules with layer_idx), "
+            f"got {type(model).__name__}"
+        )
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer: expected an index in [-{len(layers)}, {len(layers) - 1}], got {layer!r}")
+    module = layers[layer]
+    if any(getattr(m, _CAPTURE_ATTR, None) is not None for m in layers):
+        raise ValueError("model: enable_ata is already active on this model; remove() the first capture")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"model: expected a transformers model with a config, got {type(model).__name__}")
+    previous = config._attn_implementation
+    _register()
+    capture = ATACapture(model, module, module.layer_idx, previous)
+    setattr(module, _CAPTURE_ATTR, capture)
+    _set_attn_implementation(model, ATA_ATTENTION)
+    return capture

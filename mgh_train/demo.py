@@ -1,7 +1,7 @@
 """Kernel demo: ATA pooling and InfoNCE on an embedded toy batch, on the CPU in about a second.
 
-A toy encoder (seeded token embeddings and one grouped-query self-attention layer; no download,
-no training) encodes a few query/passage pairs. The demo prints which tokens ATA pooling weights
+A toy encoder (seeded token embeddings and one grouped-query self-attention layer run by
+``ata_attention``; no download, no training) encodes a few query/passage pairs. The demo prints which tokens ATA pooling weights
 most, shows that left and right padding give the same embeddings, and reports the InfoNCE loss
 of the batch under mean and ATA pooling. The trainer replaces this as the default job once it lands.
 """
@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from mgh_kernels import ata_pool, mean_pool, reference
+from mgh_kernels import ata_attention, ata_pool, attention, mean_pool, reference
 
 EMBEDDED_PAIRS = (
     (
@@ -83,7 +83,7 @@ class ToyEncoder:
         def heads(w, n):
             return (x @ w).view(b, length, n, head_dim).transpose(1, 2)
 
-        out, colsum = reference.attention_with_colsum(
+        out, colsum = ata_attention(
             heads(self.wq, HEADS), heads(self.wk, KV_HEADS), heads(self.wv, KV_HEADS),
             causal=self.causal, key_padding_mask=mask,
         )
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     drift = (embeddings["right"] - embeddings["left"]).abs().max().item()
     print(f"\nATA embeddings, left vs right padding: max |difference| = {drift:.2e}")
 
+    print(f"\nata_attention ran on the {attention.last_backend()} path ({hidden.device})")
     print(f"\nInfoNCE (tau={args.tau}, in-batch negatives) of queries against passages:")
     _, xq, mq = encoder.batch(queries, "right")
     hq, cq = encoder.forward(xq, mq)

