@@ -34,15 +34,15 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible to torch'}")
 EOF
 
-    step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py"
-    "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py || failed+=("tests")
+    step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
+    "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
 
-    step "benchmarks: bench_attention.py, bench_reference.py"
+    step "benchmarks: bench_attention.py, bench_infonce.py, bench_reference.py"
     local json=${OUT:+$OUT/bench.json}
     json=${json:-.benchmarks/gpu_round.json}
     if "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
         mkdir -p "$(dirname "$json")"
-        "$PY" -m pytest --benchmark -q benchmarks/bench_attention.py benchmarks/bench_reference.py \
+        "$PY" -m pytest --benchmark -q benchmarks/bench_attention.py benchmarks/bench_infonce.py benchmarks/bench_reference.py \
             --benchmark-json="$json" || failed+=("benchmarks")
     else
         echo "pytest-benchmark is not installed for $PY: carry its wheels (pytest-benchmark and"

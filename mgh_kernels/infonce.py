@@ -1,0 +1,543 @@
+"""Fused InfoNCE with in-batch and hard negatives that never stores the logit matrix.
+
+``infonce_loss(q, pos, neg, ...)`` has the exact semantics of ``reference.infonce`` (cosine
+similarities over L2-normalised vectors, temperature ``tau``, "global" or "own" candidates).
+
+Algorithm (Triton). The inputs are never normalised in memory: the kernels take the raw
+embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
+``z_ij = (q_i . c_j) * rq_i * rc_j / tau``.
+
+* "global" forward: one program per query block streams every candidate tile (positives, then
+  hard negatives), the dot products accumulated over chunks of D, and keeps a running max and sum
+  per query plus its positive's logit: O(B) statistics, no B x B(1+K) matrix.
+* "global" backward: with ``w_i`` the upstream gradient of query i's loss, ``dz_ij = w_i (p_ij -
+  [j = pos(i)])``. One kernel per (query block, block of D) re-computes its tiles' logits from the
+  saved log-sum-exp and accumulates ``sum_j dz_ij c^_j``; one per (candidate block, block of D)
+  accumulates ``sum_i dz_ij q^_i``. Each program owns its output block: deterministic, no atomics.
+  The gradient of the normalisation, ``d x = (g - (g . x^) x^) / |x|``, is applied after.
+* "own": each query's 1+K logits are computed row-wise and kept (O(B(1+K)) floats), and the
+  backward writes each gradient block from them directly.
+
+``gather=True`` under an initialised ``torch.distributed`` group makes the candidates of every
+rank the global batch (sentence-transformers' ``gather_across_devices``): positives and negatives
+are all-gathered with gradient, each rank's loss is the mean over its own queries, and gradients
+flow back to each rank's own embeddings. Averaged over ranks as DDP does, loss and gradients equal
+those of one process holding the whole batch.
+
+Dispatch as in ``mgh_kernels.attention``: CUDA -> Triton; CPU with ``TRITON_INTERPRET=1`` -> the
+same kernels interpreted (float16, float32); otherwise a PyTorch path over query chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import triton
+import triton.language as tl
+
+from ._validation import (
+    check_choice,
+    check_dim,
+    check_float,
+    check_positive,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from .reference import NEGATIVE_MODES, REDUCTIONS
+
+__all__ = ["InfoNCELoss", "infonce_loss", "last_backend"]
+
+logger = logging.getLogger(__name__)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_last_backend: Optional[str] = None
+
+
+def last_backend() -> Optional[str]:
+    """Which path the latest ``infonce_loss`` call took: "triton", "triton-interpreter" or
+    "torch-chunked" (None before the first call)."""
+    return _last_backend
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. X [rows, D] row-major with row stride; inverse norms RX [rows] float32.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dots(A, stride_a, offs_a, a_in, C, stride_c, offs_c, c_in, D, PRECISION: tl.constexpr,
+          BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_A, BLOCK_C] float32 dot products of rows of A with rows of C, over chunks of D."""
+    acc = tl.zeros([BLOCK_A, BLOCK_C], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_in = offs_d < D
+        a = tl.load(A + offs_a[:, None] * stride_a + offs_d[None, :], mask=a_in[:, None] & d_in[None, :], other=0.0)
+        ct = tl.load(C + offs_c[None, :] * stride_c + offs_d[:, None], mask=c_in[None, :] & d_in[:, None], other=0.0)
+        acc += tl.dot(a, ct, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _global_fwd_kernel(
+    Q, P, NEG, RQ, RP, RN, LSE, POS_LOGIT,
+    stride_q, stride_p, stride_n,
+    B, NP, NN, D, pos_offset, inv_tau,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < B
+    rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, NP, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_in = offs_n < NP
+        rc = tl.load(RP + offs_n, mask=col_in, other=0.0)
+        z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
+        pos += tl.sum(tl.where(offs_n[None, :] == (offs_m + pos_offset)[:, None], z, 0.0), 1)
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+    for start in range(0, NN, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_in = offs_n < NN
+        rc = tl.load(RN + offs_n, mask=col_in, other=0.0)
+        z = _dots(Q, stride_q, offs_m, row_in, NEG, stride_n, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=row_in)
+    tl.store(POS_LOGIT + offs_m, pos, mask=row_in)
+
+
+@triton.jit
+def _global_dq_kernel(
+    Q, P, NEG, RQ, RP, RN, LSE, POS_LOGIT, W, GQ,
+    stride_q, stride_p, stride_n,
+    B, NP, NN, D, pos_offset, inv_tau,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    """GQ[i, dblock] = sum_j dz_ij c^_j[dblock] / tau: the gradient w.r.t. the normalised query."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < B
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_in = offs_do < D
+    rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
+    lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
+    # The target's probability from the forward's own logit, so that p - 1 is as exact as there.
+    p_target = tl.exp(tl.load(POS_LOGIT + offs_m, mask=row_in, other=0.0) - lse)
+    w = tl.load(W + offs_m, mask=row_in, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
+    for start in range(0, NP, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_in = offs_n < NP
+        rc = tl.load(RP + offs_n, mask=col_in, other=0.0)
+        z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        p = tl.where(col_in[None, :], tl.exp(z * rq[:, None] * rc[None, :] - lse[:, None]), 0.0)
+        target = offs_n[None, :] == (offs_m + pos_offset)[:, None]
+        p = tl.where(target, p_target[:, None] - 1.0, p)
+        dz = w[:, None] * p * rc[None, :]
+        c = tl.load(P + offs_n[:, None] * stride_p + offs_do[None, :], mask=col_in[:, None] & do_in[None, :], other=0.0)
+        acc += tl.dot(dz.to(c.dtype), c, input_precision=PRECISION)
+    for start in range(0, NN, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_in = offs_n < NN
+        rc = tl.load(RN + offs_n, mask=col_in, other=0.0)
+        z = _dots(Q, stride_q, offs_m, row_in, NEG, stride_n, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        p = tl.where(col_in[None, :], tl.exp(z * rq[:, None] * rc[None, :] - lse[:, None]), 0.0)
+        dz = w[:, None] * p * rc[None, :]
+        c = tl.load(NEG + offs_n[:, None] * stride_n + offs_do[None, :], mask=col_in[:, None] & do_in[None, :], other=0.0)
+        acc += tl.dot(dz.to(c.dtype), c, input_precision=PRECISION)
+    tl.store(GQ + offs_m[:, None] * D + offs_do[None, :], acc * inv_tau, mask=row_in[:, None] & do_in[None, :])
+
+
+@triton.jit
+def _global_dc_kernel(
+    Q, C, RQ, RC, LSE, POS_LOGIT, W, GC,
+    stride_q, stride_c,
+    B, NC, D, pos_offset, inv_tau,
+    IS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """GC[j, dblock] = sum_i dz_ij q^_i[dblock] / tau for one candidate source (positives or negatives)."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = offs_n < NC
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_in = offs_do < D
+    rc = tl.load(RC + offs_n, mask=col_in, other=0.0) * inv_tau
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
+    for start in range(0, B, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_in = offs_m < B
+        rq = tl.load(RQ + offs_m, mask=row_in, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
+        w = tl.load(W + offs_m, mask=row_in, other=0.0)
+        zt = _dots(C, stride_c, offs_n, col_in, Q, stride_q, offs_m, row_in, D, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D)
+        pt = tl.where(row_in[None, :], tl.exp(zt * rc[:, None] * rq[None, :] - lse[None, :]), 0.0)
+        if IS_POS:
+            p_target = tl.exp(tl.load(POS_LOGIT + offs_m, mask=row_in, other=0.0) - lse)
+            pt = tl.where(offs_n[:, None] == (offs_m + pos_offset)[None, :], p_target[None, :] - 1.0, pt)
+        dzt = pt * (w * rq)[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_q + offs_do[None, :], mask=row_in[:, None] & do_in[None, :], other=0.0)
+        acc += tl.dot(dzt.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(GC + offs_n[:, None] * D + offs_do[None, :], acc * inv_tau, mask=col_in[:, None] & do_in[None, :])
+
+
+@triton.jit
+def _rowdot(A, stride_a, a_rows, C, stride_c, c_rows, row_in, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        tile = row_in[:, None] & (offs_d < D)[None, :]
+        a = tl.load(A + a_rows[:, None] * stride_a + offs_d[None, :], mask=tile, other=0.0)
+        c = tl.load(C + c_rows[:, None] * stride_c + offs_d[None, :], mask=tile, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * c.to(tl.float32), 1)
+    return acc
+
+
+@triton.jit
+def _own_fwd_kernel(
+    Q, P, NEG, RQ, RP, RN, Z, LSE,
+    stride_q, stride_p, stride_n,
+    B, K, D, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit; LSE over the row."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < B
+    rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
+    z = _rowdot(Q, stride_q, offs_m, P, stride_p, offs_m, row_in, D, BLOCK_M, BLOCK_D)
+    z = z * rq * tl.load(RP + offs_m, mask=row_in, other=0.0)
+    tl.store(Z + offs_m * (K + 1), z, mask=row_in)
+    m_i = z
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    for k in range(0, K):
+        rows = offs_m * K + k
+        z = _rowdot(Q, stride_q, offs_m, NEG, stride_n, rows, row_in, D, BLOCK_M, BLOCK_D)
+        z = z * rq * tl.load(RN + rows, mask=row_in, other=0.0)
+        tl.store(Z + offs_m * (K + 1) + 1 + k, z, mask=row_in)
+        m_new = tl.maximum(m_i, z)
+        l_i = l_i * tl.exp(m_i - m_new) + tl.exp(z - m_new)
+        m_i = m_new
+    tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=row_in)
+
+
+@triton.jit
+def _own_bwd_kernel(
+    Q, P, NEG, RQ, RP, RN, Z, LSE, W, GQ, GP, GN,
+    stride_q, stride_p, stride_n,
+    B, K, D, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """Gradients w.r.t. the normalised q, pos and neg for one block of rows and of D."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < B
+    offs_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    tile = row_in[:, None] & (offs_d < D)[None, :]
+    rq = tl.load(RQ + offs_m, mask=row_in, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
+    w = tl.load(W + offs_m, mask=row_in, other=0.0) * inv_tau
+    q_hat = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rq[:, None]
+    # positive: dz = w (p - 1)
+    rc = tl.load(RP + offs_m, mask=row_in, other=0.0)
+    dz = w * (tl.exp(tl.load(Z + offs_m * (K + 1), mask=row_in, other=0.0) - lse) - 1.0)
+    c = tl.load(P + offs_m[:, None] * stride_p + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+    gq = dz[:, None] * c * rc[:, None]
+    tl.store(GP + offs_m[:, None] * D + offs_d[None, :], dz[:, None] * q_hat, mask=tile)
+    for k in range(0, K):
+        rows = offs_m * K + k
+        rc = tl.load(RN + rows, mask=row_in, other=0.0)
+        dz = w * tl.exp(tl.load(Z + offs_m * (K + 1) + 1 + k, mask=row_in, other=0.0) - lse)
+        c = tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        gq += dz[:, None] * c * rc[:, None]
+        tl.store(GN + rows[:, None] * D + offs_d[None, :], dz[:, None] * q_hat, mask=tile)
+    tl.store(GQ + offs_m[:, None] * D + offs_d[None, :], gq, mask=tile)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers and autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _config(device: torch.device, dim: int) -> dict:
+    """Tiles: small under the interpreter; GEMM-like on GPU (not tuned on a GPU yet)."""
+    if device.type != "cuda":
+        block_do = max(16, min(64, triton.next_power_of_2(dim)))
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_DO=block_do, num_warps=4)
+    block_do = max(16, min(256, triton.next_power_of_2(dim)))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=block_do, num_warps=8)
+
+
+def _precision(dtype: torch.dtype) -> Optional[str]:
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """[rows] float32 1/max(|x|, 1e-12) (F.normalize's clamp), or ones without normalisation."""
+    if not normalize:
+        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    return 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(1e-12)
+
+
+def _normalize_backward(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor, normalize: bool):
+    """d/dx of x / |x| given the gradient w.r.t. the normalised vector; float32 in, x.dtype out."""
+    if not normalize:
+        return grad_hat.to(x.dtype)
+    x_hat = x.float() * inv_norm[:, None]
+    return ((grad_hat - (grad_hat * x_hat).sum(-1, keepdim=True) * x_hat) * inv_norm[:, None]).to(x.dtype)
+
+
+class _InfoNCEFunction(torch.autograd.Function):
+    """Per-query losses [B] float32 from raw embeddings; gradients to q, candidates' positives and negatives."""
+
+    @staticmethod
+    def forward(ctx, q, pos, neg, tau, normalize, own, pos_offset):
+        batch, dim = q.shape
+        k = neg.shape[0] // max(batch, 1) if own else 0
+        rq, rp, rn = (_inverse_norms(t, normalize) for t in (q, pos, neg))
+        cfg = _config(q.device, dim)
+        lse = _new_output((batch,), torch.float32, q.device)
+        grid = (triton.cdiv(batch, cfg["BLOCK_M"]),)
+        if own:
+            z = _new_output((batch, k + 1), torch.float32, q.device)
+            _own_fwd_kernel[grid](
+                q, pos, neg, rq, rp, rn, z, lse, q.stride(0), pos.stride(0), neg.stride(0),
+                batch, k, dim, 1.0 / tau, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+            )
+            pos_logit = z[:, 0]
+            saved = z  # own mode keeps every logit (O(B(1+K)))
+        else:
+            pos_logit = _new_output((batch,), torch.float32, q.device)
+            _global_fwd_kernel[grid](
+                q, pos, neg, rq, rp, rn, lse, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
+                batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, PRECISION=_precision(q.dtype),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            )
+            saved = pos_logit
+        ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, saved)
+        ctx.tau, ctx.normalize, ctx.own, ctx.pos_offset, ctx.k = tau, normalize, own, pos_offset, k
+        return lse - pos_logit
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        q, pos, neg, rq, rp, rn, lse, logits = ctx.saved_tensors  # own: [B, 1+K]; global: positives' [B]
+        batch, dim = q.shape
+        w = grad_losses.float().contiguous()
+        cfg = _config(q.device, dim)
+        inv_tau = 1.0 / ctx.tau
+        gq = _new_output((batch, dim), torch.float32, q.device)
+        gp = _new_output(tuple(pos.shape), torch.float32, q.device)
+        gn = _new_output(tuple(neg.shape), torch.float32, q.device)
+        d_blocks = triton.cdiv(dim, cfg["BLOCK_DO"])
+        if ctx.own:
+            _own_bwd_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]), d_blocks)](
+                q, pos, neg, rq, rp, rn, logits, lse, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
+                batch, ctx.k, dim, inv_tau, BLOCK_M=cfg["BLOCK_M"], BLOCK_DO=cfg["BLOCK_DO"],
+                num_warps=cfg["num_warps"],
+            )
+        else:
+            common = dict(PRECISION=_precision(q.dtype), **cfg)
+            _global_dq_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]), d_blocks)](
+                q, pos, neg, rq, rp, rn, lse, logits, w, gq, q.stride(0), pos.stride(0), neg.stride(0),
+                batch, pos.shape[0], neg.shape[0], dim, ctx.pos_offset, inv_tau, **common,
+            )
+            for cand, rc, grad, is_pos in ((pos, rp, gp, True), (neg, rn, gn, False)):
+                if cand.shape[0]:
+                    _global_dc_kernel[(triton.cdiv(cand.shape[0], cfg["BLOCK_N"]), d_blocks)](
+                        q, cand, rq, rc, lse, logits, w, grad, q.stride(0), cand.stride(0),
+                        batch, cand.shape[0], dim, ctx.pos_offset, inv_tau, IS_POS=is_pos, **common,
+                    )
+        dq = _normalize_backward(q, rq, gq, ctx.normalize)
+        dpos = _normalize_backward(pos, rp, gp, ctx.normalize)
+        dneg = _normalize_backward(neg, rn, gn, ctx.normalize)
+        return dq, dpos, dneg, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch path (CPU without the interpreter, bfloat16 on CPU)
+# --------------------------------------------------------------------------------------------
+
+_CHUNK_ELEMENTS = 1 << 22  # logits per query chunk (16 MiB in float32)
+
+
+def _chunk_losses(q_rows, pos, neg, tau, normalize, own, row_start):
+    compute = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
+
+    def prep(x):
+        x = x.to(compute)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    qn, pn, nn_ = prep(q_rows), prep(pos), prep(neg)
+    rows = torch.arange(row_start, row_start + q_rows.shape[0], device=q_rows.device)
+    if own:
+        k = nn_.shape[0] // pos.shape[0]
+        cands = torch.cat([pn[rows, None], nn_.view(pos.shape[0], k, -1)[rows]], dim=1)
+        logits = torch.einsum("bd,bcd->bc", qn, cands) / tau
+        return torch.logsumexp(logits, dim=1) - logits[:, 0]
+    logits = torch.cat([qn @ pn.T, qn @ nn_.T], dim=1) / tau
+    return torch.logsumexp(logits, dim=1) - logits[torch.arange(len(rows), device=rows.device), rows]
+
+
+def _chunked_losses(q, pos, neg, tau, normalize, own, pos_offset):
+    candidates = pos.shape[0] + (0 if own else neg.shape[0])
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, candidates))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, pos, neg))
+    losses = []
+    for start in range(0, q.shape[0], chunk):
+        args = (q[start : start + chunk], pos, neg, tau, normalize, own, start + (0 if own else pos_offset))
+        if grad:  # re-compute the chunk's logits in backward instead of storing them
+            losses.append(torch.utils.checkpoint.checkpoint(_chunk_losses, *args, use_reentrant=False))
+        else:
+            losses.append(_chunk_losses(*args))
+    out = torch.cat(losses)
+    return out if out.dtype == torch.float64 else out.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _select_backend(q: torch.Tensor) -> str:
+    if q.is_cuda:
+        return "triton"
+    if q.device.type == "cpu" and INTERPRETED and q.dtype in (torch.float16, torch.float32):
+        return "triton-interpreter"
+    return "torch-chunked"
+
+
+def _gather(pos: torch.Tensor, neg: torch.Tensor, batch: int):
+    """All ranks' positives and negatives (with gradient) and this rank's positive offset."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("gather: expected an initialised torch.distributed process group, found none")
+    # torch 2.13 marks this differentiable all_gather deprecated in favour of a private module;
+    # sentence-transformers' gather_across_devices uses the same public call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return torch.cat(all_gather(pos)), torch.cat(all_gather(neg)), dist.get_rank() * batch
+
+
+def infonce_loss(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: Optional[torch.Tensor] = None,
+    *,
+    tau: float = 0.05,
+    negatives: str = "global",
+    normalize: bool = True,
+    reduction: str = "mean",
+    gather: bool = False,
+) -> torch.Tensor:
+    """InfoNCE with in-batch and hard negatives, never storing the B x B(1+K) logits.
+
+    Args:
+        q: [B, D] queries; float16, bfloat16 or float32 (float32 accumulation).
+        pos: [B, D] positives, ``pos[i]`` the target of ``q[i]``.
+        neg: optional [B, K, D] hard negatives (K may be 0).
+        tau: temperature (logit = cosine / tau; 0.05 is sentence-transformers' scale 20).
+        negatives: "global" (every positive and negative of the batch is a candidate of every
+            query, MultipleNegativesRankingLoss) or "own" (the query's positive and K negatives).
+        normalize: L2-normalise the embeddings (cosine similarity); False uses raw dot products.
+        reduction: "mean", "sum" or "none" (per-query losses [B]).
+        gather: with "global", make every rank's positives and negatives candidates (needs an
+            initialised ``torch.distributed`` group and the same B on every rank); the loss is
+            over this rank's queries.
+
+    Returns:
+        float32 loss (scalar, or [B] with ``reduction="none"``).
+    """
+    global _last_backend
+    check_tensor("q", q, ndim=2, layout="[B, D]")
+    check_float("q", q)
+    check_tensor("pos", pos, ndim=2, layout="[B, D]")
+    check_same_dtype("pos", pos, "q", q)
+    check_same_device("pos", pos, "q", q)
+    if tuple(pos.shape) != tuple(q.shape):
+        raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
+    batch, dim = q.shape
+    if batch == 0 or dim == 0:
+        raise ValueError(f"q: expected at least one query of at least one dimension, got shape {list(q.shape)}")
+    if neg is None:
+        neg = q.new_zeros(batch, 0, dim)
+    check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
+    check_same_dtype("neg", neg, "q", q)
+    check_same_device("neg", neg, "q", q)
+    check_dim("neg", neg, 0, batch, "batch B of q")
+    check_dim("neg", neg, 2, dim, "embedding dim D of q")
+    tau = check_positive("tau", tau)
+    check_choice("negatives", negatives, NEGATIVE_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    for name, flag in (("normalize", normalize), ("gather", gather)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: expected True or False, got {flag!r}")
+    if gather and negatives != "global":
+        raise ValueError("gather: only meaningful with negatives='global' (own candidates are per query)")
+
+    backend = _select_backend(q)
+    if backend != "torch-chunked" and q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q: expected float16, bfloat16 or float32 on {q.device.type}, got {q.dtype}")
+    _last_backend = backend
+    logger.debug("infonce_loss: %s path for B=%d K=%d D=%d %s", backend, batch, neg.shape[1], dim, q.dtype)
+
+    q = q.contiguous()
+    pos, neg_flat = pos.contiguous(), neg.reshape(-1, dim).contiguous()
+    pos_offset = 0
+    if gather:
+        pos, neg_flat, pos_offset = _gather(pos, neg_flat, batch)
+    own = negatives == "own"
+    if backend == "torch-chunked":
+        losses = _chunked_losses(q, pos, neg_flat, tau, normalize, own, pos_offset)
+    else:
+        losses = _InfoNCEFunction.apply(q, pos, neg_flat, tau, normalize, own, pos_offset)
+    if reduction == "mean":
+        return losses.mean()
+    return losses.sum() if reduction == "sum" else losses
+
+
+class InfoNCELoss(torch.nn.Module):
+    """``infonce_loss`` as a module: ``InfoNCELoss(tau=0.05)(q, pos, neg)``; arguments as there."""
+
+    def __init__(self, tau: float = 0.05, negatives: str = "global", normalize: bool = True,
+                 reduction: str = "mean", gather: bool = False):
+        super().__init__()
+        check_positive("tau", tau)
+        check_choice("negatives", negatives, NEGATIVE_MODES)
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.tau, self.negatives, self.normalize, self.reduction, self.gather = tau, negatives, normalize, reduction, gather
+
+    def forward(self, q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return infonce_loss(q, pos, neg, tau=self.tau, negatives=self.negatives, normalize=self.normalize,
+                            reduction=self.reduction, gather=self.gather)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, negatives={self.negatives!r}, normalize={self.normalize}, reduction={self.reduction!r}"

@@ -1,0 +1,229 @@
+"""infonce_loss against the reference, sentence-transformers' MNRL, and itself across 2 ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgh_kernels import InfoNCELoss, infonce, infonce_loss, reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
+    monkeypatch.setattr(
+        infonce, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+
+
+def make(batch, k, dim, dtype, gen, scale=1.0):
+    q = torch.randn(batch, dim, generator=gen, dtype=torch.float64) * scale
+    pos = q + torch.randn(batch, dim, generator=gen, dtype=torch.float64) * scale
+    neg = torch.randn(batch, k, dim, generator=gen, dtype=torch.float64) * scale
+    low = [t.to(DEVICE, dtype).requires_grad_() for t in (q, pos, neg)]
+    return low, [t.detach().double().requires_grad_() for t in low]
+
+
+def eager_same_precision(q, pos, neg, tau, negatives):
+    """The eager loss computed in the inputs' own dtype: PyTorch's error baseline."""
+    qn, pn, nn_ = (torch.nn.functional.normalize(t, dim=-1) for t in (q, pos, neg))
+    if negatives == "global":
+        logits = torch.cat([qn @ pn.T, qn @ nn_.reshape(-1, q.shape[1]).T], dim=1) / tau
+        target = torch.arange(len(q), device=q.device)
+    else:
+        logits = torch.cat([(qn * pn).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", qn, nn_)], dim=1) / tau
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("batch", [1, 5, 37])  # 37: not a multiple of the tile
+@pytest.mark.parametrize("k", [0, 1, 7])
+@pytest.mark.parametrize("negatives", ["global", "own"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loss_and_gradients_match_reference(batch, k, negatives, dtype, gen):
+    tau = [0.01, 0.05, 1.0][(batch + k) % 3]
+    (q, pos, neg), truth = make(batch, k, 40, dtype, gen)
+    base = [t.detach().clone().requires_grad_() for t in (q, pos, neg)]
+    loss = infonce_loss(q, pos, neg, tau=tau, negatives=negatives)
+    assert infonce.last_backend() == ("triton" if CUDA else "triton-interpreter")
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    want = reference.infonce(*truth, tau=tau, negatives=negatives)
+    pytorch = eager_same_precision(*base, tau, negatives)
+    assert max_err(loss, want) <= 2 * max_err(pytorch, want) + ATOL[dtype] * 10
+    loss.backward()
+    want.backward()
+    pytorch.backward()
+    for name, got, ref, own in zip(("q", "pos", "neg"), (q, pos, neg), truth, base):
+        assert got.grad.dtype == dtype and got.grad.shape == got.shape
+        ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
+        err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
+        assert err <= 2 * base_err + ATOL[dtype], f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("negatives", ["global", "own"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_reductions_and_module(negatives, reduction, gen):
+    (q, pos, neg), truth = make(19, 2, 24, torch.float32, gen)
+    got = InfoNCELoss(tau=0.1, negatives=negatives, reduction=reduction)(q, pos, neg)
+    want = reference.infonce(*truth, tau=0.1, negatives=negatives, reduction=reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    (got.double() * weights.to(DEVICE)).sum().backward()
+    (want * weights.to(DEVICE)).sum().backward()
+    for a, b in zip((q, pos, neg), truth):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_without_normalisation_uses_raw_dot_products(gen):
+    (q, pos, neg), _ = make(9, 3, 16, torch.float32, gen, scale=0.3)
+    got = infonce_loss(q, pos, neg, tau=0.5, normalize=False, reduction="none")
+    logits = torch.cat([q @ pos.T, q @ neg.reshape(-1, 16).T], dim=1) / 0.5
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(9), reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g_got = torch.autograd.grad(got.sum(), (q, pos, neg))
+    g_want = torch.autograd.grad(want.sum(), (q, pos, neg))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class Passthrough(torch.nn.Module):
+    def forward(self, features):
+        return {**features, "sentence_embedding": features["embedding"]}
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("batch", [3, 21])
+def test_equals_sentence_transformers_mnrl(k, batch, gen):
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:  # pragma: no cover - older releases
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    (q, pos, neg), _ = make(batch, k, 32, torch.float32, gen)
+    mine = [t.detach().clone().requires_grad_() for t in (q, pos, neg)]
+    mnrl = MultipleNegativesRankingLoss(SentenceTransformer(modules=[Passthrough()], device=DEVICE), scale=20.0)
+    features = [{"embedding": q}, {"embedding": pos}] + [{"embedding": neg[:, j]} for j in range(k)]
+    want = mnrl(features, None)
+    want.backward()
+    got = infonce_loss(*mine, tau=0.05)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(mine, (q, pos, neg)):
+        torch.testing.assert_close(a.grad, torch.zeros_like(a) if b.grad is None else b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("negatives", ["global", "own"])
+def test_extreme_similarities_stay_finite(dtype, negatives, gen):
+    q = (torch.randn(20, 32, generator=gen) * 1e3).to(DEVICE, dtype)
+    neg = torch.stack([q, -q, q], dim=1)
+    for tau in (0.01, 1.0):
+        args = [t.clone().requires_grad_() for t in (q, q, neg)]
+        loss = infonce_loss(*args, tau=tau, negatives=negatives)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(t.grad).all() for t in args)
+        want = reference.infonce(*(t.detach().double() for t in args), tau=tau, negatives=negatives)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-3, atol=1e-3)
+    zeros = torch.zeros(4, 8, dtype=dtype, device=DEVICE)
+    assert torch.isfinite(infonce_loss(zeros, zeros))
+
+
+@pytest.mark.parametrize("negatives", ["global", "own"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_path_matches_reference(monkeypatch, negatives, dtype, gen):
+    monkeypatch.setattr(infonce, "INTERPRETED", False)
+    monkeypatch.setattr(infonce, "_CHUNK_ELEMENTS", 40)  # several query chunks
+    (q, pos, neg), truth = make(11, 3, 16, dtype, gen)
+    q, pos, neg = (t.detach().cpu().requires_grad_() for t in (q, pos, neg))
+    loss = infonce_loss(q, pos, neg, negatives=negatives, reduction="none")
+    assert infonce.last_backend() == "torch-chunked"
+    want = reference.infonce(*(t.cpu() for t in truth), negatives=negatives, reduction="none")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), want, rtol=tol, atol=tol)
+    loss.sum().backward()
+    want.sum().backward()
+    for a, b in zip((q, pos, neg), truth):
+        torch.testing.assert_close(a.grad.double(), b.grad.cpu(), rtol=tol * 10, atol=tol)
+
+
+# ---- cross-device negatives: 2 ranks on gloo vs one process ---------------------------------
+
+WORKER = """
+import json, sys, torch, torch.distributed as dist
+from mgh_kernels import infonce, infonce_loss
+rank, world, store, inputs, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+q, pos, neg = (t.chunk(world)[rank].clone().requires_grad_() for t in torch.load(inputs))
+loss = infonce_loss(q, pos, neg, tau=0.05, gather=True)
+loss.backward()
+torch.save({"loss": loss.detach(), "backend": infonce.last_backend(),
+            "grads": [t.grad for t in (q, pos, neg)]}, out)
+dist.barrier()  # neither rank tears gloo down while the other still talks to it
+dist.destroy_process_group()
+"""
+
+
+def test_gather_two_ranks_equal_one_process(tmp_path, gen):
+    (q, pos, neg), _ = make(14, 3, 24, torch.float32, gen)
+    inputs = [t.detach().cpu() for t in (q, pos, neg)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(r), "2", str(tmp_path / "store"), str(tmp_path / "inputs.pt"),
+             str(tmp_path / f"rank{r}.pt")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["backend"] == "triton-interpreter" for r in ranks)  # the workers run on the CPU
+
+    whole = [t.clone().requires_grad_() for t in inputs]
+    want = infonce_loss(*whole, tau=0.05)
+    want.backward()
+    # DDP averages over ranks: the mean of the ranks' losses and gradients is the single-process one.
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, want.detach(), rtol=1e-5, atol=1e-6)
+    for i, t in enumerate(whole):
+        per_rank = torch.cat([r["grads"][i] for r in ranks]) / 2
+        torch.testing.assert_close(per_rank, t.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "call, argument, expected",
+    [
+        (lambda q: infonce_loss(q, q, gather=True), "gather", "process group"),
+        (lambda q: infonce_loss(q, q, negatives="own", gather=True), "gather", "negatives='global'"),
+        (lambda q: infonce_loss(q, q, normalize=1), "normalize", "True or False"),
+        (lambda q: infonce_loss(q, q[:, :3]), "pos", "shape of q"),
+        (lambda q: infonce_loss(q, q, torch.randn(4, 2, 9)), "neg", "embedding dim"),
+        (lambda q: infonce_loss(q, q, tau=-1.0), "tau", "positive"),
+        (lambda q: infonce_loss(q[:0], q[:0]), "q", "at least one query"),
+        (lambda q: infonce_loss(q.long(), q.long()), "q", "floating dtype"),
+        (lambda q: InfoNCELoss(reduction="max"), "reduction", "'mean', 'sum', 'none'"),
+    ],
+)
+def test_bad_input_names_argument(call, argument, expected):
+    with pytest.raises(ValueError) as info:
+        call(torch.randn(4, 8))
+    assert str(info.value).startswith(argument + ":") and expected in str(info.value), str(info.value)
