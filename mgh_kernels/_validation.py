@@ -138,3 +138,30 @@ def check_attention_args(q, k, v, *, causal, key_padding_mask, scale):
     if key_padding_mask is not None:
         mask = check_mask("key_padding_mask", key_padding_mask, batch=batch, length=length, device=q.device)
     return mask, scale
+
+
+NEGATIVE_MODES = ("global", "own")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_infonce_args(q, pos, neg, *, tau, negatives, reduction) -> float:
+    """Validate InfoNCE arguments (q, pos [B, D]; neg None or [B, K, D]); return tau as float."""
+    check_tensor("q", q, ndim=2, layout="[B, D]")
+    check_float("q", q)
+    check_tensor("pos", pos, ndim=2, layout="[B, D]")
+    check_same_dtype("pos", pos, "q", q)
+    check_same_device("pos", pos, "q", q)
+    if tuple(pos.shape) != tuple(q.shape):
+        raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
+    batch, dim = q.shape
+    if batch == 0 or dim == 0:
+        raise ValueError(f"q: expected at least one query (B >= 1) of at least one dimension, got shape {list(q.shape)}")
+    if neg is not None:
+        check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
+        check_same_dtype("neg", neg, "q", q)
+        check_same_device("neg", neg, "q", q)
+        check_dim("neg", neg, 0, batch, "batch B of q")
+        check_dim("neg", neg, 2, dim, "embedding dim D of q")
+    check_choice("negatives", negatives, NEGATIVE_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    return check_positive("tau", tau)

@@ -17,20 +17,15 @@ Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
   one kernel per key block accumulates dK and dV over its query heads, and one per query block
   accumulates dQ (deterministic, no atomics).
 
-Dispatch, visible through ``last_backend()`` and a debug log line:
-
-* CUDA tensors: the Triton kernels (``"triton"``).
-* CPU tensors with ``TRITON_INTERPRET=1`` set before import: the same kernels under Triton's
-  interpreter (``"triton-interpreter"``; float16 and float32 only, the tests' path).
-* otherwise: a memory-frugal PyTorch path (``"torch-chunked"``) that processes a block of queries
-  of one sequence at a time (never L x L for the whole batch), re-computing the block in backward.
+Dispatch (see ``mgh_kernels._backend``), visible through ``last_backend()`` and a debug log
+line: Triton on CUDA, Triton's interpreter on CPU under ``TRITON_INTERPRET=1`` (the tests' path),
+otherwise a memory-frugal PyTorch path that processes a block of queries of one sequence at a
+time (never L x L for the whole batch), re-computing the block in backward.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 from typing import Optional
 
 import torch
@@ -38,14 +33,13 @@ import torch.utils.checkpoint
 import triton
 import triton.language as tl
 
+from . import _backend
 from ._validation import check_attention_args
 
 __all__ = ["ata_attention", "last_backend"]
 
 logger = logging.getLogger(__name__)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
@@ -56,11 +50,6 @@ def last_backend() -> Optional[str]:
     """Which path the latest ``ata_attention`` call took: "triton", "triton-interpreter" or
     "torch-chunked" (None before the first call)."""
     return _last_backend
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    """Every kernel output is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,8 +364,8 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     hkv = k.shape[1]
     group = hq // hkv
     cfg = _config(q.device, dim)
-    out = _new_output((batch, hq, length, dim), q.dtype, q.device)
-    lse = _new_output((batch, hq, length), torch.float32, q.device)
+    out = _backend.new_output((batch, hq, length, dim), q.dtype, q.device)
+    lse = _backend.new_output((batch, hq, length), torch.float32, q.device)
     mask_arg = mask if mask is not None else q
     smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     qk_scale = scale * LOG2E
@@ -389,7 +378,7 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     )
     colsum = None
     if return_colsum:
-        part = _new_output((batch, hkv, length), torch.float32, q.device)
+        part = _backend.new_output((batch, hkv, length), torch.float32, q.device)
         grid = (triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)
         _colsum_kernel[grid](
             q, k, mask_arg, lse, part,
@@ -413,21 +402,21 @@ def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale):
     common = dict(
         HAS_MASK=mask is not None, HAS_DC=has_dc, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg
     )
-    delta = _new_output((batch, hq, length), torch.float32, q.device)
+    delta = _backend.new_output((batch, hq, length), torch.float32, q.device)
     grid_m = (triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)
     _bwd_delta_kernel[grid_m](
         q, k, out, dout, mask_arg, lse, dc, delta,
         *_strides(q), *_strides(k), *_strides(out), *_strides(dout), smb, smn,
         hq, group, length, dim, qk_scale, 1.0 / hq, **common,
     )
-    dk = _new_output((batch, hkv, length, dim), k.dtype, k.device)
-    dv = _new_output((batch, hkv, length, dim), v.dtype, v.device)
+    dk = _backend.new_output((batch, hkv, length, dim), k.dtype, k.device)
+    dv = _backend.new_output((batch, hkv, length, dim), v.dtype, v.device)
     _bwd_dkdv_kernel[(triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)](
         q, k, v, dout, mask_arg, lse, delta, dc, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), smb, smn,
         hq, hkv, group, length, dim, qk_scale, scale, 1.0 / hq, **common,
     )
-    dq = _new_output((batch, hq, length, dim), q.dtype, q.device)
+    dq = _backend.new_output((batch, hq, length, dim), q.dtype, q.device)
     _bwd_dq_kernel[grid_m](
         q, k, v, dout, mask_arg, lse, delta, dc, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), smb, smn,
@@ -518,14 +507,6 @@ def _chunked(q, k, v, mask, causal, scale, return_colsum):
 # --------------------------------------------------------------------------------------------
 
 
-def _select_backend(q: torch.Tensor) -> str:
-    if q.is_cuda:
-        return "triton"
-    if q.device.type == "cpu" and INTERPRETED and q.dtype in (torch.float16, torch.float32):
-        return "triton-interpreter"
-    return "torch-chunked"
-
-
 def ata_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -559,14 +540,13 @@ def ata_attention(
         raise ValueError(f"return_colsum: expected True or False, got {return_colsum!r}")
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"q: expected a head dim D <= {MAX_HEAD_DIM}, got shape {list(q.shape)}")
-    backend = _select_backend(q)
-    if backend != "torch-chunked" and q.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"q: expected float16, bfloat16 or float32 on {q.device.type}, got {q.dtype}")
+    backend = _backend.select(q)
+    _backend.check_kernel_dtype("q", q, backend)
     if q.numel() == 0:
         raise ValueError(f"q: expected a non-empty tensor, got shape {list(q.shape)}")
     _last_backend = backend
     logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
-    if backend == "torch-chunked":
+    if backend == _backend.CHUNKED:
         return _chunked(q, k, v, mask, causal, scale, return_colsum)
     mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
     out, colsum = _ATAAttentionFunction.apply(q, k, v, mask_u8, causal, scale, return_colsum)

@@ -24,14 +24,13 @@ are all-gathered with gradient, each rank's loss is the mean over its own querie
 flow back to each rank's own embeddings. Averaged over ranks as DDP does, loss and gradients equal
 those of one process holding the whole batch.
 
-Dispatch as in ``mgh_kernels.attention``: CUDA -> Triton; CPU with ``TRITON_INTERPRET=1`` -> the
-same kernels interpreted (float16, float32); otherwise a PyTorch path over query chunks.
+Dispatch (see ``mgh_kernels._backend``): Triton on CUDA, Triton's interpreter on CPU under
+``TRITON_INTERPRET=1``, otherwise a PyTorch path over query chunks.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from typing import Optional
 
@@ -41,23 +40,12 @@ import torch.utils.checkpoint
 import triton
 import triton.language as tl
 
-from ._validation import (
-    check_choice,
-    check_dim,
-    check_float,
-    check_positive,
-    check_same_device,
-    check_same_dtype,
-    check_tensor,
-)
-from .reference import NEGATIVE_MODES, REDUCTIONS
+from . import _backend
+from ._validation import NEGATIVE_MODES, REDUCTIONS, check_choice, check_infonce_args, check_positive
 
 __all__ = ["InfoNCELoss", "infonce_loss", "last_backend"]
 
 logger = logging.getLogger(__name__)
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _last_backend: Optional[str] = None
 
@@ -66,11 +54,6 @@ def last_backend() -> Optional[str]:
     """Which path the latest ``infonce_loss`` call took: "triton", "triton-interpreter" or
     "torch-chunked" (None before the first call)."""
     return _last_backend
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    """Every kernel output is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,8 +76,19 @@ def _dots(A, stride_a, offs_a, a_in, C, stride_c, offs_c, c_in, D, PRECISION: tl
 
 
 @triton.jit
+def _online_logsumexp(m_i, l_i, o_i, z, is_target):
+    """Fold a [BLOCK_M, BLOCK_N] tile of logits into each row's running max, sum of exp, and sum
+    of exp over the non-target candidates (so 1 - p_target = o / l keeps its precision when the
+    target dominates, where exp(z_t - lse) - 1 would cancel)."""
+    m_new = tl.maximum(m_i, tl.max(z, 1))
+    alpha = tl.exp(m_i - m_new)
+    e = tl.exp(z - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(e, 1), o_i * alpha + tl.sum(tl.where(is_target, 0.0, e), 1)
+
+
+@triton.jit
 def _global_fwd_kernel(
-    Q, P, NEG, RQ, RP, RN, LSE, POS_LOGIT,
+    Q, P, NEG, RQ, RP, RN, LSE, POS_LOGIT, TAIL,
     stride_q, stride_p, stride_n,
     B, NP, NN, D, pos_offset, inv_tau,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -105,6 +99,7 @@ def _global_fwd_kernel(
     rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    o_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, NP, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -112,26 +107,24 @@ def _global_fwd_kernel(
         rc = tl.load(RP + offs_n, mask=col_in, other=0.0)
         z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
-        pos += tl.sum(tl.where(offs_n[None, :] == (offs_m + pos_offset)[:, None], z, 0.0), 1)
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m_i = m_new
+        target = offs_n[None, :] == (offs_m + pos_offset)[:, None]
+        pos += tl.sum(tl.where(target, z, 0.0), 1)
+        m_i, l_i, o_i = _online_logsumexp(m_i, l_i, o_i, z, target)
     for start in range(0, NN, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_in = offs_n < NN
         rc = tl.load(RN + offs_n, mask=col_in, other=0.0)
         z = _dots(Q, stride_q, offs_m, row_in, NEG, stride_n, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m_i = m_new
+        m_i, l_i, o_i = _online_logsumexp(m_i, l_i, o_i, z, offs_n[None, :] < 0)
     tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=row_in)
     tl.store(POS_LOGIT + offs_m, pos, mask=row_in)
+    tl.store(TAIL + offs_m, o_i / l_i, mask=row_in)
 
 
 @triton.jit
 def _global_dq_kernel(
-    Q, P, NEG, RQ, RP, RN, LSE, POS_LOGIT, W, GQ,
+    Q, P, NEG, RQ, RP, RN, LSE, TAIL, W, GQ,
     stride_q, stride_p, stride_n,
     B, NP, NN, D, pos_offset, inv_tau,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -146,8 +139,8 @@ def _global_dq_kernel(
     do_in = offs_do < D
     rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
     lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
-    # The target's probability from the forward's own logit, so that p - 1 is as exact as there.
-    p_target = tl.exp(tl.load(POS_LOGIT + offs_m, mask=row_in, other=0.0) - lse)
+    # p_target - 1 = -(1 - p_target), kept exact by the forward (see _online_logsumexp).
+    minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
     w = tl.load(W + offs_m, mask=row_in, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     for start in range(0, NP, BLOCK_N):
@@ -157,7 +150,7 @@ def _global_dq_kernel(
         z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         p = tl.where(col_in[None, :], tl.exp(z * rq[:, None] * rc[None, :] - lse[:, None]), 0.0)
         target = offs_n[None, :] == (offs_m + pos_offset)[:, None]
-        p = tl.where(target, p_target[:, None] - 1.0, p)
+        p = tl.where(target, minus_tail[:, None], p)
         dz = w[:, None] * p * rc[None, :]
         c = tl.load(P + offs_n[:, None] * stride_p + offs_do[None, :], mask=col_in[:, None] & do_in[None, :], other=0.0)
         acc += tl.dot(dz.to(c.dtype), c, input_precision=PRECISION)
@@ -175,7 +168,7 @@ def _global_dq_kernel(
 
 @triton.jit
 def _global_dc_kernel(
-    Q, C, RQ, RC, LSE, POS_LOGIT, W, GC,
+    Q, C, RQ, RC, LSE, TAIL, W, GC,
     stride_q, stride_c,
     B, NC, D, pos_offset, inv_tau,
     IS_POS: tl.constexpr, PRECISION: tl.constexpr,
@@ -199,8 +192,8 @@ def _global_dc_kernel(
         zt = _dots(C, stride_c, offs_n, col_in, Q, stride_q, offs_m, row_in, D, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D)
         pt = tl.where(row_in[None, :], tl.exp(zt * rc[:, None] * rq[None, :] - lse[None, :]), 0.0)
         if IS_POS:
-            p_target = tl.exp(tl.load(POS_LOGIT + offs_m, mask=row_in, other=0.0) - lse)
-            pt = tl.where(offs_n[:, None] == (offs_m + pos_offset)[None, :], p_target[None, :] - 1.0, pt)
+            minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
+            pt = tl.where(offs_n[:, None] == (offs_m + pos_offset)[None, :], minus_tail[None, :], pt)
         dzt = pt * (w * rq)[None, :]
         q = tl.load(Q + offs_m[:, None] * stride_q + offs_do[None, :], mask=row_in[:, None] & do_in[None, :], other=0.0)
         acc += tl.dot(dzt.to(q.dtype), q, input_precision=PRECISION)
@@ -221,12 +214,13 @@ def _rowdot(A, stride_a, a_rows, C, stride_c, c_rows, row_in, D, BLOCK_M: tl.con
 
 @triton.jit
 def _own_fwd_kernel(
-    Q, P, NEG, RQ, RP, RN, Z, LSE,
+    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL,
     stride_q, stride_p, stride_n,
     B, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit; LSE over the row."""
+    """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit; LSE over the row;
+    TAIL = 1 - p_positive, summed from the negatives' side for precision."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = offs_m < B
@@ -236,20 +230,25 @@ def _own_fwd_kernel(
     tl.store(Z + offs_m * (K + 1), z, mask=row_in)
     m_i = z
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    o_i = tl.zeros([BLOCK_M], tl.float32)
     for k in range(0, K):
         rows = offs_m * K + k
         z = _rowdot(Q, stride_q, offs_m, NEG, stride_n, rows, row_in, D, BLOCK_M, BLOCK_D)
         z = z * rq * tl.load(RN + rows, mask=row_in, other=0.0)
         tl.store(Z + offs_m * (K + 1) + 1 + k, z, mask=row_in)
         m_new = tl.maximum(m_i, z)
-        l_i = l_i * tl.exp(m_i - m_new) + tl.exp(z - m_new)
+        alpha = tl.exp(m_i - m_new)
+        e = tl.exp(z - m_new)
+        l_i = l_i * alpha + e
+        o_i = o_i * alpha + e
         m_i = m_new
     tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=row_in)
+    tl.store(TAIL + offs_m, o_i / l_i, mask=row_in)
 
 
 @triton.jit
 def _own_bwd_kernel(
-    Q, P, NEG, RQ, RP, RN, Z, LSE, W, GQ, GP, GN,
+    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL, W, GQ, GP, GN,
     stride_q, stride_p, stride_n,
     B, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -265,9 +264,9 @@ def _own_bwd_kernel(
     lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
     w = tl.load(W + offs_m, mask=row_in, other=0.0) * inv_tau
     q_hat = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rq[:, None]
-    # positive: dz = w (p - 1)
+    # positive: dz = w (p - 1) = -w (1 - p)
     rc = tl.load(RP + offs_m, mask=row_in, other=0.0)
-    dz = w * (tl.exp(tl.load(Z + offs_m * (K + 1), mask=row_in, other=0.0) - lse) - 1.0)
+    dz = -w * tl.load(TAIL + offs_m, mask=row_in, other=0.0)
     c = tl.load(P + offs_m[:, None] * stride_p + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
     gq = dz[:, None] * c * rc[:, None]
     tl.store(GP + offs_m[:, None] * D + offs_d[None, :], dz[:, None] * q_hat, mask=tile)
@@ -323,55 +322,57 @@ class _InfoNCEFunction(torch.autograd.Function):
         k = neg.shape[0] // max(batch, 1) if own else 0
         rq, rp, rn = (_inverse_norms(t, normalize) for t in (q, pos, neg))
         cfg = _config(q.device, dim)
-        lse = _new_output((batch,), torch.float32, q.device)
+        lse = _backend.new_output((batch,), torch.float32, q.device)
+        tail = _backend.new_output((batch,), torch.float32, q.device)  # 1 - p_positive
         grid = (triton.cdiv(batch, cfg["BLOCK_M"]),)
         if own:
-            z = _new_output((batch, k + 1), torch.float32, q.device)
+            z = _backend.new_output((batch, k + 1), torch.float32, q.device)
             _own_fwd_kernel[grid](
-                q, pos, neg, rq, rp, rn, z, lse, q.stride(0), pos.stride(0), neg.stride(0),
+                q, pos, neg, rq, rp, rn, z, lse, tail, q.stride(0), pos.stride(0), neg.stride(0),
                 batch, k, dim, 1.0 / tau, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
             )
             pos_logit = z[:, 0]
-            saved = z  # own mode keeps every logit (O(B(1+K)))
+            logits = z  # own mode keeps every logit (O(B(1+K)))
         else:
-            pos_logit = _new_output((batch,), torch.float32, q.device)
+            pos_logit = _backend.new_output((batch,), torch.float32, q.device)
             _global_fwd_kernel[grid](
-                q, pos, neg, rq, rp, rn, lse, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
+                q, pos, neg, rq, rp, rn, lse, pos_logit, tail, q.stride(0), pos.stride(0), neg.stride(0),
                 batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, PRECISION=_precision(q.dtype),
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
             )
-            saved = pos_logit
-        ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, saved)
+            logits = lse  # unused by the global backward
+        ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, tail, logits)
         ctx.tau, ctx.normalize, ctx.own, ctx.pos_offset, ctx.k = tau, normalize, own, pos_offset, k
-        return lse - pos_logit
+        # -log p_positive: from 1 - p when the positive dominates (log1p keeps its digits there).
+        return torch.where(tail < 0.5, -torch.log1p(-tail), lse - pos_logit)
 
     @staticmethod
     def backward(ctx, grad_losses):
-        q, pos, neg, rq, rp, rn, lse, logits = ctx.saved_tensors  # own: [B, 1+K]; global: positives' [B]
+        q, pos, neg, rq, rp, rn, lse, tail, logits = ctx.saved_tensors  # own: logits [B, 1+K]
         batch, dim = q.shape
         w = grad_losses.float().contiguous()
         cfg = _config(q.device, dim)
         inv_tau = 1.0 / ctx.tau
-        gq = _new_output((batch, dim), torch.float32, q.device)
-        gp = _new_output(tuple(pos.shape), torch.float32, q.device)
-        gn = _new_output(tuple(neg.shape), torch.float32, q.device)
+        gq = _backend.new_output((batch, dim), torch.float32, q.device)
+        gp = _backend.new_output(tuple(pos.shape), torch.float32, q.device)
+        gn = _backend.new_output(tuple(neg.shape), torch.float32, q.device)
         d_blocks = triton.cdiv(dim, cfg["BLOCK_DO"])
         if ctx.own:
             _own_bwd_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]), d_blocks)](
-                q, pos, neg, rq, rp, rn, logits, lse, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
+                q, pos, neg, rq, rp, rn, logits, lse, tail, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
                 batch, ctx.k, dim, inv_tau, BLOCK_M=cfg["BLOCK_M"], BLOCK_DO=cfg["BLOCK_DO"],
                 num_warps=cfg["num_warps"],
             )
         else:
             common = dict(PRECISION=_precision(q.dtype), **cfg)
             _global_dq_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]), d_blocks)](
-                q, pos, neg, rq, rp, rn, lse, logits, w, gq, q.stride(0), pos.stride(0), neg.stride(0),
+                q, pos, neg, rq, rp, rn, lse, tail, w, gq, q.stride(0), pos.stride(0), neg.stride(0),
                 batch, pos.shape[0], neg.shape[0], dim, ctx.pos_offset, inv_tau, **common,
             )
             for cand, rc, grad, is_pos in ((pos, rp, gp, True), (neg, rn, gn, False)):
                 if cand.shape[0]:
                     _global_dc_kernel[(triton.cdiv(cand.shape[0], cfg["BLOCK_N"]), d_blocks)](
-                        q, cand, rq, rc, lse, logits, w, grad, q.stride(0), cand.stride(0),
+                        q, cand, rq, rc, lse, tail, w, grad, q.stride(0), cand.stride(0),
                         batch, cand.shape[0], dim, ctx.pos_offset, inv_tau, IS_POS=is_pos, **common,
                     )
         dq = _normalize_backward(q, rq, gq, ctx.normalize)
@@ -425,14 +426,6 @@ def _chunked_losses(q, pos, neg, tau, normalize, own, pos_offset):
 # --------------------------------------------------------------------------------------------
 
 
-def _select_backend(q: torch.Tensor) -> str:
-    if q.is_cuda:
-        return "triton"
-    if q.device.type == "cpu" and INTERPRETED and q.dtype in (torch.float16, torch.float32):
-        return "triton-interpreter"
-    return "torch-chunked"
-
-
 def _gather(pos: torch.Tensor, neg: torch.Tensor, batch: int):
     """All ranks' positives and negatives (with gradient) and this rank's positive offset."""
     import torch.distributed as dist
@@ -477,35 +470,18 @@ def infonce_loss(
         float32 loss (scalar, or [B] with ``reduction="none"``).
     """
     global _last_backend
-    check_tensor("q", q, ndim=2, layout="[B, D]")
-    check_float("q", q)
-    check_tensor("pos", pos, ndim=2, layout="[B, D]")
-    check_same_dtype("pos", pos, "q", q)
-    check_same_device("pos", pos, "q", q)
-    if tuple(pos.shape) != tuple(q.shape):
-        raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
+    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction)
     batch, dim = q.shape
-    if batch == 0 or dim == 0:
-        raise ValueError(f"q: expected at least one query of at least one dimension, got shape {list(q.shape)}")
     if neg is None:
         neg = q.new_zeros(batch, 0, dim)
-    check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
-    check_same_dtype("neg", neg, "q", q)
-    check_same_device("neg", neg, "q", q)
-    check_dim("neg", neg, 0, batch, "batch B of q")
-    check_dim("neg", neg, 2, dim, "embedding dim D of q")
-    tau = check_positive("tau", tau)
-    check_choice("negatives", negatives, NEGATIVE_MODES)
-    check_choice("reduction", reduction, REDUCTIONS)
     for name, flag in (("normalize", normalize), ("gather", gather)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}: expected True or False, got {flag!r}")
     if gather and negatives != "global":
         raise ValueError("gather: only meaningful with negatives='global' (own candidates are per query)")
 
-    backend = _select_backend(q)
-    if backend != "torch-chunked" and q.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"q: expected float16, bfloat16 or float32 on {q.device.type}, got {q.dtype}")
+    backend = _backend.select(q)
+    _backend.check_kernel_dtype("q", q, backend)
     _last_backend = backend
     logger.debug("infonce_loss: %s path for B=%d K=%d D=%d %s", backend, batch, neg.shape[1], dim, q.dtype)
 
@@ -515,7 +491,7 @@ def infonce_loss(
     if gather:
         pos, neg_flat, pos_offset = _gather(pos, neg_flat, batch)
     own = negatives == "own"
-    if backend == "torch-chunked":
+    if backend == _backend.CHUNKED:
         losses = _chunked_losses(q, pos, neg_flat, tau, normalize, own, pos_offset)
     else:
         losses = _InfoNCEFunction.apply(q, pos, neg_flat, tau, normalize, own, pos_offset)

@@ -21,14 +21,11 @@ import torch.nn.functional as F
 
 from ._validation import (
     check_attention_args,
-    check_choice,
-    check_dim,
+    check_infonce_args,
     check_float,
     check_fraction,
     check_mask,
-    check_positive,
     check_same_device,
-    check_same_dtype,
     check_tensor,
 )
 
@@ -266,9 +263,6 @@ def ata_pool_from_colsum(
 # InfoNCE
 # --------------------------------------------------------------------------------------------
 
-NEGATIVE_MODES = ("global", "own")
-REDUCTIONS = ("mean", "sum", "none")
-
 
 def infonce(
     q: torch.Tensor,
@@ -295,25 +289,8 @@ def infonce(
         The cross-entropy with each query's own positive as the target: a float32 scalar
         (float64 for float64 inputs), or [B] for ``reduction="none"``.
     """
-    check_tensor("q", q, ndim=2, layout="[B, D]")
-    check_float("q", q)
-    check_tensor("pos", pos, ndim=2, layout="[B, D]")
-    check_same_dtype("pos", pos, "q", q)
-    check_same_device("pos", pos, "q", q)
-    if tuple(pos.shape) != tuple(q.shape):
-        raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
+    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction)
     batch, dim = q.shape
-    if batch == 0:
-        raise ValueError("q: expected at least one query (B >= 1), got B=0")
-    if neg is not None:
-        check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
-        check_same_dtype("neg", neg, "q", q)
-        check_same_device("neg", neg, "q", q)
-        check_dim("neg", neg, 0, batch, "batch B of q")
-        check_dim("neg", neg, 2, dim, "embedding dim D of q")
-    tau = check_positive("tau", tau)
-    check_choice("negatives", negatives, NEGATIVE_MODES)
-    check_choice("reduction", reduction, REDUCTIONS)
 
     compute = _compute_dtype(q.dtype)
     qn = F.normalize(q.to(compute), dim=-1)

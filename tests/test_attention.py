@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mgh_kernels import ata_attention, attention, reference
+from mgh_kernels import _backend, ata_attention, attention, reference
 from random_inputs import padding_mask
 
 CUDA = torch.cuda.is_available()
@@ -29,7 +29,7 @@ def poisoned_outputs(monkeypatch):
         allocated.append(tuple(shape))
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(attention, "_new_output", poisoned)
+    monkeypatch.setattr(_backend, "new_output", poisoned)
     return allocated
 
 
@@ -181,7 +181,7 @@ def test_never_allocates_length_squared(poisoned_outputs, gen):
     (q, k, v), _ = make_inputs((1, 2, 1, 48, 16), torch.float32, gen, requires_grad=True)
     out, colsum = ata_attention(q, k, v, causal=False)
     (out.sum() + colsum.sum()).backward()
-    assert poisoned_outputs  # the kernels' outputs all pass through _new_output
+    assert poisoned_outputs  # the kernels' outputs all pass through _backend.new_output
     for shape in poisoned_outputs:
         assert math.prod(shape) <= 2 * 48 * 16, shape
 
@@ -192,7 +192,7 @@ def test_never_allocates_length_squared(poisoned_outputs, gen):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_chunked_path_matches_reference(monkeypatch, causal, dtype, gen):
-    monkeypatch.setattr(attention, "INTERPRETED", False)
+    monkeypatch.setattr(_backend, "INTERPRETED", False)
     monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 64)  # several query chunks per sequence
     shape = (2, 4, 2, 13, 8)
     q, k, v = (t.detach().requires_grad_() for t in make_inputs(shape, dtype, gen)[0])
@@ -215,14 +215,14 @@ def test_chunked_path_matches_reference(monkeypatch, causal, dtype, gen):
 
 def test_backend_selection(monkeypatch):
     cpu = torch.zeros(1)
-    monkeypatch.setattr(attention, "INTERPRETED", True)
-    assert attention._select_backend(cpu) == "triton-interpreter"
-    assert attention._select_backend(cpu.half()) == "triton-interpreter"
-    assert attention._select_backend(cpu.bfloat16()) == "torch-chunked"  # no bf16 in the interpreter
-    monkeypatch.setattr(attention, "INTERPRETED", False)
-    assert attention._select_backend(cpu) == "torch-chunked"
+    monkeypatch.setattr(_backend, "INTERPRETED", True)
+    assert _backend.select(cpu) == "triton-interpreter"
+    assert _backend.select(cpu.half()) == "triton-interpreter"
+    assert _backend.select(cpu.bfloat16()) == "torch-chunked"  # no bf16 in the interpreter
+    monkeypatch.setattr(_backend, "INTERPRETED", False)
+    assert _backend.select(cpu) == "torch-chunked"
     if CUDA:
-        assert attention._select_backend(cpu.cuda()) == "triton"
+        assert _backend.select(cpu.cuda()) == "triton"
 
 
 @pytest.mark.parametrize(
