@@ -358,10 +358,12 @@ class _InfoNCEFunction(torch.autograd.Function):
         gn = _backend.new_output(tuple(neg.shape), torch.float32, q.device)
         d_blocks = triton.cdiv(dim, cfg["BLOCK_DO"])
         if ctx.own:
-            _own_bwd_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]), d_blocks)](
+            # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like
+            # kernels (64 rows hit the 255-register cap and spilled on sm_90).
+            rows = max(16, cfg["BLOCK_M"] // 2)
+            _own_bwd_kernel[(triton.cdiv(batch, rows), d_blocks)](
                 q, pos, neg, rq, rp, rn, logits, lse, tail, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
-                batch, ctx.k, dim, inv_tau, BLOCK_M=cfg["BLOCK_M"], BLOCK_DO=cfg["BLOCK_DO"],
-                num_warps=cfg["num_warps"],
+                batch, ctx.k, dim, inv_tau, BLOCK_M=rows, BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
             )
         else:
             common = dict(PRECISION=_precision(q.dtype), **cfg)

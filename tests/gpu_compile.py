@@ -1,0 +1,196 @@
+"""Compile the Triton kernels of a fused op for an NVIDIA GPU, on a machine without one.
+
+``compile_launches(op, dtype, ...)`` captures the kernel launches that one forward and backward of
+the op would make on CUDA, and compiles each of them ahead of time for ``sm_<arch>`` with the real
+Triton pipeline (frontend, MLIR lowering, PTX, ptxas), returning one summary per launch.
+
+What is captured (the real launch code, not a re-typed copy): the op's autograd Function runs its
+``forward`` and ``backward`` on ``meta`` tensors (shapes and dtypes, no data), with every kernel of
+the module replaced by a recorder of its ``kernel[grid](*args, **kwargs)`` call and with the tile
+config functions (``_config``, ``_bwd_config``) forced to their CUDA branch.
+
+* ``"attention"``: ``_ATAAttentionFunction`` forward with the column sums, then backward with
+  gradients of both the output and the column sums; GQA (Hq = 4 Hkv), a uint8 key padding mask as
+  ``ata_attention`` passes it, ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
+  ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel``.
+* ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query,
+  ``negatives`` "global" (``_global_fwd_kernel``, ``_global_dq_kernel``, ``_global_dc_kernel`` for
+  the positives and for the negatives) or "own" (``_own_fwd_kernel``, ``_own_bwd_kernel``).
+
+Each launch is specialised the way ``JITFunction.run`` does it (Triton's own binder and
+``_pack_args``: integers equal to 1 become constants, 16-divisibility hints, pointer dtypes).
+
+The work runs in a child Python without ``TRITON_INTERPRET``: the test session sets it on machines
+without a GPU, and kernels defined under it are interpreter objects that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+# Largest shared memory one block may use (opt-in), bytes: A100, RTX 30/A10, RTX 40/L4, H100.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def unavailable_reason():
+    """None when Triton's NVIDIA backend and its ptxas are installed here, else why not."""
+    try:
+        import triton
+        from triton.backends import backends
+        if "nvidia" not in backends:
+            return f"triton {triton.__version__} has no NVIDIA backend"
+        path = triton.knobs.nvidia.ptxas.path
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compile here"
+        return f"Triton's NVIDIA backend or ptxas is unavailable: {type(e).__name__}: {e}"
+    return None if path and os.path.exists(path) else "ptxas not found"
+
+
+def compile_launches(op: str, dtype: str, *, arch: int = 90, **params) -> list[dict]:
+    """Capture one forward + backward of ``op`` and compile every launch for ``sm_<arch>``.
+
+    Args:
+        op: "attention" or "infonce".
+        dtype: "float16", "bfloat16" or "float32".
+        params: attention: ``head_dim`` (64), ``causal`` (False), ``length`` (1000);
+            infonce: ``dim`` (1024), ``negatives`` ("global" or "own"), ``batch`` (100).
+
+    Returns:
+        One dict per launch, in launch order: ``kernel``, ``constants`` (its constexpr arguments),
+        ``seconds`` (compile time), and either ``error`` (the compiler's message) or ``shared``
+        (bytes of shared memory), ``registers`` and ``spill_stores`` / ``spill_loads`` (bytes per
+        thread, from ptxas -v).
+    """
+    return compile_many([dict(op=op, dtype=dtype, arch=arch, **params)])[0]
+
+
+def compile_many(cases: list[dict], timeout: float = 600) -> list[list[dict]]:
+    """``compile_launches(**case)`` for each case, all in one child process (it takes ~5 s to start)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every kernel is really compiled
+        env["TRITON_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(cases)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"capturing the launches of {cases} failed:\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The child process
+# ------------------------------------------------------------------------------------------------
+
+
+def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, negatives="global", batch=100):
+    """[(kernel, args, kwargs)] of one CUDA forward + backward, run on meta tensors."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from mgh_kernels import attention, infonce
+
+    module = {"attention": attention, "infonce": infonce}[op]
+    dtype, meta, cuda = getattr(torch, dtype), torch.device("meta"), torch.device("cuda")
+    launches = []
+
+    def recorder(kernel):
+        class Record:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+        return Record()
+
+    def on_cuda(config):
+        return lambda device, *args, **kwargs: config(cuda, *args, **kwargs)
+
+    saved = dict(vars(module))
+    try:
+        for name, value in saved.items():
+            if isinstance(value, JITFunction):
+                setattr(module, name, recorder(value))
+        for name in ("_config", "_bwd_config"):
+            if name in saved:
+                setattr(module, name, on_cuda(saved[name]))
+
+        def empty(*shape, dt=dtype, grad=False):
+            return torch.empty(shape, dtype=dt, device=meta, requires_grad=grad)
+
+        if op == "attention":
+            hkv, group = 2, 4
+            q = empty(2, hkv * group, length, head_dim, grad=True)
+            k, v = empty(2, hkv, length, head_dim, grad=True), empty(2, hkv, length, head_dim, grad=True)
+            mask = empty(2, length, dt=torch.uint8)  # ata_attention passes the mask as contiguous uint8
+            out, colsum = attention._ATAAttentionFunction.apply(q, k, v, mask, causal, head_dim**-0.5, True)
+            torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
+        elif op == "infonce":
+            q, pos, neg = empty(batch, dim, grad=True), empty(batch, dim, grad=True), empty(batch * 3, dim, grad=True)
+            own = {"global": False, "own": True}[negatives]
+            losses = infonce._InfoNCEFunction.apply(q, pos, neg, 0.05, True, own, 0)  # neg as infonce_loss flattens it
+            torch.autograd.grad(losses, (q, pos, neg), torch.empty_like(losses))
+        else:
+            raise ValueError(f"op: expected 'attention' or 'infonce', got {op!r}")
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+    return launches
+
+
+def _compile(kernel, args, kwargs, arch):
+    """Summary dict of compiling one launch exactly as specialised by ``JITFunction.run``."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {"debug": False, **kwargs}
+    mocked = [MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in args]
+    bound, specialization, _ = binder(*mocked, **kwargs)
+    options, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, None)
+    result = dict(kernel=kernel.__name__, constants={kernel.arg_names[p[0]]: c for p, c in constants.items()})
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
+                                      options=options.__dict__)
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        result["error"] = f"{type(e).__name__}: {e}"
+    else:
+        text = log.getvalue()
+
+        def number(pattern):
+            found = re.search(pattern, text)
+            return int(found.group(1)) if found else None
+
+        result.update(shared=compiled.metadata.shared, registers=number(r"Used (\d+) registers"),
+                      spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _main(cases):
+    assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+    import triton
+
+    triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v (registers, spills) while compiling
+    results = []
+    for case in json.loads(cases):
+        case = dict(case)
+        op, dtype, arch = case.pop("op"), case.pop("dtype"), case.pop("arch", 90)
+        results.append([_compile(kernel, args, kwargs, arch) for kernel, args, kwargs in _capture(op, dtype, **case)])
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
