@@ -1,4 +1,11 @@
-"""Command line: ``python -m mgh_train [SUBCOMMAND]``; with no subcommand it runs ``demo``."""
+"""Command line: ``python -m mgh_train [SUBCOMMAND]``; with no subcommand it runs ``demo``.
+
+Subcommands:
+    demo         train SmolLM2-135M on the seed set on the CPU, report held-out accuracy (default)
+    train        train an embedder (``--config run.yaml`` and/or flags; ``train --help``)
+    export       re-save a trained model folder, merging the LoRA adapter with ``--merge``
+    kernel-demo  ATA pooling and InfoNCE on a toy batch, in about a second
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo
+from . import config as train_config
+from . import demo, kernel_demo
 
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "train", "export", "kernel-demo")
 DEFAULT_SUBCOMMAND = "demo"
 
 
@@ -18,11 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="mgh: LLM text embedders with hard negatives and anchor-token-aware pooling.",
     )
     commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    demo_parser = commands.add_parser(
-        "demo", help="ATA pooling and InfoNCE on an embedded toy batch (default)", description=demo.__doc__
-    )
-    demo.add_arguments(demo_parser)
+    demo.add_arguments(commands.add_parser(
+        "demo", help="train SmolLM2-135M on the seed set on the CPU (default)", description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    train_config.add_arguments(commands.add_parser(
+        "train", help="train an embedder", description=train_config.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    export = commands.add_parser("export", help="re-save a model folder; --merge merges the LoRA adapter")
+    export.add_argument("--model", required=True, help="a model folder written by training (run/model)")
+    export.add_argument("--output", required=True, help="the folder to write")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    kernel_demo.add_arguments(commands.add_parser(
+        "kernel-demo", help="ATA pooling and InfoNCE on a toy batch", description=kernel_demo.__doc__))
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .model import Embedder
+
+    embedder = Embedder.load(args.model)
+    path = embedder.save(args.output, merged=args.merge)
+    print(f"{'merged model' if args.merge else 'model'} written to {path}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,8 +55,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = [DEFAULT_SUBCOMMAND, *argv]
-    args = parser.parse_args(argv)
-    return demo.run(args)
+    args = train_config.parse(parser, argv)
+    try:
+        if args.command in ("demo", "train"):
+            if args.command == "demo":
+                return demo.run(args)
+            from .trainer import train
+
+            train(train_config.config_from_args(args))
+            return 0
+        if args.command == "export":
+            return _export(args)
+        return kernel_demo.run(args)
+    except ValueError as error:  # bad options or data: one clear line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        from .trainer import TrainingStopped
+
+        if isinstance(error, TrainingStopped):
+            print(f"stopped: {error}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

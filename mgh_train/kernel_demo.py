@@ -1,9 +1,9 @@
-"""Kernel demo: ATA pooling and InfoNCE on an embedded toy batch, on the CPU in about a second.
+"""Kernel demo (`python -m mgh_train kernel-demo`): ATA pooling and InfoNCE on a toy batch, in about a second.
 
 A toy encoder (seeded token embeddings and one grouped-query self-attention layer run by
 ``ata_attention``; no download, no training) encodes a few query/passage pairs. The demo prints which tokens ATA pooling weights
 most, shows that left and right padding give the same embeddings, and reports the InfoNCE loss
-of the batch under mean and ATA pooling. The trainer replaces this as the default job once it lands.
+of the batch under mean and ATA pooling.
 """
 
 from __future__ import annotations

