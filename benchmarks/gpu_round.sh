@@ -37,12 +37,12 @@ EOF
     step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
     "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
 
-    step "benchmarks: bench_attention.py, bench_infonce.py, bench_reference.py"
+    step "benchmarks: bench_attention.py, bench_infonce.py, bench_train.py, bench_reference.py"
     local json=${OUT:+$OUT/bench.json}
     json=${json:-.benchmarks/gpu_round.json}
     if "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
         mkdir -p "$(dirname "$json")"
-        "$PY" -m pytest --benchmark -q benchmarks/bench_attention.py benchmarks/bench_infonce.py benchmarks/bench_reference.py \
+        "$PY" -m pytest --benchmark -q benchmarks/bench_attention.py benchmarks/bench_infonce.py benchmarks/bench_train.py benchmarks/bench_reference.py \
             --benchmark-json="$json" || failed+=("benchmarks")
     else
         echo "pytest-benchmark is not installed for $PY: carry its wheels (pytest-benchmark and"
