@@ -4,6 +4,8 @@ Subcommands:
     demo         train SmolLM2-135M on the seed set on the CPU, report held-out accuracy (default)
     train        train an embedder (``--config run.yaml`` and/or flags; ``train --help``)
     export       re-save a trained model folder, merging the LoRA adapter with ``--merge``
+    eval         MTEB tasks on a model folder or a sentence-transformers model, offline with --data-dir
+    compare      MTEB result folders side by side (and a PNG bar chart with --plot)
     kernel-demo  ATA pooling and InfoNCE on a toy batch, in about a second
 """
 
@@ -16,7 +18,7 @@ from typing import Optional, Sequence
 from . import config as train_config
 from . import demo, kernel_demo
 
-SUBCOMMANDS = ("demo", "train", "export", "kernel-demo")
+SUBCOMMANDS = ("demo", "train", "export", "eval", "compare", "kernel-demo")
 DEFAULT_SUBCOMMAND = "demo"
 
 
@@ -36,9 +38,62 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="a model folder written by training (run/model)")
     export.add_argument("--output", required=True, help="the folder to write")
     export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    evaluation = commands.add_parser("eval", help="run MTEB tasks", description=_evaluate_doc(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_argument("--model", required=True, help="an mgh model folder, or a sentence-transformers name/path")
+    evaluation.add_argument("--tasks", required=True, help="comma-separated MTEB task names, e.g. STSBenchmark,SciFact")
+    evaluation.add_argument("--data-dir", help="read the tasks from local files here (offline)")
+    evaluation.add_argument("--output", help="write mteb result JSON here (results/<model>/<revision>/<Task>.json)")
+    evaluation.add_argument("--instructions", help="JSON file mapping task name -> query instruction")
+    evaluation.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: 32)")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
+    comparison = commands.add_parser("compare", help="result folders side by side")
+    comparison.add_argument("runs", nargs="+", help="folders holding mteb result JSON (eval --output)")
+    comparison.add_argument("--plot", help="also write a PNG bar chart here")
     kernel_demo.add_arguments(commands.add_parser(
         "kernel-demo", help="ATA pooling and InfoNCE on a toy batch", description=kernel_demo.__doc__))
     return parser
+
+
+def _evaluate_doc() -> str:
+    from . import evaluate
+
+    return evaluate.__doc__
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import evaluate
+
+    instructions = None
+    if args.instructions:
+        try:
+            instructions = json.loads(open(args.instructions, encoding="utf-8").read())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"instructions: {args.instructions}: {error}") from None
+        if not isinstance(instructions, dict) or not all(isinstance(v, str) for v in instructions.values()):
+            raise ValueError(f"instructions: {args.instructions} must map task names to instruction strings")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("tasks: expected at least one MTEB task name")
+    summary = evaluate.evaluate(args.model, tasks, data_dir=args.data_dir, output=args.output,
+                                instructions=instructions, batch_size=args.batch_size,
+                                show_progress=not args.no_progress)
+    rows = {task: (s["metric"], [s["score"]]) for task, s in summary.items()}
+    print(evaluate.format_table(rows, [args.model]))
+    if args.output:
+        print(f"results written under {args.output}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    print(evaluate.compare(args.runs, plot=args.plot))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -66,6 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
+        if args.command == "eval":
+            return _evaluate(args)
+        if args.command == "compare":
+            return _compare(args)
         return kernel_demo.run(args)
     except ValueError as error:  # bad options or data: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,297 @@
+"""MTEB evaluation of our model folders and of any sentence-transformers model, offline on local data.
+
+    python -m mgh_train eval --model runs/demo/model --tasks STSBenchmark,SciFact --data-dir ../shared/data
+    python -m mgh_train compare results/A results/B --plot scores.png
+
+:class:`MTEBEncoder` follows mteb 2's encoder protocol (``encode(inputs, *, task_metadata,
+hf_split, hf_subset, prompt_type)``, ``similarity``, ``similarity_pairwise``, ``mteb_model_meta``).
+Queries of a task get its instruction (``--instructions`` JSON map task -> instruction; for our
+models a default otherwise, as E5 / LLM2Vec do; sentence-transformers models get none unless
+mapped); documents get none; both sides of a symmetric (STS) task get it.
+
+With ``--data-dir`` the tasks read local files instead of the Hugging Face hub: an STS task reads
+``DIR/<folder>/*test*.csv|tsv`` (``sentence1,sentence2,score``, no header), a retrieval task a
+BEIR folder ``DIR/<folder>/{corpus.jsonl, queries.jsonl, qrels/test.tsv}``; ``<folder>`` is
+``stsb`` for STSBenchmark and the lower-cased task name otherwise. Results are written in mteb's
+result layout under ``--output`` (``results/<model>/<revision>/<Task>.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, Embedder, autocast
+
+LOCAL_FOLDERS = {"STSBenchmark": "stsb"}
+
+
+# --------------------------------------------------------------------------------------------
+# the encoder
+# --------------------------------------------------------------------------------------------
+
+
+class MTEBEncoder:
+    """An mteb encoder over an mgh model folder or a sentence-transformers model (name or path)."""
+
+    def __init__(self, model: str, *, instructions: Optional[dict] = None, batch_size: int = 32,
+                 device: Optional[str] = None, name: Optional[str] = None, show_progress: bool = True):
+        from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+        self.instructions = dict(instructions or {})
+        self.batch_size, self.show_progress = batch_size, show_progress
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        path = Path(model)
+        if (path / CONFIG_NAME).is_file():
+            self.embedder, self.st = Embedder.load(path, device=device), None
+            kind = "mgh"
+        elif path.exists() and not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise ValueError(
+                f"model: {path} is neither an mgh model folder ({CONFIG_NAME}) nor a sentence-transformers "
+                "model (modules.json or config.json)"
+            )
+        else:
+            if path.exists():
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            self.embedder, self.st = None, SentenceTransformer(str(model), device=device)
+            kind = "st"
+        self.kind = kind
+        resolved = path.resolve()
+        generic = resolved.name in ("model", "merged", "final")  # e.g. runs/demo/model -> demo-model
+        label = name or ((f"{resolved.parent.name}-{resolved.name}" if generic else resolved.name)
+                         if path.exists() else str(model))
+        self.mteb_model_meta = ModelMeta.create_empty({
+            "name": f"local/{label}" if "/" not in label else label,
+            "revision": _revision(path) if path.exists() else "hub",
+            "similarity_fn_name": ScoringFunction.COSINE,
+            "modalities": ["text"],
+            "framework": ["PyTorch"],
+        })
+
+    def instruction_for(self, task_name: str, prompt_type, task_type: str) -> Optional[str]:
+        """The instruction of ``task_name``'s side ``prompt_type`` (None: no instruction)."""
+        is_query = prompt_type is not None and getattr(prompt_type, "value", prompt_type) == "query"
+        symmetric = task_type in ("STS", "PairClassification", "Clustering", "Classification")
+        if not (is_query or symmetric):
+            return None  # documents never get one
+        if task_name in self.instructions:
+            return self.instructions[task_name]
+        return DEFAULT_INSTRUCTION if self.kind == "mgh" and is_query else (
+            "Retrieve semantically similar text" if self.kind == "mgh" else None)
+
+    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+        texts = [t for batch in inputs for t in batch["text"]]
+        instruction = self.instruction_for(task_metadata.name, prompt_type, task_metadata.type)
+        batch_size = kwargs.get("batch_size", self.batch_size)
+        if self.embedder is not None:
+            return self.embedder.encode(texts, instruction=instruction, batch_size=batch_size,
+                                        show_progress=self.show_progress).numpy()
+        with autocast(self.st.device):  # bf16 on CUDA; sentence-transformers sorts by length itself
+            return self.st.encode(texts, batch_size=batch_size, prompt=instruction, convert_to_numpy=True,
+                                  show_progress_bar=self.show_progress, normalize_embeddings=True)
+
+    @staticmethod
+    def similarity(a, b):
+        a, b = (torch.nn.functional.normalize(torch.as_tensor(x).float(), dim=-1) for x in (a, b))
+        return a @ b.T
+
+    @staticmethod
+    def similarity_pairwise(a, b):
+        a, b = (torch.nn.functional.normalize(torch.as_tensor(x).float(), dim=-1) for x in (a, b))
+        return (a * b).sum(-1)
+
+
+def _revision(path: Path) -> str:
+    """A revision string that changes with the weights (mteb's cache is keyed by it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
+        digest.update(file.name.encode())
+        digest.update(str(file.stat().st_size).encode())
+        digest.update(str(int(file.stat().st_mtime)).encode())
+    return digest.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# local data
+# --------------------------------------------------------------------------------------------
+
+
+def load_sts(folder: Path):
+    """An STS test file (``sentence1,sentence2,score``) as the ``datasets.Dataset`` mteb expects."""
+    from datasets import Dataset
+
+    files = sorted(p for p in folder.glob("*test*") if p.suffix in (".csv", ".tsv"))
+    if not files:
+        raise ValueError(f"data_dir: expected an STS test file (*test*.csv or .tsv) in {folder}")
+    path = files[0]
+    first, second, scores = [], [], []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","), start=1):
+            if len(row) != 3:
+                raise ValueError(f"{path}:{line}: expected sentence1, sentence2, score; got {len(row)} fields")
+            try:
+                scores.append(float(row[2]))
+            except ValueError:
+                raise ValueError(f"{path}:{line}: score {row[2]!r} is not a number") from None
+            first.append(row[0])
+            second.append(row[1])
+    return Dataset.from_dict({"sentence1": first, "sentence2": second, "score": scores})
+
+
+def load_beir(folder: Path, split: str = "test") -> dict:
+    """A BEIR folder as mteb's retrieval split data: corpus, queries, relevant_docs, top_ranked."""
+    from datasets import Dataset
+
+    needed = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise ValueError(f"data_dir: the BEIR folder {folder} lacks {', '.join(missing)}")
+    qrels = defaultdict(dict)
+    with open(needed[2], newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.DictReader(handle, delimiter="\t"), start=2):
+            try:
+                qrels[str(row["query-id"])][str(row["corpus-id"])] = int(row["score"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{needed[2]}:{line}: expected query-id, corpus-id, score columns") from None
+
+    def rows(path: Path, keep) -> list:
+        out = []
+        with open(path, encoding="utf-8") as handle:
+            for line, text in enumerate(handle, start=1):
+                if text.strip():
+                    try:
+                        row = json.loads(text)
+                        item = keep(row)
+                    except (json.JSONDecodeError, KeyError) as error:
+                        raise ValueError(f"{path}:{line}: {error}") from None
+                    if item is not None:
+                        out.append(item)
+        return out
+
+    corpus = rows(needed[0], lambda r: {"id": str(r["_id"]), "title": r.get("title") or "", "text": r["text"]})
+    queries = rows(needed[1], lambda r: {"id": str(r["_id"]), "text": r["text"]} if str(r["_id"]) in qrels else None)
+    return {"corpus": Dataset.from_list(corpus), "queries": Dataset.from_list(queries),
+            "relevant_docs": dict(qrels), "top_ranked": None}
+
+
+def get_tasks(names: Sequence[str], data_dir: Optional[str] = None) -> list:
+    """mteb tasks by name; with ``data_dir`` each is filled from local files (no hub access)."""
+    import mteb
+
+    tasks = []
+    for name in names:
+        try:
+            task = mteb.get_task(name)
+        except KeyError:
+            raise ValueError(f"tasks: unknown MTEB task {name!r}") from None
+        if data_dir is not None:
+            folder = Path(data_dir) / LOCAL_FOLDERS.get(name, name.lower())
+            if not folder.is_dir():
+                raise ValueError(f"data_dir: no folder {folder} for task {name}")
+            kind = task.metadata.type
+            if kind == "STS":
+                split = load_sts(folder)
+            elif kind == "Retrieval":
+                split = load_beir(folder)
+            else:
+                raise ValueError(f"tasks: {name} is a {kind} task; local data covers STS and Retrieval tasks")
+            task.dataset = {"default": {"test": split}}
+            task.data_loaded = True
+        tasks.append(task)
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------
+# running and reporting
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(model: str, tasks: Sequence[str], *, data_dir: Optional[str] = None, output: Optional[str] = None,
+             instructions: Optional[dict] = None, batch_size: int = 32, show_progress: bool = True) -> dict:
+    """Run ``tasks`` on ``model``; returns {task: {"metric": name, "score": main score x 100}}."""
+    import mteb
+
+    if data_dir is not None:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    task_objects = get_tasks(tasks, data_dir)
+    encoder = MTEBEncoder(model, instructions=instructions, batch_size=batch_size, show_progress=show_progress)
+    cache = mteb.ResultCache(output) if output else None
+    result = mteb.evaluate(encoder, task_objects, cache=cache, overwrite_strategy="always",
+                           encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress},
+                           raise_error=True)
+    summary = {}
+    for task_result in result.task_results:
+        task = next(t for t in task_objects if t.metadata.name == task_result.task_name)
+        summary[task_result.task_name] = {"metric": task.metadata.main_score,
+                                          "score": 100.0 * task_result.get_score()}
+    return summary
+
+
+def format_table(rows: dict, columns: Sequence[str]) -> str:
+    """A plain-text table: one row per task, one column per run."""
+    width = max([4] + [len(t) for t in rows])
+    lines = [f"{'task':<{width}}  {'metric':<16}" + "".join(f"  {c[-24:]:>24}" for c in columns)]
+    for task, (metric, scores) in sorted(rows.items()):
+        cells = "".join(f"  {'' if s is None else f'{s:.2f}':>24}" for s in scores)
+        lines.append(f"{task:<{width}}  {metric:<16}{cells}")
+    return "\n".join(lines)
+
+
+def read_run(folder) -> dict:
+    """{task: (main metric, score x 100)} from an mteb result folder (any depth of result JSON)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"run: {folder} is not a folder of mteb results")
+    import mteb
+
+    out = {}
+    for path in sorted(folder.rglob("*.json")):
+        if path.name in ("model_meta.json",) or path.name.endswith("_predictions.json"):
+            continue
+        data = json.loads(path.read_text())
+        if "task_name" not in data or "scores" not in data:
+            continue
+        task = data["task_name"]
+        metric = mteb.get_task(task).metadata.main_score
+        split = "test" if "test" in data["scores"] else next(iter(data["scores"]))
+        out[task] = (metric, 100.0 * data["scores"][split][0]["main_score"])
+    if not out:
+        raise ValueError(f"run: no mteb result JSON under {folder}")
+    return out
+
+
+def compare(runs: Sequence[str], plot: Optional[str] = None) -> str:
+    """Tasks side by side over ``runs`` (result folders); with ``plot`` also a PNG bar chart."""
+    scores = [read_run(r) for r in runs]
+    tasks = sorted({t for s in scores for t in s})
+    rows = {t: (next(s[t][0] for s in scores if t in s), [s[t][1] if t in s else None for s in scores])
+            for t in tasks}
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(tasks) * len(runs)), 4))
+        width = 0.8 / len(runs)
+        for i, (run, s) in enumerate(zip(runs, scores)):
+            ax.bar([j + i * width for j in range(len(tasks))], [s.get(t, (None, 0))[1] for t in tasks], width,
+                   label=Path(run).name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+        ax.set_ylabel("main score x 100")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot)
+        plt.close(fig)
+    return format_table(rows, [str(r) for r in runs])
