@@ -18,6 +18,7 @@ skipped and counted.
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from dataclasses import dataclass, field
@@ -178,6 +179,25 @@ def read_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
                     raise DataError(f"{path}:{number}: {reason}") from None
                 report.skipped.append((number, reason))
     return report
+
+
+def read_sts_pairs(path, limit: int = 0) -> tuple[list[str], list[str], list[float]]:
+    """Header-less ``sentence1,sentence2,score`` rows of a .csv (or tab-separated .tsv) STS file."""
+    first, second, scores = [], [], []
+    delimiter = "\t" if str(path).endswith(".tsv") else ","
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
+            if len(row) != 3:
+                raise ValueError(f"{path}:{line}: expected sentence1, sentence2, score; got {len(row)} fields")
+            try:
+                scores.append(float(row[2]))
+            except ValueError:
+                raise ValueError(f"{path}:{line}: score {row[2]!r} is not a number") from None
+            first.append(row[0])
+            second.append(row[1])
+            if limit and len(scores) >= limit:
+                break
+    return first, second, scores
 
 
 # --------------------------------------------------------------------------------------------

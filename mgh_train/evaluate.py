@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data import read_sts_pairs
 from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, Embedder, autocast
 
 LOCAL_FOLDERS = {"STSBenchmark": "stsb"}
@@ -133,18 +134,7 @@ def load_sts(folder: Path):
     files = sorted(p for p in folder.glob("*test*") if p.suffix in (".csv", ".tsv"))
     if not files:
         raise ValueError(f"data_dir: expected an STS test file (*test*.csv or .tsv) in {folder}")
-    path = files[0]
-    first, second, scores = [], [], []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for line, row in enumerate(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","), start=1):
-            if len(row) != 3:
-                raise ValueError(f"{path}:{line}: expected sentence1, sentence2, score; got {len(row)} fields")
-            try:
-                scores.append(float(row[2]))
-            except ValueError:
-                raise ValueError(f"{path}:{line}: score {row[2]!r} is not a number") from None
-            first.append(row[0])
-            second.append(row[1])
+    first, second, scores = read_sts_pairs(files[0])
     return Dataset.from_dict({"sentence1": first, "sentence2": second, "score": scores})
 
 

@@ -17,7 +17,6 @@ loadable by :meth:`Embedder.load` and sentence-transformers).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -33,7 +32,7 @@ import torch
 from mgh_kernels import infonce_loss, reference
 
 from .config import TrainConfig
-from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, stage_at
+from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, read_sts_pairs, stage_at
 from .model import DEFAULT_INSTRUCTION, Embedder, EmbedderConfig, autocast
 
 STS_INSTRUCTION = "Retrieve semantically similar text"
@@ -136,24 +135,6 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     rx, ry = ranks(x), ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
-
-
-def read_sts_pairs(path, limit: int = 0) -> tuple[list[str], list[str], list[float]]:
-    """Header-less ``sentence1,sentence2,score`` CSV rows (the STS-B files of ../shared/data)."""
-    first, second, scores = [], [], []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if len(row) != 3:
-                raise ValueError(f"{path}:{line}: expected sentence1,sentence2,score, got {len(row)} fields")
-            try:
-                scores.append(float(row[2]))
-            except ValueError:
-                raise ValueError(f"{path}:{line}: score {row[2]!r} is not a number") from None
-            first.append(row[0])
-            second.append(row[1])
-            if limit and len(scores) >= limit:
-                break
-    return first, second, scores
 
 
 def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: int = 32) -> float:
