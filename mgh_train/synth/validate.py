@@ -1,0 +1,111 @@
+"""Checks on every generated example before it is written, and JSON recovery from model text.
+
+:func:`check_example` returns the MGH row to write, or raises :class:`Rejected` with the reason
+that goes to the rejects file. Nothing here raises anything else on malformed input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..data import LEVELS
+from .writer import normalize_text
+
+
+class Rejected(ValueError):
+    """A generated example that fails a check; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class LengthBounds:
+    """Inclusive word-count bounds per field of an example."""
+
+    query: tuple[int, int] = (1, 400)
+    positive: tuple[int, int] = (1, 400)
+    negative: tuple[int, int] = (1, 400)
+
+
+def extract_json(text: str) -> dict:
+    """The first JSON object in ``text`` (plain, fenced in ```json, or with prose around it)."""
+    if not isinstance(text, str) or not text.strip():
+        raise Rejected("empty response")
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    except json.JSONDecodeError:
+        pass
+    decoder = json.JSONDecoder()
+    for start, char in enumerate(text):
+        if char == "{":
+            try:
+                value, _ = decoder.raw_decode(text, start)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    raise Rejected("no JSON object in the response")
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _field(obj: dict, name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise Rejected(f"field {name!r} missing or empty")
+    return value.strip()
+
+
+def check_example(obj, *, bounds: LengthBounds = LengthBounds()) -> dict:
+    """Validate one generated example; returns ``{"query", "positive", "negatives": [{text, level}]}``.
+
+    Checks: every field present and non-empty; exactly four negatives with levels 1-4 once each;
+    no negative equal (case and whitespace aside) to the query, the positive or another negative;
+    word counts within ``bounds``.
+    """
+    if not isinstance(obj, dict):
+        raise Rejected(f"expected a JSON object, got {type(obj).__name__}")
+    query, positive = _field(obj, "query"), _field(obj, "positive")
+    negatives = obj.get("negatives")
+    if not isinstance(negatives, list):
+        raise Rejected("field 'negatives' missing or not a list")
+    if len(negatives) != len(LEVELS):
+        raise Rejected(f"expected {len(LEVELS)} negatives, got {len(negatives)}")
+    clean = []
+    for i, negative in enumerate(negatives):
+        if not isinstance(negative, dict):
+            raise Rejected(f"negative {i} is not an object with text and level")
+        text = _field(negative, "text")
+        level = negative.get("level")
+        if isinstance(level, str) and level.strip().isdigit():
+            level = int(level)
+        if not isinstance(level, int) or isinstance(level, bool) or level not in LEVELS:
+            raise Rejected(f"negative {i} has level {negative.get('level')!r}, expected 1-4")
+        clean.append({"text": text, "level": level})
+    if sorted(n["level"] for n in clean) != list(LEVELS):
+        raise Rejected(f"levels must be 1, 2, 3 and 4 once each, got {sorted(n['level'] for n in clean)}")
+    seen = {normalize_text(query): "the query", normalize_text(positive): "the positive"}
+    if normalize_text(query) == normalize_text(positive):
+        raise Rejected("the positive equals the query")
+    for n in sorted(clean, key=lambda n: n["level"]):
+        key = normalize_text(n["text"])
+        if key in seen:
+            raise Rejected(f"the level-{n['level']} negative equals {seen[key]}")
+        seen[key] = f"the level-{n['level']} negative"
+    for name, text, (low, high) in [("query", query, bounds.query), ("positive", positive, bounds.positive),
+                                    *[(f"level-{n['level']} negative", n["text"], bounds.negative) for n in clean]]:
+        words = _words(text)
+        if not low <= words <= high:
+            raise Rejected(f"the {name} has {words} words, expected {low}-{high}")
+    return {"query": query, "positive": positive, "negatives": sorted(clean, key=lambda n: n["level"])}
+
+
+def parse_and_check(text: str, *, bounds: LengthBounds = LengthBounds()) -> dict:
+    """``check_example(extract_json(text))``: a model's raw reply to a checked example."""
+    return check_example(extract_json(text), bounds=bounds)
+
+
+__all__ = ["LengthBounds", "Rejected", "check_example", "extract_json", "parse_and_check"]
