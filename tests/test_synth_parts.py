@@ -127,3 +127,46 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
     queries = [json.loads(line)["query"] for line in path.read_text().splitlines()]
     assert sorted(queries) == sorted(f"query {i}" for i in range(total))
     assert int(resumed.stdout.split()[0]) == on_disk  # the resumed run starts right after the last row
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------
+
+from mgh_train.synth import prompts  # noqa: E402
+
+
+@pytest.mark.parametrize("task_type", prompts.TASK_TYPES)
+def test_prompts_render_for_every_task_type(task_type):
+    import random
+
+    stage1 = prompts.brainstorm_messages(task_type, count=7)
+    assert stage1[-1]["role"] == "user" and "7" in stage1[-1]["content"] and '"tasks"' in stage1[-1]["content"]
+    rng = random.Random(0)
+    knobs = prompts.draw_knobs(task_type, rng)
+    assert prompts.draw_knobs(task_type, random.Random(0)) == knobs  # one seed, one draw
+    text = prompts.example_messages("Given a claim, retrieve evidence", task_type, knobs)[-1]["content"]
+    for value in prompts.knobs_record(knobs).values():
+        assert value in text
+    for level in (1, 2, 3, 4):
+        assert f"level {level}:" in text
+    bounds = prompts.length_bounds(task_type)
+    query_side = "long" if task_type.startswith("long") else "short"
+    assert bounds.query == prompts._BOUNDS[query_side]
+
+
+def test_the_example_schema_describes_what_the_validator_accepts():
+    row = example()
+    assert set(prompts.EXAMPLE_SCHEMA["required"]) == set(row)
+    item = prompts.EXAMPLE_SCHEMA["properties"]["negatives"]["items"]
+    assert set(item["required"]) == {"text", "level"}
+    assert check_example(row)
+
+
+def test_prompt_arguments_are_checked():
+    with pytest.raises(ValueError, match="task_type: expected one of"):
+        prompts.brainstorm_messages("medium-medium")
+    with pytest.raises(ValueError, match="count: expected a positive"):
+        prompts.brainstorm_messages("symmetric", count=0)
+    with pytest.raises(ValueError, match="task: expected a non-empty"):
+        prompts.example_messages(" ", "symmetric", prompts.Knobs("a", "b", "c", "d"))
