@@ -83,6 +83,13 @@ def _sides(task_type: str) -> tuple[str, str]:
     return query, document
 
 
+SYSTEM_PROMPT = "You write training data for text embedding models. Answer in JSON only."
+
+
+def _chat(user: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
 def brainstorm_messages(task_type: str, count: int = 20) -> list[dict]:
     """Stage 1: ask for ``count`` tasks of ``task_type``. Chat messages for the OpenAI API."""
     check_task_type(task_type)
@@ -96,15 +103,14 @@ def brainstorm_messages(task_type: str, count: int = 20) -> list[dict]:
         kind = (f"text retrieval tasks where the query is {query} and the relevant document is {document} "
                 f"({'a phrase or a sentence' if query == 'short' else 'a paragraph'} retrieves "
                 f"{'a sentence, a title or a label' if document == 'short' else 'a passage'})")
-    return [
-        {"role": "system", "content": "You design training data for text embedding models. Answer in JSON only."},
-        {"role": "user", "content": (
+    return _chat(
+        (
             f"Brainstorm a list of {count} potentially useful {kind}. Cover many domains and "
             "audiences; each task is one sentence in the style 'Given a ..., retrieve ...' "
             "(or 'Retrieve ... that ...' for matching tasks). "
             'Answer with a JSON object: {"tasks": ["...", ...]}.'
-        )},
-    ]
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,8 @@ def example_messages(task: str, task_type: str, knobs: Knobs) -> list[dict]:
     levels = "\n".join(f"  - level {level}: {text}" for level, text in LEVEL_DEFINITIONS.items())
     pair = ("the query and the positive must mean the same thing in different words"
             if task_type == "symmetric" else "the positive must fully satisfy the query")
-    return [
-        {"role": "system", "content": "You write training data for text embedding models. Answer in JSON only."},
-        {"role": "user", "content": (
+    return _chat(
+        (
             f"You have been assigned a task: {task.strip()}\n"
             "Write one example for it as a JSON object with the keys:\n"
             '  - "query": a string;\n'
@@ -151,8 +156,8 @@ def example_messages(task: str, task_type: str, knobs: Knobs) -> list[dict]:
             f"  - the positive and each negative are {knobs.document_length} long;\n"
             f"  - the content needs {knobs.difficulty} level knowledge to understand;\n"
             "  - no text repeats another; do not explain anything outside the JSON object."
-        )},
-    ]
+        )
+    )
 
 
 def knobs_record(knobs: Knobs) -> dict:
