@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from .data import read_sts_pairs
-from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, Embedder, autocast
+from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, autocast
 
 LOCAL_FOLDERS = {"STSBenchmark": "stsb"}
 
@@ -85,8 +85,9 @@ class MTEBEncoder:
             return None  # documents never get one
         if task_name in self.instructions:
             return self.instructions[task_name]
-        return DEFAULT_INSTRUCTION if self.kind == "mgh" and is_query else (
-            "Retrieve semantically similar text" if self.kind == "mgh" else None)
+        if self.kind != "mgh":  # sentence-transformers models: only what the map gives
+            return None
+        return DEFAULT_INSTRUCTION if is_query else STS_INSTRUCTION
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         texts = [t for batch in inputs for t in batch["text"]]

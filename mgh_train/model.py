@@ -19,6 +19,7 @@ encodes to the same vectors as :meth:`Embedder.encode` (mgh must be installed wh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -37,6 +38,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG_NAME = "mgh_config.json"
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 DEFAULT_INSTRUCTION = "Given a query, retrieve relevant passages that answer it"
+STS_INSTRUCTION = "Retrieve semantically similar text"  # both sides of a symmetric pair
 
 
 @dataclass
@@ -165,9 +167,14 @@ def set_bidirectional(model, bidirectional: bool) -> None:
             module.is_causal = causal
 
 
+def _base_of(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _clean_base_state(model) -> dict:
     """The base model's own weights from a (possibly LoRA-injected) model: no adapter tensors."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_of(model)
     state = {}
     for name, tensor in base.state_dict().items():
         if "lora_" in name:
@@ -349,7 +356,7 @@ class Embedder(torch.nn.Module):
             for start in starts:
                 chunk = order[start:start + batch_size]
                 features = self.tokenize([texts[i] for i in chunk], instruction=[per_text[i] for i in chunk])
-                with _autocast(self.device):
+                with autocast(self.device):
                     vectors = self(features).float().cpu()
                 for i, v in zip(chunk, vectors):
                     out[i] = v
@@ -359,7 +366,7 @@ class Embedder(torch.nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Re-compute each layer in backward (non-reentrant, so the ATA column sums keep their graph)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = _base_of(self.model)
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -378,7 +385,7 @@ class Embedder(torch.nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
         is_peft = hasattr(self.model, "peft_config")
-        adapter = None
+        adapter = base = None
         if merged and is_peft:
             if self.capture is not None:
                 self.capture.remove()  # a deep copy must not carry the capture hook
@@ -393,12 +400,10 @@ class Embedder(torch.nn.Module):
             if is_peft:
                 self.model.save_pretrained(path / "adapter")
                 adapter = "adapter"
-            if self.config.base_model is None or (merged and not is_peft):
+            if self.config.base_model is None or merged:
                 _save_base(self.model, _clean_base_state(self.model), path / "base")
                 base = "base"
-            else:
-                base = None
-        if base == "base":
+        if base is not None:
             cfg.update(base_model=None, gguf_file=None)
         self.tokenizer.save_pretrained(path)
         saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg}
@@ -425,7 +430,7 @@ class Embedder(torch.nn.Module):
             model, _ = load_base(config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         if saved["adapter"] is None:
-            config = copy.replace(config, lora_r=0) if hasattr(copy, "replace") else _replace(config, lora_r=0)
+            config = dataclasses.replace(config, lora_r=0)
         embedder = cls.build(
             config, model=model, tokenizer=tokenizer,
             adapter=str(path / saved["adapter"]) if saved["adapter"] else None, trainable=trainable,
@@ -464,12 +469,8 @@ def _lora_targets(model, targets, layers: Optional[list]):
     return names
 
 
-def _replace(config: EmbedderConfig, **changes) -> EmbedderConfig:
-    return EmbedderConfig(**{**asdict(config), **changes})
-
-
 def _save_base(model, state: dict, folder: Path) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_of(model)
     attn = base.config._attn_implementation
     base.config._attn_implementation = "sdpa"  # never write our private attention name to disk
     try:
@@ -501,19 +502,6 @@ def _write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> No
     (path / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
 
 
-class _autocast:
-    """bf16 autocast on CUDA, nothing elsewhere (CPU runs float32)."""
-
-    def __init__(self, device: torch.device):
-        self._ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-
-
-autocast = _autocast
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (when ``enabled``); a no-op elsewhere (the CPU runs float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")

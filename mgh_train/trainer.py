@@ -33,9 +33,7 @@ from mgh_kernels import infonce_loss, reference
 
 from .config import TrainConfig
 from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, read_sts_pairs, stage_at
-from .model import DEFAULT_INSTRUCTION, Embedder, EmbedderConfig, autocast
-
-STS_INSTRUCTION = "Retrieve semantically similar text"
+from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig, autocast
 
 
 class TrainingStopped(RuntimeError):

@@ -12,20 +12,16 @@ import torch
 pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
+from tiny_models import FAMILIES  # noqa: E402
+
 from mgh_kernels import ATA_ATTENTION, ata_pool, attention, enable_ata  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-MODEL_CLASSES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaModel),
-    "mistral": (transformers.MistralConfig, transformers.MistralModel),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3Model),
-}
 
 
 def tiny_model(family, seed=0):
-    config_cls, model_cls = MODEL_CLASSES[family]
+    config_cls, model_cls = FAMILIES[family]
     config = config_cls(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
@@ -68,7 +64,7 @@ def eager_embeddings(model, ids, mask, model_mask, layer=-1):
     return ata_pool(out.last_hidden_state, mask, attentions=out.attentions[layer]), out.last_hidden_state
 
 
-@pytest.mark.parametrize("family", list(MODEL_CLASSES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_matches_eager_output_attentions(family, side, causal, gen):
