@@ -390,7 +390,7 @@ def _micro_batch(embedder: Embedder, examples: list[Example], cfg: TrainConfig, 
     docs = [e.positive for e in examples] + [t for n in negatives for t in n[:k]]
     query_features = embedder.tokenize([e.query for e in examples], instruction=[instruction_of(e) for e in examples])
     doc_features = embedder.tokenize(docs)
-    with autocast(embedder.device):
+    with autocast(embedder.device, enabled=cfg.bf16):
         q = embedder(query_features)
         d = embedder(doc_features)
     b = len(examples)
