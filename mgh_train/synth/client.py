@@ -1,0 +1,290 @@
+"""One OpenAI-compatible chat client per run: structured output with fallback, retries, token usage.
+
+:class:`ChatClient` wraps a single ``openai.AsyncOpenAI`` (its own retries off: we retry here, so
+that a 429's ``retry-after`` is honoured and every failure ends as a :class:`RequestFailed` with a
+reason instead of an exception out of the run).
+
+Structured output, tried in this order and lowered for the whole run the first time a server
+refuses a format (HTTP 400 or 422 about the format, or a 5xx naming ``response_format``; see
+:func:`_refuses_format`) (:data:`RESPONSE_FORMATS`):
+
+1. ``json_schema``: ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
+   (OpenAI, vLLM, SGLang, llama.cpp's own server);
+2. ``json_object_schema``: ``{"type": "json_object", "schema": ...}``, which llama-cpp-python's
+   server grammar-constrains to the schema;
+3. ``json_object``: JSON mode without a schema;
+4. ``text``: no ``response_format``; the JSON is extracted from the reply text.
+
+Whatever the format, the caller parses the reply text (:func:`validate.extract_json`), so a
+server that ignores the format costs nothing but rejects.
+
+Retried (exponential backoff with jitter, or the server's ``retry-after`` / ``retry-after-ms``
+when it sends one, at most ``max_retries`` times): HTTP 408, 409, 429 and 5xx, dropped or
+refused connections, timeouts, and 200 replies whose body is not a chat completion (truncated,
+HTML, not JSON). Not retried: other 4xx (a bad request fails the same way again); 401, 403 and
+404 end the run (:class:`ServerRefused`): no request can succeed with a bad key, URL or model.
+
+The API key comes from the caller or ``OPENAI_API_KEY`` and is never put in a message, a log or
+a file; local servers that need no key get a placeholder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Optional
+
+RESPONSE_FORMATS = ("json_schema", "json_object_schema", "json_object", "text")
+NO_KEY_PLACEHOLDER = "no-key"  # what a local server sees when OPENAI_API_KEY is unset
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+FATAL_STATUS = {401: "the API key was refused (set OPENAI_API_KEY)", 403: "the API key may not use this model",
+                404: "no such endpoint or model (check --base-url and --model)"}
+
+
+class RequestFailed(Exception):
+    """A request that could not be completed (after retries, or not retryable); the message says why."""
+
+
+class ServerRefused(RuntimeError):
+    """The server refuses every request (bad key, URL or model): the run stops."""
+
+
+@dataclass
+class Usage:
+    """Tokens and requests of the run so far, from the ``usage`` of each reply."""
+
+    requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A completed request: the reply text, how it was asked for, and its token count."""
+
+    text: str
+    response_format: str
+    finish_reason: Optional[str]
+    tokens: int
+
+
+@dataclass
+class RetryPolicy:
+    """Backoff for retryable failures: ``min(cap, base * 2**attempt)`` with jitter, or the server's wait.
+
+    A ``retry-after`` longer than ``max_server_wait`` seconds is capped to it (a misbehaving proxy
+    must not park the run for an hour).
+    """
+
+    max_retries: int = 6
+    base: float = 0.5
+    cap: float = 30.0
+    max_server_wait: float = 120.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int, server_wait: Optional[float]) -> float:
+        if server_wait is not None:
+            return min(max(server_wait, 0.0), self.max_server_wait)
+        return min(self.cap, self.base * 2 ** attempt) * (0.5 + 0.5 * self.rng.random())
+
+
+def retry_after_seconds(headers) -> Optional[float]:
+    """The wait a response asks for: ``retry-after-ms``, or ``retry-after`` in seconds or as an HTTP date."""
+    if headers is None:
+        return None
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return float(milliseconds) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def response_format_for(mode: str, schema: dict, name: str) -> Optional[dict]:
+    """The ``response_format`` argument of ``mode`` (None for ``text``)."""
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": False}}
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": schema}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    if mode == "text":
+        return None
+    raise ValueError(f"response_format: expected auto or one of {', '.join(RESPONSE_FORMATS)}, got {mode!r}")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class ChatClient:
+    """``ChatClient(base_url=..., model=...)``: JSON-answer chat requests to one OpenAI-compatible server.
+
+    Args:
+        base_url: the server's API root, e.g. ``http://127.0.0.1:8000/v1``; None for OpenAI's.
+        model: the model name sent with every request.
+        api_key: the key; default ``OPENAI_API_KEY``, or a placeholder when that is unset.
+        timeout: seconds per request (connect, read and write).
+        retry: the :class:`RetryPolicy`.
+        response_format: ``"auto"`` (start at ``json_schema`` and fall back) or one of
+            :data:`RESPONSE_FORMATS` to start there (lower ones are still fallen back to).
+        temperature, top_p, max_tokens: sampling settings sent with every request.
+        sleep: the coroutine used to wait between retries (tests pass a recorder).
+        log: where notices go (a format fallback, say); default: standard error via ``print``.
+    """
+
+    def __init__(self, *, base_url: Optional[str], model: str, api_key: Optional[str] = None,
+                 timeout: float = 120.0, retry: Optional[RetryPolicy] = None, response_format: str = "auto",
+                 temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 1024,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 log: Optional[Callable[[str], None]] = None):
+        import openai
+
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError("model: expected the model name the server serves")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: expected a positive number, got {max_tokens}")
+        if response_format != "auto":
+            response_format_for(response_format, {}, "check")  # raises on an unknown name
+        self._openai = openai
+        self._client = openai.AsyncOpenAI(base_url=base_url, timeout=timeout, max_retries=0,
+                                          api_key=api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER)
+        self.model, self.retry = model, retry or RetryPolicy()
+        self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        self.format_index = 0 if response_format == "auto" else RESPONSE_FORMATS.index(response_format)
+        self.usage = Usage()
+        self._sleep = sleep
+        self._log = log or (lambda message: print(message, flush=True))
+
+    @property
+    def response_format(self) -> str:
+        """The structured-output mode requests use now."""
+        return RESPONSE_FORMATS[self.format_index]
+
+    def _lower_format(self, tried: int, error) -> bool:
+        """Fall back below format ``tried`` (once per run); False if there is nothing lower."""
+        if tried >= len(RESPONSE_FORMATS) - 1:
+            return False
+        if self.format_index == tried:
+            self.format_index = tried + 1
+            self._log(f"synth: the server refused response_format {RESPONSE_FORMATS[tried]} "
+                      f"(HTTP {error.status_code}: {_short(error.message, 120)}); "
+                      f"using {RESPONSE_FORMATS[tried + 1]} from now on")
+        return True
+
+    async def complete(self, messages: list[dict], *, schema: dict, name: str, seed: Optional[int] = None) -> Reply:
+        """Send one chat request asking for JSON matching ``schema``; the reply text.
+
+        Raises :class:`RequestFailed` (with the reason) or :class:`ServerRefused`; nothing else.
+        """
+        openai = self._openai
+        attempt = 0
+        while True:
+            mode = self.format_index
+            arguments = dict(model=self.model, messages=messages, **self.sampling)
+            response_format = response_format_for(RESPONSE_FORMATS[mode], schema, name)
+            if response_format is not None:
+                arguments["response_format"] = response_format
+            if seed is not None:
+                arguments["seed"] = seed
+            self.usage.requests += 1
+            server_wait = None
+            try:
+                completion = await self._client.chat.completions.create(**arguments)
+                return self._reply(completion, RESPONSE_FORMATS[mode])
+            except openai.APIStatusError as error:
+                status = error.status_code
+                if status in FATAL_STATUS:
+                    raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
+                                        f"({_short(error.message, 160)})") from None
+                if mode < len(RESPONSE_FORMATS) - 1 and _refuses_format(error):
+                    self._lower_format(mode, error)
+                    continue  # not a retry: the request was never served
+                if status not in RETRYABLE_STATUS and status < 500:
+                    raise RequestFailed(f"HTTP {status}: {_short(error.message)}") from None
+                reason = f"HTTP {status}: {_short(error.message)}"
+                server_wait = retry_after_seconds(error.response.headers)
+            except openai.APITimeoutError:
+                reason = "timed out"
+            except openai.APIConnectionError as error:
+                cause = error.__cause__
+                reason = f"connection failed ({type(cause).__name__ if cause else 'no response'})"
+            except (ValueError, _MalformedReply) as error:  # a 200 whose body is no chat completion
+                reason = f"malformed response body ({_short(error, 100)})"
+            if attempt >= self.retry.max_retries:
+                raise RequestFailed(f"{reason}; gave up after {attempt + 1} attempts")
+            delay = self.retry.delay(attempt, server_wait)
+            attempt += 1
+            self.usage.retries += 1
+            await self._sleep(delay)
+
+    def _reply(self, completion, mode: str) -> Reply:
+        choices = getattr(completion, "choices", None)
+        if not choices:
+            raise _MalformedReply(f"no choices in {type(completion).__name__}")
+        message = getattr(choices[0], "message", None)
+        text = getattr(message, "content", None)
+        usage = getattr(completion, "usage", None)
+        tokens = 0
+        if usage is not None:
+            prompt, done = getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+            self.usage.prompt_tokens += prompt
+            self.usage.completion_tokens += done
+            tokens = prompt + done
+        return Reply(text=text if isinstance(text, str) else "", response_format=mode,
+                     finish_reason=getattr(choices[0], "finish_reason", None), tokens=tokens)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _refuses_format(error) -> bool:
+    """Whether an error reply refuses the ``response_format`` (and a lower one may be served).
+
+    A 400/422 that may be about the format counts (a too-long prompt must not lower it); so does a
+    5xx that names ``response_format``: llama-cpp-python's server answers an unknown format type with
+    HTTP 500 and a validation error ("Input should be 'text' or 'json_object'").
+    """
+    try:
+        body = json.dumps(error.body) if error.body is not None else ""
+    except (TypeError, ValueError):
+        body = str(error.body)
+    text = f"{error.message} {body}".lower()
+    if error.status_code in (400, 422):
+        return not text.strip() or any(word in text for word in ("response_format", "json", "schema", "format",
+                                                                 "grammar"))
+    return error.status_code >= 500 and "response_format" in text
+
+
+class _MalformedReply(Exception):
+    """A successful HTTP reply that is not a chat completion."""
+
+
+__all__ = ["ChatClient", "RESPONSE_FORMATS", "Reply", "RequestFailed", "RetryPolicy", "ServerRefused", "Usage",
+           "response_format_for", "retry_after_seconds"]
