@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .validate import LengthBounds
 
-PROMPT_VERSION = "mgh-prompts-v1"
+PROMPT_VERSION = "mgh-prompts-v2"
 
 ASYMMETRIC_TYPES = ("short-short", "short-long", "long-short", "long-long")
 TASK_TYPES = (*ASYMMETRIC_TYPES, "symmetric")
@@ -49,21 +49,20 @@ BRAINSTORM_SCHEMA = {
     "required": ["tasks"],
 }
 
+def _negative_schema(level: int) -> dict:
+    return {"type": "object", "properties": {"text": {"type": "string", "minLength": 1}, "level": {"const": level}},
+            "required": ["text", "level"]}
+
+
+# The i-th negative is the level-i one (JSON Schema 2020-12 ``prefixItems``), so a grammar-constrained
+# server cannot repeat or skip a level; the validator checks the same, and sorts by level anyway.
 EXAMPLE_SCHEMA = {
     "type": "object",
     "properties": {
-        "query": {"type": "string"},
-        "positive": {"type": "string"},
-        "negatives": {
-            "type": "array",
-            "minItems": 4,
-            "maxItems": 4,
-            "items": {
-                "type": "object",
-                "properties": {"text": {"type": "string"}, "level": {"type": "integer", "minimum": 1, "maximum": 4}},
-                "required": ["text", "level"],
-            },
-        },
+        "query": {"type": "string", "minLength": 1},
+        "positive": {"type": "string", "minLength": 1},
+        "negatives": {"type": "array", "prefixItems": [_negative_schema(level) for level in (1, 2, 3, 4)],
+                      "minItems": 4, "maxItems": 4},
     },
     "required": ["query", "positive", "negatives"],
 }

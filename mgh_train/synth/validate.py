@@ -27,16 +27,21 @@ class LengthBounds:
 
 
 def extract_json(text: str) -> dict:
-    """The first JSON object in ``text`` (plain, fenced in ```json, or with prose around it)."""
+    """The first JSON object in ``text`` (plain, fenced in ```json, or with prose around it).
+
+    Control characters inside strings are accepted (a raw newline in a text); anything else that
+    is not JSON raises :class:`Rejected`.
+    """
     if not isinstance(text, str) or not text.strip():
         raise Rejected("empty response")
+    # strict=False: raw newlines and tabs inside strings, which small models under a JSON grammar emit.
+    decoder = json.JSONDecoder(strict=False)
     try:
-        value = json.loads(text)
+        value = decoder.decode(text.strip())
         if isinstance(value, dict):
             return value
     except json.JSONDecodeError:
         pass
-    decoder = json.JSONDecoder()
     for start, char in enumerate(text):
         if char == "{":
             try:

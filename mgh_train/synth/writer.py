@@ -32,17 +32,22 @@ def row_key(row: dict) -> str:
 class RowWriter:
     """``RowWriter(path)``: resume-safe append of JSON rows; ``writer.seen`` holds the row keys.
 
+    ``on_row``, if given, is called with every complete row found on open (a resumed run rebuilds
+    its own state from it: the units done, the tokens spent).
+
     Attributes:
         path: the output file.
         rows: complete rows in the file (found on open plus written since).
         dropped_torn_line: the torn last line cut off on open, if any (else None).
     """
 
-    def __init__(self, path, *, key: Callable[[dict], str] = row_key):
+    def __init__(self, path, *, key: Callable[[dict], str] = row_key,
+                 on_row: Optional[Callable[[dict], None]] = None):
         self.path, self.key = Path(path), key
         self.seen: set[str] = set()
         self.rows = 0
         self.dropped_torn_line: Optional[str] = None
+        self._on_row = on_row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._recover()
         self._handle = open(self.path, "a", encoding="utf-8")
@@ -72,6 +77,8 @@ class RowWriter:
                                      "(a kill can only tear the last one); fix or remove it") from None
                 self.seen.add(self.key(row))
                 self.rows += 1
+                if self._on_row is not None:
+                    self._on_row(row)
             good_end = end
             offset = end
         if good_end < len(data):
