@@ -6,6 +6,8 @@ Subcommands:
     export       re-save a trained model folder, merging the LoRA adapter with ``--merge``
     eval         MTEB tasks on a model folder or a sentence-transformers model, offline with --data-dir
     compare      MTEB result folders side by side (and a PNG bar chart with --plot)
+    synth        write MGH training data through an OpenAI-compatible endpoint (``synth --help``)
+    verify       check MGH data with a real encoder: are the negatives graded as their levels say?
     kernel-demo  ATA pooling and InfoNCE on a toy batch, in about a second
 """
 
@@ -17,8 +19,9 @@ from typing import Optional, Sequence
 
 from . import config as train_config
 from . import demo, kernel_demo
+from .synth import cli as synth_cli
 
-SUBCOMMANDS = ("demo", "train", "export", "eval", "compare", "kernel-demo")
+SUBCOMMANDS = ("demo", "train", "export", "eval", "compare", "synth", "verify", "kernel-demo")
 DEFAULT_SUBCOMMAND = "demo"
 
 
@@ -50,9 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     comparison = commands.add_parser("compare", help="result folders side by side")
     comparison.add_argument("runs", nargs="+", help="folders holding mteb result JSON (eval --output)")
     comparison.add_argument("--plot", help="also write a PNG bar chart here")
+    synth_cli.add_synth_arguments(commands.add_parser(
+        "synth", help="write MGH training data through an OpenAI-compatible endpoint",
+        description=synth_cli.SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+    synth_cli.add_verify_arguments(commands.add_parser(
+        "verify", help="check MGH data with a real encoder", description=_verify_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     kernel_demo.add_arguments(commands.add_parser(
         "kernel-demo", help="ATA pooling and InfoNCE on a toy batch", description=kernel_demo.__doc__))
     return parser
+
+
+def _verify_doc() -> str:
+    from .synth import verify
+
+    return verify.__doc__ + synth_cli.VERIFY_DESCRIPTION_TAIL
 
 
 def _evaluate_doc() -> str:
@@ -125,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _evaluate(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "synth":
+            return synth_cli.run_synth(args)
+        if args.command == "verify":
+            return synth_cli.run_verify(args)
         return kernel_demo.run(args)
     except ValueError as error:  # bad options or data: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)

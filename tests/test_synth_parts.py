@@ -158,8 +158,9 @@ def test_prompts_render_for_every_task_type(task_type):
 def test_the_example_schema_describes_what_the_validator_accepts():
     row = example()
     assert set(prompts.EXAMPLE_SCHEMA["required"]) == set(row)
-    item = prompts.EXAMPLE_SCHEMA["properties"]["negatives"]["items"]
-    assert set(item["required"]) == {"text", "level"}
+    items = prompts.EXAMPLE_SCHEMA["properties"]["negatives"]["prefixItems"]
+    assert [item["properties"]["level"]["const"] for item in items] == [1, 2, 3, 4]
+    assert all(set(item["required"]) == {"text", "level"} for item in items)
     assert check_example(row)
 
 
@@ -170,3 +171,139 @@ def test_prompt_arguments_are_checked():
         prompts.brainstorm_messages("symmetric", count=0)
     with pytest.raises(ValueError, match="task: expected a non-empty"):
         prompts.example_messages(" ", "symmetric", prompts.Knobs("a", "b", "c", "d"))
+
+
+# --------------------------------------------------------------------------------------------
+# client helpers, run options, dry run (no server needed; the real-server tests are in
+# tests/test_synth_server.py)
+# --------------------------------------------------------------------------------------------
+
+from mgh_train.synth import client as synth_client  # noqa: E402
+from mgh_train.synth.run import SynthOptions, Synthesizer, _reason_class, unit_seed  # noqa: E402
+
+
+def test_retry_after_is_read_in_every_form():
+    import email.utils
+    import time
+
+    read = synth_client.retry_after_seconds
+    assert read({"retry-after": "3"}) == 3.0
+    assert read({"retry-after": "0.25"}) == 0.25
+    assert read({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    in_ten = email.utils.formatdate(time.time() + 10, usegmt=True)
+    assert 8 <= read({"retry-after": in_ten}) <= 10.5
+    assert read({"retry-after": "soon"}) is None and read({}) is None and read(None) is None
+
+
+def test_backoff_grows_is_capped_and_honours_the_server():
+    import random
+
+    policy = synth_client.RetryPolicy(base=1.0, cap=8.0, max_server_wait=60.0, rng=random.Random(0))
+    delays = [policy.delay(attempt, None) for attempt in range(8)]
+    for attempt, delay in enumerate(delays):
+        assert 0.5 * min(8.0, 2 ** attempt) <= delay <= min(8.0, 2 ** attempt)
+    assert policy.delay(0, 7.0) == 7.0 and policy.delay(3, 3600.0) == 60.0
+
+
+def test_response_formats_in_fallback_order():
+    schema = {"type": "object"}
+    assert synth_client.RESPONSE_FORMATS == ("json_schema", "json_object_schema", "json_object", "text")
+    assert synth_client.response_format_for("json_schema", schema, "x") == {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": False}}
+    assert synth_client.response_format_for("json_object_schema", schema, "x") == {"type": "json_object",
+                                                                                  "schema": schema}
+    assert synth_client.response_format_for("json_object", schema, "x") == {"type": "json_object"}
+    assert synth_client.response_format_for("text", schema, "x") is None
+    with pytest.raises(ValueError, match="response_format: expected auto or one of"):
+        synth_client.response_format_for("yaml", schema, "x")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"task_types": ()}, "task_types: expected at least one"),
+    ({"task_types": ("short-short", "medium")}, "task_type: expected one of"),
+    ({"task_types": ("symmetric", "symmetric")}, "task_types: listed twice"),
+    ({"tasks_per_type": 0}, "tasks_per_type: expected a positive integer"),
+    ({"concurrency": -1}, "concurrency: expected a positive integer"),
+    ({"token_budget": -5}, "token_budget: expected a non-negative integer"),
+    ({"timeout": 0}, "timeout: expected a positive number"),
+    ({"response_format": "xml"}, "response_format: expected auto or one of"),
+    ({"temperature": 3.0}, "temperature: expected 0 to 2"),
+    ({"top_p": 0.0}, "top_p: expected more than 0"),
+    ({"model": " "}, r"model: expected the name of the model .*--model"),
+    ({"rejects": "OUT"}, "rejects/tasks: must be files other than the output"),
+])
+def test_synth_options_are_checked(tmp_path, change, message):
+    values = {"output": str(tmp_path / "d.jsonl"), "model": "m", **change}
+    if values.get("rejects") == "OUT":
+        values["rejects"] = values["output"]
+    with pytest.raises(ValueError, match=message):
+        SynthOptions(**values)
+
+
+def test_side_files_sit_beside_the_output(tmp_path):
+    options = SynthOptions(output=str(tmp_path / "data.jsonl"), model="m")
+    assert options.rejects_path == tmp_path / "data.rejects.jsonl"
+    assert options.tasks_path == tmp_path / "data.tasks.jsonl"
+    assert options.rounds_limit == 3 * 1 + 2
+    with pytest.raises(ValueError, match="output: .* is a folder"):
+        SynthOptions(output=str(tmp_path), model="m")
+
+
+def test_dry_run_prints_every_prompt_and_writes_nothing(tmp_path, capsys):
+    from mgh_train.__main__ import main
+
+    out = tmp_path / "sub" / "d.jsonl"
+    assert main(["synth", "--output", str(out), "--dry-run", "--tasks-per-type", "3", "--brainstorm-size", "5"]) == 0
+    text = capsys.readouterr().out
+    for task_type in prompts.TASK_TYPES:
+        assert f"## stage 1 - {task_type}: 1 brainstorm request(s)" in text
+        assert f"## stage 2 - {task_type}: 3 example request(s); unit {task_type}/0/0" in text
+    assert text.count("Brainstorm a list of 5 potentially useful") == len(prompts.TASK_TYPES)
+    assert not (tmp_path / "sub").exists()
+
+
+def test_the_same_unit_draws_the_same_request(tmp_path):
+    assert unit_seed(0, "short-short/3/0") == unit_seed(0, "short-short/3/0") != unit_seed(1, "short-short/3/0")
+    assert 0 <= unit_seed(7, "x") < 2 ** 31
+    assert _reason_class("the query has 3 words, expected 1-40") == "the query has N words"
+    assert _reason_class("HTTP 500: boom; gave up after 3 attempts") == "HTTP N: boom"
+
+
+def test_synth_and_verify_document_every_option():
+    import argparse
+
+    from mgh_train.__main__ import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("synth", "verify"):
+        for action in commands.choices[name]._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, f"{name} {action.option_strings} has no help"
+    synth_flags = {a.dest for a in commands.choices["synth"]._actions}
+    from mgh_train.synth.run import option_names
+
+    assert set(option_names()) <= synth_flags | {"task_types"}
+
+
+def test_raw_newlines_inside_strings_are_accepted():
+    assert extract_json('{"tasks": ["one\nline", "tab\there"]}') == {"tasks": ["one\nline", "tab\there"]}
+    assert extract_json('prose {"a": "b\nc"} more')["a"] == "b\nc"
+
+
+def test_verify_names_the_file_and_line_of_a_bad_row(tmp_path):
+    from mgh_train.data import DataError
+    from mgh_train.synth.verify import verify
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(example()) + "\n" + json.dumps({"anchor": "a", "positive": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: expected four negatives with levels 1-4"):
+        verify([str(path)])
+    path.write_text(json.dumps(example()) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: "):
+        verify([str(path)])
+    with pytest.raises(ValueError, match=r"data: cannot read .*missing.jsonl"):
+        verify([str(tmp_path / "missing.jsonl")])
+    path.write_text(json.dumps(example()) + "\n")
+    with pytest.raises(ValueError, match="filter: .* is an input file"):
+        verify([str(path)], filter_to=str(path))

@@ -1,7 +1,8 @@
-"""The MGH synthesizer (issue 7, in progress).
+"""The MGH synthesizer: ``python -m mgh_train synth`` writes training data, ``verify`` checks it.
 
-Here so far: ``prompts`` (the stage-1 and stage-2 templates, their JSON schemas and the
-randomised E5-style knobs), ``validate`` (checks on every generated example, JSON recovery from
-plain text) and ``writer`` (append-only JSONL, fsync per row, resume after a kill). Not yet: the
-OpenAI-compatible client, the ``synth`` and ``verify`` commands.
+Modules, one job each: ``prompts`` (the stage-1 and stage-2 templates, their JSON schemas, the
+randomised E5-style knobs), ``client`` (one AsyncOpenAI per run: structured output with fallback,
+retries, usage), ``validate`` (checks on every generated example, JSON recovery from plain text),
+``writer`` (append-only JSONL, fsync per row, resume after a kill), ``run`` (the two stages, the
+budget, resume), ``verify`` (grading the negatives with a real encoder) and ``cli`` (the options).
 """
