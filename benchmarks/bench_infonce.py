@@ -6,7 +6,13 @@ Run with ``pytest --benchmark``; the module is skipped without CUDA. Each group 
 stores the B x B(1+K) float32 logits, their softmax and gradient). Eager is skipped where those
 three matrices alone would not fit in the device's memory; the fused loss needs O(B) beside its
 inputs and gradients. Peak extra memory (beyond the inputs) is in the ratio table's last column.
+
+``bench_infonce_largest_batch`` finds, per implementation, the largest B (K=7, D=1024, bf16) whose
+forward+backward runs on the device: doubling from B=4096 until out of memory, then bisecting to
+a 1/16 step of the last doubling, up to B=262144. Printed after the ratio table.
 """
+
+import gc
 
 import pytest
 import torch
@@ -50,3 +56,65 @@ def bench_infonce_fwd_bwd(measure, device, case, impl):
 
     name, role = ("infonce_loss (fused)", "ours") if impl == "ours" else ("reference.infonce (eager)", "eager")
     measure(step, group=f"infonce fwd+bwd B{batch} K{k} D{dim}", name=name, role=role)
+
+
+def largest_batch(runs, start: int, limit: int, steps: int = 4) -> int:
+    """The largest B in [start, limit] for which ``runs(B)`` is True (0 if ``start`` fails).
+
+    Doubles B while it runs, then bisects ``steps`` times between the last B that ran and the first
+    that did not. Assumes a B that runs means every smaller B runs (memory grows with B).
+    """
+    if start < 1 or limit < start:
+        raise ValueError(f"start, limit: expected 1 <= start <= limit, got {start}, {limit}")
+    if not runs(start):
+        return 0
+    good = start
+    while good < limit:
+        bad = min(2 * good, limit)
+        if not runs(bad):
+            break
+        good = bad
+    else:
+        return good
+    for _ in range(steps):
+        middle = (good + bad) // 2
+        if middle in (good, bad):
+            break
+        if runs(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+# The fused loss's time grows as B^2 (B=262144 is ~5e15 FLOP per fwd+bwd, seconds on an H100), so the
+# probe stops there; past it the fused loss is bounded by its inputs and gradients, not by logits.
+PROBE_K, PROBE_D, PROBE_LIMIT = 7, 1024, 1 << 18
+
+
+@pytest.mark.parametrize("impl", ["ours", "eager"])
+def bench_infonce_largest_batch(device, impl, note):
+    loss_fn = infonce_loss if impl == "ours" else reference.infonce
+
+    def runs(batch: int) -> bool:
+        tensors = []
+        try:
+            q, pos = (torch.randn(batch, PROBE_D, device=device, dtype=DTYPE).requires_grad_() for _ in range(2))
+            neg = torch.randn(batch, PROBE_K, PROBE_D, device=device, dtype=DTYPE).requires_grad_()
+            tensors = [q, pos, neg]
+            loss_fn(q, pos, neg, tau=0.05).backward()
+            torch.cuda.synchronize(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del tensors
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    best = largest_batch(runs, 4096, PROBE_LIMIT)
+    total = torch.cuda.get_device_properties(device).total_memory
+    note(f"largest batch, infonce fwd+bwd K{PROBE_K} D{PROBE_D} bf16, {total / 2**30:.0f} GiB device: "
+                f"{'infonce_loss (fused)' if impl == 'ours' else 'reference.infonce (eager)'} B={best}"
+                + (f" (the probe's limit; inputs and gradients alone would fit up to B~"
+                   f"{int(0.9 * total / input_bytes(1, PROBE_K, PROBE_D))})" if best == PROBE_LIMIT else ""))

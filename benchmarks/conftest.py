@@ -12,6 +12,13 @@ import pytest
 import torch
 
 _RESULTS: dict[str, dict[str, dict]] = {}
+_NOTES: list[str] = []
+
+
+@pytest.fixture
+def note():
+    """``note(line)``: print ``line`` after the run (a measurement that is not a timing, e.g. a largest batch)."""
+    return _NOTES.append
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +65,10 @@ def measure(benchmark, device):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _NOTES:
+        terminalreporter.section("measurements")
+        for line in _NOTES:
+            terminalreporter.write_line(line)
     if not _RESULTS:
         return
     tr = terminalreporter
