@@ -6,7 +6,7 @@
 * ``pass``: forward to the upstream server and relay its answer;
 * ``429``: answer 429 with ``Retry-After: 1`` (nothing forwarded);
 * ``500``: answer 500 with a JSON error;
-* ``401``: answer 401 (a refused key);
+* ``401``: answer 401 (a refused key, echoed in the error message);
 * ``drop``: close the connection without an answer;
 * ``truncate``: forward, then send the answer's headers and half its body, and close;
 * ``nonjson``: answer 200 with ``content-type: application/json`` and an HTML body.
@@ -84,7 +84,8 @@ class FaultProxy:
                     self._hang_up()
                 elif fault in ("429", "500", "401"):
                     message = {"429": "rate limited, slow down", "500": "injected server error",
-                               "401": "invalid api key"}[fault]
+                               # as some servers do: the refused key echoed back
+                               "401": f"invalid api key: {self.headers.get('Authorization')}"}[fault]
                     exchange.status = int(fault)
                     extra = {"Retry-After": "1"} if fault == "429" else {}
                     self._answer(int(fault), {"Content-Type": "application/json", **extra},

@@ -231,11 +231,14 @@ def test_response_formats_in_fallback_order():
     ({"top_p": 0.0}, "top_p: expected more than 0"),
     ({"model": " "}, r"model: expected the name of the model .*--model"),
     ({"rejects": "OUT"}, "rejects/tasks: must be files other than the output"),
+    ({"tasks": "OUT-RESOLVED"}, "rejects/tasks: must be files other than the output"),
 ])
 def test_synth_options_are_checked(tmp_path, change, message):
     values = {"output": str(tmp_path / "d.jsonl"), "model": "m", **change}
     if values.get("rejects") == "OUT":
         values["rejects"] = values["output"]
+    if values.get("tasks") == "OUT-RESOLVED":  # the same file, spelled another way
+        values["tasks"] = str(tmp_path / "sub" / ".." / "d.jsonl")
     with pytest.raises(ValueError, match=message):
         SynthOptions(**values)
 
@@ -307,3 +310,94 @@ def test_verify_names_the_file_and_line_of_a_bad_row(tmp_path):
     path.write_text(json.dumps(example()) + "\n")
     with pytest.raises(ValueError, match="filter: .* is an input file"):
         verify([str(path)], filter_to=str(path))
+
+
+def test_deeply_nested_replies_are_rejected_not_raised():
+    with pytest.raises(Rejected, match="nests too deep"):
+        extract_json('{"tasks": ' + "[" * 100_000)
+    with pytest.raises(Rejected):
+        extract_json("[" * 100_000)
+
+
+def _api_error(status, message, body=None, param=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(status_code=status, message=message, body=body, param=param)
+
+
+@pytest.mark.parametrize("error,refuses", [
+    (_api_error(500, "1 validation error: {'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be "
+                     "'text' or 'json_object'\"}"), True),  # llama-cpp-python 0.3.36, seen for real
+    (_api_error(400, "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                param="response_format"), True),
+    (_api_error(404, "No endpoints found that support the requested parameters: response_format"), True),
+    (_api_error(400, "Error code: 400", body=None), True),  # a bare 400: worth one step down
+    (_api_error(400, "Could not parse the JSON body of your request", body={"error": "Could not parse the JSON body"}),
+     False),
+    (_api_error(400, "This model's maximum context length is 2048 tokens", body={"error": "context length"}), False),
+    (_api_error(500, "internal error", body={"error": "boom"}), False),
+])
+def test_which_errors_lower_the_response_format(error, refuses):
+    assert synth_client._refuses_format(error) is refuses
+
+
+def test_the_key_is_checked_without_showing_it_and_cut_from_server_text(monkeypatch):
+    secret = "sk-mgh-unit-test-9876543210"
+    client = synth_client.ChatClient(base_url="http://127.0.0.1:9/v1", model="m", api_key=secret)
+    cleaned = client._clean(f"invalid key {secret}; also saw sk-someoneelse-123456789 and Bearer {secret}")
+    assert secret not in cleaned and "someoneelse" not in cleaned and cleaned.count("[key]") == 3
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-clé-with-accent")
+    with pytest.raises(ValueError, match=r"api key: OPENAI_API_KEY must be printable ASCII") as error:
+        synth_client.ChatClient(base_url="http://127.0.0.1:9/v1", model="m")
+    assert "clé" not in str(error.value)
+
+
+def test_outage_stops_the_run_and_a_rerun_asks_again(tmp_path, capsys):
+    """Nothing listens on the port: every request is refused at once (a real connection refusal)."""
+    import socket
+
+    from mgh_train.__main__ import main
+
+    with socket.socket() as probe:  # a port that was free a moment ago, now closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "d.jsonl"
+    argv = ["synth", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--output", str(out),
+            "--task-types", "symmetric", "--tasks-per-type", "2", "--max-retries", "0", "--max-failures-in-a-row",
+            "3", "--no-progress"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "3 requests failed in a row (last: connection failed" in captured.out + captured.err
+    rejects = [json.loads(line) for line in (tmp_path / "d.rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 3 and all(r["final"] is False and r["stage"] == "brainstorm" for r in rejects)
+    assert len({r["unit"] for r in rejects}) == 3  # each attempt got its own round id
+    assert not out.read_text()
+    assert main(argv) == 1  # nothing was marked done: the rerun asks again
+    rejects = (tmp_path / "d.rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == 6
+
+
+class _FakeClient:
+    """A stand-in client whose stage-2 call hits a bug (KeyError): the run must stop and raise it."""
+
+    def __init__(self):
+        self.usage, self.response_format, self.calls = synth_client.Usage(), "text", 0
+
+    async def complete(self, messages, *, schema, name, seed=None):
+        self.calls += 1
+        self.usage.requests += 1
+        if name == "tasks":
+            return synth_client.Reply('{"tasks": ["Given a question, retrieve its answer", '
+                                      '"Given a title, retrieve the abstract"]}', "text", "stop", 5)
+        raise KeyError("a bug in a unit")
+
+
+def test_an_unexpected_error_in_a_unit_stops_the_run_instead_of_vanishing(tmp_path):
+    options = SynthOptions(output=str(tmp_path / "d.jsonl"), model="m", task_types=("short-short",),
+                           tasks_per_type=2, concurrency=1, progress=False)
+    client = _FakeClient()
+    with pytest.raises(KeyError, match="a bug in a unit"):
+        Synthesizer(options, client=client, log=lambda message: None).run()
+    assert client.calls == 2  # the brainstorm and the first unit; no unit after the failing one started
+    assert not (tmp_path / "d.jsonl").read_text() and not (tmp_path / "d.rejects.jsonl").read_text()
+    assert len((tmp_path / "d.tasks.jsonl").read_text().splitlines()) == 2

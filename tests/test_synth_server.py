@@ -43,16 +43,19 @@ def synth_args(url, output, *extra):
 
 
 def read_jsonl(path):
+    # split("\n"), not splitlines(): rows may hold U+2028 or U+0085, which JSON leaves unescaped
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n") if line] if path.exists() else []
 
 
 def read_jsonl_bytes(data: bytes):
-    return [json.loads(line) for line in data.decode().splitlines()]
+    return [json.loads(line) for line in data.decode().split("\n") if line]
 
 
 def example_units(path):
-    return [r["unit"] for r in read_jsonl(path) if not str(r["unit"]).startswith("brainstorm/")]
+    """The stage-2 units that are done in ``path`` (output rows, or final rejects)."""
+    return [r["unit"] for r in read_jsonl(path)
+            if not str(r["unit"]).startswith("brainstorm/") and r.get("final", True)]
 
 
 def test_end_to_end_two_stages_with_structured_output(server, tmp_path, capsys):
@@ -123,9 +126,13 @@ def test_faults_are_retried_counted_and_nothing_is_lost(server, tmp_path):
     assert per_unit == {units[0]: ["500", "nonjson", "pass"], units[1]: ["drop", "pass"],
                         units[2]: ["truncate", "pass"], units[3]: ["500", "500", "500"]}
     rows = {r["unit"]: r for r in read_jsonl(out)}
-    rejects = {r["unit"]: r for r in read_jsonl(tmp_path / "mgh.rejects.jsonl") if r["stage"] == "example"}
-    assert sorted([*rows, *rejects]) == units and not set(rows) & set(rejects)
-    assert rejects[units[3]]["reason"].startswith("HTTP 500") and "gave up after 3 attempts" in rejects[units[3]]["reason"]
+    every_reject = [r for r in read_jsonl(tmp_path / "mgh.rejects.jsonl") if r["stage"] == "example"]
+    rejects = {r["unit"]: r for r in every_reject if r.get("final", True)}
+    failed = [r for r in every_reject if r.get("final") is False]
+    assert sorted([*rows, *rejects]) == units[:3] and not set(rows) & set(rejects)
+    # The unit whose every attempt failed is recorded, but not done: a rerun asks it again.
+    assert [r["unit"] for r in failed] == [units[3]]
+    assert failed[0]["reason"].startswith("HTTP 500") and "gave up after 3 attempts" in failed[0]["reason"]
     # Each unit whose reply got through is accepted exactly when that reply passes the checks.
     expected_accepted = 0
     for unit in units[:3]:
@@ -138,8 +145,15 @@ def test_faults_are_retried_counted_and_nothing_is_lost(server, tmp_path):
         expected_accepted += 1
         assert unit in rows and rows[unit]["query"] == example["query"]
     assert summary.accepted == len(rows) == expected_accepted
-    assert summary.rejected == len(rejects) == 4 - expected_accepted
+    assert summary.rejected == len(rejects) == 3 - expected_accepted and summary.failed == 1
     assert summary.retries == 1 + 2 + 1 + 1 + 2  # brainstorm 429; unit 0 twice; units 1 and 2 once; unit 3 twice
+    # The same run again, the server healthy: only the failed unit is asked, and it ends.
+    options.base_url = server.url
+    again = Synthesizer(options, log=lambda message: None).run()
+    assert again.requests == 1 and again.accepted + again.rejected == 1 and again.failed == 0
+    final = example_units(out) + [r["unit"] for r in read_jsonl(tmp_path / "mgh.rejects.jsonl")
+                                  if r["stage"] == "example" and r.get("final", True)]
+    assert sorted(final) == units
 
 
 def test_token_budget_stops_cleanly_and_counts_earlier_runs(server, tmp_path):
@@ -147,17 +161,25 @@ def test_token_budget_stops_cleanly_and_counts_earlier_runs(server, tmp_path):
 
     def run(budget):
         options = SynthOptions(output=str(out), model=MODEL_ALIAS, base_url=server.url, task_types=("symmetric",),
-                               tasks_per_type=2, brainstorm_size=5, max_tokens=400, temperature=0.7,
-                               token_budget=budget, response_format="json_object_schema", progress=False)
+                               tasks_per_type=2, examples_per_task=2, brainstorm_size=5, max_tokens=400,
+                               temperature=0.7, concurrency=2, token_budget=budget, response_format="json_object_schema", progress=False)
         return Synthesizer(options, log=lambda message: None).run()
 
     first = run(1)  # the first request spends more than the budget: nothing after it starts
-    assert first.requests == 1 and first.tokens > 1
+    assert first.requests == 1 and first.tokens > 1 and first.tasks == {"symmetric": 2}
     assert first.stopped.startswith("token budget of 1 reached")
     again = run(first.tokens)  # the tokens of the first run count: this one sends nothing
     assert again.requests == 0 and again.stopped.startswith("token budget") and again.tokens_before == first.tokens
+    # One token more than stage 1 spent: two of the four units start at once (concurrency 2), and both
+    # finish and are written after the budget is passed; the other two are not started.
+    middle = run(first.tokens + 1)
+    assert middle.requests == 2 and middle.accepted + middle.rejected == 2 and middle.stopped.startswith("token budget")
+    rows = read_jsonl(out) + read_jsonl(tmp_path / "mgh.rejects.jsonl") + read_jsonl(tmp_path / "mgh.tasks.jsonl")
+    assert sum(r["tokens"] for r in rows) == first.tokens + middle.tokens  # every token is on file
     done = run(0)
-    assert done.stopped is None and done.accepted + done.rejected == 2
+    assert done.stopped is None and done.requests == 2 and done.accepted + done.rejected == 2
+    assert sorted(example_units(out) + example_units(tmp_path / "mgh.rejects.jsonl")) == [
+        f"symmetric/{i}/{k}" for i in range(2) for k in range(2)]
 
 
 def test_the_api_key_is_used_but_never_shown_and_a_refused_key_stops_the_run(server, tmp_path):
@@ -179,10 +201,14 @@ def test_the_api_key_is_used_but_never_shown_and_a_refused_key_stops_the_run(ser
     assert "HTTP 401 from the server: the API key was refused" in result.stderr
     assert "rerun the same command" in result.stderr
     assert {e.authorization for e in proxy.exchanges} == {f"Bearer {secret}"}
+    assert "invalid api key: Bearer [key]" in result.stderr  # the server echoed the key; we cut it out
     written = "".join(p.read_text() for p in tmp_path.glob("*.jsonl"))
     for text in (result.stdout, result.stderr, written):
         assert secret not in text and "SECRET" not in text
     assert len(read_jsonl(tmp_path / "mgh.tasks.jsonl")) >= 1  # what stage 1 wrote stays
+    # The refused unit is not marked done, nor failed: a rerun with a good key asks it.
+    assert not read_jsonl(out)
+    assert not [r for r in read_jsonl(tmp_path / "mgh.rejects.jsonl") if r["stage"] == "example"]
 
 
 def test_sigkill_mid_run_then_the_same_command_resumes_without_loss_or_repeat(server, tmp_path):

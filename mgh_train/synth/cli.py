@@ -52,6 +52,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=int, default=6,
                         help="retries of a request after a 429, 5xx, timeout, dropped connection or malformed "
                              "reply, with exponential backoff or the server's retry-after (default: 6)")
+    parser.add_argument("--max-failures-in-a-row", type=int, default=20,
+                        help="stop the run when this many requests fail one after another after their retries "
+                             "(the server down, a quota spent), rather than marking every remaining unit failed; "
+                             "failed units are asked again by a rerun (default: 20)")
     parser.add_argument("--response-format", default="auto", choices=("auto", *RESPONSE_FORMATS),
                         help="structured output to start with; auto starts at json_schema, and a server that "
                              "refuses one is asked with the next (json_object with the schema, json_object, then "
@@ -86,7 +90,8 @@ def run_synth(args: argparse.Namespace) -> int:
         tasks_per_type=args.tasks_per_type, examples_per_task=args.examples_per_task,
         brainstorm_size=args.brainstorm_size, max_brainstorm_rounds=args.max_brainstorm_rounds,
         concurrency=args.concurrency, token_budget=args.token_budget, timeout=args.timeout,
-        max_retries=args.max_retries, response_format=args.response_format, temperature=args.temperature,
+        max_retries=args.max_retries, max_failures_in_a_row=args.max_failures_in_a_row,
+        response_format=args.response_format, temperature=args.temperature,
         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, rejects=args.rejects, tasks=args.tasks,
         dry_run=args.dry_run, progress=args.progress)
     synthesizer = Synthesizer(options)
@@ -103,7 +108,7 @@ def run_synth(args: argparse.Namespace) -> int:
         for line in summary.lines():
             print(line)
         print(f"examples in {options.output}, rejects in {options.rejects_path}, tasks in {options.tasks_path}")
-    return 0
+    return 1 if summary.outage else 0
 
 
 VERIFY_DESCRIPTION_TAIL = """

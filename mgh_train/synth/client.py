@@ -4,9 +4,9 @@
 that a 429's ``retry-after`` is honoured and every failure ends as a :class:`RequestFailed` with a
 reason instead of an exception out of the run).
 
-Structured output, tried in this order and lowered for the whole run the first time a server
-refuses a format (HTTP 400 or 422 about the format, or a 5xx naming ``response_format``; see
-:func:`_refuses_format`) (:data:`RESPONSE_FORMATS`):
+Structured output, tried in this order and lowered for the whole run, one step at a time, when
+a server refuses a format (an error naming ``response_format`` or ``json_schema``, whatever its
+status; see :func:`_refuses_format`) (:data:`RESPONSE_FORMATS`):
 
 1. ``json_schema``: ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
    (OpenAI, vLLM, SGLang, llama.cpp's own server);
@@ -21,11 +21,13 @@ server that ignores the format costs nothing but rejects.
 Retried (exponential backoff with jitter, or the server's ``retry-after`` / ``retry-after-ms``
 when it sends one, at most ``max_retries`` times): HTTP 408, 409, 429 and 5xx, dropped or
 refused connections, timeouts, and 200 replies whose body is not a chat completion (truncated,
-HTML, not JSON). Not retried: other 4xx (a bad request fails the same way again); 401, 403 and
-404 end the run (:class:`ServerRefused`): no request can succeed with a bad key, URL or model.
+HTML, not JSON); when they run out, :class:`RequestFailed` is ``transient``. Not retried: other
+4xx (a bad request fails the same way again); 401, 403 and 404 end the run
+(:class:`ServerRefused`): no request can succeed with a bad key, URL or model.
 
 The API key comes from the caller or ``OPENAI_API_KEY`` and is never put in a message, a log or
-a file; local servers that need no key get a placeholder.
+a file (server text is scrubbed of it, and of anything shaped like a key, in case a server echoes
+it); local servers that need no key get a placeholder.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import email.utils
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
@@ -48,7 +51,16 @@ FATAL_STATUS = {401: "the API key was refused (set OPENAI_API_KEY)", 403: "the A
 
 
 class RequestFailed(Exception):
-    """A request that could not be completed (after retries, or not retryable); the message says why."""
+    """A request that could not be completed; the message says why.
+
+    ``transient`` is True when it failed on retryable errors (the server down, overloaded, timing
+    out): a later run may well succeed, so the unit is not done. False for a request the server
+    will refuse again (a 400 that is not about the format).
+    """
+
+    def __init__(self, reason: str, *, transient: bool):
+        super().__init__(reason)
+        self.transient = transient
 
 
 class ServerRefused(RuntimeError):
@@ -172,9 +184,14 @@ class ChatClient:
             raise ValueError(f"max_tokens: expected a positive number, got {max_tokens}")
         if response_format != "auto":
             response_format_for(response_format, {}, "check")  # raises on an unknown name
+        key = api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            # It goes into an HTTP header; say what is wrong without showing it.
+            raise ValueError("api key: OPENAI_API_KEY must be printable ASCII without spaces "
+                             f"({len(key)} characters, not shown)")
+        self._secrets = [key] if key != NO_KEY_PLACEHOLDER else []
         self._openai = openai
-        self._client = openai.AsyncOpenAI(base_url=base_url, timeout=timeout, max_retries=0,
-                                          api_key=api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER)
+        self._client = openai.AsyncOpenAI(base_url=base_url, timeout=timeout, max_retries=0, api_key=key)
         self.model, self.retry = model, retry or RetryPolicy()
         self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         self.format_index = 0 if response_format == "auto" else RESPONSE_FORMATS.index(response_format)
@@ -194,7 +211,7 @@ class ChatClient:
         if self.format_index == tried:
             self.format_index = tried + 1
             self._log(f"synth: the server refused response_format {RESPONSE_FORMATS[tried]} "
-                      f"(HTTP {error.status_code}: {_short(error.message, 120)}); "
+                      f"(HTTP {error.status_code}: {self._clean(error.message, 120)}); "
                       f"using {RESPONSE_FORMATS[tried + 1]} from now on")
         return True
 
@@ -202,9 +219,10 @@ class ChatClient:
         """Send one chat request asking for JSON matching ``schema``; the reply text.
 
         Raises :class:`RequestFailed` (with the reason) or :class:`ServerRefused`; nothing else.
+        Server text in either is shortened and has the key cut out.
         """
         openai = self._openai
-        attempt = 0
+        attempt, lowered = 0, False
         while True:
             mode = self.format_index
             arguments = dict(model=self.model, messages=messages, **self.sampling)
@@ -220,25 +238,27 @@ class ChatClient:
                 return self._reply(completion, RESPONSE_FORMATS[mode])
             except openai.APIStatusError as error:
                 status = error.status_code
-                if status in FATAL_STATUS:
-                    raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
-                                        f"({_short(error.message, 160)})") from None
-                if mode < len(RESPONSE_FORMATS) - 1 and _refuses_format(error):
+                # Before the fatal statuses: some gateways answer an unservable format with a 404.
+                if not lowered and mode < len(RESPONSE_FORMATS) - 1 and _refuses_format(error):
+                    lowered = True  # one step per request, so one odd error cannot drop every format
                     self._lower_format(mode, error)
                     continue  # not a retry: the request was never served
+                if status in FATAL_STATUS:
+                    raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
+                                        f"({self._clean(error.message, 160)})") from None
                 if status not in RETRYABLE_STATUS and status < 500:
-                    raise RequestFailed(f"HTTP {status}: {_short(error.message)}") from None
-                reason = f"HTTP {status}: {_short(error.message)}"
+                    raise RequestFailed(f"HTTP {status}: {self._clean(error.message)}", transient=False) from None
+                reason = f"HTTP {status}: {self._clean(error.message)}"
                 server_wait = retry_after_seconds(error.response.headers)
             except openai.APITimeoutError:
                 reason = "timed out"
             except openai.APIConnectionError as error:
                 cause = error.__cause__
                 reason = f"connection failed ({type(cause).__name__ if cause else 'no response'})"
-            except (ValueError, _MalformedReply) as error:  # a 200 whose body is no chat completion
-                reason = f"malformed response body ({_short(error, 100)})"
+            except (json.JSONDecodeError, _MalformedReply) as error:  # a 200 whose body is no chat completion
+                reason = f"malformed response body ({self._clean(error, 100)})"
             if attempt >= self.retry.max_retries:
-                raise RequestFailed(f"{reason}; gave up after {attempt + 1} attempts")
+                raise RequestFailed(f"{reason}; gave up after {attempt + 1} attempts", transient=True)
             delay = self.retry.delay(attempt, server_wait)
             attempt += 1
             self.usage.retries += 1
@@ -253,33 +273,50 @@ class ChatClient:
         usage = getattr(completion, "usage", None)
         tokens = 0
         if usage is not None:
-            prompt, done = getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+            prompt, done = (_count(getattr(usage, name, 0)) for name in ("prompt_tokens", "completion_tokens"))
             self.usage.prompt_tokens += prompt
             self.usage.completion_tokens += done
             tokens = prompt + done
         return Reply(text=text if isinstance(text, str) else "", response_format=mode,
                      finish_reason=getattr(choices[0], "finish_reason", None), tokens=tokens)
 
+    def _clean(self, text, limit: int = 200) -> str:
+        """Server text for a message or a file: shortened, and with the key cut out should it echo it."""
+        text = str(text)
+        for secret in self._secrets:
+            text = text.replace(secret, "[key]")
+        return _short(_KEY_LIKE.sub("[key]", text), limit)
+
     async def close(self) -> None:
         await self._client.close()
 
 
-def _refuses_format(error) -> bool:
-    """Whether an error reply refuses the ``response_format`` (and a lower one may be served).
+_KEY_LIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-]{8,}")
 
-    A 400/422 that may be about the format counts (a too-long prompt must not lower it); so does a
-    5xx that names ``response_format``: llama-cpp-python's server answers an unknown format type with
-    HTTP 500 and a validation error ("Input should be 'text' or 'json_object'").
+
+def _count(value) -> int:
+    """A token count from ``usage``: a non-negative int, or 0 for anything else a server sends."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _refuses_format(error) -> bool:
+    """Whether an error reply refuses the ``response_format`` (so a lower one may be served).
+
+    Any 4xx/5xx whose message or body names ``response_format`` or ``json_schema`` counts:
+    OpenAI's 400 "'response_format' of type 'json_schema' is not supported with this model",
+    a gateway's 404 "No endpoints found that support ... response_format", and llama-cpp-python's
+    HTTP 500 validation error ("('body', 'response_format', 'type') Input should be 'text' or
+    'json_object'"). So does a 400/422 with no text at all. Anything else (a too-long prompt, a
+    body the server could not parse) does not lower the format.
     """
     try:
         body = json.dumps(error.body) if error.body is not None else ""
     except (TypeError, ValueError):
         body = str(error.body)
     text = f"{error.message} {body}".lower()
-    if error.status_code in (400, 422):
-        return not text.strip() or any(word in text for word in ("response_format", "json", "schema", "format",
-                                                                 "grammar"))
-    return error.status_code >= 500 and "response_format" in text
+    if getattr(error, "param", None) == "response_format" or "response_format" in text or "json_schema" in text:
+        return True
+    return error.status_code in (400, 422) and not (str(error.body or "").strip())
 
 
 class _MalformedReply(Exception):

@@ -6,14 +6,20 @@ Files (all append-only JSON Lines, one fsync per row, see :mod:`.writer`):
   ``task``, ``task_type``, ``instruction`` (the task), ``model``, ``prompt_version``, ``knobs``,
   ``unit``, ``response_format`` and ``tokens``.
 * the rejects file (``data.rejects.jsonl``): one row per unit that produced no example, with the
-  ``reason`` (a failed check, a duplicate, a request that failed after its retries) and the reply.
+  ``reason`` (a failed check, a duplicate, a request the server refuses) and the reply; and one
+  row with ``"final": false`` per request that failed on retryable errors after its retries (the
+  server down or overloaded): those units are not done, and a rerun asks them again.
 * the tasks file (``data.tasks.jsonl``): the stage-1 tasks, in the order they arrived.
 
 A *unit* is one stage-2 request, ``"<task type>/<task index>/<example index>"``. Every unit ends
-as exactly one row of the output or of the rejects file, so a restarted run skips the units
-found in either, and its knobs and request seed are drawn from ``(seed, unit)``: the same command
+as exactly one row of the output or one final row of the rejects file, so a restarted run skips
+the units found there, and its knobs and request seed are drawn from ``(seed, unit)``: the same command
 asks the same questions again. Tokens of earlier runs count against ``--token-budget`` (each row
 stores its own). A brainstorm round is a unit too (``"brainstorm/<task type>/<round>"``).
+
+``max_failures_in_a_row`` requests failing one after another (an outage, a quota) stop the run
+instead of marking every remaining unit failed; an unexpected error stops it too, after the rows
+written so far are closed, and is raised.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import uuid
 import random
 import re
 import sys
@@ -54,6 +61,7 @@ class SynthOptions:
     token_budget: int = 0  # 0: no budget
     timeout: float = 120.0
     max_retries: int = 6
+    max_failures_in_a_row: int = 20
     response_format: str = "auto"
     temperature: float = 1.0
     top_p: float = 1.0
@@ -72,7 +80,8 @@ class SynthOptions:
             prompts.check_task_type(task_type)
         if len(set(self.task_types)) != len(self.task_types):
             raise ValueError(f"task_types: listed twice in {', '.join(self.task_types)}")
-        for name in ("tasks_per_type", "examples_per_task", "brainstorm_size", "concurrency", "max_tokens"):
+        for name in ("tasks_per_type", "examples_per_task", "brainstorm_size", "concurrency", "max_tokens",
+                     "max_failures_in_a_row"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ("max_brainstorm_rounds", "token_budget", "max_retries"):
@@ -93,7 +102,7 @@ class SynthOptions:
         if out.is_dir():
             raise ValueError(f"output: {out} is a folder; expected a .jsonl file path")
         paths = {"output": out, "rejects": self.rejects_path, "tasks": self.tasks_path}
-        if len(set(paths.values())) != len(paths):
+        if len({p.resolve() for p in paths.values()}) != len(paths):
             raise ValueError("rejects/tasks: must be files other than the output and each other")
 
     @property
@@ -122,6 +131,7 @@ class SynthSummary:
 
     accepted: int = 0
     rejected: int = 0
+    failed: int = 0  # stage-2 requests that failed on retryable errors: not done, a rerun retries them
     accepted_before: int = 0
     rejected_before: int = 0
     tasks: dict = field(default_factory=dict)  # task type -> tasks available for stage 2
@@ -133,6 +143,7 @@ class SynthSummary:
     tokens_before: int = 0
     response_format: str = ""
     stopped: Optional[str] = None  # why the run ended before every unit was done, or None
+    outage: bool = False  # stopped because requests kept failing
     dropped_torn_lines: list = field(default_factory=list)
     seconds: float = 0.0
     reject_reasons: dict = field(default_factory=dict)  # reason (first words) -> count, this run
@@ -140,7 +151,7 @@ class SynthSummary:
     def lines(self) -> list[str]:
         total = self.tokens + self.tokens_before
         out = [f"accepted {self.accepted} and rejected {self.rejected} examples in this run "
-               f"({self.accepted_before} and {self.rejected_before} before it)",
+               f"({self.accepted_before} and {self.rejected_before} before it); {self.failed} requests failed",
                "tasks per type: " + ", ".join(f"{k} {v}" for k, v in self.tasks.items()),
                f"brainstorm rounds {self.brainstorm_rounds} ({self.brainstorm_rejected} without a new task)",
                f"requests {self.requests} ({self.retries} retries), tokens {self.tokens} this run, {total} in all, "
@@ -149,7 +160,13 @@ class SynthSummary:
             out.append(f"  rejected {count:>5d} x {reason}")
         for line in self.dropped_torn_lines:
             out.append(f"dropped a torn last line (the previous run was killed mid-write): {line}")
-        out.append(f"stopped early: {self.stopped}" if self.stopped else "done: every unit has a row")
+        if self.stopped:
+            out.append(f"stopped early: {self.stopped}")
+        elif self.failed:
+            out.append(f"{self.failed} units failed their requests (see the rejects file); rerun the same "
+                       "command to ask them again")
+        else:
+            out.append("done: every unit has a row")
         return out
 
 
@@ -199,7 +216,10 @@ class Synthesizer:
         self.client = client
         self.summary = SynthSummary()
         self.done_units: set[str] = set()
-        self.brainstorm_units: dict[str, int] = {t: 0 for t in prompts.TASK_TYPES}
+        self.next_round: dict[str, int] = {t: 0 for t in prompts.TASK_TYPES}  # ids are never reused
+        self.rounds_done: dict[str, int] = {t: 0 for t in prompts.TASK_TYPES}  # rounds that got an answer
+        self.failures_in_a_row = 0
+        self._running: set = set()
         self.tasks: dict[str, list[str]] = {t: [] for t in prompts.TASK_TYPES}
         self.task_keys: set[str] = set()
         self._fatal: Optional[BaseException] = None
@@ -211,26 +231,27 @@ class Synthesizer:
         self.summary.tokens_before += int(row.get("tokens") or 0)
 
     def _seen_reject(self, row: dict) -> None:
-        unit = str(row.get("unit"))
+        unit, final = str(row.get("unit")), row.get("final", True)
         if unit.startswith("brainstorm/"):
-            self._seen_round(row.get("task_type"), unit)
-        else:
+            self._seen_round(row.get("task_type"), unit, done=final)
+        elif final:
             self.done_units.add(unit)
             self.summary.rejected_before += 1
         self.summary.tokens_before += int(row.get("tokens") or 0)
 
-    def _seen_round(self, task_type, unit: str) -> None:
-        """Count brainstorm rounds as the highest round number seen, plus one (ids are never reused)."""
+    def _seen_round(self, task_type, unit: str, *, done: bool) -> None:
+        """A brainstorm round on file: its id is taken; ``done`` if it got an answer (counts to the limit)."""
         number = unit.rsplit("/", 1)[-1]
-        if task_type in self.brainstorm_units and number.isdigit():
-            self.brainstorm_units[task_type] = max(self.brainstorm_units[task_type], int(number) + 1)
+        if task_type in self.next_round and number.isdigit():
+            self.next_round[task_type] = max(self.next_round[task_type], int(number) + 1)
+            self.rounds_done[task_type] += bool(done)
 
     def _seen_task(self, row: dict) -> None:
         task_type, task = row.get("task_type"), row.get("task")
         if task_type in self.tasks and isinstance(task, str):
             self.tasks[task_type].append(task)
             self.task_keys.add(_task_key(task_type, task))
-        self._seen_round(task_type, str(row.get("round")))
+        self._seen_round(task_type, str(row.get("round")), done=bool(row.get("first_of_round")))
         self.summary.tokens_before += int(row.get("tokens") or 0)
 
     # -- budget ----------------------------------------------------------------------------------
@@ -257,7 +278,7 @@ class Synthesizer:
                                      log=self.log)
         task_writer = RowWriter(o.tasks_path, key=lambda r: _task_key(r.get("task_type"), r.get("task")),
                                 on_row=self._seen_task)
-        reject_writer = RowWriter(o.rejects_path, key=lambda r: str(r.get("unit")), on_row=self._seen_reject)
+        reject_writer = RowWriter(o.rejects_path, key=_reject_key, on_row=self._seen_reject)
         writer = RowWriter(o.output, on_row=self._seen_output)
         for w in (task_writer, reject_writer, writer):
             if w.dropped_torn_line is not None:
@@ -282,40 +303,59 @@ class Synthesizer:
             raise self._fatal
         return self.summary
 
-    async def _bounded(self, jobs: Iterator[Callable[[], "asyncio.Future"]], on_stop: Callable[[str], None]) -> None:
-        """Run the coroutines ``jobs`` yields, at most ``concurrency`` at once, until the budget or an error stops it."""
-        running: set[asyncio.Task] = set()
+    async def _bounded(self, jobs: Iterator[Callable[[], "asyncio.Future"]]) -> None:
+        """Run the coroutines ``jobs`` yields, at most ``concurrency`` at once, until they end or the run stops."""
+        running = self._running
         try:
             for job in jobs:
                 await self._semaphore.acquire()
-                if self._fatal is not None:
+                if self._fatal is not None or self.summary.stopped is not None:
                     self._semaphore.release()
                     break
                 if not self._budget_left():
                     self._semaphore.release()
-                    on_stop(f"token budget of {self.options.token_budget} reached "
-                            f"({self.summary.tokens_before + self.client.usage.total_tokens} tokens spent)")
+                    self._stop(f"token budget of {self.options.token_budget} reached "
+                               f"({self.summary.tokens_before + self.client.usage.total_tokens} tokens spent); "
+                               "rerun the same command with a larger budget to go on")
                     break
-                task = asyncio.ensure_future(job())
+                task = asyncio.ensure_future(self._guard(job()))
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), self._semaphore.release()))
-            if running:
-                await asyncio.gather(*running)
+                task.add_done_callback(self._finished)
+            while running:
+                await asyncio.wait(set(running))
         finally:
-            for task in running:
+            for task in list(running):
                 task.cancel()
 
-    def _stop(self, reason: str) -> None:
+    def _finished(self, task: "asyncio.Task") -> None:
+        self._running.discard(task)
+        self._semaphore.release()
+
+    def _stop(self, reason: str, *, outage: bool = False) -> None:
+        """Start no more requests; those in flight finish and are written."""
         if self.summary.stopped is None:
-            self.summary.stopped = reason
-            self.log(f"synth: {reason}; stopping (rerun the same command with a larger budget to go on)")
+            self.summary.stopped, self.summary.outage = reason, outage
+            self.log(f"synth: {reason}; stopping")
 
     async def _guard(self, coroutine) -> None:
+        """Await one unit; an exception out of it (ServerRefused, or a bug) stops the whole run."""
         try:
             await coroutine
-        except ServerRefused as error:
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every unit's failure must reach the run, not the event loop
             if self._fatal is None:
                 self._fatal = error
+                for task in list(self._running):  # rows are written synchronously: cancelling loses none
+                    if task is not asyncio.current_task():
+                        task.cancel()
+
+    def _request_failed(self, error: RequestFailed) -> None:
+        """Count a transient failure; too many in a row stop the run (the server is down, or out of quota)."""
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.options.max_failures_in_a_row:
+            self._stop(f"{self.failures_in_a_row} requests failed in a row (last: {error}); check the server, "
+                       "then rerun the same command", outage=True)
 
     # -- stage 1 ---------------------------------------------------------------------------------
     async def _stage1(self, task_writer: RowWriter, reject_writer: RowWriter) -> None:
@@ -324,21 +364,20 @@ class Synthesizer:
             jobs = []
             for task_type in o.task_types:
                 missing = o.tasks_per_type - len(self.tasks[task_type])
-                rounds_left = o.rounds_limit - self.brainstorm_units.get(task_type, 0)
+                rounds_left = o.rounds_limit - self.rounds_done[task_type]
                 for _ in range(min(math.ceil(max(missing, 0) / o.brainstorm_size), max(rounds_left, 0))):
-                    unit = f"brainstorm/{task_type}/{self.brainstorm_units[task_type]}"
-                    self.brainstorm_units[task_type] += 1
-                    jobs.append(lambda t=task_type, u=unit: self._guard(self._brainstorm(t, u, task_writer,
-                                                                                        reject_writer)))
+                    unit = f"brainstorm/{task_type}/{self.next_round[task_type]}"
+                    self.next_round[task_type] += 1
+                    jobs.append(lambda t=task_type, u=unit: self._brainstorm(t, u, task_writer, reject_writer))
             if not jobs:
                 break
-            await self._bounded(iter(jobs), self._stop)
+            await self._bounded(iter(jobs))
         for task_type in o.task_types:
             have = min(len(self.tasks[task_type]), o.tasks_per_type)
             self.summary.tasks[task_type] = have
             if have < o.tasks_per_type and self.summary.stopped is None and self._fatal is None:
                 self.log(f"synth: only {have} of {o.tasks_per_type} {task_type} tasks after "
-                         f"{self.brainstorm_units[task_type]} brainstorm rounds; going on with those")
+                         f"{self.rounds_done[task_type]} brainstorm rounds; going on with those")
 
     async def _brainstorm(self, task_type: str, unit: str, task_writer: RowWriter, reject_writer: RowWriter) -> None:
         o = self.options
@@ -348,6 +387,7 @@ class Synthesizer:
         try:
             reply = await self.client.complete(messages, schema=prompts.BRAINSTORM_SCHEMA, name="tasks",
                                                seed=unit_seed(o.seed, unit))
+            self.failures_in_a_row = 0
             found = extract_json(reply.text).get("tasks")
             if not isinstance(found, list):
                 raise Rejected("field 'tasks' missing or not a list")
@@ -362,9 +402,14 @@ class Synthesizer:
             if not new:
                 raise Rejected(f"no new task of {TASK_WORDS[0]}-{TASK_WORDS[1]} words in the reply")
         except (Rejected, RequestFailed) as error:
+            final = not getattr(error, "transient", False)
             self.summary.brainstorm_rejected += 1
-            reject_writer.write(self._reject_row(unit, "brainstorm", task_type, None, str(error), reply))
+            self.rounds_done[task_type] += final
+            reject_writer.write(self._reject_row(unit, "brainstorm", task_type, None, str(error), reply, final))
+            if not final:
+                self._request_failed(error)
             return
+        self.rounds_done[task_type] += 1
         for i, task in enumerate(new):
             task_writer.write({"task_type": task_type, "task": task, "round": unit, "first_of_round": i == 0,
                                "tokens": reply.tokens if i == 0 else 0, "model": o.model,
@@ -385,9 +430,9 @@ class Synthesizer:
         done = sum(unit in self.done_units for unit, _, _ in units)
         progress = _Progress(self.options.progress, len(units), done)
         try:
-            jobs = (lambda u=u, t=t, task=task: self._guard(self._example(u, t, task, writer, reject_writer, progress))
+            jobs = (lambda u=u, t=t, task=task: self._example(u, t, task, writer, reject_writer, progress)
                     for u, t, task in units if u not in self.done_units)
-            await self._bounded(jobs, self._stop)
+            await self._bounded(jobs)
         finally:
             progress.close()
 
@@ -400,6 +445,7 @@ class Synthesizer:
         try:
             reply = await self.client.complete(messages, schema=prompts.EXAMPLE_SCHEMA, name="mgh_example",
                                                seed=unit_seed(o.seed, unit))
+            self.failures_in_a_row = 0
             try:
                 example = check_example(extract_json(reply.text), bounds=prompts.length_bounds(task_type))
             except Rejected as error:
@@ -414,18 +460,26 @@ class Synthesizer:
             writer.write(row)
             self.summary.accepted += 1
         except (Rejected, RequestFailed) as error:
-            reject_writer.write(self._reject_row(unit, "example", task_type, task, str(error), reply))
-            self.summary.rejected += 1
-            reason = _reason_class(str(error))
-            self.summary.reject_reasons[reason] = self.summary.reject_reasons.get(reason, 0) + 1
+            final = not getattr(error, "transient", False)
+            reject_writer.write(self._reject_row(unit, "example", task_type, task, str(error), reply, final))
+            if final:
+                self.summary.rejected += 1
+                reason = _reason_class(str(error))
+                self.summary.reject_reasons[reason] = self.summary.reject_reasons.get(reason, 0) + 1
+            else:
+                self.summary.failed += 1
+                self._request_failed(error)
         progress.update(self.summary, self.client)
 
     def _reject_row(self, unit: str, stage: str, task_type: str, task: Optional[str], reason: str,
-                    reply: Optional[Reply]) -> dict:
-        return {"unit": unit, "stage": stage, "task_type": task_type, "task": task, "reason": reason,
-                "reply": reply.text[:REPLY_KEPT] if reply is not None else None,
-                "tokens": reply.tokens if reply is not None else 0, "model": self.options.model,
-                "prompt_version": prompts.PROMPT_VERSION}
+                    reply: Optional[Reply], final: bool) -> dict:
+        row = {"unit": unit, "stage": stage, "task_type": task_type, "task": task, "reason": reason,
+               "reply": reply.text[:REPLY_KEPT] if reply is not None else None,
+               "tokens": reply.tokens if reply is not None else 0, "model": self.options.model,
+               "prompt_version": prompts.PROMPT_VERSION}
+        if not final:  # a failed request: the unit is not done; the id keeps each failure's row apart
+            row.update(final=False, id=uuid.uuid4().hex)
+        return row
 
     # -- dry run ---------------------------------------------------------------------------------
     def dry_run(self, out=None) -> None:
@@ -469,6 +523,11 @@ def _read_rows(path: Path) -> Iterator[dict]:
                 continue
             if isinstance(row, dict):
                 yield row
+
+
+def _reject_key(row: dict) -> str:
+    """One final reject per unit; every failed request keeps its own row."""
+    return str(row.get("unit")) if row.get("final", True) else f"{row.get('unit')}#{row.get('id')}"
 
 
 def _task_key(task_type, task) -> str:

@@ -42,12 +42,16 @@ def extract_json(text: str) -> dict:
             return value
     except json.JSONDecodeError:
         pass
+    except RecursionError:  # "[[[[..." thousands deep: small models loop like that
+        raise Rejected("the JSON in the response nests too deep") from None
     for start, char in enumerate(text):
         if char == "{":
             try:
                 value, _ = decoder.raw_decode(text, start)
             except json.JSONDecodeError:
                 continue
+            except RecursionError:
+                raise Rejected("the JSON in the response nests too deep") from None
             if isinstance(value, dict):
                 return value
     raise Rejected("no JSON object in the response")
