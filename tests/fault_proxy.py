@@ -1,12 +1,14 @@
 """A loopback HTTP proxy for the synthesizer's fault tests: it forwards to a real server, or fails on purpose.
 
 ``FaultProxy(upstream, plan)`` listens on 127.0.0.1; ``plan(number, body)`` picks, for the
-``number``-th POST (1-based) with the parsed JSON ``body``, one of :data:`FAULTS`:
+``number``-th POST (1-based) with the parsed JSON ``body``, one of :data:`FAULTS`; ``rewrite``, if
+given, changes a request body before it is forwarded (to stand in for another server's dialect):
 
 * ``pass``: forward to the upstream server and relay its answer;
 * ``429``: answer 429 with ``Retry-After: 1`` (nothing forwarded);
 * ``500``: answer 500 with a JSON error;
 * ``401``: answer 401 (a refused key, echoed in the error message);
+* ``400-max-tokens``: answer 400 as OpenAI's reasoning models do to ``max_tokens``;
 * ``drop``: close the connection without an answer;
 * ``truncate``: forward, then send the answer's headers and half its body, and close;
 * ``nonjson``: answer 200 with ``content-type: application/json`` and an HTML body.
@@ -27,7 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
-FAULTS = ("pass", "429", "500", "401", "drop", "truncate", "nonjson")
+FAULTS = ("pass", "429", "500", "401", "400-max-tokens", "drop", "truncate", "nonjson")
+MAX_TOKENS_REFUSAL = {"error": {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+               "Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
 
 
 @dataclass
@@ -49,10 +55,11 @@ class Exchange:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, plan: Callable[[int, dict], str] = lambda number, body: "pass"):
+    def __init__(self, upstream: str, plan: Callable[[int, dict], str] = lambda number, body: "pass",
+                 rewrite: Optional[Callable[[dict], dict]] = None):
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
-        self.plan = plan
+        self.plan, self.rewrite = plan, rewrite
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
         proxy = self
@@ -82,6 +89,9 @@ class FaultProxy:
                     proxy.exchanges.append(exchange)
                 if fault == "drop":
                     self._hang_up()
+                elif fault == "400-max-tokens":
+                    exchange.status = 400
+                    self._answer(400, {"Content-Type": "application/json"}, json.dumps(MAX_TOKENS_REFUSAL).encode())
                 elif fault in ("429", "500", "401"):
                     message = {"429": "rate limited, slow down", "500": "injected server error",
                                # as some servers do: the refused key echoed back
@@ -94,6 +104,8 @@ class FaultProxy:
                     exchange.status = 200
                     self._answer(200, {"Content-Type": "application/json"}, b"<html><body>502 Bad Gateway</body>")
                 else:
+                    if proxy.rewrite is not None:
+                        raw = json.dumps(proxy.rewrite(dict(request))).encode()
                     status, headers, body = proxy._forward("POST", self.path, raw, dict(self.headers))
                     if fault == "truncate":
                         self.send_response(status)

@@ -211,6 +211,31 @@ def test_the_api_key_is_used_but_never_shown_and_a_refused_key_stops_the_run(ser
     assert not [r for r in read_jsonl(tmp_path / "mgh.rejects.jsonl") if r["stage"] == "example"]
 
 
+def test_a_server_that_wants_max_completion_tokens_gets_it(server, tmp_path):
+    """The proxy answers max_tokens as OpenAI's reasoning models do, and forwards max_completion_tokens
+    to llama-cpp-python under the name it knows."""
+
+    def plan(number, body):
+        return "400-max-tokens" if "max_tokens" in body else "pass"
+
+    def rewrite(body):
+        body["max_tokens"] = body.pop("max_completion_tokens")
+        return body
+
+    notices = []
+    with FaultProxy(server.url.removesuffix("/v1"), plan, rewrite) as proxy:
+        options = SynthOptions(output=str(tmp_path / "mgh.jsonl"), model=MODEL_ALIAS, base_url=proxy.url,
+                               task_types=("symmetric",), tasks_per_type=1, brainstorm_size=5, max_tokens=300,
+                               temperature=0.7, response_format="json_object_schema", progress=False)
+        summary = Synthesizer(options, log=notices.append).run()
+    assert [e.fault for e in proxy.exchanges][0] == "400-max-tokens"
+    assert len(proxy.exchanges) >= 3  # the refusal, then the brainstorm and the example, served
+    assert all(e.fault == "pass" and e.request["max_completion_tokens"] == 300 and "max_tokens" not in e.request
+               for e in proxy.exchanges[1:])
+    assert any("wants max_completion_tokens" in n for n in notices)
+    assert summary.retries == 0 and summary.stopped is None and summary.accepted + summary.rejected == 1
+
+
 def test_sigkill_mid_run_then_the_same_command_resumes_without_loss_or_repeat(server, tmp_path):
     out = tmp_path / "mgh.jsonl"
     command = [sys.executable, "-m", "mgh_train",

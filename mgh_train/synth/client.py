@@ -22,7 +22,9 @@ Retried (exponential backoff with jitter, or the server's ``retry-after`` / ``re
 when it sends one, at most ``max_retries`` times): HTTP 408, 409, 429 and 5xx, dropped or
 refused connections, timeouts, and 200 replies whose body is not a chat completion (truncated,
 HTML, not JSON); when they run out, :class:`RequestFailed` is ``transient``. Not retried: other
-4xx (a bad request fails the same way again); 401, 403 and 404 end the run
+4xx (a bad request fails the same way again; but a 400 asking for ``max_completion_tokens``
+instead of ``max_tokens``, as OpenAI's reasoning models send, switches the name for the run);
+401, 403 and 404 end the run
 (:class:`ServerRefused`): no request can succeed with a bad key, URL or model.
 
 The API key comes from the caller or ``OPENAI_API_KEY`` and is never put in a message, a log or
@@ -195,6 +197,7 @@ class ChatClient:
         self.model, self.retry = model, retry or RetryPolicy()
         self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         self.format_index = 0 if response_format == "auto" else RESPONSE_FORMATS.index(response_format)
+        self.tokens_parameter = "max_tokens"  # or max_completion_tokens, once a server asks for it
         self.usage = Usage()
         self._sleep = sleep
         self._log = log or (lambda message: print(message, flush=True))
@@ -222,10 +225,12 @@ class ChatClient:
         Server text in either is shortened and has the key cut out.
         """
         openai = self._openai
-        attempt, lowered = 0, False
+        attempt, lowered, renamed = 0, False, False
         while True:
             mode = self.format_index
             arguments = dict(model=self.model, messages=messages, **self.sampling)
+            if self.tokens_parameter != "max_tokens":
+                arguments[self.tokens_parameter] = arguments.pop("max_tokens")
             response_format = response_format_for(RESPONSE_FORMATS[mode], schema, name)
             if response_format is not None:
                 arguments["response_format"] = response_format
@@ -242,6 +247,9 @@ class ChatClient:
                 if not lowered and mode < len(RESPONSE_FORMATS) - 1 and _refuses_format(error):
                     lowered = True  # one step per request, so one odd error cannot drop every format
                     self._lower_format(mode, error)
+                    continue  # not a retry: the request was never served
+                if not renamed and status == 400 and self._wants_max_completion_tokens(error):
+                    renamed = True
                     continue  # not a retry: the request was never served
                 if status in FATAL_STATUS:
                     raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
@@ -279,6 +287,15 @@ class ChatClient:
             tokens = prompt + done
         return Reply(text=text if isinstance(text, str) else "", response_format=mode,
                      finish_reason=getattr(choices[0], "finish_reason", None), tokens=tokens)
+
+    def _wants_max_completion_tokens(self, error) -> bool:
+        """A 400 asking for ``max_completion_tokens`` (OpenAI's reasoning models): switch for the run, once."""
+        if "max_completion_tokens" not in f"{error.message} {error.body}":
+            return False
+        if self.tokens_parameter == "max_tokens":  # concurrent requests sent before the switch find it done
+            self.tokens_parameter = "max_completion_tokens"
+            self._log("synth: the server wants max_completion_tokens instead of max_tokens; using it from now on")
+        return True
 
     def _clean(self, text, limit: int = 200) -> str:
         """Server text for a message or a file: shortened, and with the key cut out should it echo it."""
