@@ -165,7 +165,7 @@ def test_chunked_path_matches_reference(monkeypatch, negatives, dtype, gen):
 # ---- cross-device negatives: 2 ranks on gloo vs one process ---------------------------------
 
 WORKER = """
-import json, sys, torch, torch.distributed as dist
+import json, os, sys, torch, torch.distributed as dist
 from mgh_kernels import infonce, infonce_loss
 rank, world, store, inputs, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
@@ -174,8 +174,11 @@ loss = infonce_loss(q, pos, neg, tau=0.05, gather=True)
 loss.backward()
 torch.save({"loss": loss.detach(), "backend": infonce.last_backend(),
             "grads": [t.grad for t in (q, pos, neg)]}, out)
-dist.barrier()  # neither rank tears gloo down while the other still talks to it
-dist.destroy_process_group()
+dist.barrier()  # neither rank leaves while the other still talks to it
+# Both ranks are done and their results are on disk. Skip gloo's teardown and the interpreter's:
+# with torch 2.13 it sometimes aborts ("terminate called without an active exception", SIGABRT;
+# seen once in a fresh-clone CI run), which says nothing about the loss.
+os._exit(0)
 """
 
 
