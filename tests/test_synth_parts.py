@@ -286,7 +286,7 @@ def test_synth_and_verify_document_every_option():
     synth_flags = {a.dest for a in commands.choices["synth"]._actions}
     from mgh_train.synth.run import option_names
 
-    assert set(option_names()) <= synth_flags | {"task_types"}
+    assert set(option_names()) <= synth_flags
 
 
 def test_raw_newlines_inside_strings_are_accepted():

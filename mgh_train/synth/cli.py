@@ -82,18 +82,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     from .client import ServerRefused
-    from .run import SynthOptions, Synthesizer
+    from .run import SynthOptions, Synthesizer, option_names
 
-    task_types = tuple(t.strip() for t in args.task_types.split(",") if t.strip())
-    options = SynthOptions(
-        output=args.output, model=args.model, base_url=args.base_url, task_types=task_types,
-        tasks_per_type=args.tasks_per_type, examples_per_task=args.examples_per_task,
-        brainstorm_size=args.brainstorm_size, max_brainstorm_rounds=args.max_brainstorm_rounds,
-        concurrency=args.concurrency, token_budget=args.token_budget, timeout=args.timeout,
-        max_retries=args.max_retries, max_failures_in_a_row=args.max_failures_in_a_row,
-        response_format=args.response_format, temperature=args.temperature,
-        top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, rejects=args.rejects, tasks=args.tasks,
-        dry_run=args.dry_run, progress=args.progress)
+    # One flag per SynthOptions field (tests/test_synth_parts.py checks it); only task types need parsing.
+    values = {name: getattr(args, name) for name in option_names()}
+    values["task_types"] = tuple(t.strip() for t in args.task_types.split(",") if t.strip())
+    options = SynthOptions(**values)
     synthesizer = Synthesizer(options)
     try:
         summary = synthesizer.run()

@@ -290,7 +290,7 @@ class ChatClient:
 
     def _wants_max_completion_tokens(self, error) -> bool:
         """A 400 asking for ``max_completion_tokens`` (OpenAI's reasoning models): switch for the run, once."""
-        if "max_completion_tokens" not in f"{error.message} {error.body}":
+        if "max_completion_tokens" not in _error_text(error):
             return False
         if self.tokens_parameter == "max_tokens":  # concurrent requests sent before the switch find it done
             self.tokens_parameter = "max_completion_tokens"
@@ -316,6 +316,15 @@ def _count(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _error_text(error) -> str:
+    """An error reply's message and body, as one string to search."""
+    try:
+        body = json.dumps(error.body) if error.body is not None else ""
+    except (TypeError, ValueError):
+        body = str(error.body)
+    return f"{error.message} {body}"
+
+
 def _refuses_format(error) -> bool:
     """Whether an error reply refuses the ``response_format`` (so a lower one may be served).
 
@@ -326,11 +335,7 @@ def _refuses_format(error) -> bool:
     'json_object'"). So does a 400/422 with no text at all. Anything else (a too-long prompt, a
     body the server could not parse) does not lower the format.
     """
-    try:
-        body = json.dumps(error.body) if error.body is not None else ""
-    except (TypeError, ValueError):
-        body = str(error.body)
-    text = f"{error.message} {body}".lower()
+    text = _error_text(error).lower()
     if getattr(error, "param", None) == "response_format" or "response_format" in text or "json_schema" in text:
         return True
     return error.status_code in (400, 422) and not (str(error.body or "").strip())

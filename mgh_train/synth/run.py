@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
-import uuid
 import random
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from . import prompts
-from .client import RESPONSE_FORMATS, ChatClient, Reply, RequestFailed, RetryPolicy, ServerRefused
+from .client import RESPONSE_FORMATS, ChatClient, Reply, RequestFailed, RetryPolicy
 from .validate import Rejected, check_example, extract_json
 from .writer import RowWriter, normalize_text
 
@@ -255,9 +256,13 @@ class Synthesizer:
         self.summary.tokens_before += int(row.get("tokens") or 0)
 
     # -- budget ----------------------------------------------------------------------------------
+    def _tokens_spent(self) -> int:
+        """Tokens of this output so far: earlier runs' (from their rows) and this run's."""
+        return self.summary.tokens_before + self.client.usage.total_tokens
+
     def _budget_left(self) -> bool:
         budget = self.options.token_budget
-        return not budget or self.summary.tokens_before + self.client.usage.total_tokens < budget
+        return not budget or self._tokens_spent() < budget
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> SynthSummary:
@@ -315,7 +320,7 @@ class Synthesizer:
                 if not self._budget_left():
                     self._semaphore.release()
                     self._stop(f"token budget of {self.options.token_budget} reached "
-                               f"({self.summary.tokens_before + self.client.usage.total_tokens} tokens spent); "
+                               f"({self._tokens_spent()} tokens spent); "
                                "rerun the same command with a larger budget to go on")
                     break
                 task = asyncio.ensure_future(self._guard(job()))
@@ -439,7 +444,7 @@ class Synthesizer:
     async def _example(self, unit: str, task_type: str, task: str, writer: RowWriter, reject_writer: RowWriter,
                        progress: _Progress) -> None:
         o = self.options
-        knobs = prompts.draw_knobs(task_type, random.Random(f"{o.seed}/{unit}"))
+        knobs = self._knobs(task_type, unit)
         messages = prompts.example_messages(task, task_type, knobs)
         reply: Optional[Reply] = None
         try:
@@ -471,6 +476,10 @@ class Synthesizer:
                 self._request_failed(error)
         progress.update(self.summary, self.client)
 
+    def _knobs(self, task_type: str, unit: str) -> prompts.Knobs:
+        """The unit's knobs, drawn from (seed, unit): the same in a rerun and in the dry run."""
+        return prompts.draw_knobs(task_type, random.Random(f"{self.options.seed}/{unit}"))
+
     def _reject_row(self, unit: str, stage: str, task_type: str, task: Optional[str], reason: str,
                     reply: Optional[Reply], final: bool) -> dict:
         row = {"unit": unit, "stage": stage, "task_type": task_type, "task": task, "reason": reason,
@@ -488,8 +497,7 @@ class Synthesizer:
         o = self.options
         if o.tasks_path.exists():
             for row in _read_rows(o.tasks_path):
-                if row.get("task_type") in self.tasks and isinstance(row.get("task"), str):
-                    self.tasks[row["task_type"]].append(row["task"])
+                self._seen_task(row)
         print(f"# dry run: nothing is sent or written. model {o.model or '(none given)'} at "
               f"{o.base_url or 'the OpenAI API'}; response_format {o.response_format}, temperature "
               f"{o.temperature}, top_p {o.top_p}, max_tokens {o.max_tokens}; output {o.output}", file=out)
@@ -501,7 +509,7 @@ class Synthesizer:
             _print_messages(prompts.brainstorm_messages(task_type, o.brainstorm_size), out)
             task = self.tasks[task_type][0] if have else "<a task from stage 1>"
             unit = f"{task_type}/0/0"
-            knobs = prompts.draw_knobs(task_type, random.Random(f"{o.seed}/{unit}"))
+            knobs = self._knobs(task_type, unit)
             print(f"\n## stage 2 - {task_type}: {o.tasks_per_type * o.examples_per_task} example request(s); "
                   f"unit {unit}, knobs {prompts.knobs_record(knobs)}", file=out)
             _print_messages(prompts.example_messages(task, task_type, knobs), out)
@@ -513,8 +521,6 @@ def _print_messages(messages: list[dict], out) -> None:
 
 
 def _read_rows(path: Path) -> Iterator[dict]:
-    import json
-
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             try:
