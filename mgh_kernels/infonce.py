@@ -5,16 +5,24 @@ similarities over L2-normalised vectors, temperature ``tau``, "global" or "own" 
 
 Algorithm (Triton). The inputs are never normalised in memory: the kernels take the raw
 embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
-``z_ij = (q_i . c_j) * rq_i * rc_j / tau``.
+``z_ij = (q_i . c_j) * rq_i * rc_j / tau``. With N = B(1+K) candidates, one "GEMM" below is
+2 B N D FLOPs; the eager loss costs 3 (logits, dq, dC) plus several passes over B x N matrices.
 
-* "global" forward: one program per query block streams every candidate tile (positives, then
-  hard negatives), the dot products accumulated over chunks of D, and keeps a running max and sum
-  per query plus its positive's logit: O(B) statistics, no B x B(1+K) matrix.
-* "global" backward: with ``w_i`` the upstream gradient of query i's loss, ``dz_ij = w_i (p_ij -
-  [j = pos(i)])``. One kernel per (query block, block of D) re-computes its tiles' logits from the
-  saved log-sum-exp and accumulates ``sum_j dz_ij c^_j``; one per (candidate block, block of D)
-  accumulates ``sum_i dz_ij q^_i``. Each program owns its output block: deterministic, no atomics.
-  The gradient of the normalisation, ``d x = (g - (g . x^) x^) / |x|``, is applied after.
+* "global" forward (1 GEMM): programs over (query block, split of the candidates) stream
+  candidate tiles, the dot products accumulated over chunks of D, and keep a running max, sum of
+  exp, non-target sum and the positive's logit per query; the splits' partial statistics (O(B)
+  per split) are combined after. Splitting keeps the GPU busy when B / BLOCK_M is small.
+* "global" backward (3 GEMMs): with ``w_i`` the upstream gradient of query i's loss,
+  ``dz_ij = w_i (p_ij - [j = pos(i)])``. A kernel re-computes the logits tile by tile from the
+  saved log-sum-exp (over the whole of D, once) and writes ``E_ij = sigma dz_ij rq_i rc_j / tau``
+  for a chunk of candidate columns into a bounded workspace (B x 4096 columns, at most 256 MiB;
+  the whole B x N when that is no larger than a float32 [B, D]). Then ``E^T @ Q_raw`` is that
+  chunk's candidate gradient and ``E @ C_raw`` adds to the query gradient (float32 across
+  chunks): GEMMs at cuBLAS speed on a GPU. sigma, a power of two, keeps E in half precision's
+  range at any embedding norm. A last row-wise kernel removes sigma and applies the
+  normalisation's gradient, ``dx = (g - (g . x^) x^) / |x|``. Deterministic: no atomics.
+  (Re-computing per block of D instead, as flash attention can at D <= 256, would cost D / 256
+  GEMMs per gradient: 35 GEMMs in all at D = 4096.)
 * "own": each query's 1+K logits are computed row-wise and kept (O(B(1+K)) floats), and the
   backward writes each gradient block from them directly.
 
@@ -31,6 +39,7 @@ Dispatch (see ``mgh_kernels._backend``): Triton on CUDA, Triton's interpreter on
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Optional
 
@@ -88,12 +97,18 @@ def _online_logsumexp(m_i, l_i, o_i, z, is_target):
 
 @triton.jit
 def _global_fwd_kernel(
-    Q, P, NEG, RQ, RP, RN, LSE, POS_LOGIT, TAIL,
+    Q, P, NEG, RQ, RP, RN, M_PART, L_PART, O_PART, POS_PART,
     stride_q, stride_p, stride_n,
-    B, NP, NN, D, pos_offset, inv_tau,
+    B, NP, NN, D, pos_offset, inv_tau, cols_per_split,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Partial statistics of one query block over one split of the candidates (positives, then
+    negatives, numbered 0 .. NP + NN): running max, sum of exp, non-target sum, positive logit.
+    Splitting the candidates keeps the GPU busy when B / BLOCK_M is small (flash-decoding)."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    lo = split * cols_per_split
+    hi = tl.minimum(lo + cols_per_split, NP + NN)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = offs_m < B
     rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
@@ -101,103 +116,95 @@ def _global_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     o_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, NP, BLOCK_N):
+    for start in range(lo, tl.minimum(hi, NP), BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        col_in = offs_n < NP
+        col_in = offs_n < tl.minimum(hi, NP)
         rc = tl.load(RP + offs_n, mask=col_in, other=0.0)
         z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
         target = offs_n[None, :] == (offs_m + pos_offset)[:, None]
         pos += tl.sum(tl.where(target, z, 0.0), 1)
         m_i, l_i, o_i = _online_logsumexp(m_i, l_i, o_i, z, target)
-    for start in range(0, NN, BLOCK_N):
+    for start in range(tl.maximum(lo, NP) - NP, hi - NP, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        col_in = offs_n < NN
+        col_in = offs_n < hi - NP
         rc = tl.load(RN + offs_n, mask=col_in, other=0.0)
         z = _dots(Q, stride_q, offs_m, row_in, NEG, stride_n, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
         m_i, l_i, o_i = _online_logsumexp(m_i, l_i, o_i, z, offs_n[None, :] < 0)
-    tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=row_in)
-    tl.store(POS_LOGIT + offs_m, pos, mask=row_in)
-    tl.store(TAIL + offs_m, o_i / l_i, mask=row_in)
+    part = split * B + offs_m
+    tl.store(M_PART + part, m_i, mask=row_in)
+    tl.store(L_PART + part, l_i, mask=row_in)
+    tl.store(O_PART + part, o_i, mask=row_in)
+    tl.store(POS_PART + part, pos, mask=row_in)
 
 
 @triton.jit
-def _global_dq_kernel(
-    Q, P, NEG, RQ, RP, RN, LSE, TAIL, W, GQ,
-    stride_q, stride_p, stride_n,
-    B, NP, NN, D, pos_offset, inv_tau,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-):
-    """GQ[i, dblock] = sum_j dz_ij c^_j[dblock] / tau: the gradient w.r.t. the normalised query."""
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = offs_m < B
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_in = offs_do < D
-    rq = tl.load(RQ + offs_m, mask=row_in, other=0.0) * inv_tau
-    lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
-    # p_target - 1 = -(1 - p_target), kept exact by the forward (see _online_logsumexp).
-    minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
-    w = tl.load(W + offs_m, mask=row_in, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
-    for start in range(0, NP, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_in = offs_n < NP
-        rc = tl.load(RP + offs_n, mask=col_in, other=0.0)
-        z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        p = tl.where(col_in[None, :], tl.exp(z * rq[:, None] * rc[None, :] - lse[:, None]), 0.0)
-        target = offs_n[None, :] == (offs_m + pos_offset)[:, None]
-        p = tl.where(target, minus_tail[:, None], p)
-        dz = w[:, None] * p * rc[None, :]
-        c = tl.load(P + offs_n[:, None] * stride_p + offs_do[None, :], mask=col_in[:, None] & do_in[None, :], other=0.0)
-        acc += tl.dot(dz.to(c.dtype), c, input_precision=PRECISION)
-    for start in range(0, NN, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_in = offs_n < NN
-        rc = tl.load(RN + offs_n, mask=col_in, other=0.0)
-        z = _dots(Q, stride_q, offs_m, row_in, NEG, stride_n, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        p = tl.where(col_in[None, :], tl.exp(z * rq[:, None] * rc[None, :] - lse[:, None]), 0.0)
-        dz = w[:, None] * p * rc[None, :]
-        c = tl.load(NEG + offs_n[:, None] * stride_n + offs_do[None, :], mask=col_in[:, None] & do_in[None, :], other=0.0)
-        acc += tl.dot(dz.to(c.dtype), c, input_precision=PRECISION)
-    tl.store(GQ + offs_m[:, None] * D + offs_do[None, :], acc * inv_tau, mask=row_in[:, None] & do_in[None, :])
-
-
-@triton.jit
-def _global_dc_kernel(
-    Q, C, RQ, RC, LSE, TAIL, W, GC,
-    stride_q, stride_c,
-    B, NC, D, pos_offset, inv_tau,
+def _global_dlogits_kernel(
+    Q, C, RQ, RC, LSE, TAIL, W, SIGMA, E,
+    stride_q, stride_c, stride_e,
+    B, NC, D, c0, pos_offset, inv_tau,
     IS_POS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """GC[j, dblock] = sum_i dz_ij q^_i[dblock] / tau for one candidate source (positives or negatives)."""
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One tile of E[i, j] = sigma * dz_ij * rq_i * rc_j / tau for candidates c0 .. c0 + NC of one
+    source, re-computing the logits from the saved log-sum-exp (dz_ij = w_i (p_ij - [j = pos(i)])).
+
+    With E, ``E @ C`` is sigma * rq_i * dL/dq^_i and ``E^T @ Q`` is sigma * rc_j * dL/dc^_j: the
+    inverse norms are folded in, so the raw embeddings feed the GEMMs. sigma (a power of two) puts
+    max |E| in (1/2, 1], so half precision neither overflows nor flushes the gradient to zero."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_m < B
     col_in = offs_n < NC
-    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_in = offs_do < D
-    rc = tl.load(RC + offs_n, mask=col_in, other=0.0) * inv_tau
-    acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
-    for start in range(0, B, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        row_in = offs_m < B
-        rq = tl.load(RQ + offs_m, mask=row_in, other=0.0)
-        lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
-        w = tl.load(W + offs_m, mask=row_in, other=0.0)
-        zt = _dots(C, stride_c, offs_n, col_in, Q, stride_q, offs_m, row_in, D, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D)
-        pt = tl.where(row_in[None, :], tl.exp(zt * rc[:, None] * rq[None, :] - lse[None, :]), 0.0)
-        if IS_POS:
-            minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
-            pt = tl.where(offs_n[:, None] == (offs_m + pos_offset)[None, :], minus_tail[None, :], pt)
-        dzt = pt * (w * rq)[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_q + offs_do[None, :], mask=row_in[:, None] & do_in[None, :], other=0.0)
-        acc += tl.dot(dzt.to(q.dtype), q, input_precision=PRECISION)
-    tl.store(GC + offs_n[:, None] * D + offs_do[None, :], acc * inv_tau, mask=col_in[:, None] & do_in[None, :])
+    cols = c0 + offs_n
+    rq = tl.load(RQ + offs_m, mask=row_in, other=0.0)
+    rc = tl.load(RC + cols, mask=col_in, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
+    w = tl.load(W + offs_m, mask=row_in, other=0.0)
+    z = _dots(Q, stride_q, offs_m, row_in, C, stride_c, cols, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    scale = rq[:, None] * rc[None, :] * inv_tau
+    p = tl.exp(z * scale - lse[:, None])
+    if IS_POS:
+        # p_target - 1 = -(1 - p_target), kept exact by the forward (see _online_logsumexp).
+        minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
+        p = tl.where(cols[None, :] == (offs_m + pos_offset)[:, None], minus_tail[:, None], p)
+    e = (w * tl.load(SIGMA))[:, None] * p * scale
+    tl.store(E + offs_m[:, None] * stride_e + offs_n[None, :], e.to(E.dtype.element_ty),
+             mask=row_in[:, None] & col_in[None, :])
+
+
+@triton.jit
+def _unscale_project_kernel(
+    G, X, RX, SIGMA, OUT, stride_g, stride_x, stride_o, ROWS, D,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """OUT[r] = (G[r] - (G[r] . x^_r) x^_r) / sigma with x^_r = X[r] * RX[r] (G[r] / sigma without
+    normalisation): from G = sigma * |x| * dL/dx^ to dL/dx. OUT may be G (each program reads its
+    rows whole before it writes them)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < ROWS
+    inv_sigma = 1.0 / tl.load(SIGMA)
+    coef = tl.zeros([BLOCK_M], tl.float32)
+    if NORMALIZE:
+        rx = tl.load(RX + offs_m, mask=row_in, other=0.0)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            tile = row_in[:, None] & (offs_d < D)[None, :]
+            g = tl.load(G + offs_m[:, None] * stride_g + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+            x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+            coef += tl.sum(g * x, 1)
+        coef = coef * rx * rx
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        tile = row_in[:, None] & (offs_d < D)[None, :]
+        g = tl.load(G + offs_m[:, None] * stride_g + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        out = (g - coef[:, None] * x) * inv_sigma
+        tl.store(OUT + offs_m[:, None] * stride_o + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=tile)
 
 
 @triton.jit
@@ -285,13 +292,23 @@ def _own_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _config(device: torch.device, dim: int) -> dict:
-    """Tiles: small under the interpreter; GEMM-like on GPU (not tuned on a GPU yet)."""
+def _config(device: torch.device, dim: int, dtype: torch.dtype) -> dict:
+    """Tiles and the device's SM count: small tiles under the interpreter; GEMM-like on a GPU
+    (Triton's usual H100 matmul tiles for half precision; not yet tuned on a GPU)."""
     if device.type != "cuda":
         block_do = max(16, min(64, triton.next_power_of_2(dim)))
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_DO=block_do, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_DO=block_do, BLOCK_N_FWD=16, BLOCK_ROWS=16,
+                    OWN_ROWS=16, num_warps=4, num_stages=1, sms=2)
     block_do = max(16, min(256, triton.next_power_of_2(dim)))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=block_do, num_warps=8)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
+    # BLOCK_ROWS, OWN_ROWS: rows of the row-wise kernels (projection, "own"), which hold float32
+    # [rows, BLOCK_DO] tiles; at these sizes nothing spills on sm_90 (ptxas -v, D 64-4096).
+    if dtype == torch.float32:  # "ieee" dots without tensor cores: 4-byte tiles, two stages
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=16,
+                    OWN_ROWS=32, num_warps=8, num_stages=2, sms=sms)
+    # The forward keeps three running statistics beside its tile: 128 x 128 spilled (255 registers).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=32,
+                OWN_ROWS=64, num_warps=8, num_stages=3, sms=sms)
 
 
 def _precision(dtype: torch.dtype) -> Optional[str]:
@@ -313,6 +330,118 @@ def _normalize_backward(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch
     return ((grad_hat - (grad_hat * x_hat).sum(-1, keepdim=True) * x_hat) * inv_norm[:, None]).to(x.dtype)
 
 
+def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int) -> int:
+    """Programs per query block in the forward: enough for two waves of the device's SMs, each
+    program keeping at least four candidate tiles."""
+    most = max(1, triton.cdiv(candidates, 4 * block_n))
+    return max(1, min(most, triton.cdiv(2 * sms, row_blocks)))
+
+
+# The backward's workspace of logit gradients E (see _global_dlogits_kernel): candidate columns per
+# chunk, and a cap on its bytes. 4096 columns keep the float32 accumulation of dq per chunk (12 bytes
+# per element of dq) small beside the chunk's GEMM (2 x 4096 FLOP per element of dq).
+_CHUNK_COLUMNS = 4096
+_WORKSPACE_BYTES = 256 << 20
+
+
+def _chunk_columns(batch: int, candidates: int, dim: int, elem: int) -> int:
+    """Candidate columns of E computed at once; ``candidates`` means one pass with no float32 dq
+    accumulator, chosen when the whole E is no larger than that accumulator (4 B D bytes)."""
+    whole = batch * candidates * elem
+    if whole <= min(_WORKSPACE_BYTES, 4 * batch * dim):
+        return candidates
+    return max(1, min(candidates, _CHUNK_COLUMNS, _WORKSPACE_BYTES // (batch * elem)))
+
+
+def _gradient_scale(w, rq, rc_max, tau):
+    """[1] float32 sigma = 2^-ceil(log2(max_i |w_i| rq_i * max_j rc_j / tau)), on the device (no host
+    sync); 1 when every upstream gradient is 0. Computed in log space: the product may overflow."""
+    top = (w.abs() * rq).max()
+    log2_top = torch.log2(top) + torch.log2(rc_max) - math.log2(tau)
+    exponent = torch.where(top > 0, -torch.ceil(log2_top), torch.zeros_like(top)).clamp(-126, 126)
+    return torch.exp2(exponent).reshape(1)
+
+
+def _project(g, x, rx, sigma, out, normalize, cfg):
+    """``out = (g - (g . x^) x^) / sigma`` row-wise (see ``_unscale_project_kernel``)."""
+    rows, dim = x.shape
+    if rows:
+        _unscale_project_kernel[(triton.cdiv(rows, cfg["BLOCK_ROWS"]),)](
+            g, x, rx, sigma, out, g.stride(0), x.stride(0), out.stride(0), rows, dim,
+            NORMALIZE=normalize, BLOCK_M=cfg["BLOCK_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=4,
+        )
+    return out
+
+
+def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
+    """(lse, positive logit, 1 - p_positive), each [B] float32, from per-split partial statistics."""
+    batch, dim = q.shape
+    candidates = pos.shape[0] + neg.shape[0]
+    row_blocks, block_n = triton.cdiv(batch, cfg["BLOCK_M"]), cfg["BLOCK_N_FWD"]
+    splits = _candidate_splits(row_blocks, candidates, block_n, cfg["sms"])
+    per_split = triton.cdiv(triton.cdiv(candidates, splits), block_n) * block_n
+    splits = triton.cdiv(candidates, per_split)
+    m, l, o, pos_logit = (_backend.new_output((splits, batch), torch.float32, q.device) for _ in range(4))
+    _global_fwd_kernel[(row_blocks, splits)](
+        q, pos, neg, rq, rp, rn, m, l, o, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
+        batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, per_split, PRECISION=_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    top = m.max(0).values
+    weight = torch.exp(m - top)
+    total = (l * weight).sum(0)
+    return top + torch.log(total), pos_logit.sum(0), (o * weight).sum(0) / total
+
+
+def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, cfg):
+    """(dq, dpos, dneg) in the inputs' dtype: E re-computed chunk by chunk of candidates, then
+    dq = E @ C and dC = E^T @ Q as GEMMs (cuBLAS on a GPU), and the normalisation's gradient."""
+    batch, dim = q.shape
+    rc_max = torch.maximum(rp.max(), rn.max()) if rn.numel() else rp.max()
+    sigma = _gradient_scale(w, rq, rc_max, tau)
+    dpos = _backend.new_output(tuple(pos.shape), pos.dtype, q.device)
+    dneg = _backend.new_output(tuple(neg.shape), neg.dtype, q.device)
+    sources = [(pos, rp, dpos, True), (neg, rn, dneg, False)]
+    columns = _chunk_columns(batch, pos.shape[0] + neg.shape[0], dim, q.element_size())
+    one_pass = columns == pos.shape[0] + neg.shape[0]
+    workspace = _backend.new_output((batch, columns), q.dtype, q.device)
+    acc = None if one_pass else torch.zeros(batch, dim, dtype=torch.float32, device=q.device)
+    gq = _backend.new_output((batch, dim), q.dtype, q.device)  # one pass: E @ C lands here directly
+    start = 0  # first workspace column of the current source (one pass)
+    for cand, rc, grad, is_pos in sources:
+        n_cand = cand.shape[0]
+        if n_cand == 0:
+            continue
+        step = n_cand if one_pass else columns
+        for c0 in range(0, n_cand, step):
+            nc = min(step, n_cand - c0)
+            e = workspace[:, start : start + nc]
+            grid = (triton.cdiv(batch, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
+            _global_dlogits_kernel[grid](
+                q, cand, rq, rc, lse, tail, w, sigma, e, q.stride(0), cand.stride(0), e.stride(0),
+                batch, nc, dim, c0, pos_offset, 1.0 / tau, IS_POS=is_pos, PRECISION=_precision(q.dtype),
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+            torch.mm(e.t(), q, out=grad[c0 : c0 + nc])  # sigma rc_j dL/dc^_j, rows c0 .. c0 + nc
+            block = cand[c0 : c0 + nc]
+            if one_pass:
+                if is_pos:
+                    torch.mm(e, block, out=gq)
+                else:
+                    gq.addmm_(e, block)
+            elif q.dtype == torch.float32:
+                acc.addmm_(e, block)
+            else:
+                acc.add_(torch.mm(e, block))  # each chunk's product rounded once, summed in float32
+        if one_pass:
+            start += n_cand
+        _project(grad, cand, rc, sigma, grad, normalize, cfg)
+    dq = _project(gq if one_pass else acc, q, rq, sigma, gq, normalize, cfg)
+    return dq, dpos, dneg
+
+
 class _InfoNCEFunction(torch.autograd.Function):
     """Per-query losses [B] float32 from raw embeddings; gradients to q, candidates' positives and negatives."""
 
@@ -321,25 +450,19 @@ class _InfoNCEFunction(torch.autograd.Function):
         batch, dim = q.shape
         k = neg.shape[0] // max(batch, 1) if own else 0
         rq, rp, rn = (_inverse_norms(t, normalize) for t in (q, pos, neg))
-        cfg = _config(q.device, dim)
-        lse = _backend.new_output((batch,), torch.float32, q.device)
-        tail = _backend.new_output((batch,), torch.float32, q.device)  # 1 - p_positive
-        grid = (triton.cdiv(batch, cfg["BLOCK_M"]),)
+        cfg = _config(q.device, dim, q.dtype)
         if own:
+            lse = _backend.new_output((batch,), torch.float32, q.device)
+            tail = _backend.new_output((batch,), torch.float32, q.device)  # 1 - p_positive
             z = _backend.new_output((batch, k + 1), torch.float32, q.device)
-            _own_fwd_kernel[grid](
+            _own_fwd_kernel[(triton.cdiv(batch, cfg["OWN_ROWS"]),)](
                 q, pos, neg, rq, rp, rn, z, lse, tail, q.stride(0), pos.stride(0), neg.stride(0),
-                batch, k, dim, 1.0 / tau, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+                batch, k, dim, 1.0 / tau, BLOCK_M=cfg["OWN_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
             )
             pos_logit = z[:, 0]
             logits = z  # own mode keeps every logit (O(B(1+K)))
         else:
-            pos_logit = _backend.new_output((batch,), torch.float32, q.device)
-            _global_fwd_kernel[grid](
-                q, pos, neg, rq, rp, rn, lse, pos_logit, tail, q.stride(0), pos.stride(0), neg.stride(0),
-                batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, PRECISION=_precision(q.dtype),
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-            )
+            lse, pos_logit, tail = _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg)
             logits = lse  # unused by the global backward
         ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, tail, logits)
         ctx.tau, ctx.normalize, ctx.own, ctx.pos_offset, ctx.k = tau, normalize, own, pos_offset, k
@@ -351,32 +474,21 @@ class _InfoNCEFunction(torch.autograd.Function):
         q, pos, neg, rq, rp, rn, lse, tail, logits = ctx.saved_tensors  # own: logits [B, 1+K]
         batch, dim = q.shape
         w = grad_losses.float().contiguous()
-        cfg = _config(q.device, dim)
-        inv_tau = 1.0 / ctx.tau
+        cfg = _config(q.device, dim, q.dtype)
+        if not ctx.own:
+            dq, dpos, dneg = _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, ctx.tau, ctx.normalize,
+                                              ctx.pos_offset, cfg)
+            return dq, dpos, dneg, None, None, None, None
         gq = _backend.new_output((batch, dim), torch.float32, q.device)
         gp = _backend.new_output(tuple(pos.shape), torch.float32, q.device)
         gn = _backend.new_output(tuple(neg.shape), torch.float32, q.device)
-        d_blocks = triton.cdiv(dim, cfg["BLOCK_DO"])
-        if ctx.own:
-            # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like
-            # kernels (64 rows hit the 255-register cap and spilled on sm_90).
-            rows = max(16, cfg["BLOCK_M"] // 2)
-            _own_bwd_kernel[(triton.cdiv(batch, rows), d_blocks)](
-                q, pos, neg, rq, rp, rn, logits, lse, tail, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
-                batch, ctx.k, dim, inv_tau, BLOCK_M=rows, BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
-            )
-        else:
-            common = dict(PRECISION=_precision(q.dtype), **cfg)
-            _global_dq_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]), d_blocks)](
-                q, pos, neg, rq, rp, rn, lse, tail, w, gq, q.stride(0), pos.stride(0), neg.stride(0),
-                batch, pos.shape[0], neg.shape[0], dim, ctx.pos_offset, inv_tau, **common,
-            )
-            for cand, rc, grad, is_pos in ((pos, rp, gp, True), (neg, rn, gn, False)):
-                if cand.shape[0]:
-                    _global_dc_kernel[(triton.cdiv(cand.shape[0], cfg["BLOCK_N"]), d_blocks)](
-                        q, cand, rq, rc, lse, tail, w, grad, q.stride(0), cand.stride(0),
-                        batch, cand.shape[0], dim, ctx.pos_offset, inv_tau, IS_POS=is_pos, **common,
-                    )
+        # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like
+        # kernels (64 rows hit the 255-register cap and spilled on sm_90).
+        rows = max(16, cfg["OWN_ROWS"] // 2)
+        _own_bwd_kernel[(triton.cdiv(batch, rows), triton.cdiv(dim, cfg["BLOCK_DO"]))](
+            q, pos, neg, rq, rp, rn, logits, lse, tail, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
+            batch, ctx.k, dim, 1.0 / ctx.tau, BLOCK_M=rows, BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+        )
         dq = _normalize_backward(q, rq, gq, ctx.normalize)
         dpos = _normalize_backward(pos, rp, gp, ctx.normalize)
         dneg = _normalize_backward(neg, rn, gn, ctx.normalize)

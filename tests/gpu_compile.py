@@ -14,8 +14,10 @@ config functions (``_config``, ``_bwd_config``) forced to their CUDA branch.
   ``ata_attention`` passes it, ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
   ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel``.
 * ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query,
-  ``negatives`` "global" (``_global_fwd_kernel``, ``_global_dq_kernel``, ``_global_dc_kernel`` for
-  the positives and for the negatives) or "own" (``_own_fwd_kernel``, ``_own_bwd_kernel``).
+  ``negatives`` "global" (``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and
+  ``_unscale_project_kernel`` for the positives and for the negatives, and
+  ``_unscale_project_kernel`` for the queries; the GEMMs between them are cuBLAS calls, run here on
+  meta tensors) or "own" (``_own_fwd_kernel``, ``_own_bwd_kernel``).
 
 Each launch is specialised the way ``JITFunction.run`` does it (Triton's own binder and
 ``_pack_args``: integers equal to 1 become constants, 16-divisibility hints, pointer dtypes).

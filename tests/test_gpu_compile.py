@@ -28,7 +28,9 @@ CASES = {
 }
 KERNELS = {
     "attention": ["_fwd_kernel", "_colsum_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
-    "global": ["_global_fwd_kernel", "_global_dq_kernel", "_global_dc_kernel", "_global_dc_kernel"],
+    # one pass (B=100 is small): per source the logit gradients then their projection; dq's last
+    "global": ["_global_fwd_kernel", "_global_dlogits_kernel", "_unscale_project_kernel",
+               "_global_dlogits_kernel", "_unscale_project_kernel", "_unscale_project_kernel"],
     "own": ["_own_fwd_kernel", "_own_bwd_kernel"],
 }
 

@@ -33,7 +33,7 @@ def make(batch, k, dim, dtype, gen, scale=1.0):
     return low, [t.detach().double().requires_grad_() for t in low]
 
 
-def eager_same_precision(q, pos, neg, tau, negatives):
+def eager_same_precision(q, pos, neg, tau, negatives, reduction="mean"):
     """The eager loss computed in the inputs' own dtype: PyTorch's error baseline."""
     qn, pn, nn_ = (torch.nn.functional.normalize(t, dim=-1) for t in (q, pos, neg))
     if negatives == "global":
@@ -42,7 +42,7 @@ def eager_same_precision(q, pos, neg, tau, negatives):
     else:
         logits = torch.cat([(qn * pn).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", qn, nn_)], dim=1) / tau
         target = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    return torch.nn.functional.cross_entropy(logits, target)
+    return torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
 
 
 def max_err(a, b):
@@ -71,6 +71,75 @@ def test_loss_and_gradients_match_reference(batch, k, negatives, dtype, gen):
         ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
         err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
         assert err <= 2 * base_err + ATOL[dtype], f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g}"
+
+
+def check_against_reference(inputs, truth, tau, dtype, negatives="global", weights=None):
+    """The 2x rule for the per-query losses and each gradient of sum(weights * losses) (default:
+    the mean): our error against float64 is at most twice the error of PyTorch's eager loss in the
+    inputs' own dtype, plus ATOL."""
+    base = [t.detach().clone().requires_grad_() for t in inputs]
+    loss = infonce_loss(*inputs, tau=tau, negatives=negatives, reduction="none")
+    want = reference.infonce(*truth, tau=tau, negatives=negatives, reduction="none")
+    pytorch = eager_same_precision(*base, tau, negatives, reduction="none")
+    assert max_err(loss, want) <= 2 * max_err(pytorch, want) + ATOL[dtype] * 10
+    weights = torch.ones(len(loss), dtype=torch.float64) / len(loss) if weights is None else weights
+    (loss.double() * weights.to(loss.device)).sum().backward()
+    (want * weights.to(want.device)).sum().backward()
+    (pytorch * weights.to(pytorch.device, pytorch.dtype)).sum().backward()
+    for name, got, ref, own in zip(("q", "pos", "neg"), inputs, truth, base):
+        assert got.grad.dtype == dtype and got.grad.shape == got.shape
+        ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
+        err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
+        assert err <= 2 * base_err + ATOL[dtype], f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("columns", [1, 7, 16, 1000])  # 7: chunks straddle tiles; 1000: one per source
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_in_candidate_chunks(monkeypatch, columns, k, dtype, gen):
+    """The global backward's logit gradients computed a few candidate columns at a time, with dq
+    summed over chunks in float32, equal the reference; so does the one-pass path."""
+    monkeypatch.setattr(infonce, "_CHUNK_COLUMNS", columns)
+    chosen = []
+    original = infonce._chunk_columns
+    monkeypatch.setattr(infonce, "_chunk_columns", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    (q, pos, neg), truth = make(29, k, 12, dtype, gen)  # D=12: E (29 x 29) outgrows 4 B D bytes
+    weights = torch.randn(29, generator=gen, dtype=torch.float64) / 29  # signed, at the mean's scale
+    check_against_reference((q, pos, neg), truth, 0.05, dtype, weights=weights)
+    assert chosen == [min(columns, 29 * (1 + k))]
+
+
+def test_backward_in_one_pass_when_the_logit_gradients_are_small(monkeypatch, gen):
+    """B x B(1+K) no larger than the float32 dq accumulator: one workspace, no accumulator."""
+    chosen = []
+    original = infonce._chunk_columns
+    monkeypatch.setattr(infonce, "_chunk_columns", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    (q, pos, neg), truth = make(6, 2, 80, torch.float32, gen)
+    check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
+    assert chosen == [18]  # every candidate: 6 x 18 x 4 bytes <= 4 x 6 x 80
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 50])
+def test_forward_over_candidate_splits(monkeypatch, splits, gen):
+    """The forward's partial statistics per split of the candidates combine to the same loss,
+    whether the positive's split comes first, in the middle or is a one-tile split."""
+    monkeypatch.setattr(infonce, "_candidate_splits", lambda *a: splits)
+    (q, pos, neg), truth = make(37, 7, 24, torch.float32, gen)
+    check_against_reference((q, pos, neg), truth, 0.1, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 300.0])
+def test_half_precision_gradients_at_any_embedding_norm(scale, gen):
+    """float16 logit gradients carry rq_i rc_j / tau: at norms ~1e-3 they overflow float16 and at
+    ~2e3 they fall below its smallest number, without the power-of-two scale sigma. The bound is
+    relative (the gradients here are smaller than ATOL) and absolute: PyTorch's own float16 loss
+    loses its norms' squares at the small scale, so it is no baseline there."""
+    (q, pos, neg), truth = make(37, 3, 40, torch.float16, gen, scale=scale)
+    infonce_loss(q, pos, neg, tau=0.05).backward()
+    reference.infonce(*truth, tau=0.05).backward()
+    for name, got, ref in zip(("q", "pos", "neg"), (q, pos, neg), truth):
+        relative = max_err(got.grad, ref.grad) / ref.grad.abs().max().item()
+        assert relative <= 1e-2, f"d{name}: relative error {relative:.3g}"
 
 
 @pytest.mark.parametrize("negatives", ["global", "own"])
