@@ -33,13 +33,15 @@ def synchronize(device: torch.device) -> None:
 
 @pytest.fixture
 def measure(benchmark, device):
-    """``measure(fn, group=..., name=..., role=...)``: time ``fn`` and record it for the ratio table.
+    """``measure(fn, group=..., name=..., role=..., exclude_bytes=0)``: time ``fn`` and record it
+    for the ratio table.
 
-    ``fn`` runs once untimed (warm-up, and peak-memory reading on CUDA), then under
-    pytest-benchmark with a device synchronisation inside the timed call.
+    ``fn`` runs once untimed (warm-up), once more for the peak memory on CUDA (beyond what was
+    allocated before it, less ``exclude_bytes``: e.g. gradients every entry of the group
+    produces), then under pytest-benchmark with a device synchronisation inside the timed call.
     """
 
-    def run(fn, *, group: str, name: str, role: str):
+    def run(fn, *, group: str, name: str, role: str, exclude_bytes: int = 0):
         benchmark.group = group
         fn()
         synchronize(device)
@@ -49,7 +51,7 @@ def measure(benchmark, device):
             base = torch.cuda.memory_allocated(device)
             fn()
             synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - base
+            peak = torch.cuda.max_memory_allocated(device) - base - exclude_bytes
         benchmark.extra_info.update(role=role, name=name, peak_extra_bytes=peak)
 
         def timed():
@@ -82,4 +84,7 @@ def pytest_terminal_summary(terminalreporter):
                 f"x{e['median'] / base[r]:.2f} vs {r}" for r in ("fused", "eager") if r in base and r != e["role"]
             )
             peak = "" if e["peak"] is None else f"  peak extra {e['peak'] / 2**20:.1f} MiB"
+            eager_peak = next((x["peak"] for x in entries.values() if x["role"] == "eager"), None)
+            if e["peak"] is not None and eager_peak and e["role"] != "eager":
+                peak += f" (x{e['peak'] / eager_peak:.3f} of eager's)"
             tr.write_line(f"  {name:<40s} {e['median'] * 1e3:10.3f} ms  {ratios}{peak}")

@@ -1,9 +1,13 @@
-"""benchmarks/bench_infonce.py's largest-batch probe, on a fake device whose memory ends at a known B."""
+"""benchmarks/bench_infonce.py on the CPU: its largest-batch probe, on a fake device whose memory
+ends at a known B, and its eager baseline against the reference."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+
+from mgh_kernels import reference
 
 SPEC = importlib.util.spec_from_file_location(
     "bench_infonce", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infonce.py")
@@ -34,3 +38,24 @@ def test_largest_batch_when_even_the_start_fails_or_the_limit_runs():
     assert bench_infonce.largest_batch(lambda b: True, 4096, 10_000) == 10_000
     with pytest.raises(ValueError, match="start, limit"):
         bench_infonce.largest_batch(lambda b: True, 0, 10)
+
+
+def test_eager_baseline_is_the_reference_loss(gen):
+    """The benchmark's eager entry computes the same loss and gradients as ``reference.infonce``
+    (float32 inputs), and in bf16 returns a float32 loss with bf16 gradients."""
+    q, pos = (torch.randn(6, 16, generator=gen) for _ in range(2))
+    neg = torch.randn(6, 3, 16, generator=gen)
+    ours = [t.clone().requires_grad_() for t in (q, pos, neg)]
+    want = [t.double().requires_grad_() for t in (q, pos, neg)]
+    loss = bench_infonce.eager_infonce(*ours, tau=0.05)
+    expected = reference.infonce(*want, tau=0.05)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    for a, b in zip(ours, want):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
+    half = [t.bfloat16().requires_grad_() for t in (q, pos, neg)]
+    loss = bench_infonce.eager_infonce(*half, tau=0.05)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(t.grad.dtype == torch.bfloat16 for t in half)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=5e-2, atol=5e-2)
