@@ -182,8 +182,8 @@ def _unscale_project_kernel(
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """OUT[r] = (G[r] - (G[r] . x^_r) x^_r) / sigma with x^_r = X[r] * RX[r] (G[r] / sigma without
-    normalisation): from G = sigma * |x| * dL/dx^ to dL/dx. OUT may be G (each program reads its
-    rows whole before it writes them)."""
+    normalisation): from G = sigma * RX[r] * dL/dx^ (RX = 1 / |x|) to dL/dx, the normalisation's
+    gradient. OUT may be G (each program reads its rows whole before it writes them)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = offs_m < ROWS
@@ -260,7 +260,8 @@ def _own_bwd_kernel(
     B, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """Gradients w.r.t. the normalised q, pos and neg for one block of rows and of D."""
+    """Gradients w.r.t. the normalised q, pos and neg for one block of rows and of D, each row
+    times its own inverse norm: the G that ``_unscale_project_kernel`` takes (sigma = 1)."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -276,15 +277,15 @@ def _own_bwd_kernel(
     dz = -w * tl.load(TAIL + offs_m, mask=row_in, other=0.0)
     c = tl.load(P + offs_m[:, None] * stride_p + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
     gq = dz[:, None] * c * rc[:, None]
-    tl.store(GP + offs_m[:, None] * D + offs_d[None, :], dz[:, None] * q_hat, mask=tile)
+    tl.store(GP + offs_m[:, None] * D + offs_d[None, :], (dz * rc)[:, None] * q_hat, mask=tile)
     for k in range(0, K):
         rows = offs_m * K + k
         rc = tl.load(RN + rows, mask=row_in, other=0.0)
         dz = w * tl.exp(tl.load(Z + offs_m * (K + 1) + 1 + k, mask=row_in, other=0.0) - lse)
         c = tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
         gq += dz[:, None] * c * rc[:, None]
-        tl.store(GN + rows[:, None] * D + offs_d[None, :], dz[:, None] * q_hat, mask=tile)
-    tl.store(GQ + offs_m[:, None] * D + offs_d[None, :], gq, mask=tile)
+        tl.store(GN + rows[:, None] * D + offs_d[None, :], (dz * rc)[:, None] * q_hat, mask=tile)
+    tl.store(GQ + offs_m[:, None] * D + offs_d[None, :], gq * rq[:, None], mask=tile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,14 +321,6 @@ def _inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     if not normalize:
         return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
     return 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(1e-12)
-
-
-def _normalize_backward(x: torch.Tensor, inv_norm: torch.Tensor, grad_hat: torch.Tensor, normalize: bool):
-    """d/dx of x / |x| given the gradient w.r.t. the normalised vector; float32 in, x.dtype out."""
-    if not normalize:
-        return grad_hat.to(x.dtype)
-    x_hat = x.float() * inv_norm[:, None]
-    return ((grad_hat - (grad_hat * x_hat).sum(-1, keepdim=True) * x_hat) * inv_norm[:, None]).to(x.dtype)
 
 
 def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int) -> int:
@@ -489,9 +482,10 @@ class _InfoNCEFunction(torch.autograd.Function):
             q, pos, neg, rq, rp, rn, logits, lse, tail, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
             batch, ctx.k, dim, 1.0 / ctx.tau, BLOCK_M=rows, BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
         )
-        dq = _normalize_backward(q, rq, gq, ctx.normalize)
-        dpos = _normalize_backward(pos, rp, gp, ctx.normalize)
-        dneg = _normalize_backward(neg, rn, gn, ctx.normalize)
+        one = torch.ones(1, dtype=torch.float32, device=q.device)  # sigma: no scaling here
+        dq, dpos, dneg = (_project(g, x, rx, one, _backend.new_output(tuple(x.shape), x.dtype, x.device),
+                                   ctx.normalize, cfg)
+                          for g, x, rx in ((gq, q, rq), (gp, pos, rp), (gn, neg, rn)))
         return dq, dpos, dneg, None, None, None, None
 
 

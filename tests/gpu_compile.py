@@ -17,7 +17,8 @@ config functions (``_config``, ``_bwd_config``) forced to their CUDA branch.
   ``negatives`` "global" (``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and
   ``_unscale_project_kernel`` for the positives and for the negatives, and
   ``_unscale_project_kernel`` for the queries; the GEMMs between them are cuBLAS calls, run here on
-  meta tensors) or "own" (``_own_fwd_kernel``, ``_own_bwd_kernel``).
+  meta tensors) or "own" (``_own_fwd_kernel``, ``_own_bwd_kernel``, then
+  ``_unscale_project_kernel`` for the queries, positives and negatives).
 
 Each launch is specialised the way ``JITFunction.run`` does it (Triton's own binder and
 ``_pack_args``: integers equal to 1 become constants, 16-divisibility hints, pointer dtypes).

@@ -31,7 +31,7 @@ KERNELS = {
     # one pass (B=100 is small): per source the logit gradients then their projection; dq's last
     "global": ["_global_fwd_kernel", "_global_dlogits_kernel", "_unscale_project_kernel",
                "_global_dlogits_kernel", "_unscale_project_kernel", "_unscale_project_kernel"],
-    "own": ["_own_fwd_kernel", "_own_bwd_kernel"],
+    "own": ["_own_fwd_kernel", "_own_bwd_kernel"] + ["_unscale_project_kernel"] * 3,  # q, pos, neg
 }
 
 
