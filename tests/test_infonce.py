@@ -49,6 +49,31 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def check_against_reference(inputs, truth, tau, dtype, negatives="global", reduction="none", weights=None):
+    """The 2x rule for the loss and each gradient: our error against float64 is at most twice the
+    error of PyTorch's eager loss in the inputs' own dtype, plus ATOL. reduction "mean": the mean
+    loss and its gradients; "none": the per-query losses and the gradients of
+    sum(weights * losses) (weights default: 1/B each). Returns our loss."""
+    base = [t.detach().clone().requires_grad_() for t in inputs]
+    loss = infonce_loss(*inputs, tau=tau, negatives=negatives, reduction=reduction)
+    want = reference.infonce(*truth, tau=tau, negatives=negatives, reduction=reduction)
+    pytorch = eager_same_precision(*base, tau, negatives, reduction=reduction)
+    assert max_err(loss, want) <= 2 * max_err(pytorch, want) + ATOL[dtype] * 10
+    if reduction == "none":
+        weights = torch.full((len(loss),), 1 / len(loss), dtype=torch.float64) if weights is None else weights
+        scalars = [(t * weights.to(t.device, t.dtype)).sum() for t in (loss.double(), want, pytorch)]
+    else:
+        scalars = [loss, want, pytorch]
+    for scalar in scalars:
+        scalar.backward()
+    for name, got, ref, own in zip(("q", "pos", "neg"), inputs, truth, base):
+        assert got.grad.dtype == dtype and got.grad.shape == got.shape
+        ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
+        err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
+        assert err <= 2 * base_err + ATOL[dtype], f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g}"
+    return loss
+
+
 @pytest.mark.parametrize("batch", [1, 5, 37])  # 37: not a multiple of the tile
 @pytest.mark.parametrize("k", [0, 1, 7])
 @pytest.mark.parametrize("negatives", ["global", "own"])
@@ -56,67 +81,38 @@ def max_err(a, b):
 def test_loss_and_gradients_match_reference(batch, k, negatives, dtype, gen):
     tau = [0.01, 0.05, 1.0][(batch + k) % 3]
     (q, pos, neg), truth = make(batch, k, 40, dtype, gen)
-    base = [t.detach().clone().requires_grad_() for t in (q, pos, neg)]
-    loss = infonce_loss(q, pos, neg, tau=tau, negatives=negatives)
+    loss = check_against_reference((q, pos, neg), truth, tau, dtype, negatives, reduction="mean")
     assert infonce.last_backend() == ("triton" if CUDA else "triton-interpreter")
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    want = reference.infonce(*truth, tau=tau, negatives=negatives)
-    pytorch = eager_same_precision(*base, tau, negatives)
-    assert max_err(loss, want) <= 2 * max_err(pytorch, want) + ATOL[dtype] * 10
-    loss.backward()
-    want.backward()
-    pytorch.backward()
-    for name, got, ref, own in zip(("q", "pos", "neg"), (q, pos, neg), truth, base):
-        assert got.grad.dtype == dtype and got.grad.shape == got.shape
-        ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
-        err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
-        assert err <= 2 * base_err + ATOL[dtype], f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g}"
 
 
-def check_against_reference(inputs, truth, tau, dtype, negatives="global", weights=None):
-    """The 2x rule for the per-query losses and each gradient of sum(weights * losses) (default:
-    the mean): our error against float64 is at most twice the error of PyTorch's eager loss in the
-    inputs' own dtype, plus ATOL."""
-    base = [t.detach().clone().requires_grad_() for t in inputs]
-    loss = infonce_loss(*inputs, tau=tau, negatives=negatives, reduction="none")
-    want = reference.infonce(*truth, tau=tau, negatives=negatives, reduction="none")
-    pytorch = eager_same_precision(*base, tau, negatives, reduction="none")
-    assert max_err(loss, want) <= 2 * max_err(pytorch, want) + ATOL[dtype] * 10
-    weights = torch.ones(len(loss), dtype=torch.float64) / len(loss) if weights is None else weights
-    (loss.double() * weights.to(loss.device)).sum().backward()
-    (want * weights.to(want.device)).sum().backward()
-    (pytorch * weights.to(pytorch.device, pytorch.dtype)).sum().backward()
-    for name, got, ref, own in zip(("q", "pos", "neg"), inputs, truth, base):
-        assert got.grad.dtype == dtype and got.grad.shape == got.shape
-        ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
-        err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
-        assert err <= 2 * base_err + ATOL[dtype], f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g}"
+@pytest.fixture
+def chosen_columns(monkeypatch):
+    """The workspace widths ``_chunk_columns`` picks during the test, in call order."""
+    chosen = []
+    original = infonce._chunk_columns
+    monkeypatch.setattr(infonce, "_chunk_columns", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    return chosen
 
 
 @pytest.mark.parametrize("columns", [1, 7, 16, 1000])  # 7: chunks straddle tiles; 1000: one per source
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_in_candidate_chunks(monkeypatch, columns, k, dtype, gen):
+def test_backward_in_candidate_chunks(monkeypatch, chosen_columns, columns, k, dtype, gen):
     """The global backward's logit gradients computed a few candidate columns at a time, with dq
     summed over chunks in float32, equal the reference; so does the one-pass path."""
     monkeypatch.setattr(infonce, "_CHUNK_COLUMNS", columns)
-    chosen = []
-    original = infonce._chunk_columns
-    monkeypatch.setattr(infonce, "_chunk_columns", lambda *a: chosen.append(original(*a)) or chosen[-1])
     (q, pos, neg), truth = make(29, k, 12, dtype, gen)  # D=12: E (29 x 29) outgrows 4 B D bytes
     weights = torch.randn(29, generator=gen, dtype=torch.float64) / 29  # signed, at the mean's scale
     check_against_reference((q, pos, neg), truth, 0.05, dtype, weights=weights)
-    assert chosen == [min(columns, 29 * (1 + k))]
+    assert chosen_columns == [min(columns, 29 * (1 + k))]
 
 
-def test_backward_in_one_pass_when_the_logit_gradients_are_small(monkeypatch, gen):
+def test_backward_in_one_pass_when_the_logit_gradients_are_small(chosen_columns, gen):
     """B x B(1+K) no larger than the float32 dq accumulator: one workspace, no accumulator."""
-    chosen = []
-    original = infonce._chunk_columns
-    monkeypatch.setattr(infonce, "_chunk_columns", lambda *a: chosen.append(original(*a)) or chosen[-1])
     (q, pos, neg), truth = make(6, 2, 80, torch.float32, gen)
     check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
-    assert chosen == [18]  # every candidate: 6 x 18 x 4 bytes <= 4 x 6 x 80
+    assert chosen_columns == [18]  # every candidate: 6 x 18 x 4 bytes <= 4 x 6 x 80
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 50])
