@@ -5,6 +5,9 @@ Run with ``pytest --benchmark``; the module is skipped without CUDA. Each group 
 and holds these entries, all on the same inputs:
 
 * ``ata_attention (out + colsum)``, role "ours": our kernel, output and per-key column sums;
+* on shapes with L <= 512, ``... one-sweep forward`` and ``... two-pass forward``, role "other":
+  the same op with each forward forced (``attention.SHORT_MAX_LENGTH``), to choose the default
+  limit by measurement;
 * ``SDPA cuDNN backend (out only)``, role "fused": the baseline;
 * ``SDPA flash backend (out only)`` and, when flash-attn is installed, ``flash_attn_func``,
   role "other" (shown for scale);
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mgh_kernels import ata_attention, reference
+from mgh_kernels import ata_attention, attention, reference
 
 try:
     import flash_attn
@@ -61,6 +64,7 @@ class Shape(NamedTuple):
 
 
 MHA_SHAPES = [
+    Shape(64, 32, 32, 256, 128),  # typical embedding inputs: the one-sweep forward by default
     Shape(32, 32, 32, 512, 128),
     Shape(8, 32, 32, 2048, 128),
     Shape(2, 32, 32, 8192, 128),
@@ -97,12 +101,15 @@ def _flash_attn(q, k, v, causal):
 
 IMPLS = {  # key: (entry name, role, implementation)
     "ours": ("ata_attention (out + colsum)", "ours", _ours),
+    "ours_one_sweep": ("ata_attention, one-sweep forward", "other", _ours),
+    "ours_two_pass": ("ata_attention, two-pass forward", "other", _ours),
     "sdpa_cudnn": ("SDPA cuDNN backend (out only)", "fused", _sdpa),
     "sdpa_flash": ("SDPA flash backend (out only)", "other", _sdpa),
     "eager": ("eager reference (out + colsum)", "eager", _eager),
 }
 if flash_attn is not None:
     IMPLS["flash_attn"] = ("flash-attn flash_attn_func (out only)", "other", _flash_attn)
+FORCED_FORWARD = {"ours_one_sweep": 512, "ours_two_pass": 0}  # SHORT_MAX_LENGTH["half"] for the entry
 SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 
 
@@ -138,6 +145,17 @@ def timed_call(attend, inputs, causal: bool, backward: bool):
     return step
 
 
+@contextlib.contextmanager
+def forced_short_limit(limit: int):
+    """``attention.SHORT_MAX_LENGTH["half"]`` set to ``limit`` inside the block."""
+    saved = attention.SHORT_MAX_LENGTH["half"]
+    attention.SHORT_MAX_LENGTH["half"] = limit
+    try:
+        yield
+    finally:
+        attention.SHORT_MAX_LENGTH["half"] = saved
+
+
 def skip_if_rejected(fn, name: str) -> None:
     """Call ``fn`` once; if the SDPA backend rejects the shape, skip with its error and warnings."""
     with warnings.catch_warnings(record=True) as caught:
@@ -160,11 +178,14 @@ def bench_attention(measure, device, part, case, impl):
             f"eager reference would store ~{eager_bytes(shape) / 1e9:.0f} GB of float32 L x L "
             f"tensors (limit {EAGER_LIMIT_BYTES / 1e9:.0f} GB)"
         )
+    if impl in FORCED_FORWARD and shape.length > 512:
+        pytest.skip("the one-sweep forward takes L <= 512 only")
     inputs = make_inputs(shape, device, blhd=impl == "flash_attn", requires_grad=part == "fwd+bwd")
     fn = timed_call(attend, inputs, causal, backward=part == "fwd+bwd")
     group = f"attention {part} {shape.label()} {'causal' if causal else 'bidir'}"
     backend = sdpa_kernel(SDPA_BACKENDS[impl]) if impl in SDPA_BACKENDS else contextlib.nullcontext()
-    with backend:
+    limit = FORCED_FORWARD.get(impl, attention.SHORT_MAX_LENGTH["half"])
+    with backend, forced_short_limit(limit):
         if impl in SDPA_BACKENDS:
             skip_if_rejected(fn, name)
         measure(fn, group=group, name=name, role=role)

@@ -10,6 +10,10 @@ Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
   a column-sum pass per key block (one program per kv head, looping over the query heads that
   share it and over query blocks) re-computes the probabilities from the log-sum-exp and sums
   them down the columns. Each program owns its outputs: results are deterministic, no atomics.
+  Short sequences (``SHORT_MAX_LENGTH``) instead take one sweep per query block that keeps its
+  probabilities on chip until the softmax normaliser is known, then sums their columns into a
+  per-block partial ([B * Hq, L / BLOCK_M, L] float32, reduced in a fixed order): one QK^T and one
+  exponential per score instead of two.
 * backward, exact through both outputs. With ``dc`` the gradient of the column sums and
   ``g_j = dc_j / Hq``, the gradient of the probabilities is ``dP_ij = dO_i . V_j + g_j``, so the
   softmax backward ``dS_ij = P_ij (dP_ij - delta_i)`` needs ``delta_i = dO_i . O_i + sum_j P_ij g_j``.
@@ -76,6 +80,77 @@ def _keep(offs_m, offs_n, key_valid, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_block(
+    Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The forward programs' query block: (b, h, hk, offs_m, q [BLOCK_M, BLOCK_D], q_valid)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < L
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0,
+    )
+    q_valid = _load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
+    return b, h, h // GROUP, offs_m, q, q_valid
+
+
+@triton.jit
+def _online_softmax_step(
+    q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, start, L, D, qk_scale, m_i, l_i, acc,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One flash-attention step over keys [start, start + BLOCK_N) of one sequence and kv head
+    (K, V, MASK already offset to it).
+
+    Returns the step's probabilities relative to the running max ``m`` after it, in the dtype the
+    P @ V product uses, then ``m``, the running sum ``l`` and the running output ``acc``.
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_in = offs_n < L
+    d_in = offs_d < D
+    kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_in[None, :] & d_in[:, None], other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    key_valid = _load_valid(MASK, smn, offs_n, col_in, HAS_MASK)
+    s = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_in[:, None] & d_in[None, :], other=0.0)
+    p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return p, m_new, l_i, acc
+
+
+@triton.jit
+def _store_out_lse(
+    OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D: tl.constexpr,
+):
+    """Normalise and store the output (zero for padded rows and rows that saw no key) and the
+    log-sum-exp (+inf for those rows); returns 1 / l per row (0 for those rows)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < L
+    row_ok = q_valid & (l_i > 0)
+    inv_l = tl.where(row_ok, 1.0 / tl.where(row_ok, l_i, 1.0), 0.0)
+    tl.store(
+        OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        (acc * inv_l[:, None]).to(OUT.dtype.element_ty), mask=row_in[:, None] & (offs_d < D)[None, :],
+    )
+    lse = tl.where(row_ok, m_i + tl.log2(tl.where(row_ok, l_i, 1.0)), float("inf"))
+    tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=row_in)
+    return inv_l
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, MASK, OUT, LSE,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
@@ -83,58 +158,114 @@ def _fwd_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_in = offs_m < L
-    d_in = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=row_in[:, None] & d_in[None, :], other=0.0,
+    """Flash attention of one query block of one head: out and the log-sum-exp."""
+    b, h, hk, offs_m, q, q_valid = _query_block(
+        Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M, BLOCK_D,
     )
-    q_valid = _load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = L
     if CAUSAL:
-        hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_in = offs_n < L
-        kt = tl.load(
-            K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=col_in[None, :] & d_in[:, None], other=0.0,
+        _, m_i, l_i, acc = _online_softmax_step(
+            q, offs_m, K + b * skb + hk * skh, V + b * svb + hk * svh, MASK + b * smb, skn, skd, svn, svd, smn,
+            start_n, L, D, qk_scale, m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
         )
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
-        s = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=col_in[:, None] & d_in[None, :], other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
 
-    row_ok = q_valid & (l_i > 0)
-    out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
-    out = tl.where(row_ok[:, None], out, 0.0)
-    tl.store(
-        OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        out.to(OUT.dtype.element_ty), mask=row_in[:, None] & d_in[None, :],
+
+@triton.jit
+def _chunk_unless_masked(
+    q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, L, D, qk_scale, hi, start, m_i, l_i, acc,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``_online_softmax_step`` over the chunk at ``start`` unless it starts at or past ``hi`` (under
+    causal masking, past the block's last query): then its probabilities are zero and its max -inf,
+    so it adds no column sum. Returns (p, the chunk's max, m_i, l_i, acc)."""
+    p = tl.zeros([q.shape[0], BLOCK_N], V.dtype.element_ty)
+    m_chunk = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    if start < hi:
+        p, m_chunk, l_i, acc = _online_softmax_step(
+            q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, start, L, D, qk_scale, m_i, l_i, acc,
+            HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+        )
+        m_i = m_chunk
+    return p, m_chunk, m_i, l_i, acc
+
+
+@triton.jit
+def _short_colsum(PART, p, m_chunk, m_final, inv_l, start, L, BLOCK_N: tl.constexpr):
+    """Column sums over a query block of one chunk's probabilities, rescaled to the final max and
+    normalised: sum_i p_ij 2^(m_chunk_i - m_i) / l_i (zero for rows the chunk gave no key)."""
+    m_final = tl.where(m_final == float("-inf"), 0.0, m_final)  # then inv_l is 0 too
+    w = tl.exp2(m_chunk - m_final) * inv_l
+    offs_n = start + tl.arange(0, BLOCK_N)
+    tl.store(PART + offs_n, tl.sum(p.to(tl.float32) * w[:, None], 0), mask=offs_n < L)
+
+
+@triton.jit
+def _fwd_short_kernel(
+    Q, K, V, MASK, OUT, LSE, PART,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
+    H, GROUP, L, D, qk_scale,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Short sequences (L <= CHUNKS * BLOCK_N): out, lse and column sums in one sweep.
+
+    A flash-attention pass over at most four key chunks that keeps each chunk's probabilities on
+    chip (in the P @ V dtype, as the output uses them) with the running max they were taken at.
+    Once the row's softmax normaliser is known they are rescaled and summed down the columns into
+    PART[b * H + h, pid_m, :] (reduced over query blocks and heads afterwards, in a fixed order).
+    One exponential per score, where the two-pass forward re-computes QK^T and every exponential.
+    The chunks are unrolled by hand: a Triton loop cannot keep a list of tiles.
+    """
+    b, h, hk, offs_m, q, q_valid = _query_block(
+        Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M, BLOCK_D,
     )
-    lse = tl.where(row_ok, m_i + tl.log2(tl.where(row_ok, l_i, 1.0)), float("inf"))
-    tl.store(LSE + pid_bh * L + offs_m, lse, mask=row_in)
+    k_ptr = K + b * skb + hk * skh
+    v_ptr = V + b * svb + hk * svh
+    mask_ptr = MASK + b * smb
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    p0, m0, l_i, acc = _online_softmax_step(  # every block sees the first chunk
+        q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, 0, L, D, qk_scale, m_i, l_i, acc,
+        HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+    )
+    m_i = m0
+    if CHUNKS > 1:
+        p1, m1, m_i, l_i, acc = _chunk_unless_masked(
+            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, BLOCK_N,
+            m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+        )
+    if CHUNKS > 2:
+        p2, m2, m_i, l_i, acc = _chunk_unless_masked(
+            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, 2 * BLOCK_N,
+            m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+        )
+    if CHUNKS > 3:
+        p3, m3, m_i, l_i, acc = _chunk_unless_masked(
+            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, 3 * BLOCK_N,
+            m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+        )
+
+    inv_l = _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
+    part = PART + ((b * H + h) * tl.num_programs(0) + tl.program_id(0)) * L
+    _short_colsum(part, p0, m0, m_i, inv_l, 0, L, BLOCK_N)
+    if CHUNKS > 1:
+        _short_colsum(part, p1, m1, m_i, inv_l, BLOCK_N, L, BLOCK_N)
+    if CHUNKS > 2:
+        _short_colsum(part, p2, m2, m_i, inv_l, 2 * BLOCK_N, L, BLOCK_N)
+    if CHUNKS > 3:
+        _short_colsum(part, p3, m3, m_i, inv_l, 3 * BLOCK_N, L, BLOCK_N)
 
 
 @triton.jit
@@ -349,6 +480,36 @@ def _config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
 
 
+# Longest sequence (L rounded up to a power of two) that takes the one-sweep forward; longer ones
+# take the two-pass forward (``_fwd_kernel`` then ``_colsum_kernel``). The limit is what a program
+# can keep on chip: up to four chunks of probabilities beside the output accumulator. Compiled for
+# sm_90 (ptxas, bf16/fp16, head dims 64/128), 2 chunks (L <= 256) spill at most 216 bytes per
+# thread and 4 chunks (L <= 512) 0.8-1.6 KB, which may or may not beat re-computing QK^T and the
+# exponentials: not measured yet, so 512 stays on the two-pass path until a GPU round compares
+# them (``benchmarks/bench_attention.py`` times both forwards).
+SHORT_MAX_LENGTH = {"interpreter": 64, "half": 256, "float32": 0}
+
+
+def _short_config(device: torch.device, head_dim: int, dtype: torch.dtype, length: int) -> Optional[dict]:
+    """Tiles of the one-sweep forward (``_fwd_short_kernel``), or None when L is too long for it.
+
+    Up to four key chunks of BLOCK_N keys. float32 on GPU keeps the two-pass forward: its "ieee"
+    dots use no tensor cores and need 32 x 32 tiles there to stay near spill-free, while a whole
+    row held on chip spilled 14-26 KB per thread at 128 keys (ptxas, sm_90).
+    """
+    block_l = max(16, triton.next_power_of_2(length))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        block_n = max(16, block_l // 4)
+        limit = SHORT_MAX_LENGTH["interpreter"]
+        return dict(BLOCK_M=16, BLOCK_N=block_n, CHUNKS=block_l // block_n, BLOCK_D=block_d) if block_l <= limit else None
+    limit = SHORT_MAX_LENGTH["float32" if dtype == torch.float32 else "half"]
+    block_n = min(block_l, 128)
+    if block_l > limit or block_l > 4 * block_n or block_d > 128:
+        return None
+    return dict(BLOCK_M=64, BLOCK_N=block_n, CHUNKS=block_l // block_n, BLOCK_D=block_d, num_warps=4, num_stages=1)
+
+
 def _bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     cfg = _config(device, head_dim, dtype)
     if device.type == "cuda" and dtype != torch.float32:
@@ -375,7 +536,18 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     mask_arg = mask if mask is not None else q
     smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     qk_scale = scale * LOG2E
-    common = dict(HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg)
+    flags = dict(HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    short = _short_config(q.device, dim, q.dtype, length) if return_colsum else None
+    if short is not None:
+        n_blocks = triton.cdiv(length, short["BLOCK_M"])
+        part = _backend.new_output((batch * hq, n_blocks, length), torch.float32, q.device)
+        _fwd_short_kernel[(n_blocks, batch * hq)](
+            q, k, v, mask_arg, out, lse, part,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
+            hq, group, length, dim, qk_scale, **flags, **short,
+        )
+        return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
+    common = dict(**flags, **cfg)
     grid = (triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)
     _fwd_kernel[grid](
         q, k, v, mask_arg, out, lse,

@@ -12,7 +12,8 @@ config functions (``_config``, ``_bwd_config``) forced to their CUDA branch.
 * ``"attention"``: ``_ATAAttentionFunction`` forward with the column sums, then backward with
   gradients of both the output and the column sums; GQA (Hq = 4 Hkv), a uint8 key padding mask as
   ``ata_attention`` passes it, ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
-  ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel``.
+  ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel`` (``_fwd_short_kernel`` in place
+  of the first two when ``length`` is short enough for the one-sweep forward).
 * ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query,
   ``negatives`` "global" (``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and
   ``_unscale_project_kernel`` for the positives and for the negatives, and
@@ -118,7 +119,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, neg
         for name, value in saved.items():
             if isinstance(value, JITFunction):
                 setattr(module, name, recorder(value))
-        for name in ("_config", "_bwd_config"):
+        for name in ("_config", "_short_config", "_bwd_config"):
             if name in saved:
                 setattr(module, name, on_cuda(saved[name]))
 

@@ -1,7 +1,8 @@
 """ata_attention against the reference: forward, column sums and gradients, every path pinned.
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (float32, float16); with one, the
-same tests also run bfloat16 on CUDA. Tolerances follow flash-attention's rule: the kernel's error
+same tests also run bfloat16 on CUDA. The forward and gradient tests run through both forwards
+(the one-sweep kernel of short sequences and the two-pass flash + column-sum kernels). Tolerances follow flash-attention's rule: the kernel's error
 against a float64 reference is at most twice PyTorch's own eager error in the same precision,
 plus a small absolute term.
 """
@@ -31,6 +32,25 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(_backend, "new_output", poisoned)
     return allocated
+
+
+@pytest.fixture(params=["one-sweep", "two-pass"])
+def forward_path(request, monkeypatch):
+    """Run the test through each forward: the one-sweep kernel of short sequences, or the flash
+    pass plus column-sum pass, and check afterwards that every forward took the requested one."""
+    limit = 1 << 30 if request.param == "one-sweep" else 0
+    for key in ("interpreter", "half"):
+        monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
+    chosen, short_config = [], attention._short_config
+
+    def recording(*args):
+        chosen.append(short_config(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(attention, "_short_config", recording)
+    yield request.param
+    assert chosen, "no forward asked for the column sums"
+    assert all((cfg is not None) == (request.param == "one-sweep") for cfg in chosen), chosen
 
 
 def eager_same_precision(q, k, v, causal, mask, scale):
@@ -85,7 +105,7 @@ FORWARD_SHAPES = [
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("side", ["none", "left", "right"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_matches_reference(shape, causal, side, dtype, gen):
+def test_forward_matches_reference(shape, causal, side, dtype, gen, forward_path):
     (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen)
     mask = None if side == "none" else padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
     scale = 1 / math.sqrt(shape[4])
@@ -104,7 +124,7 @@ def test_forward_matches_reference(shape, causal, side, dtype, gen):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_row_with_one_valid_token(causal, side, gen):
+def test_row_with_one_valid_token(causal, side, gen, forward_path):
     (q, k, v), (q64, k64, v64) = make_inputs((3, 2, 1, 21, 16), torch.float32, gen)
     mask = padding_mask(3, 21, "one", gen).to(DEVICE)
     if side == "left":
@@ -124,7 +144,7 @@ GRAD_SHAPES = [(1, 1, 1, 1, 16), (2, 4, 2, 23, 24), (1, 2, 1, 33, 32)]
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gradients_through_out_and_colsum(shape, causal, side, dtype, gen):
+def test_gradients_through_out_and_colsum(shape, causal, side, dtype, gen, forward_path):
     (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen, requires_grad=True)
     base_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     mask = padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
@@ -143,7 +163,7 @@ def test_gradients_through_out_and_colsum(shape, causal, side, dtype, gen):
 
 
 @pytest.mark.parametrize("use", ["out only", "colsum only"])
-def test_gradients_when_only_one_output_is_used(use, gen):
+def test_gradients_when_only_one_output_is_used(use, gen, forward_path):
     (q, k, v), (q64, k64, v64) = make_inputs((2, 2, 1, 19, 16), torch.float32, gen, requires_grad=True)
     mask = padding_mask(2, 19, "left", gen).to(DEVICE)
     for args in ((q, k, v), (q64, k64, v64)):
@@ -211,6 +231,20 @@ def test_chunked_path_matches_reference(monkeypatch, causal, dtype, gen):
     ((want_out * w).sum() + want_colsum.square().sum()).backward()
     for got, want in zip((q, k, v), args):
         torch.testing.assert_close(got.grad, want.grad, rtol=tol * 10, atol=tol * 10)
+
+
+def test_forward_choice_by_length():
+    """Which forward the defaults pick (the kernels behind both are tested above)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    short = attention._short_config
+    assert short(cuda, 128, torch.bfloat16, 200) == dict(
+        BLOCK_M=64, BLOCK_N=128, CHUNKS=2, BLOCK_D=128, num_warps=4, num_stages=1)
+    assert short(cuda, 64, torch.float16, 100)["CHUNKS"] == 1
+    assert short(cuda, 128, torch.bfloat16, 257) is None  # beyond SHORT_MAX_LENGTH["half"]
+    assert short(cuda, 256, torch.bfloat16, 100) is None  # head dim too large to keep on chip
+    assert short(cuda, 64, torch.float32, 16) is None  # float32 keeps the two-pass forward
+    assert short(cpu, 32, torch.float32, 64)["CHUNKS"] == 4
+    assert short(cpu, 32, torch.float32, 65) is None
 
 
 def test_backend_selection(monkeypatch):

@@ -23,11 +23,16 @@ CASES = {
     "attention-bf16-d128-bidirectional": dict(op="attention", dtype="bfloat16", head_dim=128, causal=False),
     "attention-fp16-d64-causal": dict(op="attention", dtype="float16", head_dim=64, causal=True),
     "attention-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False),
+    # L = 200 takes the one-sweep forward (two key chunks); the default L = 1000 the two-pass one
+    "attention-short-bf16-d128-causal": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True, length=200),
+    "attention-short-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False,
+                                                   length=200),
     "infonce-bf16-global-D1024": dict(op="infonce", dtype="bfloat16", dim=1024, negatives="global"),
     "infonce-bf16-own-D1024": dict(op="infonce", dtype="bfloat16", dim=1024, negatives="own"),
 }
 KERNELS = {
     "attention": ["_fwd_kernel", "_colsum_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
+    "attention-short": ["_fwd_short_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
     # one pass (B=100 is small): per source the logit gradients then their projection; dq's last
     "global": ["_global_fwd_kernel", "_global_dlogits_kernel", "_unscale_project_kernel",
                "_global_dlogits_kernel", "_unscale_project_kernel", "_unscale_project_kernel"],
@@ -48,7 +53,8 @@ def test_kernels_compile_for_h100(compiled, name):
     for r in results:  # shown with -rP or on failure
         print(f"{r['kernel']:20} shared={r.get('shared')} registers={r.get('registers')} "
               f"spills={r.get('spill_stores')}/{r.get('spill_loads')} {r['seconds']}s {r['constants']}")
-    assert [r["kernel"] for r in results] == KERNELS[case.get("negatives", case["op"])]
+    kind = case.get("negatives", case["op"] + ("-short" if case.get("length", 1000) <= 256 else ""))
+    assert [r["kernel"] for r in results] == KERNELS[kind]
     errors = [f"{r['kernel']} {r['constants']}:\n{r['error']}" for r in results if "error" in r]
     assert not errors, "\n\n".join(errors)
     limit = gpu_compile.MAX_SHARED[ARCH]
