@@ -5,7 +5,10 @@
 #
 # Run from the repository root on a CUDA machine that has torch and triton (this package need not
 # be installed: PYTHONPATH=. is used):
-#     OUT=/some/dir bash benchmarks/gpu_round.sh
+#     OUT=/some/dir bash benchmarks/gpu_round.sh [PART ...]
+# PARTs (default: all, in this order): tests, attention, infonce, train, reference. One device
+# command may run for at most 10 minutes, so a first round on a fresh machine can be split, e.g.
+# "tests attention" in one call and "infonce train reference" in the next.
 # With $OUT set, everything printed also goes to $OUT/gpu_round.log and the benchmark JSON to
 # $OUT/bench.json; without it the JSON goes to .benchmarks/gpu_round.json. Every step runs even
 # if an earlier one failed; the exit status is non-zero if any step failed. PYTHON picks the
@@ -18,6 +21,22 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
 step() {
     printf '\n=== %s ===\n' "$*"
+}
+
+PARTS=("$@")
+[ "${#PARTS[@]}" -eq 0 ] && PARTS=(tests attention infonce train reference)
+for part in "${PARTS[@]}"; do
+    case "$part" in
+        tests|attention|infonce|train|reference) ;;
+        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train or reference)" >&2
+           exit 2 ;;
+    esac
+done
+
+wants() {
+    local part
+    for part in "${PARTS[@]}"; do [ "$part" = "$1" ] && return 0; done
+    return 1
 }
 
 round() {
@@ -34,16 +53,23 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible to torch'}")
 EOF
 
-    step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
-    "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
+    if wants tests; then
+        step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
+        "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
+    fi
 
-    step "benchmarks: bench_attention.py, bench_infonce.py, bench_train.py, bench_reference.py"
+    local benches=() part
+    for part in attention infonce train reference; do
+        wants "$part" && benches+=("benchmarks/bench_$part.py")
+    done
     local json=${OUT:+$OUT/bench.json}
     json=${json:-.benchmarks/gpu_round.json}
-    if "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
+    if [ "${#benches[@]}" -eq 0 ]; then
+        :
+    elif "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
+        step "benchmarks: ${benches[*]}"
         mkdir -p "$(dirname "$json")"
-        "$PY" -m pytest --benchmark -q benchmarks/bench_attention.py benchmarks/bench_infonce.py benchmarks/bench_train.py benchmarks/bench_reference.py \
-            --benchmark-json="$json" || failed+=("benchmarks")
+        "$PY" -m pytest --benchmark -q "${benches[@]}" --benchmark-json="$json" || failed+=("benchmarks")
     else
         echo "pytest-benchmark is not installed for $PY: carry its wheels (pytest-benchmark and"
         echo "py-cpuinfo, e.g. 'pip download pytest-benchmark -d wheels') and 'pip install wheels/*.whl'"
