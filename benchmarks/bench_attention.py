@@ -184,8 +184,8 @@ def bench_attention(measure, device, part, case, impl):
     fn = timed_call(attend, inputs, causal, backward=part == "fwd+bwd")
     group = f"attention {part} {shape.label()} {'causal' if causal else 'bidir'}"
     backend = sdpa_kernel(SDPA_BACKENDS[impl]) if impl in SDPA_BACKENDS else contextlib.nullcontext()
-    limit = FORCED_FORWARD.get(impl, attention.SHORT_MAX_LENGTH["half"])
-    with backend, forced_short_limit(limit):
+    forward = forced_short_limit(FORCED_FORWARD[impl]) if impl in FORCED_FORWARD else contextlib.nullcontext()
+    with backend, forward:
         if impl in SDPA_BACKENDS:
             skip_if_rejected(fn, name)
         measure(fn, group=group, name=name, role=role)

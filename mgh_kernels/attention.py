@@ -484,7 +484,7 @@ def _config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
 # take the two-pass forward (``_fwd_kernel`` then ``_colsum_kernel``). The limit is what a program
 # can keep on chip: up to four chunks of probabilities beside the output accumulator. Compiled for
 # sm_90 (ptxas, bf16/fp16, head dims 64/128), 2 chunks (L <= 256) spill at most 216 bytes per
-# thread and 4 chunks (L <= 512) 0.8-1.6 KB, which may or may not beat re-computing QK^T and the
+# thread and 4 chunks (L <= 512) 0.26-1.6 KB, which may or may not beat re-computing QK^T and the
 # exponentials: not measured yet, so 512 stays on the two-pass path until a GPU round compares
 # them (``benchmarks/bench_attention.py`` times both forwards).
 SHORT_MAX_LENGTH = {"interpreter": 64, "half": 256, "float32": 0}

@@ -2,9 +2,9 @@
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (float32, float16); with one, the
 same tests also run bfloat16 on CUDA. The forward and gradient tests run through both forwards
-(the one-sweep kernel of short sequences and the two-pass flash + column-sum kernels). Tolerances follow flash-attention's rule: the kernel's error
-against a float64 reference is at most twice PyTorch's own eager error in the same precision,
-plus a small absolute term.
+(the one-sweep kernel of short sequences and the two-pass flash + column-sum kernels).
+Tolerances follow flash-attention's rule: the kernel's error against a float64 reference is at
+most twice PyTorch's own eager error in the same precision, plus a small absolute term.
 """
 
 import math

@@ -12,6 +12,8 @@ Triton wheel bundles.
 
 import pytest
 
+from mgh_kernels import attention
+
 gpu_compile = pytest.importorskip("gpu_compile")
 
 SKIP = gpu_compile.unavailable_reason()
@@ -53,7 +55,8 @@ def test_kernels_compile_for_h100(compiled, name):
     for r in results:  # shown with -rP or on failure
         print(f"{r['kernel']:20} shared={r.get('shared')} registers={r.get('registers')} "
               f"spills={r.get('spill_stores')}/{r.get('spill_loads')} {r['seconds']}s {r['constants']}")
-    kind = case.get("negatives", case["op"] + ("-short" if case.get("length", 1000) <= 256 else ""))
+    short = case["op"] == "attention" and case.get("length", 1000) <= attention.SHORT_MAX_LENGTH["half"]
+    kind = case.get("negatives", case["op"] + ("-short" if short else ""))
     assert [r["kernel"] for r in results] == KERNELS[kind]
     errors = [f"{r['kernel']} {r['constants']}:\n{r['error']}" for r in results if "error" in r]
     assert not errors, "\n\n".join(errors)
