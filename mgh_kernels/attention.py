@@ -276,6 +276,11 @@ def _colsum_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Column sums of one key block of one kv head over every query of the heads that share it,
+    re-computing the probabilities from the log-sum-exp. Whole tiles add into a [BLOCK_M, BLOCK_N]
+    accumulator, reduced across rows once at the end: with the same tiles, a cross-thread reduction
+    per query block instead took 1.1-1.6x the time at head dim 128 on an H100
+    (benchmarks/sweep_attention.py; within 15% either way at head dim 64)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // HKV
@@ -289,7 +294,7 @@ def _colsum_kernel(
         mask=col_in[None, :] & d_in[:, None], other=0.0,
     )
     key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
-    col = tl.zeros([BLOCK_N], tl.float32)
+    col = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
@@ -305,8 +310,8 @@ def _colsum_kernel(
             lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_in, other=float("inf"))
             s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
             p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
-            col += tl.sum(p, 0)
-    tl.store(PART + pid_bk * L + offs_n, col, mask=col_in)
+            col += p
+    tl.store(PART + pid_bk * L + offs_n, tl.sum(col, 0), mask=col_in)
 
 
 @triton.jit
@@ -463,7 +468,9 @@ def _bwd_dq_kernel(
 
 
 def _config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: small under the interpreter (it runs one program at a time), flash-like on GPU.
+    """Tiles of the flash forward (``_fwd_kernel``): small under the interpreter (it runs one
+    program at a time); on GPU the fastest of a sweep on an H100 (bf16, L 512-8192,
+    ``benchmarks/sweep_attention.py``, RESULTS.md).
 
     float32 gets small tiles on GPU: its "ieee" dots do not use tensor cores, and the half-precision
     tiles spilled up to 17 KB of stack per thread (measured with ptxas for sm_90, no GPU needed).
@@ -474,19 +481,29 @@ def _config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
     if block_d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
     if block_d <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+
+
+def _colsum_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles of the column-sum pass (``_colsum_kernel``): BLOCK_N keys per program, BLOCK_M queries
+    per step. Half precision on GPU: the sweep's fastest (with the 2-D accumulator, 1.2-2x faster
+    than the forward's tiles; 128 keys per program at head dim 128)."""
+    cfg = _config(device, head_dim, dtype)
+    if device.type == "cuda" and dtype != torch.float32 and cfg["BLOCK_D"] <= 128:
+        block_n, stages = (64, 3) if cfg["BLOCK_D"] <= 64 else (128, 2)
+        cfg.update(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=stages)
+    return cfg
 
 
 # Longest sequence (L rounded up to a power of two) that takes the one-sweep forward; longer ones
 # take the two-pass forward (``_fwd_kernel`` then ``_colsum_kernel``). The limit is what a program
-# can keep on chip: up to four chunks of probabilities beside the output accumulator. Compiled for
-# sm_90 (ptxas, bf16/fp16, head dims 64/128), 2 chunks (L <= 256) spill at most 216 bytes per
-# thread and 4 chunks (L <= 512) 0.26-1.6 KB, which may or may not beat re-computing QK^T and the
-# exponentials: not measured yet, so 512 stays on the two-pass path until a GPU round compares
-# them (``benchmarks/bench_attention.py`` times both forwards).
+# can keep on chip: up to four chunks of probabilities beside the output accumulator. Measured on an
+# H100 (bf16, RESULTS.md): at L=512 (4 chunks, which spill 0.26-1.6 KB per thread) the one sweep
+# took 2-2.4x the two-pass time; at L=256 the two were within 15% of each other, either way round
+# (one sweep faster causal, slower bidirectional), so 256 stays the limit.
 SHORT_MAX_LENGTH = {"interpreter": 64, "half": 256, "float32": 0}
 
 
@@ -511,9 +528,14 @@ def _short_config(device: torch.device, head_dim: int, dtype: torch.dtype, lengt
 
 
 def _bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles of the three backward kernels; half precision on GPU: the sweep's fastest up to head
+    dim 128 (1.3-1.8x faster than the earlier 8 warps and 2 stages)."""
     cfg = _config(device, head_dim, dtype)
     if device.type == "cuda" and dtype != torch.float32:
-        cfg.update(BLOCK_M=64, BLOCK_N=64 if cfg["BLOCK_D"] <= 128 else 32)
+        if cfg["BLOCK_D"] <= 128:
+            cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        else:
+            cfg.update(BLOCK_M=64, BLOCK_N=32)
     return cfg
 
 
@@ -526,54 +548,78 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _forward(q, k, v, mask, causal, scale, return_colsum):
+def _mask_args(q, mask):
+    """The mask pointer and its strides (any tensor and zero strides without a mask)."""
+    return (mask, mask.stride(0), mask.stride(1)) if mask is not None else (q, 0, 0)
+
+
+def _launch_fwd(q, k, v, mask, causal, scale, cfg):
+    """``_fwd_kernel`` with tiles ``cfg``: (out [B, Hq, L, D], lse [B, Hq, L] float32, log2 units)."""
     batch, hq, length, dim = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    cfg = _config(q.device, dim, q.dtype)
+    mask_arg, smb, smn = _mask_args(q, mask)
     out = _backend.new_output((batch, hq, length, dim), q.dtype, q.device)
     lse = _backend.new_output((batch, hq, length), torch.float32, q.device)
-    mask_arg = mask if mask is not None else q
-    smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
-    qk_scale = scale * LOG2E
-    flags = dict(HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype))
-    short = _short_config(q.device, dim, q.dtype, length) if return_colsum else None
-    if short is not None:
-        n_blocks = triton.cdiv(length, short["BLOCK_M"])
-        part = _backend.new_output((batch * hq, n_blocks, length), torch.float32, q.device)
-        _fwd_short_kernel[(n_blocks, batch * hq)](
-            q, k, v, mask_arg, out, lse, part,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
-            hq, group, length, dim, qk_scale, **flags, **short,
-        )
-        return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
-    common = dict(**flags, **cfg)
-    grid = (triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)
-    _fwd_kernel[grid](
+    _fwd_kernel[(triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)](
         q, k, v, mask_arg, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
-        hq, group, length, dim, qk_scale, **common,
+        hq, hq // k.shape[1], length, dim, scale * LOG2E,
+        HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg,
     )
-    colsum = None
-    if return_colsum:
-        part = _backend.new_output((batch, hkv, length), torch.float32, q.device)
-        grid = (triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)
-        _colsum_kernel[grid](
-            q, k, mask_arg, lse, part,
-            *_strides(q), *_strides(k), smb, smn,
-            hq, hkv, group, length, dim, qk_scale, **common,
-        )
-        colsum = part.sum(dim=1) / hq
+    return out, lse
+
+
+def _launch_colsum(q, k, mask, lse, causal, scale, cfg):
+    """``_colsum_kernel`` with tiles ``cfg``: the column sums [B, L] float32 from the saved lse."""
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    mask_arg, smb, smn = _mask_args(q, mask)
+    part = _backend.new_output((batch, hkv, length), torch.float32, q.device)
+    _colsum_kernel[(triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)](
+        q, k, mask_arg, lse, part,
+        *_strides(q), *_strides(k), smb, smn,
+        hq, hkv, hq // hkv, length, dim, scale * LOG2E,
+        HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg,
+    )
+    return part.sum(dim=1) / hq
+
+
+def _launch_short(q, k, v, mask, causal, scale, cfg):
+    """``_fwd_short_kernel`` with tiles ``cfg`` (from ``_short_config``): (out, lse, colsum)."""
+    batch, hq, length, dim = q.shape
+    mask_arg, smb, smn = _mask_args(q, mask)
+    out = _backend.new_output((batch, hq, length, dim), q.dtype, q.device)
+    lse = _backend.new_output((batch, hq, length), torch.float32, q.device)
+    n_blocks = triton.cdiv(length, cfg["BLOCK_M"])
+    part = _backend.new_output((batch * hq, n_blocks, length), torch.float32, q.device)
+    _fwd_short_kernel[(n_blocks, batch * hq)](
+        q, k, v, mask_arg, out, lse, part,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
+        hq, hq // k.shape[1], length, dim, scale * LOG2E,
+        HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg,
+    )
+    return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
+
+
+def _forward(q, k, v, mask, causal, scale, return_colsum):
+    """(out, lse, colsum or None): the one-sweep forward for short sequences, else the flash pass
+    and, when the column sums are wanted, the column-sum pass."""
+    dim, length = q.shape[3], q.shape[2]
+    short = _short_config(q.device, dim, q.dtype, length) if return_colsum else None
+    if short is not None:
+        return _launch_short(q, k, v, mask, causal, scale, short)
+    cfg = _config(q.device, dim, q.dtype)
+    out, lse = _launch_fwd(q, k, v, mask, causal, scale, cfg)
+    colsum = _launch_colsum(q, k, mask, lse, causal, scale, _colsum_config(q.device, dim, q.dtype)) if return_colsum else None
     return out, lse, colsum
 
 
-def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale):
+def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale, cfg=None):
+    """(dq, dk, dv) through both outputs; ``cfg`` overrides the tiles (``_bwd_config``)."""
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    cfg = _bwd_config(q.device, dim, q.dtype)
-    mask_arg = mask if mask is not None else q
-    smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    cfg = cfg or _bwd_config(q.device, dim, q.dtype)
+    mask_arg, smb, smn = _mask_args(q, mask)
     has_dc = dcolsum is not None
     dc = dcolsum.to(torch.float32).contiguous() if has_dc else lse
     qk_scale = scale * LOG2E

@@ -7,7 +7,8 @@ Triton pipeline (frontend, MLIR lowering, PTX, ptxas), returning one summary per
 What is captured (the real launch code, not a re-typed copy): the op's autograd Function runs its
 ``forward`` and ``backward`` on ``meta`` tensors (shapes and dtypes, no data), with every kernel of
 the module replaced by a recorder of its ``kernel[grid](*args, **kwargs)`` call and with the tile
-config functions (``_config``, ``_bwd_config``) forced to their CUDA branch.
+config functions (``_config``, ``_colsum_config``, ``_short_config``, ``_bwd_config``) forced to their
+CUDA branch.
 
 * ``"attention"``: ``_ATAAttentionFunction`` forward with the column sums, then backward with
   gradients of both the output and the column sums; GQA (Hq = 4 Hkv), a uint8 key padding mask as
@@ -119,7 +120,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, neg
         for name, value in saved.items():
             if isinstance(value, JITFunction):
                 setattr(module, name, recorder(value))
-        for name in ("_config", "_short_config", "_bwd_config"):
+        for name in ("_config", "_colsum_config", "_short_config", "_bwd_config"):
             if name in saved:
                 setattr(module, name, on_cuda(saved[name]))
 

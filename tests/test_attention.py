@@ -39,7 +39,7 @@ def forward_path(request, monkeypatch):
     """Run the test through each forward: the one-sweep kernel of short sequences, or the flash
     pass plus column-sum pass, and check afterwards that every forward took the requested one."""
     limit = 1 << 30 if request.param == "one-sweep" else 0
-    for key in ("interpreter", "half"):
+    for key in ("interpreter", "half", "float32"):
         monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
     chosen, short_config = [], attention._short_config
 
