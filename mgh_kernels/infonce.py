@@ -346,13 +346,20 @@ def _chunk_columns(batch: int, candidates: int, dim: int, elem: int) -> int:
     return max(1, min(candidates, _CHUNK_COLUMNS, _WORKSPACE_BYTES // (batch * elem)))
 
 
-def _gradient_scale(w, rq, rc_max, tau):
+def _gradient_scale(w, rq, rc_max, tau, inputs_max=None):
     """[1] float32 sigma = 2^-ceil(log2(max_i |w_i| rq_i * max_j rc_j / tau)), on the device (no host
-    sync); 1 when every upstream gradient is 0. Computed in log space: the product may overflow."""
+    sync); 1 when every upstream gradient is 0. Computed in log space: the product may overflow.
+
+    ``inputs_max`` (float16 inputs: the largest |entry| of the embeddings) raises sigma by a further
+    2^s, s = -ceil(log2(inputs_max)) within [0, 12]: the GEMM outputs E^T @ Q and E @ C have the
+    embeddings' magnitude times E's, and with small embeddings (norms ~1e-3) they would fall into
+    float16's subnormals (a 1% error); E stays below 2^12, far from float16's overflow."""
     top = (w.abs() * rq).max()
     log2_top = torch.log2(top) + torch.log2(rc_max) - math.log2(tau)
-    exponent = torch.where(top > 0, -torch.ceil(log2_top), torch.zeros_like(top)).clamp(-126, 126)
-    return torch.exp2(exponent).reshape(1)
+    exponent = torch.where(top > 0, -torch.ceil(log2_top), torch.zeros_like(top))
+    if inputs_max is not None:
+        exponent = exponent + (-torch.ceil(torch.log2(inputs_max.float()))).clamp(0, 12)
+    return torch.exp2(exponent.clamp(-126, 126)).reshape(1)
 
 
 def _project(g, x, rx, sigma, out, normalize, cfg):
@@ -392,7 +399,10 @@ def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_
     dq = E @ C and dC = E^T @ Q as GEMMs (cuBLAS on a GPU), and the normalisation's gradient."""
     batch, dim = q.shape
     rc_max = torch.maximum(rp.max(), rn.max()) if rn.numel() else rp.max()
-    sigma = _gradient_scale(w, rq, rc_max, tau)
+    inputs_max = None
+    if q.dtype == torch.float16:
+        inputs_max = torch.stack([t.abs().max() for t in (q, pos, neg) if t.numel()]).max()
+    sigma = _gradient_scale(w, rq, rc_max, tau, inputs_max)
     dpos = _backend.new_output(tuple(pos.shape), pos.dtype, q.device)
     dneg = _backend.new_output(tuple(neg.shape), neg.dtype, q.device)
     sources = [(pos, rp, dpos, True), (neg, rn, dneg, False)]

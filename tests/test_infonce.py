@@ -127,15 +127,23 @@ def test_forward_over_candidate_splits(monkeypatch, splits, gen):
 @pytest.mark.parametrize("scale", [1e-4, 300.0])
 def test_half_precision_gradients_at_any_embedding_norm(scale, gen):
     """float16 logit gradients carry rq_i rc_j / tau: at norms ~1e-3 they overflow float16 and at
-    ~2e3 they fall below its smallest number, without the power-of-two scale sigma. The bound is
-    relative (the gradients here are smaller than ATOL) and absolute: PyTorch's own float16 loss
-    loses its norms' squares at the small scale, so it is no baseline there."""
+    ~2e3 they fall below its smallest number, without the power-of-two scale sigma; and the GEMMs
+    E^T @ Q and E @ C, of the embeddings' magnitude, fell into float16's subnormals at norms ~1e-3
+    (a 1% error, seen in CI) until sigma also took the embeddings' largest entry into account.
+    Errors are relative to the largest gradient (the gradients here are smaller than ATOL). At the
+    small scale PyTorch's own float16 loss loses its norms' squares, so it is no baseline: the
+    bound is absolute, 5e-3 (60 seeds gave at most 1.2e-3). At the large scale the 2x rule applies
+    (PyTorch's own error there is 2-5%, ours at most 0.7 of it over 60 seeds)."""
     (q, pos, neg), truth = make(37, 3, 40, torch.float16, gen, scale=scale)
+    base = [t.detach().clone().requires_grad_() for t in (q, pos, neg)]
     infonce_loss(q, pos, neg, tau=0.05).backward()
     reference.infonce(*truth, tau=0.05).backward()
-    for name, got, ref in zip(("q", "pos", "neg"), (q, pos, neg), truth):
-        relative = max_err(got.grad, ref.grad) / ref.grad.abs().max().item()
-        assert relative <= 1e-2, f"d{name}: relative error {relative:.3g}"
+    eager_same_precision(*base, 0.05, "global").backward()
+    for name, got, own, ref in zip(("q", "pos", "neg"), (q, pos, neg), base, truth):
+        largest = ref.grad.abs().max().item()
+        relative, pytorch = max_err(got.grad, ref.grad) / largest, max_err(own.grad, ref.grad) / largest
+        bound = 5e-3 if scale < 1 else 2 * pytorch
+        assert relative <= bound, f"d{name}: relative error {relative:.3g} (PyTorch's {pytorch:.3g})"
 
 
 @pytest.mark.parametrize("negatives", ["global", "own"])
@@ -157,7 +165,7 @@ def test_without_normalisation_uses_raw_dot_products(gen):
     (q, pos, neg), _ = make(9, 3, 16, torch.float32, gen, scale=0.3)
     got = infonce_loss(q, pos, neg, tau=0.5, normalize=False, reduction="none")
     logits = torch.cat([q @ pos.T, q @ neg.reshape(-1, 16).T], dim=1) / 0.5
-    want = torch.nn.functional.cross_entropy(logits, torch.arange(9), reduction="none")
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(9, device=q.device), reduction="none")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     g_got = torch.autograd.grad(got.sum(), (q, pos, neg))
     g_want = torch.autograd.grad(want.sum(), (q, pos, neg))
@@ -264,7 +272,9 @@ def test_gather_two_ranks_equal_one_process(tmp_path, gen):
         output, _ = p.communicate(timeout=300)
         assert p.returncode == 0, output
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert all(r["backend"] == "triton-interpreter" for r in ranks)  # the workers run on the CPU
+    # The workers hold CPU tensors: the interpreter's kernels where the tests run them (no GPU),
+    # else the PyTorch path (Triton 3.6's interpreter, on the GPU machines, fails in the workers).
+    assert all(r["backend"] == _backend.select(inputs[0]) for r in ranks)
 
     whole = [t.clone().requires_grad_() for t in inputs]
     want = infonce_loss(*whole, tau=0.05)
