@@ -108,7 +108,7 @@ def test_other_layer_and_gradients(gen):
     want, got = grads(eager), grads(fused)
     assert want.keys() == got.keys() and len(got) > 10
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_bad_arguments_and_unsupported_masks(gen):
