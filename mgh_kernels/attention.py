@@ -553,6 +553,11 @@ def _mask_args(q, mask):
     return (mask, mask.stride(0), mask.stride(1)) if mask is not None else (q, 0, 0)
 
 
+def _flags(q, mask, causal) -> dict:
+    """The constexpr flags every kernel takes."""
+    return dict(HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype))
+
+
 def _launch_fwd(q, k, v, mask, causal, scale, cfg):
     """``_fwd_kernel`` with tiles ``cfg``: (out [B, Hq, L, D], lse [B, Hq, L] float32, log2 units)."""
     batch, hq, length, dim = q.shape
@@ -563,7 +568,7 @@ def _launch_fwd(q, k, v, mask, causal, scale, cfg):
         q, k, v, mask_arg, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
         hq, hq // k.shape[1], length, dim, scale * LOG2E,
-        HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg,
+        **_flags(q, mask, causal), **cfg,
     )
     return out, lse
 
@@ -578,7 +583,7 @@ def _launch_colsum(q, k, mask, lse, causal, scale, cfg):
         q, k, mask_arg, lse, part,
         *_strides(q), *_strides(k), smb, smn,
         hq, hkv, hq // hkv, length, dim, scale * LOG2E,
-        HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg,
+        **_flags(q, mask, causal), **cfg,
     )
     return part.sum(dim=1) / hq
 
@@ -595,7 +600,7 @@ def _launch_short(q, k, v, mask, causal, scale, cfg):
         q, k, v, mask_arg, out, lse, part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
         hq, hq // k.shape[1], length, dim, scale * LOG2E,
-        HAS_MASK=mask is not None, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg,
+        **_flags(q, mask, causal), **cfg,
     )
     return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
 
@@ -609,8 +614,9 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
         return _launch_short(q, k, v, mask, causal, scale, short)
     cfg = _config(q.device, dim, q.dtype)
     out, lse = _launch_fwd(q, k, v, mask, causal, scale, cfg)
-    colsum = _launch_colsum(q, k, mask, lse, causal, scale, _colsum_config(q.device, dim, q.dtype)) if return_colsum else None
-    return out, lse, colsum
+    if not return_colsum:
+        return out, lse, None
+    return out, lse, _launch_colsum(q, k, mask, lse, causal, scale, _colsum_config(q.device, dim, q.dtype))
 
 
 def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale, cfg=None):
@@ -623,9 +629,7 @@ def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale, cfg=None):
     has_dc = dcolsum is not None
     dc = dcolsum.to(torch.float32).contiguous() if has_dc else lse
     qk_scale = scale * LOG2E
-    common = dict(
-        HAS_MASK=mask is not None, HAS_DC=has_dc, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg
-    )
+    common = dict(HAS_DC=has_dc, **_flags(q, mask, causal), **cfg)
     delta = _backend.new_output((batch, hq, length), torch.float32, q.device)
     grid_m = (triton.cdiv(length, cfg["BLOCK_M"]), batch * hq)
     _bwd_delta_kernel[grid_m](
