@@ -12,19 +12,25 @@ embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
   candidate tiles, the dot products accumulated over chunks of D, and keep a running max, sum of
   exp, non-target sum and the positive's logit per query; the splits' partial statistics (O(B)
   per split) are combined after. Splitting keeps the GPU busy when B / BLOCK_M is small.
-* "global" backward (3 GEMMs): with ``w_i`` the upstream gradient of query i's loss,
-  ``dz_ij = w_i (p_ij - [j = pos(i)])``. A kernel re-computes the logits tile by tile from the
-  saved log-sum-exp (over the whole of D, once) and writes ``E_ij = sigma dz_ij rq_i rc_j / tau``
-  for a chunk of candidate columns into a bounded workspace (B x 4096 columns, at most 256 MiB;
-  the whole B x N when that is no larger than a float32 [B, D]). Then ``E^T @ Q_raw`` is that
-  chunk's candidate gradient and ``E @ C_raw`` adds to the query gradient (float32 across
-  chunks): GEMMs at cuBLAS speed on a GPU. sigma, a power of two, keeps E in half precision's
-  range at any embedding norm. A last row-wise kernel removes sigma and applies the
-  normalisation's gradient, ``dx = (g - (g . x^) x^) / |x|``. Deterministic: no atomics.
-  (Re-computing per block of D instead, as flash attention can at D <= 256, would cost D / 256
-  GEMMs per gradient: 35 GEMMs in all at D = 4096.)
+* "global" backward (3 GEMMs, 4 when memory is short): with ``w_i`` the upstream gradient of
+  query i's loss, ``dz_ij = w_i (p_ij - [j = pos(i)])``. A kernel re-computes the logits tile by
+  tile from the saved log-sum-exp (over the whole of D, once) and writes
+  ``E_ij = sigma dz_ij rq_i rc_j / tau`` for a chunk of E into a bounded workspace. Then
+  ``E^T @ Q_raw`` is that chunk's candidate gradient and ``E @ C_raw`` its part of the query
+  gradient: GEMMs at cuBLAS speed on a GPU. How E is chunked (``_BackwardPlan``) keeps the
+  backward's scratch within a byte per logit of the B x N matrix it never stores (a twelfth of
+  the eager loss's peak): E whole when it fits; else chunks of candidate columns with dq summed
+  in a float32 [B, D] accumulator; else, where that accumulator alone would break the budget
+  (small B, large D), candidate chunks for dC and then E re-computed in chunks of queries for dq.
+  sigma, a power of two, keeps E in half precision's range at any embedding norm. A last row-wise
+  kernel removes sigma and applies the normalisation's gradient, ``dx = (g - (g . x^) x^) / |x|``.
+  Deterministic: no atomics. (Re-computing per block of D instead, as flash attention can at
+  D <= 256, would cost D / 256 GEMMs per gradient: 35 GEMMs in all at D = 4096.)
 * "own": each query's 1+K logits are computed row-wise and kept (O(B(1+K)) floats), and the
-  backward writes each gradient block from them directly.
+  backward writes each gradient block from them directly, the normalisation's gradient included
+  (its coefficient ``g . x^`` follows from the logits, so no pass over D is needed).
+* Inverse norms come from one row-wise kernel that reads each input in its own dtype: memory
+  beyond inputs and gradients is the backward's scratch and O(B(1+K)) statistics.
 
 ``gather=True`` under an initialised ``torch.distributed`` group makes the candidates of every
 rank the global batch (sentence-transformers' ``gather_across_devices``): positives and negatives
@@ -41,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +74,32 @@ def last_backend() -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 # Triton kernels. X [rows, D] row-major with row stride; inverse norms RX [rows] float32.
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_norms_kernel(X, RX, AMAX, stride_x, ROWS, D, NORMALIZE: tl.constexpr, WANT_MAX: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RX[r] = 1 / max(|X[r]|, 1e-12) (F.normalize's clamp; 1 without normalisation) and, with
+    WANT_MAX, AMAX[r] = max_d |X[r, d]|: float32, read in the input's dtype (no float32 copy)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < ROWS
+    squares = tl.zeros([BLOCK_M], tl.float32)
+    amax = tl.zeros([BLOCK_M], tl.float32)
+    if NORMALIZE or WANT_MAX:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :],
+                        mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, 1)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+    if NORMALIZE:
+        rx = 1.0 / tl.maximum(tl.sqrt(squares), 1e-12)
+    else:
+        rx = tl.full([BLOCK_M], 1.0, tl.float32)
+    tl.store(RX + offs_m, rx, mask=row_in)
+    if WANT_MAX:
+        tl.store(AMAX + offs_m, amax, mask=row_in)
 
 
 @triton.jit
@@ -255,13 +287,17 @@ def _own_fwd_kernel(
 
 @triton.jit
 def _own_bwd_kernel(
-    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL, W, GQ, GP, GN,
+    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL, W, DQ, DP, DN,
     stride_q, stride_p, stride_n,
-    B, K, D, inv_tau,
-    BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr,
+    B, K, D, inv_tau, tau,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """Gradients w.r.t. the normalised q, pos and neg for one block of rows and of D, each row
-    times its own inverse norm: the G that ``_unscale_project_kernel`` takes (sigma = 1)."""
+    """dL/dq, dL/dpos, dL/dneg for one block of rows and of D, in the inputs' dtype.
+
+    With dz_c = w (p_c - [c = pos]) / tau and cos_c = tau z_c, the normalisation's gradient needs
+    no pass over D: dL/dq = rq (sum_c dz_c c^_c - (sum_c dz_c cos_c) q^), since q^ . c^_c = cos_c,
+    and dL/dc = rc dz_c (q^ - cos_c c^_c). Without normalisation rq = rc = 1 and the cos terms drop.
+    """
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -275,17 +311,30 @@ def _own_bwd_kernel(
     # positive: dz = w (p - 1) = -w (1 - p)
     rc = tl.load(RP + offs_m, mask=row_in, other=0.0)
     dz = -w * tl.load(TAIL + offs_m, mask=row_in, other=0.0)
-    c = tl.load(P + offs_m[:, None] * stride_p + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
-    gq = dz[:, None] * c * rc[:, None]
-    tl.store(GP + offs_m[:, None] * D + offs_d[None, :], (dz * rc)[:, None] * q_hat, mask=tile)
+    c_hat = tl.load(P + offs_m[:, None] * stride_p + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rc[:, None]
+    g = dz[:, None] * c_hat
+    along = tl.zeros([BLOCK_M], tl.float32)  # sum_c dz_c cos_c: the component of g along q^
+    dc = q_hat
+    if NORMALIZE:
+        cos = tl.load(Z + offs_m * (K + 1), mask=row_in, other=0.0) * tau
+        along = dz * cos
+        dc = q_hat - cos[:, None] * c_hat
+    tl.store(DP + offs_m[:, None] * D + offs_d[None, :], ((dz * rc)[:, None] * dc).to(DP.dtype.element_ty), mask=tile)
     for k in range(0, K):
         rows = offs_m * K + k
         rc = tl.load(RN + rows, mask=row_in, other=0.0)
-        dz = w * tl.exp(tl.load(Z + offs_m * (K + 1) + 1 + k, mask=row_in, other=0.0) - lse)
-        c = tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
-        gq += dz[:, None] * c * rc[:, None]
-        tl.store(GN + rows[:, None] * D + offs_d[None, :], (dz * rc)[:, None] * q_hat, mask=tile)
-    tl.store(GQ + offs_m[:, None] * D + offs_d[None, :], gq * rq[:, None], mask=tile)
+        z = tl.load(Z + offs_m * (K + 1) + 1 + k, mask=row_in, other=0.0)
+        dz = w * tl.exp(z - lse)
+        c_hat = tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rc[:, None]
+        g += dz[:, None] * c_hat
+        dc = q_hat
+        if NORMALIZE:
+            along += dz * z * tau
+            dc = q_hat - (z * tau)[:, None] * c_hat
+        tl.store(DN + rows[:, None] * D + offs_d[None, :], ((dz * rc)[:, None] * dc).to(DN.dtype.element_ty), mask=tile)
+    if NORMALIZE:
+        g -= along[:, None] * q_hat
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (g * rq[:, None]).to(DQ.dtype.element_ty), mask=tile)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,11 +365,19 @@ def _precision(dtype: torch.dtype) -> Optional[str]:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _inverse_norms(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """[rows] float32 1/max(|x|, 1e-12) (F.normalize's clamp), or ones without normalisation."""
-    if not normalize:
-        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-    return 1.0 / torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(1e-12)
+def _row_norms(x: torch.Tensor, normalize: bool, want_max: bool, cfg: dict):
+    """([rows] float32 1/max(|x|, 1e-12), [rows] float32 max |entry| or None) of x [rows, D], in one
+    kernel that reads x in its own dtype: no float32 copy (4 bytes per element of x, transient, was
+    the forward's peak)."""
+    rows, dim = x.shape
+    rx = _backend.new_output((rows,), torch.float32, x.device)
+    amax = _backend.new_output((rows,), torch.float32, x.device) if want_max else None
+    if rows:
+        _row_norms_kernel[(triton.cdiv(rows, cfg["BLOCK_ROWS"]),)](
+            x, rx, rx if amax is None else amax, x.stride(0), rows, dim, NORMALIZE=normalize, WANT_MAX=want_max,
+            BLOCK_M=cfg["BLOCK_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=4,
+        )
+    return rx, amax
 
 
 def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int) -> int:
@@ -330,20 +387,61 @@ def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int) 
     return max(1, min(most, triton.cdiv(2 * sms, row_blocks)))
 
 
-# The backward's workspace of logit gradients E (see _global_dlogits_kernel): candidate columns per
-# chunk, and a cap on its bytes. 4096 columns keep the float32 accumulation of dq per chunk (12 bytes
-# per element of dq) small beside the chunk's GEMM (2 x 4096 FLOP per element of dq).
-_CHUNK_COLUMNS = 4096
+# The global backward's scratch: the logit gradients E (a workspace of candidate columns or query
+# rows) and, in one of its modes, a float32 accumulator of dq. Its bytes stay within
+# _SCRATCH_PER_LOGIT per element of the B x N logit matrix the loss never stores (eager holds about
+# 12 bytes per logit at its peak: bf16 and float32 logits, log-softmax, gradient), or within
+# _SCRATCH_FLOOR for problems too small to be worth splitting; E itself within _WORKSPACE_BYTES.
+_SCRATCH_PER_LOGIT = 1
+_SCRATCH_FLOOR = 1 << 20
 _WORKSPACE_BYTES = 256 << 20
+# Accumulating mode: candidate columns per chunk. 4096 keep the float32 accumulation of dq per chunk
+# (12 bytes per element of dq) small beside the chunk's GEMM (2 x 4096 FLOP per element of dq);
+# fewer than _MIN_CHUNK columns (or partial-product rows) are not worth an accumulator.
+_CHUNK_COLUMNS = 4096
+_MIN_CHUNK = 512
 
 
-def _chunk_columns(batch: int, candidates: int, dim: int, elem: int) -> int:
-    """Candidate columns of E computed at once; ``candidates`` means one pass with no float32 dq
-    accumulator, chosen when the whole E is no larger than that accumulator (4 B D bytes)."""
-    whole = batch * candidates * elem
-    if whole <= min(_WORKSPACE_BYTES, 4 * batch * dim):
-        return candidates
-    return max(1, min(candidates, _CHUNK_COLUMNS, _WORKSPACE_BYTES // (batch * elem)))
+class _BackwardPlan(NamedTuple):
+    """How the global backward computes E = sigma dz rq rc / tau and its two products.
+
+    * "one-pass": E whole ([B, N], ``columns`` = N); dC = E^T Q per source, dq = E C.
+    * "accumulate": E in chunks of ``columns`` candidates; per chunk dC = E^T Q and dq += E C into
+      a float32 [B, D] accumulator, each half-precision partial product ``partial_rows`` rows at a
+      time (its temporary is partial_rows x D).
+    * "two-sweep": no accumulator: E in chunks of ``columns`` candidates for dC, then re-computed
+      in chunks of ``rows`` queries for dq = E C (one more logit GEMM, no [B, D] float32 buffer).
+    """
+
+    mode: str
+    columns: int
+    rows: int
+    partial_rows: int
+    workspace_elements: int  # of E: the largest chunk
+    scratch_bytes: int  # workspace, accumulator and partial product together
+
+
+def _backward_plan(batch: int, candidates: int, dim: int, elem: int) -> _BackwardPlan:
+    """The cheapest mode whose scratch fits the budget (see _SCRATCH_PER_LOGIT): one pass, else the
+    float32 accumulator with chunks as large as fit, else two sweeps."""
+    budget = max(_SCRATCH_FLOOR, _SCRATCH_PER_LOGIT * batch * candidates)
+    e_budget = min(budget, _WORKSPACE_BYTES)
+    whole = batch * candidates
+    if whole * elem <= e_budget:
+        return _BackwardPlan("one-pass", candidates, batch, 0, whole, whole * elem)
+    spare = budget - 4 * batch * dim  # after the accumulator
+    most_columns = min(candidates, _CHUNK_COLUMNS, _WORKSPACE_BYTES // (batch * elem))
+    least_partial = 0 if elem == 4 else min(batch, _MIN_CHUNK)  # float32 E: addmm_ into acc, no temporary
+    if (batch * min(most_columns, _MIN_CHUNK) + least_partial * dim) * elem <= spare:
+        # columns first (each chunk is a pass over the accumulator), the partial product the rest
+        columns = min(most_columns, (spare - least_partial * dim * elem) // (batch * elem))
+        partial = 0 if elem == 4 else min(batch, (spare - batch * columns * elem) // (dim * elem))
+        return _BackwardPlan("accumulate", columns, 0, partial, batch * columns,
+                             4 * batch * dim + (batch * columns + partial * dim) * elem)
+    columns = max(1, min(candidates, e_budget // (batch * elem)))
+    rows = max(1, min(batch, e_budget // (candidates * elem)))
+    workspace = max(batch * columns, rows * candidates)
+    return _BackwardPlan("two-sweep", columns, rows, 0, workspace, workspace * elem)
 
 
 def _gradient_scale(w, rq, rc_max, tau, inputs_max=None):
@@ -394,54 +492,75 @@ def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
     return top + torch.log(total), pos_logit.sum(0), (o * weight).sum(0) / total
 
 
-def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, cfg):
-    """(dq, dpos, dneg) in the inputs' dtype: E re-computed chunk by chunk of candidates, then
-    dq = E @ C and dC = E^T @ Q as GEMMs (cuBLAS on a GPU), and the normalisation's gradient."""
+def _logit_grads(q, rq, lse, tail, w, sigma, cand, rc, c0, e, is_pos, pos_offset, tau, cfg):
+    """E [rows, nc] (a view of the workspace) for the queries ``q`` [rows, D] (with their rq, lse,
+    tail, w) and candidates c0 .. c0 + nc of one source; see ``_global_dlogits_kernel``."""
+    rows, nc = e.shape
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
+    _global_dlogits_kernel[grid](
+        q, cand, rq, rc, lse, tail, w, sigma, e, q.stride(0), cand.stride(0), e.stride(0),
+        rows, nc, q.shape[1], c0, pos_offset, 1.0 / tau, IS_POS=is_pos, PRECISION=_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _query_grads(e, pos, neg, out):
+    """out = E @ [pos; neg] for E [rows, NP + NN] (sigma rq dL/dq^ of those rows)."""
+    n_pos = pos.shape[0]
+    torch.mm(e[:, :n_pos], pos, out=out)
+    if neg.shape[0]:
+        out.addmm_(e[:, n_pos:], neg)
+
+
+def _accumulate(acc, e, block, partial_rows):
+    """acc += E @ block in float32; a half-precision product is rounded once per chunk, then summed
+    in float32, ``partial_rows`` rows at a time (the size of its temporary)."""
+    if e.dtype == torch.float32:
+        acc.addmm_(e, block)
+        return
+    for r0 in range(0, e.shape[0], partial_rows):
+        acc[r0 : r0 + partial_rows].add_(torch.mm(e[r0 : r0 + partial_rows], block))
+
+
+def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, inputs_max, cfg):
+    """(dq, dpos, dneg) in the inputs' dtype: E re-computed chunk by chunk (see ``_BackwardPlan``),
+    dC = E^T @ Q and dq = E @ C as GEMMs (cuBLAS on a GPU), then the normalisation's gradient."""
     batch, dim = q.shape
-    rc_max = torch.maximum(rp.max(), rn.max()) if rn.numel() else rp.max()
-    inputs_max = None
-    if q.dtype == torch.float16:
-        inputs_max = torch.stack([t.abs().max() for t in (q, pos, neg) if t.numel()]).max()
+    n_pos, n_neg = pos.shape[0], neg.shape[0]
+    rc_max = torch.maximum(rp.max(), rn.max()) if n_neg else rp.max()
     sigma = _gradient_scale(w, rq, rc_max, tau, inputs_max)
     dpos = _backend.new_output(tuple(pos.shape), pos.dtype, q.device)
     dneg = _backend.new_output(tuple(neg.shape), neg.dtype, q.device)
-    sources = [(pos, rp, dpos, True), (neg, rn, dneg, False)]
-    columns = _chunk_columns(batch, pos.shape[0] + neg.shape[0], dim, q.element_size())
-    one_pass = columns == pos.shape[0] + neg.shape[0]
-    workspace = _backend.new_output((batch, columns), q.dtype, q.device)
-    acc = None if one_pass else torch.zeros(batch, dim, dtype=torch.float32, device=q.device)
-    gq = _backend.new_output((batch, dim), q.dtype, q.device)  # one pass: E @ C lands here directly
-    start = 0  # first workspace column of the current source (one pass)
-    for cand, rc, grad, is_pos in sources:
-        n_cand = cand.shape[0]
-        if n_cand == 0:
-            continue
-        step = n_cand if one_pass else columns
-        for c0 in range(0, n_cand, step):
-            nc = min(step, n_cand - c0)
-            e = workspace[:, start : start + nc]
-            grid = (triton.cdiv(batch, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
-            _global_dlogits_kernel[grid](
-                q, cand, rq, rc, lse, tail, w, sigma, e, q.stride(0), cand.stride(0), e.stride(0),
-                batch, nc, dim, c0, pos_offset, 1.0 / tau, IS_POS=is_pos, PRECISION=_precision(q.dtype),
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
+    gq = _backend.new_output((batch, dim), q.dtype, q.device)
+    plan = _backward_plan(batch, n_pos + n_neg, dim, q.element_size())
+    workspace = _backend.new_output((plan.workspace_elements,), q.dtype, q.device)
+    whole = workspace.view(batch, n_pos + n_neg) if plan.mode == "one-pass" else None
+    acc = torch.zeros(batch, dim, dtype=torch.float32, device=q.device) if plan.mode == "accumulate" else None
+    sources = [(pos, rp, dpos, True, 0), (neg, rn, dneg, False, n_pos)]
+    for cand, rc, grad, is_pos, first in sources:  # the column sweep: dC, and dq when accumulating
+        for c0 in range(0, cand.shape[0], plan.columns):
+            nc = min(plan.columns, cand.shape[0] - c0)
+            e = whole[:, first + c0 : first + c0 + nc] if whole is not None else workspace[: batch * nc].view(batch, nc)
+            _logit_grads(q, rq, lse, tail, w, sigma, cand, rc, c0, e, is_pos, pos_offset, tau, cfg)
             torch.mm(e.t(), q, out=grad[c0 : c0 + nc])  # sigma rc_j dL/dc^_j, rows c0 .. c0 + nc
-            block = cand[c0 : c0 + nc]
-            if one_pass:
-                if is_pos:
-                    torch.mm(e, block, out=gq)
-                else:
-                    gq.addmm_(e, block)
-            elif q.dtype == torch.float32:
-                acc.addmm_(e, block)
-            else:
-                acc.add_(torch.mm(e, block))  # each chunk's product rounded once, summed in float32
-        if one_pass:
-            start += n_cand
-        _project(grad, cand, rc, sigma, grad, normalize, cfg)
-    dq = _project(gq if one_pass else acc, q, rq, sigma, gq, normalize, cfg)
+            if acc is not None:
+                _accumulate(acc, e, cand[c0 : c0 + nc], plan.partial_rows)
+        if cand.shape[0]:
+            _project(grad, cand, rc, sigma, grad, normalize, cfg)
+    if whole is not None:
+        _query_grads(whole, pos, neg, gq)
+    elif acc is None:  # the row sweep: E again, a block of queries at a time
+        for r0 in range(0, batch, plan.rows):
+            r1 = min(batch, r0 + plan.rows)
+            e = workspace[: (r1 - r0) * (n_pos + n_neg)].view(r1 - r0, n_pos + n_neg)
+            rows = [t[r0:r1] for t in (q, rq, lse, tail, w)]
+            for cand, rc, _, is_pos, first in sources:
+                if cand.shape[0]:
+                    _logit_grads(*rows, sigma, cand, rc, 0, e[:, first : first + cand.shape[0]], is_pos,
+                                 pos_offset + r0, tau, cfg)
+            _query_grads(e, pos, neg, gq[r0:r1])
+    dq = _project(gq if acc is None else acc, q, rq, sigma, gq, normalize, cfg)
     return dq, dpos, dneg
 
 
@@ -452,8 +571,13 @@ class _InfoNCEFunction(torch.autograd.Function):
     def forward(ctx, q, pos, neg, tau, normalize, own, pos_offset):
         batch, dim = q.shape
         k = neg.shape[0] // max(batch, 1) if own else 0
-        rq, rp, rn = (_inverse_norms(t, normalize) for t in (q, pos, neg))
         cfg = _config(q.device, dim, q.dtype)
+        # float16 (global backward): the embeddings' largest entry, for the gradient scale sigma
+        want_max = q.dtype == torch.float16 and not own
+        (rq, q_max), (rp, p_max), (rn, n_max) = (_row_norms(t, normalize, want_max, cfg) for t in (q, pos, neg))
+        inputs_max = None
+        if want_max:
+            inputs_max = torch.stack([m.max() for m in (q_max, p_max, n_max) if m.numel()]).max()
         if own:
             lse = _backend.new_output((batch,), torch.float32, q.device)
             tail = _backend.new_output((batch,), torch.float32, q.device)  # 1 - p_positive
@@ -469,6 +593,7 @@ class _InfoNCEFunction(torch.autograd.Function):
             logits = lse  # unused by the global backward
         ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, tail, logits)
         ctx.tau, ctx.normalize, ctx.own, ctx.pos_offset, ctx.k = tau, normalize, own, pos_offset, k
+        ctx.inputs_max = inputs_max  # a scalar or None, not an input: no need to save it
         # -log p_positive: from 1 - p when the positive dominates (log1p keeps its digits there).
         return torch.where(tail < 0.5, -torch.log1p(-tail), lse - pos_logit)
 
@@ -480,22 +605,17 @@ class _InfoNCEFunction(torch.autograd.Function):
         cfg = _config(q.device, dim, q.dtype)
         if not ctx.own:
             dq, dpos, dneg = _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, ctx.tau, ctx.normalize,
-                                              ctx.pos_offset, cfg)
+                                              ctx.pos_offset, ctx.inputs_max, cfg)
             return dq, dpos, dneg, None, None, None, None
-        gq = _backend.new_output((batch, dim), torch.float32, q.device)
-        gp = _backend.new_output(tuple(pos.shape), torch.float32, q.device)
-        gn = _backend.new_output(tuple(neg.shape), torch.float32, q.device)
+        dq, dpos, dneg = (_backend.new_output(tuple(x.shape), x.dtype, x.device) for x in (q, pos, neg))
         # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like
         # kernels (64 rows hit the 255-register cap and spilled on sm_90).
         rows = max(16, cfg["OWN_ROWS"] // 2)
         _own_bwd_kernel[(triton.cdiv(batch, rows), triton.cdiv(dim, cfg["BLOCK_DO"]))](
-            q, pos, neg, rq, rp, rn, logits, lse, tail, w, gq, gp, gn, q.stride(0), pos.stride(0), neg.stride(0),
-            batch, ctx.k, dim, 1.0 / ctx.tau, BLOCK_M=rows, BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+            q, pos, neg, rq, rp, rn, logits, lse, tail, w, dq, dpos, dneg, q.stride(0), pos.stride(0), neg.stride(0),
+            batch, ctx.k, dim, 1.0 / ctx.tau, ctx.tau, NORMALIZE=ctx.normalize, BLOCK_M=rows,
+            BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
         )
-        one = torch.ones(1, dtype=torch.float32, device=q.device)  # sigma: no scaling here
-        dq, dpos, dneg = (_project(g, x, rx, one, _backend.new_output(tuple(x.shape), x.dtype, x.device),
-                                   ctx.normalize, cfg)
-                          for g, x, rx in ((gq, q, rq), (gp, pos, rp), (gn, neg, rn)))
         return dq, dpos, dneg, None, None, None, None
 
 

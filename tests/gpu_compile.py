@@ -15,12 +15,12 @@ CUDA branch.
   ``ata_attention`` passes it, ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
   ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel`` (``_fwd_short_kernel`` in place
   of the first two when ``length`` is short enough for the one-sweep forward).
-* ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query,
-  ``negatives`` "global" (``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and
-  ``_unscale_project_kernel`` for the positives and for the negatives, and
-  ``_unscale_project_kernel`` for the queries; the GEMMs between them are cuBLAS calls, run here on
-  meta tensors) or "own" (``_own_fwd_kernel``, ``_own_bwd_kernel``, then
-  ``_unscale_project_kernel`` for the queries, positives and negatives).
+* ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query:
+  ``_row_norms_kernel`` for the queries, positives and negatives, then for ``negatives`` "global"
+  ``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and ``_unscale_project_kernel`` for the
+  positives and for the negatives, and ``_unscale_project_kernel`` for the queries (the GEMMs
+  between them are cuBLAS calls, run here on meta tensors); for "own" ``_own_fwd_kernel`` and
+  ``_own_bwd_kernel``.
 
 Each launch is specialised the way ``JITFunction.run`` does it (Triton's own binder and
 ``_pack_args``: integers equal to 1 become constants, 16-divisibility hints, pointer dtypes).

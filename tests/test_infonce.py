@@ -87,32 +87,141 @@ def test_loss_and_gradients_match_reference(batch, k, negatives, dtype, gen):
 
 
 @pytest.fixture
-def chosen_columns(monkeypatch):
-    """The workspace widths ``_chunk_columns`` picks during the test, in call order."""
-    chosen = []
-    original = infonce._chunk_columns
-    monkeypatch.setattr(infonce, "_chunk_columns", lambda *a: chosen.append(original(*a)) or chosen[-1])
-    return chosen
+def logit_chunks(monkeypatch):
+    """[rows, columns] of every chunk of logit gradients E the global backward computes, in order."""
+    chunks = []
+    original = infonce._logit_grads
+
+    def record(q, rq, lse, tail, w, sigma, cand, rc, c0, e, *rest):
+        chunks.append(tuple(e.shape))
+        return original(q, rq, lse, tail, w, sigma, cand, rc, c0, e, *rest)
+
+    monkeypatch.setattr(infonce, "_logit_grads", record)
+    return chunks
 
 
-@pytest.mark.parametrize("columns", [1, 7, 16, 1000])  # 7: chunks straddle tiles; 1000: one per source
+def expected_chunks(plan, batch, n_pos, n_neg):
+    """The chunks of E a plan computes: the column sweep per source, then (two sweeps) the rows."""
+    chunks = [(batch, min(plan.columns, n - c0)) for n in (n_pos, n_neg) for c0 in range(0, n, plan.columns)]
+    if plan.mode == "two-sweep":
+        chunks += [(min(plan.rows, batch - r0), n) for r0 in range(0, batch, plan.rows) for n in (n_pos, n_neg) if n]
+    return chunks
+
+
+# (mode, columns, rows, partial_rows); 7 and 13 straddle tiles, 1000 is one chunk per source
+FORCED_PLANS = [("accumulate", 1, 0, 29), ("accumulate", 7, 0, 5), ("accumulate", 16, 0, 29),
+                ("accumulate", 1000, 0, 1), ("two-sweep", 1, 1, 0), ("two-sweep", 7, 5, 0),
+                ("two-sweep", 16, 13, 0), ("two-sweep", 1000, 29, 0)]
+
+
+@pytest.mark.parametrize("forced", FORCED_PLANS, ids=lambda p: "{}-c{}-r{}-p{}".format(*p))
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_in_candidate_chunks(monkeypatch, chosen_columns, columns, k, dtype, gen):
-    """The global backward's logit gradients computed a few candidate columns at a time, with dq
-    summed over chunks in float32, equal the reference; so does the one-pass path."""
-    monkeypatch.setattr(infonce, "_CHUNK_COLUMNS", columns)
-    (q, pos, neg), truth = make(29, k, 12, dtype, gen)  # D=12: E (29 x 29) outgrows 4 B D bytes
+def test_backward_in_chunks(monkeypatch, logit_chunks, forced, k, dtype, gen):
+    """Each way the global backward can split its logit gradients (candidate chunks with dq summed
+    in float32 from partial products of a few rows; or candidate chunks for dC, then query chunks
+    for dq) equals the reference, and computes exactly the chunks its plan says."""
+    mode, columns, rows, partial = forced
+    plan = None
+
+    def forced_plan(batch, candidates, dim, elem):
+        nonlocal plan
+        cols = min(columns, candidates)
+        plan = infonce._BackwardPlan(mode, cols, min(rows, batch), partial, max(batch * cols, rows * candidates), 0)
+        return plan
+
+    monkeypatch.setattr(infonce, "_backward_plan", forced_plan)
+    (q, pos, neg), truth = make(29, k, 12, dtype, gen)
     weights = torch.randn(29, generator=gen, dtype=torch.float64) / 29  # signed, at the mean's scale
     check_against_reference((q, pos, neg), truth, 0.05, dtype, weights=weights)
-    assert chosen_columns == [min(columns, 29 * (1 + k))]
+    assert logit_chunks == expected_chunks(plan, 29, 29, 29 * k)
 
 
-def test_backward_in_one_pass_when_the_logit_gradients_are_small(chosen_columns, gen):
-    """B x B(1+K) no larger than the float32 dq accumulator: one workspace, no accumulator."""
+def test_small_backward_in_one_pass(logit_chunks, gen):
+    """A problem under the scratch floor: E whole, one chunk per source, no accumulator."""
     (q, pos, neg), truth = make(6, 2, 80, torch.float32, gen)
     check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
-    assert chosen_columns == [18]  # every candidate: 6 x 18 x 4 bytes <= 4 x 6 x 80
+    assert infonce._backward_plan(6, 18, 80, 4).mode == "one-pass"
+    assert logit_chunks == [(6, 6), (6, 12)]
+
+
+def scratch_of(plan, batch, candidates, dim, elem):
+    """The plan's scratch bytes, re-derived from its mode and sizes (checking each size's range)."""
+    assert 1 <= plan.columns <= candidates
+    if plan.mode == "one-pass":
+        assert plan.columns == candidates and plan.workspace_elements == batch * candidates
+        return batch * candidates * elem
+    if plan.mode == "accumulate":
+        assert plan.rows == 0 and plan.workspace_elements == batch * plan.columns
+        assert plan.partial_rows == 0 if elem == 4 else 1 <= plan.partial_rows <= batch
+        return 4 * batch * dim + (batch * plan.columns + plan.partial_rows * dim) * elem
+    assert plan.mode == "two-sweep" and 1 <= plan.rows <= batch
+    assert plan.workspace_elements == max(batch * plan.columns, plan.rows * candidates)
+    return plan.workspace_elements * elem
+
+
+@pytest.mark.parametrize("batch", [1, 29, 1000, 1024, 4096, 16384, 65536, 262144])
+@pytest.mark.parametrize("k", [0, 3, 7])
+@pytest.mark.parametrize("dim", [12, 1024, 4096])
+@pytest.mark.parametrize("elem", [2, 4])
+def test_backward_plan_keeps_its_scratch_within_budget(batch, k, dim, elem):
+    """The backward's scratch stays within _SCRATCH_PER_LOGIT bytes per logit (a twelfth of what the
+    eager loss holds) or the small floor, E within its cap; the cheapest mode that fits is chosen."""
+    candidates = batch * (1 + k)
+    plan = infonce._backward_plan(batch, candidates, dim, elem)
+    budget = max(infonce._SCRATCH_FLOOR, infonce._SCRATCH_PER_LOGIT * batch * candidates)
+    assert plan.scratch_bytes == scratch_of(plan, batch, candidates, dim, elem) <= budget
+    assert plan.workspace_elements * elem <= min(budget, infonce._WORKSPACE_BYTES)
+    if plan.mode != "one-pass":
+        assert batch * candidates * elem > min(budget, infonce._WORKSPACE_BYTES)
+    if plan.mode == "two-sweep":  # no room for the accumulator beside a worthwhile chunk and partial product
+        columns = min(candidates, infonce._MIN_CHUNK, infonce._WORKSPACE_BYTES // (batch * elem))
+        partial = 0 if elem == 4 else min(batch, infonce._MIN_CHUNK)
+        assert 4 * batch * dim + (batch * columns + partial * dim) * elem > budget
+
+
+@pytest.mark.parametrize("case, mode", [
+    ((1024, 3, 1024), "two-sweep"), ((1024, 7, 1024), "accumulate"), ((4096, 3, 4096), "two-sweep"),
+    ((4096, 7, 4096), "accumulate"), ((16384, 3, 4096), "accumulate"), ((64, 7, 256), "one-pass"),
+])
+def test_backward_plan_at_the_benchmark_shapes(case, mode):
+    """bf16 at the benchmark's shapes: accumulate where the float32 [B, D] buffer is small beside
+    the logits, two sweeps where it is not (B4096 K3 D4096: it alone is 4 B D = B N bytes)."""
+    batch, k, dim = case
+    plan = infonce._backward_plan(batch, batch * (1 + k), dim, 2)
+    assert plan.mode == mode, plan
+    if case == (16384, 3, 4096):
+        assert plan.columns == infonce._CHUNK_COLUMNS and plan.partial_rows == batch
+
+
+@pytest.mark.skipif(not CUDA, reason="peak memory is measured on CUDA")
+@pytest.mark.parametrize("case", [(1024, 3, 1024), (1024, 7, 4096), (4096, 7, 1024), (4096, 3, 4096)],
+                         ids=lambda c: "B{}-K{}-D{}".format(*c))
+def test_peak_memory_is_the_plans_scratch(case):
+    """bf16 forward + backward hold, beyond inputs and gradients, the plan's scratch and O(B(1+K))
+    statistics only (no float32 copy of the inputs, no logit-sized matrix)."""
+    batch, k, dim = case
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, pos = (torch.randn(batch, dim, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
+              for _ in range(2))
+    neg = torch.randn(batch, k, dim, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
+
+    def step():
+        infonce_loss(q, pos, neg).backward()
+        for t in (q, pos, neg):
+            t.grad = None
+
+    step()  # warm-up: compiled kernels, cuBLAS workspace
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    infonce_loss(q, pos, neg).backward()
+    torch.cuda.synchronize()
+    grads = sum(t.numel() * t.element_size() for t in (q, pos, neg))
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    plan = infonce._backward_plan(batch, batch * (1 + k), dim, 2)
+    statistics = 64 * batch * (2 + k) + (1 << 20)  # inverse norms, partial statistics, rounding
+    assert extra <= plan.scratch_bytes + statistics, f"{extra / 2**20:.1f} MiB, plan {plan}"
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 50])
@@ -161,11 +270,17 @@ def test_reductions_and_module(negatives, reduction, gen):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_without_normalisation_uses_raw_dot_products(gen):
+@pytest.mark.parametrize("negatives", ["global", "own"])
+def test_without_normalisation_uses_raw_dot_products(negatives, gen):
     (q, pos, neg), _ = make(9, 3, 16, torch.float32, gen, scale=0.3)
-    got = infonce_loss(q, pos, neg, tau=0.5, normalize=False, reduction="none")
-    logits = torch.cat([q @ pos.T, q @ neg.reshape(-1, 16).T], dim=1) / 0.5
-    want = torch.nn.functional.cross_entropy(logits, torch.arange(9, device=q.device), reduction="none")
+    got = infonce_loss(q, pos, neg, tau=0.5, normalize=False, negatives=negatives, reduction="none")
+    if negatives == "global":
+        logits = torch.cat([q @ pos.T, q @ neg.reshape(-1, 16).T], dim=1) / 0.5
+        target = torch.arange(9, device=q.device)
+    else:
+        logits = torch.cat([(q * pos).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", q, neg)], dim=1) / 0.5
+        target = torch.zeros(9, dtype=torch.long, device=q.device)
+    want = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     g_got = torch.autograd.grad(got.sum(), (q, pos, neg))
     g_want = torch.autograd.grad(want.sum(), (q, pos, neg))
