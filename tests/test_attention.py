@@ -98,6 +98,7 @@ FORWARD_SHAPES = [
     (1, 3, 1, 40, 32),  # MQA, three key blocks
     (2, 2, 2, 16, 64),  # exactly one block
     (1, 2, 2, 33, 128),
+    (1, 4, 2, 19, 80),  # head dim 80 (and 96 below): padded to a 128-wide tile
 ]
 
 
@@ -137,7 +138,7 @@ def test_row_with_one_valid_token(causal, side, gen, forward_path):
     torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-6, atol=1e-6)
 
 
-GRAD_SHAPES = [(1, 1, 1, 1, 16), (2, 4, 2, 23, 24), (1, 2, 1, 33, 32)]
+GRAD_SHAPES = [(1, 1, 1, 1, 16), (2, 4, 2, 23, 24), (1, 2, 1, 33, 32), (1, 2, 2, 21, 96)]
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
