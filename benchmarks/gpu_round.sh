@@ -6,7 +6,8 @@
 # Run from the repository root on a CUDA machine that has torch and triton (this package need not
 # be installed: PYTHONPATH=. is used):
 #     OUT=/some/dir bash benchmarks/gpu_round.sh [PART ...]
-# PARTs (default: all, in this order): tests, attention, infonce, train, reference. One device
+# PARTs (default: all but sweeps, in this order): tests, attention, infonce, train, reference;
+# sweeps (the tile sweeps sweep_attention.py and sweep_infonce.py, JSON beside the log). One device
 # command may run for at most 10 minutes, so a first round on a fresh machine can be split, e.g.
 # "tests attention" in one call and "infonce train reference" in the next.
 # With $OUT set, everything printed also goes to $OUT/gpu_round.log and the benchmark JSON to
@@ -27,8 +28,8 @@ PARTS=("$@")
 [ "${#PARTS[@]}" -eq 0 ] && PARTS=(tests attention infonce train reference)
 for part in "${PARTS[@]}"; do
     case "$part" in
-        tests|attention|infonce|train|reference) ;;
-        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train or reference)" >&2
+        tests|attention|infonce|train|reference|sweeps) ;;
+        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train, reference or sweeps)" >&2
            exit 2 ;;
     esac
 done
@@ -56,6 +57,14 @@ EOF
     if wants tests; then
         step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
         "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
+    fi
+
+    if wants sweeps; then
+        local sweep
+        for sweep in attention infonce; do
+            step "tile sweep: benchmarks/sweep_$sweep.py"
+            "$PY" "benchmarks/sweep_$sweep.py" ${OUT:+--json "$OUT/sweep_$sweep.json"} || failed+=("sweep_$sweep")
+        done
     fi
 
     local benches=() part

@@ -123,6 +123,8 @@ def main():
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
     all_jobs = list(jobs(args.parts))
     if args.workers > 1:
         warm_cache(all_jobs, args.workers)
