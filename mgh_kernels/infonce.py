@@ -22,6 +22,7 @@ embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
   the eager loss's peak): E whole when it fits; else chunks of candidate columns with dq summed
   in a float32 [B, D] accumulator; else, where that accumulator alone would break the budget
   (small B, large D), candidate chunks for dC and then E re-computed in chunks of queries for dq.
+  Only the gradients autograd asks for are computed (frozen candidates: no dC GEMMs, no sweep).
   sigma, a power of two, keeps E in half precision's range at any embedding norm. A last row-wise
   kernel removes sigma and applies the normalisation's gradient, ``dx = (g - (g . x^) x^) / |x|``.
   Deterministic: no atomics. (Re-computing per block of D instead, as flash attention can at
@@ -409,8 +410,11 @@ class _BackwardPlan(NamedTuple):
     * "accumulate": E in chunks of ``columns`` candidates; per chunk dC = E^T Q and dq += E C into
       a float32 [B, D] accumulator, each half-precision partial product ``partial_rows`` rows at a
       time (its temporary is partial_rows x D).
-    * "two-sweep": no accumulator: E in chunks of ``columns`` candidates for dC, then re-computed
-      in chunks of ``rows`` queries for dq = E C (one more logit GEMM, no [B, D] float32 buffer).
+    * "sweeps": no accumulator: E in chunks of ``columns`` candidates for dC (the column sweep),
+      then re-computed in chunks of ``rows`` queries for dq = E C (the row sweep): one more logit
+      GEMM than the other modes, no [B, D] float32 buffer. When only one side needs a gradient
+      (frozen candidates, or a frozen query encoder), the other sweep is skipped (0) and no
+      logit GEMM is repeated.
     """
 
     mode: str
@@ -421,14 +425,18 @@ class _BackwardPlan(NamedTuple):
     scratch_bytes: int  # workspace, accumulator and partial product together
 
 
-def _backward_plan(batch: int, candidates: int, dim: int, elem: int) -> _BackwardPlan:
+def _backward_plan(batch: int, candidates: int, dim: int, elem: int, need_q: bool = True,
+                   need_c: bool = True) -> _BackwardPlan:
     """The cheapest mode whose scratch fits the budget (see _SCRATCH_PER_LOGIT): one pass, else the
-    float32 accumulator with chunks as large as fit, else two sweeps."""
+    float32 accumulator with chunks as large as fit, else sweeps; ``need_q`` / ``need_c``: whether
+    dq / the candidates' gradients are wanted (at least one)."""
     budget = max(_SCRATCH_FLOOR, _SCRATCH_PER_LOGIT * batch * candidates)
     e_budget = min(budget, _WORKSPACE_BYTES)
     whole = batch * candidates
     if whole * elem <= e_budget:
         return _BackwardPlan("one-pass", candidates, batch, 0, whole, whole * elem)
+    if not (need_q and need_c):  # one sweep along the side that is wanted
+        return _sweeps_plan(batch, candidates, elem, e_budget, need_q, need_c)
     spare = budget - 4 * batch * dim  # after the accumulator
     most_columns = min(candidates, _CHUNK_COLUMNS, _WORKSPACE_BYTES // (batch * elem))
     least_partial = 0 if elem == 4 else min(batch, _MIN_CHUNK)  # float32 E: addmm_ into acc, no temporary
@@ -438,10 +446,15 @@ def _backward_plan(batch: int, candidates: int, dim: int, elem: int) -> _Backwar
         partial = 0 if elem == 4 else min(batch, (spare - batch * columns * elem) // (dim * elem))
         return _BackwardPlan("accumulate", columns, 0, partial, batch * columns,
                              4 * batch * dim + (batch * columns + partial * dim) * elem)
-    columns = max(1, min(candidates, e_budget // (batch * elem)))
-    rows = max(1, min(batch, e_budget // (candidates * elem)))
+    return _sweeps_plan(batch, candidates, elem, e_budget, need_q, need_c)
+
+
+def _sweeps_plan(batch, candidates, elem, e_budget, need_q, need_c):
+    """"sweeps": the largest chunks of E within ``e_budget`` bytes, by columns (dC) and rows (dq)."""
+    columns = max(1, min(candidates, e_budget // (batch * elem))) if need_c else 0
+    rows = max(1, min(batch, e_budget // (candidates * elem))) if need_q else 0
     workspace = max(batch * columns, rows * candidates)
-    return _BackwardPlan("two-sweep", columns, rows, 0, workspace, workspace * elem)
+    return _BackwardPlan("sweeps", columns, rows, 0, workspace, workspace * elem)
 
 
 def _gradient_scale(w, rq, rc_max, tau, inputs_max=None):
@@ -523,34 +536,43 @@ def _accumulate(acc, e, block, partial_rows):
         acc[r0 : r0 + partial_rows].add_(torch.mm(e[r0 : r0 + partial_rows], block))
 
 
-def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, inputs_max, cfg):
-    """(dq, dpos, dneg) in the inputs' dtype: E re-computed chunk by chunk (see ``_BackwardPlan``),
-    dC = E^T @ Q and dq = E @ C as GEMMs (cuBLAS on a GPU), then the normalisation's gradient."""
+def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, inputs_max, cfg,
+                     needs=(True, True, True)):
+    """(dq, dpos, dneg) in the inputs' dtype, None where ``needs`` (q, pos, neg) is False: E
+    re-computed chunk by chunk (see ``_BackwardPlan``), dC = E^T @ Q and dq = E @ C as GEMMs
+    (cuBLAS on a GPU), then the normalisation's gradient."""
     batch, dim = q.shape
     n_pos, n_neg = pos.shape[0], neg.shape[0]
+    need_q, need_pos, need_neg = needs
     rc_max = torch.maximum(rp.max(), rn.max()) if n_neg else rp.max()
     sigma = _gradient_scale(w, rq, rc_max, tau, inputs_max)
-    dpos = _backend.new_output(tuple(pos.shape), pos.dtype, q.device)
-    dneg = _backend.new_output(tuple(neg.shape), neg.dtype, q.device)
-    gq = _backend.new_output((batch, dim), q.dtype, q.device)
-    plan = _backward_plan(batch, n_pos + n_neg, dim, q.element_size())
+    dpos = _backend.new_output(tuple(pos.shape), pos.dtype, q.device) if need_pos else None
+    dneg = _backend.new_output(tuple(neg.shape), neg.dtype, q.device) if need_neg else None
+    gq = _backend.new_output((batch, dim), q.dtype, q.device) if need_q else None
+    plan = _backward_plan(batch, n_pos + n_neg, dim, q.element_size(), need_q, need_pos or need_neg)
     workspace = _backend.new_output((plan.workspace_elements,), q.dtype, q.device)
     whole = workspace.view(batch, n_pos + n_neg) if plan.mode == "one-pass" else None
     acc = torch.zeros(batch, dim, dtype=torch.float32, device=q.device) if plan.mode == "accumulate" else None
+    dq_from_columns = need_q and plan.mode != "sweeps"
     sources = [(pos, rp, dpos, True, 0), (neg, rn, dneg, False, n_pos)]
-    for cand, rc, grad, is_pos, first in sources:  # the column sweep: dC, and dq when accumulating
+    for cand, rc, grad, is_pos, first in sources if plan.columns else ():  # the column sweep
+        if grad is None and not dq_from_columns:
+            continue
         for c0 in range(0, cand.shape[0], plan.columns):
             nc = min(plan.columns, cand.shape[0] - c0)
             e = whole[:, first + c0 : first + c0 + nc] if whole is not None else workspace[: batch * nc].view(batch, nc)
             _logit_grads(q, rq, lse, tail, w, sigma, cand, rc, c0, e, is_pos, pos_offset, tau, cfg)
-            torch.mm(e.t(), q, out=grad[c0 : c0 + nc])  # sigma rc_j dL/dc^_j, rows c0 .. c0 + nc
+            if grad is not None:
+                torch.mm(e.t(), q, out=grad[c0 : c0 + nc])  # sigma rc_j dL/dc^_j, rows c0 .. c0 + nc
             if acc is not None:
                 _accumulate(acc, e, cand[c0 : c0 + nc], plan.partial_rows)
-        if cand.shape[0]:
+        if grad is not None and cand.shape[0]:
             _project(grad, cand, rc, sigma, grad, normalize, cfg)
+    if not need_q:
+        return None, dpos, dneg
     if whole is not None:
         _query_grads(whole, pos, neg, gq)
-    elif acc is None:  # the row sweep: E again, a block of queries at a time
+    elif acc is None:  # the row sweep: E (again), a block of queries at a time
         for r0 in range(0, batch, plan.rows):
             r1 = min(batch, r0 + plan.rows)
             e = workspace[: (r1 - r0) * (n_pos + n_neg)].view(r1 - r0, n_pos + n_neg)
@@ -605,7 +627,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         cfg = _config(q.device, dim, q.dtype)
         if not ctx.own:
             dq, dpos, dneg = _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, ctx.tau, ctx.normalize,
-                                              ctx.pos_offset, ctx.inputs_max, cfg)
+                                              ctx.pos_offset, ctx.inputs_max, cfg, ctx.needs_input_grad[:3])
             return dq, dpos, dneg, None, None, None, None
         dq, dpos, dneg = (_backend.new_output(tuple(x.shape), x.dtype, x.device) for x in (q, pos, neg))
         # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like

@@ -54,7 +54,7 @@ def check_against_reference(inputs, truth, tau, dtype, negatives="global", reduc
     error of PyTorch's eager loss in the inputs' own dtype, plus ATOL. reduction "mean": the mean
     loss and its gradients; "none": the per-query losses and the gradients of
     sum(weights * losses) (weights default: 1/B each). Returns our loss."""
-    base = [t.detach().clone().requires_grad_() for t in inputs]
+    base = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     loss = infonce_loss(*inputs, tau=tau, negatives=negatives, reduction=reduction)
     want = reference.infonce(*truth, tau=tau, negatives=negatives, reduction=reduction)
     pytorch = eager_same_precision(*base, tau, negatives, reduction=reduction)
@@ -67,6 +67,9 @@ def check_against_reference(inputs, truth, tau, dtype, negatives="global", reduc
     for scalar in scalars:
         scalar.backward()
     for name, got, ref, own in zip(("q", "pos", "neg"), inputs, truth, base):
+        if not got.requires_grad:
+            assert got.grad is None
+            continue
         assert got.grad.dtype == dtype and got.grad.shape == got.shape
         ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
         err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
@@ -100,18 +103,39 @@ def logit_chunks(monkeypatch):
     return chunks
 
 
-def expected_chunks(plan, batch, n_pos, n_neg):
-    """The chunks of E a plan computes: the column sweep per source, then (two sweeps) the rows."""
-    chunks = [(batch, min(plan.columns, n - c0)) for n in (n_pos, n_neg) for c0 in range(0, n, plan.columns)]
-    if plan.mode == "two-sweep":
+def expected_chunks(plan, batch, n_pos, n_neg, needs=(True, True, True)):
+    """The chunks of E a plan computes: the column sweep per source (a source whose gradient is not
+    wanted only where dq comes from that sweep), then the row sweep of "sweeps"."""
+    need_q, need_pos, need_neg = needs
+    dq_from_columns = need_q and plan.mode != "sweeps"
+    chunks = []
+    for n, need in ((n_pos, need_pos), (n_neg, need_neg)):
+        if plan.columns and (need or dq_from_columns):
+            chunks += [(batch, min(plan.columns, n - c0)) for c0 in range(0, n, plan.columns)]
+    if plan.mode == "sweeps" and plan.rows:
         chunks += [(min(plan.rows, batch - r0), n) for r0 in range(0, batch, plan.rows) for n in (n_pos, n_neg) if n]
     return chunks
 
 
+def force_plan(monkeypatch, mode, columns, rows, partial):
+    """Make the backward use this plan (columns and rows capped by the problem, and a "sweeps" plan
+    without the sweep of a side that needs no gradient); returns a list that receives it."""
+    used = []
+
+    def forced_plan(batch, candidates, dim, elem, need_q=True, need_c=True):
+        cols = min(columns, candidates) if need_c or mode != "sweeps" else 0
+        rows_ = min(rows, batch) if need_q or mode != "sweeps" else 0
+        used.append(infonce._BackwardPlan(mode, cols, rows_, partial, max(batch * cols, rows_ * candidates), 0))
+        return used[-1]
+
+    monkeypatch.setattr(infonce, "_backward_plan", forced_plan)
+    return used
+
+
 # (mode, columns, rows, partial_rows); 7 and 13 straddle tiles, 1000 is one chunk per source
 FORCED_PLANS = [("accumulate", 1, 0, 29), ("accumulate", 7, 0, 5), ("accumulate", 16, 0, 29),
-                ("accumulate", 1000, 0, 1), ("two-sweep", 1, 1, 0), ("two-sweep", 7, 5, 0),
-                ("two-sweep", 16, 13, 0), ("two-sweep", 1000, 29, 0)]
+                ("accumulate", 1000, 0, 1), ("sweeps", 1, 1, 0), ("sweeps", 7, 5, 0),
+                ("sweeps", 16, 13, 0), ("sweeps", 1000, 29, 0)]
 
 
 @pytest.mark.parametrize("forced", FORCED_PLANS, ids=lambda p: "{}-c{}-r{}-p{}".format(*p))
@@ -121,20 +145,29 @@ def test_backward_in_chunks(monkeypatch, logit_chunks, forced, k, dtype, gen):
     """Each way the global backward can split its logit gradients (candidate chunks with dq summed
     in float32 from partial products of a few rows; or candidate chunks for dC, then query chunks
     for dq) equals the reference, and computes exactly the chunks its plan says."""
-    mode, columns, rows, partial = forced
-    plan = None
-
-    def forced_plan(batch, candidates, dim, elem):
-        nonlocal plan
-        cols = min(columns, candidates)
-        plan = infonce._BackwardPlan(mode, cols, min(rows, batch), partial, max(batch * cols, rows * candidates), 0)
-        return plan
-
-    monkeypatch.setattr(infonce, "_backward_plan", forced_plan)
+    used = force_plan(monkeypatch, *forced)
     (q, pos, neg), truth = make(29, k, 12, dtype, gen)
     weights = torch.randn(29, generator=gen, dtype=torch.float64) / 29  # signed, at the mean's scale
     check_against_reference((q, pos, neg), truth, 0.05, dtype, weights=weights)
-    assert logit_chunks == expected_chunks(plan, 29, 29, 29 * k)
+    assert logit_chunks == expected_chunks(used[0], 29, 29, 29 * k)
+
+
+@pytest.mark.parametrize("wanted", ["q", "pos", "neg", "pos,neg", "q,neg"])
+@pytest.mark.parametrize("forced", [None, ("sweeps", 7, 5, 0)], ids=["natural", "sweeps-c7-r5"])
+def test_only_the_gradients_asked_for(monkeypatch, logit_chunks, wanted, forced, gen):
+    """Frozen inputs (cached document embeddings, a frozen query tower) get no gradient and cost no
+    work: no GEMM for them, and no sweep of E that only they would need. The rest match the
+    reference."""
+    used = force_plan(monkeypatch, *forced) if forced else []
+    if not forced:
+        original = infonce._backward_plan
+        monkeypatch.setattr(infonce, "_backward_plan", lambda *a, **kw: used.append(original(*a, **kw)) or used[-1])
+    (q, pos, neg), truth = make(29, 3, 12, torch.float32, gen)
+    needs = tuple(name in wanted.split(",") for name in ("q", "pos", "neg"))
+    for t, need in zip((q, pos, neg), needs):
+        t.requires_grad_(need)
+    check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
+    assert logit_chunks == expected_chunks(used[0], 29, 29, 87, needs)
 
 
 def test_small_backward_in_one_pass(logit_chunks, gen):
@@ -147,15 +180,15 @@ def test_small_backward_in_one_pass(logit_chunks, gen):
 
 def scratch_of(plan, batch, candidates, dim, elem):
     """The plan's scratch bytes, re-derived from its mode and sizes (checking each size's range)."""
-    assert 1 <= plan.columns <= candidates
     if plan.mode == "one-pass":
         assert plan.columns == candidates and plan.workspace_elements == batch * candidates
         return batch * candidates * elem
     if plan.mode == "accumulate":
-        assert plan.rows == 0 and plan.workspace_elements == batch * plan.columns
+        assert 1 <= plan.columns <= candidates and plan.rows == 0
+        assert plan.workspace_elements == batch * plan.columns
         assert plan.partial_rows == 0 if elem == 4 else 1 <= plan.partial_rows <= batch
         return 4 * batch * dim + (batch * plan.columns + plan.partial_rows * dim) * elem
-    assert plan.mode == "two-sweep" and 1 <= plan.rows <= batch
+    assert plan.mode == "sweeps" and 0 <= plan.columns <= candidates and 0 <= plan.rows <= batch
     assert plan.workspace_elements == max(batch * plan.columns, plan.rows * candidates)
     return plan.workspace_elements * elem
 
@@ -164,24 +197,30 @@ def scratch_of(plan, batch, candidates, dim, elem):
 @pytest.mark.parametrize("k", [0, 3, 7])
 @pytest.mark.parametrize("dim", [12, 1024, 4096])
 @pytest.mark.parametrize("elem", [2, 4])
-def test_backward_plan_keeps_its_scratch_within_budget(batch, k, dim, elem):
+@pytest.mark.parametrize("need_q, need_c", [(True, True), (True, False), (False, True)], ids=["all", "q", "c"])
+def test_backward_plan_keeps_its_scratch_within_budget(batch, k, dim, elem, need_q, need_c):
     """The backward's scratch stays within _SCRATCH_PER_LOGIT bytes per logit (a twelfth of what the
-    eager loss holds) or the small floor, E within its cap; the cheapest mode that fits is chosen."""
+    eager loss holds) or the small floor, E within its cap; the cheapest mode that fits is chosen,
+    and a side that needs no gradient gets no sweep."""
     candidates = batch * (1 + k)
-    plan = infonce._backward_plan(batch, candidates, dim, elem)
+    plan = infonce._backward_plan(batch, candidates, dim, elem, need_q, need_c)
     budget = max(infonce._SCRATCH_FLOOR, infonce._SCRATCH_PER_LOGIT * batch * candidates)
     assert plan.scratch_bytes == scratch_of(plan, batch, candidates, dim, elem) <= budget
     assert plan.workspace_elements * elem <= min(budget, infonce._WORKSPACE_BYTES)
     if plan.mode != "one-pass":
         assert batch * candidates * elem > min(budget, infonce._WORKSPACE_BYTES)
-    if plan.mode == "two-sweep":  # no room for the accumulator beside a worthwhile chunk and partial product
+    if plan.mode == "sweeps":
+        assert (plan.columns > 0) == need_c and (plan.rows > 0) == need_q
+    if plan.mode == "sweeps" and need_q and need_c:  # no room for the accumulator beside a worthwhile chunk
         columns = min(candidates, infonce._MIN_CHUNK, infonce._WORKSPACE_BYTES // (batch * elem))
         partial = 0 if elem == 4 else min(batch, infonce._MIN_CHUNK)
         assert 4 * batch * dim + (batch * columns + partial * dim) * elem > budget
+    if not (need_q and need_c):
+        assert plan.mode != "accumulate"
 
 
 @pytest.mark.parametrize("case, mode", [
-    ((1024, 3, 1024), "two-sweep"), ((1024, 7, 1024), "accumulate"), ((4096, 3, 4096), "two-sweep"),
+    ((1024, 3, 1024), "sweeps"), ((1024, 7, 1024), "accumulate"), ((4096, 3, 4096), "sweeps"),
     ((4096, 7, 4096), "accumulate"), ((16384, 3, 4096), "accumulate"), ((64, 7, 256), "one-pass"),
 ])
 def test_backward_plan_at_the_benchmark_shapes(case, mode):
