@@ -7,7 +7,8 @@
 # be installed: PYTHONPATH=. is used):
 #     OUT=/some/dir bash benchmarks/gpu_round.sh [PART ...]
 # PARTs (default: all but sweeps, in this order): tests, attention, infonce, train, reference;
-# sweeps (the tile sweeps sweep_attention.py and sweep_infonce.py, JSON beside the log). One device
+# sweeps (the tile sweeps sweep_attention.py and sweep_infonce.py, JSON beside the log, then
+# profile_infonce.py: device time per kernel). One device
 # command may run for at most 10 minutes, so a first round on a fresh machine can be split, e.g.
 # "tests attention" in one call and "infonce train reference" in the next.
 # With $OUT set, everything printed also goes to $OUT/gpu_round.log and the benchmark JSON to
@@ -65,6 +66,8 @@ EOF
             step "tile sweep: benchmarks/sweep_$sweep.py"
             "$PY" "benchmarks/sweep_$sweep.py" ${OUT:+--json "$OUT/sweep_$sweep.json"} || failed+=("sweep_$sweep")
         done
+        step "InfoNCE profile: benchmarks/profile_infonce.py"
+        "$PY" benchmarks/profile_infonce.py || failed+=("profile_infonce")
     fi
 
     local benches=() part
