@@ -109,7 +109,7 @@ IMPLS = {  # key: (entry name, role, implementation)
 }
 if flash_attn is not None:
     IMPLS["flash_attn"] = ("flash-attn flash_attn_func (out only)", "other", _flash_attn)
-FORCED_FORWARD = {"ours_one_sweep": 512, "ours_two_pass": 0}  # SHORT_MAX_LENGTH["half"] for the entry
+FORCED_FORWARD = {"ours_one_sweep": 512, "ours_two_pass": 0}  # SHORT_MAX_LENGTH's half limits for the entry
 SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 
 
@@ -147,13 +147,15 @@ def timed_call(attend, inputs, causal: bool, backward: bool):
 
 @contextlib.contextmanager
 def forced_short_limit(limit: int):
-    """``attention.SHORT_MAX_LENGTH["half"]`` set to ``limit`` inside the block."""
-    saved = attention.SHORT_MAX_LENGTH["half"]
-    attention.SHORT_MAX_LENGTH["half"] = limit
+    """``attention.SHORT_MAX_LENGTH``'s half-precision limits (causal and bidirectional) set to
+    ``limit`` inside the block."""
+    keys = ("half", "half-bidirectional")
+    saved = {key: attention.SHORT_MAX_LENGTH[key] for key in keys}
+    attention.SHORT_MAX_LENGTH.update(dict.fromkeys(keys, limit))
     try:
         yield
     finally:
-        attention.SHORT_MAX_LENGTH["half"] = saved
+        attention.SHORT_MAX_LENGTH.update(saved)
 
 
 def skip_if_rejected(fn, name: str) -> None:

@@ -502,12 +502,14 @@ def _colsum_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> d
 # take the two-pass forward (``_fwd_kernel`` then ``_colsum_kernel``). The limit is what a program
 # can keep on chip: up to four chunks of probabilities beside the output accumulator. Measured on an
 # H100 (bf16, RESULTS.md): at L=512 (4 chunks, which spill 0.26-1.6 KB per thread) the one sweep
-# took 2-2.4x the two-pass time; at L=256 the two were within 15% of each other, either way round
-# (one sweep faster causal, slower bidirectional), so 256 stays the limit.
-SHORT_MAX_LENGTH = {"interpreter": 64, "half": 256, "float32": 0}
+# took 2-2.4x the two-pass time. At L=256 it was faster causal (it skips the masked chunks) and
+# slower bidirectional (bench_attention, B64 H32 L256 D128 in one run: 2.92x cuDNN's forward
+# against 2.46x for the two passes), so bidirectional sequences stop at 128 (not measured below 256).
+SHORT_MAX_LENGTH = {"interpreter": 64, "half": 256, "half-bidirectional": 128, "float32": 0}
 
 
-def _short_config(device: torch.device, head_dim: int, dtype: torch.dtype, length: int) -> Optional[dict]:
+def _short_config(device: torch.device, head_dim: int, dtype: torch.dtype, length: int,
+                  causal: bool = True) -> Optional[dict]:
     """Tiles of the one-sweep forward (``_fwd_short_kernel``), or None when L is too long for it.
 
     Up to four key chunks of BLOCK_N keys. float32 on GPU keeps the two-pass forward: its "ieee"
@@ -520,7 +522,7 @@ def _short_config(device: torch.device, head_dim: int, dtype: torch.dtype, lengt
         block_n = max(16, block_l // 4)
         limit = SHORT_MAX_LENGTH["interpreter"]
         return dict(BLOCK_M=16, BLOCK_N=block_n, CHUNKS=block_l // block_n, BLOCK_D=block_d) if block_l <= limit else None
-    limit = SHORT_MAX_LENGTH["float32" if dtype == torch.float32 else "half"]
+    limit = SHORT_MAX_LENGTH["float32" if dtype == torch.float32 else "half" if causal else "half-bidirectional"]
     block_n = min(block_l, 128)
     if block_l > limit or block_l > 4 * block_n or block_d > 128:
         return None
@@ -609,7 +611,7 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     """(out, lse, colsum or None): the one-sweep forward for short sequences, else the flash pass
     and, when the column sums are wanted, the column-sum pass."""
     dim, length = q.shape[3], q.shape[2]
-    short = _short_config(q.device, dim, q.dtype, length) if return_colsum else None
+    short = _short_config(q.device, dim, q.dtype, length, causal) if return_colsum else None
     if short is not None:
         return _launch_short(q, k, v, mask, causal, scale, short)
     cfg = _config(q.device, dim, q.dtype)

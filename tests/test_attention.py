@@ -39,7 +39,7 @@ def forward_path(request, monkeypatch):
     """Run the test through each forward: the one-sweep kernel of short sequences, or the flash
     pass plus column-sum pass, and check afterwards that every forward took the requested one."""
     limit = 1 << 30 if request.param == "one-sweep" else 0
-    for key in ("interpreter", "half", "float32"):
+    for key in attention.SHORT_MAX_LENGTH:
         monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
     chosen, short_config = [], attention._short_config
 
@@ -242,6 +242,8 @@ def test_forward_choice_by_length():
         BLOCK_M=64, BLOCK_N=128, CHUNKS=2, BLOCK_D=128, num_warps=4, num_stages=1)
     assert short(cuda, 64, torch.float16, 100)["CHUNKS"] == 1
     assert short(cuda, 128, torch.bfloat16, 257) is None  # beyond SHORT_MAX_LENGTH["half"]
+    assert short(cuda, 128, torch.bfloat16, 200, causal=False) is None  # bidirectional: two passes above 128
+    assert short(cuda, 128, torch.bfloat16, 128, causal=False)["CHUNKS"] == 1
     assert short(cuda, 256, torch.bfloat16, 100) is None  # head dim too large to keep on chip
     assert short(cuda, 64, torch.float32, 16) is None  # float32 keeps the two-pass forward
     assert short(cpu, 32, torch.float32, 64)["CHUNKS"] == 4
