@@ -93,7 +93,8 @@ def _row_norms_kernel(X, RX, AMAX, stride_x, ROWS, D, NORMALIZE: tl.constexpr, W
             x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :],
                         mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
             squares += tl.sum(x * x, 1)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+            if WANT_MAX:
+                amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
     if NORMALIZE:
         rx = 1.0 / tl.maximum(tl.sqrt(squares), 1e-12)
     else:
