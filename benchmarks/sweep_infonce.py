@@ -41,22 +41,32 @@ SMOKE_SHAPES = [(40, 3, 48)]
 TAU = 0.05
 CHUNK = 4096  # candidate columns of the dlogits chunk (the backward's accumulating mode uses 4096)
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); the first of each list is infonce._config's
-# bf16 default. The forward keeps three running statistics per row beside its tile, which is why its
-# default BLOCK_N is half the backward's (128 x 128 spilled there).
-FWD = [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 64, 32, 8, 4), (64, 128, 64, 4, 3),
-       (128, 128, 32, 8, 4), (128, 64, 128, 8, 2), (64, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 4)]
-DLOGITS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-           (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 2),
-           (256, 128, 32, 8, 4), (128, 256, 32, 8, 4)]
-SMOKE_TILES = [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1)]
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, overrides of other _config entries]); the
+# first of each list is infonce._config's bf16 default. The forward keeps three running statistics
+# per row beside its tile, which is why its default BLOCK_N is half the backward's (128 x 128
+# spilled there). The overrides undo or vary the L2 locality of the program order: for the forward,
+# cache_bytes=2**40 leaves only the occupancy rule in _candidate_splits (3 splits at B16384, as
+# before the locality rule); for the logit gradients, GROUP_M=65536 makes one group of all query
+# blocks (the row-block-fastest order of the grid before the swizzle).
+NO_LOCALITY_FWD = {"cache_bytes": 1 << 40}
+ROW_ORDER = {"GROUP_M": 65536}
+FWD = [(128, 64, 64, 8, 3), (128, 64, 64, 8, 3, NO_LOCALITY_FWD), (128, 64, 64, 8, 3, {"cache_bytes": 25 << 20}),
+       (128, 128, 64, 8, 3), (128, 128, 64, 8, 3, NO_LOCALITY_FWD), (128, 64, 64, 4, 4), (128, 64, 32, 8, 4),
+       (64, 128, 64, 4, 3), (128, 128, 32, 8, 4), (128, 64, 128, 8, 2), (64, 64, 64, 4, 4), (256, 64, 64, 8, 3),
+       (128, 128, 64, 8, 4)]
+DLOGITS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 3, ROW_ORDER), (128, 128, 64, 8, 3, {"GROUP_M": 4}),
+           (128, 128, 64, 8, 3, {"GROUP_M": 16}), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+           (128, 256, 64, 8, 3, ROW_ORDER), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+           (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (256, 128, 32, 8, 4), (128, 256, 32, 8, 4)]
+SMOKE_TILES = [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1), (16, 16, 16, 4, 1, {"GROUP_M": 65536, "cache_bytes": 1 << 40})]
 
 
 def tiles(variant: tuple, kind: str, dim: int, device: torch.device) -> dict:
     """``infonce._config``'s dict with ``variant``'s tiles for ``kind``'s kernel."""
     cfg = dict(infonce._config(device, dim, torch.bfloat16 if device.type == "cuda" else torch.float32))
-    block_m, block_n, block_d, warps, stages = variant
+    block_m, block_n, block_d, warps, stages = variant[:5]
     cfg.update(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    cfg.update(*variant[5:])
     cfg["BLOCK_N_FWD" if kind == "fwd" else "BLOCK_N"] = block_n
     return cfg
 
@@ -119,7 +129,7 @@ def _warm(args):
 def warm_cache(all_jobs, tables, workers):
     """Compile every variant in parallel processes (Triton's on-disk cache serves the timed run).
     One job per (kind, D, variant): the compiled kernel does not depend on B or K."""
-    unique = {(kind, shape[2], variant): (kind, shape, variant) for kind, shape, variant in all_jobs}
+    unique = {(kind, shape[2], repr(variant)): (kind, shape, variant) for kind, shape, variant in all_jobs}
     todo = list(unique.values())
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_warm, [(todo[i::workers], tables) for i in range(workers)])

@@ -11,7 +11,9 @@ embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
 * "global" forward (1 GEMM): programs over (query block, split of the candidates) stream
   candidate tiles, the dot products accumulated over chunks of D, and keep a running max, sum of
   exp, non-target sum and the positive's logit per query; the splits' partial statistics (O(B)
-  per split) are combined after. Splitting keeps the GPU busy when B / BLOCK_M is small.
+  per split) are combined after. Splitting keeps the GPU busy when B / BLOCK_M is small, and, the
+  split varying fastest over the programs, lets those running at once share their query blocks in
+  the L2 cache (a program re-reads its BLOCK_M x D query block for every candidate tile).
 * "global" backward (3 GEMMs, 4 when memory is short): with ``w_i`` the upstream gradient of
   query i's loss, ``dz_ij = w_i (p_ij - [j = pos(i)])``. A kernel re-computes the logits tile by
   tile from the saved log-sum-exp (over the whole of D, once) and writes
@@ -133,14 +135,16 @@ def _online_logsumexp(m_i, l_i, o_i, z, is_target):
 def _global_fwd_kernel(
     Q, P, NEG, RQ, RP, RN, M_PART, L_PART, O_PART, POS_PART,
     stride_q, stride_p, stride_n,
-    B, NP, NN, D, pos_offset, inv_tau, cols_per_split,
+    B, NP, NN, D, pos_offset, inv_tau, cols_per_split, SPLITS,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial statistics of one query block over one split of the candidates (positives, then
     negatives, numbered 0 .. NP + NN): running max, sum of exp, non-target sum, positive logit.
-    Splitting the candidates keeps the GPU busy when B / BLOCK_M is small (flash-decoding)."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    Splitting the candidates keeps the GPU busy when B / BLOCK_M is small (flash-decoding), and
+    the split varies fastest over the programs, so those running at once share their query blocks
+    (each re-read from the L2 cache for every candidate tile; see ``_candidate_splits``)."""
+    split = tl.program_id(0) % SPLITS
+    pid = tl.program_id(0) // SPLITS
     lo = split * cols_per_split
     hi = tl.minimum(lo + cols_per_split, NP + NN)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,16 +183,26 @@ def _global_dlogits_kernel(
     stride_q, stride_c, stride_e,
     B, NC, D, c0, pos_offset, inv_tau,
     IS_POS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One tile of E[i, j] = sigma * dz_ij * rq_i * rc_j / tau for candidates c0 .. c0 + NC of one
     source, re-computing the logits from the saved log-sum-exp (dz_ij = w_i (p_ij - [j = pos(i)])).
 
     With E, ``E @ C`` is sigma * rq_i * dL/dq^_i and ``E^T @ Q`` is sigma * rc_j * dL/dc^_j: the
     inverse norms are folded in, so the raw embeddings feed the GEMMs. sigma (a power of two) puts
-    max |E| in (1/2, 1], so half precision neither overflows nor flushes the gradient to zero."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    max |E| in (1/2, 1], so half precision neither overflows nor flushes the gradient to zero.
+
+    Programs go through the tiles in groups of GROUP_M query blocks, column by column, so the
+    programs running at once read GROUP_M query blocks and a few candidate blocks (a GEMM's L2
+    swizzle): in row-block order they would read every query block, at D = 4096 more than the L2
+    cache holds, for each candidate block."""
+    blocks_m = tl.cdiv(B, BLOCK_M)
+    tiles_per_group = GROUP_M * tl.cdiv(NC, BLOCK_N)
+    first_m = (tl.program_id(0) // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    in_group = tl.program_id(0) % tiles_per_group
+    pid_m = first_m + in_group % group_rows
+    pid_n = in_group // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = offs_m < B
@@ -347,20 +361,24 @@ def _own_bwd_kernel(
 def _config(device: torch.device, dim: int, dtype: torch.dtype) -> dict:
     """Tiles and the device's SM count: small tiles under the interpreter; GEMM-like on a GPU
     (Triton's usual H100 matmul tiles for half precision; not yet tuned on a GPU)."""
-    if device.type != "cuda":
+    if device.type != "cuda":  # a small "cache" so that the interpreter's tests reach every split rule
         block_do = max(16, min(64, triton.next_power_of_2(dim)))
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_DO=block_do, BLOCK_N_FWD=16, BLOCK_ROWS=16,
-                    OWN_ROWS=16, num_warps=4, num_stages=1, sms=2)
+                    OWN_ROWS=16, GROUP_M=2, num_warps=4, num_stages=1, sms=2, cache_bytes=16 << 10)
     block_do = max(16, min(256, triton.next_power_of_2(dim)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
+    sms, cache_bytes = 132, 50 << 20  # an H100's, where no GPU is visible (compile checks on meta tensors)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        sms, cache_bytes = props.multi_processor_count, getattr(props, "L2_cache_size", cache_bytes)
     # BLOCK_ROWS, OWN_ROWS: rows of the row-wise kernels (projection, "own"), which hold float32
     # [rows, BLOCK_DO] tiles; at these sizes nothing spills on sm_90 (ptxas -v, D 64-4096).
+    # GROUP_M: query blocks per group of the logit-gradient kernel's tiles (Triton's matmul swizzle).
     if dtype == torch.float32:  # "ieee" dots without tensor cores: 4-byte tiles, two stages
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=16,
-                    OWN_ROWS=32, num_warps=8, num_stages=2, sms=sms)
+                    OWN_ROWS=32, GROUP_M=8, num_warps=8, num_stages=2, sms=sms, cache_bytes=cache_bytes)
     # The forward keeps three running statistics beside its tile: 128 x 128 spilled (255 registers).
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=32,
-                OWN_ROWS=64, num_warps=8, num_stages=3, sms=sms)
+                OWN_ROWS=64, GROUP_M=8, num_warps=8, num_stages=3, sms=sms, cache_bytes=cache_bytes)
 
 
 def _precision(dtype: torch.dtype) -> Optional[str]:
@@ -382,11 +400,22 @@ def _row_norms(x: torch.Tensor, normalize: bool, want_max: bool, cfg: dict):
     return rx, amax
 
 
-def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int) -> int:
-    """Programs per query block in the forward: enough for two waves of the device's SMs, each
-    program keeping at least four candidate tiles."""
+def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int, row_block_bytes: int,
+                      cache_bytes: int) -> int:
+    """Programs per query block in the forward (splits of the candidates), the most of:
+
+    * occupancy: enough programs for two waves of the device's SMs;
+    * locality: each program re-reads its query block (``row_block_bytes``, BLOCK_M x D) for every
+      candidate tile, and the split varies fastest over the programs, so about sms / splits query
+      blocks are in use at once; they should take at most a quarter of the L2 cache
+      (``cache_bytes``), or every candidate tile costs a query block's worth of HBM traffic (at
+      D = 4096 in bf16: 1 MiB per 67 MFLOP, about 210 TFLOP/s at the H100's 3.35 TB/s);
+
+    but at most the number that leaves each program four candidate tiles."""
     most = max(1, triton.cdiv(candidates, 4 * block_n))
-    return max(1, min(most, triton.cdiv(2 * sms, row_blocks)))
+    occupancy = triton.cdiv(2 * sms, row_blocks)
+    locality = triton.cdiv(sms, max(1, (cache_bytes // 4) // row_block_bytes))
+    return max(1, min(most, max(occupancy, locality)))
 
 
 # The global backward's scratch: the logit gradients E (a workspace of candidate columns or query
@@ -490,13 +519,15 @@ def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
     batch, dim = q.shape
     candidates = pos.shape[0] + neg.shape[0]
     row_blocks, block_n = triton.cdiv(batch, cfg["BLOCK_M"]), cfg["BLOCK_N_FWD"]
-    splits = _candidate_splits(row_blocks, candidates, block_n, cfg["sms"])
+    splits = _candidate_splits(row_blocks, candidates, block_n, cfg["sms"], cfg["BLOCK_M"] * dim * q.element_size(),
+                               cfg["cache_bytes"])
     per_split = triton.cdiv(triton.cdiv(candidates, splits), block_n) * block_n
     splits = triton.cdiv(candidates, per_split)
     m, l, o, pos_logit = (_backend.new_output((splits, batch), torch.float32, q.device) for _ in range(4))
-    _global_fwd_kernel[(row_blocks, splits)](
+    _global_fwd_kernel[(row_blocks * splits,)](
         q, pos, neg, rq, rp, rn, m, l, o, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
-        batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, per_split, PRECISION=_precision(q.dtype),
+        batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, per_split, splits,
+        PRECISION=_precision(q.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -510,11 +541,11 @@ def _logit_grads(q, rq, lse, tail, w, sigma, cand, rc, c0, e, is_pos, pos_offset
     """E [rows, nc] (a view of the workspace) for the queries ``q`` [rows, D] (with their rq, lse,
     tail, w) and candidates c0 .. c0 + nc of one source; see ``_global_dlogits_kernel``."""
     rows, nc = e.shape
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(nc, cfg["BLOCK_N"]),)
     _global_dlogits_kernel[grid](
         q, cand, rq, rc, lse, tail, w, sigma, e, q.stride(0), cand.stride(0), e.stride(0),
         rows, nc, q.shape[1], c0, pos_offset, 1.0 / tau, IS_POS=is_pos, PRECISION=_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 

@@ -259,7 +259,11 @@ def test_peak_memory_is_the_plans_scratch(case):
     grads = sum(t.numel() * t.element_size() for t in (q, pos, neg))
     extra = torch.cuda.max_memory_allocated() - base - grads
     plan = infonce._backward_plan(batch, batch * (1 + k), dim, 2)
-    statistics = 64 * batch * (2 + k) + (1 << 20)  # inverse norms, partial statistics, rounding
+    cfg = infonce._config(q.device, dim, q.dtype)
+    splits = infonce._candidate_splits(-(-batch // cfg["BLOCK_M"]), batch * (1 + k), cfg["BLOCK_N_FWD"], cfg["sms"],
+                                       cfg["BLOCK_M"] * dim * 2, cfg["cache_bytes"])
+    # inverse norms, the forward's partial statistics (4 float32 per query and split), rounding
+    statistics = 4 * batch * (2 + k) + 16 * splits * batch + (1 << 20)
     assert extra <= plan.scratch_bytes + statistics, f"{extra / 2**20:.1f} MiB, plan {plan}"
 
 
@@ -270,6 +274,52 @@ def test_forward_over_candidate_splits(monkeypatch, splits, gen):
     monkeypatch.setattr(infonce, "_candidate_splits", lambda *a: splits)
     (q, pos, neg), truth = make(37, 7, 24, torch.float32, gen)
     check_against_reference((q, pos, neg), truth, 0.1, torch.float32)
+
+
+H100 = dict(sms=132, cache_bytes=50 << 20)  # its SM count and L2 size (torch.cuda.get_device_properties)
+
+
+@pytest.mark.parametrize("batch, candidates, dim, expected", [
+    (16384, 65536, 4096, 11),  # 1 MiB query blocks: 12 fit in a quarter of the L2, 132 / 12 splits
+    (16384, 65536, 1024, 3),  # 256 KiB query blocks: the occupancy rule (2 waves of 132 SMs) decides
+    (1024, 4096, 4096, 16),  # occupancy asks 33; 4096 candidates make 16 splits of four 64-wide tiles
+    (7, 100, 64, 1),  # fewer than four tiles of candidates: one split
+])
+def test_candidate_splits_at_h100_shapes(batch, candidates, dim, expected):
+    block_m, block_n = 128, 64
+    got = infonce._candidate_splits(-(-batch // block_m), candidates, block_n, H100["sms"],
+                                    block_m * dim * 2, H100["cache_bytes"])
+    assert got == expected
+
+
+@pytest.mark.parametrize("dim", [64, 1024, 4096, 16384, 65536])
+@pytest.mark.parametrize("batch", [1, 1000, 4096, 16384, 262144])
+@pytest.mark.parametrize("k", [0, 7])
+def test_candidate_splits_rules(batch, k, dim):
+    """Between 1 and one split per four candidate tiles; below that cap both rules hold: two waves
+    of programs, and the query blocks of one wave within a quarter of the cache (where one fits)."""
+    block_m, block_n, row_block = 128, 64, 128 * dim * 2
+    row_blocks, candidates = -(-batch // block_m), batch * (1 + k)
+    splits = infonce._candidate_splits(row_blocks, candidates, block_n, H100["sms"], row_block, H100["cache_bytes"])
+    most = max(1, -(-candidates // (4 * block_n)))
+    assert 1 <= splits <= most
+    if splits < most:
+        assert splits * row_blocks >= 2 * H100["sms"]
+        if row_block <= H100["cache_bytes"] // 4:
+            assert -(-H100["sms"] // splits) * row_block <= H100["cache_bytes"] // 4
+
+
+@pytest.mark.parametrize("group_m", [1, 3, 65536])  # 65536: one group, the row-block-fastest order
+@pytest.mark.parametrize("columns", [None, 21])  # None: the natural plan (E whole)
+def test_logit_gradient_tile_order(monkeypatch, group_m, columns, gen):
+    """Every tile of E is computed once whatever the grouping of the query blocks (4 blocks of 16
+    rows under the interpreter: GROUP_M 3 leaves a last group of one) and the chunk's width."""
+    config = infonce._config
+    monkeypatch.setattr(infonce, "_config", lambda *a: {**config(*a), "GROUP_M": group_m})
+    if columns:
+        force_plan(monkeypatch, "accumulate", columns, 0, 16)
+    (q, pos, neg), truth = make(53, 3, 24, torch.float32, gen)
+    check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
 
 
 @pytest.mark.parametrize("scale", [1e-4, 300.0])
