@@ -80,6 +80,25 @@ def _keep(offs_m, offs_n, key_valid, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _within(offs, n, BOUNDED: tl.constexpr):
+    """offs < n, or a constant True where the caller knows the whole tile is within n (the
+    compiler then drops the load's predicates: no bound checks in the hot loop)."""
+    if BOUNDED:
+        return offs < n
+    return tl.full(offs.shape, True, tl.int1)
+
+
+@triton.jit
+def _key_bias(mask_ptr, stride_mn, offs_n, L, HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr):
+    """[BLOCK_N] float32: 0 for a key within L (and valid under the mask), -inf otherwise. Added to
+    the scaled scores, it masks the keys with one FFMA per score (scale and bias) where a per-score
+    compare and select took three to four instructions (the forward issues about as many
+    instructions per tile as its tensor cores take cycles; SASS counts in benchmarks/RESULTS.md)."""
+    valid = _load_valid(mask_ptr, stride_mn, offs_n, _within(offs_n, L, BOUNDED), HAS_MASK)
+    return tl.where(valid, 0.0, float("-inf"))
+
+
+@triton.jit
 def _query_block(
     Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -103,23 +122,27 @@ def _query_block(
 @triton.jit
 def _online_softmax_step(
     q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, start, L, D, qk_scale, m_i, l_i, acc,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDED: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One flash-attention step over keys [start, start + BLOCK_N) of one sequence and kv head
-    (K, V, MASK already offset to it).
+    (K, V, MASK already offset to it). CAUSAL: apply the causal mask to this tile (only tiles that
+    straddle the diagonal need it; the callers pass False for those wholly below it). BOUNDED:
+    the tile may reach past L (False: the caller knows it does not). EVEN_D: BLOCK_D == D.
 
     Returns the step's probabilities relative to the running max ``m`` after it, in the dtype the
     P @ V product uses, then ``m``, the running sum ``l`` and the running output ``acc``.
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    col_in = offs_n < L
-    d_in = offs_d < D
+    col_in = _within(offs_n, L, BOUNDED)
+    d_in = _within(offs_d, D, not EVEN_D)
     kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=col_in[None, :] & d_in[:, None], other=0.0)
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-    key_valid = _load_valid(MASK, smn, offs_n, col_in, HAS_MASK)
-    s = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), s, float("-inf"))
+    if HAS_MASK or BOUNDED:
+        s += _key_bias(MASK, smn, offs_n, L, HAS_MASK, BOUNDED)[None, :]
+    if CAUSAL:
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
     alpha = tl.exp2(m_i - m_safe)
@@ -155,7 +178,7 @@ def _fwd_kernel(
     Q, K, V, MASK, OUT, LSE,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
     H, GROUP, L, D, qk_scale,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Flash attention of one query block of one head: out and the log-sum-exp."""
@@ -165,13 +188,23 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_ptr, v_ptr, mask_ptr = K + b * skb + hk * skh, V + b * svb + hk * svh, MASK + b * smb
+    # Key tiles before ``inner`` lie within L and, causal, before the block's first query: no bound
+    # checks, no causal mask. The rest (the diagonal, or the last partial tile) are checked.
+    inner = (L // BLOCK_N) * BLOCK_N
     hi = L
     if CAUSAL:
+        inner = (tl.program_id(0) * BLOCK_M // BLOCK_N) * BLOCK_N
         hi = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, inner, BLOCK_N):
         _, m_i, l_i, acc = _online_softmax_step(
-            q, offs_m, K + b * skb + hk * skh, V + b * svb + hk * svh, MASK + b * smb, skn, skd, svn, svd, smn,
-            start_n, L, D, qk_scale, m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, start_n, L, D, qk_scale, m_i, l_i, acc,
+            HAS_MASK, False, False, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+        )
+    for start_n in range(inner, hi, BLOCK_N):
+        _, m_i, l_i, acc = _online_softmax_step(
+            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, start_n, L, D, qk_scale, m_i, l_i, acc,
+            HAS_MASK, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
         )
     _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
 
@@ -179,7 +212,7 @@ def _fwd_kernel(
 @triton.jit
 def _chunk_unless_masked(
     q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, L, D, qk_scale, hi, start, m_i, l_i, acc,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``_online_softmax_step`` over the chunk at ``start`` unless it starts at or past ``hi`` (under
@@ -190,7 +223,7 @@ def _chunk_unless_masked(
     if start < hi:
         p, m_chunk, l_i, acc = _online_softmax_step(
             q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, start, L, D, qk_scale, m_i, l_i, acc,
-            HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+            HAS_MASK, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
         )
         m_i = m_chunk
     return p, m_chunk, m_i, l_i, acc
@@ -211,7 +244,7 @@ def _fwd_short_kernel(
     Q, K, V, MASK, OUT, LSE, PART,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
     H, GROUP, L, D, qk_scale,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Short sequences (L <= CHUNKS * BLOCK_N): out, lse and column sums in one sweep.
@@ -238,23 +271,23 @@ def _fwd_short_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     p0, m0, l_i, acc = _online_softmax_step(  # every block sees the first chunk
         q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, 0, L, D, qk_scale, m_i, l_i, acc,
-        HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+        HAS_MASK, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
     )
     m_i = m0
     if CHUNKS > 1:
         p1, m1, m_i, l_i, acc = _chunk_unless_masked(
             q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, BLOCK_N,
-            m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+            m_i, l_i, acc, HAS_MASK, CAUSAL, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
         )
     if CHUNKS > 2:
         p2, m2, m_i, l_i, acc = _chunk_unless_masked(
             q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, 2 * BLOCK_N,
-            m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+            m_i, l_i, acc, HAS_MASK, CAUSAL, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
         )
     if CHUNKS > 3:
         p3, m3, m_i, l_i, acc = _chunk_unless_masked(
             q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, 3 * BLOCK_N,
-            m_i, l_i, acc, HAS_MASK, CAUSAL, PRECISION, BLOCK_N, BLOCK_D,
+            m_i, l_i, acc, HAS_MASK, CAUSAL, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
         )
 
     inv_l = _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
@@ -273,7 +306,7 @@ def _colsum_kernel(
     Q, K, MASK, LSE, PART,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn,
     H, HKV, GROUP, L, D, qk_scale,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column sums of one key block of one kv head over every query of the heads that share it,
@@ -293,25 +326,57 @@ def _colsum_kernel(
         K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
         mask=col_in[None, :] & d_in[:, None], other=0.0,
     )
-    key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
     col = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # Query blocks from ``lo`` may see a key of the block, from ``above`` on they see all of them
+    # (causal); those before ``inner`` lie within L: no causal mask or bound checks from ``above``
+    # to ``inner``.
     lo = 0
+    above = 0
+    inner = (L // BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        above = tl.minimum(tl.cdiv(pid_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M, L)
+    inner = tl.maximum(inner, above)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_in = offs_m < L
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_in[:, None] & d_in[None, :], other=0.0,
-            )
-            lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_in, other=float("inf"))
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-            p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
-            col += p
-    tl.store(PART + pid_bk * L + offs_n, tl.sum(col, 0), mask=col_in)
+        q_ptr, lse_ptr = Q + b * sqb + h * sqh, LSE + (b * H + h) * L
+        if CAUSAL:  # the query blocks on the diagonal
+            for start_m in range(lo, above, BLOCK_M):
+                col += _colsum_tile(q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, True, True,
+                                    EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+        for start_m in range(above, inner, BLOCK_M):
+            col += _colsum_tile(q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, False, False,
+                                EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+        for start_m in range(inner, L, BLOCK_M):  # the last, partial query block
+            col += _colsum_tile(q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, False, True,
+                                EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+    # Padded keys: dropped here, once per column, not per score (their scores may exceed the row's
+    # log-sum-exp, which covers valid keys only, and sum to inf in their own columns; where, not a
+    # product, gives them 0).
+    key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+    tl.store(PART + pid_bk * L + offs_n, tl.where(key_valid, tl.sum(col, 0), 0.0), mask=col_in)
+
+
+@triton.jit
+def _colsum_tile(
+    q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, CAUSAL: tl.constexpr, BOUNDED: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] probabilities of queries start_m .. start_m + BLOCK_M of one head for the
+    key block ``kt`` [BLOCK_D, BLOCK_N], from their log-sum-exp: one FFMA and one exponential per
+    score. Padded and out-of-range queries have lse = +inf, so their probabilities are exactly 0;
+    CAUSAL masks the keys after each query (tiles on the diagonal only); BOUNDED: the block may
+    reach past L; EVEN_D: BLOCK_D == D."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = _within(offs_m, L, BOUNDED)
+    q = tl.load(q_ptr + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_in[:, None] & _within(offs_d, D, not EVEN_D)[None, :], other=0.0)
+    lse = tl.load(lse_ptr + offs_m, mask=row_in, other=float("inf"))
+    p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+    if CAUSAL:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    return p
 
 
 @triton.jit
@@ -570,7 +635,7 @@ def _launch_fwd(q, k, v, mask, causal, scale, cfg):
         q, k, v, mask_arg, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
         hq, hq // k.shape[1], length, dim, scale * LOG2E,
-        **_flags(q, mask, causal), **cfg,
+        EVEN_D=dim == cfg["BLOCK_D"], **_flags(q, mask, causal), **cfg,
     )
     return out, lse
 
@@ -585,7 +650,7 @@ def _launch_colsum(q, k, mask, lse, causal, scale, cfg):
         q, k, mask_arg, lse, part,
         *_strides(q), *_strides(k), smb, smn,
         hq, hkv, hq // hkv, length, dim, scale * LOG2E,
-        **_flags(q, mask, causal), **cfg,
+        EVEN_D=dim == cfg["BLOCK_D"], **_flags(q, mask, causal), **cfg,
     )
     return part.sum(dim=1) / hq
 
@@ -602,7 +667,7 @@ def _launch_short(q, k, v, mask, causal, scale, cfg):
         q, k, v, mask_arg, out, lse, part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
         hq, hq // k.shape[1], length, dim, scale * LOG2E,
-        **_flags(q, mask, causal), **cfg,
+        EVEN_D=dim == cfg["BLOCK_D"], **_flags(q, mask, causal), **cfg,
     )
     return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
 
