@@ -361,7 +361,7 @@ def _own_bwd_kernel(
 def _config(device: torch.device, dim: int, dtype: torch.dtype) -> dict:
     """Tiles and the device's SM count: small tiles under the interpreter; GEMM-like on a GPU
     (Triton's usual H100 matmul tiles for half precision; not yet tuned on a GPU)."""
-    if device.type != "cuda":  # a small "cache" so that the interpreter's tests reach every split rule
+    if device.type != "cuda":  # cache_bytes: nominal (the split rules are tested at an H100's figures)
         block_do = max(16, min(64, triton.next_power_of_2(dim)))
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_DO=block_do, BLOCK_N_FWD=16, BLOCK_ROWS=16,
                     OWN_ROWS=16, GROUP_M=2, num_warps=4, num_stages=1, sms=2, cache_bytes=16 << 10)
@@ -416,6 +416,15 @@ def _candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int, 
     occupancy = triton.cdiv(2 * sms, row_blocks)
     locality = triton.cdiv(sms, max(1, (cache_bytes // 4) // row_block_bytes))
     return max(1, min(most, max(occupancy, locality)))
+
+
+def _forward_splits(batch: int, candidates: int, dim: int, elem: int, cfg: dict):
+    """(splits, candidates per split, a multiple of the forward's tile) for ``_global_fwd_kernel``."""
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N_FWD"]
+    splits = _candidate_splits(triton.cdiv(batch, block_m), candidates, block_n, cfg["sms"], block_m * dim * elem,
+                               cfg["cache_bytes"])
+    per_split = triton.cdiv(triton.cdiv(candidates, splits), block_n) * block_n
+    return triton.cdiv(candidates, per_split), per_split
 
 
 # The global backward's scratch: the logit gradients E (a workspace of candidate columns or query
@@ -518,17 +527,13 @@ def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
     """(lse, positive logit, 1 - p_positive), each [B] float32, from per-split partial statistics."""
     batch, dim = q.shape
     candidates = pos.shape[0] + neg.shape[0]
-    row_blocks, block_n = triton.cdiv(batch, cfg["BLOCK_M"]), cfg["BLOCK_N_FWD"]
-    splits = _candidate_splits(row_blocks, candidates, block_n, cfg["sms"], cfg["BLOCK_M"] * dim * q.element_size(),
-                               cfg["cache_bytes"])
-    per_split = triton.cdiv(triton.cdiv(candidates, splits), block_n) * block_n
-    splits = triton.cdiv(candidates, per_split)
+    splits, per_split = _forward_splits(batch, candidates, dim, q.element_size(), cfg)
     m, l, o, pos_logit = (_backend.new_output((splits, batch), torch.float32, q.device) for _ in range(4))
-    _global_fwd_kernel[(row_blocks * splits,)](
+    _global_fwd_kernel[(triton.cdiv(batch, cfg["BLOCK_M"]) * splits,)](
         q, pos, neg, rq, rp, rn, m, l, o, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
         batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, per_split, splits,
         PRECISION=_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_FWD"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     top = m.max(0).values

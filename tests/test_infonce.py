@@ -259,9 +259,7 @@ def test_peak_memory_is_the_plans_scratch(case):
     grads = sum(t.numel() * t.element_size() for t in (q, pos, neg))
     extra = torch.cuda.max_memory_allocated() - base - grads
     plan = infonce._backward_plan(batch, batch * (1 + k), dim, 2)
-    cfg = infonce._config(q.device, dim, q.dtype)
-    splits = infonce._candidate_splits(-(-batch // cfg["BLOCK_M"]), batch * (1 + k), cfg["BLOCK_N_FWD"], cfg["sms"],
-                                       cfg["BLOCK_M"] * dim * 2, cfg["cache_bytes"])
+    splits, _ = infonce._forward_splits(batch, batch * (1 + k), dim, 2, infonce._config(q.device, dim, q.dtype))
     # inverse norms, the forward's partial statistics (4 float32 per query and split), rounding
     statistics = 4 * batch * (2 + k) + 16 * splits * batch + (1 << 20)
     assert extra <= plan.scratch_bytes + statistics, f"{extra / 2**20:.1f} MiB, plan {plan}"
