@@ -4,10 +4,11 @@ Run with ``pytest --benchmark``; the module is skipped without CUDA. Each group 
 ``attention {fwd|fwd+bwd} B.. H.. L.. D.. {bidir|causal}`` (GQA shapes read ``Hq.. Hkv..``),
 and holds these entries, all on the same inputs:
 
-* ``ata_attention (out + colsum)``, role "ours": our kernel, output and per-key column sums;
-* on shapes with L <= 512, ``... one-sweep forward`` and ``... two-pass forward``, role "other":
-  the same op with each forward forced (``attention.SHORT_MAX_LENGTH``), to choose the default
-  limit by measurement;
+* ``ata_attention (out + colsum)``, role "ours": our op as users call it, output and per-key
+  column sums (on MHA shapes its forward is cuDNN's flash pass then our column-sum pass);
+* ``... Triton flash pass`` (every shape) and, on shapes with L <= 512, ``... one-sweep forward``,
+  role "other": the same op with each of our own forwards forced (``attention.FLASH_PASS`` and
+  ``attention.SHORT_MAX_LENGTH``), to choose the defaults by measurement;
 * ``SDPA cuDNN backend (out only)``, role "fused": the baseline;
 * ``SDPA flash backend (out only)`` and, when flash-attn is installed, ``flash_attn_func``,
   role "other" (shown for scale);
@@ -101,15 +102,15 @@ def _flash_attn(q, k, v, causal):
 
 IMPLS = {  # key: (entry name, role, implementation)
     "ours": ("ata_attention (out + colsum)", "ours", _ours),
+    "ours_triton": ("ata_attention, Triton flash pass", "other", _ours),
     "ours_one_sweep": ("ata_attention, one-sweep forward", "other", _ours),
-    "ours_two_pass": ("ata_attention, two-pass forward", "other", _ours),
     "sdpa_cudnn": ("SDPA cuDNN backend (out only)", "fused", _sdpa),
     "sdpa_flash": ("SDPA flash backend (out only)", "other", _sdpa),
     "eager": ("eager reference (out + colsum)", "eager", _eager),
 }
 if flash_attn is not None:
     IMPLS["flash_attn"] = ("flash-attn flash_attn_func (out only)", "other", _flash_attn)
-FORCED_FORWARD = {"ours_one_sweep": 512, "ours_two_pass": 0}  # SHORT_MAX_LENGTH's half limits for the entry
+FORCED_FORWARD = {"ours_triton": 0, "ours_one_sweep": 512}  # SHORT_MAX_LENGTH's half limits, Triton flash pass
 SDPA_BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
 
 
@@ -146,16 +147,19 @@ def timed_call(attend, inputs, causal: bool, backward: bool):
 
 
 @contextlib.contextmanager
-def forced_short_limit(limit: int):
-    """``attention.SHORT_MAX_LENGTH``'s half-precision limits (causal and bidirectional) set to
-    ``limit`` inside the block."""
+def forced_triton_forward(short_limit: int):
+    """Our own forwards only inside the block: ``attention.FLASH_PASS`` "triton" and
+    ``attention.SHORT_MAX_LENGTH``'s half-precision limits (causal and bidirectional) at
+    ``short_limit`` (0: the Triton flash pass then the column-sum pass; 512: the one sweep)."""
     keys = ("half", "half-bidirectional")
-    saved = {key: attention.SHORT_MAX_LENGTH[key] for key in keys}
-    attention.SHORT_MAX_LENGTH.update(dict.fromkeys(keys, limit))
+    saved = {key: attention.SHORT_MAX_LENGTH[key] for key in keys}, attention.FLASH_PASS
+    attention.SHORT_MAX_LENGTH.update(dict.fromkeys(keys, short_limit))
+    attention.FLASH_PASS = "triton"
     try:
         yield
     finally:
-        attention.SHORT_MAX_LENGTH.update(saved)
+        attention.SHORT_MAX_LENGTH.update(saved[0])
+        attention.FLASH_PASS = saved[1]
 
 
 def skip_if_rejected(fn, name: str) -> None:
@@ -180,13 +184,13 @@ def bench_attention(measure, device, part, case, impl):
             f"eager reference would store ~{eager_bytes(shape) / 1e9:.0f} GB of float32 L x L "
             f"tensors (limit {EAGER_LIMIT_BYTES / 1e9:.0f} GB)"
         )
-    if impl in FORCED_FORWARD and shape.length > 512:
+    if impl == "ours_one_sweep" and shape.length > 512:
         pytest.skip("the one-sweep forward takes L <= 512 only")
     inputs = make_inputs(shape, device, blhd=impl == "flash_attn", requires_grad=part == "fwd+bwd")
     fn = timed_call(attend, inputs, causal, backward=part == "fwd+bwd")
     group = f"attention {part} {shape.label()} {'causal' if causal else 'bidir'}"
     backend = sdpa_kernel(SDPA_BACKENDS[impl]) if impl in SDPA_BACKENDS else contextlib.nullcontext()
-    forward = forced_short_limit(FORCED_FORWARD[impl]) if impl in FORCED_FORWARD else contextlib.nullcontext()
+    forward = forced_triton_forward(FORCED_FORWARD[impl]) if impl in FORCED_FORWARD else contextlib.nullcontext()
     with backend, forward:
         if impl in SDPA_BACKENDS:
             skip_if_rejected(fn, name)

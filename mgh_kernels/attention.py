@@ -7,7 +7,9 @@ the exact semantics of ``reference.attention_with_colsum`` and without ever stor
 Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
 
 * forward: a flash-attention pass per query block gives the output and the row log-sum-exp;
-  a column-sum pass per key block (one program per kv head, looping over the query heads that
+  where PyTorch's cuDNN attention takes the inputs (CUDA, half precision, no padding mask, as many
+  kv heads as query heads) that pass is cuDNN's, which returns the log-sum-exp too (``FLASH_PASS``;
+  our Triton pass took 1.2-1.5x cuDNN's time on an H100). Then a column-sum pass per key block (one program per kv head, looping over the query heads that
   share it and over query blocks) re-computes the probabilities from the log-sum-exp and sums
   them down the columns. Each program owns its outputs: results are deterministic, no atomics.
   Short sequences (``SHORT_MAX_LENGTH``) instead take one sweep per query block that keeps its
@@ -21,8 +23,8 @@ Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
   one kernel per key block accumulates dK and dV over its query heads, and one per query block
   accumulates dQ (deterministic, no atomics).
 
-Dispatch (see ``mgh_kernels._backend``), visible through ``last_backend()`` and a debug log
-line: Triton on CUDA, Triton's interpreter on CPU under ``TRITON_INTERPRET=1`` (the tests' path),
+Dispatch (see ``mgh_kernels._backend``), visible through ``last_backend()`` (and the forward
+taken through ``last_forward()``) and a debug log line: Triton on CUDA, Triton's interpreter on CPU under ``TRITON_INTERPRET=1`` (the tests' path),
 otherwise a memory-frugal PyTorch path that processes a block of queries of one sequence at a
 time (never L x L for the whole batch), re-computing the block in backward.
 """
@@ -40,7 +42,7 @@ import triton.language as tl
 from . import _backend
 from ._validation import check_attention_args
 
-__all__ = ["ata_attention", "last_backend"]
+__all__ = ["ata_attention", "last_backend", "last_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +50,21 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
 _last_backend: Optional[str] = None
+_last_forward: Optional[str] = None
 
 
 def last_backend() -> Optional[str]:
     """Which path the latest ``ata_attention`` call took: "triton", "triton-interpreter" or
     "torch-chunked" (None before the first call)."""
     return _last_backend
+
+
+def last_forward() -> Optional[str]:
+    """Which forward the latest kernel call took: "one-sweep" (``_fwd_short_kernel``),
+    "triton-flash" (``_fwd_kernel``) or "cudnn-flash" (PyTorch's cuDNN attention), the two flash
+    passes followed by the column-sum pass when the column sums are asked for; None before the
+    first call and after a call on the "torch-chunked" path."""
+    return _last_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,15 +683,80 @@ def _launch_short(q, k, v, mask, causal, scale, cfg):
     return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
 
 
+# The flash pass (output and log-sum-exp) where PyTorch's cuDNN attention takes the inputs:
+# "cudnn", or "triton" for ``_fwd_kernel`` everywhere. Measured on an H100 (bf16, RESULTS.md): our
+# Triton pass alone took 1.19-1.54x cuDNN's forward and the column-sum pass 0.65-0.96x, so with
+# cuDNN's pass the forward is expected at 1.65-1.96x cuDNN's, against 2.1-2.9x for our own passes.
+# bench_attention.py times both side by side.
+FLASH_PASS = "cudnn"
+_CUDNN_REFUSED: set = set()  # input signatures cuDNN raised on: the Triton pass takes them
+
+
+def _cudnn_eligible(q, k, mask) -> bool:
+    """Our own conditions for cuDNN's flash pass: half precision, no padding mask (padded queries
+    need our conventions: zero output, lse = +inf) and as many kv heads as query heads (GQA would
+    need K and V repeated in memory)."""
+    return (FLASH_PASS == "cudnn" and mask is None and q.shape[1] == k.shape[1]
+            and q.dtype in (torch.float16, torch.bfloat16))
+
+
+def _cudnn_accepts(q, k, v, causal) -> bool:
+    """PyTorch's own checks: CUDA tensors, cuDNN attention enabled and able to take this shape."""
+    cuda = torch.backends.cuda
+    if not q.is_cuda or not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
+        return False
+    try:
+        params = cuda.SDPAParams(q, k, v, None, 0.0, causal, False)
+    except TypeError:  # PyTorch before enable_gqa: six arguments
+        params = cuda.SDPAParams(q, k, v, None, 0.0, causal)
+    return cuda.cudnn_sdp_enabled() and cuda.can_use_cudnn_attention(params, False)
+
+
+def _cudnn_attention(q, k, v, causal, scale):
+    """PyTorch's cuDNN attention forward with its log-sum-exp (a private aten op): out [B, H, L, D]
+    in q's dtype (any strides) and lse, natural log, float32, [B, H, L] (or [B, H, L, 1])."""
+    result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale,
+    )
+    return result[0], result[1]
+
+
+def _cudnn_flash_pass(q, k, v, causal, scale):
+    """(out, lse [B, H, L] float32 in log2 units, contiguous) from cuDNN, or None where cuDNN
+    raised (logged once per input signature; the Triton pass takes over)."""
+    signature = (tuple(q.shape), tuple(q.stride()), q.dtype, q.device, causal)
+    if signature in _CUDNN_REFUSED:
+        return None
+    try:
+        out, lse = _cudnn_attention(q, k, v, causal, scale)
+    except RuntimeError as err:
+        _CUDNN_REFUSED.add(signature)
+        logger.warning("ata_attention: cuDNN's attention refused %s %s causal=%s (%s); using the Triton "
+                       "flash pass for these inputs", list(q.shape), q.dtype, causal, " ".join(str(err).split()))
+        return None
+    batch, heads, length = q.shape[:3]
+    return out, (lse.reshape(batch, heads, length).float() * LOG2E).contiguous()
+
+
 def _forward(q, k, v, mask, causal, scale, return_colsum):
-    """(out, lse, colsum or None): the one-sweep forward for short sequences, else the flash pass
-    and, when the column sums are wanted, the column-sum pass."""
+    """(out, lse, colsum or None): cuDNN's flash pass where it applies, else the one-sweep forward
+    for short sequences, else our flash pass; then, when the column sums are wanted, the column-sum
+    pass. Records the choice for ``last_forward()``."""
+    global _last_forward
     dim, length = q.shape[3], q.shape[2]
-    short = _short_config(q.device, dim, q.dtype, length, causal) if return_colsum else None
-    if short is not None:
-        return _launch_short(q, k, v, mask, causal, scale, short)
-    cfg = _config(q.device, dim, q.dtype)
-    out, lse = _launch_fwd(q, k, v, mask, causal, scale, cfg)
+    flash = None
+    if _cudnn_eligible(q, k, mask) and _cudnn_accepts(q, k, v, causal):
+        flash = _cudnn_flash_pass(q, k, v, causal, scale)
+    if flash is not None:
+        _last_forward = "cudnn-flash"
+        out, lse = flash
+    else:
+        short = _short_config(q.device, dim, q.dtype, length, causal) if return_colsum else None
+        if short is not None:
+            _last_forward = "one-sweep"
+            return _launch_short(q, k, v, mask, causal, scale, short)
+        _last_forward = "triton-flash"
+        out, lse = _launch_fwd(q, k, v, mask, causal, scale, _config(q.device, dim, q.dtype))
     if not return_colsum:
         return out, lse, None
     return out, lse, _launch_colsum(q, k, mask, lse, causal, scale, _colsum_config(q.device, dim, q.dtype))
@@ -829,7 +905,7 @@ def ata_attention(
         float32 (sum over valid queries of the probabilities, averaged over heads; zero at padded
         keys), or ``None`` when ``return_colsum`` is False. Differentiable through both.
     """
-    global _last_backend
+    global _last_backend, _last_forward
     mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if not isinstance(return_colsum, bool):
         raise ValueError(f"return_colsum: expected True or False, got {return_colsum!r}")
@@ -839,10 +915,12 @@ def ata_attention(
     _backend.check_kernel_dtype("q", q, backend)
     if q.numel() == 0:
         raise ValueError(f"q: expected a non-empty tensor, got shape {list(q.shape)}")
-    _last_backend = backend
+    _last_backend, _last_forward = backend, None
     logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
     if backend == _backend.CHUNKED:
         return _chunked(q, k, v, mask, causal, scale, return_colsum)
+    if mask is not None and bool(mask.all()):
+        mask = None  # a mask that pads nothing: the unmasked kernels (and cuDNN's pass) give the same
     mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
     out, colsum = _ATAAttentionFunction.apply(q, k, v, mask_u8, causal, scale, return_colsum)
     return out, (colsum if return_colsum else None)

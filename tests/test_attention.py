@@ -36,8 +36,10 @@ def poisoned_outputs(monkeypatch):
 
 @pytest.fixture(params=["one-sweep", "two-pass"])
 def forward_path(request, monkeypatch):
-    """Run the test through each forward: the one-sweep kernel of short sequences, or the flash
-    pass plus column-sum pass, and check afterwards that every forward took the requested one."""
+    """Run the test through each of our forwards: the one-sweep kernel of short sequences, or our
+    flash pass plus the column-sum pass (cuDNN's flash pass is off here: see the cuDNN tests below),
+    and check afterwards that every forward took the requested one."""
+    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
     limit = 1 << 30 if request.param == "one-sweep" else 0
     for key in attention.SHORT_MAX_LENGTH:
         monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
@@ -205,6 +207,134 @@ def test_never_allocates_length_squared(poisoned_outputs, gen):
     assert poisoned_outputs  # the kernels' outputs all pass through _backend.new_output
     for shape in poisoned_outputs:
         assert math.prod(shape) <= 2 * 48 * 16, shape
+
+
+# ---- cuDNN's flash pass followed by our column-sum pass ------------------------------------------
+
+
+def fake_cudnn_attention(q, k, v, causal, scale):
+    """A CPU stand-in for ``attention._cudnn_attention`` with cuDNN's conventions: out in q's dtype
+    laid out [B, L, H, D] underneath (cuDNN follows the query's memory layout, transformers hands
+    over [B, L, H, D] views), lse in natural-log units, float32, [B, H, L, 1]."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        length = q.shape[2]
+        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    out = torch.softmax(scores, -1) @ v.float()
+    blhd = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype).transpose(1, 2)
+    return blhd.copy_(out), torch.logsumexp(scores, -1, keepdim=True)
+
+
+@pytest.fixture
+def cudnn_pass(monkeypatch):
+    """cuDNN's flash pass switched on. On CUDA, the real one: a test skips where PyTorch's cuDNN
+    attention does not take its inputs. On CPU, ``fake_cudnn_attention`` takes every input our
+    own conditions let through (what runs on CPU is all the glue around it: the log-sum-exp's units
+    and shape, the output's strides, the column-sum pass and the backward on cuDNN's results).
+    Returns the list of the stand-in's calls."""
+    monkeypatch.setattr(attention, "FLASH_PASS", "cudnn")
+    monkeypatch.setattr(attention, "_CUDNN_REFUSED", set())
+    calls = []
+    if not CUDA:
+        def fake(*args):
+            calls.append(args)
+            return fake_cudnn_attention(*args)
+
+        monkeypatch.setattr(attention, "_cudnn_accepts", lambda q, k, v, causal: True)
+        monkeypatch.setattr(attention, "_cudnn_attention", fake)
+    return calls
+
+
+CUDNN_SHAPES = [(1, 1, 1, 1, 16), (2, 2, 2, 23, 24), (1, 3, 3, 40, 64), (1, 2, 2, 33, 128)]
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("shape", CUDNN_SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_cudnn_flash_pass_outputs_and_gradients(shape, causal, dtype, gen, cudnn_pass):
+    (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen, requires_grad=True)
+    if CUDA and not attention._cudnn_accepts(q, k, v, causal):
+        pytest.skip("PyTorch's cuDNN attention does not take these inputs")
+    base_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    scale = 1 / math.sqrt(shape[4])
+    out, colsum = ata_attention(q, k, v, causal=causal)
+    assert attention.last_forward() == "cudnn-flash"
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal)
+    base_out, base_colsum = eager_same_precision(*base_inputs, causal, None, scale)
+    assert_within_rule(out, base_out, want_out, dtype, "out")
+    assert_within_rule(colsum, base_colsum, want_colsum, dtype, "colsum")
+
+    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    w_col = torch.randn(shape[0], shape[3], generator=gen, dtype=torch.float64).to(DEVICE)
+    for o, c in ((out, colsum), (want_out, want_colsum), (base_out, base_colsum)):
+        ((o.double() * w_out).sum() + (c.double() * w_col).sum()).backward()
+    for name, got, base, want in zip("qkv", (q, k, v), base_inputs, (q64, k64, v64)):
+        assert_within_rule(got.grad, base.grad, want.grad, dtype, f"d{name}")
+
+
+def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
+    """Padding, GQA and float32 keep our flash pass (the one-sweep kernel is off: length limit 0);
+    a mask that pads nothing is dropped, so cuDNN's pass takes it."""
+    if CUDA:
+        pytest.skip("checks the conditions with the CPU stand-in")
+    (q, k, v), _ = make_inputs((2, 4, 4, 20, 16), torch.float16, gen)
+    (qf, kf, vf), _ = make_inputs((2, 4, 4, 20, 16), torch.float32, gen)
+    mask = padding_mask(2, 20, "right", gen)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in attention.SHORT_MAX_LENGTH:
+            patch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
+        for args, kwargs, want in [
+            ((q, k, v), {}, "cudnn-flash"),
+            ((q, k, v), dict(key_padding_mask=mask), "triton-flash"),
+            ((q, k, v), dict(key_padding_mask=torch.ones(2, 20, dtype=torch.long)), "cudnn-flash"),
+            ((q, k[:, :2], v[:, :2]), {}, "triton-flash"),
+            ((qf, kf, vf), {}, "triton-flash"),
+        ]:
+            ata_attention(*args, **kwargs)
+            assert attention.last_forward() == want, (kwargs, args[1].shape, args[0].dtype)
+        patch.setattr(attention, "FLASH_PASS", "triton")
+        ata_attention(q, k, v)
+        assert attention.last_forward() == "triton-flash"
+    assert len(cudnn_pass) == 2
+
+
+def test_cudnn_refusal_falls_back_once_per_signature(monkeypatch, caplog, gen):
+    """Where cuDNN raises, the Triton pass gives the same result; the warning names the inputs,
+    and the same inputs do not ask cuDNN again."""
+    monkeypatch.setattr(attention, "FLASH_PASS", "cudnn")
+    monkeypatch.setattr(attention, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(attention, "_cudnn_accepts", lambda q, k, v, causal: True)
+    for key in attention.SHORT_MAX_LENGTH:
+        monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
+    calls = []
+
+    def refusing(*args):
+        calls.append(args)
+        raise RuntimeError("cuDNN Frontend error: no valid engine configs")
+
+    monkeypatch.setattr(attention, "_cudnn_attention", refusing)
+    (q, k, v), (q64, k64, v64) = make_inputs((1, 2, 2, 21, 32), torch.float16, gen)
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=True)
+    with caplog.at_level("WARNING", logger="mgh_kernels.attention"):
+        for _ in range(2):
+            out, colsum = ata_attention(q, k, v, causal=True)
+            assert attention.last_forward() == "triton-flash"
+            torch.testing.assert_close(out.double(), want_out, rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(colsum.double(), want_colsum, rtol=2e-3, atol=2e-3)
+    assert len(calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "[1, 2, 21, 32]" in warnings[0] and "no valid engine" in warnings[0]
+
+
+@pytest.mark.skipif(not CUDA, reason="PyTorch's cuDNN attention needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_cudnn_flash_pass_taken_at_benchmark_shapes(causal, gen):
+    """The benchmark's MHA shapes (bf16, head dims 64 and 128) take cuDNN's pass by default."""
+    for dim in (64, 128):
+        q, k, v = (torch.randn(2, 4, 512, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ata_attention(q, k, v, causal=causal)
+        assert attention.last_forward() == "cudnn-flash", dim
 
 
 # ---- the PyTorch path (CPU without the interpreter) -------------------------------------------
