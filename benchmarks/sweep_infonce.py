@@ -93,9 +93,9 @@ def kernel_call(kind, shape, variant, device, defaults):
         candidates = torch.cat([pos, neg])  # the baseline's one matrix (ours reads pos and neg where they are)
         return (lambda: infonce._global_forward(q, pos, neg, rq, rp, rn, TAU, 0, cfg),
                 lambda: torch.mm(q, candidates.t()), 2 * batch * candidates.shape[0] * dim)
-    lse, _, tail = infonce._global_forward(q, pos, neg, rq, rp, rn, TAU, 0, tiles(defaults["fwd"], "fwd", dim, device))
+    lse, tail, _ = infonce._global_forward(q, pos, neg, rq, rp, rn, TAU, 0, tiles(defaults["fwd"], "fwd", dim, device))
     w = torch.full((batch,), 1.0 / batch, device=device)
-    sigma = infonce._gradient_scale(w, rq, rn.max(), TAU)
+    sigma = infonce._gradient_scale(w, rq, rp, rn, TAU)
     columns = min(CHUNK, neg.shape[0])
     chunk = neg[:columns]
     e = torch.empty(batch, columns, dtype=q.dtype, device=device)

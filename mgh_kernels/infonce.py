@@ -11,7 +11,7 @@ embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
 * "global" forward (1 GEMM): programs over (query block, split of the candidates) stream
   candidate tiles, the dot products accumulated over chunks of D, and keep a running max, sum of
   exp, non-target sum and the positive's logit per query; the splits' partial statistics (O(B)
-  per split) are combined after. Splitting keeps the GPU busy when B / BLOCK_M is small, and, the
+  per split) are combined after, with each query's loss, by one small kernel. Splitting keeps the GPU busy when B / BLOCK_M is small, and, the
   split varying fastest over the programs, lets those running at once share their query blocks in
   the L2 cache (a program re-reads its BLOCK_M x D query block for every candidate tile).
 * "global" backward (3 GEMMs, 4 when memory is short): with ``w_i`` the upstream gradient of
@@ -25,7 +25,8 @@ embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
   in a float32 [B, D] accumulator; else, where that accumulator alone would break the budget
   (small B, large D), candidate chunks for dC and then E re-computed in chunks of queries for dq.
   Only the gradients autograd asks for are computed (frozen candidates: no dC GEMMs, no sweep).
-  sigma, a power of two, keeps E in half precision's range at any embedding norm. A last row-wise
+  sigma, a power of two computed on the device by a one-program kernel (no host sync), keeps E in
+  half precision's range at any embedding norm. A last row-wise
   kernel removes sigma and applies the normalisation's gradient, ``dx = (g - (g . x^) x^) / |x|``.
   Deterministic: no atomics. (Re-computing per block of D instead, as flash attention can at
   D <= 256, would cost D / 256 GEMMs per gradient: 35 GEMMs in all at D = 4096.)
@@ -178,6 +179,46 @@ def _global_fwd_kernel(
 
 
 @triton.jit
+def _query_loss(lse, pos_logit, tail):
+    """-log p_positive per query: from 1 - p (``tail``) where the positive dominates, as
+    -log1p(-tail), which keeps its digits there; lse - positive logit elsewhere.
+
+    -log1p(-t) below t = 1/16 is its series t + t^2/2 + ... + t^7/7 (truncation below 5e-10
+    relative), and -log(1 - t) above, where 1 - t loses none of t's digits that matter: Triton
+    has no log1p under the interpreter (libdevice's is GPU-only), and 1 - t rounds to 1 for
+    t < 6e-8."""
+    t = tail
+    series = t * (1.0 + t * (1.0 / 2 + t * (1.0 / 3 + t * (1.0 / 4 + t * (1.0 / 5 + t * (1.0 / 6 + t * (1.0 / 7)))))))
+    neg_log1p = tl.where(t < 0.0625, series, -tl.log(1.0 - t))
+    return tl.where(t < 0.5, neg_log1p, lse - pos_logit)
+
+
+@triton.jit
+def _combine_splits_kernel(M_PART, L_PART, O_PART, POS_PART, LSE, TAIL, LOSS, B, SPLITS, BLOCK: tl.constexpr):
+    """Per query: the splits' partial statistics ([SPLITS, B] each) folded into the log-sum-exp and
+    1 - p_positive (the backward's), and the loss; one launch where a dozen small PyTorch ops stood."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_in = offs < B
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for split in range(0, SPLITS):
+        top = tl.maximum(top, tl.load(M_PART + split * B + offs, mask=row_in, other=0.0))
+    total = tl.zeros([BLOCK], tl.float32)
+    other = tl.zeros([BLOCK], tl.float32)
+    pos_logit = tl.zeros([BLOCK], tl.float32)
+    for split in range(0, SPLITS):
+        part = split * B + offs
+        weight = tl.exp(tl.load(M_PART + part, mask=row_in, other=0.0) - top)
+        total += tl.load(L_PART + part, mask=row_in, other=1.0) * weight
+        other += tl.load(O_PART + part, mask=row_in, other=0.0) * weight
+        pos_logit += tl.load(POS_PART + part, mask=row_in, other=0.0)
+    lse = top + tl.log(total)
+    tail = other / total
+    tl.store(LSE + offs, lse, mask=row_in)
+    tl.store(TAIL + offs, tail, mask=row_in)
+    tl.store(LOSS + offs, _query_loss(lse, pos_logit, tail), mask=row_in)
+
+
+@triton.jit
 def _global_dlogits_kernel(
     Q, C, RQ, RC, LSE, TAIL, W, SIGMA, E,
     stride_q, stride_c, stride_e,
@@ -225,6 +266,37 @@ def _global_dlogits_kernel(
 
 
 @triton.jit
+def _max_of(X, N, BLOCK: tl.constexpr):
+    """max(X[0 .. N]) of a float32 vector of non-negative entries, one program (0 when N = 0)."""
+    top = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.load(X + offs, mask=offs < N, other=0.0))
+    return tl.max(top, 0)
+
+
+@triton.jit
+def _gradient_scale_kernel(W, RQ, RP, RN, QMAX, PMAX, NMAX, SIGMA, B, NP, NN, log2_tau,
+                           HAS_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """SIGMA[0] = 2^-ceil(log2(max_i |W_i| RQ_i * max_j RC_j / tau)) (1 when every W_i is 0),
+    raised with HAS_MAX by 2^s, s = -ceil(log2(max entry of the embeddings)) within [0, 12]
+    (QMAX, PMAX, NMAX: each row's largest |entry|); see ``_gradient_scale``. One program: the
+    vectors are O(B(1 + K)) floats, streamed once."""
+    top = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        row_in = offs < B
+        top = tl.maximum(top, tl.abs(tl.load(W + offs, mask=row_in, other=0.0)) * tl.load(RQ + offs, mask=row_in, other=0.0))
+    top = tl.max(top, 0)
+    rc_max = tl.maximum(_max_of(RP, NP, BLOCK), _max_of(RN, NN, BLOCK))
+    exponent = tl.where(top > 0, -tl.ceil(tl.log2(top) + tl.log2(rc_max) - log2_tau), 0.0)
+    if HAS_MAX:
+        inputs_max = tl.maximum(tl.maximum(_max_of(QMAX, B, BLOCK), _max_of(PMAX, NP, BLOCK)), _max_of(NMAX, NN, BLOCK))
+        exponent += tl.minimum(tl.maximum(-tl.ceil(tl.log2(inputs_max)), 0.0), 12.0)
+    tl.store(SIGMA, tl.exp2(tl.minimum(tl.maximum(exponent, -126.0), 126.0)))
+
+
+@triton.jit
 def _unscale_project_kernel(
     G, X, RX, SIGMA, OUT, stride_g, stride_x, stride_o, ROWS, D,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -269,13 +341,13 @@ def _rowdot(A, stride_a, a_rows, C, stride_c, c_rows, row_in, D, BLOCK_M: tl.con
 
 @triton.jit
 def _own_fwd_kernel(
-    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL,
+    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL, LOSS,
     stride_q, stride_p, stride_n,
     B, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit; LSE over the row;
-    TAIL = 1 - p_positive, summed from the negatives' side for precision."""
+    TAIL = 1 - p_positive, summed from the negatives' side for precision; LOSS = -log p_positive."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = offs_m < B
@@ -297,8 +369,11 @@ def _own_fwd_kernel(
         l_i = l_i * alpha + e
         o_i = o_i * alpha + e
         m_i = m_new
-    tl.store(LSE + offs_m, m_i + tl.log(l_i), mask=row_in)
-    tl.store(TAIL + offs_m, o_i / l_i, mask=row_in)
+    lse = m_i + tl.log(l_i)
+    tail = o_i / l_i
+    tl.store(LSE + offs_m, lse, mask=row_in)
+    tl.store(TAIL + offs_m, tail, mask=row_in)
+    tl.store(LOSS + offs_m, _query_loss(lse, tl.load(Z + offs_m * (K + 1), mask=row_in, other=0.0), tail), mask=row_in)
 
 
 @triton.jit
@@ -496,20 +571,23 @@ def _sweeps_plan(batch, candidates, elem, e_budget, need_q, need_c):
     return _BackwardPlan("sweeps", columns, rows, 0, workspace, workspace * elem)
 
 
-def _gradient_scale(w, rq, rc_max, tau, inputs_max=None):
+def _gradient_scale(w, rq, rp, rn, tau, maxima=None):
     """[1] float32 sigma = 2^-ceil(log2(max_i |w_i| rq_i * max_j rc_j / tau)), on the device (no host
-    sync); 1 when every upstream gradient is 0. Computed in log space: the product may overflow.
+    sync, one launch); 1 when every upstream gradient is 0. Computed in log space: the product may
+    overflow. rc: the candidates' inverse norms ``rp`` and ``rn``.
 
-    ``inputs_max`` (float16 inputs: the largest |entry| of the embeddings) raises sigma by a further
-    2^s, s = -ceil(log2(inputs_max)) within [0, 12]: the GEMM outputs E^T @ Q and E @ C have the
-    embeddings' magnitude times E's, and with small embeddings (norms ~1e-3) they would fall into
-    float16's subnormals (a 1% error); E stays below 2^12, far from float16's overflow."""
-    top = (w.abs() * rq).max()
-    log2_top = torch.log2(top) + torch.log2(rc_max) - math.log2(tau)
-    exponent = torch.where(top > 0, -torch.ceil(log2_top), torch.zeros_like(top))
-    if inputs_max is not None:
-        exponent = exponent + (-torch.ceil(torch.log2(inputs_max.float()))).clamp(0, 12)
-    return torch.exp2(exponent.clamp(-126, 126)).reshape(1)
+    ``maxima`` (float16 inputs: each row's largest |entry| of q, pos and neg) raises sigma by a
+    further 2^s, s = -ceil(log2(the largest of them)) within [0, 12]: the GEMM outputs E^T @ Q and
+    E @ C have the embeddings' magnitude times E's, and with small embeddings (norms ~1e-3) they
+    would fall into float16's subnormals (a 1% error); E stays below 2^12, far from float16's
+    overflow."""
+    sigma = _backend.new_output((1,), torch.float32, w.device)
+    q_max, p_max, n_max = maxima if maxima is not None else (rq, rp, rn)
+    _gradient_scale_kernel[(1,)](
+        w, rq, rp, rn, q_max, p_max, n_max, sigma, w.shape[0], rp.shape[0], rn.shape[0], math.log2(tau),
+        HAS_MAX=maxima is not None, BLOCK=1024, num_warps=8,
+    )
+    return sigma
 
 
 def _project(g, x, rx, sigma, out, normalize, cfg):
@@ -524,7 +602,7 @@ def _project(g, x, rx, sigma, out, normalize, cfg):
 
 
 def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
-    """(lse, positive logit, 1 - p_positive), each [B] float32, from per-split partial statistics."""
+    """(lse, 1 - p_positive, loss), each [B] float32, from per-split partial statistics."""
     batch, dim = q.shape
     candidates = pos.shape[0] + neg.shape[0]
     splits, per_split = _forward_splits(batch, candidates, dim, q.element_size(), cfg)
@@ -536,10 +614,11 @@ def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_FWD"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    top = m.max(0).values
-    weight = torch.exp(m - top)
-    total = (l * weight).sum(0)
-    return top + torch.log(total), pos_logit.sum(0), (o * weight).sum(0) / total
+    lse, tail, losses = (_backend.new_output((batch,), torch.float32, q.device) for _ in range(3))
+    _combine_splits_kernel[(triton.cdiv(batch, cfg["BLOCK_ROWS"]),)](
+        m, l, o, pos_logit, lse, tail, losses, batch, splits, BLOCK=cfg["BLOCK_ROWS"], num_warps=4,
+    )
+    return lse, tail, losses
 
 
 def _logit_grads(q, rq, lse, tail, w, sigma, cand, rc, c0, e, is_pos, pos_offset, tau, cfg):
@@ -573,7 +652,7 @@ def _accumulate(acc, e, block, partial_rows):
         acc[r0 : r0 + partial_rows].add_(torch.mm(e[r0 : r0 + partial_rows], block))
 
 
-def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, inputs_max, cfg,
+def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, maxima, cfg,
                      needs=(True, True, True)):
     """(dq, dpos, dneg) in the inputs' dtype, None where ``needs`` (q, pos, neg) is False: E
     re-computed chunk by chunk (see ``_BackwardPlan``), dC = E^T @ Q and dq = E @ C as GEMMs
@@ -581,8 +660,7 @@ def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_
     batch, dim = q.shape
     n_pos, n_neg = pos.shape[0], neg.shape[0]
     need_q, need_pos, need_neg = needs
-    rc_max = torch.maximum(rp.max(), rn.max()) if n_neg else rp.max()
-    sigma = _gradient_scale(w, rq, rc_max, tau, inputs_max)
+    sigma = _gradient_scale(w, rq, rp, rn, tau, maxima)
     dpos = _backend.new_output(tuple(pos.shape), pos.dtype, q.device) if need_pos else None
     dneg = _backend.new_output(tuple(neg.shape), neg.dtype, q.device) if need_neg else None
     gq = _backend.new_output((batch, dim), q.dtype, q.device) if need_q else None
@@ -634,27 +712,23 @@ class _InfoNCEFunction(torch.autograd.Function):
         # float16 (global backward): the embeddings' largest entry, for the gradient scale sigma
         want_max = q.dtype == torch.float16 and not own
         (rq, q_max), (rp, p_max), (rn, n_max) = (_row_norms(t, normalize, want_max, cfg) for t in (q, pos, neg))
-        inputs_max = None
-        if want_max:
-            inputs_max = torch.stack([m.max() for m in (q_max, p_max, n_max) if m.numel()]).max()
         if own:
             lse = _backend.new_output((batch,), torch.float32, q.device)
             tail = _backend.new_output((batch,), torch.float32, q.device)  # 1 - p_positive
             z = _backend.new_output((batch, k + 1), torch.float32, q.device)
+            losses = _backend.new_output((batch,), torch.float32, q.device)
             _own_fwd_kernel[(triton.cdiv(batch, cfg["OWN_ROWS"]),)](
-                q, pos, neg, rq, rp, rn, z, lse, tail, q.stride(0), pos.stride(0), neg.stride(0),
+                q, pos, neg, rq, rp, rn, z, lse, tail, losses, q.stride(0), pos.stride(0), neg.stride(0),
                 batch, k, dim, 1.0 / tau, BLOCK_M=cfg["OWN_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
             )
-            pos_logit = z[:, 0]
             logits = z  # own mode keeps every logit (O(B(1+K)))
         else:
-            lse, pos_logit, tail = _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg)
+            lse, tail, losses = _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg)
             logits = lse  # unused by the global backward
         ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, tail, logits)
         ctx.tau, ctx.normalize, ctx.own, ctx.pos_offset, ctx.k = tau, normalize, own, pos_offset, k
-        ctx.inputs_max = inputs_max  # a scalar or None, not an input: no need to save it
-        # -log p_positive: from 1 - p when the positive dominates (log1p keeps its digits there).
-        return torch.where(tail < 0.5, -torch.log1p(-tail), lse - pos_logit)
+        ctx.maxima = (q_max, p_max, n_max) if want_max else None  # O(B(1+K)), not inputs: no need to save them
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
@@ -664,7 +738,7 @@ class _InfoNCEFunction(torch.autograd.Function):
         cfg = _config(q.device, dim, q.dtype)
         if not ctx.own:
             dq, dpos, dneg = _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, ctx.tau, ctx.normalize,
-                                              ctx.pos_offset, ctx.inputs_max, cfg, ctx.needs_input_grad[:3])
+                                              ctx.pos_offset, ctx.maxima, cfg, ctx.needs_input_grad[:3])
             return dq, dpos, dneg, None, None, None, None
         dq, dpos, dneg = (_backend.new_output(tuple(x.shape), x.dtype, x.device) for x in (q, pos, neg))
         # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like

@@ -36,9 +36,11 @@ CASES = {
 KERNELS = {
     "attention": ["_fwd_kernel", "_colsum_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
     "attention-short": ["_fwd_short_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
-    # inverse norms of q, pos, neg; then one pass (B=100 is small): per source the logit gradients
-    # then their projection; dq's last
-    "global": ["_row_norms_kernel"] * 3 + ["_global_fwd_kernel", "_global_dlogits_kernel", "_unscale_project_kernel",
+    # inverse norms of q, pos, neg; the splits' statistics and their combination with the loss;
+    # the gradient scale, then one pass (B=100 is small): per source the logit gradients then
+    # their projection; dq's last
+    "global": ["_row_norms_kernel"] * 3 + ["_global_fwd_kernel", "_combine_splits_kernel", "_gradient_scale_kernel",
+                                           "_global_dlogits_kernel", "_unscale_project_kernel",
                                            "_global_dlogits_kernel", "_unscale_project_kernel",
                                            "_unscale_project_kernel"],
     "own": ["_row_norms_kernel"] * 3 + ["_own_fwd_kernel", "_own_bwd_kernel"],  # the projection inside

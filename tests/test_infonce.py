@@ -420,6 +420,26 @@ def test_extreme_similarities_stay_finite(dtype, negatives, gen):
 
 
 @pytest.mark.parametrize("negatives", ["global", "own"])
+def test_small_losses_keep_their_digits(negatives, gen):
+    """Each query's loss to float32's relative precision, from ~1e-8 (the positive at cosine 1,
+    every other candidate at cosine 0, tau 0.05: p_negative ~ e^-20) to ~40 (the positive at
+    cosine -1). Computed as lse - positive logit, or as -log(1 - tail) in float32, the smallest
+    would round to 0; -log(1 - tail) would be inf for the largest. The kernels take -log1p(-tail)
+    where 1 - p_positive < 1/2 (a series below 1/16), lse - positive logit elsewhere."""
+    dim, batch = 64, 12
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
+    cosine = torch.linspace(1.0, -1.0, batch, dtype=torch.float64)[:, None]
+    q = basis[:batch]
+    pos = cosine * q + (1 - cosine**2).sqrt() * basis[batch : 2 * batch]  # at cosine 0 to every other query
+    neg = basis[2 * batch : 4 * batch].reshape(batch, 2, dim)
+    args = [t.to(DEVICE, torch.float32) for t in (q, pos, neg)]
+    got = infonce_loss(*args, tau=0.05, negatives=negatives, reduction="none")
+    want = reference.infonce(*(t.double() for t in args), tau=0.05, negatives=negatives, reduction="none")
+    assert want.min() < 1e-7 and want.max() > 20.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("negatives", ["global", "own"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_chunked_path_matches_reference(monkeypatch, negatives, dtype, gen):
     monkeypatch.setattr(_backend, "INTERPRETED", False)
