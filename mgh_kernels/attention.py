@@ -7,8 +7,8 @@ the exact semantics of ``reference.attention_with_colsum`` and without ever stor
 Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
 
 * forward: a flash-attention pass per query block gives the output and the row log-sum-exp;
-  where PyTorch's cuDNN attention takes the inputs (CUDA, half precision, no padding mask, as many
-  kv heads as query heads) that pass is cuDNN's, which returns the log-sum-exp too (``FLASH_PASS``;
+  where PyTorch's cuDNN attention takes the inputs (CUDA, half precision, no padding mask; GQA
+  where PyTorch's cuDNN gate accepts it) that pass is cuDNN's, which returns the log-sum-exp too (``FLASH_PASS``;
   our Triton pass took 1.2-1.5x cuDNN's time on an H100). Then a column-sum pass per key block (one program per kv head, looping over the query heads that
   share it and over query blocks) re-computes the probabilities from the log-sum-exp and sums
   them down the columns. Each program owns its outputs: results are deterministic, no atomics.
@@ -692,29 +692,33 @@ FLASH_PASS = "cudnn"
 _CUDNN_REFUSED: set = set()  # input signatures cuDNN raised on: the Triton pass takes them
 
 
-def _cudnn_eligible(q, k, mask) -> bool:
-    """Our own conditions for cuDNN's flash pass: half precision, no padding mask (padded queries
-    need our conventions: zero output, lse = +inf) and as many kv heads as query heads (GQA would
-    need K and V repeated in memory)."""
-    return (FLASH_PASS == "cudnn" and mask is None and q.shape[1] == k.shape[1]
-            and q.dtype in (torch.float16, torch.bfloat16))
+def _cudnn_eligible(q, mask) -> bool:
+    """Our own conditions for cuDNN's flash pass: half precision and no padding mask (padded
+    queries need our conventions: zero output, lse = +inf)."""
+    return FLASH_PASS == "cudnn" and mask is None and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _cudnn_accepts(q, k, v, causal) -> bool:
-    """PyTorch's own checks: CUDA tensors, cuDNN attention enabled and able to take this shape."""
+    """PyTorch's own gate for its cuDNN attention: CUDA tensors, cuDNN attention enabled, this
+    shape, head dim and layout; kv heads fewer than query heads only where the gate takes GQA (it
+    then hands K and V to cuDNN unrepeated, as SDPA does; older PyTorch refuses them); not under
+    ``torch.use_deterministic_algorithms``."""
     cuda = torch.backends.cuda
     if not q.is_cuda or not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
         return False
+    gqa = q.shape[1] != k.shape[1]
     try:
-        params = cuda.SDPAParams(q, k, v, None, 0.0, causal, False)
-    except TypeError:  # PyTorch before enable_gqa: six arguments
+        params = cuda.SDPAParams(q, k, v, None, 0.0, causal, gqa)
+    except TypeError:  # PyTorch before enable_gqa: six arguments, no GQA
+        if gqa:
+            return False
         params = cuda.SDPAParams(q, k, v, None, 0.0, causal)
     return cuda.cudnn_sdp_enabled() and cuda.can_use_cudnn_attention(params, False)
 
 
 def _cudnn_attention(q, k, v, causal, scale):
-    """PyTorch's cuDNN attention forward with its log-sum-exp (a private aten op): out [B, H, L, D]
-    in q's dtype (any strides) and lse, natural log, float32, [B, H, L] (or [B, H, L, 1])."""
+    """PyTorch's cuDNN attention forward with its log-sum-exp (a private aten op): out [B, Hq, L, D]
+    in q's dtype (any strides) and lse, natural log, float32, [B, Hq, L] (or [B, Hq, L, 1])."""
     result = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale,
     )
@@ -745,7 +749,7 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     global _last_forward
     dim, length = q.shape[3], q.shape[2]
     flash = None
-    if _cudnn_eligible(q, k, mask) and _cudnn_accepts(q, k, v, causal):
+    if _cudnn_eligible(q, mask) and _cudnn_accepts(q, k, v, causal):
         flash = _cudnn_flash_pass(q, k, v, causal, scale)
     if flash is not None:
         _last_forward = "cudnn-flash"

@@ -216,6 +216,8 @@ def fake_cudnn_attention(q, k, v, causal, scale):
     """A CPU stand-in for ``attention._cudnn_attention`` with cuDNN's conventions: out in q's dtype
     laid out [B, L, H, D] underneath (cuDNN follows the query's memory layout, transformers hands
     over [B, L, H, D] views), lse in natural-log units, float32, [B, H, L, 1]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
         length = q.shape[2]
@@ -245,7 +247,7 @@ def cudnn_pass(monkeypatch):
     return calls
 
 
-CUDNN_SHAPES = [(1, 1, 1, 1, 16), (2, 2, 2, 23, 24), (1, 3, 3, 40, 64), (1, 2, 2, 33, 128)]
+CUDNN_SHAPES = [(1, 1, 1, 1, 16), (2, 2, 2, 23, 24), (1, 3, 3, 40, 64), (1, 2, 2, 33, 128), (2, 4, 2, 37, 64)]
 HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 
@@ -274,8 +276,9 @@ def test_cudnn_flash_pass_outputs_and_gradients(shape, causal, dtype, gen, cudnn
 
 
 def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
-    """Padding, GQA and float32 keep our flash pass (the one-sweep kernel is off: length limit 0);
-    a mask that pads nothing is dropped, so cuDNN's pass takes it."""
+    """Padding and float32 keep our flash pass (the one-sweep kernel is off: length limit 0); a
+    mask that pads nothing is dropped, so cuDNN's pass takes it; GQA goes to cuDNN where PyTorch's
+    gate (here the stand-in) accepts it."""
     if CUDA:
         pytest.skip("checks the conditions with the CPU stand-in")
     (q, k, v), _ = make_inputs((2, 4, 4, 20, 16), torch.float16, gen)
@@ -288,7 +291,7 @@ def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
             ((q, k, v), {}, "cudnn-flash"),
             ((q, k, v), dict(key_padding_mask=mask), "triton-flash"),
             ((q, k, v), dict(key_padding_mask=torch.ones(2, 20, dtype=torch.long)), "cudnn-flash"),
-            ((q, k[:, :2], v[:, :2]), {}, "triton-flash"),
+            ((q, k[:, :2], v[:, :2]), {}, "cudnn-flash"),
             ((qf, kf, vf), {}, "triton-flash"),
         ]:
             ata_attention(*args, **kwargs)
@@ -296,7 +299,7 @@ def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
         patch.setattr(attention, "FLASH_PASS", "triton")
         ata_attention(q, k, v)
         assert attention.last_forward() == "triton-flash"
-    assert len(cudnn_pass) == 2
+    assert len(cudnn_pass) == 3
 
 
 def test_cudnn_refusal_falls_back_once_per_signature(monkeypatch, caplog, gen):
