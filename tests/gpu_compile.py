@@ -25,6 +25,12 @@ CUDA branch.
 Each launch is specialised the way ``JITFunction.run`` does it (Triton's own binder and
 ``_pack_args``: integers equal to 1 become constants, 16-divisibility hints, pointer dtypes).
 
+With ``sass=True`` each summary also lists the kernel's hot loops as the GPU would run them: the
+innermost loops of its SASS (``nvdisasm``, bundled with Triton) that hold a tensor-core
+instruction, each with its instruction count per thread per iteration and the count per opcode.
+A static measure (no GPU), for comparing two versions of a kernel's inner loop;
+``benchmarks/sass_loops.py`` prints it.
+
 The work runs in a child Python without ``TRITON_INTERPRET``: the test session sets it on machines
 without a GPU, and kernels defined under it are interpreter objects that cannot be compiled.
 """
@@ -58,22 +64,27 @@ def unavailable_reason():
     return None if path and os.path.exists(path) else "ptxas not found"
 
 
-def compile_launches(op: str, dtype: str, *, arch: int = 90, **params) -> list[dict]:
+def compile_launches(op: str, dtype: str, *, arch: int = 90, sass: bool = False, **params) -> list[dict]:
     """Capture one forward + backward of ``op`` and compile every launch for ``sm_<arch>``.
 
     Args:
         op: "attention" or "infonce".
         dtype: "float16", "bfloat16" or "float32".
-        params: attention: ``head_dim`` (64), ``causal`` (False), ``length`` (1000);
-            infonce: ``dim`` (1024), ``negatives`` ("global" or "own"), ``batch`` (100).
+        sass: also disassemble each kernel and summarise its hot loops (``loops`` below).
+        params: attention: ``head_dim`` (64), ``causal`` (False), ``length`` (1000), ``padding``
+            (True: a key padding mask); infonce: ``dim`` (1024), ``negatives`` ("global" or
+            "own"), ``batch`` (100); either: ``tiles`` ({key: value} set in every tile config
+            that has the key, e.g. {"BLOCK_N_FWD": 128}: to compile a variant).
 
     Returns:
         One dict per launch, in launch order: ``kernel``, ``constants`` (its constexpr arguments),
         ``seconds`` (compile time), and either ``error`` (the compiler's message) or ``shared``
         (bytes of shared memory), ``registers`` and ``spill_stores`` / ``spill_loads`` (bytes per
-        thread, from ptxas -v).
+        thread, from ptxas -v); with ``sass``, ``loops``: one dict per innermost SASS loop holding a
+        tensor-core instruction, in code order: ``instructions`` (per thread per iteration) and
+        ``opcodes`` ({opcode without modifiers: count}).
     """
-    return compile_many([dict(op=op, dtype=dtype, arch=arch, **params)])[0]
+    return compile_many([dict(op=op, dtype=dtype, arch=arch, sass=sass, **params)])[0]
 
 
 def compile_many(cases: list[dict], timeout: float = 600) -> list[list[dict]]:
@@ -95,7 +106,8 @@ def compile_many(cases: list[dict], timeout: float = 600) -> list[list[dict]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, negatives="global", batch=100):
+def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True, dim=1024, negatives="global",
+             batch=100, tiles=None):
     """[(kernel, args, kwargs)] of one CUDA forward + backward, run on meta tensors."""
     import torch
     from triton.runtime.jit import JITFunction
@@ -113,7 +125,12 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, neg
         return Record()
 
     def on_cuda(config):
-        return lambda device, *args, **kwargs: config(cuda, *args, **kwargs)
+        def cuda_config(device, *args, **kwargs):
+            cfg = config(cuda, *args, **kwargs)
+            if cfg is not None:
+                cfg.update({key: value for key, value in (tiles or {}).items() if key in cfg})
+            return cfg
+        return cuda_config
 
     saved = dict(vars(module))
     try:
@@ -131,7 +148,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, neg
             hkv, group = 2, 4
             q = empty(2, hkv * group, length, head_dim, grad=True)
             k, v = empty(2, hkv, length, head_dim, grad=True), empty(2, hkv, length, head_dim, grad=True)
-            mask = empty(2, length, dt=torch.uint8)  # ata_attention passes the mask as contiguous uint8
+            mask = empty(2, length, dt=torch.uint8) if padding else None  # as ata_attention passes it
             out, colsum = attention._ATAAttentionFunction.apply(q, k, v, mask, causal, head_dim**-0.5, True)
             torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
         elif op == "infonce":
@@ -147,7 +164,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, dim=1024, neg
     return launches
 
 
-def _compile(kernel, args, kwargs, arch):
+def _compile(kernel, args, kwargs, arch, sass=False):
     """Summary dict of compiling one launch exactly as specialised by ``JITFunction.run``."""
     import torch
     import triton
@@ -180,8 +197,56 @@ def _compile(kernel, args, kwargs, arch):
 
         result.update(shared=compiled.metadata.shared, registers=number(r"Used (\d+) registers"),
                       spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"))
+        if sass:
+            result["loops"] = hot_loops(_disassemble(compiled.asm["cubin"]))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin, from the nvdisasm that ships with Triton's ptxas."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.knobs.nvidia.ptxas.path), "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _opcode(instruction: str) -> str:
+    """``@!P0 FFMA.FTZ R1, ...`` -> ``FFMA`` (predicate and modifiers dropped)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def hot_loops(sass: str) -> list[dict]:
+    """The innermost loops of a kernel's SASS that hold a tensor-core instruction (HGMMA, HMMA):
+    [{"instructions": n, "opcodes": {opcode: count}}] in code order. A loop is a backward branch
+    to a label; innermost: no other backward branch inside it."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        code = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if code:
+            instructions.append(code.group(1))
+    spans = []
+    for end, instruction in enumerate(instructions):
+        target = re.search(r"(\.L_x_\d+)", instruction) if _opcode(instruction) == "BRA" else None
+        if target and labels.get(target.group(1), end + 1) <= end:
+            spans.append((labels[target.group(1)], end))
+    loops = []
+    for start, end in spans:
+        if any(start <= s and e <= end and (s, e) != (start, end) for s, e in spans):
+            continue  # holds another loop
+        opcodes = {}
+        for instruction in instructions[start : end + 1]:
+            opcodes[_opcode(instruction)] = opcodes.get(_opcode(instruction), 0) + 1
+        if "HGMMA" in opcodes or "HMMA" in opcodes:
+            loops.append(dict(instructions=end - start + 1, opcodes=opcodes))
+    return loops
 
 
 def _main(cases):
@@ -192,8 +257,8 @@ def _main(cases):
     results = []
     for case in json.loads(cases):
         case = dict(case)
-        op, dtype, arch = case.pop("op"), case.pop("dtype"), case.pop("arch", 90)
-        results.append([_compile(kernel, args, kwargs, arch) for kernel, args, kwargs in _capture(op, dtype, **case)])
+        op, dtype, arch, sass = case.pop("op"), case.pop("dtype"), case.pop("arch", 90), case.pop("sass", False)
+        results.append([_compile(kernel, args, kwargs, arch, sass) for kernel, args, kwargs in _capture(op, dtype, **case)])
     print(json.dumps(results))
 
 

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"cannot compile for sm
 ARCH = 90
 CASES = {
     "attention-bf16-d128-causal": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True),
-    "attention-bf16-d128-bidirectional": dict(op="attention", dtype="bfloat16", head_dim=128, causal=False),
+    "attention-bf16-d128-bidirectional": dict(op="attention", dtype="bfloat16", head_dim=128, causal=False,
+                                              sass=True),
     "attention-fp16-d64-causal": dict(op="attention", dtype="float16", head_dim=64, causal=True),
     "attention-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False),
     # the one-sweep forward: causal L = 200 (two key chunks), bidirectional L = 100 (one; from 129
@@ -69,3 +70,37 @@ def test_kernels_compile_for_h100(compiled, name):
     limit = gpu_compile.MAX_SHARED[ARCH]
     too_big = [f"{r['kernel']}: {r['shared']} bytes" for r in results if r["shared"] > limit]
     assert not too_big, f"shared memory over the H100's {limit} bytes: {too_big}"
+
+
+def test_hot_loops_are_the_innermost_tensor_core_loops():
+    """``hot_loops`` on a hand-written listing: an outer loop holding an inner one with an HGMMA,
+    and a second inner loop without tensor-core work (not a hot loop)."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_1:
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0030*/                   MUFU.EX2 R3, R3 ;
+        /*0040*/              @!P0 FFMA.FTZ R4, R3, R5, R4 ;
+        /*0050*/               @P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0060*/                   FADD R6, R6, R7 ;
+        /*0070*/                   BRA `(.L_x_2) ;
+        /*0080*/                   BRA `(.L_x_0) ;
+        /*0090*/                   EXIT ;
+"""
+    assert gpu_compile.hot_loops(sass) == [
+        dict(instructions=4, opcodes={"HGMMA": 1, "MUFU": 1, "FFMA": 1, "BRA": 1}),
+    ]
+
+
+def test_sass_summary_of_the_flash_forward(compiled):
+    """With ``sass=True`` each launch lists its hot loops: the flash forward has two (key tiles
+    within L, then the boundary tiles), each with its two tensor-core products per tile."""
+    forward = compiled["attention-bf16-d128-bidirectional"][0]
+    assert forward["kernel"] == "_fwd_kernel"
+    assert len(forward["loops"]) == 2
+    for loop in forward["loops"]:
+        assert loop["opcodes"]["HGMMA"] >= 2 and loop["opcodes"]["MUFU"] > 0
+        assert loop["instructions"] == sum(loop["opcodes"].values())
