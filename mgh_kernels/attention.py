@@ -704,7 +704,8 @@ def _cudnn_accepts(q, k, v, causal) -> bool:
     then hands K and V to cuDNN unrepeated, as SDPA does; older PyTorch refuses them); not under
     ``torch.use_deterministic_algorithms``."""
     cuda = torch.backends.cuda
-    if not q.is_cuda or not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
+    if not (q.is_cuda and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+            and hasattr(cuda, "can_use_cudnn_attention")):
         return False
     gqa = q.shape[1] != k.shape[1]
     try:
@@ -727,12 +728,15 @@ def _cudnn_attention(q, k, v, causal, scale):
 
 def _cudnn_flash_pass(q, k, v, causal, scale):
     """(out, lse [B, H, L] float32 in log2 units, contiguous) from cuDNN, or None where cuDNN
-    raised (logged once per input signature; the Triton pass takes over)."""
-    signature = (tuple(q.shape), tuple(q.stride()), q.dtype, q.device, causal)
+    refused the inputs (logged once per input signature; the Triton pass takes over). Out of
+    memory and device errors are raised, not taken for a refusal."""
+    signature = tuple((tuple(t.shape), tuple(t.stride())) for t in (q, k, v)) + (q.dtype, q.device, causal)
     if signature in _CUDNN_REFUSED:
         return None
     try:
         out, lse = _cudnn_attention(q, k, v, causal, scale)
+    except (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError)):
+        raise
     except RuntimeError as err:
         _CUDNN_REFUSED.add(signature)
         logger.warning("ata_attention: cuDNN's attention refused %s %s causal=%s (%s); using the Triton "

@@ -184,9 +184,9 @@ def _query_loss(lse, pos_logit, tail):
     -log1p(-tail), which keeps its digits there; lse - positive logit elsewhere.
 
     -log1p(-t) below t = 1/16 is its series t + t^2/2 + ... + t^7/7 (truncation below 5e-10
-    relative), and -log(1 - t) above, where 1 - t loses none of t's digits that matter: Triton
-    has no log1p under the interpreter (libdevice's is GPU-only), and 1 - t rounds to 1 for
-    t < 6e-8."""
+    relative), and -log(1 - t) above, where rounding 1 - t costs a few float32 ulps of the loss:
+    Triton has no log1p under the interpreter (libdevice's is GPU-only), and 1 - t rounds to 1
+    for t < 6e-8."""
     t = tail
     series = t * (1.0 + t * (1.0 / 2 + t * (1.0 / 3 + t * (1.0 / 4 + t * (1.0 / 5 + t * (1.0 / 6 + t * (1.0 / 7)))))))
     neg_log1p = tl.where(t < 0.0625, series, -tl.log(1.0 - t))
@@ -355,6 +355,7 @@ def _own_fwd_kernel(
     z = _rowdot(Q, stride_q, offs_m, P, stride_p, offs_m, row_in, D, BLOCK_M, BLOCK_D)
     z = z * rq * tl.load(RP + offs_m, mask=row_in, other=0.0)
     tl.store(Z + offs_m * (K + 1), z, mask=row_in)
+    pos_logit = z  # kept for the loss: re-reading Z would race with this store (other threads)
     m_i = z
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     o_i = tl.zeros([BLOCK_M], tl.float32)
@@ -373,7 +374,7 @@ def _own_fwd_kernel(
     tail = o_i / l_i
     tl.store(LSE + offs_m, lse, mask=row_in)
     tl.store(TAIL + offs_m, tail, mask=row_in)
-    tl.store(LOSS + offs_m, _query_loss(lse, tl.load(Z + offs_m * (K + 1), mask=row_in, other=0.0), tail), mask=row_in)
+    tl.store(LOSS + offs_m, _query_loss(lse, pos_logit, tail), mask=row_in)
 
 
 @triton.jit

@@ -103,4 +103,4 @@ def test_sass_summary_of_the_flash_forward(compiled):
     assert len(forward["loops"]) == 2
     for loop in forward["loops"]:
         assert loop["opcodes"]["HGMMA"] >= 2 and loop["opcodes"]["MUFU"] > 0
-        assert loop["instructions"] == sum(loop["opcodes"].values())
+        assert 100 < loop["instructions"] < 2000, loop["instructions"]  # a tile's work, not a stub loop
