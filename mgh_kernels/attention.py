@@ -241,11 +241,12 @@ def _chunk_unless_masked(
 
 
 @triton.jit
-def _short_colsum(PART, p, m_chunk, m_final, inv_l, start, L, BLOCK_N: tl.constexpr):
+def _short_colsum(PART, p, m_chunk, m_final, inv_l, inv_heads, start, L, BLOCK_N: tl.constexpr):
     """Column sums over a query block of one chunk's probabilities, rescaled to the final max and
-    normalised: sum_i p_ij 2^(m_chunk_i - m_i) / l_i (zero for rows the chunk gave no key)."""
+    normalised, over the number of query heads: sum_i p_ij 2^(m_chunk_i - m_i) / l_i / Hq (zero
+    for rows the chunk gave no key)."""
     m_final = tl.where(m_final == float("-inf"), 0.0, m_final)  # then inv_l is 0 too
-    w = tl.exp2(m_chunk - m_final) * inv_l
+    w = tl.exp2(m_chunk - m_final) * (inv_l * inv_heads)
     offs_n = start + tl.arange(0, BLOCK_N)
     tl.store(PART + offs_n, tl.sum(p.to(tl.float32) * w[:, None], 0), mask=offs_n < L)
 
@@ -254,7 +255,7 @@ def _short_colsum(PART, p, m_chunk, m_final, inv_l, start, L, BLOCK_N: tl.conste
 def _fwd_short_kernel(
     Q, K, V, MASK, OUT, LSE, PART,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-    H, GROUP, L, D, qk_scale,
+    H, GROUP, L, D, qk_scale, inv_heads,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -303,25 +304,27 @@ def _fwd_short_kernel(
 
     inv_l = _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
     part = PART + ((b * H + h) * tl.num_programs(0) + tl.program_id(0)) * L
-    _short_colsum(part, p0, m0, m_i, inv_l, 0, L, BLOCK_N)
+    _short_colsum(part, p0, m0, m_i, inv_l, inv_heads, 0, L, BLOCK_N)
     if CHUNKS > 1:
-        _short_colsum(part, p1, m1, m_i, inv_l, BLOCK_N, L, BLOCK_N)
+        _short_colsum(part, p1, m1, m_i, inv_l, inv_heads, BLOCK_N, L, BLOCK_N)
     if CHUNKS > 2:
-        _short_colsum(part, p2, m2, m_i, inv_l, 2 * BLOCK_N, L, BLOCK_N)
+        _short_colsum(part, p2, m2, m_i, inv_l, inv_heads, 2 * BLOCK_N, L, BLOCK_N)
     if CHUNKS > 3:
-        _short_colsum(part, p3, m3, m_i, inv_l, 3 * BLOCK_N, L, BLOCK_N)
+        _short_colsum(part, p3, m3, m_i, inv_l, inv_heads, 3 * BLOCK_N, L, BLOCK_N)
 
 
 @triton.jit
 def _colsum_kernel(
     Q, K, MASK, LSE, PART,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn,
-    H, HKV, GROUP, L, D, qk_scale,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn, slb, slh, slm,
+    H, HKV, GROUP, L, D, qk_scale, lse_scale, inv_heads,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column sums of one key block of one kv head over every query of the heads that share it,
-    re-computing the probabilities from the log-sum-exp. Whole tiles add into a [BLOCK_M, BLOCK_N]
+    re-computing the probabilities from the log-sum-exp (LSE [B, Hq, L] with strides slb, slh, slm;
+    times ``lse_scale`` gives log2 units: 1 for ours, log2(e) for cuDNN's natural log), over the
+    number of query heads (``inv_heads`` = 1 / Hq). Whole tiles add into a [BLOCK_M, BLOCK_N]
     accumulator, reduced across rows once at the end: with the same tiles, a cross-thread reduction
     per query block instead took 1.1-1.6x the time at head dim 128 on an H100
     (benchmarks/sweep_attention.py; within 15% either way at head dim 64)."""
@@ -350,28 +353,29 @@ def _colsum_kernel(
     inner = tl.maximum(inner, above)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_ptr, lse_ptr = Q + b * sqb + h * sqh, LSE + (b * H + h) * L
+        q_ptr, lse_ptr = Q + b * sqb + h * sqh, LSE + b * slb + h * slh
         if CAUSAL:  # the query blocks on the diagonal
             for start_m in range(lo, above, BLOCK_M):
-                col += _colsum_tile(q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, True, True,
-                                    EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+                col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
+                                    True, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
         for start_m in range(above, inner, BLOCK_M):
-            col += _colsum_tile(q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, False, False,
-                                EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+            col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
+                                False, False, EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
         for start_m in range(inner, L, BLOCK_M):  # the last, partial query block
-            col += _colsum_tile(q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, False, True,
-                                EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+            col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
+                                False, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
     # Padded keys: dropped here, once per column, not per score (their scores may exceed the row's
     # log-sum-exp, which covers valid keys only, and sum to inf in their own columns; where, not a
     # product, gives them 0).
     key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
-    tl.store(PART + pid_bk * L + offs_n, tl.where(key_valid, tl.sum(col, 0), 0.0), mask=col_in)
+    tl.store(PART + pid_bk * L + offs_n, tl.where(key_valid, tl.sum(col, 0) * inv_heads, 0.0), mask=col_in)
 
 
 @triton.jit
 def _colsum_tile(
-    q_ptr, lse_ptr, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, CAUSAL: tl.constexpr, BOUNDED: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, CAUSAL: tl.constexpr,
+    BOUNDED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] probabilities of queries start_m .. start_m + BLOCK_M of one head for the
     key block ``kt`` [BLOCK_D, BLOCK_N], from their log-sum-exp: one FFMA and one exponential per
@@ -383,7 +387,7 @@ def _colsum_tile(
     row_in = _within(offs_m, L, BOUNDED)
     q = tl.load(q_ptr + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_in[:, None] & _within(offs_d, D, not EVEN_D)[None, :], other=0.0)
-    lse = tl.load(lse_ptr + offs_m, mask=row_in, other=float("inf"))
+    lse = tl.load(lse_ptr + offs_m * slm, mask=row_in, other=float("inf")) * lse_scale
     p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
     if CAUSAL:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -651,19 +655,21 @@ def _launch_fwd(q, k, v, mask, causal, scale, cfg):
     return out, lse
 
 
-def _launch_colsum(q, k, mask, lse, causal, scale, cfg):
-    """``_colsum_kernel`` with tiles ``cfg``: the column sums [B, L] float32 from the saved lse."""
+def _launch_colsum(q, k, mask, lse, causal, scale, cfg, lse_scale=1.0):
+    """``_colsum_kernel`` with tiles ``cfg``: the column sums [B, L] float32 from the saved lse
+    ([B, Hq, L] or [B, Hq, L, 1], any strides; times ``lse_scale`` in log2 units): one partial per
+    kv head, summed over them by one PyTorch op (in a fixed order, no atomics)."""
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     mask_arg, smb, smn = _mask_args(q, mask)
     part = _backend.new_output((batch, hkv, length), torch.float32, q.device)
     _colsum_kernel[(triton.cdiv(length, cfg["BLOCK_N"]), batch * hkv)](
         q, k, mask_arg, lse, part,
-        *_strides(q), *_strides(k), smb, smn,
-        hq, hkv, hq // hkv, length, dim, scale * LOG2E,
+        *_strides(q), *_strides(k), smb, smn, *lse.stride()[:3],
+        hq, hkv, hq // hkv, length, dim, scale * LOG2E, lse_scale, 1.0 / hq,
         EVEN_D=dim == cfg["BLOCK_D"], **_flags(q, mask, causal), **cfg,
     )
-    return part.sum(dim=1) / hq
+    return part.sum(dim=1)
 
 
 def _launch_short(q, k, v, mask, causal, scale, cfg):
@@ -677,10 +683,10 @@ def _launch_short(q, k, v, mask, causal, scale, cfg):
     _fwd_short_kernel[(n_blocks, batch * hq)](
         q, k, v, mask_arg, out, lse, part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), smb, smn,
-        hq, hq // k.shape[1], length, dim, scale * LOG2E,
+        hq, hq // k.shape[1], length, dim, scale * LOG2E, 1.0 / hq,
         EVEN_D=dim == cfg["BLOCK_D"], **_flags(q, mask, causal), **cfg,
     )
-    return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1) / hq
+    return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1)
 
 
 # The flash pass (output and log-sum-exp) where PyTorch's cuDNN attention takes the inputs:
@@ -727,9 +733,10 @@ def _cudnn_attention(q, k, v, causal, scale):
 
 
 def _cudnn_flash_pass(q, k, v, causal, scale):
-    """(out, lse [B, H, L] float32 in log2 units, contiguous) from cuDNN, or None where cuDNN
-    refused the inputs (logged once per input signature; the Triton pass takes over). Out of
-    memory and device errors are raised, not taken for a refusal."""
+    """(out, lse) from cuDNN (lse in natural-log units, [B, H, L] or [B, H, L, 1], as cuDNN gives
+    it: the column-sum pass reads it scaled, the backward converts it), or None where cuDNN refused
+    the inputs (logged once per input signature; the Triton pass takes over). Out of memory and
+    device errors are raised, not taken for a refusal."""
     signature = tuple((tuple(t.shape), tuple(t.stride())) for t in (q, k, v)) + (q.dtype, q.device, causal)
     if signature in _CUDNN_REFUSED:
         return None
@@ -742,32 +749,43 @@ def _cudnn_flash_pass(q, k, v, causal, scale):
         logger.warning("ata_attention: cuDNN's attention refused %s %s causal=%s (%s); using the Triton "
                        "flash pass for these inputs", list(q.shape), q.dtype, causal, " ".join(str(err).split()))
         return None
-    batch, heads, length = q.shape[:3]
-    return out, (lse.reshape(batch, heads, length).float() * LOG2E).contiguous()
+    return out, lse
 
 
 def _forward(q, k, v, mask, causal, scale, return_colsum):
-    """(out, lse, colsum or None): cuDNN's flash pass where it applies, else the one-sweep forward
-    for short sequences, else our flash pass; then, when the column sums are wanted, the column-sum
-    pass. Records the choice for ``last_forward()``."""
+    """(out, lse, lse_scale, colsum or None): cuDNN's flash pass where it applies, else the
+    one-sweep forward for short sequences, else our flash pass; then, when the column sums are
+    wanted, the column-sum pass. ``lse * lse_scale`` is the log-sum-exp in log2 units (cuDNN's is
+    kept in its natural log, no conversion op in the forward). Records the choice for
+    ``last_forward()``."""
     global _last_forward
     dim, length = q.shape[3], q.shape[2]
     flash = None
     if _cudnn_eligible(q, mask) and _cudnn_accepts(q, k, v, causal):
         flash = _cudnn_flash_pass(q, k, v, causal, scale)
+    lse_scale = 1.0
     if flash is not None:
         _last_forward = "cudnn-flash"
-        out, lse = flash
+        (out, lse), lse_scale = flash, LOG2E
     else:
         short = _short_config(q.device, dim, q.dtype, length, causal) if return_colsum else None
         if short is not None:
             _last_forward = "one-sweep"
-            return _launch_short(q, k, v, mask, causal, scale, short)
+            out, lse, colsum = _launch_short(q, k, v, mask, causal, scale, short)
+            return out, lse, lse_scale, colsum
         _last_forward = "triton-flash"
         out, lse = _launch_fwd(q, k, v, mask, causal, scale, _config(q.device, dim, q.dtype))
     if not return_colsum:
-        return out, lse, None
-    return out, lse, _launch_colsum(q, k, mask, lse, causal, scale, _colsum_config(q.device, dim, q.dtype))
+        return out, lse, lse_scale, None
+    cfg = _colsum_config(q.device, dim, q.dtype)
+    return out, lse, lse_scale, _launch_colsum(q, k, mask, lse, causal, scale, cfg, lse_scale)
+
+
+def _log2_lse(lse, lse_scale, shape):
+    """The log-sum-exp as the backward kernels read it: [B, H, L] float32, log2 units, contiguous."""
+    if lse_scale == 1.0:
+        return lse
+    return (lse.reshape(shape).float() * lse_scale).contiguous()
 
 
 def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale, cfg=None):
@@ -809,9 +827,9 @@ class _ATAAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale, return_colsum):
-        out, lse, colsum = _forward(q, k, v, mask, causal, scale, return_colsum)
+        out, lse, lse_scale, colsum = _forward(q, k, v, mask, causal, scale, return_colsum)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.lse_scale = causal, scale, lse_scale
         if colsum is None:
             colsum = torch.zeros(0, device=q.device)
             ctx.mark_non_differentiable(colsum)
@@ -823,6 +841,7 @@ class _ATAAttentionFunction(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout
         if dcolsum is not None and dcolsum.numel() == 0:
             dcolsum = None
+        lse = _log2_lse(lse, ctx.lse_scale, q.shape[:3])
         dq, dk, dv = _backward(q, k, v, out, lse, mask, dout, dcolsum, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None
 

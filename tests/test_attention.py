@@ -215,7 +215,8 @@ def test_never_allocates_length_squared(poisoned_outputs, gen):
 def fake_cudnn_attention(q, k, v, causal, scale):
     """A CPU stand-in for ``attention._cudnn_attention`` with cuDNN's conventions: out in q's dtype
     laid out [B, L, H, D] underneath (cuDNN follows the query's memory layout, transformers hands
-    over [B, L, H, D] views), lse in natural-log units, float32, [B, H, L, 1]."""
+    over [B, L, H, D] views), lse in natural-log units, float32, [B, H, L, 1], here also laid out
+    [B, L, H] underneath (the column-sum pass reads it through its strides)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -224,7 +225,8 @@ def fake_cudnn_attention(q, k, v, causal, scale):
         scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
     out = torch.softmax(scores, -1) @ v.float()
     blhd = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype).transpose(1, 2)
-    return blhd.copy_(out), torch.logsumexp(scores, -1, keepdim=True)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], 1).transpose(1, 2)
+    return blhd.copy_(out), lse.copy_(torch.logsumexp(scores, -1, keepdim=True))
 
 
 @pytest.fixture
