@@ -70,24 +70,27 @@ def last_forward() -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 # Triton kernels. Tiles: queries [BLOCK_M, BLOCK_D], keys/values [BLOCK_N, BLOCK_D]. Scores are
 # kept in log2 units (qk_scale = scale * log2(e)), and so is the saved log-sum-exp. Padded
-# queries get lse = +inf, which makes every re-computed probability of theirs exactly 0.
+# queries get lse = +inf, which makes every re-computed probability of theirs exactly 0. MASK, the
+# key padding mask, is an additive float32 bias [B, L]: 0 for a real token, -inf for padding (the
+# forward adds a key tile's bias to its scores as loaded; a uint8 mask took a load, a compare and
+# a select per key, and pushed the forward to 255 registers and a spill: RESULTS.md).
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _load_valid(mask_ptr, stride_mn, offs, in_range, HAS_MASK: tl.constexpr):
+    """[len(offs)] bool: within range and, with a mask, a real token (bias 0)."""
     if HAS_MASK:
-        return (tl.load(mask_ptr + offs * stride_mn, mask=in_range, other=0) != 0) & in_range
+        return (tl.load(mask_ptr + offs * stride_mn, mask=in_range, other=float("-inf")) == 0) & in_range
     return in_range
 
 
 @triton.jit
-def _keep(offs_m, offs_n, key_valid, CAUSAL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] bool: key n is visible to query m."""
-    keep = key_valid[None, :] & (offs_m[:, None] >= 0)
+def _causal(p, offs_m, offs_n, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] probabilities p with the keys after each query zeroed when CAUSAL."""
     if CAUSAL:
-        keep = keep & (offs_m[:, None] >= offs_n[None, :])
-    return keep
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    return p
 
 
 @triton.jit
@@ -101,12 +104,14 @@ def _within(offs, n, BOUNDED: tl.constexpr):
 
 @triton.jit
 def _key_bias(mask_ptr, stride_mn, offs_n, L, HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr):
-    """[BLOCK_N] float32: 0 for a key within L (and valid under the mask), -inf otherwise. Added to
-    the scaled scores, it masks the keys with one FFMA per score (scale and bias) where a per-score
-    compare and select took three to four instructions (the forward issues about as many
-    instructions per tile as its tensor cores take cycles; SASS counts in benchmarks/RESULTS.md)."""
-    valid = _load_valid(mask_ptr, stride_mn, offs_n, _within(offs_n, L, BOUNDED), HAS_MASK)
-    return tl.where(valid, 0.0, float("-inf"))
+    """[BLOCK_N] float32: 0 for a key within L (and valid under the mask), -inf otherwise: the
+    mask's bias as loaded. Added to the scaled scores, it masks the keys with one FFMA per score
+    (scale and bias) where a per-score compare and select took three to four instructions (the
+    forward issues about as many instructions per tile as its tensor cores take cycles; SASS
+    counts in benchmarks/RESULTS.md)."""
+    if HAS_MASK:
+        return tl.load(mask_ptr + offs_n * stride_mn, mask=_within(offs_n, L, BOUNDED), other=float("-inf"))
+    return tl.where(_within(offs_n, L, BOUNDED), 0.0, float("-inf"))
 
 
 @triton.jit
@@ -430,9 +435,9 @@ def _bwd_delta_kernel(
                 K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                 mask=col_in[None, :] & d_in[:, None], other=0.0,
             )
-            key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-            p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+            bias = _key_bias(MASK + b * smb, smn, offs_n, L, HAS_MASK, True)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale + bias[None, :]
+            p = _causal(tl.exp2(s - lse[:, None]), offs_m, offs_n, CAUSAL)
             g = tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads
             pg += tl.sum(p * g[None, :], 1)
         delta += pg
@@ -460,7 +465,7 @@ def _bwd_dkdv_kernel(
     kv_tile = col_in[:, None] & d_in[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_tile, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_tile, other=0.0)
-    key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
+    bias = _key_bias(MASK + b * smb, smn, offs_n, L, HAS_MASK, True)
     g = tl.zeros([BLOCK_N], tl.float32)
     if HAS_DC:
         g = tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads
@@ -481,9 +486,10 @@ def _bwd_dkdv_kernel(
             )
             lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_in, other=float("inf"))
             delta = tl.load(DELTA + (b * H + h) * L + offs_m, mask=row_in, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            keep_t = tl.trans(_keep(offs_m, offs_n, key_valid, CAUSAL))
-            pt = tl.where(keep_t, tl.exp2(st - lse[None, :]), 0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
+            pt = tl.exp2(st - lse[None, :])
+            if CAUSAL:
+                pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if HAS_DC:
@@ -529,9 +535,9 @@ def _bwd_dq_kernel(
         kv_t = col_in[None, :] & d_in[:, None]
         kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=kv_t, other=0.0)
         vt = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=kv_t, other=0.0)
-        key_valid = _load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        p = tl.where(_keep(offs_m, offs_n, key_valid, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+        bias = _key_bias(MASK + b * smb, smn, offs_n, L, HAS_MASK, True)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale + bias[None, :]
+        p = _causal(tl.exp2(s - lse[:, None]), offs_m, offs_n, CAUSAL)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DC:
             dp += (tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads)[None, :]
@@ -948,6 +954,6 @@ def ata_attention(
         return _chunked(q, k, v, mask, causal, scale, return_colsum)
     if mask is not None and bool(mask.all()):
         mask = None  # a mask that pads nothing: the unmasked kernels (and cuDNN's pass) give the same
-    mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
-    out, colsum = _ATAAttentionFunction.apply(q, k, v, mask_u8, causal, scale, return_colsum)
+    key_bias = None if mask is None else torch.where(mask, 0.0, float("-inf")).to(torch.float32)
+    out, colsum = _ATAAttentionFunction.apply(q, k, v, key_bias, causal, scale, return_colsum)
     return out, (colsum if return_colsum else None)

@@ -11,8 +11,8 @@ config functions (``_config``, ``_colsum_config``, ``_short_config``, ``_bwd_con
 CUDA branch.
 
 * ``"attention"``: ``_ATAAttentionFunction`` forward with the column sums, then backward with
-  gradients of both the output and the column sums; GQA (Hq = 4 Hkv), a uint8 key padding mask as
-  ``ata_attention`` passes it, ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
+  gradients of both the output and the column sums; GQA (Hq = 4 Hkv), a key padding mask as
+  ``ata_attention`` passes it (a float32 bias), ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
   ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel`` (``_fwd_short_kernel`` in place
   of the first two when ``length`` is short enough for the one-sweep forward).
 * ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query:
@@ -148,7 +148,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True,
             hkv, group = 2, 4
             q = empty(2, hkv * group, length, head_dim, grad=True)
             k, v = empty(2, hkv, length, head_dim, grad=True), empty(2, hkv, length, head_dim, grad=True)
-            mask = empty(2, length, dt=torch.uint8) if padding else None  # as ata_attention passes it
+            mask = empty(2, length, dt=torch.float32) if padding else None  # as ata_attention passes it
             out, colsum = attention._ATAAttentionFunction.apply(q, k, v, mask, causal, head_dim**-0.5, True)
             torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
         elif op == "infonce":

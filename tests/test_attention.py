@@ -286,6 +286,7 @@ def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
     (q, k, v), _ = make_inputs((2, 4, 4, 20, 16), torch.float16, gen)
     (qf, kf, vf), _ = make_inputs((2, 4, 4, 20, 16), torch.float32, gen)
     mask = padding_mask(2, 20, "right", gen)
+    mask[0, -1] = False  # at least one padded token (a mask that pads nothing is dropped)
     with pytest.MonkeyPatch.context() as patch:
         for key in attention.SHORT_MAX_LENGTH:
             patch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
