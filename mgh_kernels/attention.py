@@ -6,12 +6,13 @@ the exact semantics of ``reference.attention_with_colsum`` and without ever stor
 
 Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
 
-* forward: a flash-attention pass per query block gives the output and the row log-sum-exp;
-  where PyTorch's cuDNN attention takes the inputs (CUDA, half precision, no padding mask; GQA
-  where PyTorch's cuDNN gate accepts it) that pass is cuDNN's, which returns the log-sum-exp too (``FLASH_PASS``;
-  our Triton pass took 1.2-1.5x cuDNN's time on an H100). Then a column-sum pass per key block (one program per kv head, looping over the query heads that
-  share it and over query blocks) re-computes the probabilities from the log-sum-exp and sums
-  them down the columns. Each program owns its outputs: results are deterministic, no atomics.
+* forward: a flash-attention pass per query block gives the output and the row log-sum-exp.
+  Where PyTorch's cuDNN attention takes the inputs (CUDA, half precision, no padding mask; GQA
+  where PyTorch's cuDNN gate accepts it) that pass is cuDNN's, which returns the log-sum-exp too
+  (``FLASH_PASS``; our Triton pass took 1.2-1.5x cuDNN's time on an H100). Then a column-sum pass
+  per key block (one program per kv head, looping over the query heads that share it and over
+  query blocks) re-computes the probabilities from the log-sum-exp and sums them down the
+  columns. Each program owns its outputs: results are deterministic, no atomics.
   Short sequences (``SHORT_MAX_LENGTH``) instead take one sweep per query block that keeps its
   probabilities on chip until the softmax normaliser is known, then sums their columns into a
   per-block partial ([B * Hq, L / BLOCK_M, L] float32, reduced in a fixed order): one QK^T and one
@@ -23,10 +24,11 @@ Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
   one kernel per key block accumulates dK and dV over its query heads, and one per query block
   accumulates dQ (deterministic, no atomics).
 
-Dispatch (see ``mgh_kernels._backend``), visible through ``last_backend()`` (and the forward
-taken through ``last_forward()``) and a debug log line: Triton on CUDA, Triton's interpreter on CPU under ``TRITON_INTERPRET=1`` (the tests' path),
-otherwise a memory-frugal PyTorch path that processes a block of queries of one sequence at a
-time (never L x L for the whole batch), re-computing the block in backward.
+Dispatch (see ``mgh_kernels._backend``), visible through ``last_backend()`` (the forward taken:
+``last_forward()``) and a debug log line: Triton on CUDA, Triton's interpreter on CPU under
+``TRITON_INTERPRET=1`` (the tests' path), otherwise a memory-frugal PyTorch path that processes a
+block of queries of one sequence at a time (never L x L for the whole batch), re-computing the
+block in backward.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ embeddings and their inverse norms (O(B(1+K)) floats), and a logit is
 * "global" forward (1 GEMM): programs over (query block, split of the candidates) stream
   candidate tiles, the dot products accumulated over chunks of D, and keep a running max, sum of
   exp, non-target sum and the positive's logit per query; the splits' partial statistics (O(B)
-  per split) are combined after, with each query's loss, by one small kernel. Splitting keeps the GPU busy when B / BLOCK_M is small, and, the
-  split varying fastest over the programs, lets those running at once share their query blocks in
-  the L2 cache (a program re-reads its BLOCK_M x D query block for every candidate tile).
+  per split) are combined after, with each query's loss, by one small kernel. Splitting keeps the
+  GPU busy when B / BLOCK_M is small, and, the split varying fastest over the programs, lets those
+  running at once share their query blocks in the L2 cache (a program re-reads its BLOCK_M x D
+  query block for every candidate tile).
 * "global" backward (3 GEMMs, 4 when memory is short): with ``w_i`` the upstream gradient of
   query i's loss, ``dz_ij = w_i (p_ij - [j = pos(i)])``. A kernel re-computes the logits tile by
   tile from the saved log-sum-exp (over the whole of D, once) and writes
@@ -188,7 +189,7 @@ def _query_loss(lse, pos_logit, tail):
     Triton has no log1p under the interpreter (libdevice's is GPU-only), and 1 - t rounds to 1
     for t < 6e-8."""
     t = tail
-    series = t * (1.0 + t * (1.0 / 2 + t * (1.0 / 3 + t * (1.0 / 4 + t * (1.0 / 5 + t * (1.0 / 6 + t * (1.0 / 7)))))))
+    series = t * (1.0 + t * (1.0 / 2 + t * (1.0 / 3 + t * (1.0 / 4 + t * (1.0 / 5 + t * (1.0 / 6 + t / 7))))))
     neg_log1p = tl.where(t < 0.0625, series, -tl.log(1.0 - t))
     return tl.where(t < 0.5, neg_log1p, lse - pos_logit)
 
@@ -286,12 +287,13 @@ def _gradient_scale_kernel(W, RQ, RP, RN, QMAX, PMAX, NMAX, SIGMA, B, NP, NN, lo
     for start in range(0, B, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         row_in = offs < B
-        top = tl.maximum(top, tl.abs(tl.load(W + offs, mask=row_in, other=0.0)) * tl.load(RQ + offs, mask=row_in, other=0.0))
+        w = tl.load(W + offs, mask=row_in, other=0.0)
+        top = tl.maximum(top, tl.abs(w) * tl.load(RQ + offs, mask=row_in, other=0.0))
     top = tl.max(top, 0)
     rc_max = tl.maximum(_max_of(RP, NP, BLOCK), _max_of(RN, NN, BLOCK))
     exponent = tl.where(top > 0, -tl.ceil(tl.log2(top) + tl.log2(rc_max) - log2_tau), 0.0)
     if HAS_MAX:
-        inputs_max = tl.maximum(tl.maximum(_max_of(QMAX, B, BLOCK), _max_of(PMAX, NP, BLOCK)), _max_of(NMAX, NN, BLOCK))
+        inputs_max = tl.maximum(_max_of(QMAX, B, BLOCK), tl.maximum(_max_of(PMAX, NP, BLOCK), _max_of(NMAX, NN, BLOCK)))
         exponent += tl.minimum(tl.maximum(-tl.ceil(tl.log2(inputs_max)), 0.0), 12.0)
     tl.store(SIGMA, tl.exp2(tl.minimum(tl.maximum(exponent, -126.0), 126.0)))
 

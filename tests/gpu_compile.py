@@ -258,7 +258,8 @@ def _main(cases):
     for case in json.loads(cases):
         case = dict(case)
         op, dtype, arch, sass = case.pop("op"), case.pop("dtype"), case.pop("arch", 90), case.pop("sass", False)
-        results.append([_compile(kernel, args, kwargs, arch, sass) for kernel, args, kwargs in _capture(op, dtype, **case)])
+        launches = _capture(op, dtype, **case)
+        results.append([_compile(kernel, args, kwargs, arch, sass) for kernel, args, kwargs in launches])
     print(json.dumps(results))
 
 
