@@ -42,16 +42,17 @@ TAU = 0.05
 CHUNK = 4096  # candidate columns of the dlogits chunk (the backward's accumulating mode uses 4096)
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, overrides of other _config entries]); the
-# first of each list is infonce._config's bf16 default. The forward keeps three running statistics
-# per row beside its tile, which is why its default BLOCK_N is half the backward's (128 x 128
-# spilled there). The overrides undo or vary the L2 locality of the program order: for the forward,
+# first of each list is infonce._config's bf16 default. The forward's default became 128 x 128
+# without a GPU (static reasons in infonce._config); 128 x 64, the earlier default, is the second
+# entry. The overrides undo or vary the L2 locality of the program order: for the forward,
 # cache_bytes=2**40 leaves only the occupancy rule in _candidate_splits (3 splits at B16384, as
 # before the locality rule); for the logit gradients, GROUP_M=65536 makes one group of all query
 # blocks (the row-block-fastest order of the grid before the swizzle).
 NO_LOCALITY_FWD = {"cache_bytes": 1 << 40}
 ROW_ORDER = {"GROUP_M": 65536}
-FWD = [(128, 64, 64, 8, 3), (128, 64, 64, 8, 3, NO_LOCALITY_FWD), (128, 64, 64, 8, 3, {"cache_bytes": 25 << 20}),
-       (128, 128, 64, 8, 3), (128, 128, 64, 8, 3, NO_LOCALITY_FWD), (128, 64, 64, 4, 4), (128, 64, 32, 8, 4),
+FWD = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 8, 3, NO_LOCALITY_FWD),
+       (128, 64, 64, 8, 3, {"cache_bytes": 25 << 20}), (128, 128, 64, 8, 3, NO_LOCALITY_FWD), (128, 64, 64, 4, 4),
+       (128, 64, 32, 8, 4),
        (64, 128, 64, 4, 3), (128, 128, 32, 8, 4), (128, 64, 128, 8, 2), (64, 64, 64, 4, 4), (256, 64, 64, 8, 3),
        (128, 128, 64, 8, 4)]
 DLOGITS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 3, ROW_ORDER), (128, 128, 64, 8, 3, {"GROUP_M": 4}),

@@ -454,11 +454,13 @@ def _config(device: torch.device, dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # "ieee" dots without tensor cores: 4-byte tiles, two stages
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=16,
                     OWN_ROWS=32, GROUP_M=8, num_warps=8, num_stages=2, sms=sms, cache_bytes=cache_bytes)
-    # The forward keeps three running statistics beside its tile: at 128 x 128 it takes 255 registers and
-    # spills 8 bytes (benchmarks/sass_loops.py, triton 3.9, D 1024-4096), 174 and none at 128 x 64. The
-    # wider tile loads a third fewer bytes per FLOP (the query block once per 128 candidates, not per 64);
-    # sweep_infonce.py times both (not yet on a GPU).
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=32,
+    # The forward's tile, 128 x 128 like the logit gradients' (chosen without a GPU, from static
+    # measures; sweep_infonce.py times it against 128 x 64, the earlier default): each warpgroup's
+    # wgmma is then m64n128, which reads 96 bytes of shared memory per clock at the tensor cores'
+    # rate where m64n64 needs all 128 the SM has, before the next stage's copies; and the query
+    # block is re-read once per 128 candidates, not per 64. Its three running statistics beside the
+    # tile take 255 registers with 8 bytes spilled, outside the loop over D (sass_loops.py).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=block_do, BLOCK_N_FWD=128, BLOCK_ROWS=32,
                 OWN_ROWS=64, GROUP_M=8, num_warps=8, num_stages=3, sms=sms, cache_bytes=cache_bytes)
 
 

@@ -280,11 +280,13 @@ H100 = dict(sms=132, cache_bytes=50 << 20)  # its SM count and L2 size (torch.cu
 @pytest.mark.parametrize("batch, candidates, dim, expected", [
     (16384, 65536, 4096, 11),  # 1 MiB query blocks: 12 fit in a quarter of the L2, 132 / 12 splits
     (16384, 65536, 1024, 3),  # 256 KiB query blocks: the occupancy rule (2 waves of 132 SMs) decides
-    (1024, 4096, 4096, 16),  # occupancy asks 33; 4096 candidates make 16 splits of four 64-wide tiles
+    (1024, 4096, 4096, 8),  # occupancy asks 33; 4096 candidates make 8 splits of four 128-wide tiles
     (7, 100, 64, 1),  # fewer than four tiles of candidates: one split
 ])
 def test_candidate_splits_at_h100_shapes(batch, candidates, dim, expected):
-    block_m, block_n = 128, 64
+    """At the bf16 forward's default tiles and an H100's figures."""
+    cfg = infonce._config(torch.device("cuda"), dim, torch.bfloat16)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N_FWD"]
     got = infonce._candidate_splits(-(-batch // block_m), candidates, block_n, H100["sms"],
                                     block_m * dim * 2, H100["cache_bytes"])
     assert got == expected
