@@ -26,6 +26,9 @@ CASES = {
                                               sass=True),
     "attention-fp16-d64-causal": dict(op="attention", dtype="float16", head_dim=64, causal=True),
     "attention-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False),
+    # without a key padding mask (HAS_MASK False: float32, or inputs cuDNN refuses)
+    "attention-bf16-d128-causal-no-mask": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True,
+                                               padding=False),
     # the one-sweep forward: causal L = 200 (two key chunks), bidirectional L = 100 (one; from 129
     # bidirectional takes the two passes); the default L = 1000 the two-pass one
     "attention-short-bf16-d128-causal": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True, length=200),
@@ -93,6 +96,21 @@ def test_hot_loops_are_the_innermost_tensor_core_loops():
     assert gpu_compile.hot_loops(sass) == [
         dict(instructions=4, opcodes={"HGMMA": 1, "MUFU": 1, "FFMA": 1, "BRA": 1}),
     ]
+    # A wait loop inside the tensor-core loop does not hide it.
+    waiting = """
+.L_x_0:
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+.L_x_1:
+        /*0010*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R2 ;
+        /*0020*/              @!P0 BRA `(.L_x_1) ;
+        /*0030*/                   BRA `(.L_x_0) ;
+"""
+    assert gpu_compile.hot_loops(waiting) == [dict(instructions=4, opcodes={"HGMMA": 1, "SYNCS": 1, "BRA": 2})]
+
+
+def test_unknown_tile_key_is_an_error():
+    with pytest.raises(RuntimeError, match=r"tiles: \['BLOCK_NFWD'\] in none of infonce's tile configs"):
+        gpu_compile.compile_launches("infonce", "bfloat16", dim=64, tiles={"BLOCK_NFWD": 128})
 
 
 def test_sass_summary_of_the_flash_forward(compiled):
