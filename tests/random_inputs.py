@@ -11,7 +11,8 @@ def padding_mask(batch, length, side, gen):
         lengths = torch.ones(batch, dtype=torch.long)
     else:
         lengths = torch.randint(1, length + 1, (batch,), generator=gen)
-        lengths[0] = length  # keep one full row
+        if batch > 1:
+            lengths[0] = length  # keep one full row (a single row stays random: it should pad)
     pos = torch.arange(length)[None, :]
     if side in ("right", "one"):
         return pos < lengths[:, None]
