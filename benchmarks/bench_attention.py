@@ -152,14 +152,14 @@ def forced_triton_forward(short_limit: int):
     ``attention.SHORT_MAX_LENGTH``'s half-precision limits (causal and bidirectional) at
     ``short_limit`` (0: the Triton flash pass then the column-sum pass; 512: the one sweep)."""
     keys = ("half", "half-bidirectional")
-    saved = {key: attention.SHORT_MAX_LENGTH[key] for key in keys}, attention.FLASH_PASS
+    saved_limits, saved_pass = {key: attention.SHORT_MAX_LENGTH[key] for key in keys}, attention.FLASH_PASS
     attention.SHORT_MAX_LENGTH.update(dict.fromkeys(keys, short_limit))
     attention.FLASH_PASS = "triton"
     try:
         yield
     finally:
-        attention.SHORT_MAX_LENGTH.update(saved[0])
-        attention.FLASH_PASS = saved[1]
+        attention.SHORT_MAX_LENGTH.update(saved_limits)
+        attention.FLASH_PASS = saved_pass
 
 
 def skip_if_rejected(fn, name: str) -> None:

@@ -396,9 +396,7 @@ def _colsum_tile(
                 mask=row_in[:, None] & _within(offs_d, D, not EVEN_D)[None, :], other=0.0)
     lse = tl.load(lse_ptr + offs_m * slm, mask=row_in, other=float("inf")) * lse_scale
     p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
-    if CAUSAL:
-        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-    return p
+    return _causal(p, offs_m, offs_n, CAUSAL)
 
 
 @triton.jit
