@@ -12,7 +12,9 @@ Algorithm (Triton; every kernel streams tiles and keeps O(L) statistics):
   (``FLASH_PASS``; our Triton pass took 1.2-1.5x cuDNN's time on an H100). Then a column-sum pass
   per key block (one program per kv head, looping over the query heads that share it and over
   query blocks) re-computes the probabilities from the log-sum-exp and sums them down the
-  columns. Each program owns its outputs: results are deterministic, no atomics.
+  columns (bound by its exponentials as much as by QK^T: the tile setting ``FMA_EXP`` moves a
+  share of them onto the FMA units, off by default until a GPU sweep times it). Each program owns
+  its outputs: results are deterministic, no atomics.
   Short sequences (``SHORT_MAX_LENGTH``) instead take one sweep per query block that keeps its
   probabilities on chip until the softmax normaliser is known, then sums their columns into a
   per-block partial ([B * Hq, L / BLOCK_M, L] float32, reduced in a fixed order): one QK^T and one
@@ -326,7 +328,7 @@ def _colsum_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn, slb, slh, slm,
     H, HKV, GROUP, L, D, qk_scale, lse_scale, inv_heads,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column sums of one key block of one kv head over every query of the heads that share it,
     re-computing the probabilities from the log-sum-exp (LSE [B, Hq, L] with strides slb, slh, slm;
@@ -364,13 +366,13 @@ def _colsum_kernel(
         if CAUSAL:  # the query blocks on the diagonal
             for start_m in range(lo, above, BLOCK_M):
                 col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                    True, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+                                    True, True, EVEN_D, PRECISION, FMA_EXP, BLOCK_M, BLOCK_N, BLOCK_D)
         for start_m in range(above, inner, BLOCK_M):
             col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                False, False, EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+                                False, False, EVEN_D, PRECISION, FMA_EXP, BLOCK_M, BLOCK_N, BLOCK_D)
         for start_m in range(inner, L, BLOCK_M):  # the last, partial query block
             col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                False, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_D)
+                                False, True, EVEN_D, PRECISION, FMA_EXP, BLOCK_M, BLOCK_N, BLOCK_D)
     # Padded keys: dropped here, once per column, not per score (their scores may exceed the row's
     # log-sum-exp, which covers valid keys only, and sum to inf in their own columns; where, not a
     # product, gives them 0).
@@ -381,12 +383,13 @@ def _colsum_kernel(
 @triton.jit
 def _colsum_tile(
     q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, CAUSAL: tl.constexpr,
-    BOUNDED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BOUNDED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FMA_EXP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] probabilities of queries start_m .. start_m + BLOCK_M of one head for the
     key block ``kt`` [BLOCK_D, BLOCK_N], from their log-sum-exp: one FFMA and one exponential per
-    score. Padded and out-of-range queries have lse = +inf, so their probabilities are exactly 0;
+    score (``FMA_EXP``: see ``_exp2_shared``). Padded and out-of-range queries have lse = +inf, so
+    their probabilities are exactly 0 (by the polynomial too);
     CAUSAL masks the keys after each query (tiles on the diagonal only); BOUNDED: the block may
     reach past L; EVEN_D: BLOCK_D == D."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -395,8 +398,83 @@ def _colsum_tile(
     q = tl.load(q_ptr + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_in[:, None] & _within(offs_d, D, not EVEN_D)[None, :], other=0.0)
     lse = tl.load(lse_ptr + offs_m * slm, mask=row_in, other=float("inf")) * lse_scale
-    p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+    p = _exp2_shared(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None], FMA_EXP, BLOCK_M, BLOCK_N)
     return _causal(p, offs_m, offs_n, CAUSAL)
+
+
+# 2**f on [-0.5, 0.5] with p(0) = 1: a degree-3 fit of least maximum relative error (1.0e-4,
+# under float16's half ulp of 4.9e-4 and bfloat16's 3.9e-3).
+EXP2_POLY = (0.6932829022407532, 0.2422109693288803, 0.05500893294811249)
+_EXP2_C1, _EXP2_C2, _EXP2_C3 = (tl.constexpr(c) for c in EXP2_POLY)
+
+
+@triton.jit
+def _exp2_fma(x):
+    """2**x for float32 x <= 127 on the FMA and integer units instead of the exponential unit
+    (MUFU), relative error 1.0e-4 (``EXP2_POLY``) down to -126; x <= -127 (-inf included) gives
+    exactly 0, as the MUFU does for -inf, and (-127, -126) a value under 2**-126.
+    x = n + f with n the nearest integer: adding 1.5 * 2**23 rounds x to n in the sum's low
+    mantissa bits (an FADD: a float-to-integer conversion would take the MUFU's rate again), the
+    polynomial gives 2**f in [0.7, 1.42], and n shifted into the exponent field scales it. From
+    -127, f = 0 and the polynomial's 1.0 lands on exponent field 0."""
+    x = tl.maximum(x, -127.0)
+    shifted = x + 12582912.0
+    f = x - (shifted - 12582912.0)
+    p = ((_EXP2_C3 * f + _EXP2_C2) * f + _EXP2_C1) * f + 1.0
+    # The sum's bits are 0x4B400000 + n; shifted left by 23 the constant's bits leave the word.
+    bits = p.to(tl.uint32, bitcast=True) + (shifted.to(tl.uint32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _column_pairs(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] -> its even and its odd columns, [BLOCK_M, BLOCK_N / 2] each."""
+    return tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
+
+
+@triton.jit
+def _from_column_pairs(even, odd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    return tl.reshape(tl.join(even, odd), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _row_halves(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] -> rows 0-7 and rows 8-15 of every 16, [BLOCK_M / 2, BLOCK_N] each."""
+    rows = tl.permute(tl.reshape(x, [BLOCK_M // 16, 2, 8, BLOCK_N]), [0, 2, 3, 1])
+    first, second = tl.split(rows)
+    return tl.reshape(first, [BLOCK_M // 2, BLOCK_N]), tl.reshape(second, [BLOCK_M // 2, BLOCK_N])
+
+
+@triton.jit
+def _from_row_halves(first, second, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    first = tl.reshape(first, [BLOCK_M // 16, 8, BLOCK_N])
+    second = tl.reshape(second, [BLOCK_M // 16, 8, BLOCK_N])
+    return tl.reshape(tl.permute(tl.join(first, second), [0, 3, 1, 2]), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _exp2_shared(x, FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """2**x [BLOCK_M, BLOCK_N] with 1 / FMA_EXP of it by ``_exp2_fma`` (FMA_EXP 2: the odd
+    columns; 4: the odd columns of rows 8-15 of every 16; 0: none), the rest by the exponential
+    unit. The column-sum pass issues one MUFU exponential per score, and at 16 per clock per SM
+    they take as long as the tile's QK^T at head dim 128 (twice as long at 64); the FMA units issue
+    128 operations per clock, so the polynomial's ~8 instructions move an exponential off the MUFU
+    for about half its time in issue slots (the idea of FlashAttention-4). The split is one a
+    thread's registers already hold in the tensor cores' accumulator layouts (a thread owns
+    column pairs 2c, 2c + 1 and rows r, r + 8): no data moves. Whether it pays is for a GPU to
+    say (``sweep_attention.py``)."""
+    tl.static_assert(FMA_EXP == 0 or FMA_EXP == 2 or FMA_EXP == 4, "FMA_EXP: expected 0, 2 or 4")
+    if FMA_EXP == 0:
+        p = tl.exp2(x)
+    else:
+        even, odd = _column_pairs(x, BLOCK_M, BLOCK_N)
+        if FMA_EXP == 2:
+            odd = _exp2_fma(odd)
+        else:
+            upper, lower = _row_halves(odd, BLOCK_M, BLOCK_N // 2)
+            odd = _from_row_halves(tl.exp2(upper), _exp2_fma(lower), BLOCK_M, BLOCK_N // 2)
+        p = _from_column_pairs(tl.exp2(even), odd, BLOCK_M, BLOCK_N)
+    return p
 
 
 @triton.jit
@@ -576,8 +654,10 @@ def _config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
 def _colsum_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the column-sum pass (``_colsum_kernel``): BLOCK_N keys per program, BLOCK_M queries
     per step. Half precision on GPU: the sweep's fastest (with the 2-D accumulator, 1.2-2x faster
-    than the forward's tiles; 128 keys per program at head dim 128)."""
-    cfg = _config(device, head_dim, dtype)
+    than the forward's tiles; 128 keys per program at head dim 128). FMA_EXP: the share of the
+    exponentials computed by a polynomial (``_exp2_shared``); 0, all on the exponential unit, until
+    a GPU sweep shows otherwise (half precision only: the polynomial's 1e-4 is no float32 result)."""
+    cfg = dict(_config(device, head_dim, dtype), FMA_EXP=0)
     if device.type == "cuda" and dtype != torch.float32 and cfg["BLOCK_D"] <= 128:
         block_n, stages = (64, 3) if cfg["BLOCK_D"] <= 64 else (128, 2)
         cfg.update(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=stages)

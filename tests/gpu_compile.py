@@ -200,7 +200,11 @@ def _compile(kernel, args, kwargs, arch, sass=False):
             compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
                                       options=options.__dict__)
     except Exception as e:  # noqa: BLE001 - the error is the result
-        result["error"] = f"{type(e).__name__}: {e}"
+        # Triton's CompilationError points at the call site; the reason is in its chained causes.
+        chain = [e]
+        while chain[-1].__cause__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__cause__)
+        result["error"] = "\n".join(f"{type(err).__name__}: {err}" for err in chain)
     else:
         text = log.getvalue()
 

@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from mgh_kernels import _backend, ata_attention, attention, reference
 from random_inputs import padding_mask
@@ -341,6 +343,85 @@ def test_cudnn_flash_pass_taken_at_benchmark_shapes(causal, gen):
         q, k, v = (torch.randn(2, 4, 512, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ata_attention(q, k, v, causal=causal)
         assert attention.last_forward() == "cudnn-flash", dim
+
+
+# ---- the column-sum pass with part of its exponentials by a polynomial (FMA_EXP) ----------------
+
+
+@triton.jit
+def _exp2_shared_kernel(X, Y, FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(Y + offs, attention._exp2_shared(tl.load(X + offs), FMA_EXP, BLOCK_M, BLOCK_N))
+
+
+def polynomial_exp2(x):
+    """float64 model of ``_exp2_fma``: the fitted polynomial at x's distance from its nearest
+    integer, scaled by that integer's power of two."""
+    n = torch.round(x.double())
+    f = x.double() - n
+    c1, c2, c3 = attention.EXP2_POLY
+    return (((c3 * f + c2) * f + c1) * f + 1.0) * torch.exp2(n)
+
+
+@pytest.mark.parametrize("fma_exp", [0, 2, 4])
+def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp):
+    """The elements ``_exp2_shared`` computes by the polynomial (FMA_EXP 2: odd columns; 4: odd
+    columns of rows 8-15 of every 16) match the polynomial's model, the rest the exact power;
+    either way within the fit's 1.0e-4; -inf and values from -127 down give exactly 0 (padded
+    queries, lse = +inf, must add nothing), values in (-127, -126) at most 2**-126."""
+    rows, cols = 32, 16
+    x = torch.linspace(-125.0, 3.0, rows * cols, dtype=torch.float64).reshape(rows, cols)
+    x = (x + torch.rand(rows, cols, dtype=torch.float64) * 0.2).float()  # fractions on both sides of 0.5
+    # row 9 is in the polynomial's rows for both shares
+    x[9, :8] = torch.tensor([float("-inf"), -1e30, -300.0, -127.0, -126.6, -126.4, -127.4, -126.01])
+    y = torch.empty_like(x, device=DEVICE)
+    _exp2_shared_kernel[(1,)](x.to(DEVICE), y, FMA_EXP=fma_exp, BLOCK_M=rows, BLOCK_N=cols)
+    y = y.cpu().double()
+    by_polynomial = torch.zeros(rows, cols, dtype=torch.bool)
+    if fma_exp == 2:
+        by_polynomial[:, 1::2] = True
+    elif fma_exp == 4:
+        by_polynomial[8:16, 1::2] = by_polynomial[24:32, 1::2] = True
+    tiny = x < -126
+    assert ((y[tiny] >= 0) & (y[tiny] <= 2.0**-126)).all()
+    assert (y[x <= -127][by_polynomial[x <= -127]] == 0).all()
+    exact, model = torch.exp2(x.double()), polynomial_exp2(x)
+    rel_exact, rel_model = ((y - exact) / exact).abs(), ((y - model) / model).abs()
+    assert rel_exact[~tiny].max() <= 1.02e-4
+    assert (rel_exact[~tiny & ~by_polynomial] <= 1e-6).all(), "exponential-unit elements"
+    assert (rel_model[~tiny & by_polynomial] <= 1e-6).all(), "polynomial elements"
+    assert by_polynomial.any() == (rel_exact[~tiny] > 1e-5).any()  # the model differs from exp2 somewhere
+
+
+@pytest.mark.parametrize("fma_exp", [2, 4])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 23, 24), (1, 3, 1, 40, 32), (1, 2, 2, 33, 128)],
+                         ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_colsum_pass_with_polynomial_exponentials(fma_exp, shape, causal, side, dtype, gen, monkeypatch):
+    """The two-pass forward with the column-sum pass's FMA_EXP set (a tile setting the GPU sweep
+    times; half precision only) meets the same rule as with every exponential on the MUFU."""
+    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    for key in attention.SHORT_MAX_LENGTH:
+        monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
+    used, config = [], attention._colsum_config
+
+    def with_polynomial(*args):
+        used.append(dict(config(*args), FMA_EXP=fma_exp))
+        return used[-1]
+
+    monkeypatch.setattr(attention, "_colsum_config", with_polynomial)
+    (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen)
+    mask = None if side == "none" else padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert used and attention.last_forward() == "triton-flash"
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    base_out, base_colsum = eager_same_precision(q, k, v, causal, mask, 1 / math.sqrt(shape[4]))
+    assert_within_rule(out, base_out, want_out, dtype, "out")
+    assert_within_rule(colsum, base_colsum, want_colsum, dtype, "colsum")
+    if mask is not None:
+        assert (colsum[~mask] == 0).all()
 
 
 # ---- the PyTorch path (CPU without the interpreter) -------------------------------------------
