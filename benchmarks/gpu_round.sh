@@ -8,7 +8,8 @@
 #     OUT=/some/dir bash benchmarks/gpu_round.sh [PART ...]
 # PARTs (default: all but sweeps, in this order): tests, attention, infonce, train, reference;
 # sweeps (the tile sweeps sweep_attention.py and sweep_infonce.py, JSON beside the log, then
-# profile_infonce.py: device time per kernel). One device
+# profile_infonce.py: device time per kernel); colsum (only the column-sum pass's sweep,
+# sweep_attention.py --parts colsum: the variants that decide the forward's 2.0x bar). One device
 # command may run for at most 10 minutes, so a first round on a fresh machine can be split, e.g.
 # "tests attention" in one call and "infonce train reference" in the next.
 # With $OUT set, everything printed also goes to $OUT/gpu_round.log and the benchmark JSON to
@@ -29,8 +30,9 @@ PARTS=("$@")
 [ "${#PARTS[@]}" -eq 0 ] && PARTS=(tests attention infonce train reference)
 for part in "${PARTS[@]}"; do
     case "$part" in
-        tests|attention|infonce|train|reference|sweeps) ;;
-        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train, reference or sweeps)" >&2
+        tests|attention|infonce|train|reference|sweeps|colsum) ;;
+        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train, reference, sweeps" \
+                "or colsum)" >&2
            exit 2 ;;
     esac
 done
@@ -58,6 +60,12 @@ EOF
     if wants tests; then
         step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
         "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
+    fi
+
+    if wants colsum && ! wants sweeps; then
+        step "column-sum tile sweep: benchmarks/sweep_attention.py --parts colsum"
+        "$PY" benchmarks/sweep_attention.py --parts colsum ${OUT:+--json "$OUT/sweep_colsum.json"} \
+            || failed+=("sweep_colsum")
     fi
 
     if wants sweeps; then
