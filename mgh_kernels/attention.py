@@ -412,12 +412,15 @@ _EXP2_C1, _EXP2_C2, _EXP2_C3 = (tl.constexpr(c) for c in EXP2_POLY)
 def _exp2_fma(x):
     """2**x for float32 x <= 127 on the FMA and integer units instead of the exponential unit
     (MUFU), relative error 1.0e-4 (``EXP2_POLY``) down to -126; x <= -127 (-inf included) gives
-    exactly 0, as the MUFU does for -inf, and (-127, -126) a value under 2**-126.
+    exactly 0, as the MUFU does for -inf, and (-127, -126) a value under 2**-126; NaN stays NaN.
+    Above 127 the result is garbage (inf, NaN or negative): callers must select such elements away
+    with ``where`` (the column-sum pass does, for the padded, masked and out-of-range keys that
+    can reach it), never multiply them.
     x = n + f with n the nearest integer: adding 1.5 * 2**23 rounds x to n in the sum's low
     mantissa bits (an FADD: a float-to-integer conversion would take the MUFU's rate again), the
     polynomial gives 2**f in [0.7, 1.42], and n shifted into the exponent field scales it. From
     -127, f = 0 and the polynomial's 1.0 lands on exponent field 0."""
-    x = tl.maximum(x, -127.0)
+    x = tl.maximum(x, -127.0, propagate_nan=tl.PropagateNan.ALL)
     shifted = x + 12582912.0
     f = x - (shifted - 12582912.0)
     p = ((_EXP2_C3 * f + _EXP2_C2) * f + _EXP2_C1) * f + 1.0
@@ -457,13 +460,17 @@ def _exp2_shared(x, FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     """2**x [BLOCK_M, BLOCK_N] with 1 / FMA_EXP of it by ``_exp2_fma`` (FMA_EXP 2: the odd
     columns; 4: the odd columns of rows 8-15 of every 16; 0: none), the rest by the exponential
     unit. The column-sum pass issues one MUFU exponential per score, and at 16 per clock per SM
-    they take as long as the tile's QK^T at head dim 128 (twice as long at 64); the FMA units issue
-    128 operations per clock, so the polynomial's ~8 instructions move an exponential off the MUFU
-    for about half its time in issue slots (the idea of FlashAttention-4). The split is one a
+    they take as long as the tile's QK^T at head dim 128 (twice as long at 64), while its issue
+    slots are little more than half used (291 instructions per tile per warp against 512 MUFU
+    clocks, bf16 D128). The polynomial's ~8 instructions cost about what the exponential did on
+    the MUFU (8 clocks per warp instruction), but in those idle issue slots (the idea of
+    FlashAttention-4): a quarter balances the two at about 400 clocks. The split is one a
     thread's registers already hold in the tensor cores' accumulator layouts (a thread owns
     column pairs 2c, 2c + 1 and rows r, r + 8): no data moves. Whether it pays is for a GPU to
     say (``sweep_attention.py``)."""
     tl.static_assert(FMA_EXP == 0 or FMA_EXP == 2 or FMA_EXP == 4, "FMA_EXP: expected 0, 2 or 4")
+    tl.static_assert(FMA_EXP == 0 or (BLOCK_M % 16 == 0 and BLOCK_N % 2 == 0),
+                     "FMA_EXP: needs BLOCK_M a multiple of 16 and BLOCK_N even")
     if FMA_EXP == 0:
         p = tl.exp2(x)
     else:

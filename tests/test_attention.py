@@ -368,12 +368,13 @@ def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp):
     """The elements ``_exp2_shared`` computes by the polynomial (FMA_EXP 2: odd columns; 4: odd
     columns of rows 8-15 of every 16) match the polynomial's model, the rest the exact power;
     either way within the fit's 1.0e-4; -inf and values from -127 down give exactly 0 (padded
-    queries, lse = +inf, must add nothing), values in (-127, -126) at most 2**-126."""
+    queries, lse = +inf, must add nothing), values in (-127, -126) at most 2**-126, NaN NaN."""
     rows, cols = 32, 16
     x = torch.linspace(-125.0, 3.0, rows * cols, dtype=torch.float64).reshape(rows, cols)
     x = (x + torch.rand(rows, cols, dtype=torch.float64) * 0.2).float()  # fractions on both sides of 0.5
     # row 9 is in the polynomial's rows for both shares
     x[9, :8] = torch.tensor([float("-inf"), -1e30, -300.0, -127.0, -126.6, -126.4, -127.4, -126.01])
+    x[10, :2] = float("nan")  # stays NaN (a clamp by max must not drop it)
     y = torch.empty_like(x, device=DEVICE)
     _exp2_shared_kernel[(1,)](x.to(DEVICE), y, FMA_EXP=fma_exp, BLOCK_M=rows, BLOCK_N=cols)
     y = y.cpu().double()
@@ -382,6 +383,9 @@ def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp):
         by_polynomial[:, 1::2] = True
     elif fma_exp == 4:
         by_polynomial[8:16, 1::2] = by_polynomial[24:32, 1::2] = True
+    nan = x.isnan()
+    assert y[nan].isnan().all()
+    x, y = x.masked_fill(nan, 0.0), y.masked_fill(nan, 1.0)
     tiny = x < -126
     assert ((y[tiny] >= 0) & (y[tiny] <= 2.0**-126)).all()
     assert (y[x <= -127][by_polynomial[x <= -127]] == 0).all()
@@ -401,25 +405,45 @@ def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_colsum_pass_with_polynomial_exponentials(fma_exp, shape, causal, side, dtype, gen, monkeypatch):
     """The two-pass forward with the column-sum pass's FMA_EXP set (a tile setting the GPU sweep
-    times; half precision only) meets the same rule as with every exponential on the MUFU."""
+    times; half precision only) meets the same rule as with every exponential on the MUFU, and
+    its column sums differ from those (the launched kernel did compute part of them by the
+    polynomial)."""
     monkeypatch.setattr(attention, "FLASH_PASS", "triton")
     for key in attention.SHORT_MAX_LENGTH:
         monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
-    used, config = [], attention._colsum_config
+    share, launched, config, kernel = [0], [], attention._colsum_config, attention._colsum_kernel
+    monkeypatch.setattr(attention, "_colsum_config", lambda *args: dict(config(*args), FMA_EXP=share[0]))
 
-    def with_polynomial(*args):
-        used.append(dict(config(*args), FMA_EXP=fma_exp))
-        return used[-1]
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["FMA_EXP"])
+                return kernel[grid](*args, **kwargs)
+            return launch
 
-    monkeypatch.setattr(attention, "_colsum_config", with_polynomial)
+    monkeypatch.setattr(attention, "_colsum_kernel", Recording())
     (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen)
     mask = None if side == "none" else padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
+    _, plain_colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    share[0] = fma_exp
     out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
-    assert used and attention.last_forward() == "triton-flash"
+    assert launched == [0, fma_exp] and attention.last_forward() == "triton-flash"
     want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
     base_out, base_colsum = eager_same_precision(q, k, v, causal, mask, 1 / math.sqrt(shape[4]))
     assert_within_rule(out, base_out, want_out, dtype, "out")
     assert_within_rule(colsum, base_colsum, want_colsum, dtype, "colsum")
+    # The sums change where the polynomial computes (odd keys; for a quarter, queries 8-15 of every
+    # 16) a probability below 1: a valid query's, over a valid key, when it attends two or more.
+    length = shape[3]
+    valid = torch.ones(shape[0], length, dtype=torch.bool) if mask is None else mask.cpu().bool()
+    positions = torch.arange(length)
+    attends = valid[:, :, None] & valid[:, None, :]
+    if causal:
+        attends &= positions[:, None] >= positions[None, :]
+    allowed = attends & (attends.sum(-1, keepdim=True) >= 2) & (positions % 2 == 1)[None, None, :]
+    if fma_exp == 4:
+        allowed &= (positions % 16 >= 8)[None, :, None]
+    assert torch.equal(colsum, plain_colsum) != allowed.any()
     if mask is not None:
         assert (colsum[~mask] == 0).all()
 
