@@ -364,14 +364,14 @@ def polynomial_exp2(x):
 
 
 @pytest.mark.parametrize("fma_exp", [0, 2, 4])
-def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp):
+def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp, gen):
     """The elements ``_exp2_shared`` computes by the polynomial (FMA_EXP 2: odd columns; 4: odd
     columns of rows 8-15 of every 16) match the polynomial's model, the rest the exact power;
     either way within the fit's 1.0e-4; -inf and values from -127 down give exactly 0 (padded
     queries, lse = +inf, must add nothing), values in (-127, -126) at most 2**-126, NaN NaN."""
     rows, cols = 32, 16
     x = torch.linspace(-125.0, 3.0, rows * cols, dtype=torch.float64).reshape(rows, cols)
-    x = (x + torch.rand(rows, cols, dtype=torch.float64) * 0.2).float()  # fractions on both sides of 0.5
+    x = (x + torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 0.2).float()  # fractions on both sides of 0.5
     # row 9 is in the polynomial's rows for both shares
     x[9, :8] = torch.tensor([float("-inf"), -1e30, -300.0, -127.0, -126.6, -126.4, -127.4, -126.01])
     x[10, :2] = float("nan")  # stays NaN (a clamp by max must not drop it)
