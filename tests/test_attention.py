@@ -36,15 +36,19 @@ def poisoned_outputs(monkeypatch):
     return allocated
 
 
+def set_short_limit(patch, limit):
+    """Every ``attention.SHORT_MAX_LENGTH`` limit set to ``limit`` (0: the one-sweep forward off)."""
+    for key in attention.SHORT_MAX_LENGTH:
+        patch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
+
+
 @pytest.fixture(params=["one-sweep", "two-pass"])
 def forward_path(request, monkeypatch):
     """Run the test through each of our forwards: the one-sweep kernel of short sequences, or our
     flash pass plus the column-sum pass (cuDNN's flash pass is off here: see the cuDNN tests below),
     and check afterwards that every forward took the requested one."""
     monkeypatch.setattr(attention, "FLASH_PASS", "triton")
-    limit = 1 << 30 if request.param == "one-sweep" else 0
-    for key in attention.SHORT_MAX_LENGTH:
-        monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
+    set_short_limit(monkeypatch, 1 << 30 if request.param == "one-sweep" else 0)
     chosen, short_config = [], attention._short_config
 
     def recording(*args):
@@ -290,8 +294,7 @@ def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
     mask = padding_mask(2, 20, "right", gen)
     mask[0, -1] = False  # at least one padded token (a mask that pads nothing is dropped)
     with pytest.MonkeyPatch.context() as patch:
-        for key in attention.SHORT_MAX_LENGTH:
-            patch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
+        set_short_limit(patch, 0)
         for args, kwargs, want in [
             ((q, k, v), {}, "cudnn-flash"),
             ((q, k, v), dict(key_padding_mask=mask), "triton-flash"),
@@ -313,8 +316,7 @@ def test_cudnn_refusal_falls_back_once_per_signature(monkeypatch, caplog, gen):
     monkeypatch.setattr(attention, "FLASH_PASS", "cudnn")
     monkeypatch.setattr(attention, "_CUDNN_REFUSED", set())
     monkeypatch.setattr(attention, "_cudnn_accepts", lambda q, k, v, causal: True)
-    for key in attention.SHORT_MAX_LENGTH:
-        monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
+    set_short_limit(monkeypatch, 0)
     calls = []
 
     def refusing(*args):
@@ -409,8 +411,7 @@ def test_colsum_pass_with_polynomial_exponentials(fma_exp, shape, causal, side, 
     its column sums differ from those (the launched kernel did compute part of them by the
     polynomial)."""
     monkeypatch.setattr(attention, "FLASH_PASS", "triton")
-    for key in attention.SHORT_MAX_LENGTH:
-        monkeypatch.setitem(attention.SHORT_MAX_LENGTH, key, 0)
+    set_short_limit(monkeypatch, 0)
     share, launched, config, kernel = [0], [], attention._colsum_config, attention._colsum_kernel
     monkeypatch.setattr(attention, "_colsum_config", lambda *args: dict(config(*args), FMA_EXP=share[0]))
 

@@ -285,11 +285,8 @@ H100 = dict(sms=132, cache_bytes=50 << 20)  # its SM count and L2 size (torch.cu
 ])
 def test_candidate_splits_at_h100_shapes(batch, candidates, dim, expected):
     """At the bf16 forward's default tiles and an H100's figures."""
-    cfg = infonce._config(torch.device("cuda"), dim, torch.bfloat16)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N_FWD"]
-    got = infonce._candidate_splits(-(-batch // block_m), candidates, block_n, H100["sms"],
-                                    block_m * dim * 2, H100["cache_bytes"])
-    assert got == expected
+    cfg = dict(infonce._config(torch.device("cuda"), dim, torch.bfloat16), **H100)
+    assert infonce._forward_splits(batch, candidates, dim, 2, cfg)[0] == expected
 
 
 @pytest.mark.parametrize("dim", [64, 1024, 4096, 16384, 65536])
