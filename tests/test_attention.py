@@ -215,6 +215,101 @@ def test_never_allocates_length_squared(poisoned_outputs, gen):
         assert math.prod(shape) <= 2 * 48 * 16, shape
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradients_with_return_colsum_false(causal, gen):
+    """return_colsum=False still differentiates through out: the backward without a column-sum
+    gradient, reached only this way (and without column sums the flash pass alone runs: next test)."""
+    (q, k, v), (q64, k64, v64) = make_inputs((2, 4, 2, 23, 24), torch.float32, gen, requires_grad=True)
+    mask = padding_mask(2, 23, "left", gen).to(DEVICE)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask, return_colsum=False)
+    assert colsum is None
+    w = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    (out.double() * w).sum().backward()
+    want, _ = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    (want * w).sum().backward()
+    for got, ref in zip((q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_no_colsum_runs_the_flash_pass_alone(gen, monkeypatch):
+    """Without column sums the one-sweep forward (which computes them) is not taken."""
+    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    set_short_limit(monkeypatch, 1 << 30)
+    (q, k, v), _ = make_inputs((1, 2, 2, 18, 16), torch.float32, gen)
+    ata_attention(q, k, v, causal=True, return_colsum=False)
+    assert attention.last_forward() == "triton-flash"
+    ata_attention(q, k, v, causal=True)
+    assert attention.last_forward() == "one-sweep"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_head_dim_256(causal, gen):
+    """The largest head dim accepted (a 256-wide tile), forward and backward."""
+    (q, k, v), (q64, k64, v64) = make_inputs((1, 2, 1, 20, 256), torch.float32, gen, requires_grad=True)
+    mask = padding_mask(1, 20, "right", gen).to(DEVICE)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
+    (out.double().sum() + colsum.double().square().sum()).backward()
+    (want_out.sum() + want_colsum.square().sum()).backward()
+    for got, ref in zip((q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["M32-N16", "M16-N32"])
+@pytest.mark.parametrize("path", ["one-sweep", "two-pass"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_unequal_query_and_key_tiles(tiles, path, causal, gen, monkeypatch):
+    """Every kernel with BLOCK_M != BLOCK_N, as the GPU tiles have them: the interpreter's default
+    tiles are square, where a query/key block mixup in a causal bound cannot show."""
+    block_m, block_n = tiles
+    length = 45  # a multiple of neither tile
+    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    set_short_limit(monkeypatch, 0)  # the one-sweep forward only where its config is patched in below
+    block_d = lambda dim: max(16, triton.next_power_of_2(dim))  # noqa: E731
+    # On CPU the column-sum and backward tiles are the forward's (_colsum_config, _bwd_config).
+    monkeypatch.setattr(attention, "_config", lambda device, dim, dtype: dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                                BLOCK_D=block_d(dim)))
+    if path == "one-sweep":
+        monkeypatch.setattr(attention, "_short_config", lambda device, dim, dtype, length, causal=True: dict(
+            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=triton.cdiv(length, block_n), BLOCK_D=block_d(dim)))
+    (q, k, v), (q64, k64, v64) = make_inputs((2, 4, 2, length, 24), torch.float32, gen, requires_grad=True)
+    mask = padding_mask(2, length, "left", gen).to(DEVICE)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert attention.last_forward() == ("one-sweep" if path == "one-sweep" else "triton-flash")
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
+    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    w_col = torch.randn(2, length, generator=gen, dtype=torch.float64).to(DEVICE)
+    ((out.double() * w_out).sum() + (colsum.double() * w_col).sum()).backward()
+    ((want_out * w_out).sum() + (want_colsum * w_col).sum()).backward()
+    for got, ref in zip((q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_k_and_v_in_different_layouts(causal, gen, forward_path):
+    """k contiguous [B, H, L, D], q and v [B, L, H, D] transposed: each kernel reads v through v's
+    own strides (elsewhere k and v share theirs)."""
+    (q, k, v), (q64, k64, v64) = make_inputs((2, 4, 2, 23, 24), torch.float32, gen)
+    q, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, v))
+    k.requires_grad_()
+    q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+    assert k.stride() != v.stride() and not v.is_contiguous()
+    mask = padding_mask(2, 23, "right", gen).to(DEVICE)
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
+    w = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ((out.double() * w).sum() + colsum.double().square().sum()).backward()
+    ((want_out * w).sum() + want_colsum.square().sum()).backward()
+    for got, ref in zip((q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
 # ---- cuDNN's flash pass followed by our column-sum pass ------------------------------------------
 
 

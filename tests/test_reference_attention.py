@@ -124,7 +124,8 @@ def test_colsum_from_attentions_ignores_padded_rows(side, gen):
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     allowed = mask[:, None, None, :] & torch.ones(8, 8, dtype=torch.bool).tril()
     probs = torch.softmax(scores.masked_fill(~allowed, -1e9), dim=-1)
-    # Whatever a backend leaves in padded query rows must not count.
+    # Whatever a backend leaves in padded query rows or padded key columns must not count.
     probs = torch.where(mask[:, None, :, None], probs, torch.rand(probs.shape, generator=gen))
+    probs = torch.where(mask[:, None, None, :], probs, torch.rand(probs.shape, generator=gen))
     got = reference.colsum_from_attentions(probs, mask)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
