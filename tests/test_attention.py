@@ -242,19 +242,26 @@ def test_no_colsum_runs_the_flash_pass_alone(gen, monkeypatch):
     assert attention.last_forward() == "one-sweep"
 
 
+def assert_matches_reference(q, k, v, truth, causal, mask, gen):
+    """float32 ``ata_attention`` against the float64 reference on the same inputs (``truth``, leaves
+    that require grad): out, colsum, and the gradients of a random weighting of both."""
+    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    want_out, want_colsum = reference.attention_with_colsum(*truth, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
+    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    w_col = torch.randn(colsum.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ((out.double() * w_out).sum() + (colsum.double() * w_col).sum()).backward()
+    ((want_out * w_out).sum() + (want_colsum * w_col).sum()).backward()
+    for got, ref in zip((q, k, v), truth):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_head_dim_256(causal, gen):
     """The largest head dim accepted (a 256-wide tile), forward and backward."""
-    (q, k, v), (q64, k64, v64) = make_inputs((1, 2, 1, 20, 256), torch.float32, gen, requires_grad=True)
-    mask = padding_mask(1, 20, "right", gen).to(DEVICE)
-    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
-    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
-    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
-    (out.double().sum() + colsum.double().square().sum()).backward()
-    (want_out.sum() + want_colsum.square().sum()).backward()
-    for got, ref in zip((q, k, v), (q64, k64, v64)):
-        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+    (q, k, v), truth = make_inputs((1, 2, 1, 20, 256), torch.float32, gen, requires_grad=True)
+    assert_matches_reference(q, k, v, truth, causal, padding_mask(1, 20, "right", gen).to(DEVICE), gen)
 
 
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["M32-N16", "M16-N32"])
@@ -266,48 +273,29 @@ def test_unequal_query_and_key_tiles(tiles, path, causal, gen, monkeypatch):
     block_m, block_n = tiles
     length = 45  # a multiple of neither tile
     monkeypatch.setattr(attention, "FLASH_PASS", "triton")
-    set_short_limit(monkeypatch, 0)  # the one-sweep forward only where its config is patched in below
-    block_d = lambda dim: max(16, triton.next_power_of_2(dim))  # noqa: E731
+    set_short_limit(monkeypatch, 1 << 30 if path == "one-sweep" else 0)
     # On CPU the column-sum and backward tiles are the forward's (_colsum_config, _bwd_config).
-    monkeypatch.setattr(attention, "_config", lambda device, dim, dtype: dict(BLOCK_M=block_m, BLOCK_N=block_n,
-                                                                                BLOCK_D=block_d(dim)))
+    config, short_config = attention._config, attention._short_config
+    monkeypatch.setattr(attention, "_config", lambda *args: dict(config(*args), BLOCK_M=block_m, BLOCK_N=block_n))
     if path == "one-sweep":
         monkeypatch.setattr(attention, "_short_config", lambda device, dim, dtype, length, causal=True: dict(
-            BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=triton.cdiv(length, block_n), BLOCK_D=block_d(dim)))
-    (q, k, v), (q64, k64, v64) = make_inputs((2, 4, 2, length, 24), torch.float32, gen, requires_grad=True)
-    mask = padding_mask(2, length, "left", gen).to(DEVICE)
-    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+            short_config(device, dim, dtype, length, causal), BLOCK_M=block_m, BLOCK_N=block_n,
+            CHUNKS=triton.cdiv(length, block_n)))
+    (q, k, v), truth = make_inputs((2, 4, 2, length, 24), torch.float32, gen, requires_grad=True)
+    assert_matches_reference(q, k, v, truth, causal, padding_mask(2, length, "left", gen).to(DEVICE), gen)
     assert attention.last_forward() == ("one-sweep" if path == "one-sweep" else "triton-flash")
-    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
-    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
-    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    w_col = torch.randn(2, length, generator=gen, dtype=torch.float64).to(DEVICE)
-    ((out.double() * w_out).sum() + (colsum.double() * w_col).sum()).backward()
-    ((want_out * w_out).sum() + (want_colsum * w_col).sum()).backward()
-    for got, ref in zip((q, k, v), (q64, k64, v64)):
-        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_k_and_v_in_different_layouts(causal, gen, forward_path):
     """k contiguous [B, H, L, D], q and v [B, L, H, D] transposed: each kernel reads v through v's
     own strides (elsewhere k and v share theirs)."""
-    (q, k, v), (q64, k64, v64) = make_inputs((2, 4, 2, 23, 24), torch.float32, gen)
+    (q, k, v), truth = make_inputs((2, 4, 2, 23, 24), torch.float32, gen)
     q, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, v))
     k.requires_grad_()
-    q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+    truth = [t.requires_grad_() for t in truth]
     assert k.stride() != v.stride() and not v.is_contiguous()
-    mask = padding_mask(2, 23, "right", gen).to(DEVICE)
-    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
-    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
-    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(colsum.double(), want_colsum, rtol=1e-5, atol=1e-5)
-    w = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ((out.double() * w).sum() + colsum.double().square().sum()).backward()
-    ((want_out * w).sum() + want_colsum.square().sum()).backward()
-    for got, ref in zip((q, k, v), (q64, k64, v64)):
-        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+    assert_matches_reference(q, k, v, truth, causal, padding_mask(2, 23, "right", gen).to(DEVICE), gen)
 
 
 # ---- cuDNN's flash pass followed by our column-sum pass ------------------------------------------

@@ -79,8 +79,9 @@ def check_against_reference(inputs, truth, tau, dtype, negatives="global", reduc
         ref_grad = torch.zeros_like(ref) if ref.grad is None else ref.grad
         err, base_err = max_err(got.grad, ref_grad), max_err(own.grad, ref_grad)
         # The absolute term at the gradient's scale (flash-attention's rule: a few ulps of the
-        # largest entry): at tau 0.01 the gradients reach ~10, where PyTorch's own error can be a
-        # lucky few ulps and 1e-6 is 2 float32 ulps (one seed in ~300 failed an absolute 1e-6).
+        # largest entry): at tau 0.01 the gradients are of order 1, where PyTorch's own error can
+        # be a lucky few ulps and 1e-6 is under 10 float32 ulps (an absolute 1e-6 failed with
+        # MGH_TEST_SEED=257).
         slack = ATOL[dtype] * max(1.0, largest(ref_grad))
         assert err <= 2 * base_err + slack, f"d{name}: {err:.3g} vs PyTorch's {base_err:.3g} (+{slack:.3g})"
     return loss
@@ -218,8 +219,11 @@ def test_backward_plan_keeps_its_scratch_within_budget(batch, k, dim, elem, need
     assert plan.workspace_elements * elem <= min(budget, infonce._WORKSPACE_BYTES)
     if plan.mode != "one-pass":
         assert batch * candidates * elem > min(budget, infonce._WORKSPACE_BYTES)
-    if plan.mode == "sweeps":
+    if plan.mode == "sweeps":  # each sweep's chunk as large as fits: one more column or row would not
         assert (plan.columns > 0) == need_c and (plan.rows > 0) == need_q
+        e_budget = min(budget, infonce._WORKSPACE_BYTES)
+        assert not need_c or plan.columns == candidates or batch * (plan.columns + 1) * elem > e_budget
+        assert not need_q or plan.rows == batch or (plan.rows + 1) * candidates * elem > e_budget
     if plan.mode == "sweeps" and need_q and need_c:  # no room for the accumulator beside a worthwhile chunk
         columns = min(candidates, infonce._MIN_CHUNK, infonce._WORKSPACE_BYTES // (batch * elem))
         partial = 0 if elem == 4 else min(batch, infonce._MIN_CHUNK)
@@ -248,21 +252,6 @@ def test_backward_plan_at_its_boundaries():
     assert infonce._backward_plan(512, 512, 64, 4).mode == "one-pass"
     plan = infonce._backward_plan(256, 4096, 512, 4)
     assert (plan.mode, plan.columns) == ("accumulate", 512)
-
-
-@pytest.mark.parametrize("batch, candidates, dim, elem, need_q, need_c", [
-    (4096, 4 * 4096, 4096, 2, True, True), (4096, 4 * 4096, 4096, 2, True, False),
-    (4096, 4 * 4096, 4096, 2, False, True), (1000, 8000, 4096, 4, True, True)])
-def test_sweeps_take_the_largest_chunks_that_fit(batch, candidates, dim, elem, need_q, need_c):
-    """Each sweep's chunk of E is as large as the budget allows: one more column or row would not fit."""
-    plan = infonce._backward_plan(batch, candidates, dim, elem, need_q, need_c)
-    assert plan.mode == "sweeps"
-    e_budget = min(max(infonce._SCRATCH_FLOOR, batch * candidates), infonce._WORKSPACE_BYTES)
-    assert (plan.columns > 0) == need_c and (plan.rows > 0) == need_q
-    if need_c:
-        assert plan.columns == candidates or batch * (plan.columns + 1) * elem > e_budget
-    if need_q:
-        assert plan.rows == batch or (plan.rows + 1) * candidates * elem > e_budget
 
 
 @pytest.mark.skipif(not CUDA, reason="peak memory is measured on CUDA")
@@ -375,8 +364,7 @@ def test_half_precision_gradients_at_any_embedding_norm(scale, gen):
     reference.infonce(*truth, tau=0.05).backward()
     eager_same_precision(*base, 0.05, "global").backward()
     for name, got, own, ref in zip(("q", "pos", "neg"), (q, pos, neg), base, truth):
-        largest = ref.grad.abs().max().item()
-        relative, pytorch = max_err(got.grad, ref.grad) / largest, max_err(own.grad, ref.grad) / largest
+        relative, pytorch = (max_err(g.grad, ref.grad) / largest(ref.grad) for g in (got, own))
         bound = 5e-3 if scale < 1 else 2 * pytorch
         assert relative <= bound, f"d{name}: relative error {relative:.3g} (PyTorch's {pytorch:.3g})"
 
