@@ -136,10 +136,37 @@ def pool(
 # --------------------------------------------------------------------------------------------
 
 ATA_ATTENTION = "mgh_ata"
-"""The name ``enable_ata`` registers with transformers' ``AttentionInterface`` (and, with
-``sdpa_mask``, with ``AttentionMaskInterface``, so padded batches get their mask)."""
+"""The name ``enable_ata`` registers with transformers' ``AttentionInterface``; only the chosen
+layer looks it up (through its :class:`_LayerConfig`)."""
 
 _CAPTURE_ATTR = "_mgh_ata_capture"
+
+# The keyword arguments by which transformers hands flash-attention functions packed sequences.
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+class _LayerConfig:
+    """The chosen layer's view of its config: every setting is the model config's (read and
+    written through), except the attention implementation, which is ``mgh_ata``.
+
+    transformers' attention modules look their function up by ``self.config._attn_implementation``
+    at each call, and the model builds its masks from the model's config, so with this view in the
+    one module the other layers keep the model's own implementation (SDPA, or flash-attention where
+    the model was loaded with it) and its masks.
+    """
+
+    _attn_implementation = ATA_ATTENTION
+
+    def __init__(self, config):
+        object.__setattr__(self, "model_config", config)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "model_config":  # copy/pickle probe before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.model_config, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.model_config, name, value)
 
 
 class ATACapture:
@@ -167,7 +194,10 @@ class ATACapture:
         """Restore the model's previous attention implementation; the capture stops."""
         if getattr(self.module, _CAPTURE_ATTR, None) is self:
             delattr(self.module, _CAPTURE_ATTR)
-            _set_attn_implementation(self.model, self._previous)
+            if isinstance(self.module.config, _LayerConfig):
+                self.module.config = self.module.config.model_config
+            if self.model.config._attn_implementation != self._previous:
+                _set_attn_implementation(self.model, self._previous)
 
     def __enter__(self) -> "ATACapture":
         return self
@@ -191,6 +221,7 @@ class ATACapture:
         window = kwargs.get("sliding_window")
         if window is not None and length > window:
             raise ValueError(f"sliding_window: the ATA layer attends to the whole sequence; L={length} > {window}")
+        _check_not_packed(module, attention_mask, kwargs)
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
         key_padding_mask = _key_padding_mask(attention_mask, causal, length)
         out, colsum = ata_attention(
@@ -198,6 +229,41 @@ class ATACapture:
         )
         self.colsum = colsum
         return out.transpose(1, 2).contiguous(), None
+
+
+def _check_not_packed(module, attention_mask, kwargs) -> None:
+    """Refuse the packed sequences (several per row) that the model's other layers would attend to
+    one by one but the mask does not show. Where the model builds flash-attention's masks ([B, L]
+    padding or None), transformers' flash path packs by ``cu_seq_lens_*`` or, with no mask and one
+    row, by ``position_ids`` that are not consecutive. SDPA's masks show packing themselves (a
+    block-diagonal [B, 1, L, L] mask, which ``_key_padding_mask`` refuses); with no mask, SDPA
+    attends over the whole row, and so does the ATA layer."""
+    if not _builds_flash_masks(module):
+        return
+    given = [name for name in _VARLEN_KWARGS if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"{given[0]}: the ATA layer attends to one sequence per row; packed sequences "
+            "(flash-attention's varlen arguments) are not supported"
+        )
+    positions = kwargs.get("position_ids")
+    if attention_mask is None and positions is not None and positions.shape[0] == 1 and positions.shape[-1] > 1:
+        row = positions.reshape(-1)
+        if bool((row - row.min() != torch.arange(row.numel(), device=row.device)).any()):
+            raise ValueError(
+                "position_ids: the ATA layer attends to one sequence per row; positions that are not "
+                "consecutive in an unpadded row (packed sequences, under flash-attention) are not supported"
+            )
+
+
+def _builds_flash_masks(module) -> bool:
+    """Whether the model of this attention module builds flash-attention's masks (its other layers
+    run a flash-attention implementation); the ATA layer's own config is a _LayerConfig view."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    config = getattr(module, "config", None)
+    name = getattr(getattr(config, "model_config", config), "_attn_implementation", None)
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name) is flash_attention_mask
 
 
 def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[torch.Tensor]:
@@ -230,7 +296,8 @@ def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[tor
 
 
 def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """The attention function registered as ``mgh_ata``: fused ATA in the chosen layer, SDPA elsewhere."""
+    """The attention function registered as ``mgh_ata``: fused ATA in the chosen layer (SDPA in a
+    module that has no capture, e.g. one whose model was set to ``mgh_ata`` by hand)."""
     capture = getattr(module, _CAPTURE_ATTR, None)
     if capture is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -246,7 +313,18 @@ def _register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATA_ATTENTION, _dispatch)
-    AttentionMaskInterface.register(ATA_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATA_ATTENTION, sdpa_mask)  # for a model set to mgh_ata by hand
+
+
+def _other_layers_implementation(name: Optional[str]) -> str:
+    """The attention the layers other than the ATA one run: the model's own where the masks it
+    builds are ones the ATA layer reads (SDPA's boolean [B, 1, L, L] masks, flash-attention's
+    [B, L] padding masks, and implementations registered with those), else SDPA: eager attention
+    (our kernel is what replaces it), flex attention's block masks, unknown masks."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
+    return name if mask_function in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
 
 
 def _set_attn_implementation(model, name: str) -> None:
@@ -265,7 +343,10 @@ def _attention_layers(model) -> list:
 def enable_ata(model, layer: int = -1) -> ATACapture:
     """Run ``model``'s attention in ``layer`` with the fused ATA kernel and capture its column sums.
 
-    Every other layer keeps PyTorch's SDPA attention. After a forward pass, ``capture.colsum``
+    Every other layer keeps the model's attention where it is a fused one (PyTorch's SDPA, or
+    flash-attention where the model was loaded with ``attn_implementation="flash_attention_2"``);
+    a model loaded with eager attention (or flex attention) runs SDPA in them, restored by
+    ``remove()``. After a forward pass, ``capture.colsum``
     ([B, L] float32, differentiable) holds the chosen layer's per-key column sums, so ATA pooling
     needs no ``output_attentions``::
 
@@ -275,7 +356,10 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
 
     Works for transformers 5 decoders whose attention goes through ``AttentionInterface`` (the
     Llama, Mistral, Qwen2 and Qwen3 families, GGUF-loaded ones and peft-wrapped ones included),
-    causal or bidirectional (a layer with ``is_causal=False``), left or right padding.
+    causal or bidirectional (a layer with ``is_causal=False``), left or right padding. Packed
+    sequences that the model's own attention would separate (a block-diagonal mask, or
+    flash-attention's varlen arguments and restarting ``position_ids``) are refused with a
+    ``ValueError``, as is any mask that is not padding plus causal or bidirectional.
 
     Args:
         model: a transformers ``PreTrainedModel`` (or a peft model wrapping one).
@@ -300,8 +384,11 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
     if config is None:
         raise ValueError(f"model: expected a transformers model with a config, got {type(model).__name__}")
     previous = config._attn_implementation
+    others = _other_layers_implementation(module.config._attn_implementation)
     _register()
+    if others != module.config._attn_implementation:
+        _set_attn_implementation(model, others)
     capture = ATACapture(model, module, module.layer_idx, previous)
     setattr(module, _CAPTURE_ATTR, capture)
-    _set_attn_implementation(model, ATA_ATTENTION)
+    module.config = _LayerConfig(module.config)
     return capture

@@ -86,7 +86,8 @@ def test_matches_eager_output_attentions(family, side, causal, gen):
     with torch.no_grad():
         want, want_hidden = eager_embeddings(model, ids, mask, model_mask)
         with enable_ata(model) as capture:
-            assert model.config._attn_implementation == ATA_ATTENTION
+            assert capture.module.config._attn_implementation == ATA_ATTENTION
+            assert model.config._attn_implementation == "sdpa"  # the other layers' and the masks'
             out = model(input_ids=ids, attention_mask=model_mask)
             assert attention.last_backend() in ("triton", "triton-interpreter")
             got = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
@@ -156,6 +157,119 @@ def test_bad_arguments_and_unsupported_masks(gen):
         model(input_ids=ids, attention_mask=packed)
     capture.remove()
     assert model.config._attn_implementation == "sdpa"
+
+
+UNPADDED = "mgh_test_unpadded"  # a stand-in for flash-attention: [B, L] padding masks ("flash" in a name makes
+UNPADDED_CALLS = []                # transformers look for the flash-attn package)
+
+
+def unpadded_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """Attention handed what flash-attention implementations get: a [B, L] padding mask or None.
+    Runs SDPA on the mask it implies (every query also sees itself: no NaN rows at left padding)."""
+    UNPADDED_CALLS.append(module.layer_idx)
+    length = query.shape[2]
+    allowed = torch.ones(query.shape[0], 1, length, length, dtype=torch.bool, device=query.device)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    if module.is_causal if is_causal is None else is_causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=query.device)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kw)
+
+
+@pytest.fixture
+def unpadded_model():
+    """A tiny Llama whose attention implementation builds flash-attention's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(UNPADDED, unpadded_attention)
+    AttentionMaskInterface.register(UNPADDED, flash_attention_mask)
+    model = tiny_model("llama")
+    model.set_attn_implementation(UNPADDED)
+    UNPADDED_CALLS.clear()
+    return model
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_other_layers_keep_a_flash_style_implementation(unpadded_model, side, causal, gen):
+    """A model loaded with flash-attention keeps it in every layer but the ATA one; that layer reads
+    the [B, L] padding mask such a model builds, and the embeddings equal the eager path's."""
+    model = unpadded_model
+    set_causal(model, causal)
+    ids, mask = batch(gen, side)
+    with torch.no_grad():
+        want, want_hidden = eager_embeddings(model, ids, mask, mask if causal else bidirectional_mask(mask, torch.float32), layer=1)
+        with enable_ata(model, layer=1) as capture:
+            assert model.config._attn_implementation == UNPADDED
+            assert capture.module.config._attn_implementation == ATA_ATTENTION
+            UNPADDED_CALLS.clear()
+            out = model(input_ids=ids, attention_mask=mask)
+            assert UNPADDED_CALLS == [0, 2] and attention.last_backend() in ("triton", "triton-interpreter")
+            got = capture.pool(out.last_hidden_state, mask)
+        assert model.config._attn_implementation == UNPADDED
+        assert capture.module.config is model.config  # the layer's own config again
+        UNPADDED_CALLS.clear()
+        model(input_ids=ids, attention_mask=mask)
+        assert UNPADDED_CALLS == [0, 1, 2]
+    valid = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[valid], want_hidden[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_sequences_follow_the_models_own_attention(unpadded_model, gen):
+    """The ATA layer attends as the model's other layers would, or refuses. Under flash-attention's
+    masks, one unpadded row whose positions restart is packed (transformers runs each sequence
+    apart), as are varlen arguments: refused; positions that only start late, or rows of a batch,
+    are one sequence each. Under SDPA the mask decides: transformers builds a block-diagonal mask
+    (refused) only without a cache; with one, SDPA attends over the whole row, and so does ATA."""
+    ids = torch.randint(0, 128, (2, 9), generator=gen).to(DEVICE)
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]], device=DEVICE)
+    lengths = torch.tensor([0, 4, 7, 9], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad(), enable_ata(unpadded_model) as capture:
+        with pytest.raises(ValueError, match="^position_ids: the ATA layer attends to one sequence per row"):
+            unpadded_model(input_ids=ids[:1], position_ids=packed)
+        with pytest.raises(ValueError, match="^cu_seq_lens_q: the ATA layer attends to one sequence per row"):
+            unpadded_model(input_ids=ids[:1], position_ids=packed, cu_seq_lens_q=lengths, cu_seq_lens_k=lengths,
+                           max_length_q=4, max_length_k=4)
+        unpadded_model(input_ids=ids[:1], position_ids=torch.arange(5, 14, device=DEVICE)[None])
+        assert capture.colsum.shape == (1, 9)
+        unpadded_model(input_ids=ids, position_ids=packed.expand(2, -1))
+        assert capture.colsum.shape == (2, 9)
+    sdpa_model = tiny_model("llama")
+    with torch.no_grad():
+        want = sdpa_model(input_ids=ids[:1], position_ids=packed).last_hidden_state
+        with enable_ata(sdpa_model):
+            got = sdpa_model(input_ids=ids[:1], position_ids=packed).last_hidden_state
+            with pytest.raises(ValueError, match="^attention_mask: the ATA layer supports padding"):
+                sdpa_model(input_ids=ids[:1], position_ids=packed, use_cache=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_eager_model_runs_sdpa_elsewhere_and_is_restored(gen):
+    """Eager attention is what the kernel replaces: the other layers run SDPA while the capture is on,
+    eager again after; the layer's view reads through to the model's config and survives deepcopy."""
+    import copy
+
+    model = tiny_model("qwen2")
+    model.set_attn_implementation("eager")
+    ids, mask = batch(gen, "left")
+    with torch.no_grad(), enable_ata(model) as capture:
+        assert model.config._attn_implementation == "sdpa"
+        view = capture.module.config
+        assert view._attn_implementation == ATA_ATTENTION and view.hidden_size == model.config.hidden_size
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        twin = copy.deepcopy(model)  # e.g. an EMA copy: it carries its own capture
+        twin_hidden = twin(input_ids=ids, attention_mask=mask).last_hidden_state
+        twin_capture = getattr(twin.layers[-1].self_attn, pooling._CAPTURE_ATTR)
+        assert twin_capture is not capture and twin_capture.module is twin.layers[-1].self_attn
+        torch.testing.assert_close(twin_capture.pool(twin_hidden, mask), capture.pool(hidden, mask))
+    assert model.config._attn_implementation == "eager"
+    assert capture.module.config is model.config
 
 
 def random_qkv(gen, length=12):
