@@ -58,8 +58,8 @@ print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no
 EOF
 
     if wants tests; then
-        step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py"
-        "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py || failed+=("tests")
+        step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py tests/test_compile.py"
+        "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py tests/test_compile.py || failed+=("tests")
     fi
 
     if wants colsum && ! wants sweeps; then

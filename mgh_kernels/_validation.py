@@ -65,6 +65,9 @@ def check_mask(
 
     Bool and integer 0/1 masks are accepted (transformers' ``attention_mask`` is int64). Unless
     ``allow_empty_rows``, a row with no real token is an error: nothing could be pooled from it.
+    Under ``torch.compile`` these two checks of the mask's values are skipped (they would need the
+    values on the host: a graph break, and an error under ``fullgraph=True``); its rank, dtype,
+    shape and device are still checked.
     """
     check_tensor(name, mask, ndim=2, layout="[B, L] (True or 1 = real token)")
     if mask.dtype not in MASK_DTYPES:
@@ -73,11 +76,12 @@ def check_mask(
         raise ValueError(f"{name}: expected shape [{batch}, {length}] (B, L), got {_shape(mask)}")
     if mask.device != device:
         raise ValueError(f"{name}: expected to be on {device}, got {mask.device}")
+    values = not torch.compiler.is_compiling()
     if mask.dtype != torch.bool:
-        if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        if values and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name}: expected only 0 and 1 values in an integer mask")
         mask = mask != 0
-    if not allow_empty_rows and mask.numel():
+    if values and not allow_empty_rows and mask.numel():
         empty = (~mask.any(dim=1)).nonzero().flatten()
         if empty.numel():
             rows = ", ".join(str(int(r)) for r in empty[:8])

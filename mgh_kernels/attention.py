@@ -30,7 +30,8 @@ Dispatch (see ``mgh_kernels._backend``), visible through ``last_backend()`` (the
 ``last_forward()``) and a debug log line: Triton on CUDA, Triton's interpreter on CPU under
 ``TRITON_INTERPRET=1`` (the tests' path), otherwise a memory-frugal PyTorch path that processes a
 block of queries of one sequence at a time (never L x L for the whole batch), re-computing the
-block in backward.
+block in backward. While ``torch.compile`` traces a call, the kernels run behind the custom ops
+``mgh::ata_attention_forward`` and ``mgh::ata_attention_backward`` (opaque to dynamo).
 """
 
 from __future__ import annotations
@@ -874,6 +875,15 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     return out, lse, lse_scale, _launch_colsum(q, k, mask, lse, causal, scale, cfg, lse_scale)
 
 
+def _padding_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The key padding mask as the kernels read it: [B, L] float32, 0 for a real token and -inf for
+    padding; None for no mask or one that pads nothing (the unmasked kernels, and cuDNN's pass,
+    give the same)."""
+    if mask is None or bool(mask.all()):
+        return None
+    return torch.where(mask, 0.0, float("-inf")).to(torch.float32)
+
+
 def _log2_lse(lse, lse_scale, shape):
     """The log-sum-exp as the backward kernels read it: [B, H, L] float32, log2 units, contiguous."""
     if lse_scale == 1.0:
@@ -937,6 +947,65 @@ class _ATAAttentionFunction(torch.autograd.Function):
         lse = _log2_lse(lse, ctx.lse_scale, q.shape[:3])
         dq, dk, dv = _backward(q, k, v, out, lse, mask, dout, dcolsum, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the same kernels behind opaque custom ops, so that dynamo never traces into the
+# kernel launches (or, on CPU, into Triton's interpreter). Eager calls keep the autograd.Function:
+# a custom op's dispatch costs about 20 us more per call (measured on a 2-core CPU), several per
+# cent of the smallest forward that bench_attention.py times.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mgh::ata_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                causal: bool, scale: float, return_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, L, D] contiguous in q's dtype, colsum [B, L] float32 (empty [0] without
+    ``return_colsum``), lse [B, Hq, L] float32 in log2 units, for the backward); mask [B, L] bool."""
+    out, lse, lse_scale, colsum = _forward(q, k, v, _padding_bias(mask), causal, scale, return_colsum)
+    if colsum is None:
+        colsum = q.new_empty(0, dtype=torch.float32)
+    return out.contiguous(), colsum, _log2_lse(lse, lse_scale, q.shape[:3])
+
+
+@_forward_op.register_fake
+def _forward_op_shapes(q, k, v, mask, causal, scale, return_colsum):
+    batch, hq, length, _ = q.shape
+    colsum = q.new_empty((batch, length) if return_colsum else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), colsum, q.new_empty((batch, hq, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("mgh::ata_attention_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 mask: Optional[torch.Tensor], dout: torch.Tensor, dcolsum: Optional[torch.Tensor], causal: bool,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in the inputs' dtype; lse as ``_forward_op`` gives it."""
+    return _backward(q, k, v, out, lse, _padding_bias(mask), dout, dcolsum, causal, scale)
+
+
+@_backward_op.register_fake
+def _backward_op_shapes(q, k, v, out, lse, mask, dout, dcolsum, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward_op(ctx, inputs, output):
+    q, k, v, mask, causal, scale, _ = inputs
+    out, _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _forward_op_gradients(ctx, dout, dcolsum, _):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    if dcolsum is not None and dcolsum.numel() == 0:
+        dcolsum = None
+    dq, dk, dv = _backward_op(q, k, v, out, lse, mask, dout, dcolsum, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward_op.register_autograd(_forward_op_gradients, setup_context=_save_for_backward_op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1036,11 +1105,12 @@ def ata_attention(
     if q.numel() == 0:
         raise ValueError(f"q: expected a non-empty tensor, got shape {list(q.shape)}")
     _last_backend, _last_forward = backend, None
-    logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
+    if not torch.compiler.is_compiling():  # a logging call is a graph break
+        logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
     if backend == _backend.CHUNKED:
         return _chunked(q, k, v, mask, causal, scale, return_colsum)
-    if mask is not None and bool(mask.all()):
-        mask = None  # a mask that pads nothing: the unmasked kernels (and cuDNN's pass) give the same
-    key_bias = None if mask is None else torch.where(mask, 0.0, float("-inf")).to(torch.float32)
-    out, colsum = _ATAAttentionFunction.apply(q, k, v, key_bias, causal, scale, return_colsum)
+    if torch.compiler.is_compiling():
+        out, colsum, _ = _forward_op(q, k, v, mask, causal, scale, return_colsum)
+    else:
+        out, colsum = _ATAAttentionFunction.apply(q, k, v, _padding_bias(mask), causal, scale, return_colsum)
     return out, (colsum if return_colsum else None)

@@ -44,7 +44,9 @@ flow back to each rank's own embeddings. Averaged over ranks as DDP does, loss a
 those of one process holding the whole batch.
 
 Dispatch (see ``mgh_kernels._backend``): Triton on CUDA, Triton's interpreter on CPU under
-``TRITON_INTERPRET=1``, otherwise a PyTorch path over query chunks.
+``TRITON_INTERPRET=1``, otherwise a PyTorch path over query chunks. While ``torch.compile``
+traces a call, the kernels run behind the custom ops ``mgh::infonce_forward`` and
+``mgh::infonce_backward`` (opaque to dynamo).
 """
 
 from __future__ import annotations
@@ -709,55 +711,146 @@ def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_
     return dq, dpos, dneg
 
 
+class _ForwardState(NamedTuple):
+    """What the backward needs besides the inputs: O(B(1+K)) float32 statistics. ``logits``: own
+    mode's [B, 1+K] logits (None in global mode); ``maxima``: float16 global mode's largest |entry|
+    per row of q, pos and neg, for the gradient scale sigma (else None)."""
+
+    rq: torch.Tensor
+    rp: torch.Tensor
+    rn: torch.Tensor
+    lse: torch.Tensor
+    tail: torch.Tensor  # 1 - p_positive
+    logits: Optional[torch.Tensor]
+    maxima: Optional[tuple]
+
+
+def _fused_forward(q, pos, neg, tau, normalize, own, pos_offset):
+    """(per-query losses [B] float32, _ForwardState) from raw embeddings: q, pos [B or N, D], neg
+    [N_neg, D] (own mode: [B * K, D], query i's negatives in rows i K .. i K + K - 1)."""
+    batch, dim = q.shape
+    cfg = _config(q.device, dim, q.dtype)
+    want_max = q.dtype == torch.float16 and not own
+    (rq, q_max), (rp, p_max), (rn, n_max) = (_row_norms(t, normalize, want_max, cfg) for t in (q, pos, neg))
+    maxima = (q_max, p_max, n_max) if want_max else None
+    if not own:
+        lse, tail, losses = _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg)
+        return losses, _ForwardState(rq, rp, rn, lse, tail, None, maxima)
+    k = neg.shape[0] // max(batch, 1)
+    lse, tail, losses = (_backend.new_output((batch,), torch.float32, q.device) for _ in range(3))
+    logits = _backend.new_output((batch, k + 1), torch.float32, q.device)  # own mode keeps them all
+    _own_fwd_kernel[(triton.cdiv(batch, cfg["OWN_ROWS"]),)](
+        q, pos, neg, rq, rp, rn, logits, lse, tail, losses, q.stride(0), pos.stride(0), neg.stride(0),
+        batch, k, dim, 1.0 / tau, BLOCK_M=cfg["OWN_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+    )
+    return losses, _ForwardState(rq, rp, rn, lse, tail, logits, None)
+
+
+def _fused_backward(q, pos, neg, state, grad_losses, tau, normalize, pos_offset, needs):
+    """(dq, dpos, dneg) in the inputs' dtype for the upstream gradient [B] of the per-query losses;
+    in global mode None where ``needs`` (q, pos, neg) is False."""
+    batch, dim = q.shape
+    w = grad_losses.float().contiguous()
+    cfg = _config(q.device, dim, q.dtype)
+    rq, rp, rn, lse, tail, logits, maxima = state
+    if logits is None:
+        return _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, maxima, cfg,
+                                needs)
+    k = logits.shape[1] - 1
+    dq, dpos, dneg = (_backend.new_output(tuple(x.shape), x.dtype, x.device) for x in (q, pos, neg))
+    # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like
+    # kernels (64 rows hit the 255-register cap and spilled on sm_90).
+    rows = max(16, cfg["OWN_ROWS"] // 2)
+    _own_bwd_kernel[(triton.cdiv(batch, rows), triton.cdiv(dim, cfg["BLOCK_DO"]))](
+        q, pos, neg, rq, rp, rn, logits, lse, tail, w, dq, dpos, dneg, q.stride(0), pos.stride(0), neg.stride(0),
+        batch, k, dim, 1.0 / tau, tau, NORMALIZE=normalize, BLOCK_M=rows,
+        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
+    )
+    return dq, dpos, dneg
+
+
 class _InfoNCEFunction(torch.autograd.Function):
     """Per-query losses [B] float32 from raw embeddings; gradients to q, candidates' positives and negatives."""
 
     @staticmethod
     def forward(ctx, q, pos, neg, tau, normalize, own, pos_offset):
-        batch, dim = q.shape
-        k = neg.shape[0] // max(batch, 1) if own else 0
-        cfg = _config(q.device, dim, q.dtype)
-        # float16 (global backward): the embeddings' largest entry, for the gradient scale sigma
-        want_max = q.dtype == torch.float16 and not own
-        (rq, q_max), (rp, p_max), (rn, n_max) = (_row_norms(t, normalize, want_max, cfg) for t in (q, pos, neg))
-        if own:
-            lse = _backend.new_output((batch,), torch.float32, q.device)
-            tail = _backend.new_output((batch,), torch.float32, q.device)  # 1 - p_positive
-            z = _backend.new_output((batch, k + 1), torch.float32, q.device)
-            losses = _backend.new_output((batch,), torch.float32, q.device)
-            _own_fwd_kernel[(triton.cdiv(batch, cfg["OWN_ROWS"]),)](
-                q, pos, neg, rq, rp, rn, z, lse, tail, losses, q.stride(0), pos.stride(0), neg.stride(0),
-                batch, k, dim, 1.0 / tau, BLOCK_M=cfg["OWN_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
-            )
-            logits = z  # own mode keeps every logit (O(B(1+K)))
-        else:
-            lse, tail, losses = _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg)
-            logits = lse  # unused by the global backward
-        ctx.save_for_backward(q, pos, neg, rq, rp, rn, lse, tail, logits)
-        ctx.tau, ctx.normalize, ctx.own, ctx.pos_offset, ctx.k = tau, normalize, own, pos_offset, k
-        ctx.maxima = (q_max, p_max, n_max) if want_max else None  # O(B(1+K)), not inputs: no need to save them
+        losses, state = _fused_forward(q, pos, neg, tau, normalize, own, pos_offset)
+        ctx.save_for_backward(q, pos, neg, *state[:5], state.logits)
+        ctx.tau, ctx.normalize, ctx.pos_offset = tau, normalize, pos_offset
+        ctx.maxima = state.maxima  # O(B(1+K)), not inputs: no need to save them
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        q, pos, neg, rq, rp, rn, lse, tail, logits = ctx.saved_tensors  # own: logits [B, 1+K]
-        batch, dim = q.shape
-        w = grad_losses.float().contiguous()
-        cfg = _config(q.device, dim, q.dtype)
-        if not ctx.own:
-            dq, dpos, dneg = _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, ctx.tau, ctx.normalize,
-                                              ctx.pos_offset, ctx.maxima, cfg, ctx.needs_input_grad[:3])
-            return dq, dpos, dneg, None, None, None, None
-        dq, dpos, dneg = (_backend.new_output(tuple(x.shape), x.dtype, x.device) for x in (q, pos, neg))
-        # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like
-        # kernels (64 rows hit the 255-register cap and spilled on sm_90).
-        rows = max(16, cfg["OWN_ROWS"] // 2)
-        _own_bwd_kernel[(triton.cdiv(batch, rows), triton.cdiv(dim, cfg["BLOCK_DO"]))](
-            q, pos, neg, rq, rp, rn, logits, lse, tail, w, dq, dpos, dneg, q.stride(0), pos.stride(0), neg.stride(0),
-            batch, ctx.k, dim, 1.0 / ctx.tau, ctx.tau, NORMALIZE=ctx.normalize, BLOCK_M=rows,
-            BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"],
-        )
-        return dq, dpos, dneg, None, None, None, None
+        q, pos, neg, *statistics, logits = ctx.saved_tensors
+        state = _ForwardState(*statistics, logits, ctx.maxima)
+        grads = _fused_backward(q, pos, neg, state, grad_losses, ctx.tau, ctx.normalize, ctx.pos_offset,
+                                ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the same kernels behind opaque custom ops (see attention.py); tensors that may be
+# absent (own mode's logits, float16's maxima, gradients not asked for) are empty [0] tensors.
+# --------------------------------------------------------------------------------------------
+
+_EMPTY = (0,)
+_FORWARD_OUTPUTS = tuple[(torch.Tensor,) * 10]  # the losses and _ForwardState's nine tensors
+
+
+@torch.library.custom_op("mgh::infonce_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float, normalize: bool, own: bool,
+                pos_offset: int) -> _FORWARD_OUTPUTS:
+    """(losses, rq, rp, rn, lse, tail, logits, q_max, p_max, n_max): _fused_forward's, flat."""
+    losses, state = _fused_forward(q, pos, neg, tau, normalize, own, pos_offset)
+    empty = q.new_empty(_EMPTY, dtype=torch.float32)
+    maxima = state.maxima or (empty, empty.clone(), empty.clone())
+    return losses, *state[:5], (empty.clone() if state.logits is None else state.logits), *maxima
+
+
+@_forward_op.register_fake
+def _forward_op_shapes(q, pos, neg, tau, normalize, own, pos_offset):
+    batch = q.shape[0]
+    rows = (batch, batch, pos.shape[0], neg.shape[0], batch, batch)
+    want_max = q.dtype == torch.float16 and not own
+    logits = (batch, neg.shape[0] // max(batch, 1) + 1) if own else _EMPTY
+    maxima = (batch, pos.shape[0], neg.shape[0]) if want_max else (_EMPTY,) * 3
+    return tuple(q.new_empty(shape, dtype=torch.float32) for shape in (*rows, logits, *maxima))
+
+
+@torch.library.custom_op("mgh::infonce_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, statistics: list[torch.Tensor],
+                 grad_losses: torch.Tensor, tau: float, normalize: bool, pos_offset: int, needs: list[bool]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dpos, dneg), each empty [0] where ``needs`` is False; ``statistics``: _forward_op's
+    outputs after the losses."""
+    rq, rp, rn, lse, tail, logits, *maxima = statistics
+    state = _ForwardState(rq, rp, rn, lse, tail, logits if logits.numel() else None,
+                          tuple(maxima) if maxima[0].numel() else None)
+    grads = _fused_backward(q, pos, neg, state, grad_losses, tau, normalize, pos_offset, tuple(needs))
+    return tuple(g if g is not None and need else x.new_empty(_EMPTY) for g, need, x in zip(grads, needs, (q, pos, neg)))
+
+
+@_backward_op.register_fake
+def _backward_op_shapes(q, pos, neg, statistics, grad_losses, tau, normalize, pos_offset, needs):
+    return tuple(x.new_empty(x.shape if need else _EMPTY) for need, x in zip(needs, (q, pos, neg)))
+
+
+def _save_for_backward_op(ctx, inputs, output):
+    q, pos, neg, tau, normalize, _, pos_offset = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(q, pos, neg, *output[1:])
+    ctx.tau, ctx.normalize, ctx.pos_offset = tau, normalize, pos_offset
+
+
+def _forward_op_gradients(ctx, grad_losses, *_):
+    q, pos, neg, *statistics = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = _backward_op(q, pos, neg, statistics, grad_losses, ctx.tau, ctx.normalize, ctx.pos_offset, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+_forward_op.register_autograd(_forward_op_gradients, setup_context=_save_for_backward_op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,7 +955,8 @@ def infonce_loss(
     backend = _backend.select(q)
     _backend.check_kernel_dtype("q", q, backend)
     _last_backend = backend
-    logger.debug("infonce_loss: %s path for B=%d K=%d D=%d %s", backend, batch, neg.shape[1], dim, q.dtype)
+    if not torch.compiler.is_compiling():  # a logging call is a graph break
+        logger.debug("infonce_loss: %s path for B=%d K=%d D=%d %s", backend, batch, neg.shape[1], dim, q.dtype)
 
     q = q.contiguous()
     pos, neg_flat = pos.contiguous(), neg.reshape(-1, dim).contiguous()
@@ -872,6 +966,8 @@ def infonce_loss(
     own = negatives == "own"
     if backend == _backend.CHUNKED:
         losses = _chunked_losses(q, pos, neg_flat, tau, normalize, own, pos_offset)
+    elif torch.compiler.is_compiling():
+        losses = _forward_op(q, pos, neg_flat, tau, normalize, own, pos_offset)[0]
     else:
         losses = _InfoNCEFunction.apply(q, pos, neg_flat, tau, normalize, own, pos_offset)
     if reduction == "mean":

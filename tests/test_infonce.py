@@ -584,9 +584,10 @@ WORKER = """
 import json, os, sys, torch, torch.distributed as dist
 from mgh_kernels import infonce, infonce_loss
 rank, world, store, inputs, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+compiled = sys.argv[6] == "compiled"  # AOTAutograd, graphs run eagerly: no C++ compiler's minutes
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
 q, pos, neg = (t.chunk(world)[rank].clone().requires_grad_() for t in torch.load(inputs))
-loss = infonce_loss(q, pos, neg, tau=0.05, gather=True)
+loss = (torch.compile(infonce_loss, backend="aot_eager") if compiled else infonce_loss)(q, pos, neg, tau=0.05, gather=True)
 loss.backward()
 torch.save({"loss": loss.detach(), "backend": infonce.last_backend(),
             "grads": [t.grad for t in (q, pos, neg)]}, out)
@@ -598,7 +599,8 @@ os._exit(0)
 """
 
 
-def test_gather_two_ranks_equal_one_process(tmp_path, gen):
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_gather_two_ranks_equal_one_process(tmp_path, mode, gen):
     (q, pos, neg), _ = make(14, 3, 24, torch.float32, gen)
     inputs = [t.detach().cpu() for t in (q, pos, neg)]
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -606,7 +608,7 @@ def test_gather_two_ranks_equal_one_process(tmp_path, gen):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, str(r), "2", str(tmp_path / "store"), str(tmp_path / "inputs.pt"),
-             str(tmp_path / f"rank{r}.pt")],
+             str(tmp_path / f"rank{r}.pt"), mode],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for r in range(2)

@@ -1,0 +1,190 @@
+"""torch.compile: the fused ops run as opaque custom ops inside compiled graphs.
+
+Without a GPU the kernels run under Triton's interpreter, which dynamo cannot trace; the custom
+ops (``mgh::ata_attention_*``, ``mgh::infonce_*``) keep dynamo out of the kernels on every
+backend. Graphs are compiled with AOTAutograd and run eagerly (``compiled_graphs``), which checks
+the ops' fake implementations and autograd registration without a C++ compiler's minutes; one
+test runs inductor itself. Compiled and eager calls launch the same kernels on the same inputs,
+so their results agree to the last bit, apart from the surrounding PyTorch ops.
+"""
+
+import shutil
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+from random_inputs import padding_mask
+
+from mgh_kernels import ata_attention, attention, infonce, infonce_loss
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture
+def compiled_graphs():
+    """(backend, graphs): an AOTAutograd backend that runs each graph eagerly and records the
+    call_function targets of every forward and backward graph it was handed."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return make_boxed_func(gm.forward)
+
+    yield aot_autograd(fw_compiler=record, bw_compiler=record), graphs
+    torch._dynamo.reset()
+
+
+def ops_in(graphs):
+    return [[target for target in graph if target.startswith("mgh.")] for graph in graphs]
+
+
+def leaves(gen, *shapes, dtype=torch.float32):
+    return [torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_() for shape in shapes]
+
+
+def randn(*shape, gen):
+    return torch.randn(*shape, generator=gen).to(DEVICE)
+
+
+def grads_of(fn, inputs, weights):
+    """Outputs of fn(*inputs) and the gradients of sum(w * output) w.r.t. the inputs."""
+    for x in inputs:
+        x.grad = None
+    outputs = fn(*inputs)
+    sum((w * o.float()).sum() for w, o in zip(weights, outputs) if o is not None).backward()
+    return [o.detach() for o in outputs if o is not None], [x.grad for x in inputs]
+
+
+def assert_compiles_to(op, fn, inputs, weights, compiled_graphs):
+    """fn compiled with fullgraph=True: its forward graph calls ``mgh::{op}_forward``, its backward
+    graph ``mgh::{op}_backward``, and outputs and gradients equal the eager call's bit for bit."""
+    backend, graphs = compiled_graphs
+    want, want_grads = grads_of(fn, inputs, weights)
+    got, got_grads = grads_of(torch.compile(fn, backend=backend, fullgraph=True), inputs, weights)
+    assert ops_in(graphs) == [[f"mgh.{op}_forward.default"], [f"mgh.{op}_backward.default"]]
+    for g, w in zip(got + got_grads, want + want_grads):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize(
+    "shape,causal,side",
+    [((2, 4, 2, 37, 16), True, "left"), ((1, 2, 2, 20, 24), False, "right"), ((2, 2, 1, 19, 16), False, None)],
+    ids=["gqa-causal-left", "bidir-right", "gqa-bidir-unpadded"],
+)
+def test_ata_attention_in_a_full_graph(compiled_graphs, shape, causal, side, gen):
+    batch, hq, hkv, length, dim = shape
+    q, k, v = leaves(gen, (batch, hq, length, dim), (batch, hkv, length, dim), (batch, hkv, length, dim))
+    mask = None if side is None else padding_mask(batch, length, side, gen).to(DEVICE)
+
+    def attend(q, k, v):
+        return ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+
+    weights = (randn(*q.shape, gen=gen), randn(batch, length, gen=gen))
+    assert_compiles_to("ata_attention", attend, (q, k, v), weights, compiled_graphs)
+
+
+def test_ata_attention_without_colsum_compiles(compiled_graphs, gen):
+    backend, graphs = compiled_graphs
+    q, k, v = leaves(gen, (1, 2, 21, 16), (1, 2, 21, 16), (1, 2, 21, 16))
+    out, colsum = torch.compile(lambda *t: ata_attention(*t, return_colsum=False), backend=backend, fullgraph=True)(q, k, v)
+    assert colsum is None
+    torch.testing.assert_close(out, ata_attention(q, k, v, return_colsum=False)[0], rtol=0, atol=0)
+    out.sum().backward()
+    assert ops_in(graphs)[1] == ["mgh.ata_attention_backward.default"] and q.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("negatives", ["global", "own"])
+@pytest.mark.parametrize("k", [0, 3])
+def test_infonce_in_a_full_graph(compiled_graphs, dtype, negatives, k, gen):
+    q, pos, neg = leaves(gen, (9, 40), (9, 40), (9, k, 40), dtype=dtype)
+
+    def loss(q, pos, neg):
+        return (infonce_loss(q, pos, neg, tau=0.05, negatives=negatives, reduction="none"),)
+
+    weights = (torch.rand(9, generator=gen).to(DEVICE),)
+    assert_compiles_to("infonce", loss, (q, pos, neg), weights, compiled_graphs)
+
+
+def test_infonce_frozen_candidates_get_no_gradient(compiled_graphs, gen):
+    """Only the gradients autograd asks for are computed, as in eager mode (the global backward
+    then runs no candidate GEMMs)."""
+    backend, _ = compiled_graphs
+    (q,) = leaves(gen, (12, 32))
+    pos, neg = randn(12, 32, gen=gen), randn(12, 2, 32, gen=gen)
+    torch.compile(infonce_loss, backend=backend, fullgraph=True)(q, pos, neg).backward()
+    got = q.grad
+    q.grad = None
+    infonce_loss(q, pos, neg).backward()
+    assert torch.equal(got, q.grad) and pos.grad is None and neg.grad is None
+
+
+def test_custom_ops_pass_opcheck(gen):
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and
+    AOT dispatch of each op, forward and backward (the backward ops on inputs without gradient:
+    they have no gradient of their own, so no double backward)."""
+    q, k, v = leaves(gen, (2, 4, 19, 16), (2, 2, 19, 16), (2, 2, 19, 16))
+    mask = padding_mask(2, 19, "left", gen).to(DEVICE)
+    for args in [(q, k, v, mask, True, 0.25, True), (q, k, v, None, False, 0.25, False)]:
+        torch.library.opcheck(attention._forward_op, args)
+    out, _, lse = attention._forward_op(q, k, v, mask, True, 0.25, True)
+    dout, dcolsum = randn(*out.shape, gen=gen), randn(2, 19, gen=gen)
+    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
+    torch.library.opcheck(attention._backward_op, (q, k, v, out, lse, mask, dout, dcolsum, True, 0.25))
+
+    a, p, n = leaves(gen, (8, 32), (8, 32), (24, 32), dtype=torch.float16)
+    for own in (False, True):
+        torch.library.opcheck(infonce._forward_op, (a, p, n, 0.1, True, own, 0))
+        statistics = [t.detach() for t in infonce._forward_op(a, p, n, 0.1, True, own, 0)[1:]]
+        for needs in ([True, True, True], [True, False, False]):
+            torch.library.opcheck(infonce._backward_op, (a.detach(), p.detach(), n.detach(), statistics,
+                                                         torch.rand(8, generator=gen).to(DEVICE), 0.1, True, 0,
+                                                         needs))
+
+
+def test_compiled_model_with_enable_ata_matches_eager(compiled_graphs, gen):
+    """A whole transformers model under torch.compile: the ATA layer's op lands in its graph
+    (the mask's pattern check is a graph break, fine without fullgraph) and the pooled embeddings
+    equal the eager ones."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_decoder
+
+    from mgh_kernels import enable_ata
+
+    backend, graphs = compiled_graphs
+    model = tiny_decoder("qwen3", vocab_size=128, layers=3).to(DEVICE)
+    ids = torch.randint(0, 128, (3, 19), generator=gen).to(DEVICE)
+    mask = padding_mask(3, 19, "left", gen).to(DEVICE)
+    with enable_ata(model) as capture, torch.no_grad():
+        want = capture.pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        hidden = torch.compile(model, backend=backend)(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = capture.pool(hidden, mask)
+    assert ["mgh.ata_attention_forward.default"] in ops_in(graphs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (CUDA or shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU")
+def test_inductor_compiles_around_the_ops(gen):
+    """The default backend (inductor) generates code for the PyTorch ops around ours."""
+    torch._dynamo.reset()
+    q, k, v = leaves(gen, (1, 2, 17, 16), (1, 2, 17, 16), (1, 2, 17, 16))
+    pos, neg = randn(17, 16, gen=gen), randn(17, 16, gen=gen)
+
+    def step(q, k, v):
+        out, colsum = ata_attention(q, k, v, causal=True)
+        pooled = (out[0].transpose(0, 1).reshape(17, 32)[:, :16] * colsum[0, :, None]).tanh()
+        return infonce_loss(pooled, pos, neg[:, None])
+
+    got = torch.compile(step, fullgraph=True)(q, k, v)
+    got.backward()
+    got_grad = q.grad
+    q.grad = None
+    want = step(q, k, v)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, q.grad, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
