@@ -147,24 +147,35 @@ def test_custom_ops_pass_opcheck(gen):
 
 
 def test_compiled_model_with_enable_ata_matches_eager(compiled_graphs, gen):
-    """A whole transformers model under torch.compile: the ATA layer's op lands in its graph
-    (the mask's pattern check is a graph break, fine without fullgraph) and the pooled embeddings
-    equal the eager ones."""
+    """A whole transformers model trained under torch.compile: the ATA layer's ops land in its
+    forward and backward graphs (the mask's pattern check is a graph break, fine without
+    fullgraph), and the pooled embeddings and every parameter's gradient equal the eager ones."""
     pytest.importorskip("transformers")
     from tiny_models import tiny_decoder
 
     from mgh_kernels import enable_ata
 
     backend, graphs = compiled_graphs
-    model = tiny_decoder("qwen3", vocab_size=128, layers=3).to(DEVICE)
+    model = tiny_decoder("qwen3", vocab_size=128, layers=3).to(DEVICE).train()
     ids = torch.randint(0, 128, (3, 19), generator=gen).to(DEVICE)
     mask = padding_mask(3, 19, "left", gen).to(DEVICE)
-    with enable_ata(model) as capture, torch.no_grad():
-        want = capture.pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-        hidden = torch.compile(model, backend=backend)(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = capture.pool(hidden, mask)
-    assert ["mgh.ata_attention_forward.default"] in ops_in(graphs)
+    target = randn(3, 32, gen=gen)
+
+    def step(forward):
+        model.zero_grad()
+        embeddings = capture.pool(forward(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        (embeddings * target).sum().backward()
+        return embeddings.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    with enable_ata(model) as capture:
+        want, want_grads = step(model)
+        got, got_grads = step(torch.compile(model, backend=backend))
+    ops = sorted(op for graph in ops_in(graphs) for op in graph)
+    assert ops == ["mgh.ata_attention_backward.default", "mgh.ata_attention_forward.default"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want_grads.keys() == got_grads.keys() and len(got_grads) > 10
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.skipif(not (CUDA or shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU")
