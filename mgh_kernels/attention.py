@@ -875,11 +875,11 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     return out, lse, lse_scale, _launch_colsum(q, k, mask, lse, causal, scale, cfg, lse_scale)
 
 
-def _padding_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _padding_bias(mask: Optional[torch.Tensor], drop_unpadded: bool = True) -> Optional[torch.Tensor]:
     """The key padding mask as the kernels read it: [B, L] float32, 0 for a real token and -inf for
-    padding; None for no mask or one that pads nothing (the unmasked kernels, and cuDNN's pass,
-    give the same)."""
-    if mask is None or bool(mask.all()):
+    padding; None for no mask, and with ``drop_unpadded`` for one that pads nothing (the unmasked
+    kernels, and cuDNN's pass, give the same; finding out costs a host sync)."""
+    if mask is None or (drop_unpadded and bool(mask.all())):
         return None
     return torch.where(mask, 0.0, float("-inf")).to(torch.float32)
 
@@ -961,10 +961,13 @@ class _ATAAttentionFunction(torch.autograd.Function):
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                 causal: bool, scale: float, return_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, Hq, L, D] contiguous in q's dtype, colsum [B, L] float32 (empty [0] without
-    ``return_colsum``), lse [B, Hq, L] float32 in log2 units, for the backward); mask [B, L] bool."""
-    out, lse, lse_scale, colsum = _forward(q, k, v, _padding_bias(mask), causal, scale, return_colsum)
+    ``return_colsum``), lse [B, Hq, L] float32 in log2 units, for the backward); mask [B, L] bool.
+    No host sync: a mask is used as given, even one that pads nothing."""
+    out, lse, lse_scale, colsum = _forward(q, k, v, _padding_bias(mask, False), causal, scale, return_colsum)
     if colsum is None:
         colsum = q.new_empty(0, dtype=torch.float32)
+    # cuDNN's output may come in q's layout; the fake implementation promises a contiguous one
+    # (a copy of the output there, which the eager path does not make).
     return out.contiguous(), colsum, _log2_lse(lse, lse_scale, q.shape[:3])
 
 
@@ -980,7 +983,7 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
                  mask: Optional[torch.Tensor], dout: torch.Tensor, dcolsum: Optional[torch.Tensor], causal: bool,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype; lse as ``_forward_op`` gives it."""
-    return _backward(q, k, v, out, lse, _padding_bias(mask), dout, dcolsum, causal, scale)
+    return _backward(q, k, v, out, lse, _padding_bias(mask, False), dout, dcolsum, causal, scale)
 
 
 @_backward_op.register_fake
@@ -1104,10 +1107,11 @@ def ata_attention(
     _backend.check_kernel_dtype("q", q, backend)
     if q.numel() == 0:
         raise ValueError(f"q: expected a non-empty tensor, got shape {list(q.shape)}")
-    _last_backend, _last_forward = backend, None
+    _last_backend = backend
     if not torch.compiler.is_compiling():  # a logging call is a graph break
         logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
     if backend == _backend.CHUNKED:
+        _last_forward = None
         return _chunked(q, k, v, mask, causal, scale, return_colsum)
     if torch.compiler.is_compiling():
         out, colsum, _ = _forward_op(q, k, v, mask, causal, scale, return_colsum)

@@ -141,7 +141,8 @@ layer looks it up (through its :class:`_LayerConfig`)."""
 
 _CAPTURE_ATTR = "_mgh_ata_capture"
 
-# The keyword arguments by which transformers hands flash-attention functions packed sequences.
+# The keyword arguments by which transformers hands flash-attention functions packed sequences
+# (all four given: its varlen path).
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -177,12 +178,21 @@ class ATACapture:
             autograd graph when gradients are on), or None before the first forward.
         layer: index of the layer that runs the fused kernel.
 
-    Use it as a context manager, or call :meth:`remove`, to restore the model's attention.
+    Use it as a context manager, or call :meth:`remove`, to restore the model's attention. A deep
+    copy (or pickle) of an enabled model is enabled too, with a capture of its own that starts
+    without column sums; ``remove()`` before copying gives a plain model.
     """
 
-    def __init__(self, model, module, layer: int, previous: str):
-        self.model, self.module, self.layer, self._previous = model, module, layer, previous
+    def __init__(self, model, module, layer: int, previous: Optional[str], replaced_by: Optional[str] = None):
+        """``previous``: the attention implementation of the layers' config before; ``replaced_by``:
+        the one ``enable_ata`` set there for the other layers, or None where it kept ``previous``."""
+        self.model, self.module, self.layer = model, module, layer
+        self._previous, self._replaced_by = previous, replaced_by
         self.colsum: Optional[torch.Tensor] = None
+
+    def __getstate__(self) -> dict:
+        # colsum belongs to the latest forward's autograd graph, which deepcopy and pickle refuse
+        return {**self.__dict__, "colsum": None}
 
     def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, *, mix: float = 0.0) -> torch.Tensor:
         """``ata_pool`` with the captured column sums: [B, L, H] hidden states -> [B, H]."""
@@ -191,13 +201,15 @@ class ATACapture:
         return ata_pool(hidden_states, attention_mask, colsum=self.colsum, mix=mix)
 
     def remove(self) -> None:
-        """Restore the model's previous attention implementation; the capture stops."""
+        """Restore the model's previous attention implementation (unless it was set anew since
+        ``enable_ata``); the capture stops."""
         if getattr(self.module, _CAPTURE_ATTR, None) is self:
             delattr(self.module, _CAPTURE_ATTR)
-            if isinstance(self.module.config, _LayerConfig):
-                self.module.config = self.module.config.model_config
-            if self.model.config._attn_implementation != self._previous:
-                _set_attn_implementation(self.model, self._previous)
+            config = self.module.config
+            if isinstance(config, _LayerConfig):
+                self.module.config = config = config.model_config
+            if self._replaced_by is not None and config._attn_implementation == self._replaced_by:
+                config._attn_implementation = self._previous
 
     def __enter__(self) -> "ATACapture":
         return self
@@ -221,7 +233,7 @@ class ATACapture:
         window = kwargs.get("sliding_window")
         if window is not None and length > window:
             raise ValueError(f"sliding_window: the ATA layer attends to the whole sequence; L={length} > {window}")
-        _check_not_packed(module, attention_mask, kwargs)
+        _check_not_packed(module, attention_mask, query.shape[0], kwargs)
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
         key_padding_mask = _key_padding_mask(attention_mask, causal, length)
         out, colsum = ata_attention(
@@ -231,23 +243,23 @@ class ATACapture:
         return out.transpose(1, 2).contiguous(), None
 
 
-def _check_not_packed(module, attention_mask, kwargs) -> None:
+def _check_not_packed(module, attention_mask, batch: int, kwargs) -> None:
     """Refuse the packed sequences (several per row) that the model's other layers would attend to
     one by one but the mask does not show. Where the model builds flash-attention's masks ([B, L]
-    padding or None), transformers' flash path packs by ``cu_seq_lens_*`` or, with no mask and one
+    padding or None), transformers' flash path (``_flash_attention_forward``) packs only without a
+    mask: by the four varlen arguments ``cu_seq_lens_*`` / ``max_length_*`` or, in a batch of one
     row, by ``position_ids`` that are not consecutive. SDPA's masks show packing themselves (a
     block-diagonal [B, 1, L, L] mask, which ``_key_padding_mask`` refuses); with no mask, SDPA
     attends over the whole row, and so does the ATA layer."""
-    if not _builds_flash_masks(module):
+    if attention_mask is not None or not _builds_flash_masks(module):
         return
-    given = [name for name in _VARLEN_KWARGS if kwargs.get(name) is not None]
-    if given:
+    if all(kwargs.get(name) is not None for name in _VARLEN_KWARGS):
         raise ValueError(
-            f"{given[0]}: the ATA layer attends to one sequence per row; packed sequences "
+            "cu_seq_lens_q: the ATA layer attends to one sequence per row; packed sequences "
             "(flash-attention's varlen arguments) are not supported"
         )
     positions = kwargs.get("position_ids")
-    if attention_mask is None and positions is not None and positions.shape[0] == 1 and positions.shape[-1] > 1:
+    if batch == 1 and positions is not None and positions.shape[-1] > 1:
         row = positions.reshape(-1)
         if bool((row - row.min() != torch.arange(row.numel(), device=row.device)).any()):
             raise ValueError(
@@ -276,6 +288,11 @@ def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[tor
     """
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            f"attention_mask: the ATA layer reads tensor masks (SDPA's, flash-attention's), got "
+            f"{type(attention_mask).__name__} (flex attention?)"
+        )
     if attention_mask.dim() == 2:
         return attention_mask.bool()
     if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (length, length):
@@ -327,13 +344,6 @@ def _other_layers_implementation(name: Optional[str]) -> str:
     return name if mask_function in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
 
 
-def _set_attn_implementation(model, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # a bare config-holding module
-        model.config._attn_implementation = name
-
-
 def _attention_layers(model) -> list:
     """The self-attention modules of a transformers decoder, in layer order."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "is_causal")]
@@ -380,15 +390,16 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
     module = layers[layer]
     if any(getattr(m, _CAPTURE_ATTR, None) is not None for m in layers):
         raise ValueError("model: enable_ata is already active on this model; remove() the first capture")
-    config = getattr(model, "config", None)
+    config = getattr(module, "config", None)
     if config is None:
-        raise ValueError(f"model: expected a transformers model with a config, got {type(model).__name__}")
+        raise ValueError(f"model: expected transformers attention modules with a config, got {type(module).__name__}")
+    # The layers' own config: the text model's in a multimodal model, whose vision tower keeps its attention.
     previous = config._attn_implementation
-    others = _other_layers_implementation(module.config._attn_implementation)
+    others = _other_layers_implementation(previous)
     _register()
-    if others != module.config._attn_implementation:
-        _set_attn_implementation(model, others)
-    capture = ATACapture(model, module, module.layer_idx, previous)
+    if others != previous:
+        config._attn_implementation = others
+    capture = ATACapture(model, module, module.layer_idx, previous, others if others != previous else None)
     setattr(module, _CAPTURE_ATTR, capture)
-    module.config = _LayerConfig(module.config)
+    module.config = _LayerConfig(config)
     return capture

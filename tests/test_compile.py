@@ -72,8 +72,9 @@ def assert_compiles_to(op, fn, inputs, weights, compiled_graphs):
 
 @pytest.mark.parametrize(
     "shape,causal,side",
-    [((2, 4, 2, 37, 16), True, "left"), ((1, 2, 2, 20, 24), False, "right"), ((2, 2, 1, 19, 16), False, None)],
-    ids=["gqa-causal-left", "bidir-right", "gqa-bidir-unpadded"],
+    [((2, 4, 2, 37, 16), True, "left"), ((1, 2, 2, 20, 24), False, "right"), ((2, 2, 1, 19, 16), False, None),
+     ((2, 2, 1, 70, 16), True, "right")],
+    ids=["gqa-causal-left", "bidir-right", "gqa-bidir-unpadded", "two-pass"],
 )
 def test_ata_attention_in_a_full_graph(compiled_graphs, shape, causal, side, gen):
     batch, hq, hkv, length, dim = shape
@@ -85,6 +86,8 @@ def test_ata_attention_in_a_full_graph(compiled_graphs, shape, causal, side, gen
 
     weights = (randn(*q.shape, gen=gen), randn(batch, length, gen=gen))
     assert_compiles_to("ata_attention", attend, (q, k, v), weights, compiled_graphs)
+    if length > attention.SHORT_MAX_LENGTH["interpreter"]:  # past the one-sweep forward's lengths
+        assert attention.last_forward() == "triton-flash"
 
 
 def test_ata_attention_without_colsum_compiles(compiled_graphs, gen):
@@ -110,17 +113,60 @@ def test_infonce_in_a_full_graph(compiled_graphs, dtype, negatives, k, gen):
     assert_compiles_to("infonce", loss, (q, pos, neg), weights, compiled_graphs)
 
 
-def test_infonce_frozen_candidates_get_no_gradient(compiled_graphs, gen):
-    """Only the gradients autograd asks for are computed, as in eager mode (the global backward
-    then runs no candidate GEMMs)."""
+@pytest.mark.parametrize("trainable", ["q", "pos", "q-neg"])
+def test_infonce_computes_only_the_gradients_asked_for(compiled_graphs, trainable, monkeypatch, gen):
+    """As in eager mode, the backward op is told which inputs need a gradient (frozen candidates:
+    the global backward runs no candidate GEMMs), and those it computes equal eager's."""
     backend, _ = compiled_graphs
-    (q,) = leaves(gen, (12, 32))
-    pos, neg = randn(12, 32, gen=gen), randn(12, 2, 32, gen=gen)
-    torch.compile(infonce_loss, backend=backend, fullgraph=True)(q, pos, neg).backward()
-    got = q.grad
-    q.grad = None
-    infonce_loss(q, pos, neg).backward()
-    assert torch.equal(got, q.grad) and pos.grad is None and neg.grad is None
+    inputs = [randn(12, 32, gen=gen), randn(12, 32, gen=gen), randn(12, 2, 32, gen=gen)]
+    wanted = tuple(name in trainable.split("-") for name in ("q", "pos", "neg"))
+    for x, want in zip(inputs, wanted):
+        x.requires_grad_(want)
+    asked = []
+    fused_backward = infonce._fused_backward
+    monkeypatch.setattr(infonce, "_fused_backward", lambda *a: asked.append(a[-1]) or fused_backward(*a))
+    torch.compile(infonce_loss, backend=backend, fullgraph=True)(*inputs).backward()
+    got = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    infonce_loss(*inputs).backward()
+    assert asked == [wanted, wanted]  # compiled, then eager
+    for g, x in zip(got, inputs):
+        assert (g is None and x.grad is None) or torch.equal(g, x.grad)
+
+
+def test_dynamic_shapes_compile_once(compiled_graphs, gen):
+    """dynamic=True: one graph serves other batch sizes and lengths (the ops' fake implementations
+    take symbolic sizes), each result equal to the eager call's."""
+    backend, graphs = compiled_graphs
+
+    def attend_and_pool(q, k, v):
+        out, colsum = ata_attention(q, k, v, causal=True)
+        return (out * colsum[:, None, :, None]).sum(2)
+
+    compiled = torch.compile(attend_and_pool, backend=backend, dynamic=True, fullgraph=True)
+    for batch, length in ((3, 23), (5, 41)):  # sizes unlike the head counts (no duck-sized guard)
+        q, k, v = leaves(gen, (batch, 2, length, 16), (batch, 1, length, 16), (batch, 1, length, 16))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(q, k, v), attend_and_pool(q, k, v), rtol=0, atol=0)
+    assert len(graphs) == 1
+
+
+def test_the_pytorch_path_compiles_too(compiled_graphs, cpu_kernels, gen):
+    """Without Triton (CPU, no interpreter) the ops are plain PyTorch, which dynamo traces."""
+    if CUDA:
+        pytest.skip("CUDA tensors take the kernels")
+    backend, graphs = compiled_graphs
+    q, pos, neg = leaves(gen, (9, 40), (9, 40), (9, 3, 40))
+    got = torch.compile(infonce_loss, backend=backend, fullgraph=True)(q, pos, neg)
+    assert infonce.last_backend() == "torch-chunked" and ops_in(graphs) == [[]]
+    torch.testing.assert_close(got, infonce_loss(q, pos, neg), rtol=1e-6, atol=1e-6)
+    qa, ka, va = leaves(gen, (1, 2, 19, 16), (1, 2, 19, 16), (1, 2, 19, 16))
+    out, colsum = torch.compile(ata_attention, backend=backend, fullgraph=True)(qa, ka, va, causal=True)
+    want_out, want_colsum = ata_attention(qa, ka, va, causal=True)
+    assert attention.last_backend() == "torch-chunked"
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(colsum, want_colsum, rtol=1e-6, atol=1e-6)
 
 
 def test_custom_ops_pass_opcheck(gen):

@@ -223,10 +223,12 @@ def test_other_layers_keep_a_flash_style_implementation(unpadded_model, side, ca
 
 def test_packed_sequences_follow_the_models_own_attention(unpadded_model, gen):
     """The ATA layer attends as the model's other layers would, or refuses. Under flash-attention's
-    masks, one unpadded row whose positions restart is packed (transformers runs each sequence
-    apart), as are varlen arguments: refused; positions that only start late, or rows of a batch,
-    are one sequence each. Under SDPA the mask decides: transformers builds a block-diagonal mask
-    (refused) only without a cache; with one, SDPA attends over the whole row, and so does ATA."""
+    masks, transformers (_flash_attention_forward) packs only without a padding mask: by all four
+    varlen arguments, or by restarting positions in a batch of one row: refused. Positions that
+    only start late, restarting positions in a batch of rows, a lone varlen argument, or varlen
+    arguments beside a padding mask are one sequence per row. Under SDPA the mask decides:
+    transformers builds a block-diagonal mask (refused) only without a cache; with one, SDPA
+    attends over the whole row, and so does ATA."""
     ids = torch.randint(0, 128, (2, 9), generator=gen).to(DEVICE)
     packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]], device=DEVICE)
     lengths = torch.tensor([0, 4, 7, 9], dtype=torch.int32, device=DEVICE)
@@ -238,8 +240,15 @@ def test_packed_sequences_follow_the_models_own_attention(unpadded_model, gen):
                            max_length_q=4, max_length_k=4)
         unpadded_model(input_ids=ids[:1], position_ids=torch.arange(5, 14, device=DEVICE)[None])
         assert capture.colsum.shape == (1, 9)
-        unpadded_model(input_ids=ids, position_ids=packed.expand(2, -1))
-        assert capture.colsum.shape == (2, 9)
+        for positions in (packed, packed.expand(2, -1)):  # [1, L] is broadcast over the rows
+            unpadded_model(input_ids=ids, position_ids=positions)
+            assert capture.colsum.shape == (2, 9)
+        unpadded_model(input_ids=ids[:1], max_length_q=4)
+        padded = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+        padded[1, :2] = 0
+        unpadded_model(input_ids=ids, attention_mask=padded, position_ids=packed, cu_seq_lens_q=lengths,
+                       cu_seq_lens_k=lengths, max_length_q=4, max_length_k=4)
+        assert capture.colsum[1, :2].abs().max() == 0  # the padding mask was read
     sdpa_model = tiny_model("llama")
     with torch.no_grad():
         want = sdpa_model(input_ids=ids[:1], position_ids=packed).last_hidden_state
@@ -252,9 +261,7 @@ def test_packed_sequences_follow_the_models_own_attention(unpadded_model, gen):
 
 def test_eager_model_runs_sdpa_elsewhere_and_is_restored(gen):
     """Eager attention is what the kernel replaces: the other layers run SDPA while the capture is on,
-    eager again after; the layer's view reads through to the model's config and survives deepcopy."""
-    import copy
-
+    eager again after; the layer's view reads through to the model's config."""
     model = tiny_model("qwen2")
     model.set_attn_implementation("eager")
     ids, mask = batch(gen, "left")
@@ -262,14 +269,65 @@ def test_eager_model_runs_sdpa_elsewhere_and_is_restored(gen):
         assert model.config._attn_implementation == "sdpa"
         view = capture.module.config
         assert view._attn_implementation == ATA_ATTENTION and view.hidden_size == model.config.hidden_size
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        twin = copy.deepcopy(model)  # e.g. an EMA copy: it carries its own capture
-        twin_hidden = twin(input_ids=ids, attention_mask=mask).last_hidden_state
-        twin_capture = getattr(twin.layers[-1].self_attn, pooling._CAPTURE_ATTR)
-        assert twin_capture is not capture and twin_capture.module is twin.layers[-1].self_attn
-        torch.testing.assert_close(twin_capture.pool(twin_hidden, mask), capture.pool(hidden, mask))
+        model(input_ids=ids, attention_mask=mask)
     assert model.config._attn_implementation == "eager"
     assert capture.module.config is model.config
+
+
+def test_deep_copy_after_a_training_forward(gen):
+    """An EMA or averaged copy made mid-training: the copy carries a capture of its own, without the
+    original's column sums (they belong to its autograd graph), and pools as the original does."""
+    import copy
+
+    model = tiny_model("llama").train()
+    ids, mask = batch(gen, "right")
+    with enable_ata(model) as capture:
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert capture.colsum.grad_fn is not None
+        twin = copy.deepcopy(model)
+        twin_capture = getattr(twin.layers[-1].self_attn, pooling._CAPTURE_ATTR)
+        assert twin_capture is not capture and twin_capture.module is twin.layers[-1].self_attn
+        assert twin_capture.colsum is None and twin_capture.model is twin
+        twin_hidden = twin(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(twin_capture.pool(twin_hidden, mask), capture.pool(hidden, mask))
+
+
+def test_the_users_own_choice_of_attention_stands(gen):
+    """An implementation set while the capture is on is kept by remove(); flex attention's block
+    masks, which the ATA layer cannot read, are refused with a ValueError."""
+    model = tiny_model("llama")
+    ids, mask = batch(gen, "left")
+    capture = enable_ata(model)
+    model.set_attn_implementation("flex_attention")
+    with torch.no_grad(), pytest.raises(ValueError, match="^attention_mask: the ATA layer reads tensor masks .* BlockMask"):
+        model(input_ids=ids, attention_mask=mask)
+    model.set_attn_implementation("eager")
+    capture.remove()
+    assert model.config._attn_implementation == "eager"
+
+
+def test_multimodal_model_keeps_its_vision_towers_attention(gen):
+    """In a vision-language model the fused layer's text config alone changes (eager -> SDPA while
+    the capture is on), and remove() restores it; the vision tower keeps its own implementation."""
+    config = transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=16, patch_size=8),
+        image_token_index=127,
+    )
+    model = transformers.LlavaForConditionalGeneration(config).to(DEVICE).eval()
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
+
+    def implementations():
+        return model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation
+
+    ids, mask = batch(gen, "left")
+    with torch.no_grad(), enable_ata(model) as capture:
+        assert implementations() == ("sdpa", "eager")
+        model(input_ids=ids, attention_mask=mask)
+        assert capture.colsum.shape == (3, 19)
+    assert implementations() == ("eager", "eager")
 
 
 def random_qkv(gen, length=12):
