@@ -269,6 +269,8 @@ def test_eager_model_runs_sdpa_elsewhere_and_is_restored(gen):
         assert model.config._attn_implementation == "sdpa"
         view = capture.module.config
         assert view._attn_implementation == ATA_ATTENTION and view.hidden_size == model.config.hidden_size
+        view.use_cache = False  # written through to the model's config
+        assert model.config.use_cache is False and view.use_cache is False
         model(input_ids=ids, attention_mask=mask)
     assert model.config._attn_implementation == "eager"
     assert capture.module.config is model.config
