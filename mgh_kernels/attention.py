@@ -875,7 +875,7 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
     return out, lse, lse_scale, _launch_colsum(q, k, mask, lse, causal, scale, cfg, lse_scale)
 
 
-def _padding_bias(mask: Optional[torch.Tensor], drop_unpadded: bool = True) -> Optional[torch.Tensor]:
+def _padding_bias(mask: Optional[torch.Tensor], drop_unpadded: bool) -> Optional[torch.Tensor]:
     """The key padding mask as the kernels read it: [B, L] float32, 0 for a real token and -inf for
     padding; None for no mask, and with ``drop_unpadded`` for one that pads nothing (the unmasked
     kernels, and cuDNN's pass, give the same; finding out costs a host sync)."""
@@ -892,7 +892,12 @@ def _log2_lse(lse, lse_scale, shape):
 
 
 def _backward(q, k, v, out, lse, mask, dout, dcolsum, causal, scale, cfg=None):
-    """(dq, dk, dv) through both outputs; ``cfg`` overrides the tiles (``_bwd_config``)."""
+    """(dq, dk, dv) through both outputs; ``cfg`` overrides the tiles (``_bwd_config``). ``dout``
+    None is a zero gradient of the output; ``dcolsum`` None or empty (the column sums were not
+    asked for) is none for the column sums."""
+    dout = torch.zeros_like(out) if dout is None else dout
+    if dcolsum is not None and dcolsum.numel() == 0:
+        dcolsum = None
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -941,9 +946,6 @@ class _ATAAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dcolsum):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout
-        if dcolsum is not None and dcolsum.numel() == 0:
-            dcolsum = None
         lse = _log2_lse(lse, ctx.lse_scale, q.shape[:3])
         dq, dk, dv = _backward(q, k, v, out, lse, mask, dout, dcolsum, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None
@@ -958,12 +960,12 @@ class _ATAAttentionFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("mgh::ata_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor],
                 causal: bool, scale: float, return_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, Hq, L, D] contiguous in q's dtype, colsum [B, L] float32 (empty [0] without
-    ``return_colsum``), lse [B, Hq, L] float32 in log2 units, for the backward); mask [B, L] bool.
-    No host sync: a mask is used as given, even one that pads nothing."""
-    out, lse, lse_scale, colsum = _forward(q, k, v, _padding_bias(mask, False), causal, scale, return_colsum)
+    ``return_colsum``), lse [B, Hq, L] float32 in log2 units, for the backward); key_bias as
+    ``_padding_bias`` gives it."""
+    out, lse, lse_scale, colsum = _forward(q, k, v, key_bias, causal, scale, return_colsum)
     if colsum is None:
         colsum = q.new_empty(0, dtype=torch.float32)
     # cuDNN's output may come in q's layout; the fake implementation promises a contiguous one
@@ -972,7 +974,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optiona
 
 
 @_forward_op.register_fake
-def _forward_op_shapes(q, k, v, mask, causal, scale, return_colsum):
+def _forward_op_shapes(q, k, v, key_bias, causal, scale, return_colsum):
     batch, hq, length, _ = q.shape
     colsum = q.new_empty((batch, length) if return_colsum else (0,), dtype=torch.float32)
     return q.new_empty(q.shape), colsum, q.new_empty((batch, hq, length), dtype=torch.float32)
@@ -980,31 +982,28 @@ def _forward_op_shapes(q, k, v, mask, causal, scale, return_colsum):
 
 @torch.library.custom_op("mgh::ata_attention_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 mask: Optional[torch.Tensor], dout: torch.Tensor, dcolsum: Optional[torch.Tensor], causal: bool,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 key_bias: Optional[torch.Tensor], dout: Optional[torch.Tensor], dcolsum: Optional[torch.Tensor],
+                 causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype; lse as ``_forward_op`` gives it."""
-    return _backward(q, k, v, out, lse, _padding_bias(mask, False), dout, dcolsum, causal, scale)
+    return _backward(q, k, v, out, lse, key_bias, dout, dcolsum, causal, scale)
 
 
 @_backward_op.register_fake
-def _backward_op_shapes(q, k, v, out, lse, mask, dout, dcolsum, causal, scale):
+def _backward_op_shapes(q, k, v, out, lse, key_bias, dout, dcolsum, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save_for_backward_op(ctx, inputs, output):
-    q, k, v, mask, causal, scale, _ = inputs
+    q, k, v, key_bias, causal, scale, _ = inputs
     out, _, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.save_for_backward(q, k, v, out, lse, key_bias)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _forward_op_gradients(ctx, dout, dcolsum, _):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout
-    if dcolsum is not None and dcolsum.numel() == 0:
-        dcolsum = None
-    dq, dk, dv = _backward_op(q, k, v, out, lse, mask, dout, dcolsum, ctx.causal, ctx.scale)
+    q, k, v, out, lse, key_bias = ctx.saved_tensors
+    dq, dk, dv = _backward_op(q, k, v, out, lse, key_bias, dout, dcolsum, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -1113,8 +1112,10 @@ def ata_attention(
     if backend == _backend.CHUNKED:
         _last_forward = None
         return _chunked(q, k, v, mask, causal, scale, return_colsum)
-    if torch.compiler.is_compiling():
-        out, colsum, _ = _forward_op(q, k, v, mask, causal, scale, return_colsum)
+    compiling = torch.compiler.is_compiling()
+    key_bias = _padding_bias(mask, drop_unpadded=not compiling)  # compiled: no host sync
+    if compiling:
+        out, colsum, _ = _forward_op(q, k, v, key_bias, causal, scale, return_colsum)
     else:
-        out, colsum = _ATAAttentionFunction.apply(q, k, v, _padding_bias(mask), causal, scale, return_colsum)
+        out, colsum = _ATAAttentionFunction.apply(q, k, v, key_bias, causal, scale, return_colsum)
     return out, (colsum if return_colsum else None)

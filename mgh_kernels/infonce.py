@@ -711,6 +711,9 @@ def _global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_
     return dq, dpos, dneg
 
 
+_EMPTY = (0,)  # the shape of a tensor that stands for an absent one in the custom ops below
+
+
 class _ForwardState(NamedTuple):
     """What the backward needs besides the inputs: O(B(1+K)) float32 statistics. ``logits``: own
     mode's [B, 1+K] logits (None in global mode); ``maxima``: float16 global mode's largest |entry|
@@ -724,13 +727,35 @@ class _ForwardState(NamedTuple):
     logits: Optional[torch.Tensor]
     maxima: Optional[tuple]
 
+    def flat(self) -> list:
+        """The nine tensors (rq, rp, rn, lse, tail, logits, q_max, p_max, n_max), absent ones as
+        empty [0] float32 tensors (a custom op's outputs are tensors)."""
+        def empty():
+            return self.rq.new_empty(_EMPTY)
+
+        maxima = self.maxima or (empty(), empty(), empty())
+        return [*self[:5], empty() if self.logits is None else self.logits, *maxima]
+
+    @classmethod
+    def from_flat(cls, tensors) -> "_ForwardState":
+        """The inverse of :meth:`flat`."""
+        rq, rp, rn, lse, tail, logits, *maxima = tensors
+        return cls(rq, rp, rn, lse, tail, logits if logits.numel() else None,
+                   tuple(maxima) if maxima[0].numel() else None)
+
+
+def _wants_maxima(dtype: torch.dtype, own: bool) -> bool:
+    """Whether the forward keeps each row's largest |entry|: for the float16 global backward's
+    gradient scale sigma."""
+    return dtype == torch.float16 and not own
+
 
 def _fused_forward(q, pos, neg, tau, normalize, own, pos_offset):
     """(per-query losses [B] float32, _ForwardState) from raw embeddings: q, pos [B or N, D], neg
     [N_neg, D] (own mode: [B * K, D], query i's negatives in rows i K .. i K + K - 1)."""
     batch, dim = q.shape
     cfg = _config(q.device, dim, q.dtype)
-    want_max = q.dtype == torch.float16 and not own
+    want_max = _wants_maxima(q.dtype, own)
     (rq, q_max), (rp, p_max), (rn, n_max) = (_row_norms(t, normalize, want_max, cfg) for t in (q, pos, neg))
     maxima = (q_max, p_max, n_max) if want_max else None
     if not own:
@@ -794,7 +819,6 @@ class _InfoNCEFunction(torch.autograd.Function):
 # absent (own mode's logits, float16's maxima, gradients not asked for) are empty [0] tensors.
 # --------------------------------------------------------------------------------------------
 
-_EMPTY = (0,)
 _FORWARD_OUTPUTS = tuple[(torch.Tensor,) * 10]  # the losses and _ForwardState's nine tensors
 
 
@@ -803,18 +827,15 @@ def _forward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: floa
                 pos_offset: int) -> _FORWARD_OUTPUTS:
     """(losses, rq, rp, rn, lse, tail, logits, q_max, p_max, n_max): _fused_forward's, flat."""
     losses, state = _fused_forward(q, pos, neg, tau, normalize, own, pos_offset)
-    empty = q.new_empty(_EMPTY, dtype=torch.float32)
-    maxima = state.maxima or (empty, empty.clone(), empty.clone())
-    return losses, *state[:5], (empty.clone() if state.logits is None else state.logits), *maxima
+    return losses, *state.flat()
 
 
 @_forward_op.register_fake
 def _forward_op_shapes(q, pos, neg, tau, normalize, own, pos_offset):
     batch = q.shape[0]
     rows = (batch, batch, pos.shape[0], neg.shape[0], batch, batch)
-    want_max = q.dtype == torch.float16 and not own
     logits = (batch, neg.shape[0] // max(batch, 1) + 1) if own else _EMPTY
-    maxima = (batch, pos.shape[0], neg.shape[0]) if want_max else (_EMPTY,) * 3
+    maxima = (batch, pos.shape[0], neg.shape[0]) if _wants_maxima(q.dtype, own) else (_EMPTY,) * 3
     return tuple(q.new_empty(shape, dtype=torch.float32) for shape in (*rows, logits, *maxima))
 
 
@@ -824,11 +845,9 @@ def _backward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, statisti
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dpos, dneg), each empty [0] where ``needs`` is False; ``statistics``: _forward_op's
     outputs after the losses."""
-    rq, rp, rn, lse, tail, logits, *maxima = statistics
-    state = _ForwardState(rq, rp, rn, lse, tail, logits if logits.numel() else None,
-                          tuple(maxima) if maxima[0].numel() else None)
+    state = _ForwardState.from_flat(statistics)
     grads = _fused_backward(q, pos, neg, state, grad_losses, tau, normalize, pos_offset, tuple(needs))
-    return tuple(g if g is not None and need else x.new_empty(_EMPTY) for g, need, x in zip(grads, needs, (q, pos, neg)))
+    return tuple(g if need else x.new_empty(_EMPTY) for g, need, x in zip(grads, needs, (q, pos, neg)))
 
 
 @_backward_op.register_fake

@@ -271,11 +271,18 @@ def _check_not_packed(module, attention_mask, batch: int, kwargs) -> None:
 def _builds_flash_masks(module) -> bool:
     """Whether the model of this attention module builds flash-attention's masks (its other layers
     run a flash-attention implementation); the ATA layer's own config is a _LayerConfig view."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import flash_attention_mask
 
     config = getattr(module, "config", None)
-    name = getattr(getattr(config, "model_config", config), "_attn_implementation", None)
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name) is flash_attention_mask
+    implementation = getattr(getattr(config, "model_config", config), "_attn_implementation", None)
+    return _mask_builder(implementation) is flash_attention_mask
+
+
+def _mask_builder(implementation: Optional[str]):
+    """The function transformers builds an attention implementation's masks with (None if unknown)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(implementation)
 
 
 def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[torch.Tensor]:
@@ -338,10 +345,9 @@ def _other_layers_implementation(name: Optional[str]) -> str:
     builds are ones the ATA layer reads (SDPA's boolean [B, 1, L, L] masks, flash-attention's
     [B, L] padding masks, and implementations registered with those), else SDPA: eager attention
     (our kernel is what replaces it), flex attention's block masks, unknown masks."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
-    mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
-    return name if mask_function in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
+    return name if _mask_builder(name) in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
 
 
 def _attention_layers(model) -> list:
@@ -396,10 +402,11 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
     # The layers' own config: the text model's in a multimodal model, whose vision tower keeps its attention.
     previous = config._attn_implementation
     others = _other_layers_implementation(previous)
+    replaced_by = others if others != previous else None
     _register()
-    if others != previous:
-        config._attn_implementation = others
-    capture = ATACapture(model, module, module.layer_idx, previous, others if others != previous else None)
+    if replaced_by is not None:
+        config._attn_implementation = replaced_by
+    capture = ATACapture(model, module, module.layer_idx, previous, replaced_by)
     setattr(module, _CAPTURE_ATTR, capture)
     module.config = _LayerConfig(config)
     return capture

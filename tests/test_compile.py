@@ -42,12 +42,12 @@ def ops_in(graphs):
     return [[target for target in graph if target.startswith("mgh.")] for graph in graphs]
 
 
-def leaves(gen, *shapes, dtype=torch.float32):
-    return [torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_() for shape in shapes]
-
-
 def randn(*shape, gen):
     return torch.randn(*shape, generator=gen).to(DEVICE)
+
+
+def leaves(gen, *shapes, dtype=torch.float32):
+    return [randn(*shape, gen=gen).to(dtype).requires_grad_() for shape in shapes]
 
 
 def grads_of(fn, inputs, weights):
@@ -174,13 +174,13 @@ def test_custom_ops_pass_opcheck(gen):
     AOT dispatch of each op, forward and backward (the backward ops on inputs without gradient:
     they have no gradient of their own, so no double backward)."""
     q, k, v = leaves(gen, (2, 4, 19, 16), (2, 2, 19, 16), (2, 2, 19, 16))
-    mask = padding_mask(2, 19, "left", gen).to(DEVICE)
-    for args in [(q, k, v, mask, True, 0.25, True), (q, k, v, None, False, 0.25, False)]:
+    bias = attention._padding_bias(padding_mask(2, 19, "left", gen).to(DEVICE), drop_unpadded=False)
+    for args in [(q, k, v, bias, True, 0.25, True), (q, k, v, None, False, 0.25, False)]:
         torch.library.opcheck(attention._forward_op, args)
-    out, _, lse = attention._forward_op(q, k, v, mask, True, 0.25, True)
+    out, _, lse = attention._forward_op(q, k, v, bias, True, 0.25, True)
     dout, dcolsum = randn(*out.shape, gen=gen), randn(2, 19, gen=gen)
     q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
-    torch.library.opcheck(attention._backward_op, (q, k, v, out, lse, mask, dout, dcolsum, True, 0.25))
+    torch.library.opcheck(attention._backward_op, (q, k, v, out, lse, bias, dout, dcolsum, True, 0.25))
 
     a, p, n = leaves(gen, (8, 32), (8, 32), (24, 32), dtype=torch.float16)
     for own in (False, True):

@@ -22,14 +22,16 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def tiny_model(family, seed=0):
-    config_cls, model_cls = FAMILIES[family]
-    config = config_cls(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+def tiny_config(family, layers=3):
+    return FAMILIES[family][0](
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
     )
+
+
+def tiny_model(family, seed=0):
     torch.manual_seed(seed)
-    return model_cls(config).to(DEVICE).eval()
+    return FAMILIES[family][1](tiny_config(family)).to(DEVICE).eval()
 
 
 def batch(gen, side, batch_size=3, length=19):
@@ -50,13 +52,22 @@ def bidirectional_mask(mask, dtype):
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def allowed_seeing_self(mask, batch, length, causal, device):
+    """[B, 1, L, L] bool: the real keys of the [B, L] padding ``mask`` (all keys for None), causal or
+    not, and every query sees itself (no fully masked row, so no NaN at left padding)."""
+    allowed = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device)
+    if mask is not None:
+        allowed = allowed & mask.bool()[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return allowed | torch.eye(length, dtype=torch.bool, device=device)
+
+
 def causal_mask_seeing_self(mask):
     """A 4D float64 additive mask: causal over the real keys, and every query sees itself."""
-    length = mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    allowed = (causal & mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool, device=mask.device)
+    allowed = allowed_seeing_self(mask, mask.shape[0], mask.shape[1], True, mask.device)
     zeros = torch.zeros(allowed.shape, dtype=torch.float64, device=mask.device)
-    return zeros.masked_fill(~allowed, torch.finfo(torch.float64).min)[:, None]
+    return zeros.masked_fill(~allowed, torch.finfo(torch.float64).min)
 
 
 def set_causal(model, causal):
@@ -167,13 +178,8 @@ def unpadded_attention(module, query, key, value, attention_mask, dropout=0.0, s
     """Attention handed what flash-attention implementations get: a [B, L] padding mask or None.
     Runs SDPA on the mask it implies (every query also sees itself: no NaN rows at left padding)."""
     UNPADDED_CALLS.append(module.layer_idx)
-    length = query.shape[2]
-    allowed = torch.ones(query.shape[0], 1, length, length, dtype=torch.bool, device=query.device)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-    if module.is_causal if is_causal is None else is_causal:
-        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-    allowed = allowed | torch.eye(length, dtype=torch.bool, device=query.device)
+    causal = module.is_causal if is_causal is None else is_causal
+    allowed = allowed_seeing_self(attention_mask, query.shape[0], query.shape[2], causal, query.device)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout, scaling=scaling,
@@ -312,8 +318,7 @@ def test_multimodal_model_keeps_its_vision_towers_attention(gen):
     """In a vision-language model the fused layer's text config alone changes (eager -> SDPA while
     the capture is on), and remove() restores it; the vision tower keeps its own implementation."""
     config = transformers.LlavaConfig(
-        text_config=transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        text_config=tiny_config("llama", layers=2),
         vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                     num_attention_heads=2, image_size=16, patch_size=8),
         image_token_index=127,
