@@ -64,7 +64,9 @@ def ata_pool(
         mix: fraction of mean pooling blended in, in [0, 1] (see ``reference.ata_weights``).
 
     Returns:
-        [B, H] embeddings in ``hidden_states.dtype`` (float32 accumulation).
+        [B, H] embeddings computed in float32, returned in ``hidden_states.dtype``; under
+        ``torch.autocast`` in float32, as sentence-transformers' Pooling returns them under CUDA
+        autocast (which runs its sum in float32). The same holds for every method of ``pool``.
 
     Example::
 
