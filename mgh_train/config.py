@@ -17,6 +17,7 @@ from typing import Optional
 
 from .data import check_schedule
 from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
+from .precision import DTYPES
 
 NEGATIVE_MODES = ("global", "own")
 LOSSES = ("fused", "eager")
@@ -75,7 +76,13 @@ class TrainConfig:
     loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (the reference)", group="loop")
     seed: int = _opt(0, "seed of the sampler, the negatives and the weights", group="loop")
     device: Optional[str] = _opt(None, "cuda, cpu, ... (default: cuda when available)", group="loop")
-    bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on the CPU)", group="loop")
+    bf16: Optional[bool] = _opt(None, "bfloat16 autocast (default: on for CUDA with bfloat16, off on the CPU; "
+                                      "see mgh_train/precision.py)", group="loop")
+    fp16: bool = _opt(False, "float16 autocast with a gradient scaler (the default on CUDA without bfloat16)",
+                      group="loop")
+    dtype: Optional[str] = _opt(None, "dtype of the frozen base weights: float32, bfloat16 or float16 "
+                                      "(default: the autocast dtype on CUDA, float32 on the CPU; LoRA stays "
+                                      "float32)", group="loop")
     # output
     output: str = _opt("runs/mgh", "run folder: model/, checkpoints/, metrics.jsonl", group="output")
     save_every: int = _opt(0, "write a checkpoint every N steps (0: at the end only)", group="output")
@@ -110,6 +117,8 @@ class TrainConfig:
         need(self.negatives in NEGATIVE_MODES, "negatives", " or ".join(NEGATIVE_MODES))
         need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
         need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
+        need(self.dtype is None or self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
+        need(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)")
         check_schedule(self.schedule)
         return self
 

@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 import torch
 
 from .data import read_sts_pairs
-from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, autocast
+from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder
+from .precision import resolve
 
 LOCAL_FOLDERS = {"STSBenchmark": "stsb"}
 
@@ -96,7 +97,7 @@ class MTEBEncoder:
         if self.embedder is not None:
             return self.embedder.encode(texts, instruction=instruction, batch_size=batch_size,
                                         show_progress=self.show_progress).numpy()
-        with autocast(self.st.device):  # bf16 on CUDA; sentence-transformers sorts by length itself
+        with resolve(self.st.device).autocast_context():  # bf16 on CUDA; sentence-transformers sorts by length
             return self.st.encode(texts, batch_size=batch_size, prompt=instruction, convert_to_numpy=True,
                                   show_progress_bar=self.show_progress, normalize_embeddings=True)
 

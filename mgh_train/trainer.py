@@ -33,7 +33,8 @@ from mgh_kernels import infonce_loss, reference
 
 from .config import TrainConfig
 from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, read_sts_pairs, stage_at
-from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig, autocast
+from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig
+from .precision import Precision, resolve
 
 
 class TrainingStopped(RuntimeError):
@@ -169,7 +170,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, batcher, rng, cfg) -> Path:
+def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, batcher, rng, cfg,
+                    scaler=None) -> Path:
     """Write ``folder/checkpoints/step-N`` atomically (a temporary folder renamed into place)."""
     final = folder / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -178,7 +180,8 @@ def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, 
     torch.save(_trainable_state(embedder), tmp / "trainable.pt")
     torch.save(
         {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "sampler": batcher.state_dict(), "negatives_rng": rng.getstate(), "rng": _rng_state()},
+         "sampler": batcher.state_dict(), "negatives_rng": rng.getstate(), "rng": _rng_state(),
+         "scaler": scaler.state_dict() if scaler is not None else None},
         tmp / "state.pt",
     )
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -234,8 +237,9 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder / "tensorboard"))
 
 
-def build_embedder(cfg: TrainConfig) -> Embedder:
-    embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options()))
+def build_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
+    """The embedder ``cfg`` describes, its base weights loaded in ``precision.weights``."""
+    embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options(), dtype=precision.weights_name))
     if cfg.gradient_checkpointing:
         embedder.enable_gradient_checkpointing()
     return embedder
@@ -255,10 +259,14 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
+    log(f"precision: {precision.describe()}")
     if embedder is None:
         log(f"model: loading {cfg.model} ...")
-        embedder = build_embedder(cfg)
+        embedder = build_embedder(cfg, precision)
     embedder.to(device)
+    embedder.set_precision(precision)
+    scaler = precision.grad_scaler()
     params = [p for p in embedder.parameters() if p.requires_grad]
     if not params:
         raise ValueError("lora_r: the model has no trainable parameters (set lora_r > 0)")
@@ -293,6 +301,8 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         batcher.load_state_dict(state["sampler"])
         rng.setstate(state["negatives_rng"])
         _set_rng_state(state["rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start = state["step"]
         log(f"resume: continuing after step {start} from {checkpoint}")
     result.start_step = start
@@ -318,7 +328,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
                 examples = [train_set[i] for i in next(batches)]
                 where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
                 try:
-                    loss, tokens = _micro_batch(embedder, examples, cfg, stage, rng, loss_fn)
+                    loss, tokens = _micro_batch(embedder, examples, cfg, stage, rng, loss_fn, precision)
                 except ValueError as error:
                     if not str(error).startswith("colsum:"):
                         raise
@@ -331,13 +341,20 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
                         f"step {step + 1}: the loss is {loss.item()} (not finite), so training stopped before "
                         f"the optimizer step{where}. Lower --lr, raise --tau, or check the data."
                     )
-                (loss / cfg.grad_accum).backward()
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 seen_examples += len(examples)
                 seen_tokens += tokens
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scale drops
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             result.losses.append(step_loss)
             elapsed = time.perf_counter() - began
@@ -359,7 +376,8 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
                             board.add_scalar(key, value, step + 1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
-                                                  scheduler=scheduler, batcher=batcher, rng=rng, cfg=cfg)
+                                                  scheduler=scheduler, batcher=batcher, rng=rng, cfg=cfg,
+                                                  scaler=scaler)
     finally:
         if bar is not None:
             bar.close()
@@ -383,14 +401,15 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
 
 
 def _micro_batch(embedder: Embedder, examples: list[Example], cfg: TrainConfig, stage: int, rng: random.Random,
-                 loss_fn) -> tuple[torch.Tensor, int]:
-    """The InfoNCE loss of one micro-batch and its token count."""
+                 loss_fn, precision: Precision) -> tuple[torch.Tensor, int]:
+    """The InfoNCE loss of one micro-batch and its token count. The encoder runs under the run's
+    autocast; the loss takes its float32 embeddings outside it."""
     negatives = [negatives_for(e, cfg.schedule, stage, rng) for e in examples]
     k = min(len(n) for n in negatives)  # public rows may carry fewer; every query keeps k
     docs = [e.positive for e in examples] + [t for n in negatives for t in n[:k]]
     query_features = embedder.tokenize([e.query for e in examples], instruction=[instruction_of(e) for e in examples])
     doc_features = embedder.tokenize(docs)
-    with autocast(embedder.device, enabled=cfg.bf16):
+    with precision.autocast_context():
         q = embedder(query_features)
         d = embedder(doc_features)
     b = len(examples)
