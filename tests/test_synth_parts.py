@@ -305,6 +305,9 @@ def test_verify_names_the_file_and_line_of_a_bad_row(tmp_path):
     path.write_text(json.dumps(example()) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d.jsonl:2: "):
         verify([str(path)])
+    path.write_bytes(json.dumps(example()).encode() + b"\n" + json.dumps(example()).encode().replace(b"guac", b"\xe9") + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8: byte 0xe9 at byte \d+ of the line"):
+        verify([str(path)])
     with pytest.raises(ValueError, match=r"data: cannot read .*missing.jsonl"):
         verify([str(tmp_path / "missing.jsonl")])
     path.write_text(json.dumps(example()) + "\n")
