@@ -1095,6 +1095,10 @@ def ata_attention(
         ``out`` [B, Hq, L, D] in ``q.dtype`` (zero at padded queries) and ``colsum`` [B, L]
         float32 (sum over valid queries of the probabilities, averaged over heads; zero at padded
         keys), or ``None`` when ``return_colsum`` is False. Differentiable through both.
+
+    Values are not checked (that would synchronise with the host on every call): NaN or infinity
+    in ``q``, ``k`` or ``v`` gives NaN in the outputs of the rows it reaches. mgh's trainer stops
+    at a non-finite loss and names the first parameter or layer output that went non-finite.
     """
     global _last_backend, _last_forward
     mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
