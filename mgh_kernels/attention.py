@@ -1099,6 +1099,10 @@ def ata_attention(
         ``out`` [B, Hq, L, D] in ``q.dtype`` (the autocast dtype under autocast; zero at padded
         queries) and ``colsum`` [B, L] float32 (sum over valid queries of the probabilities, averaged over heads; zero at padded
         keys), or ``None`` when ``return_colsum`` is False. Differentiable through both.
+
+    Values are not checked (that would synchronise with the host on every call): NaN or infinity
+    in ``q``, ``k`` or ``v`` gives NaN in the outputs of the rows it reaches. mgh's trainer stops
+    at a non-finite loss and names the first parameter or layer output that went non-finite.
     """
     global _last_backend, _last_forward
     amp = _backend.autocast_dtype(q)

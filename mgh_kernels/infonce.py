@@ -992,6 +992,10 @@ def infonce_loss(
 
     Returns:
         float32 loss (scalar, or [B] with ``reduction="none"``).
+
+    Values are not checked (that would synchronise with the host on every call): a NaN or
+    infinite embedding gives a NaN loss. mgh's trainer stops at a non-finite loss, before the
+    optimizer step, and names the first parameter or layer output that went non-finite.
     """
     global _last_backend
     amp = _backend.autocast_dtype(q)

@@ -86,9 +86,14 @@ class TrainConfig:
     # output
     output: str = _opt("runs/mgh", "run folder: model/, checkpoints/, metrics.jsonl", group="output")
     save_every: int = _opt(0, "write a checkpoint every N steps (0: at the end only)", group="output")
-    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)", group="output")
-    resume: Optional[str] = _opt(None, "continue from a checkpoint folder, or 'latest' in --output",
+    keep_checkpoints: int = _opt(2, "checkpoints kept, the newest always (older ones are deleted; 0: keep all)",
                                  group="output")
+    resume: Optional[str] = _opt(None, "continue from a checkpoint folder, or 'latest' in --output (options "
+                                       "that change the model or the data order must match the checkpoint's)",
+                                 group="output")
+    overwrite: bool = _opt(False, "replace the run already in --output (its checkpoints, metrics and model are "
+                                  "deleted once the new run has loaded; with --resume, the checkpoints after "
+                                  "the one resumed)", group="output")
     log_every: int = _opt(1, "steps between metric rows", group="output")
     eval_every: int = _opt(0, "steps between STS-B dev evaluations (0: at the end only)", group="output")
     eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",

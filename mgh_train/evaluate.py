@@ -63,7 +63,11 @@ class MTEBEncoder:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            self.embedder, self.st = None, SentenceTransformer(str(model), device=device)
+            try:
+                self.embedder, self.st = None, SentenceTransformer(str(model), device=device)
+            except OSError as error:  # a name the hub does not know, or no network: one line, not a traceback
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                raise ValueError(f"model: cannot load {model} as a sentence-transformers model ({reason})") from None
             kind = "st"
         self.kind = kind
         resolved = path.resolve()

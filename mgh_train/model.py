@@ -438,6 +438,9 @@ class Embedder(torch.nn.Module):
         saved = json.loads(file.read_text())
         if saved.get("format") != "mgh-embedder/1":
             raise ValueError(f"path: {file} has format {saved.get('format')!r}, expected 'mgh-embedder/1'")
+        from .checks import check_model_folder
+
+        check_model_folder(path, saved)  # before peft would look for a missing adapter on the hub
         config = EmbedderConfig.from_dict(saved["embedder"], where=str(file))
         import transformers
 

@@ -12,15 +12,16 @@ negatives come from the micro-batch only.
 A run folder holds ``metrics.jsonl`` (one row per ``log_every`` steps), ``checkpoints/step-N/``
 (trainable weights, optimizer, scheduler, sampler position and every RNG state, so ``--resume``
 continues with the very losses an uninterrupted run has), and ``model/`` (the final embedder,
-loadable by :meth:`Embedder.load` and sentence-transformers).
+loadable by :meth:`Embedder.load` and sentence-transformers). A folder belongs to one run: how a
+new run, ``--resume`` and ``--overwrite`` treat it is :mod:`mgh_train.checkpoints`'s business.
+The output folder, the device, the base model's files, the checkpoint and every data row are
+checked before the model loads; a non-finite loss stops the run with :class:`NonFiniteTraining`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,14 +32,27 @@ import torch
 
 from mgh_kernels import infonce_loss, reference
 
+from .checkpoints import load_trainable, plan_run, restore_schedule, save_checkpoint, set_rng_state
+from .checks import check_base_model, check_device
 from .config import TrainConfig
-from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, read_sts_pairs, stage_at
+from .data import (Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, negatives_for, read_examples,
+                   read_sts_pairs, stage_at)
+from .diagnose import first_non_finite
 from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig
 from .precision import Precision, resolve
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (a non-finite loss); the message says why and what is kept."""
+
+
+class NonFiniteTraining(TrainingStopped):
+    """The loss (or the activations ATA pools) went NaN or infinite at ``step``, before the optimizer
+    step; ``where`` names the first trainable parameter or module output that is not finite."""
+
+    def __init__(self, message: str, *, step: int, where: str):
+        super().__init__(message)
+        self.step, self.where = step, where
 
 
 @dataclass
@@ -66,11 +80,16 @@ def seed_files() -> list[Path]:
 
 
 def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
-    """(training examples, held-out examples) for ``cfg``; bad rows fail or are counted."""
+    """(training examples, held-out examples) for ``cfg``; bad rows fail or are counted.
+
+    Every row is checked against what ``cfg.schedule`` trains with (:func:`mgh_train.data.needs_of`).
+    """
+    needs = needs_of(cfg.schedule, cfg.steps, cfg.stage_steps)
+
     def read(paths):
         out = []
         for path in paths:
-            report = read_examples(path, skip_bad_rows=cfg.skip_bad_rows)
+            report = read_examples(path, skip_bad_rows=cfg.skip_bad_rows, needs=needs)
             if report.skipped:
                 log(f"{path}: skipped {len(report.skipped)} bad row(s), first at line {report.skipped[0][0]}: "
                     f"{report.skipped[0][1]}")
@@ -149,63 +168,6 @@ def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: i
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _trainable_state(embedder: Embedder) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in embedder.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, batcher, rng, cfg,
-                    scaler=None) -> Path:
-    """Write ``folder/checkpoints/step-N`` atomically (a temporary folder renamed into place)."""
-    final = folder / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(_trainable_state(embedder), tmp / "trainable.pt")
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "sampler": batcher.state_dict(), "negatives_rng": rng.getstate(), "rng": _rng_state(),
-         "scaler": scaler.state_dict() if scaler is not None else None},
-        tmp / "state.pt",
-    )
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    checkpoints = sorted((folder / "checkpoints").glob("step-???????"))
-    for old in checkpoints[: max(0, len(checkpoints) - cfg.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(resume: str, output: Path) -> Path:
-    if resume == "latest":
-        found = sorted((output / "checkpoints").glob("step-???????"))
-        if not found:
-            raise ValueError(f"resume: no checkpoint in {output / 'checkpoints'} to resume from")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "state.pt").is_file() or not (path / "trainable.pt").is_file():
-        raise ValueError(f"resume: {path} is not a checkpoint folder (state.pt, trainable.pt)")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
 
@@ -245,25 +207,39 @@ def build_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
     return embedder
 
 
+def load_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
+    """:func:`build_embedder`, with a model that cannot be loaded (a name the hub does not know, no
+    network, a broken file) reported as a ValueError naming ``model`` rather than a traceback."""
+    try:
+        return build_embedder(cfg, precision)
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"model: cannot load {cfg.model} ({reason})") from None
+
+
 def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callable[[str], None] = print,
           report_accuracy: bool = True) -> TrainResult:
     """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models)."""
     cfg.validate()
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    device = check_device(cfg.device)
+    precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
+    if embedder is None:
+        check_base_model(cfg.model, cfg.gguf_file)
+    plan = plan_run(cfg, log)  # the run folder and the checkpoint, before anything heavy
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_set, held = load_training_data(cfg, log)
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"batch_size: {cfg.batch_size} is more than the {len(train_set)} training examples")
+    data_fingerprint = fingerprint(train_set)
+    plan.check_data(data_fingerprint, log)
     log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
-
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
     log(f"precision: {precision.describe()}")
+
     if embedder is None:
         log(f"model: loading {cfg.model} ...")
-        embedder = build_embedder(cfg, precision)
+        embedder = load_embedder(cfg, precision)
     embedder.to(device)
     embedder.set_precision(precision)
     scaler = precision.grad_scaler()
@@ -285,27 +261,22 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     batcher = NoDuplicatesBatcher(train_set, cfg.batch_size, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     start = 0
-    if cfg.resume:
-        checkpoint = find_checkpoint(cfg.resume, output)
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        trainable = torch.load(checkpoint / "trainable.pt")
-        missing = set(n for n, p in embedder.named_parameters() if p.requires_grad) - set(trainable)
-        if missing:
-            raise ValueError(f"resume: {checkpoint} does not match this model (missing {sorted(missing)[:3]})")
-        with torch.no_grad():
-            for name, p in embedder.named_parameters():
-                if name in trainable:
-                    p.copy_(trainable[name])
+    if plan.checkpoint is not None:
+        checkpoint, state = plan.checkpoint, plan.checkpoint.state
+        load_trainable(embedder, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if {"lr", "warmup", "steps"} & set(plan.changed):
+            restore_schedule(optimizer, scheduler, cfg.lr, _lr_lambda(cfg.steps, warmup))
         batcher.load_state_dict(state["sampler"])
         rng.setstate(state["negatives_rng"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-        log(f"resume: continuing after step {start} from {checkpoint}")
+        start = checkpoint.step
+        log(f"resume: continuing after step {start} from {checkpoint.path}")
     result.start_step = start
+    plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
 
     loss_fn = infonce_loss if cfg.loss == "fused" else reference.infonce
     batches = iter(batcher)
@@ -332,14 +303,18 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
                 except ValueError as error:
                     if not str(error).startswith("colsum:"):
                         raise
-                    raise TrainingStopped(  # NaN activations reach ATA's weights before the loss
-                        f"step {step + 1}: the model's activations are not finite ({error}), so training "
-                        f"stopped before the optimizer step{where}. Lower --lr, or check the data."
+                    culprit = _non_finite_culprit(embedder, examples)
+                    raise NonFiniteTraining(  # NaN activations reach ATA's weights before the loss
+                        f"step {step + 1}: the model's activations are not finite ({error}); {culprit}; so training "
+                        f"stopped before the optimizer step{where}. Lower --lr, or check the data.",
+                        step=step + 1, where=culprit,
                     ) from error
                 if not torch.isfinite(loss):
-                    raise TrainingStopped(
-                        f"step {step + 1}: the loss is {loss.item()} (not finite), so training stopped before "
-                        f"the optimizer step{where}. Lower --lr, raise --tau, or check the data."
+                    culprit = _non_finite_culprit(embedder, examples)
+                    raise NonFiniteTraining(
+                        f"step {step + 1}: the loss is {loss.item()} (not finite): {culprit}; so training stopped "
+                        f"before the optimizer step{where}. Lower --lr, raise --tau, or check the data.",
+                        step=step + 1, where=culprit,
                     )
                 scaled = loss / cfg.grad_accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -377,7 +352,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
                                                   scheduler=scheduler, batcher=batcher, rng=rng, cfg=cfg,
-                                                  scaler=scaler)
+                                                  scaler=scaler, data_fingerprint=data_fingerprint)
     finally:
         if bar is not None:
             bar.close()
@@ -400,6 +375,12 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     return result
 
 
+def _non_finite_culprit(embedder: Embedder, examples: list[Example]) -> str:
+    """Where the failing micro-batch's queries first go non-finite (run only once training stops)."""
+    return first_non_finite(embedder, [e.query for e in examples], [instruction_of(e) for e in examples],
+                            context=embedder.autocast)
+
+
 def _micro_batch(embedder: Embedder, examples: list[Example], cfg: TrainConfig, stage: int, rng: random.Random,
                  loss_fn, precision: Precision) -> tuple[torch.Tensor, int]:
     """The InfoNCE loss of one micro-batch and its token count. The encoder runs under the run's
@@ -420,4 +401,5 @@ def _micro_batch(embedder: Embedder, examples: list[Example], cfg: TrainConfig, 
     return loss, tokens
 
 
-__all__ = ["TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman", "train"]
+__all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman",
+           "train"]
