@@ -7,12 +7,14 @@ Public API::
     from mgh_kernels import infonce_loss, InfoNCELoss  # fused InfoNCE, never stores the logits
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
     from mgh_kernels import reference   # eager ground truth: attention_with_colsum, ata_weights, infonce, ...
+    from mgh_kernels import use_backend  # force the PyTorch path, or refuse it
 
 This package never imports the trainer (``mgh_train``).
 """
 
-from . import reference
+from . import backend, reference
 from .attention import ata_attention
+from .backend import use_backend
 from .infonce import InfoNCELoss, infonce_loss
 from .pooling import (
     ATA_ATTENTION,
@@ -45,5 +47,6 @@ __all__ = [
     "mean_pool",
     "pool",
     "reference",
+    "use_backend",
     "weighted_mean_pool",
 ]

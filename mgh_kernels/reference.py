@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import autocast_dtype, autocast_off
+from ._precision import autocast_dtype, autocast_off
 from ._validation import (
     check_attention_args,
     check_infonce_args,

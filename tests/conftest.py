@@ -23,14 +23,17 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-
 @pytest.fixture
-def cpu_kernels(monkeypatch):
-    """Run mgh_kernels on their PyTorch CPU path (a user's CPU run) instead of Triton's interpreter.
+def cpu_kernels():
+    """Run mgh_kernels on their PyTorch path (a user's CPU run) instead of Triton's interpreter.
 
     For tests of the layers above the kernels (model, trainer): the interpreter is exact but slow,
     and the kernels themselves are tested under it in test_attention, test_infonce, test_enable_ata.
     """
-    from mgh_kernels import _backend
+    from mgh_kernels import use_backend
 
-    monkeypatch.setattr(_backend, "INTERPRETED", False)
+    if torch.cuda.is_available():  # CUDA tensors keep the kernels; CPU tensors take the PyTorch path anyway
+        yield
+        return
+    with use_backend("torch"):
+        yield
