@@ -1,4 +1,4 @@
-"""Argument checks shared by every public function of ``mgh_kernels``.
+"""Argument checks shared by every public function of ``mgh_kernels``, and the errors they raise.
 
 Each check raises ``ValueError`` whose message starts with the argument's name and says what was
 expected and what was received, so a user can fix the call without reading our code. Values are
@@ -17,6 +17,22 @@ from ._precision import cast_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class NonFiniteError(ValueError):
+    """Values that should be finite and positive are not: e.g. ``ata_weights`` got a row whose
+    column sums over its real tokens total no positive number (all zero, negative or NaN), which is
+    what NaN activations upstream produce. A ``ValueError`` whose message starts with the argument's
+    name, like every argument error of ``mgh_kernels``; catch this class to tell it from a mistake
+    in the call.
+
+    Example::
+
+        try:
+            weights = ata_weights(colsum, mask)
+        except NonFiniteError:
+            ...  # the model's activations went non-finite
+    """
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mgh_kernels import infonce_loss, reference
+from mgh_kernels import NonFiniteError, infonce_loss, reference
 
 from .checkpoints import load_trainable, plan_run, restore_schedule, save_checkpoint, set_rng_state
 from .checks import check_base_model, check_device
@@ -300,9 +300,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
                 where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
                 try:
                     loss, tokens = _micro_batch(embedder, examples, cfg, stage, rng, loss_fn, precision)
-                except ValueError as error:
-                    if not str(error).startswith("colsum:"):
-                        raise
+                except NonFiniteError as error:
                     culprit = _non_finite_culprit(embedder, examples)
                     raise NonFiniteTraining(  # NaN activations reach ATA's weights before the loss
                         f"step {step + 1}: the model's activations are not finite ({error}); {culprit}; so training "

@@ -16,7 +16,7 @@ import transformers  # noqa: E402
 from random_inputs import padding_mask  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
 
-from mgh_kernels import ATA_ATTENTION, ata_pool, attention, enable_ata, pooling, reference  # noqa: E402
+from mgh_kernels import ATA_ATTENTION, ATACapture, ata_pool, attention, enable_ata, reference, use_backend  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -109,11 +109,11 @@ def test_matches_eager_output_attentions(family, side, causal, gen):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_other_layer_and_gradients(gen, monkeypatch):
+def test_other_layer_and_gradients(gen):
     """A middle layer, and gradients of a pooled loss w.r.t. every parameter, against the eager
     output_attentions path in float64. Flash-attention's rule: each gradient's error is at most
-    twice PyTorch's own float32 error on the same path (SDPA in the other layers, the eager
-    reference ``attention_with_colsum`` in the ATA layer), plus 1e-5 of its largest entry
+    twice PyTorch's own float32 error on the same path (SDPA in the other layers, eager float32
+    attention in the ATA layer: ``ata_attention``'s PyTorch path), plus 1e-5 of its largest entry
     (test_attention's float32 ATOL at the gradient's scale; over 60 seeds on the CPU interpreter
     a 1e-6 term was once too tight, by 8%, at 16 float32 ulps).
 
@@ -141,9 +141,9 @@ def test_other_layer_and_gradients(gen, monkeypatch):
     # that reaches a real token's output or the pooling.
     truth = grads(model64, lambda: eager_embeddings(model64, ids, mask, causal_mask_seeing_self(mask), layer=1)[0])
     got = grads(model, fused)
-    with monkeypatch.context() as patch:
-        patch.setattr(pooling, "ata_attention", lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw))
+    with use_backend("torch"):
         pytorch = grads(model, fused)
+        assert attention.last_backend() == "torch-chunked"
     assert truth.keys() == pytorch.keys() == got.keys() and len(got) > 10
     for name, want in truth.items():
         err, own = ((g[name] - want).abs().max().item() for g in (got, pytorch))
@@ -295,7 +295,8 @@ def test_deep_copy_after_a_training_forward(gen):
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert capture.colsum.grad_fn is not None
         twin = copy.deepcopy(model)
-        twin_capture = getattr(twin.layers[-1].self_attn, pooling._CAPTURE_ATTR)
+        twin_capture = ATACapture.of(twin)
+        assert ATACapture.of(model) is capture
         assert twin_capture is not capture and twin_capture.module is twin.layers[-1].self_attn
         assert twin_capture.colsum is None and twin_capture.model is twin
         twin_hidden = twin(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -347,7 +348,7 @@ def random_qkv(gen, length=12):
 
 
 def bare_capture():
-    return pooling.ATACapture(model=None, module=None, layer=0, previous="sdpa")
+    return ATACapture(model=None, module=None, layer=0, previous="sdpa")
 
 
 @pytest.mark.parametrize("module_causal", [True, False])
