@@ -1,5 +1,6 @@
 """Where triton is not installed (macOS, Windows), ``import mgh_kernels`` works and every op runs
-its PyTorch path, forward and backward, with the reference's results. Checked in a child Python
+its PyTorch path, forward and backward, with the reference's results, and ATA pooling takes its
+column sums. Checked in a child Python
 whose import system refuses triton (a ``sys.meta_path`` finder), with ``TRITON_INTERPRET=1`` set
 as the tests set it: without triton it must not matter."""
 
@@ -67,6 +68,11 @@ loss.backward()
 want.backward()
 for got, ref in zip((a, p, n), truth):
     torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-6)
+
+hidden = torch.randn(2, 19, 8, generator=gen, dtype=torch.float64)
+weights = colsum.detach().double() * mask
+want = (weights[:, :, None] * hidden).sum(1) / weights.sum(1, keepdim=True)
+torch.testing.assert_close(mgh_kernels.ata_pool(hidden, mask, colsum=colsum.detach().double()), want)
 
 with pytest.raises(ValueError, match="^name: 'triton' needs the triton package"):
     with use_backend("triton"):
