@@ -251,16 +251,24 @@ class Embedder(torch.nn.Module):
         """The query prefix for ``instruction`` ("" for documents, i.e. no instruction)."""
         return self.config.query_template.format(instruction=instruction) if instruction else ""
 
-    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None) -> dict:
+    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None,
+                 pad_to_multiple_of: Optional[int] = None) -> dict:
         """Tokenize ``texts`` with the query prefix of ``instruction``, or a literal ``prefix``.
 
         ``instruction`` / ``prefix`` is one string for every text or a list with one per text
         (None or "" for a document). Returns ``input_ids``, ``attention_mask`` and ``pool_mask``
-        ([B, L] int64, padded on the tokenizer's side): ``pool_mask`` is the attention mask without
-        the prefix's tokens when ``exclude_instruction`` is set. A token belongs to the text when it
-        ends after the prefix's last character, so a BPE token that merges the prefix's trailing
-        space with the text's first word counts as text.
+        ([B, L] int64, padded on the tokenizer's side, L rounded up to ``pad_to_multiple_of``):
+        ``pool_mask`` is the attention mask without the prefix's tokens when
+        ``exclude_instruction`` is set. A token belongs to the text when it ends after the prefix's
+        last character, so a BPE token that merges the prefix's trailing space with the text's
+        first word counts as text.
         """
+        return self.pad(*self.token_ids(texts, instruction=instruction, prefix=prefix),
+                        pad_to_multiple_of=pad_to_multiple_of)
+
+    def token_ids(self, texts: Sequence[str], *, instruction=None, prefix=None) -> tuple[list, list]:
+        """(token ids, pooled flags) per text, unpadded: what :meth:`tokenize` pads (see
+        :func:`token_ids`)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts: expected a list of strings")
         if not texts:
@@ -274,40 +282,12 @@ class Embedder(torch.nn.Module):
             heads = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(texts)
         if len(heads) != len(texts):
             raise ValueError(f"instruction: expected one per text ({len(texts)}), got {len(heads)}")
-        cfg, tok = self.config, self.tokenizer
-        room = cfg.max_length - (1 if cfg.add_eos else 0)
-        exclude = cfg.exclude_instruction and any(heads)
-        encoded = tok([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
-                      max_length=room, return_offsets_mapping=exclude and tok.is_fast)
-        rows, flags = [], []
-        for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
-            ids = list(ids)
-            if head and exclude:
-                if "offset_mapping" in encoded:
-                    keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
-                else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
-                    n = len(tok(head, add_special_tokens=True)["input_ids"])
-                    keep = [j >= n for j in range(len(ids))]
-            else:
-                keep = [True] * len(ids)
-            if cfg.add_eos and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-                ids.append(tok.eos_token_id)
-                keep.append(True)
-            if not any(keep):
-                raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
-            rows.append(ids)
-            flags.append(keep)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        pool_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        left = tok.padding_side == "left"
-        for i, (ids, keep) in enumerate(zip(rows, flags)):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids)
-            attention_mask[i, span] = 1
-            pool_mask[i, span] = torch.tensor(keep, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
+        return token_ids(self.tokenizer, self.config, texts, heads)
+
+    def pad(self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
+            pad_to_multiple_of: Optional[int] = None) -> dict:
+        """:func:`pad` with this embedder's tokenizer."""
+        return pad(self.tokenizer, rows, flags, pad_to_multiple_of=pad_to_multiple_of)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -458,6 +438,56 @@ class Embedder(torch.nn.Module):
         if device is not None:
             embedder.to(device)
         return embedder.train(trainable)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization (module functions, so that DataLoader workers need only the tokenizer)
+# --------------------------------------------------------------------------------------------
+
+
+def token_ids(tokenizer, config: EmbedderConfig, texts: Sequence[str], heads: Sequence[str]) -> tuple[list, list]:
+    """(token ids, pooled flags) per text, unpadded, for texts each preceded by its prefix in
+    ``heads`` ("" for none). The ids hold the prefix, the text (truncated to ``max_length``) and the
+    EOS token (``add_eos``); a flag says whether its token is pooled: False for the prefix's tokens
+    under ``exclude_instruction`` (a token is the text's when it ends after the prefix's last
+    character, so a BPE token merging the prefix's trailing space with the first word counts)."""
+    room = config.max_length - (1 if config.add_eos else 0)
+    exclude = config.exclude_instruction and any(heads)
+    encoded = tokenizer([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
+                        max_length=room, return_offsets_mapping=exclude and tokenizer.is_fast)
+    eos = tokenizer.eos_token_id if config.add_eos else None
+    rows, flags = [], []
+    for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
+        ids = list(ids)
+        if head and exclude:
+            if "offset_mapping" in encoded:
+                keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
+            else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
+                n = len(tokenizer(head, add_special_tokens=True)["input_ids"])
+                keep = [j >= n for j in range(len(ids))]
+        else:
+            keep = [True] * len(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            keep.append(True)
+        if not any(keep):
+            raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
+        rows.append(ids)
+        flags.append(keep)
+    return rows, flags
+
+
+def pad(tokenizer, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
+        pad_to_multiple_of: Optional[int] = None) -> dict:
+    """:func:`token_ids`'s output padded into ``input_ids``, ``attention_mask`` and ``pool_mask``
+    ([B, L] int64) by the tokenizer's own batched padding (its side, its pad token)."""
+    padded = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                           return_attention_mask=True, return_tensors="pt")
+    attention_mask = padded["attention_mask"].long()
+    pool_mask = torch.zeros_like(attention_mask)
+    # row-major order: each row's real tokens, in order, as its flags list them
+    pool_mask[attention_mask.bool()] = torch.tensor([f for row in flags for f in row], dtype=torch.long)
+    return {"input_ids": padded["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
 
 
 def _layer_indices(model, wanted: Optional[list]) -> Optional[list]:
