@@ -65,7 +65,7 @@ def _union_length(intervals) -> float:
 
 def overlap_summary(events, steps: int) -> str:
     """One line: the profiled steps' wall time per step, and the share of it the device was busy."""
-    step_spans = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep#")]
+    step_spans = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("ProfilerStep")]
     if not step_spans:
         return "profile: no complete step was recorded"
     wall = max(end for _, end in step_spans) - min(start for start, _ in step_spans)

@@ -7,9 +7,11 @@
 Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples (no text twice in
 a micro-batch); a micro-batch's queries are scored against its positives and its hard negatives
 (the negative of the current curriculum stage, or all four under ``schedule="all"``). In-batch
-negatives come from the micro-batch only.
+negatives come from the micro-batch only. The micro-batches come from a DataLoader
+(:mod:`mgh_train.batches`), the step is :class:`mgh_train.step.TrainStep`, and nothing in the loop
+reads a device value except at logging steps (:mod:`mgh_train.metrics`).
 
-A run folder holds ``metrics.jsonl`` (one row per ``log_every`` steps), ``checkpoints/step-N/``
+A run folder holds ``metrics.jsonl`` (one row per step, written at each logging step), ``checkpoints/step-N/``
 (trainable weights, optimizer, scheduler, sampler position and every RNG state, so ``--resume``
 continues with the very losses an uninterrupted run has), and ``model/`` (the final embedder,
 loadable by :meth:`Embedder.load` and sentence-transformers). A folder belongs to one run: how a
