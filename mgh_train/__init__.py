@@ -6,6 +6,7 @@ The sentence-transformers integration is importable from here (loaded on first u
 sentence-transformers, ``pip install mgh[eval]``)::
 
     from mgh_train import FusedMultipleNegativesRankingLoss, FusedCachedMultipleNegativesRankingLoss
+    from mgh_train import ATAPooling
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "FusedMultipleNegativesRankingLoss": "st_losses",
     "FusedCachedMultipleNegativesRankingLoss": "st_losses",
+    "ATAPooling": "st_modules",
 }
 
 
@@ -24,4 +26,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FusedCachedMultipleNegativesRankingLoss", "FusedMultipleNegativesRankingLoss"]
+__all__ = ["ATAPooling", "FusedCachedMultipleNegativesRankingLoss", "FusedMultipleNegativesRankingLoss"]
