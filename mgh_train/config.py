@@ -17,6 +17,7 @@ from typing import Optional
 
 from .data import check_schedule
 from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
+from .trackers import check_report_to
 
 NEGATIVE_MODES = ("global", "own")
 LOSSES = ("fused", "eager")
@@ -51,8 +52,9 @@ class TrainConfig:
     max_length: int = _opt(512, "longest input in tokens (longer texts are truncated)", group="model")
     gradient_checkpointing: bool = _opt(False, "re-compute activations in backward (saves memory)", group="model")
     # data
-    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron JSONL files "
-                                      "(default: the seed set shipped in the package)", group="data")
+    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron rows: JSONL or Parquet "
+                                      "files, or datasets folders (save_to_disk); default: the seed set shipped "
+                                      "in the package", group="data")
     public_data: Optional[list] = _opt(None, "retrieval data without levels, mixed in at --public-ratio",
                                        group="data")
     public_ratio: float = _opt(0.0, "share of public examples in the training set, in [0, 1)", group="data")
@@ -88,6 +90,9 @@ class TrainConfig:
                                         group="output")
     eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
     progress: bool = _opt(True, "show a progress bar", group="output")
+    report_to: Optional[list] = _opt(None, "trackers of the metric rows: tensorboard, wandb, mlflow (offline, in "
+                                           "the run folder) or none (default: tensorboard when installed)",
+                                     group="output")
 
     def __post_init__(self):
         self.validate()
@@ -111,6 +116,7 @@ class TrainConfig:
         need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
         need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
         check_schedule(self.schedule)
+        check_report_to(self.report_to)
         return self
 
     def embedder_options(self) -> dict:

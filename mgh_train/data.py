@@ -14,6 +14,9 @@ per row from its keys:
 Rows from the last three have no difficulty levels (``level=None``). A bad row raises
 :class:`DataError` naming the file, the line and what is wrong, or with ``skip_bad_rows=True`` is
 skipped and counted.
+
+Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the same columns
+(:mod:`mgh_train.data_tables`); their bad rows are named ``file:row N`` (N from 0).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
+
+from .data_tables import is_table
 
 LEVELS = (1, 2, 3, 4)
 SCHEDULES = ("curriculum", "reverse", "random", "all")  # and "level:N"
@@ -164,6 +169,8 @@ def read_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
     ``skip_bad_rows`` collects the bad rows in ``report.skipped`` and goes on.
     """
     path = Path(path)
+    if is_table(path):
+        return read_table_examples(path, skip_bad_rows=skip_bad_rows)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     report = ReadReport()
@@ -178,6 +185,30 @@ def read_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
                 if not skip_bad_rows:
                     raise DataError(f"{path}:{number}: {reason}") from None
                 report.skipped.append((number, reason))
+    return report
+
+
+def read_table_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
+    """Read a Parquet file or a ``datasets`` folder of training rows (see :mod:`.data_tables`).
+
+    As :func:`read_examples`, with ``file:row N: what is wrong`` (N counted from 0) for a bad row,
+    and row indices in ``report.skipped``.
+    """
+    from .data_tables import table_rows
+
+    report = ReadReport()
+    try:
+        for index, row in enumerate(table_rows(path)):
+            try:
+                report.examples.append(parse_row(row))
+            except (ValueError, TypeError) as err:
+                if not skip_bad_rows:
+                    raise DataError(f"{path}:row {index}: {err}") from None
+                report.skipped.append((index, str(err)))
+    except DataError:
+        raise
+    except ValueError as err:  # the table itself cannot be read
+        raise DataError(str(err)) from None
     return report
 
 

@@ -34,6 +34,7 @@ from mgh_kernels import infonce_loss, reference
 from .config import TrainConfig
 from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, read_sts_pairs, stage_at
 from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig, autocast
+from .trackers import open_trackers, resolve as resolve_trackers
 
 
 class TrainingStopped(RuntimeError):
@@ -226,14 +227,6 @@ def _metrics_log(path: Path, start: int):
     return path.open("a", encoding="utf-8")
 
 
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
-
-
 def build_embedder(cfg: TrainConfig) -> Embedder:
     embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options()))
     if cfg.gradient_checkpointing:
@@ -245,6 +238,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
           report_accuracy: bool = True) -> TrainResult:
     """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models)."""
     cfg.validate()
+    resolve_trackers(cfg.report_to)  # a tracker asked for but not installed stops the run here
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -299,8 +293,8 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
 
     loss_fn = infonce_loss if cfg.loss == "fused" else reference.infonce
     batches = iter(batcher)
+    board = open_trackers(cfg.report_to, output, cfg.to_dict())
     metrics = _metrics_log(output / "metrics.jsonl", start)
-    board = _tensorboard(output)
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -353,10 +347,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "stsb_dev_spearman" in row:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                if board is not None:
-                    for key, value in row.items():
-                        if key != "step":
-                            board.add_scalar(key, value, step + 1)
+                board.log(row, step + 1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
                                                   scheduler=scheduler, batcher=batcher, rng=rng, cfg=cfg)
@@ -364,8 +355,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         if bar is not None:
             bar.close()
         metrics.close()
-        if board is not None:
-            board.close()
+        board.close()
 
     embedder.eval()
     if cfg.eval_data_dir:
@@ -377,7 +367,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         result.accuracy_after = retrieval_accuracy(embedder, held)
         log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
             f"MRR {result.accuracy_after['mrr']:.3f}")
-    result.model_path = embedder.save(output / "model")
+    result.model_path = embedder.save(output / "model", training=cfg.to_dict())
     log(f"model saved to {result.model_path}")
     return result
 
