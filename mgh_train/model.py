@@ -18,10 +18,12 @@ encodes to the same vectors as :meth:`Embedder.encode` (mgh must be installed wh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -226,7 +228,8 @@ class Embedder(torch.nn.Module):
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+            with _peft_quietly():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         elif config.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -238,7 +241,8 @@ class Embedder(torch.nn.Module):
                 target_modules=targets,
                 bias="none",
             )
-            model = get_peft_model(model, lora)
+            with _peft_quietly():
+                model = get_peft_model(model, lora)
         else:
             model.requires_grad_(False)
         return cls(model, tokenizer, config)
@@ -401,7 +405,10 @@ class Embedder(torch.nn.Module):
             base = "base"
         else:
             if is_peft:
-                self.model.save_pretrained(path / "adapter")
+                # "auto" would look the base's config.json up (on the hub, for a GGUF or in-memory base)
+                # to learn whether the vocabulary changed; only an adapter on the embeddings needs it.
+                embeddings = any("lora_embedding" in name for name, _ in self.model.named_parameters())
+                self.model.save_pretrained(path / "adapter", save_embedding_layers="auto" if embeddings else False)
                 adapter = "adapter"
             if self.config.base_model is None or merged:
                 _save_base(self.model, _clean_base_state(self.model), path / "base", self.config.dtype)
@@ -480,6 +487,15 @@ class Embedder(torch.nn.Module):
         if device is not None:
             embedder.to(device)
         return embedder.train(trainable)
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model, and
+    transformers 5 warns about it on every call: a FutureWarning about peft's code, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _layer_indices(model, wanted: Optional[list]) -> Optional[list]:
