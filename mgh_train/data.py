@@ -171,6 +171,9 @@ def read_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
     path = Path(path)
     if is_table(path):
         return read_table_examples(path, skip_bad_rows=skip_bad_rows)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, but not a datasets folder (save_to_disk writes dataset_info.json "
+                        "or dataset_dict.json); pass JSON Lines or Parquet files, or such a folder")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     report = ReadReport()

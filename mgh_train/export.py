@@ -21,7 +21,8 @@ the export says so); and bidirectional attention cannot be expressed by a stock 
 so such a model is refused (use ``--format mgh``). With ``exclude_instruction``,
 sentence-transformers counts a prompt's tokens on their own: where the prompt ends in a space
 that merges with the text's first word (the default template), that first token is left out of
-queries' pooling too (mgh keeps it), which the export reports.
+queries' pooling too (mgh keeps it); and its ``weightedmean`` weighs tokens by their position in
+the whole text, prompt included. The export reports both (documents are unaffected).
 
 Every export gets a model card (``README.md``, :mod:`mgh_train.model_card`), with ``--eval`` an
 mteb result folder's scores as ``model-index``. The folder is written under a temporary name and
@@ -72,11 +73,22 @@ def _check_exportable(embedder: Embedder) -> None:
                          "use --format mgh")
 
 
-def _prompt_note(embedder: Embedder) -> Optional[str]:
-    """How sentence-transformers' prompt exclusion differs from mgh's for this model, if it does."""
-    cfg, tok = embedder.config, embedder.tokenizer
+def _prompt_notes(embedder: Embedder) -> list:
+    """How sentence-transformers' prompt exclusion differs from mgh's for this model (queries only)."""
+    cfg = embedder.config
     if not cfg.exclude_instruction:
-        return None
+        return []
+    boundary = _boundary_note(embedder)
+    notes = [] if boundary is None else [boundary]
+    if cfg.pooling == "weighted_mean":
+        notes.append("queries: sentence-transformers' weightedmean weighs a token by its position in the whole "
+                     "text, prompt included, where mgh counts the pooled tokens only: query vectors differ, "
+                     "documents' are identical")
+    return notes
+
+
+def _boundary_note(embedder: Embedder) -> Optional[str]:
+    cfg, tok = embedder.config, embedder.tokenizer
     prefix = cfg.query_template.format(instruction=DEFAULT_INSTRUCTION)
     ids = tok(prefix, add_special_tokens=True)["input_ids"]
     alone = len(ids) - (1 if ids and ids[-1] in tok.all_special_ids else 0)  # sentence-transformers' count
@@ -124,12 +136,10 @@ def export_sentence_transformers(embedder: Embedder, output, *, eval_results=Non
         prompts = {"query": cfg.query_template.format(instruction=DEFAULT_INSTRUCTION), "document": ""}
         model = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
         model.save(str(tmp), create_model_card=False)
-        note = _prompt_note(embedder)
-        if note:
-            notes.append(note)
+        notes += _prompt_notes(embedder)
         write_model_card(tmp, embedder=dataclasses.asdict(cfg), base_model=embedder.origin,
                          training=embedder.run_options, results=eval_results, name=output.name,
-                         needs_mgh=cfg.pooling == "ata")
+                         needs_mgh=cfg.pooling == "ata", notes=notes)
     return Exported(output, cfg.pooling == "ata", notes)
 
 

@@ -132,11 +132,11 @@ def render(meta: dict, body: str) -> str:
     return f"---\n{front}---\n\n{body}"
 
 
-def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optional[list]) -> str:
+def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optional[list], notes=()) -> str:
     pooling = embedder.get("pooling", "ata")
     base = meta.get("base_model", "a decoder LLM")
     lines = [f"# {name}", "",
-             f"A text embedder trained with [mgh](https://pypi.org/project/mgh/) from `{base}`: "
+             f"A text embedder trained with mgh from `{base}`: "
              f"{pooling.replace('_', '-')} pooling over the last hidden states"
              + (", unit-length vectors" if embedder.get("normalize", True) else "") + ".", ""]
     template = embedder.get("query_template", "Instruct: {instruction}\nQuery: ")
@@ -149,8 +149,8 @@ def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optio
     lines += [f"Queries take the prefix `{json.dumps(template)[1:-1]}` with the task's instruction "
               "(the saved prompt `query` holds a generic one); documents take none.", ""]
     if needs_mgh:
-        lines += ["Loading needs mgh installed (`pip install mgh[eval]`): its ATA pooling module runs the "
-                  "fused attention kernel inside the model.", ""]
+        lines += ["Loading needs mgh installed (with its `eval` extra) and `trust_remote_code=True`: mgh's "
+                  "modules run the model (ATA pooling: the fused attention kernel inside it).", ""]
     else:
         lines += ["Stock sentence-transformers modules only: loading needs neither mgh nor "
                   "`trust_remote_code`.", ""]
@@ -158,12 +158,14 @@ def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optio
         lines += ["## MTEB", "", "| task | split | main score |", "|---|---|---|"]
         lines += [f"| {r['task']} | {r['split']} | {100.0 * r['main_score']:.2f} |" for r in results]
         lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     lines += ["## Training", "", "The embedder's and the run's options are in this card's metadata under `mgh`.", ""]
     return "\n".join(lines)
 
 
 def write_model_card(folder, *, embedder: dict, base_model: Optional[str], training: Optional[dict] = None,
-                     results=None, name: Optional[str] = None, needs_mgh: bool = False) -> Path:
+                     results=None, name: Optional[str] = None, needs_mgh: bool = False, notes=()) -> Path:
     """Write ``folder/README.md``.
 
     Args:
@@ -175,6 +177,7 @@ def write_model_card(folder, *, embedder: dict, base_model: Optional[str], train
             become ``model-index``.
         name: the model's name in the card (default: the folder's name).
         needs_mgh: loading needs mgh (our modules in ``modules.json``).
+        notes: sentences on how the folder's vectors differ from mgh's own, if they do.
     """
     folder = Path(folder)
     name = name or folder.resolve().name
@@ -182,7 +185,7 @@ def write_model_card(folder, *, embedder: dict, base_model: Optional[str], train
     meta = card_metadata(embedder=embedder, base_model=base_model, training=training, results=scores,
                          name=name, needs_mgh=needs_mgh)
     path = folder / CARD_NAME
-    path.write_text(render(meta, _body(name, meta, embedder, needs_mgh, scores)), encoding="utf-8")
+    path.write_text(render(meta, _body(name, meta, embedder, needs_mgh, scores, notes)), encoding="utf-8")
     return path
 
 

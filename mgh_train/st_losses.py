@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
-from sentence_transformers.base.losses.gradcache import CachedLossMixin, _validate_mini_batch_num_tokens
+from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.util import cos_sim, dot_score, pytorch_cos_sim, similarity_fct_name
 from torch import Tensor, nn
 
@@ -277,7 +277,9 @@ class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
                              "use FusedMultipleNegativesRankingLoss")
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size: expected a positive integer, got {mini_batch_size!r}")
-        _validate_mini_batch_num_tokens(mini_batch_num_tokens)
+        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool) or
+                                                  not isinstance(mini_batch_num_tokens, int) or mini_batch_num_tokens < 1):
+            raise ValueError(f"mini_batch_num_tokens: expected a positive integer or None, got {mini_batch_num_tokens!r}")
         self.model = model
         self.loss = FusedMultipleNegativesRankingLoss(model, scale=scale, similarity_fct=similarity_fct,
                                                       gather_across_devices=gather_across_devices)

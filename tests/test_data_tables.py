@@ -78,6 +78,9 @@ def test_unreadable_tables_and_missing_packages_say_so(tmp_path, monkeypatch):
     splits.save_to_disk(str(tmp_path / "two"))
     with pytest.raises(DataError, match="without a 'train' split"):
         read_examples(tmp_path / "two")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="plain: a folder, but not a datasets folder"):
+        read_examples(tmp_path / "plain")
     folder = dataset_folder(tmp_path, MGH)
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now fails
     with pytest.raises(DataError, match=r"needs the datasets package \(pip install mgh\[data\]\)"):

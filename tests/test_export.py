@@ -105,6 +105,19 @@ def test_ata_export_keeps_our_module_and_says_so(tmp_path):
     assert "custom_code" in read_card_metadata(tmp_path / "st")["tags"]
 
 
+def test_what_stock_pooling_cannot_express_is_reported(tmp_path):
+    embedder = build(pooling="weighted_mean", exclude_instruction=True, query_template=NEWLINE_TEMPLATE)
+    folder = embedder.save(tmp_path / "model")
+    result = export(str(folder), str(tmp_path / "st"), format="sentence-transformers")
+    assert len(result.notes) == 1 and "weightedmean" in result.notes[0]
+    assert result.notes[0] in (result.path / "README.md").read_text()
+    queries, documents = load_without_mgh(tmp_path, [
+        {"folder": str(result.path), "texts": TEXTS, "prompt": embedder.prefix(TASK)},
+        {"folder": str(result.path), "texts": TEXTS, "prompt": None}])
+    close(documents, embedder.encode(TEXTS))
+    assert (queries - embedder.encode(TEXTS, instruction=TASK)).abs().max() > 1e-3
+
+
 def test_bidirectional_models_are_refused_and_nothing_is_left(tmp_path):
     folder = build(pooling="mean", bidirectional=True).save(tmp_path / "model")
     with pytest.raises(ValueError, match="^format: a bidirectional model"):
