@@ -56,9 +56,9 @@ def make_loss(name: str, model, gather: bool = False):
     if name == "fused":
         return FusedMultipleNegativesRankingLoss(model, gather_across_devices=gather)
     if name == "cached":
-        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, gather_across_devices=gather)
+        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, gather_across_devices=gather)
     if name == "fused-cached":
-        return FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=3, gather_across_devices=gather)
+        return FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=4, gather_across_devices=gather)
     raise ValueError(name)
 
 
