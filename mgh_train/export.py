@@ -113,7 +113,7 @@ def export_sentence_transformers(embedder: Embedder, output, *, eval_results=Non
     cfg = embedder.config
     notes = []
     output = Path(output)
-    with atomic_folder(output) as tmp:
+    with atomic_folder(output, markers=("modules.json", "mgh_config.json")) as tmp:
         _save_base(embedder.merged_model(), None, tmp, cfg.dtype)
         tokenizer = _copy_tokenizer(embedder.tokenizer, tmp)
         if cfg.add_eos:

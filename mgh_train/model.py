@@ -392,11 +392,14 @@ class Embedder(torch.nn.Module):
         ``path`` as it was.
         """
         path = Path(path)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, markers=(CONFIG_NAME, "modules.json")) as tmp:
             self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=path.name)
         return path
 
-    def _write(self, path: Path, *, merged: bool, training: Optional[dict], eval_results, name: str) -> None:
+    def _write(self, path: Path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
+               name: Optional[str] = None) -> None:
+        """Write the folder's files into ``path`` (an existing folder), as :meth:`save` describes."""
+        name = name or path.resolve().name
         cfg = asdict(self.config)
         is_peft = hasattr(self.model, "peft_config")
         adapter = base = None

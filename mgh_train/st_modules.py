@@ -57,7 +57,10 @@ class MGHTransformer(InputModule):
         return self.get_sentence_embedding_dimension()
 
     def save(self, output_path: str, *args, **kwargs) -> None:
-        self.embedder.save(output_path)
+        from pathlib import Path
+
+        # sentence-transformers owns the folder (its other modules' files are written around ours)
+        self.embedder._write(Path(output_path))
 
 
 class MGHPooling(Module):

@@ -162,6 +162,23 @@ def test_model_cards_carry_hub_metadata_and_mteb_scores(tmp_path):
         export(str(folder), str(tmp_path / "x"), eval_results=str(tmp_path / "missing"))
 
 
+def test_saving_never_replaces_a_folder_that_is_not_a_model(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    embedder = build(pooling="mean")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="^output: .*notes exists and is not a model folder"):
+        embedder.save(tmp_path / "notes")
+    with pytest.raises(ValueError, match="^output: .*notes exists and is not a model folder"):
+        export(str(embedder.save(tmp_path / "model")), str(tmp_path / "notes"), format="sentence-transformers")
+    assert os.listdir(tmp_path / "notes") == ["mine.txt"]
+    # sentence-transformers' own save of an mgh model writes into the folder it prepared.
+    loaded = st.SentenceTransformer(str(tmp_path / "model"), trust_remote_code=True, device="cpu")
+    loaded.save(str(tmp_path / "again"))
+    again = st.SentenceTransformer(str(tmp_path / "again"), trust_remote_code=True, device="cpu")
+    close(again.encode(TEXTS, convert_to_tensor=True), embedder.encode(TEXTS))
+
+
 def test_a_failed_save_leaves_the_previous_folder_as_it_was(tmp_path, monkeypatch):
     from mgh_train import model as model_module
 
