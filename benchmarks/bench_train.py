@@ -2,21 +2,27 @@
 
 Run with ``pytest --benchmark`` (skipped without CUDA). One group per shape, four entries on the
 same model architecture and inputs, each a whole optimizer step (queries and documents forward,
-pooling, InfoNCE with in-batch + one hard negative, backward, AdamW), fp32 weights under bf16
-autocast as the trainer runs them:
+pooling, InfoNCE with in-batch + one hard negative, backward, AdamW), in the precision the trainer's
+defaults take on the device (``mgh_train.precision.resolve``: on a GPU, bfloat16 base weights and
+float32 LoRA weights under bfloat16 autocast):
 
 * ``ATA fused + fused loss`` (ours): ``enable_ata`` in the last layer, SDPA elsewhere,
   ``infonce_loss``;
 * ``ATA fused + eager loss``: the same with ``reference.infonce``;
 * ``eager output_attentions + eager loss`` (eager): every layer eager with ``output_attentions``,
   ``ata_pool`` on the last layer's probabilities, ``reference.infonce``;
-* ``SDPA + mean pooling + fused loss`` (fused): no ATA at all: the floor ATA is judged against.
+* ``SDPA + mean pooling + fused loss`` (fused): no ATA at all: the floor ATA is judged against;
+* ``ATA fused + fused loss, float32 base weights``: ours with the base weights kept float32 under
+  the same autocast, which re-casts every frozen weight in every forward (autocast caches only the
+  casts of weights that take gradients): the measurement behind the trainer's default of
+  bfloat16 base weights on a GPU.
 
 Throughput is ``batch / median``; the ratio table prints the medians. The GGUF of SmolLM2 cannot
 travel to a GPU machine, and speed does not depend on the weights, so the model is built from its
 config.
 """
 
+import dataclasses
 import gc
 
 import pytest
@@ -32,21 +38,29 @@ VARIANTS = {
     "ata_eager_loss": ("ATA fused + eager loss", "other"),
     "eager": ("eager output_attentions + eager loss", "eager"),
     "sdpa_mean": ("SDPA + mean pooling + fused loss", "fused"),
+    "ours_fp32_weights": ("ATA fused + fused loss, float32 base weights", "other"),
 }
 CASES = [(32, 128), (32, 512), (128, 256)]  # (queries per batch, tokens per text)
 
 
-def make_step(variant: str, device, dims: dict, batch: int, length: int, seed: int = 0):
-    """A closure running one optimizer step of ``variant`` (a key of VARIANTS) on fixed inputs."""
+def make_step(variant: str, device, dims: dict, batch: int, length: int, seed: int = 0, precision=None):
+    """A closure running one optimizer step of ``variant`` (a key of VARIANTS) on fixed inputs, in
+    ``precision`` (default: the trainer's default on ``device``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaModel
 
+    from mgh_train.precision import resolve
+
+    precision = precision or resolve(device)
+    if variant == "ours_fp32_weights":
+        precision = dataclasses.replace(precision, weights=torch.float32)
     config = LlamaConfig(**dims, attention_dropout=0.0)
     config._attn_implementation = "eager" if variant == "eager" else "sdpa"
     torch.manual_seed(seed)
-    model = get_peft_model(LlamaModel(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    base = LlamaModel(config).to(precision.weights)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.to(device).train()
-    capture = enable_ata(model) if variant in ("ours", "ata_eager_loss") else None
+    capture = enable_ata(model) if variant in ("ours", "ata_eager_loss", "ours_fp32_weights") else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(seed)
 
@@ -58,7 +72,7 @@ def make_step(variant: str, device, dims: dict, batch: int, length: int, seed: i
 
     queries, documents = inputs(batch), inputs(2 * batch)  # positives, then one hard negative each
     loss_fn = reference.infonce if variant in ("eager", "ata_eager_loss") else infonce_loss
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    scaler = precision.grad_scaler()
 
     def embed(ids, mask):
         if variant == "eager":
@@ -70,12 +84,17 @@ def make_step(variant: str, device, dims: dict, batch: int, length: int, seed: i
         return ata_pool(out.last_hidden_state.float(), mask, colsum=capture.colsum)
 
     def step():
-        with autocast:
+        with precision.autocast_context():
             q = embed(*queries)
             d = embed(*documents)
         loss = loss_fn(q.float(), d[:batch].float(), d[batch:].float()[:, None, :], tau=0.05)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU round: the machine and versions, the GPU correctness tests of ata_attention (bf16
-# included) and enable_ata, then the attention and reference benchmarks (pytest-benchmark JSON
-# plus the ratio table in the log).
+# included), enable_ata and the trainer's default precision (bf16 weights under bf16 autocast),
+# then the attention, InfoNCE, training-step (in that default precision) and reference benchmarks
+# (pytest-benchmark JSON plus the ratio table in the log).
 #
 # Run from the repository root on a CUDA machine that has torch and triton (this package need not
 # be installed: PYTHONPATH=. is used):
@@ -58,8 +59,10 @@ print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no
 EOF
 
     if wants tests; then
-        step "GPU correctness tests: tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py tests/test_compile.py"
-        "$PY" -m pytest -q tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py tests/test_compile.py || failed+=("tests")
+        local tests=(tests/test_attention.py tests/test_enable_ata.py tests/test_infonce.py tests/test_compile.py
+                     tests/test_autocast.py tests/test_bench_train.py)
+        step "GPU correctness tests: ${tests[*]}"
+        "$PY" -m pytest -q "${tests[@]}" || failed+=("tests")
     fi
 
     if wants colsum && ! wants sweeps; then

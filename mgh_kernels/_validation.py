@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._backend import cast_dtype
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -40,8 +42,11 @@ def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.
         raise ValueError(f"{name}: expected to be on {ref.device} like {ref_name}, got {value.device}")
 
 
-def check_same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if value.dtype != ref.dtype:
+def check_same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor,
+                     amp: Optional[torch.dtype] = None) -> None:
+    """Require ``value``'s dtype to be ``ref``'s; under autocast (``amp``, the autocast dtype), the
+    dtypes they compute in after autocast's cast (so float32 and bfloat16 agree under bf16 autocast)."""
+    if cast_dtype(value, amp) != cast_dtype(ref, amp):
         raise ValueError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {value.dtype}")
 
 
@@ -110,17 +115,18 @@ def check_positive(name: str, value, *, allow_none: bool = False) -> Optional[fl
     return float(value)
 
 
-def check_attention_args(q, k, v, *, causal, key_padding_mask, scale):
+def check_attention_args(q, k, v, *, causal, key_padding_mask, scale, amp=None):
     """Validate self-attention arguments; return (bool mask [B, L] or None, scale as float).
 
-    q: [B, Hq, L, D]; k, v: [B, Hkv, L, D] with Hq a multiple of Hkv; same dtype and device.
+    q: [B, Hq, L, D]; k, v: [B, Hkv, L, D] with Hq a multiple of Hkv; same device and same dtype,
+    or under autocast (``amp``, the autocast dtype) dtypes that autocast casts alike.
     """
     check_tensor("q", q, ndim=4, layout="[B, Hq, L, D]")
     check_tensor("k", k, ndim=4, layout="[B, Hkv, L, D]")
     check_tensor("v", v, ndim=4, layout="[B, Hkv, L, D]")
     check_float("q", q)
     for name, t in (("k", k), ("v", v)):
-        check_same_dtype(name, t, "q", q)
+        check_same_dtype(name, t, "q", q, amp)
         check_same_device(name, t, "q", q)
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
@@ -148,12 +154,13 @@ NEGATIVE_MODES = ("global", "own")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_infonce_args(q, pos, neg, *, tau, negatives, reduction) -> float:
-    """Validate InfoNCE arguments (q, pos [B, D]; neg None or [B, K, D]); return tau as float."""
+def check_infonce_args(q, pos, neg, *, tau, negatives, reduction, amp=None) -> float:
+    """Validate InfoNCE arguments (q, pos [B, D]; neg None or [B, K, D]); return tau as float.
+    Dtypes as in :func:`check_attention_args`."""
     check_tensor("q", q, ndim=2, layout="[B, D]")
     check_float("q", q)
     check_tensor("pos", pos, ndim=2, layout="[B, D]")
-    check_same_dtype("pos", pos, "q", q)
+    check_same_dtype("pos", pos, "q", q, amp)
     check_same_device("pos", pos, "q", q)
     if tuple(pos.shape) != tuple(q.shape):
         raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
@@ -162,7 +169,7 @@ def check_infonce_args(q, pos, neg, *, tau, negatives, reduction) -> float:
         raise ValueError(f"q: expected at least one query (B >= 1) of at least one dimension, got shape {list(q.shape)}")
     if neg is not None:
         check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
-        check_same_dtype("neg", neg, "q", q)
+        check_same_dtype("neg", neg, "q", q, amp)
         check_same_device("neg", neg, "q", q)
         check_dim("neg", neg, 0, batch, "batch B of q")
         check_dim("neg", neg, 2, dim, "embedding dim D of q")

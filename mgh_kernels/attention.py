@@ -1008,6 +1008,7 @@ def _forward_op_gradients(ctx, dout, dcolsum, _):
 
 
 _forward_op.register_autograd(_forward_op_gradients, setup_context=_save_for_backward_op)
+_backend.register_autocast("mgh::ata_attention_forward", cast=(0, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1085,37 +1086,51 @@ def ata_attention(
         q: [B, Hq, L, D] queries; float16, bfloat16 or float32 on CUDA (float32 accumulation),
             any float dtype on CPU. Head dims up to 256, any L.
         k, v: [B, Hkv, L, D], same dtype and device; ``Hq`` a multiple of ``Hkv`` (GQA, handled in
-            the kernel without repeating K/V).
+            the kernel without repeating K/V). Under ``torch.autocast`` for their device type the
+            three may differ in dtype (rotary embedding leaves q and k float32 beside a bfloat16
+            v): as for PyTorch's SDPA, they are cast once to the autocast dtype, which ``out``
+            then has.
         causal: query i sees keys j <= i; otherwise all keys.
         key_padding_mask: [B, L] bool or 0/1, True = real token (left or right padding).
         scale: softmax scale, default 1/sqrt(D).
         return_colsum: also compute the column sums (skip them for plain attention).
 
     Returns:
-        ``out`` [B, Hq, L, D] in ``q.dtype`` (zero at padded queries) and ``colsum`` [B, L]
-        float32 (sum over valid queries of the probabilities, averaged over heads; zero at padded
+        ``out`` [B, Hq, L, D] in ``q.dtype`` (the autocast dtype under autocast; zero at padded
+        queries) and ``colsum`` [B, L] float32 (sum over valid queries of the probabilities, averaged over heads; zero at padded
         keys), or ``None`` when ``return_colsum`` is False. Differentiable through both.
+
+    Values are not checked (that would synchronise with the host on every call): NaN or infinity
+    in ``q``, ``k`` or ``v`` gives NaN in the outputs of the rows it reaches. mgh's trainer stops
+    at a non-finite loss and names the first parameter or layer output that went non-finite.
     """
     global _last_backend, _last_forward
-    mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    amp = _backend.autocast_dtype(q)
+    mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                       amp=amp)
     if not isinstance(return_colsum, bool):
         raise ValueError(f"return_colsum: expected True or False, got {return_colsum!r}")
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"q: expected a head dim D <= {MAX_HEAD_DIM}, got shape {list(q.shape)}")
-    backend = _backend.select(q)
-    _backend.check_kernel_dtype("q", q, backend)
+    dtype = _backend.cast_dtype(q, amp)
+    backend = _backend.select(q, dtype)
+    _backend.check_kernel_dtype("q", dtype, q.device, backend)
     if q.numel() == 0:
         raise ValueError(f"q: expected a non-empty tensor, got shape {list(q.shape)}")
     _last_backend = backend
-    if not torch.compiler.is_compiling():  # a logging call is a graph break
-        logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), q.dtype)
-    if backend == _backend.CHUNKED:
-        _last_forward = None
-        return _chunked(q, k, v, mask, causal, scale, return_colsum)
     compiling = torch.compiler.is_compiling()
-    key_bias = _padding_bias(mask, drop_unpadded=not compiling)  # compiled: no host sync
-    if compiling:
+    if not compiling:  # a logging call is a graph break
+        logger.debug("ata_attention: %s path for %s %s", backend, list(q.shape), dtype)
+    if backend != _backend.CHUNKED and compiling:
+        # the custom op's registered autocast rule casts q, k and v, as autocast does for SDPA
+        key_bias = _padding_bias(mask, drop_unpadded=False)  # compiled: no host sync
         out, colsum, _ = _forward_op(q, k, v, key_bias, causal, scale, return_colsum)
-    else:
+        return out, (colsum if return_colsum else None)
+    q, k, v = _backend.autocast_inputs(amp, q, k, v)
+    with _backend.autocast_off(q.device):
+        if backend == _backend.CHUNKED:
+            _last_forward = None
+            return _chunked(q, k, v, mask, causal, scale, return_colsum)
+        key_bias = _padding_bias(mask, drop_unpadded=True)
         out, colsum = _ATAAttentionFunction.apply(q, k, v, key_bias, causal, scale, return_colsum)
     return out, (colsum if return_colsum else None)

@@ -125,6 +125,30 @@ def _dots(A, stride_a, offs_a, a_in, C, stride_c, offs_c, c_in, D, PRECISION: tl
 
 
 @triton.jit
+def _logits(dots, rq_over_tau, rc):
+    """Logits from raw dot products [BLOCK_M, BLOCK_N], ``rq / tau`` per row and ``rc`` per column,
+    rounded the same way in the forward and in the backward's re-computation: a logit the two
+    round differently (by a few ulps of up to 1 / tau) would make a dominant probability
+    exp(z - lse) miss 1 by as much, where PyTorch's, computed from the very logits of its lse, is
+    exact to float32."""
+    return dots * rq_over_tau[:, None] * rc[None, :]
+
+
+@triton.jit
+def _probabilities(z, LSE, offs_m, row_in):
+    """Softmax probabilities of logits z [BLOCK_M, N] from their rows' log-sum-exp, kept as LSE
+    [B, 2]: the row's largest logit m and log(sum exp(z - m)). p = exp((z - m) - log_sum) never
+    rounds the log-sum-exp at the logits' magnitude (up to 1 / tau), so a dominant probability is
+    exact to float32 as in PyTorch's log-softmax, where exp(z - lse) would miss it by an ulp of
+    1 / tau."""
+    top = tl.load(LSE + 2 * offs_m, mask=row_in, other=0.0)
+    log_sum = tl.load(LSE + 2 * offs_m + 1, mask=row_in, other=0.0)
+    if len(z.shape) == 2:
+        return tl.exp((z - top[:, None]) - log_sum[:, None])
+    return tl.exp((z - top) - log_sum)
+
+
+@triton.jit
 def _online_logsumexp(m_i, l_i, o_i, z, is_target):
     """Fold a [BLOCK_M, BLOCK_N] tile of logits into each row's running max, sum of exp, and sum
     of exp over the non-target candidates (so 1 - p_target = o / l keeps its precision when the
@@ -163,7 +187,7 @@ def _global_fwd_kernel(
         col_in = offs_n < tl.minimum(hi, NP)
         rc = tl.load(RP + offs_n, mask=col_in, other=0.0)
         z = _dots(Q, stride_q, offs_m, row_in, P, stride_p, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
+        z = tl.where(col_in[None, :], _logits(z, rq, rc), float("-inf"))
         target = offs_n[None, :] == (offs_m + pos_offset)[:, None]
         pos += tl.sum(tl.where(target, z, 0.0), 1)
         m_i, l_i, o_i = _online_logsumexp(m_i, l_i, o_i, z, target)
@@ -172,7 +196,7 @@ def _global_fwd_kernel(
         col_in = offs_n < hi - NP
         rc = tl.load(RN + offs_n, mask=col_in, other=0.0)
         z = _dots(Q, stride_q, offs_m, row_in, NEG, stride_n, offs_n, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        z = tl.where(col_in[None, :], z * rq[:, None] * rc[None, :], float("-inf"))
+        z = tl.where(col_in[None, :], _logits(z, rq, rc), float("-inf"))
         m_i, l_i, o_i = _online_logsumexp(m_i, l_i, o_i, z, offs_n[None, :] < 0)
     part = split * B + offs_m
     tl.store(M_PART + part, m_i, mask=row_in)
@@ -198,8 +222,9 @@ def _query_loss(lse, pos_logit, tail):
 
 @triton.jit
 def _combine_splits_kernel(M_PART, L_PART, O_PART, POS_PART, LSE, TAIL, LOSS, B, SPLITS, BLOCK: tl.constexpr):
-    """Per query: the splits' partial statistics ([SPLITS, B] each) folded into the log-sum-exp and
-    1 - p_positive (the backward's), and the loss; one launch where a dozen small PyTorch ops stood."""
+    """Per query: the splits' partial statistics ([SPLITS, B] each) folded into the log-sum-exp (LSE
+    [B, 2], see ``_probabilities``) and 1 - p_positive (the backward's), and the loss; one launch
+    where a dozen small PyTorch ops stood."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_in = offs < B
     top = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -214,11 +239,12 @@ def _combine_splits_kernel(M_PART, L_PART, O_PART, POS_PART, LSE, TAIL, LOSS, B,
         total += tl.load(L_PART + part, mask=row_in, other=1.0) * weight
         other += tl.load(O_PART + part, mask=row_in, other=0.0) * weight
         pos_logit += tl.load(POS_PART + part, mask=row_in, other=0.0)
-    lse = top + tl.log(total)
+    log_sum = tl.log(total)
     tail = other / total
-    tl.store(LSE + offs, lse, mask=row_in)
+    tl.store(LSE + 2 * offs, top, mask=row_in)
+    tl.store(LSE + 2 * offs + 1, log_sum, mask=row_in)
     tl.store(TAIL + offs, tail, mask=row_in)
-    tl.store(LOSS + offs, _query_loss(lse, pos_logit, tail), mask=row_in)
+    tl.store(LOSS + offs, _query_loss(top + log_sum, pos_logit, tail), mask=row_in)
 
 
 @triton.jit
@@ -254,11 +280,10 @@ def _global_dlogits_kernel(
     cols = c0 + offs_n
     rq = tl.load(RQ + offs_m, mask=row_in, other=0.0)
     rc = tl.load(RC + cols, mask=col_in, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
     w = tl.load(W + offs_m, mask=row_in, other=0.0)
     z = _dots(Q, stride_q, offs_m, row_in, C, stride_c, cols, col_in, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    p = _probabilities(_logits(z, rq * inv_tau, rc), LSE, offs_m, row_in)
     scale = rq[:, None] * rc[None, :] * inv_tau
-    p = tl.exp(z * scale - lse[:, None])
     if IS_POS:
         # p_target - 1 = -(1 - p_target), kept exact by the forward (see _online_logsumexp).
         minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
@@ -350,7 +375,8 @@ def _own_fwd_kernel(
     B, K, D, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit; LSE over the row;
+    """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit; LSE [B, 2] over the row
+    (see ``_probabilities``);
     TAIL = 1 - p_positive, summed from the negatives' side for precision; LOSS = -log p_positive."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -374,11 +400,12 @@ def _own_fwd_kernel(
         l_i = l_i * alpha + e
         o_i = o_i * alpha + e
         m_i = m_new
-    lse = m_i + tl.log(l_i)
+    log_sum = tl.log(l_i)
     tail = o_i / l_i
-    tl.store(LSE + offs_m, lse, mask=row_in)
+    tl.store(LSE + 2 * offs_m, m_i, mask=row_in)
+    tl.store(LSE + 2 * offs_m + 1, log_sum, mask=row_in)
     tl.store(TAIL + offs_m, tail, mask=row_in)
-    tl.store(LOSS + offs_m, _query_loss(lse, pos_logit, tail), mask=row_in)
+    tl.store(LOSS + offs_m, _query_loss(m_i + log_sum, pos_logit, tail), mask=row_in)
 
 
 @triton.jit
@@ -401,7 +428,6 @@ def _own_bwd_kernel(
     offs_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     tile = row_in[:, None] & (offs_d < D)[None, :]
     rq = tl.load(RQ + offs_m, mask=row_in, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
     w = tl.load(W + offs_m, mask=row_in, other=0.0) * inv_tau
     q_hat = tl.load(Q + offs_m[:, None] * stride_q + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rq[:, None]
     # positive: dz = w (p - 1) = -w (1 - p)
@@ -420,7 +446,7 @@ def _own_bwd_kernel(
         rows = offs_m * K + k
         rc = tl.load(RN + rows, mask=row_in, other=0.0)
         z = tl.load(Z + offs_m * (K + 1) + 1 + k, mask=row_in, other=0.0)
-        dz = w * tl.exp(z - lse)
+        dz = w * _probabilities(z, LSE, offs_m, row_in)
         c_hat = tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rc[:, None]
         g += dz[:, None] * c_hat
         dc = q_hat
@@ -612,7 +638,7 @@ def _project(g, x, rx, sigma, out, normalize, cfg):
 
 
 def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
-    """(lse, 1 - p_positive, loss), each [B] float32, from per-split partial statistics."""
+    """(lse [B, 2], 1 - p_positive [B], loss [B]), float32, from per-split partial statistics."""
     batch, dim = q.shape
     candidates = pos.shape[0] + neg.shape[0]
     splits, per_split = _forward_splits(batch, candidates, dim, q.element_size(), cfg)
@@ -624,7 +650,8 @@ def _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg):
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_FWD"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    lse, tail, losses = (_backend.new_output((batch,), torch.float32, q.device) for _ in range(3))
+    lse = _backend.new_output((batch, 2), torch.float32, q.device)
+    tail, losses = (_backend.new_output((batch,), torch.float32, q.device) for _ in range(2))
     _combine_splits_kernel[(triton.cdiv(batch, cfg["BLOCK_ROWS"]),)](
         m, l, o, pos_logit, lse, tail, losses, batch, splits, BLOCK=cfg["BLOCK_ROWS"], num_warps=4,
     )
@@ -722,7 +749,7 @@ class _ForwardState(NamedTuple):
     rq: torch.Tensor
     rp: torch.Tensor
     rn: torch.Tensor
-    lse: torch.Tensor
+    lse: torch.Tensor  # [B, 2]: each row's largest logit and log(sum exp(z - it)); see _probabilities
     tail: torch.Tensor  # 1 - p_positive
     logits: Optional[torch.Tensor]
     maxima: Optional[tuple]
@@ -762,7 +789,8 @@ def _fused_forward(q, pos, neg, tau, normalize, own, pos_offset):
         lse, tail, losses = _global_forward(q, pos, neg, rq, rp, rn, tau, pos_offset, cfg)
         return losses, _ForwardState(rq, rp, rn, lse, tail, None, maxima)
     k = neg.shape[0] // max(batch, 1)
-    lse, tail, losses = (_backend.new_output((batch,), torch.float32, q.device) for _ in range(3))
+    lse = _backend.new_output((batch, 2), torch.float32, q.device)
+    tail, losses = (_backend.new_output((batch,), torch.float32, q.device) for _ in range(2))
     logits = _backend.new_output((batch, k + 1), torch.float32, q.device)  # own mode keeps them all
     _own_fwd_kernel[(triton.cdiv(batch, cfg["OWN_ROWS"]),)](
         q, pos, neg, rq, rp, rn, logits, lse, tail, losses, q.stride(0), pos.stride(0), neg.stride(0),
@@ -833,7 +861,7 @@ def _forward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: floa
 @_forward_op.register_fake
 def _forward_op_shapes(q, pos, neg, tau, normalize, own, pos_offset):
     batch = q.shape[0]
-    rows = (batch, batch, pos.shape[0], neg.shape[0], batch, batch)
+    rows = (batch, batch, pos.shape[0], neg.shape[0], (batch, 2), batch)
     logits = (batch, neg.shape[0] // max(batch, 1) + 1) if own else _EMPTY
     maxima = (batch, pos.shape[0], neg.shape[0]) if _wants_maxima(q.dtype, own) else (_EMPTY,) * 3
     return tuple(q.new_empty(shape, dtype=torch.float32) for shape in (*rows, logits, *maxima))
@@ -870,6 +898,7 @@ def _forward_op_gradients(ctx, grad_losses, *_):
 
 
 _forward_op.register_autograd(_forward_op_gradients, setup_context=_save_for_backward_op)
+_backend.register_autocast("mgh::infonce_forward", cast=(0, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -945,7 +974,11 @@ def infonce_loss(
     """InfoNCE with in-batch and hard negatives, never storing the B x B(1+K) logits.
 
     Args:
-        q: [B, D] queries; float16, bfloat16 or float32 (float32 accumulation).
+        q: [B, D] queries; float16, bfloat16 or float32 (float32 accumulation). Under
+            ``torch.autocast`` for their device type, q, pos and neg are cast once to the
+            autocast dtype, as autocast casts the inputs of the matmul that computes
+            sentence-transformers' MultipleNegativesRankingLoss's similarities; the loss itself is
+            float32 there as well (autocast runs cross-entropy in float32).
         pos: [B, D] positives, ``pos[i]`` the target of ``q[i]``.
         neg: optional [B, K, D] hard negatives (K may be 0).
         tau: temperature (logit = cosine / tau; 0.05 is sentence-transformers' scale 20).
@@ -959,9 +992,14 @@ def infonce_loss(
 
     Returns:
         float32 loss (scalar, or [B] with ``reduction="none"``).
+
+    Values are not checked (that would synchronise with the host on every call): a NaN or
+    infinite embedding gives a NaN loss. mgh's trainer stops at a non-finite loss, before the
+    optimizer step, and names the first parameter or layer output that went non-finite.
     """
     global _last_backend
-    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction)
+    amp = _backend.autocast_dtype(q)
+    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction, amp=amp)
     batch, dim = q.shape
     if neg is None:
         neg = q.new_zeros(batch, 0, dim)
@@ -971,24 +1009,30 @@ def infonce_loss(
     if gather and negatives != "global":
         raise ValueError("gather: only meaningful with negatives='global' (own candidates are per query)")
 
-    backend = _backend.select(q)
-    _backend.check_kernel_dtype("q", q, backend)
+    dtype = _backend.cast_dtype(q, amp)
+    backend = _backend.select(q, dtype)
+    _backend.check_kernel_dtype("q", dtype, q.device, backend)
     _last_backend = backend
-    if not torch.compiler.is_compiling():  # a logging call is a graph break
-        logger.debug("infonce_loss: %s path for B=%d K=%d D=%d %s", backend, batch, neg.shape[1], dim, q.dtype)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # a logging call is a graph break
+        logger.debug("infonce_loss: %s path for B=%d K=%d D=%d %s", backend, batch, neg.shape[1], dim, dtype)
 
+    if not (compiling and backend != _backend.CHUNKED):  # compiled, the op's autocast rule casts
+        q, pos, neg = _backend.autocast_inputs(amp, q, pos, neg)
     q = q.contiguous()
     pos, neg_flat = pos.contiguous(), neg.reshape(-1, dim).contiguous()
     pos_offset = 0
     if gather:
         pos, neg_flat, pos_offset = _gather(pos, neg_flat, batch)
     own = negatives == "own"
-    if backend == _backend.CHUNKED:
-        losses = _chunked_losses(q, pos, neg_flat, tau, normalize, own, pos_offset)
-    elif torch.compiler.is_compiling():
+    if backend != _backend.CHUNKED and compiling:
         losses = _forward_op(q, pos, neg_flat, tau, normalize, own, pos_offset)[0]
     else:
-        losses = _InfoNCEFunction.apply(q, pos, neg_flat, tau, normalize, own, pos_offset)
+        with _backend.autocast_off(q.device):
+            if backend == _backend.CHUNKED:
+                losses = _chunked_losses(q, pos, neg_flat, tau, normalize, own, pos_offset)
+            else:
+                losses = _InfoNCEFunction.apply(q, pos, neg_flat, tau, normalize, own, pos_offset)
     if reduction == "mean":
         return losses.mean()
     return losses.sum() if reduction == "sum" else losses

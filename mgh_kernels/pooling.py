@@ -64,7 +64,14 @@ def ata_pool(
         mix: fraction of mean pooling blended in, in [0, 1] (see ``reference.ata_weights``).
 
     Returns:
-        [B, H] embeddings in ``hidden_states.dtype`` (float32 accumulation).
+        [B, H] embeddings computed in float32, returned in ``hidden_states.dtype``; under
+        ``torch.autocast`` in float32, as sentence-transformers' Pooling returns them under CUDA
+        autocast (which runs its sum in float32). The same holds for every method of ``pool``.
+
+    With ``mix < 1`` a row whose column sums over its real tokens total no positive number (all zero, negative or
+    NaN) is refused with a ``ValueError``; NaN or infinite ``hidden_states`` are not checked (a
+    check would synchronise with the host) and give NaN embeddings. mgh's trainer stops at a
+    non-finite loss and names the first parameter or layer output that went non-finite.
 
     Example::
 
@@ -385,6 +392,8 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
         An :class:`ATACapture`; ``capture.remove()`` (or leaving its ``with`` block) restores the
         previous attention implementation.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a transformers model (a torch.nn.Module), got {type(model).__name__}")
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(

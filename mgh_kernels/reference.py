@@ -9,7 +9,11 @@ Conventions shared by every function:
 
 * ``attention_mask`` / ``key_padding_mask`` is [B, L], bool or integer 0/1, True/1 = real token.
   Left and right padding are both supported; a row with no real token is an error.
-* Hidden states are [B, L, H]; pooled embeddings are [B, H] in the hidden states' dtype.
+* Hidden states are [B, L, H]; pooled embeddings are [B, H] in the hidden states' dtype (float32
+  under autocast), computed in float32.
+* Under ``torch.autocast`` the attention and InfoNCE references are eager PyTorch code under
+  autocast: their matmuls run in the autocast dtype, and inputs of mixed float dtypes are accepted
+  there as autocast accepts them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._backend import autocast_dtype, autocast_off
 from ._validation import (
     check_attention_args,
     check_infonce_args,
@@ -80,7 +85,8 @@ def attention_with_colsum(
         queries of the softmax probabilities, averaged over the ``Hq`` heads; zero at padded keys.
         Over the valid keys of a row it sums to the row's number of valid queries.
     """
-    valid, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    valid, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                        amp=autocast_dtype(q))
     batch, hq, length, _ = q.shape
     hkv = k.shape[1]
     if valid is None:
@@ -189,7 +195,7 @@ def ata_weights(colsum: torch.Tensor, attention_mask: torch.Tensor, mix: float =
 def weighted_pool(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum of hidden states [B, L, H] under per-token weights [B, L]; fp32 accumulation.
 
-    Returns [B, H] in ``hidden_states.dtype``.
+    Returns [B, H] in ``hidden_states.dtype``, or float32 under autocast (see ``_pooled_dtype``).
     """
     check_tensor("hidden_states", hidden_states, ndim=3, layout="[B, L, H]")
     check_float("hidden_states", hidden_states)
@@ -202,8 +208,18 @@ def weighted_pool(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.T
             f"got {list(weights.shape)}"
         )
     compute = torch.promote_types(_compute_dtype(hidden_states.dtype), weights.dtype)
-    pooled = torch.einsum("bl,blh->bh", weights.to(compute), hidden_states.to(compute))
-    return pooled.to(hidden_states.dtype)
+    with autocast_off(hidden_states.device):  # autocast would run the einsum in bf16 / fp16
+        pooled = torch.einsum("bl,blh->bh", weights.to(compute), hidden_states.to(compute))
+    return pooled.to(_pooled_dtype(hidden_states))
+
+
+def _pooled_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype a pooling returns: the hidden states', or float32 under autocast for their device
+    type, as sentence-transformers' Pooling returns there on CUDA (autocast runs its sum in
+    float32)."""
+    if hidden_states.dtype != torch.float64 and autocast_dtype(hidden_states) is not None:
+        return torch.float32
+    return hidden_states.dtype
 
 
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -228,7 +244,7 @@ def weighted_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor
 
 def _gather_token(hidden_states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-    return hidden_states[rows, index]
+    return hidden_states[rows, index].to(_pooled_dtype(hidden_states))
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -289,7 +305,8 @@ def infonce(
         The cross-entropy with each query's own positive as the target: a float32 scalar
         (float64 for float64 inputs), or [B] for ``reduction="none"``.
     """
-    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction)
+    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction,
+                             amp=autocast_dtype(q))
     batch, dim = q.shape
 
     compute = _compute_dtype(q.dtype)

@@ -93,7 +93,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from . import evaluate
+    from .checks import check_encoder_model
 
+    check_encoder_model(args.model)  # a path that is not there, or a folder missing its adapter: before mteb loads
     instructions = None
     if args.instructions:
         try:

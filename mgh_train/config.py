@@ -17,9 +17,11 @@ from typing import Optional
 
 from .data import check_schedule
 from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
+from .precision import DTYPES
 from .trackers import check_report_to
 
 NEGATIVE_MODES = ("global", "own")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSES = ("fused", "eager")
 
 
@@ -77,14 +79,38 @@ class TrainConfig:
     loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (the reference)", group="loop")
     seed: int = _opt(0, "seed of the sampler, the negatives and the weights", group="loop")
     device: Optional[str] = _opt(None, "cuda, cpu, ... (default: cuda when available)", group="loop")
-    bf16: bool = _opt(True, "bf16 autocast on CUDA (ignored on the CPU)", group="loop")
+    bf16: Optional[bool] = _opt(None, "bfloat16 autocast (default: on for CUDA with bfloat16, off on the CPU; "
+                                      "see mgh_train/precision.py)", group="loop")
+    fp16: bool = _opt(False, "float16 autocast with a gradient scaler (the default on CUDA without bfloat16)",
+                      group="loop")
+    dtype: Optional[str] = _opt(None, "dtype of the frozen base weights: float32, bfloat16 or float16 "
+                                      "(default: the autocast dtype on CUDA, float32 on the CPU; LoRA stays "
+                                      "float32)", group="loop")
+    workers: Optional[int] = _opt(None, "DataLoader worker processes that tokenize the micro-batches (default: 2 "
+                                        "with CUDA, 1 otherwise; 0: in the training loop)", group="loop")
+    max_buckets: int = _opt(4, "encoder forwards per micro-batch at most: its texts, sorted by length, are "
+                               "split into as few padded buckets as keep the padding under a fifth of the "
+                               "real tokens", group="loop")
+    compile: bool = _opt(False, "torch.compile the encoder and the loss (the fused ATA layer and InfoNCE in the "
+                                "graph; bucket lengths round to 64 to bound recompiles)", group="loop")
+    compile_mode: Optional[str] = _opt(None, "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
+                                             "max-autotune", group="loop")
+    profile: int = _opt(0, "profile this many steps after two warm-up steps: a torch.profiler trace in "
+                           "<output>/profile and the top ops printed (0: no profile)", group="output")
     # output
     output: str = _opt("runs/mgh", "run folder: model/, checkpoints/, metrics.jsonl", group="output")
     save_every: int = _opt(0, "write a checkpoint every N steps (0: at the end only)", group="output")
-    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)", group="output")
-    resume: Optional[str] = _opt(None, "continue from a checkpoint folder, or 'latest' in --output",
+    keep_checkpoints: int = _opt(2, "checkpoints kept, the newest always (older ones are deleted; 0: keep all)",
                                  group="output")
-    log_every: int = _opt(1, "steps between metric rows", group="output")
+    resume: Optional[str] = _opt(None, "continue from a checkpoint folder, or 'latest' in --output (options "
+                                       "that change the model or the data order must match the checkpoint's)",
+                                 group="output")
+    overwrite: bool = _opt(False, "replace the run already in --output (its checkpoints, metrics and model are "
+                                  "deleted once the new run has loaded; with --resume, the checkpoints after "
+                                  "the one resumed)", group="output")
+    log_every: int = _opt(10, "steps between reads of the loss from the device: the rows of metrics.jsonl (one "
+                                  "per step) are written then, and the progress bar's loss; checkpoint and "
+                                  "evaluation steps read it too", group="output")
     eval_every: int = _opt(0, "steps between STS-B dev evaluations (0: at the end only)", group="output")
     eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",
                                         group="output")
@@ -103,9 +129,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_buckets"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
-        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length"):
+        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "a positive learning rate")
         need(self.tau > 0, "tau", "a positive temperature")
@@ -115,6 +141,11 @@ class TrainConfig:
         need(self.negatives in NEGATIVE_MODES, "negatives", " or ".join(NEGATIVE_MODES))
         need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
         need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
+        need(self.dtype is None or self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
+        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 0), "workers",
+             "an integer >= 0")
+        need(self.compile_mode in COMPILE_MODES, "compile_mode", " or ".join(map(str, COMPILE_MODES[1:])))
+        need(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)")
         check_schedule(self.schedule)
         check_report_to(self.report_to)
         return self

@@ -13,7 +13,11 @@ per row from its keys:
 
 Rows from the last three have no difficulty levels (``level=None``). A bad row raises
 :class:`DataError` naming the file, the line and what is wrong, or with ``skip_bad_rows=True`` is
-skipped and counted.
+skipped and counted. Bad means: not UTF-8, not JSON, not one of the formats, or (given the
+:class:`RowNeeds` of a training run) without what the run's schedule trains with: an MGH row
+needs the levels the schedule uses (each level an integer 1-4, at most once per row), and every
+row at least one hard negative, because a micro-batch trains each query with the same number of
+them and a row without one would take the hard negatives of its whole micro-batch away.
 
 Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the same columns
 (:mod:`mgh_train.data_tables`); their bad rows are named ``file:row N`` (N from 0).
@@ -22,7 +26,9 @@ Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,13 +92,21 @@ def _list(row: dict, key: str) -> list:
 
 
 def _from_mgh(row: dict) -> Example:
-    negatives = []
-    for i, neg in enumerate(_list(row, "negatives")):
+    given = _list(row, "negatives")
+    if len(given) > len(LEVELS):
+        raise ValueError(f"field 'negatives' must hold at most {len(LEVELS)} negatives (one per level 1-4), "
+                         f"got {len(given)}")
+    negatives, seen = [], {}
+    for i, neg in enumerate(given):
         if not isinstance(neg, dict):
             raise ValueError(f"negatives[{i}] must be an object with 'text' and 'level', got {neg!r}")
         level = neg.get("level")
-        if isinstance(level, bool) or level not in LEVELS:
+        if type(level) is not int or level not in LEVELS:  # not 2.0, not True
             raise ValueError(f"negatives[{i}].level must be one of 1, 2, 3, 4, got {level!r}")
+        if level in seen:
+            raise ValueError(f"negatives[{i}].level {level} repeats negatives[{seen[level]}].level; "
+                             "expected each level at most once")
+        seen[level] = i
         negatives.append(Negative(_text(neg, "text"), level))
     instruction = row.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
@@ -162,27 +176,88 @@ def parse_row(row) -> Example:
     )
 
 
-def read_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
+@dataclass(frozen=True)
+class RowNeeds:
+    """What a training run needs of every row; :func:`read_examples` checks it as rows are read.
+
+    ``levels``: the levels of which an MGH row must have a negative (those the schedule trains
+    with). Every row, MGH or not, needs at least one hard negative. Build it with :func:`needs_of`.
+    """
+
+    schedule: str = "curriculum"
+    levels: frozenset = frozenset(LEVELS)
+
+    def check(self, example: Example) -> None:
+        """Raise ValueError saying what ``example`` lacks for this run."""
+        if not example.negatives:
+            raise ValueError(
+                f"field 'negatives' is empty, but schedule {self.schedule!r} trains every query with a hard "
+                "negative (each micro-batch uses as many per query as its row with the fewest has)"
+            )
+        have = {n.level for n in example.negatives}
+        if None in have:
+            return  # data without levels: the single-level schedules take a random negative
+        missing = sorted(self.levels - have)
+        if missing:
+            levels = ", ".join(map(str, sorted(self.levels)))
+            raise ValueError(
+                f"no level-{'/'.join(map(str, missing))} negative, but schedule {self.schedule!r} trains with "
+                f"level{'s' if len(self.levels) > 1 else ''} {levels}; the row has levels "
+                f"{', '.join(map(str, sorted(have)))}"
+            )
+
+
+def needs_of(schedule: str, steps: int, stage_steps: Optional[Sequence[int]] = None) -> RowNeeds:
+    """The :class:`RowNeeds` of a run of ``steps`` steps under ``schedule`` (and ``stage_steps``)."""
+    check_schedule(schedule)
+    if schedule == "random":
+        return RowNeeds(schedule, frozenset())
+    if schedule == "all":
+        return RowNeeds(schedule, frozenset(LEVELS))
+    if schedule.startswith("level:"):
+        return RowNeeds(schedule, frozenset({int(schedule[6:])}))
+    stages = stages_used(steps, stage_steps)
+    if schedule == "reverse":
+        return RowNeeds(schedule, frozenset(len(LEVELS) + 1 - s for s in stages))
+    return RowNeeds(schedule, frozenset(stages))
+
+
+def decode_line(raw: bytes, first: bool) -> str:
+    """One line of a file as text; ValueError saying where the first non-UTF-8 byte is."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8: byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line "
+                         "(save the file as UTF-8)") from None
+    return text.removeprefix("\ufeff") if first else text  # a byte-order mark opens some files
+
+
+def read_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds] = None) -> ReadReport:
     """Read a JSON Lines file of training rows (blank lines are ignored).
 
     Raises :class:`DataError` (``"file:line: what is wrong"``) on the first bad row, or with
-    ``skip_bad_rows`` collects the bad rows in ``report.skipped`` and goes on.
+    ``skip_bad_rows`` collects the bad rows in ``report.skipped`` and goes on. ``needs`` adds the
+    checks of a training run's schedule (:class:`RowNeeds`).
     """
     path = Path(path)
     if is_table(path):
-        return read_table_examples(path, skip_bad_rows=skip_bad_rows)
+        return read_table_examples(path, skip_bad_rows=skip_bad_rows, needs=needs)
     if path.is_dir():
         raise DataError(f"{path}: a folder, but not a datasets folder (save_to_disk writes dataset_info.json "
                         "or dataset_dict.json); pass JSON Lines or Parquet files, or such a folder")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     report = ReadReport()
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
             try:
-                report.examples.append(parse_row(json.loads(line)))
+                line = decode_line(raw, number == 1)
+                if not line.strip():
+                    continue
+                example = parse_row(json.loads(line))
+                if needs is not None:
+                    needs.check(example)
+                report.examples.append(example)
             except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
                 reason = f"invalid JSON: {err}" if isinstance(err, json.JSONDecodeError) else str(err)
                 if not skip_bad_rows:
@@ -191,11 +266,21 @@ def read_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
     return report
 
 
-def read_table_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
+def fingerprint(examples: Sequence[Example]) -> str:
+    """A hash of ``examples`` in order (texts, levels, instructions): equal iff a run sees the same data."""
+    digest = hashlib.sha256()
+    for e in examples:
+        row = [e.query, e.positive, [[n.text, n.level] for n in e.negatives], e.task, e.task_type, e.instruction]
+        digest.update(json.dumps(row, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def read_table_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds] = None) -> ReadReport:
     """Read a Parquet file or a ``datasets`` folder of training rows (see :mod:`.data_tables`).
 
-    As :func:`read_examples`, with ``file:row N: what is wrong`` (N counted from 0) for a bad row,
-    and row indices in ``report.skipped``.
+    As :func:`read_examples` (``needs`` included), with ``file:row N: what is wrong`` (N counted
+    from 0) for a bad row, and row indices in ``report.skipped``.
     """
     from .data_tables import table_rows
 
@@ -203,7 +288,10 @@ def read_table_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
     try:
         for index, row in enumerate(table_rows(path)):
             try:
-                report.examples.append(parse_row(row))
+                example = parse_row(row)
+                if needs is not None:
+                    needs.check(example)
+                report.examples.append(example)
             except (ValueError, TypeError) as err:
                 if not skip_bad_rows:
                     raise DataError(f"{path}:row {index}: {err}") from None
@@ -216,21 +304,39 @@ def read_table_examples(path, *, skip_bad_rows: bool = False) -> ReadReport:
 
 
 def read_sts_pairs(path, limit: int = 0) -> tuple[list[str], list[str], list[float]]:
-    """Header-less ``sentence1,sentence2,score`` rows of a .csv (or tab-separated .tsv) STS file."""
+    """Header-less ``sentence1,sentence2,score`` rows of a .csv (or tab-separated .tsv) STS file.
+
+    Every score must be a finite number, and the file must hold at least one pair.
+    """
     first, second, scores = [], [], []
     delimiter = "\t" if str(path).endswith(".tsv") else ","
-    with open(path, newline="", encoding="utf-8") as handle:
-        for line, row in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
+    with open(path, "rb") as raw:
+        for line, data in enumerate(raw, start=1):  # the bytes first: a non-UTF-8 line is named
+            try:
+                decode_line(data, line == 1)
+            except ValueError as error:
+                raise ValueError(f"{path}:{line}: {error}") from None
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
             if len(row) != 3:
                 raise ValueError(f"{path}:{line}: expected sentence1, sentence2, score; got {len(row)} fields")
             try:
-                scores.append(float(row[2]))
+                score = float(row[2])
             except ValueError:
                 raise ValueError(f"{path}:{line}: score {row[2]!r} is not a number") from None
+            if not math.isfinite(score):
+                raise ValueError(f"{path}:{line}: score {row[2]!r} is not a finite number")
+            scores.append(score)
             first.append(row[0])
             second.append(row[1])
             if limit and len(scores) >= limit:
                 break
+    if not scores:
+        raise ValueError(f"{path}: expected sentence1,sentence2,score rows, found none (an empty file?)")
     return first, second, scores
 
 
@@ -247,6 +353,24 @@ def check_schedule(schedule: str) -> str:
     raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)} or level:1..4, got {schedule!r}")
 
 
+def stages_used(steps: int, stage_steps: Optional[Sequence[int]] = None) -> list[int]:
+    """The curriculum stages (1..4) that a run of ``steps`` steps goes through, in order."""
+    lengths = list(stage_steps) if stage_steps is not None else _even_split(steps)
+    used, start = [], 0
+    for stage, n in enumerate(lengths, start=1):
+        if n > 0 and start < steps:
+            used.append(stage)
+        start += n
+    if start < steps and len(LEVELS) not in used:  # the last stage runs on to the end
+        used.append(len(LEVELS))
+    return used
+
+
+def _even_split(total_steps: int) -> list[int]:
+    base, extra = divmod(total_steps, len(LEVELS))
+    return [base + (1 if s < extra else 0) for s in range(len(LEVELS))]
+
+
 def stage_at(step: int, total_steps: int, stage_steps: Optional[Sequence[int]] = None) -> int:
     """The curriculum stage (1..4) of ``step`` (0-based) in a run of ``total_steps``.
 
@@ -254,8 +378,7 @@ def stage_at(step: int, total_steps: int, stage_steps: Optional[Sequence[int]] =
     stage s lasts ``stage_steps[s-1]`` steps and the last stage continues to the end.
     """
     if stage_steps is None:
-        base, extra = divmod(total_steps, len(LEVELS))
-        stage_steps = [base + (1 if s < extra else 0) for s in range(len(LEVELS))]
+        stage_steps = _even_split(total_steps)
     if len(stage_steps) != len(LEVELS) or any(n < 0 for n in stage_steps):
         raise ValueError(f"stage_steps: expected four non-negative step counts, got {list(stage_steps)}")
     end = 0

@@ -6,7 +6,8 @@ dataset shipped in the package. A fifth of the seed set is held out: the demo pr
 held-out query's retrieval accuracy (its positive ranked first among every held-out positive and
 negative) before and after training, and where the model was saved. Every training option can be
 changed (``python -m mgh_train demo --help``); the defaults below are sized to finish in a few
-minutes on 2 CPU cores.
+minutes on 2 CPU cores. Each demo run replaces the previous one in ``runs/demo`` (it says what it
+deleted); ``--no-overwrite`` refuses to instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ DEMO_DEFAULTS = {
     # the instruction excluded vs 10% with it (its first token is an attention sink)
     "exclude_instruction": True,
     "output": "runs/demo",
+    "overwrite": True,  # each demo run replaces the last one, and says what it deleted
 }
 
 

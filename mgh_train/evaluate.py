@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 import torch
 
 from .data import read_sts_pairs
-from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, autocast
+from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder
+from .precision import resolve
 
 LOCAL_FOLDERS = {"STSBenchmark": "stsb"}
 
@@ -62,7 +63,11 @@ class MTEBEncoder:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            self.embedder, self.st = None, SentenceTransformer(str(model), device=device)
+            try:
+                self.embedder, self.st = None, SentenceTransformer(str(model), device=device)
+            except OSError as error:  # a name the hub does not know, or no network: one line, not a traceback
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                raise ValueError(f"model: cannot load {model} as a sentence-transformers model ({reason})") from None
             kind = "st"
         self.kind = kind
         resolved = path.resolve()
@@ -96,7 +101,7 @@ class MTEBEncoder:
         if self.embedder is not None:
             return self.embedder.encode(texts, instruction=instruction, batch_size=batch_size,
                                         show_progress=self.show_progress).numpy()
-        with autocast(self.st.device):  # bf16 on CUDA; sentence-transformers sorts by length itself
+        with resolve(self.st.device).autocast_context():  # bf16 on CUDA; sentence-transformers sorts by length
             return self.st.encode(texts, batch_size=batch_size, prompt=instruction, convert_to_numpy=True,
                                   show_progress_bar=self.show_progress, normalize_embeddings=True)
 

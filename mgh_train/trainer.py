@@ -12,7 +12,10 @@ negatives come from the micro-batch only.
 A run folder holds ``metrics.jsonl`` (one row per ``log_every`` steps), ``checkpoints/step-N/``
 (trainable weights, optimizer, scheduler, sampler position and every RNG state, so ``--resume``
 continues with the very losses an uninterrupted run has), and ``model/`` (the final embedder,
-loadable by :meth:`Embedder.load` and sentence-transformers).
+loadable by :meth:`Embedder.load` and sentence-transformers). A folder belongs to one run: how a
+new run, ``--resume`` and ``--overwrite`` treat it is :mod:`mgh_train.checkpoints`'s business.
+The output folder, the device, the base model's files, the checkpoint and every data row are
+checked before the model loads; a non-finite loss stops the run with :class:`NonFiniteTraining`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,14 +32,32 @@ import torch
 
 from mgh_kernels import infonce_loss, reference
 
+from .batches import Collate, MicroBatchPlanner, instruction_of, micro_batch_loader
+from .checkpoints import load_trainable, plan_run, restore_schedule, save_checkpoint, set_rng_state
+from .checks import check_base_model, check_device
 from .config import TrainConfig
-from .data import Example, NoDuplicatesBatcher, mix, negatives_for, read_examples, read_sts_pairs, stage_at
-from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig, autocast
-from .trackers import open_trackers, resolve as resolve_trackers
+from .data import Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs
+from .diagnose import first_non_finite
+from .metrics import RunLog
+from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
+from .precision import Precision, resolve
+from .profiling import StepProfiler
+from .step import TrainStep, compiled_loss, make_optimizer
+from .trackers import open_trackers
+from .trackers import resolve as resolve_trackers
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (a non-finite loss); the message says why and what is kept."""
+
+
+class NonFiniteTraining(TrainingStopped):
+    """The loss (or the activations ATA pools) went NaN or infinite at ``step``, before the optimizer
+    step; ``where`` names the first trainable parameter or module output that is not finite."""
+
+    def __init__(self, message: str, *, step: int, where: str):
+        super().__init__(message)
+        self.step, self.where = step, where
 
 
 @dataclass
@@ -66,11 +85,16 @@ def seed_files() -> list[Path]:
 
 
 def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
-    """(training examples, held-out examples) for ``cfg``; bad rows fail or are counted."""
+    """(training examples, held-out examples) for ``cfg``; bad rows fail or are counted.
+
+    Every row is checked against what ``cfg.schedule`` trains with (:func:`mgh_train.data.needs_of`).
+    """
+    needs = needs_of(cfg.schedule, cfg.steps, cfg.stage_steps)
+
     def read(paths):
         out = []
         for path in paths:
-            report = read_examples(path, skip_bad_rows=cfg.skip_bad_rows)
+            report = read_examples(path, skip_bad_rows=cfg.skip_bad_rows, needs=needs)
             if report.skipped:
                 log(f"{path}: skipped {len(report.skipped)} bad row(s), first at line {report.skipped[0][0]}: "
                     f"{report.skipped[0][1]}")
@@ -88,10 +112,6 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[li
     if cfg.public_data:
         train_set = mix(train_set, read(cfg.public_data), cfg.public_ratio, cfg.seed)
     return train_set, held
-
-
-def instruction_of(example: Example) -> str:
-    return example.instruction or example.task or DEFAULT_INSTRUCTION
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,61 +169,6 @@ def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: i
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _trainable_state(embedder: Embedder) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in embedder.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, batcher, rng, cfg) -> Path:
-    """Write ``folder/checkpoints/step-N`` atomically (a temporary folder renamed into place)."""
-    final = folder / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(_trainable_state(embedder), tmp / "trainable.pt")
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "sampler": batcher.state_dict(), "negatives_rng": rng.getstate(), "rng": _rng_state()},
-        tmp / "state.pt",
-    )
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    checkpoints = sorted((folder / "checkpoints").glob("step-???????"))
-    for old in checkpoints[: max(0, len(checkpoints) - cfg.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(resume: str, output: Path) -> Path:
-    if resume == "latest":
-        found = sorted((output / "checkpoints").glob("step-???????"))
-        if not found:
-            raise ValueError(f"resume: no checkpoint in {output / 'checkpoints'} to resume from")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "state.pt").is_file() or not (path / "trainable.pt").is_file():
-        raise ValueError(f"resume: {path} is not a checkpoint folder (state.pt, trainable.pt)")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
 
@@ -217,21 +182,22 @@ def _lr_lambda(steps: int, warmup: int):
     return factor
 
 
-def _metrics_log(path: Path, start: int):
-    """Open the metrics file, dropping rows past ``start`` (a resumed run writes them again)."""
-    if start and path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= start]
-        path.write_text("".join(r + "\n" for r in rows))
-    elif not start:
-        path.write_text("")
-    return path.open("a", encoding="utf-8")
-
-
-def build_embedder(cfg: TrainConfig) -> Embedder:
-    embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options()))
+def build_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
+    """The embedder ``cfg`` describes, its base weights loaded in ``precision.weights``."""
+    embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options(), dtype=precision.weights_name))
     if cfg.gradient_checkpointing:
         embedder.enable_gradient_checkpointing()
     return embedder
+
+
+def load_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
+    """:func:`build_embedder`, with a model that cannot be loaded (a name the hub does not know, no
+    network, a broken file) reported as a ValueError naming ``model`` rather than a traceback."""
+    try:
+        return build_embedder(cfg, precision)
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"model: cannot load {cfg.model} ({reason})") from None
 
 
 def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callable[[str], None] = print,
@@ -240,19 +206,27 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     cfg.validate()
     resolve_trackers(cfg.report_to)  # a tracker asked for but not installed stops the run here
     output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    device = check_device(cfg.device)
+    precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
+    if embedder is None:
+        check_base_model(cfg.model, cfg.gguf_file)
+    plan = plan_run(cfg, log)  # the run folder and the checkpoint, before anything heavy
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_set, held = load_training_data(cfg, log)
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"batch_size: {cfg.batch_size} is more than the {len(train_set)} training examples")
+    data_fingerprint = fingerprint(train_set)
+    plan.check_data(data_fingerprint, log)
     log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
+    log(f"precision: {precision.describe()}")
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if embedder is None:
         log(f"model: loading {cfg.model} ...")
-        embedder = build_embedder(cfg)
+        embedder = load_embedder(cfg, precision)
     embedder.to(device)
+    embedder.set_precision(precision)
+    scaler = precision.grad_scaler()
     params = [p for p in embedder.parameters() if p.requires_grad]
     if not params:
         raise ValueError("lora_r: the model has no trainable parameters (set lora_r > 0)")
@@ -265,97 +239,93 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
             f"MRR {result.accuracy_before['mrr']:.3f} ({len(held)} queries)")
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
     batcher = NoDuplicatesBatcher(train_set, cfg.batch_size, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     start = 0
-    if cfg.resume:
-        checkpoint = find_checkpoint(cfg.resume, output)
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        trainable = torch.load(checkpoint / "trainable.pt")
-        missing = set(n for n, p in embedder.named_parameters() if p.requires_grad) - set(trainable)
-        if missing:
-            raise ValueError(f"resume: {checkpoint} does not match this model (missing {sorted(missing)[:3]})")
-        with torch.no_grad():
-            for name, p in embedder.named_parameters():
-                if name in trainable:
-                    p.copy_(trainable[name])
+    if plan.checkpoint is not None:
+        checkpoint, state = plan.checkpoint, plan.checkpoint.state
+        load_trainable(embedder, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if {"lr", "warmup", "steps"} & set(plan.changed):
+            restore_schedule(optimizer, scheduler, cfg.lr, _lr_lambda(cfg.steps, warmup))
         batcher.load_state_dict(state["sampler"])
         rng.setstate(state["negatives_rng"])
-        _set_rng_state(state["rng"])
-        start = state["step"]
-        log(f"resume: continuing after step {start} from {checkpoint}")
+        set_rng_state(state["rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = checkpoint.step
+        log(f"resume: continuing after step {start} from {checkpoint.path}")
     result.start_step = start
+    plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
 
     loss_fn = infonce_loss if cfg.loss == "fused" else reference.infonce
-    batches = iter(batcher)
-    board = open_trackers(cfg.report_to, output, cfg.to_dict())
-    metrics = _metrics_log(output / "metrics.jsonl", start)
+    planner = MicroBatchPlanner(train_set, batcher, rng, schedule=cfg.schedule, steps=cfg.steps,
+                                stage_steps=cfg.stage_steps, grad_accum=cfg.grad_accum, start_step=start)
+    workers = cfg.workers if cfg.workers is not None else (2 if device.type == "cuda" else 1)
+    collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
+                      max_buckets=cfg.max_buckets)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
+    loader = micro_batch_loader(planner, collate, workers=workers, pin_memory=device.type == "cuda")
+    train_step = TrainStep(embedder, optimizer, loss_fn, tau=cfg.tau, negatives=cfg.negatives,
+                           max_grad_norm=cfg.max_grad_norm, precision=precision, scaler=scaler,
+                           loss_wrapper=compiled_loss(embedder, cfg) if cfg.compile else None)
+    run_log = RunLog(output / "metrics.jsonl", start, open_trackers(cfg.report_to, output, cfg.to_dict()))
+    profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile else None
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     embedder.train()
-    began, seen_examples, seen_tokens = time.perf_counter(), 0, 0
-    last_checkpoint = None
+    last_checkpoint, last_state = None, None
+    micro_batches = iter(loader)
     try:
         for step in range(start, cfg.steps):
-            stage = stage_at(step, cfg.steps, cfg.stage_steps)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                examples = [train_set[i] for i in next(batches)]
-                where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                try:
-                    loss, tokens = _micro_batch(embedder, examples, cfg, stage, rng, loss_fn)
-                except ValueError as error:
-                    if not str(error).startswith("colsum:"):
-                        raise
-                    raise TrainingStopped(  # NaN activations reach ATA's weights before the loss
-                        f"step {step + 1}: the model's activations are not finite ({error}), so training "
-                        f"stopped before the optimizer step{where}. Lower --lr, or check the data."
-                    ) from error
-                if not torch.isfinite(loss):
-                    raise TrainingStopped(
-                        f"step {step + 1}: the loss is {loss.item()} (not finite), so training stopped before "
-                        f"the optimizer step{where}. Lower --lr, raise --tau, or check the data."
-                    )
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                seen_examples += len(examples)
-                seen_tokens += tokens
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            batches = [next(micro_batches) for _ in range(cfg.grad_accum)]
+            last_state = batches[-1].plan.state
+            try:
+                outcome = train_step([b.to(device) for b in batches])
+            except ValueError as error:  # ATA's weights refuse non-finite column sums before the loss
+                if not str(error).startswith("colsum:"):
+                    raise
+                raise _non_finite(embedder, step + 1, [b.plan for b in batches], last_checkpoint, error) from error
             scheduler.step()
-            result.losses.append(step_loss)
-            elapsed = time.perf_counter() - began
-            row = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "stage": stage,
-                   "examples_per_s": seen_examples / elapsed, "tokens_per_s": seen_tokens / elapsed,
-                   "elapsed_s": elapsed}
+            run_log.add(step + 1, outcome, lr=scheduler.get_last_lr()[0], stage=batches[0].plan.stage,
+                        plans=[b.plan for b in batches])
             if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.4f}", stage=stage, ex_s=f"{row['examples_per_s']:.1f}")
                 bar.update(1)
-            if cfg.eval_data_dir and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                row["stsb_dev_spearman"] = sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit)
-                embedder.train()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "stsb_dev_spearman" in row:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                board.log(row, step + 1)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            if profiler is not None:
+                profiler.step()
+            done = step + 1 == cfg.steps
+            evaluate = bool(cfg.eval_data_dir and cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+            save = bool(cfg.save_every and (step + 1) % cfg.save_every == 0) or done
+            if (step + 1) % cfg.log_every == 0 or done or evaluate or save:
+                extra = None
+                if evaluate:
+                    extra = {"stsb_dev_spearman": sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit)}
+                    embedder.train()
+                rows, bad = run_log.flush(extra)
+                if bad is not None:
+                    raise _non_finite(embedder, bad.step, bad.plans, last_checkpoint)
+                result.losses += [row["loss"] for row in rows]
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", stage=rows[-1]["stage"],
+                                    ex_s=f"{rows[-1]['examples_per_s']:.1f}")
+            if save:
                 last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
-                                                  scheduler=scheduler, batcher=batcher, rng=rng, cfg=cfg)
+                                                  scheduler=scheduler, sampler=last_state, cfg=cfg, scaler=scaler,
+                                                  data_fingerprint=data_fingerprint)
     finally:
+        del micro_batches  # stops the loader's workers
+        if profiler is not None:
+            profiler.close()
         if bar is not None:
             bar.close()
-        metrics.close()
-        board.close()
+        run_log.close()
 
     embedder.eval()
     if cfg.eval_data_dir:
@@ -372,23 +342,19 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     return result
 
 
-def _micro_batch(embedder: Embedder, examples: list[Example], cfg: TrainConfig, stage: int, rng: random.Random,
-                 loss_fn) -> tuple[torch.Tensor, int]:
-    """The InfoNCE loss of one micro-batch and its token count."""
-    negatives = [negatives_for(e, cfg.schedule, stage, rng) for e in examples]
-    k = min(len(n) for n in negatives)  # public rows may carry fewer; every query keeps k
-    docs = [e.positive for e in examples] + [t for n in negatives for t in n[:k]]
-    query_features = embedder.tokenize([e.query for e in examples], instruction=[instruction_of(e) for e in examples])
-    doc_features = embedder.tokenize(docs)
-    with autocast(embedder.device, enabled=cfg.bf16):
-        q = embedder(query_features)
-        d = embedder(doc_features)
-    b = len(examples)
-    neg = d[b:].view(b, k, -1) if k else None
-    loss = loss_fn(q.float(), d[:b].float(), neg.float() if neg is not None else None, tau=cfg.tau,
-                   negatives=cfg.negatives)
-    tokens = int(query_features["attention_mask"].sum() + doc_features["attention_mask"].sum())
-    return loss, tokens
+def _non_finite(embedder: Embedder, step: int, plans: list, last_checkpoint, cause=None) -> "NonFiniteTraining":
+    """The error that stops a run at ``step``, whose micro-batches (``plans``) gave a non-finite loss
+    (or, with ``cause``, non-finite activations under ATA): its update never reached the weights
+    (skipped on the device, or never made)."""
+    examples = [e for plan in plans for e in plan.examples]
+    culprit = first_non_finite(embedder, [e.query for e in examples], [instruction_of(e) for e in examples],
+                               context=embedder.autocast)
+    what = f"the model's activations are not finite ({cause})" if cause else "the loss is not finite"
+    where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
+    return NonFiniteTraining(
+        f"step {step}: {what}: {culprit}; so training stopped before its update reached the weights{where}. "
+        "Lower --lr, raise --tau, or check the data.", step=step, where=culprit)
 
 
-__all__ = ["TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman", "train"]
+__all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman",
+           "train"]

@@ -12,10 +12,13 @@ from mgh_train.data import (
     NoDuplicatesBatcher,
     check_schedule,
     mix,
+    needs_of,
     negatives_for,
     parse_row,
     read_examples,
+    read_sts_pairs,
     stage_at,
+    stages_used,
 )
 
 MGH_ROW = {
@@ -79,6 +82,78 @@ def test_bad_row_names_file_line_and_problem(tmp_path, row, reason):
     report = read_examples(path, skip_bad_rows=True)
     assert len(report.examples) == 2
     assert [line for line, _ in report.skipped] == [3] and reason in report.skipped[0][1]
+
+
+def negatives(*levels):
+    return [{"text": f"negative {i} at level {level}", "level": level} for i, level in enumerate(levels)]
+
+
+@pytest.mark.parametrize("row, schedule, steps, reason", [
+    ({**MGH_ROW, "negatives": negatives(1, 2, 3)}, "curriculum", 8,
+     "no level-4 negative, but schedule 'curriculum' trains with levels 1, 2, 3, 4; the row has levels 1, 2, 3"),
+    ({**MGH_ROW, "negatives": negatives(2, 3, 4)}, "all", 8, "no level-1 negative, but schedule 'all'"),
+    ({**MGH_ROW, "negatives": negatives(1, 2, 3)}, "reverse", 8, "no level-4 negative, but schedule 'reverse'"),
+    ({**MGH_ROW, "negatives": negatives(1, 3)}, "level:2", 8, "no level-2 negative, but schedule 'level:2' trains "
+                                                             "with level 2; the row has levels 1, 3"),
+    ({**MGH_ROW, "negatives": negatives(1, 1, 2, 3)}, "random", 8, "negatives[1].level 1 repeats negatives[0].level"),
+    ({**MGH_ROW, "negatives": negatives(1, 2, 3, 4, 4)}, "curriculum", 8, "must hold at most 4 negatives"),
+    ({**MGH_ROW, "negatives": negatives(1, 2.0, 3, 4)}, "curriculum", 8,
+     "negatives[1].level must be one of 1, 2, 3, 4, got 2.0"),
+    ({**MGH_ROW, "negatives": []}, "random", 8, "field 'negatives' is empty, but schedule 'random' trains every query"),
+    ({"anchor": "a", "positive": "p"}, "curriculum", 8, "field 'negatives' is empty"),
+    ({"query": "q", "pos": ["p"], "neg": []}, "level:1", 8, "field 'negatives' is empty"),
+])
+def test_rows_are_checked_against_what_the_schedule_trains_with(tmp_path, row, schedule, steps, reason):
+    path = write(tmp_path, [MGH_ROW, row, MGH_ROW])
+    with pytest.raises(DataError) as info:
+        read_examples(path, needs=needs_of(schedule, steps))
+    assert str(info.value).startswith(f"{path}:2: ") and reason in str(info.value), str(info.value)
+    report = read_examples(path, skip_bad_rows=True, needs=needs_of(schedule, steps))
+    assert len(report.examples) == 2 and [line for line, _ in report.skipped] == [2]
+
+
+def test_rows_with_the_levels_a_schedule_uses_are_enough(tmp_path):
+    three = {**MGH_ROW, "negatives": negatives(1, 2, 3)}
+    for schedule, steps, stage_steps in [("curriculum", 3, None), ("level:2", 8, None), ("random", 8, None),
+                                         ("reverse", 8, [0, 4, 4, 0]), ("curriculum", 8, [2, 2, 4, 0])]:
+        report = read_examples(write(tmp_path, [three]), needs=needs_of(schedule, steps, stage_steps))
+        assert len(report.examples) == 1, (schedule, steps, stage_steps)
+    public = write(tmp_path, [{"anchor": "a", "positive": "p", "negative": "n"}])
+    assert len(read_examples(public, needs=needs_of("all", 8)).examples) == 1
+
+
+def test_stages_and_levels_a_run_uses():
+    assert stages_used(8) == [1, 2, 3, 4] and stages_used(2) == [1, 2] and stages_used(6, [0, 0, 3, 1]) == [3, 4]
+    assert stages_used(9, [2, 2, 2, 0]) == [1, 2, 3, 4]  # the last stage runs on after the given steps
+    assert needs_of("reverse", 2).levels == {4, 3} and needs_of("level:3", 8).levels == {3}
+    assert needs_of("random", 8).levels == set() and needs_of("all", 1).levels == {1, 2, 3, 4}
+
+
+def test_a_line_that_is_not_utf8_is_named_and_skippable(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(MGH_ROW).encode()
+    bad = json.dumps({**MGH_ROW, "query": "cafe"}).encode().replace(b"cafe", b"caf\xe9")
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + good + b"\n")  # a byte-order mark first
+    column = bad.index(b"\xe9") + 1
+    with pytest.raises(DataError) as info:
+        read_examples(path)
+    assert str(info.value) == f"{path}:2: not UTF-8: byte 0xe9 at byte {column} of the line (save the file as UTF-8)"
+    report = read_examples(path, skip_bad_rows=True)
+    assert len(report.examples) == 2 and [line for line, _ in report.skipped] == [2]
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("", "expected sentence1,sentence2,score rows, found none"),
+    ("a,b,1.0\nc,d,nan\n", ":2: score 'nan' is not a finite number"),
+    ("a,b,inf\n", ":1: score 'inf' is not a finite number"),
+    ("a,b,1.0\nc,d\n", ":2: expected sentence1, sentence2, score; got 2 fields"),
+])
+def test_sts_files_need_finite_scores_and_rows(tmp_path, content, reason):
+    path = tmp_path / "sts-test.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        read_sts_pairs(path)
+    assert str(info.value).startswith(str(path)) and reason in str(info.value), str(info.value)
 
 
 def test_missing_file(tmp_path):

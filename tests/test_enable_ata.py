@@ -157,6 +157,8 @@ def test_bad_arguments_and_unsupported_masks(gen):
         enable_ata(model, layer=3)
     with pytest.raises(ValueError, match="^model: expected a transformers decoder"):
         enable_ata(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"^model: expected a transformers model \(a torch.nn.Module\), got NoneType"):
+        enable_ata(None)
     capture = enable_ata(model)
     with pytest.raises(ValueError, match="^model: enable_ata is already active"):
         enable_ata(model)

@@ -305,6 +305,9 @@ def test_verify_names_the_file_and_line_of_a_bad_row(tmp_path):
     path.write_text(json.dumps(example()) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d.jsonl:2: "):
         verify([str(path)])
+    path.write_bytes(json.dumps(example()).encode() + b"\n" + json.dumps(example()).encode().replace(b"guac", b"\xe9") + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8: byte 0xe9 at byte \d+ of the line"):
+        verify([str(path)])
     with pytest.raises(ValueError, match=r"data: cannot read .*missing.jsonl"):
         verify([str(tmp_path / "missing.jsonl")])
     path.write_text(json.dumps(example()) + "\n")
@@ -352,29 +355,70 @@ def test_the_key_is_checked_without_showing_it_and_cut_from_server_text(monkeypa
     assert "clé" not in str(error.value)
 
 
-def test_outage_stops_the_run_and_a_rerun_asks_again(tmp_path, capsys):
-    """Nothing listens on the port: every request is refused at once (a real connection refusal)."""
+def _closed_port() -> int:
     import socket
-
-    from mgh_train.__main__ import main
 
     with socket.socket() as probe:  # a port that was free a moment ago, now closed
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_nothing_listening_stops_at_the_first_request_and_a_rerun_asks_again(tmp_path, capsys):
+    """Nothing listens on the port (a real connection refusal): one request, one line, nothing marked done."""
+    from mgh_train.__main__ import main
+    from mgh_train.synth.client import ServerRefused
+
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
     out = tmp_path / "d.jsonl"
-    argv = ["synth", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", "--output", str(out),
-            "--task-types", "symmetric", "--tasks-per-type", "2", "--max-retries", "0", "--max-failures-in-a-row",
-            "3", "--no-progress"]
+    argv = ["synth", "--base-url", url, "--model", "m", "--output", str(out), "--task-types", "symmetric",
+            "--tasks-per-type", "2", "--max-retries", "2", "--max-failures-in-a-row", "3", "--no-progress"]
     assert main(argv) == 1
-    captured = capsys.readouterr()
-    assert "3 requests failed in a row (last: connection failed" in captured.out + captured.err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot connect to {url} (") and "start the server, or check --base-url" in err
+    assert not out.read_text() and not (tmp_path / "d.rejects.jsonl").read_text()
+    options = SynthOptions(output=str(out), model="m", base_url=url, task_types=("symmetric",), tasks_per_type=2,
+                           max_retries=2, max_failures_in_a_row=3, concurrency=1, progress=False)
+    synthesizer = Synthesizer(options, log=lambda message: None)
+    with pytest.raises(ServerRefused, match="cannot connect to"):
+        synthesizer.run()  # the rerun asks again, and stops as fast
+    assert synthesizer.client.usage.requests == 1 and synthesizer.client.usage.retries == 0
+
+
+def test_openai_without_a_key_stops_before_sending_or_writing(tmp_path, monkeypatch, capsys):
+    from mgh_train.__main__ import main
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    argv = ["synth", "--model", "gpt-4o-mini", "--output", str(tmp_path / "d.jsonl"), "--max-retries", "0",
+            "--max-failures-in-a-row", "1", "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("error: api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; "
+                                       "export OPENAI_API_KEY=..., or pass --base-url for a server that needs no key\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _DownClient:
+    """A stand-in for a server that answered once and then went down: every request fails after its retries."""
+
+    def __init__(self):
+        self.usage, self.response_format = synth_client.Usage(), "text"
+
+    async def complete(self, messages, *, schema, name, seed=None):
+        self.usage.requests += 1
+        raise synth_client.RequestFailed("connection failed (ConnectError); gave up after 1 attempts", transient=True)
+
+
+def test_an_outage_stops_the_run_and_the_summary_counts_agree(tmp_path):
+    options = SynthOptions(output=str(tmp_path / "d.jsonl"), model="m", task_types=("symmetric",), tasks_per_type=2,
+                           max_failures_in_a_row=3, concurrency=1, progress=False)
+    summary = Synthesizer(options, client=_DownClient(), log=lambda message: None).run()
+    assert summary.outage and summary.failed == 3
+    lines = summary.lines()
+    assert "; 3 requests failed after their retries" in lines[0], lines
+    assert lines[-1].startswith("stopped early: 3 requests failed in a row (last: connection failed"), lines
     rejects = [json.loads(line) for line in (tmp_path / "d.rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 3 and all(r["final"] is False and r["stage"] == "brainstorm" for r in rejects)
     assert len({r["unit"] for r in rejects}) == 3  # each attempt got its own round id
-    assert not out.read_text()
-    assert main(argv) == 1  # nothing was marked done: the rerun asks again
-    rejects = (tmp_path / "d.rejects.jsonl").read_text().splitlines()
-    assert len(rejects) == 6
 
 
 class _FakeClient:

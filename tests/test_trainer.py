@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("peft")
 from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
 
-from mgh_train import trainer  # noqa: E402
+from mgh_train import batches, trainer  # noqa: E402
 from mgh_train.config import TrainConfig, read_yaml  # noqa: E402
 from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
 
@@ -75,9 +75,28 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert steps == list(range(1, 8))
 
 
+def test_resuming_an_older_checkpoint_needs_overwrite_and_then_repeats_the_run(tmp_path):
+    options = dict(steps=4, save_every=1, keep_checkpoints=0, schedule="level:1")
+    full = trainer.train(config(tmp_path, "run", **options), embedder=tiny_embedder(), log=quiet, report_accuracy=False)
+    older = tmp_path / "run" / "checkpoints" / "step-0000002"
+    with pytest.raises(ValueError, match=r"^resume: .*checkpoints holds checkpoints after step 2 \(step-0000003, "
+                                         r"step-0000004\); resuming from step-0000002 would mix the two"):
+        trainer.train(config(tmp_path, "run", resume=str(older), **options), embedder=tiny_embedder(), log=quiet)
+    trainer.train(config(tmp_path, "other", steps=1), embedder=tiny_embedder(), log=quiet, report_accuracy=False)
+    with pytest.raises(ValueError, match=r"^output: .*other holds another run .* than the checkpoint"):
+        trainer.train(config(tmp_path, "other", resume=str(older), **options), embedder=tiny_embedder(), log=quiet)
+    said = []
+    again = trainer.train(config(tmp_path, "run", resume=str(older), overwrite=True, **options),
+                          embedder=tiny_embedder(), log=said.append, report_accuracy=False)
+    assert again.losses == full.losses[2:]
+    assert any(line.startswith("overwrite: deleted step-0000003/, step-0000004/ from") for line in said), said
+    steps = [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_the_curriculum_trains_easy_to_hard(tmp_path, monkeypatch):
     chosen = []
-    real = trainer.negatives_for
+    real = batches.negatives_for
 
     def spy(example, schedule, stage, rng):
         texts = real(example, schedule, stage, rng)
@@ -85,7 +104,7 @@ def test_the_curriculum_trains_easy_to_hard(tmp_path, monkeypatch):
         chosen.append((stage, [levels[t] for t in texts]))
         return texts
 
-    monkeypatch.setattr(trainer, "negatives_for", spy)
+    monkeypatch.setattr(batches, "negatives_for", spy)  # the planner picks them, in the main process
     cfg = config(tmp_path, steps=8, batch_size=4)
     trainer.train(cfg, embedder=tiny_embedder(), log=quiet, report_accuracy=False)
     stages = [json.loads(r)["stage"] for r in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
@@ -110,15 +129,72 @@ def test_fused_and_eager_losses_agree(tmp_path):
 
 
 @pytest.mark.parametrize("pooling,message", [
-    ("mean", r"step 1: the loss is nan \(not finite\).*before the optimizer step"),
-    ("ata", r"step 1: the model's activations are not finite .*before the optimizer step"),
+    ("mean", r"step 1: the loss is not finite: the trainable parameter \S+lora_A\S+ is not finite; "
+             r".*before its update reached the weights"),
+    ("ata", r"step 1: the model's activations are not finite .*the trainable parameter \S+lora_A\S+ is not "
+            r"finite; .*before its update reached the weights"),
 ])
 def test_a_nan_stops_the_run_with_a_clear_message(tmp_path, pooling, message):
     embedder = tiny_embedder(pooling=pooling)
     with torch.no_grad():
-        next(p for n, p in embedder.named_parameters() if "lora_A" in n).fill_(float("nan"))
-    with pytest.raises(trainer.TrainingStopped, match=message):
+        name, weight = next((n, p) for n, p in embedder.named_parameters() if "lora_A" in n)
+        weight.fill_(float("nan"))
+    with pytest.raises(trainer.NonFiniteTraining, match=message) as info:
         trainer.train(config(tmp_path, steps=3), embedder=embedder, log=quiet, report_accuracy=False)
+    assert info.value.step == 1 and info.value.where == f"the trainable parameter {name} is not finite"
+    assert isinstance(info.value, trainer.TrainingStopped)
+
+
+def test_a_nan_between_logging_steps_never_reaches_the_weights(tmp_path):
+    """The loss is read at logging steps only: a step whose loss is NaN has its update skipped on the
+    device, and the run stops at the next logging step naming it; the steps around it train."""
+    embedder = tiny_embedder(pooling="mean")
+    calls = []
+
+    def poison_second_step(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output  # one forward per step here
+
+    embedder.model.get_base_model().norm.register_forward_hook(poison_second_step)
+    before = {n: p.detach().clone() for n, p in embedder.named_parameters() if p.requires_grad}
+    cfg = config(tmp_path, steps=4, log_every=4, max_buckets=1)
+    with pytest.raises(trainer.NonFiniteTraining, match=r"^step 2: the loss is not finite") as info:
+        trainer.train(cfg, embedder=embedder, log=quiet, report_accuracy=False)
+    assert info.value.step == 2 and len(calls) >= 4  # steps 3 and 4 ran before the logging step
+    after = {n: p.detach() for n, p in embedder.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in after)  # steps 1, 3 and 4 did update
+    rows = [json.loads(r) for r in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the logging step wrote what happened
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, False, True, True]
+
+
+def test_a_nan_from_a_layer_is_named_by_that_layer(tmp_path):
+    """Finite weights, a layer whose output overflows: the stop names the first module that went non-finite."""
+    embedder = tiny_embedder(pooling="mean")
+    mlp = next(m for n, m in embedder.named_modules() if n.endswith("layers.1.mlp"))
+    mlp.register_forward_hook(lambda module, args, output: output * float("inf"))
+    with pytest.raises(trainer.NonFiniteTraining) as info:
+        trainer.train(config(tmp_path, steps=2), embedder=embedder, log=quiet, report_accuracy=False)
+    assert info.value.where == "the output of base_model.model.layers.1.mlp is the first that is not finite"
+
+
+def test_retention_keeps_the_newest_and_zero_keeps_every_checkpoint(tmp_path):
+    trainer.train(config(tmp_path, "all", steps=3, save_every=1, keep_checkpoints=0), embedder=tiny_embedder(),
+                  log=quiet, report_accuracy=False)
+    assert sorted(p.name for p in (tmp_path / "all" / "checkpoints").iterdir()) == [
+        "step-0000001", "step-0000002", "step-0000003"]
+    trainer.train(config(tmp_path, "one", steps=3, save_every=1, keep_checkpoints=1), embedder=tiny_embedder(),
+                  log=quiet, report_accuracy=False)
+    assert [p.name for p in (tmp_path / "one" / "checkpoints").iterdir()] == ["step-0000003"]
+    from mgh_train.checkpoints import apply_retention
+
+    folder = tmp_path / "by-hand"
+    for step in (1, 2, 3, 5, 9):
+        (folder / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    apply_retention(folder, 5, keep=2)  # step 5 was just written: it and the one before stay; 9 is not older
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-0000003", "step-0000005",
+                                                                          "step-0000009"]
 
 
 def test_gradient_accumulation_and_public_data_mix(tmp_path):
@@ -157,7 +233,8 @@ def test_bad_options_and_bad_data(tmp_path):
     with pytest.raises(ValueError, match="loss: expected fused or eager"):
         TrainConfig(loss="fast")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"query": "q", "positive": "p", "negatives": [{"text": "n", "level": 1}]}\n{"query": 3}\n')
+    negatives = [{"text": f"n{level}", "level": level} for level in (1, 2, 3, 4)]
+    bad.write_text(json.dumps({"query": "q", "positive": "p", "negatives": negatives}) + '\n{"query": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: "):
         trainer.train(config(tmp_path, data=[str(bad)]), embedder=tiny_embedder(), log=quiet)
     with pytest.raises(ValueError, match="resume: no checkpoint"):
@@ -215,5 +292,6 @@ def test_train_command_end_to_end(tmp_path):
     assert Embedder.load(tmp_path / "run" / "model").encode(["hello"]).shape == (1, 32)
     bad = run_cli("train", "--model", str(base), "--lr", "-1", "--output", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "lr: expected a positive learning rate" in bad.stderr
-    missing = run_cli("train", "--data", str(tmp_path / "none.jsonl"), "--model", str(base))
+    missing = run_cli("train", "--data", str(tmp_path / "none.jsonl"), "--model", str(base), "--output",
+                      str(tmp_path / "missing"))
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr

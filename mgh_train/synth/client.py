@@ -25,11 +25,15 @@ HTML, not JSON); when they run out, :class:`RequestFailed` is ``transient``. Not
 4xx (a bad request fails the same way again; but a 400 asking for ``max_completion_tokens``
 instead of ``max_tokens``, as OpenAI's reasoning models send, switches the name for the run);
 401, 403 and 404 end the run
-(:class:`ServerRefused`): no request can succeed with a bad key, URL or model.
+(:class:`ServerRefused`): no request can succeed with a bad key, URL or model. So does a
+connection that cannot be made (refused, an unknown host) before the server has answered once:
+nothing listens at the URL, and retrying every request with backoff would only take minutes to
+say so. Once the server has answered, a refused connection is retried (a restart, a blip).
 
 The API key comes from the caller or ``OPENAI_API_KEY`` and is never put in a message, a log or
 a file (server text is scrubbed of it, and of anything shaped like a key, in case a server echoes
-it); local servers that need no key get a placeholder.
+it); local servers that need no key get a placeholder. OpenAI's own API (no ``base_url`` and no
+``OPENAI_BASE_URL``) without a key is refused at once with a ValueError.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import json
 import os
 import random
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
@@ -186,6 +191,9 @@ class ChatClient:
             raise ValueError(f"max_tokens: expected a positive number, got {max_tokens}")
         if response_format != "auto":
             response_format_for(response_format, {}, "check")  # raises on an unknown name
+        if not (api_key or os.environ.get("OPENAI_API_KEY")) and not (base_url or os.environ.get("OPENAI_BASE_URL")):
+            raise ValueError("api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; export OPENAI_API_KEY=..., "
+                             "or pass --base-url for a server that needs no key")
         key = api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER
         if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
             # It goes into an HTTP header; say what is wrong without showing it.
@@ -194,11 +202,13 @@ class ChatClient:
         self._secrets = [key] if key != NO_KEY_PLACEHOLDER else []
         self._openai = openai
         self._client = openai.AsyncOpenAI(base_url=base_url, timeout=timeout, max_retries=0, api_key=key)
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or str(self._client.base_url)
         self.model, self.retry = model, retry or RetryPolicy()
         self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         self.format_index = 0 if response_format == "auto" else RESPONSE_FORMATS.index(response_format)
         self.tokens_parameter = "max_tokens"  # or max_completion_tokens, once a server asks for it
         self.usage = Usage()
+        self.answered = False  # whether the server has sent any HTTP response in this run
         self._sleep = sleep
         self._log = log or (lambda message: print(message, flush=True))
 
@@ -240,8 +250,10 @@ class ChatClient:
             server_wait = None
             try:
                 completion = await self._client.chat.completions.create(**arguments)
+                self.answered = True
                 return self._reply(completion, RESPONSE_FORMATS[mode])
             except openai.APIStatusError as error:
+                self.answered = True
                 status = error.status_code
                 # Before the fatal statuses: some gateways answer an unservable format with a 404.
                 if not lowered and mode < len(RESPONSE_FORMATS) - 1 and _refuses_format(error):
@@ -262,6 +274,9 @@ class ChatClient:
                 reason = "timed out"
             except openai.APIConnectionError as error:
                 cause = error.__cause__
+                if not self.answered and _cannot_connect(cause):
+                    raise ServerRefused(f"cannot connect to {self.base_url} ({self._clean(cause, 160)}): "
+                                        "nothing answers there; start the server, or check --base-url") from None
                 reason = f"connection failed ({type(cause).__name__ if cause else 'no response'})"
             except (json.JSONDecodeError, _MalformedReply) as error:  # a 200 whose body is no chat completion
                 reason = f"malformed response body ({self._clean(error, 100)})"
@@ -314,6 +329,19 @@ _KEY_LIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-]{8,}")
 def _count(value) -> int:
     """A token count from ``usage``: a non-negative int, or 0 for anything else a server sends."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _cannot_connect(cause) -> bool:
+    """Whether an exception under openai's APIConnectionError is a connection never made (refused,
+    an unknown host, no route), as opposed to one dropped mid-request or a timeout. The HTTP
+    library's ``ConnectError`` is matched by name: openai has used httpx and httpx2."""
+    for _ in range(8):  # down the chain of causes, a few links at most
+        if cause is None:
+            return False
+        if isinstance(cause, (ConnectionRefusedError, socket.gaierror)) or type(cause).__name__ == "ConnectError":
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _error_text(error) -> str:

@@ -132,7 +132,7 @@ class SynthSummary:
 
     accepted: int = 0
     rejected: int = 0
-    failed: int = 0  # stage-2 requests that failed on retryable errors: not done, a rerun retries them
+    failed: int = 0  # requests (both stages) that failed on retryable errors: not done, a rerun retries them
     accepted_before: int = 0
     rejected_before: int = 0
     tasks: dict = field(default_factory=dict)  # task type -> tasks available for stage 2
@@ -152,7 +152,8 @@ class SynthSummary:
     def lines(self) -> list[str]:
         total = self.tokens + self.tokens_before
         out = [f"accepted {self.accepted} and rejected {self.rejected} examples in this run "
-               f"({self.accepted_before} and {self.rejected_before} before it); {self.failed} requests failed",
+               f"({self.accepted_before} and {self.rejected_before} before it); {self.failed} requests failed "
+               "after their retries",
                "tasks per type: " + ", ".join(f"{k} {v}" for k, v in self.tasks.items()),
                f"brainstorm rounds {self.brainstorm_rounds} ({self.brainstorm_rejected} without a new task)",
                f"requests {self.requests} ({self.retries} retries), tokens {self.tokens} this run, {total} in all, "
@@ -164,8 +165,8 @@ class SynthSummary:
         if self.stopped:
             out.append(f"stopped early: {self.stopped}")
         elif self.failed:
-            out.append(f"{self.failed} units failed their requests (see the rejects file); rerun the same "
-                       "command to ask them again")
+            out.append(f"{self.failed} requests failed (see the rejects file); rerun the same command to ask "
+                       "them again")
         else:
             out.append("done: every unit has a row")
         return out
@@ -357,6 +358,7 @@ class Synthesizer:
 
     def _request_failed(self, error: RequestFailed) -> None:
         """Count a transient failure; too many in a row stop the run (the server is down, or out of quota)."""
+        self.summary.failed += 1
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= self.options.max_failures_in_a_row:
             self._stop(f"{self.failures_in_a_row} requests failed in a row (last: {error}); check the server, "
@@ -472,7 +474,6 @@ class Synthesizer:
                 reason = _reason_class(str(error))
                 self.summary.reject_reasons[reason] = self.summary.reject_reasons.get(reason, 0) + 1
             else:
-                self.summary.failed += 1
                 self._request_failed(error)
         progress.update(self.summary, self.client)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..data import LEVELS, DataError, Example, parse_row
+from ..data import LEVELS, DataError, Example, decode_line, parse_row
 
 DEFAULT_JUDGE = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {DEFAULT_JUDGE.lower(), f"sentence-transformers/{DEFAULT_JUDGE}".lower()}
@@ -128,14 +128,15 @@ def read_levelled(paths: Sequence[str]) -> list[tuple[Example, str]]:
     rows = []
     for path in paths:
         try:
-            handle = open(path, encoding="utf-8")
+            handle = open(path, "rb")
         except OSError as error:
             raise ValueError(f"data: cannot read {path}: {error.strerror}") from None
         with handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
+            for number, raw in enumerate(handle, start=1):
                 try:
+                    line = decode_line(raw, number == 1)
+                    if not line.strip():
+                        continue
                     example = parse_row(json.loads(line))
                 except (json.JSONDecodeError, DataError, ValueError) as error:
                     raise DataError(f"{path}:{number}: {error}") from None
