@@ -18,6 +18,7 @@ from typing import Optional
 from .data import check_schedule
 from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
 from .precision import DTYPES
+from .trackers import check_report_to
 
 NEGATIVE_MODES = ("global", "own")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -53,8 +54,9 @@ class TrainConfig:
     max_length: int = _opt(512, "longest input in tokens (longer texts are truncated)", group="model")
     gradient_checkpointing: bool = _opt(False, "re-compute activations in backward (saves memory)", group="model")
     # data
-    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron JSONL files "
-                                      "(default: the seed set shipped in the package)", group="data")
+    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron rows: JSONL or Parquet "
+                                      "files, or datasets folders (save_to_disk); default: the seed set shipped "
+                                      "in the package", group="data")
     public_data: Optional[list] = _opt(None, "retrieval data without levels, mixed in at --public-ratio",
                                        group="data")
     public_ratio: float = _opt(0.0, "share of public examples in the training set, in [0, 1)", group="data")
@@ -114,6 +116,9 @@ class TrainConfig:
                                         group="output")
     eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
     progress: bool = _opt(True, "show a progress bar", group="output")
+    report_to: Optional[list] = _opt(None, "trackers of the metric rows: tensorboard, wandb, mlflow (offline, in "
+                                           "the run folder) or none (default: tensorboard when installed)",
+                                     group="output")
 
     def __post_init__(self):
         self.validate()
@@ -142,6 +147,7 @@ class TrainConfig:
         need(self.compile_mode in COMPILE_MODES, "compile_mode", " or ".join(map(str, COMPILE_MODES[1:])))
         need(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)")
         check_schedule(self.schedule)
+        check_report_to(self.report_to)
         return self
 
     def embedder_options(self) -> dict:

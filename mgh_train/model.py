@@ -18,10 +18,12 @@ encodes to the same vectors as :meth:`Embedder.encode` (mgh must be installed wh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from mgh_kernels import POOLING_METHODS, enable_ata, pool
 
+from .files import atomic_folder
 from .precision import DTYPES as _DTYPES
 from .precision import Precision, resolve
 
@@ -148,6 +151,7 @@ def load_base(config: EmbedderConfig, folder: Optional[str] = None):
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     model = transformers.AutoModel.from_pretrained(where, dtype=_DTYPES[config.dtype], **kwargs)
+    forget_gguf(model)  # the weights are plain floats now; the marker would only stop saving
     return model, tokenizer
 
 
@@ -228,7 +232,8 @@ class Embedder(torch.nn.Module):
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+            with _peft_quietly():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         elif config.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -240,7 +245,8 @@ class Embedder(torch.nn.Module):
                 target_modules=targets,
                 bias="none",
             )
-            model = get_peft_model(model, lora)
+            with _peft_quietly():
+                model = get_peft_model(model, lora)
         else:
             model.requires_grad_(False)
         return cls(model, tokenizer, config)
@@ -371,42 +377,86 @@ class Embedder(torch.nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
 
-    def save(self, path, *, merged: bool = False) -> Path:
+    def save(self, path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None) -> Path:
         """Write a folder that :meth:`load` and sentence-transformers read back.
 
         The LoRA adapter alone by default (the base is named in ``mgh_config.json``; a base built in
         memory is written to ``base/``); with ``merged=True`` the adapter is merged into the base
-        and the whole model is written to ``base/``.
+        and the whole model is written to ``base/``, in ``config.dtype`` (a GGUF base is written as
+        its dequantised weights). The folder also gets a model card, ``README.md``, with the run's
+        options ``training`` and, given an mteb result folder ``eval_results``, its scores. The
+        folder is written under a temporary name and renamed into place: a failed save leaves
+        ``path`` as it was.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(path, markers=(CONFIG_NAME, "modules.json")) as tmp:
+            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=path.name)
+        return path
+
+    def _write(self, path: Path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
+               name: Optional[str] = None) -> None:
+        """Write the folder's files into ``path`` (an existing folder), as :meth:`save` describes."""
+        name = name or path.resolve().name
         cfg = asdict(self.config)
         is_peft = hasattr(self.model, "peft_config")
         adapter = base = None
         if merged and is_peft:
-            if self.capture is not None:
-                self.capture.remove()  # a deep copy must not carry the capture hook
-            try:
-                plain = copy.deepcopy(self.model).merge_and_unload()
-            finally:
-                if self.capture is not None:
-                    self.capture = enable_ata(self.model, self.config.ata_layer)
-            _save_base(plain, plain.state_dict(), path / "base")
+            _save_base(self.merged_model(), None, path / "base", self.config.dtype)
             base = "base"
         else:
             if is_peft:
-                self.model.save_pretrained(path / "adapter")
+                # "auto" would look the base's config.json up (on the hub, for a GGUF or in-memory base)
+                # to learn whether the vocabulary changed; only an adapter on the embeddings needs it.
+                embeddings = any("lora_embedding" in name for name, _ in self.model.named_parameters())
+                self.model.save_pretrained(path / "adapter", save_embedding_layers="auto" if embeddings else False)
                 adapter = "adapter"
             if self.config.base_model is None or merged:
-                _save_base(self.model, _clean_base_state(self.model), path / "base")
+                _save_base(self.model, _clean_base_state(self.model), path / "base", self.config.dtype)
                 base = "base"
         if base is not None:
             cfg.update(base_model=None, gguf_file=None)
         self.tokenizer.save_pretrained(path)
-        saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg}
+        training = training if training is not None else self.run_options
+        saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg,
+                 "origin": self.origin}
+        if training is not None:
+            saved["training"] = training
         (path / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
         _write_sentence_transformers_files(path, self.config)
-        return path
+        from .model_card import write_model_card
+
+        write_model_card(path, embedder=asdict(self.config), base_model=self.origin, training=training,
+                         results=eval_results, name=name, needs_mgh=True)
+
+    @property
+    def origin(self) -> Optional[str]:
+        """The base model this embedder was built from (kept across merged saves), for model cards."""
+        return self.__dict__.get("_origin") or self.config.base_model
+
+    @origin.setter
+    def origin(self, value: Optional[str]) -> None:
+        self.__dict__["_origin"] = value
+
+    @property
+    def run_options(self) -> Optional[dict]:
+        """The training run's options saved with this model, if any."""
+        return self.__dict__.get("_run_options")
+
+    @run_options.setter
+    def run_options(self, value: Optional[dict]) -> None:
+        self.__dict__["_run_options"] = value
+
+    def merged_model(self):
+        """A copy of the base model with the LoRA adapter merged in (the embedder is unchanged)."""
+        if not hasattr(self.model, "peft_config"):
+            return copy.deepcopy(_base_of(self.model))
+        if self.capture is not None:
+            self.capture.remove()  # a deep copy must not carry the capture hook
+        try:
+            return copy.deepcopy(self.model).merge_and_unload()
+        finally:
+            if self.capture is not None:
+                self.capture = enable_ata(self.model, self.config.ata_layer)
 
     @classmethod
     def load(cls, path, *, device=None, trainable: bool = False) -> "Embedder":
@@ -435,9 +485,20 @@ class Embedder(torch.nn.Module):
             config, model=model, tokenizer=tokenizer,
             adapter=str(path / saved["adapter"]) if saved["adapter"] else None, trainable=trainable,
         )
+        embedder.origin = saved.get("origin")
+        embedder.run_options = saved.get("training")
         if device is not None:
             embedder.to(device)
         return embedder.train(trainable)
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model, and
+    transformers 5 warns about it on every call: a FutureWarning about peft's code, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,14 +580,35 @@ def _lora_targets(model, targets, layers: Optional[list]):
     return names
 
 
-def _save_base(model, state: dict, folder: Path) -> None:
+def forget_gguf(model) -> None:
+    """Drop transformers' GGUF marker from a GGUF-loaded model (its weights are untouched).
+
+    transformers dequantises a GGUF file into ordinary float tensors on load but keeps the
+    quantizer on the model and ``quantization_config`` on its config, and ``save_pretrained``
+    then refuses to write it ("quantized with gguf and is not serializable"). Without the marker
+    the model saves as the plain float model it is.
+    """
     base = _base_of(model)
-    attn = base.config._attn_implementation
+    quantizer = getattr(base, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(base)
+
+
+def _save_base(model, state: Optional[dict], folder: Path, dtype: str = "float32") -> None:
+    """``save_pretrained`` of the transformers model in ``model`` (``state``: its weights, default all),
+    floating tensors in ``dtype``, without a GGUF marker or our private attention name."""
+    base = _base_of(model)
+    forget_gguf(base)
+    state = base.state_dict() if state is None else state
+    state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    attn, torch_dtype = base.config._attn_implementation, base.config.dtype
     base.config._attn_implementation = "sdpa"  # never write our private attention name to disk
+    base.config.dtype = _DTYPES[dtype]
     try:
         base.save_pretrained(folder, state_dict=state)
     finally:
-        base.config._attn_implementation = attn
+        base.config._attn_implementation, base.config.dtype = attn, torch_dtype
 
 
 def _write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> None:

@@ -45,6 +45,8 @@ from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
 from .precision import Precision, resolve
 from .profiling import StepProfiler
 from .step import TrainStep, compiled_loss, make_optimizer
+from .trackers import open_trackers
+from .trackers import resolve as resolve_trackers
 
 
 class TrainingStopped(RuntimeError):
@@ -182,30 +184,6 @@ def _lr_lambda(steps: int, warmup: int):
     return factor
 
 
-class _TensorBoard:
-    """Metric rows to TensorBoard (in the run folder), where it is installed."""
-
-    def __init__(self, folder: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder / "tensorboard"))
-
-    def log(self, row: dict, step: int) -> None:
-        for key, value in row.items():
-            if key != "step":
-                self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _tensorboard(folder: Path):
-    try:
-        return _TensorBoard(folder)
-    except ImportError:  # tensorboard is optional
-        return None
-
-
 def build_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
     """The embedder ``cfg`` describes, its base weights loaded in ``precision.weights``."""
     embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options(), dtype=precision.weights_name))
@@ -228,6 +206,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
           report_accuracy: bool = True) -> TrainResult:
     """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models)."""
     cfg.validate()
+    resolve_trackers(cfg.report_to)  # a tracker asked for but not installed stops the run here
     output = Path(cfg.output)
     device = check_device(cfg.device)
     precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
@@ -296,7 +275,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     train_step = TrainStep(embedder, optimizer, loss_fn, tau=cfg.tau, negatives=cfg.negatives,
                            max_grad_norm=cfg.max_grad_norm, precision=precision, scaler=scaler,
                            loss_wrapper=compiled_loss(embedder, cfg) if cfg.compile else None)
-    run_log = RunLog(output / "metrics.jsonl", start, _tensorboard(output))
+    run_log = RunLog(output / "metrics.jsonl", start, open_trackers(cfg.report_to, output, cfg.to_dict()))
     profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile else None
     bar = None
     if cfg.progress:
@@ -360,7 +339,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         result.accuracy_after = retrieval_accuracy(embedder, held)
         log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
             f"MRR {result.accuracy_after['mrr']:.3f}")
-    result.model_path = embedder.save(output / "model")
+    result.model_path = embedder.save(output / "model", training=cfg.to_dict())
     log(f"model saved to {result.model_path}")
     return result
 
