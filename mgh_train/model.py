@@ -303,10 +303,16 @@ class Embedder(torch.nn.Module):
 
     def set_precision(self, precision: Precision) -> "Embedder":
         """Cast the frozen floating-point weights to ``precision.weights`` (the trainable LoRA weights
-        stay float32) and run :meth:`encode` under its autocast."""
+        stay float32) and run :meth:`encode` under its autocast.
+
+        Under autocast, peft's LoRA layers stop casting their input to the adapter's float32 (two
+        casts per layer and forward for nothing: autocast casts it back for the matmul)."""
         for p in self.model.parameters():
             if not p.requires_grad and p.is_floating_point() and p.dtype != precision.weights:
                 p.data = p.data.to(precision.weights)
+        for module in self.model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = precision.autocast is None
         self.precision = precision
         return self
 

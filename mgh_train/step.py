@@ -104,7 +104,7 @@ class TrainStep:
         total = None
         for batch in batches:
             loss = self.loss_of(self.embedder, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
-            scaled = loss / len(batches)
+            scaled = loss / len(batches) if len(batches) > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = scaled.detach() if total is None else total + scaled.detach()
         finite = torch.isfinite(total)
