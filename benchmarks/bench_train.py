@@ -24,6 +24,8 @@ config.
 
 import dataclasses
 import gc
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +123,177 @@ def bench_train_step(measure, device, case, variant):
     gc.collect()
     torch.cuda.empty_cache()
     pytest.skip(f"{name}: out of memory on this device ({reason})")
+
+
+# --------------------------------------------------------------------------------------------
+# mgh's training step against sentence-transformers' own, on the same token ids
+# --------------------------------------------------------------------------------------------
+
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                 rope_theta=1000000.0, tie_word_embeddings=True)
+SEED_LENGTHS = Path(__file__).resolve().parent / "seed_lengths.json"
+TAU = 0.05
+
+
+def seed_rows(count: int, max_length: int, vocab_size: int, seed: int = 0) -> list:
+    """``count`` (anchor, positive, negative) rows of token ids with the lengths the seed set's rows
+    have under SmolLM2's tokenizer (``seed_lengths.json``: query with its instruction prefix,
+    positive, level-4 negative, EOS included), truncated to ``max_length``; ids are random (speed
+    does not depend on them), the same for every entry of a run."""
+    lengths = json.loads(SEED_LENGTHS.read_text())["rows"]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    rows = []
+    for i in range(count):
+        row = lengths[order[i % len(order)]]
+        rows.append([torch.randint(3, vocab_size, (min(n, max_length),), generator=gen).tolist() for n in row])
+    return rows
+
+
+def _st_features(ids: list, pad_id: int = 0) -> dict:
+    """One column as sentence-transformers' collator pads it: right padding to the column's longest."""
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, r in enumerate(ids):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _save_base(dims: dict, folder: Path, precision) -> None:
+    """A random-weight Llama/Qwen3 of ``dims`` and a placeholder tokenizer, saved where both sides load it."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+
+    kind = "qwen3" if "head_dim" in dims else "llama"
+    config = AutoConfig.for_model(kind, **dims, attention_dropout=0.0)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).to(precision.weights).save_pretrained(folder)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none")
+
+
+def make_st_step(folder: Path, rows: list, device, precision, compile: bool = False):
+    """sentence-transformers' own training step (``SentenceTransformerTrainer.training_step``: its
+    MultipleNegativesRankingLoss forward and backward, then clipping and the fused AdamW step, as its
+    training loop runs them) on a mean-pooling model with the same LoRA, over ``rows``."""
+    from peft import LoraConfig, get_peft_model
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.models import Pooling, Transformer
+
+    transformer = Transformer(str(folder), model_kwargs={"dtype": precision.weights})
+    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+                                device=str(device))
+    torch.manual_seed(0)
+    transformer.model = get_peft_model(transformer.model, LoraConfig(**LORA))  # as Embedder.build does
+    loss = MultipleNegativesRankingLoss(model, scale=1 / TAU)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(folder / "st-run"), per_device_train_batch_size=len(rows), learning_rate=1e-5,
+        optim="adamw_torch_fused" if _fused_adamw_available(device) else "adamw_torch", report_to=[],
+        bf16=precision.autocast == torch.bfloat16, fp16=precision.autocast == torch.float16,
+        use_cpu=device.type == "cpu", torch_compile=compile, max_grad_norm=1.0, disable_tqdm=True,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, loss=loss)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    trainer.current_gradient_accumulation_steps = 1  # what its training loop sets before each step
+    trained = trainer.accelerator.prepare(model) if not compile else trainer._wrap_model(model)
+    inputs = {}
+    for column, ids in zip(("anchor", "positive", "negative"), zip(*rows)):
+        for key, value in _st_features(list(ids)).items():
+            inputs[f"{column}_{key}"] = value.to(device)
+    model.train()
+
+    def step():
+        loss_value = trainer.training_step(trained, dict(inputs))
+        trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return loss_value.detach()
+
+    return step
+
+
+def make_mgh_step(folder: Path, rows: list, device, precision, pooling: str = "mean", compile: bool = False):
+    """mgh's training step (``mgh_train.step.TrainStep``, as the trainer runs it) on the same base, LoRA
+    and token ids: the micro-batch's queries and documents in length buckets, the fused loss."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mgh_kernels import infonce_loss
+    from mgh_train.batches import Collate
+    from mgh_train.config import TrainConfig
+    from mgh_train.model import Embedder, EmbedderConfig
+    from mgh_train.step import TrainStep, compiled_loss, make_optimizer
+
+    config = EmbedderConfig(base_model=None, pooling=pooling, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
+                            lora_dropout=LORA["lora_dropout"])
+    base = AutoModel.from_pretrained(folder, dtype=precision.weights)
+    torch.manual_seed(0)
+    embedder = Embedder.build(config, model=base, tokenizer=AutoTokenizer.from_pretrained(folder))
+    embedder.to(device).set_precision(precision)
+    embedder.train()
+    ids = [r[0] for r in rows] + [r[1] for r in rows] + [r[2] for r in rows]
+    batch = Collate(embedder.tokenizer, config, multiple=64 if compile else 8).assemble(
+        ids, [[True] * len(r) for r in ids], queries=len(rows), k=1).to(device)
+    optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    train_step = TrainStep(embedder, optimizer, infonce_loss, tau=TAU, negatives="global", max_grad_norm=1.0,
+                           precision=precision, scaler=precision.grad_scaler(),
+                           loss_wrapper=compiled_loss(embedder, TrainConfig(compile=True)) if compile else None)
+
+    def step():
+        return train_step([batch]).loss
+
+    return step
+
+
+def _fused_adamw_available(device) -> bool:
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        return True
+    except RuntimeError:
+        return False
+
+
+PEER_VARIANTS = {
+    "st": ("sentence-transformers step (mean, MNRL)", "peer", make_st_step, {}),
+    "mgh": ("mgh step (mean, fused loss)", "ours", make_mgh_step, {}),
+    "mgh_ata": ("mgh step (ATA, fused loss)", "other", make_mgh_step, {"pooling": "ata"}),
+    "st_compiled": ("sentence-transformers step, torch.compile", "other", make_st_step, {"compile": True}),
+    "mgh_compiled": ("mgh step (mean), --compile", "other", make_mgh_step, {"compile": True}),
+}
+PEER_CASES = {  # (architecture, dims, rows per batch, max tokens per text) by device type
+    "cpu": [("SmolLM2-135M", SMOLLM2_135M, 16, 128)],
+    "cuda": [("SmolLM2-135M", SMOLLM2_135M, 32, 128), ("SmolLM2-135M", SMOLLM2_135M, 128, 256),
+             ("Qwen3-0.6B", QWEN3_06B, 32, 256)],
+}
+
+
+@pytest.mark.parametrize("variant", list(PEER_VARIANTS))
+@pytest.mark.parametrize("case", [c for cases in PEER_CASES.values() for c in cases],
+                         ids=lambda c: f"{c[0]}-B{c[2]}-L{c[3]}")
+def bench_step_against_sentence_transformers(measure, device, case, variant, tmp_path_factory):
+    pytest.importorskip("sentence_transformers")
+    if case not in PEER_CASES[device.type]:
+        pytest.skip(f"not a {device.type} case")
+    from mgh_train.precision import resolve
+
+    arch, dims, batch, length = case
+    name, role, make, options = PEER_VARIANTS[variant]
+    precision = resolve(device)
+    folder = tmp_path_factory.mktemp(f"{arch}-base")
+    _save_base(dims, folder, precision)
+    rows = seed_rows(batch, length, dims["vocab_size"])
+    tokens = sum(len(t) for row in rows for t in row)
+    gc.collect()
+    step = make(folder, rows, device, precision, **options)
+    measure(step, group=f"{arch} LoRA step vs sentence-transformers B{batch} L<={length} ({tokens} real tokens, "
+                        f"{precision.describe()})", name=name, role=role, work={"tokens": tokens, "examples": batch},
+            rounds=10 if device.type == "cuda" else 3)

@@ -37,10 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_config.add_arguments(commands.add_parser(
         "train", help="train an embedder", description=train_config.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter))
-    export = commands.add_parser("export", help="re-save a model folder; --merge merges the LoRA adapter")
+    export = commands.add_parser("export", help="re-save a model folder: merged, or as stock sentence-transformers",
+                                 description=_export_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("--model", required=True, help="a model folder written by training (run/model)")
     export.add_argument("--output", required=True, help="the folder to write")
-    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights (--format mgh; "
+                                                            "sentence-transformers exports are always merged)")
+    export.add_argument("--format", default="mgh", choices=("mgh", "sentence-transformers"),
+                        help="mgh: our folder (needs mgh to load); sentence-transformers: stock modules, merged "
+                             "weights, loads without mgh (except ATA pooling) (default: %(default)s)")
+    export.add_argument("--eval", metavar="RESULTS", help="an mteb result folder (eval --output): its scores go "
+                                                          "into the model card as model-index")
     evaluation = commands.add_parser("eval", help="run MTEB tasks", description=_evaluate_doc(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluation.add_argument("--model", required=True, help="an mgh model folder, or a sentence-transformers name/path")
@@ -68,6 +75,12 @@ def _verify_doc() -> str:
     from .synth import verify
 
     return verify.__doc__ + synth_cli.VERIFY_DESCRIPTION_TAIL
+
+
+def _export_doc() -> str:
+    from . import export
+
+    return export.__doc__
 
 
 def _evaluate_doc() -> str:
@@ -114,11 +127,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .model import Embedder
+    from .export import export
 
-    embedder = Embedder.load(args.model)
-    path = embedder.save(args.output, merged=args.merge)
-    print(f"{'merged model' if args.merge else 'model'} written to {path}")
+    result = export(args.model, args.output, format=args.format, merge=args.merge, eval_results=args.eval)
+    what = "sentence-transformers model" if args.format != "mgh" else "merged model" if args.merge else "model"
+    print(f"{what} written to {result.path}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.format != "mgh":
+        how = "SentenceTransformer(path, trust_remote_code=True) where mgh is installed" if result.needs_mgh \
+            else "SentenceTransformer(path), no mgh needed"
+        print(f"load with {how}")
     return 0
 
 

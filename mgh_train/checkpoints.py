@@ -43,6 +43,7 @@ RUN_STATE = ("checkpoints", "metrics.jsonl", "model", "tensorboard")  # what a r
 MAY_CHANGE = frozenset({
     "steps", "lr", "warmup", "max_grad_norm", "log_every", "save_every", "keep_checkpoints", "eval_every",
     "eval_data_dir", "eval_limit", "progress", "device", "gradient_checkpointing",
+    "workers", "max_buckets", "compile", "compile_mode", "profile",  # how it runs, not what it computes
     "data", "public_data",  # file names: their content is compared through the examples' fingerprint
 })
 """Options a resumed run may change; every other option must equal the checkpoint's."""
@@ -376,10 +377,14 @@ def load_trainable(embedder, checkpoint: Checkpoint) -> None:
             p.copy_(checkpoint.trainable[name])
 
 
-def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, batcher, rng, cfg,
+def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, sampler: dict, cfg,
                     scaler=None, data_fingerprint: Optional[str] = None) -> Path:
     """Write ``folder/checkpoints/step-N`` atomically (a temporary folder renamed into place), then
-    delete the oldest checkpoints beyond ``cfg.keep_checkpoints`` (never the one just written)."""
+    delete the oldest checkpoints beyond ``cfg.keep_checkpoints`` (never the one just written).
+
+    ``sampler``: the no-duplicates sampler's and the negatives RNG's state after the step's last
+    micro-batch (``{"sampler": ..., "negatives_rng": ...}``, as :class:`mgh_train.batches.Plan`
+    carries it: the DataLoader plans ahead of the step)."""
     final = folder / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -387,7 +392,7 @@ def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, 
     torch.save(trainable_state(embedder), tmp / "trainable.pt")
     torch.save(
         {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "sampler": batcher.state_dict(), "negatives_rng": rng.getstate(), "rng": rng_state(),
+         "sampler": sampler["sampler"], "negatives_rng": sampler["negatives_rng"], "rng": rng_state(),
          "scaler": scaler.state_dict() if scaler is not None else None},  # float16's gradient scaler
         tmp / "state.pt",
     )

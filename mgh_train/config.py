@@ -18,8 +18,10 @@ from typing import Optional
 from .data import check_schedule
 from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
 from .precision import DTYPES
+from .trackers import check_report_to
 
 NEGATIVE_MODES = ("global", "own")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSES = ("fused", "eager")
 
 
@@ -52,8 +54,9 @@ class TrainConfig:
     max_length: int = _opt(512, "longest input in tokens (longer texts are truncated)", group="model")
     gradient_checkpointing: bool = _opt(False, "re-compute activations in backward (saves memory)", group="model")
     # data
-    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron JSONL files "
-                                      "(default: the seed set shipped in the package)", group="data")
+    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron rows: JSONL or Parquet "
+                                      "files, or datasets folders (save_to_disk); default: the seed set shipped "
+                                      "in the package", group="data")
     public_data: Optional[list] = _opt(None, "retrieval data without levels, mixed in at --public-ratio",
                                        group="data")
     public_ratio: float = _opt(0.0, "share of public examples in the training set, in [0, 1)", group="data")
@@ -83,6 +86,17 @@ class TrainConfig:
     dtype: Optional[str] = _opt(None, "dtype of the frozen base weights: float32, bfloat16 or float16 "
                                       "(default: the autocast dtype on CUDA, float32 on the CPU; LoRA stays "
                                       "float32)", group="loop")
+    workers: Optional[int] = _opt(None, "DataLoader worker processes that tokenize the micro-batches (default: 2 "
+                                        "with CUDA, 1 otherwise; 0: in the training loop)", group="loop")
+    max_buckets: int = _opt(4, "encoder forwards per micro-batch at most: its texts, sorted by length, are "
+                               "split into as few padded buckets as keep the padding under a fifth of the "
+                               "real tokens", group="loop")
+    compile: bool = _opt(False, "torch.compile the encoder and the loss (the fused ATA layer and InfoNCE in the "
+                                "graph; bucket lengths round to 64 to bound recompiles)", group="loop")
+    compile_mode: Optional[str] = _opt(None, "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
+                                             "max-autotune", group="loop")
+    profile: int = _opt(0, "profile this many steps after two warm-up steps: a torch.profiler trace in "
+                           "<output>/profile and the top ops printed (0: no profile)", group="output")
     # output
     output: str = _opt("runs/mgh", "run folder: model/, checkpoints/, metrics.jsonl", group="output")
     save_every: int = _opt(0, "write a checkpoint every N steps (0: at the end only)", group="output")
@@ -94,12 +108,17 @@ class TrainConfig:
     overwrite: bool = _opt(False, "replace the run already in --output (its checkpoints, metrics and model are "
                                   "deleted once the new run has loaded; with --resume, the checkpoints after "
                                   "the one resumed)", group="output")
-    log_every: int = _opt(1, "steps between metric rows", group="output")
+    log_every: int = _opt(10, "steps between reads of the loss from the device: the rows of metrics.jsonl (one "
+                                  "per step) are written then, and the progress bar's loss; checkpoint and "
+                                  "evaluation steps read it too", group="output")
     eval_every: int = _opt(0, "steps between STS-B dev evaluations (0: at the end only)", group="output")
     eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",
                                         group="output")
     eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
     progress: bool = _opt(True, "show a progress bar", group="output")
+    report_to: Optional[list] = _opt(None, "trackers of the metric rows: tensorboard, wandb, mlflow (offline, in "
+                                           "the run folder) or none (default: tensorboard when installed)",
+                                     group="output")
 
     def __post_init__(self):
         self.validate()
@@ -110,9 +129,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_buckets"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
-        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length"):
+        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "a positive learning rate")
         need(self.tau > 0, "tau", "a positive temperature")
@@ -123,8 +142,12 @@ class TrainConfig:
         need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
         need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
         need(self.dtype is None or self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
+        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 0), "workers",
+             "an integer >= 0")
+        need(self.compile_mode in COMPILE_MODES, "compile_mode", " or ".join(map(str, COMPILE_MODES[1:])))
         need(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)")
         check_schedule(self.schedule)
+        check_report_to(self.report_to)
         return self
 
     def embedder_options(self) -> dict:

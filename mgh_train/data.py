@@ -18,6 +18,9 @@ skipped and counted. Bad means: not UTF-8, not JSON, not one of the formats, or 
 needs the levels the schedule uses (each level an integer 1-4, at most once per row), and every
 row at least one hard negative, because a micro-batch trains each query with the same number of
 them and a row without one would take the hard negatives of its whole micro-batch away.
+
+Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the same columns
+(:mod:`mgh_train.data_tables`); their bad rows are named ``file:row N`` (N from 0).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
+
+from .data_tables import is_table
 
 LEVELS = (1, 2, 3, 4)
 SCHEDULES = ("curriculum", "reverse", "random", "all")  # and "level:N"
@@ -235,6 +240,11 @@ def read_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds
     checks of a training run's schedule (:class:`RowNeeds`).
     """
     path = Path(path)
+    if is_table(path):
+        return read_table_examples(path, skip_bad_rows=skip_bad_rows, needs=needs)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, but not a datasets folder (save_to_disk writes dataset_info.json "
+                        "or dataset_dict.json); pass JSON Lines or Parquet files, or such a folder")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     report = ReadReport()
@@ -264,6 +274,33 @@ def fingerprint(examples: Sequence[Example]) -> str:
         digest.update(json.dumps(row, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def read_table_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds] = None) -> ReadReport:
+    """Read a Parquet file or a ``datasets`` folder of training rows (see :mod:`.data_tables`).
+
+    As :func:`read_examples` (``needs`` included), with ``file:row N: what is wrong`` (N counted
+    from 0) for a bad row, and row indices in ``report.skipped``.
+    """
+    from .data_tables import table_rows
+
+    report = ReadReport()
+    try:
+        for index, row in enumerate(table_rows(path)):
+            try:
+                example = parse_row(row)
+                if needs is not None:
+                    needs.check(example)
+                report.examples.append(example)
+            except (ValueError, TypeError) as err:
+                if not skip_bad_rows:
+                    raise DataError(f"{path}:row {index}: {err}") from None
+                report.skipped.append((index, str(err)))
+    except DataError:
+        raise
+    except ValueError as err:  # the table itself cannot be read
+        raise DataError(str(err)) from None
+    return report
 
 
 def read_sts_pairs(path, limit: int = 0) -> tuple[list[str], list[str], list[float]]:

@@ -18,10 +18,12 @@ encodes to the same vectors as :meth:`Embedder.encode` (mgh must be installed wh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from mgh_kernels import POOLING_METHODS, enable_ata, pool
 
+from .files import atomic_folder
 from .precision import DTYPES as _DTYPES
 from .precision import Precision, resolve
 
@@ -148,6 +151,7 @@ def load_base(config: EmbedderConfig, folder: Optional[str] = None):
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     model = transformers.AutoModel.from_pretrained(where, dtype=_DTYPES[config.dtype], **kwargs)
+    forget_gguf(model)  # the weights are plain floats now; the marker would only stop saving
     return model, tokenizer
 
 
@@ -228,7 +232,8 @@ class Embedder(torch.nn.Module):
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+            with _peft_quietly():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         elif config.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -240,7 +245,8 @@ class Embedder(torch.nn.Module):
                 target_modules=targets,
                 bias="none",
             )
-            model = get_peft_model(model, lora)
+            with _peft_quietly():
+                model = get_peft_model(model, lora)
         else:
             model.requires_grad_(False)
         return cls(model, tokenizer, config)
@@ -251,16 +257,24 @@ class Embedder(torch.nn.Module):
         """The query prefix for ``instruction`` ("" for documents, i.e. no instruction)."""
         return self.config.query_template.format(instruction=instruction) if instruction else ""
 
-    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None) -> dict:
+    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None,
+                 pad_to_multiple_of: Optional[int] = None) -> dict:
         """Tokenize ``texts`` with the query prefix of ``instruction``, or a literal ``prefix``.
 
         ``instruction`` / ``prefix`` is one string for every text or a list with one per text
         (None or "" for a document). Returns ``input_ids``, ``attention_mask`` and ``pool_mask``
-        ([B, L] int64, padded on the tokenizer's side): ``pool_mask`` is the attention mask without
-        the prefix's tokens when ``exclude_instruction`` is set. A token belongs to the text when it
-        ends after the prefix's last character, so a BPE token that merges the prefix's trailing
-        space with the text's first word counts as text.
+        ([B, L] int64, padded on the tokenizer's side, L rounded up to ``pad_to_multiple_of``):
+        ``pool_mask`` is the attention mask without the prefix's tokens when
+        ``exclude_instruction`` is set. A token belongs to the text when it ends after the prefix's
+        last character, so a BPE token that merges the prefix's trailing space with the text's
+        first word counts as text.
         """
+        return self.pad(*self.token_ids(texts, instruction=instruction, prefix=prefix),
+                        pad_to_multiple_of=pad_to_multiple_of)
+
+    def token_ids(self, texts: Sequence[str], *, instruction=None, prefix=None) -> tuple[list, list]:
+        """(token ids, pooled flags) per text, unpadded: what :meth:`tokenize` pads (see
+        :func:`token_ids`)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts: expected a list of strings")
         if not texts:
@@ -274,40 +288,12 @@ class Embedder(torch.nn.Module):
             heads = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix] * len(texts)
         if len(heads) != len(texts):
             raise ValueError(f"instruction: expected one per text ({len(texts)}), got {len(heads)}")
-        cfg, tok = self.config, self.tokenizer
-        room = cfg.max_length - (1 if cfg.add_eos else 0)
-        exclude = cfg.exclude_instruction and any(heads)
-        encoded = tok([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
-                      max_length=room, return_offsets_mapping=exclude and tok.is_fast)
-        rows, flags = [], []
-        for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
-            ids = list(ids)
-            if head and exclude:
-                if "offset_mapping" in encoded:
-                    keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
-                else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
-                    n = len(tok(head, add_special_tokens=True)["input_ids"])
-                    keep = [j >= n for j in range(len(ids))]
-            else:
-                keep = [True] * len(ids)
-            if cfg.add_eos and tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-                ids.append(tok.eos_token_id)
-                keep.append(True)
-            if not any(keep):
-                raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
-            rows.append(ids)
-            flags.append(keep)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        pool_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        left = tok.padding_side == "left"
-        for i, (ids, keep) in enumerate(zip(rows, flags)):
-            span = slice(width - len(ids), width) if left else slice(0, len(ids))
-            input_ids[i, span] = torch.tensor(ids)
-            attention_mask[i, span] = 1
-            pool_mask[i, span] = torch.tensor(keep, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask}
+        return token_ids(self.tokenizer, self.config, texts, heads)
+
+    def pad(self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
+            pad_to_multiple_of: Optional[int] = None) -> dict:
+        """:func:`pad` with this embedder's tokenizer."""
+        return pad(self.tokenizer, rows, flags, pad_to_multiple_of=pad_to_multiple_of)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -317,10 +303,16 @@ class Embedder(torch.nn.Module):
 
     def set_precision(self, precision: Precision) -> "Embedder":
         """Cast the frozen floating-point weights to ``precision.weights`` (the trainable LoRA weights
-        stay float32) and run :meth:`encode` under its autocast."""
+        stay float32) and run :meth:`encode` under its autocast.
+
+        Under autocast, peft's LoRA layers stop casting their input to the adapter's float32 (two
+        casts per layer and forward for nothing: autocast casts it back for the matmul)."""
         for p in self.model.parameters():
             if not p.requires_grad and p.is_floating_point() and p.dtype != precision.weights:
                 p.data = p.data.to(precision.weights)
+        for module in self.model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = precision.autocast is None
         self.precision = precision
         return self
 
@@ -391,42 +383,86 @@ class Embedder(torch.nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
 
-    def save(self, path, *, merged: bool = False) -> Path:
+    def save(self, path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None) -> Path:
         """Write a folder that :meth:`load` and sentence-transformers read back.
 
         The LoRA adapter alone by default (the base is named in ``mgh_config.json``; a base built in
         memory is written to ``base/``); with ``merged=True`` the adapter is merged into the base
-        and the whole model is written to ``base/``.
+        and the whole model is written to ``base/``, in ``config.dtype`` (a GGUF base is written as
+        its dequantised weights). The folder also gets a model card, ``README.md``, with the run's
+        options ``training`` and, given an mteb result folder ``eval_results``, its scores. The
+        folder is written under a temporary name and renamed into place: a failed save leaves
+        ``path`` as it was.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(path, markers=(CONFIG_NAME, "modules.json")) as tmp:
+            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=path.name)
+        return path
+
+    def _write(self, path: Path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
+               name: Optional[str] = None) -> None:
+        """Write the folder's files into ``path`` (an existing folder), as :meth:`save` describes."""
+        name = name or path.resolve().name
         cfg = asdict(self.config)
         is_peft = hasattr(self.model, "peft_config")
         adapter = base = None
         if merged and is_peft:
-            if self.capture is not None:
-                self.capture.remove()  # a deep copy must not carry the capture hook
-            try:
-                plain = copy.deepcopy(self.model).merge_and_unload()
-            finally:
-                if self.capture is not None:
-                    self.capture = enable_ata(self.model, self.config.ata_layer)
-            _save_base(plain, plain.state_dict(), path / "base")
+            _save_base(self.merged_model(), None, path / "base", self.config.dtype)
             base = "base"
         else:
             if is_peft:
-                self.model.save_pretrained(path / "adapter")
+                # "auto" would look the base's config.json up (on the hub, for a GGUF or in-memory base)
+                # to learn whether the vocabulary changed; only an adapter on the embeddings needs it.
+                embeddings = any("lora_embedding" in name for name, _ in self.model.named_parameters())
+                self.model.save_pretrained(path / "adapter", save_embedding_layers="auto" if embeddings else False)
                 adapter = "adapter"
             if self.config.base_model is None or merged:
-                _save_base(self.model, _clean_base_state(self.model), path / "base")
+                _save_base(self.model, _clean_base_state(self.model), path / "base", self.config.dtype)
                 base = "base"
         if base is not None:
             cfg.update(base_model=None, gguf_file=None)
         self.tokenizer.save_pretrained(path)
-        saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg}
+        training = training if training is not None else self.run_options
+        saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg,
+                 "origin": self.origin}
+        if training is not None:
+            saved["training"] = training
         (path / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
         _write_sentence_transformers_files(path, self.config)
-        return path
+        from .model_card import write_model_card
+
+        write_model_card(path, embedder=asdict(self.config), base_model=self.origin, training=training,
+                         results=eval_results, name=name, needs_mgh=True)
+
+    @property
+    def origin(self) -> Optional[str]:
+        """The base model this embedder was built from (kept across merged saves), for model cards."""
+        return self.__dict__.get("_origin") or self.config.base_model
+
+    @origin.setter
+    def origin(self, value: Optional[str]) -> None:
+        self.__dict__["_origin"] = value
+
+    @property
+    def run_options(self) -> Optional[dict]:
+        """The training run's options saved with this model, if any."""
+        return self.__dict__.get("_run_options")
+
+    @run_options.setter
+    def run_options(self, value: Optional[dict]) -> None:
+        self.__dict__["_run_options"] = value
+
+    def merged_model(self):
+        """A copy of the base model with the LoRA adapter merged in (the embedder is unchanged)."""
+        if not hasattr(self.model, "peft_config"):
+            return copy.deepcopy(_base_of(self.model))
+        if self.capture is not None:
+            self.capture.remove()  # a deep copy must not carry the capture hook
+        try:
+            return copy.deepcopy(self.model).merge_and_unload()
+        finally:
+            if self.capture is not None:
+                self.capture = enable_ata(self.model, self.config.ata_layer)
 
     @classmethod
     def load(cls, path, *, device=None, trainable: bool = False) -> "Embedder":
@@ -455,9 +491,70 @@ class Embedder(torch.nn.Module):
             config, model=model, tokenizer=tokenizer,
             adapter=str(path / saved["adapter"]) if saved["adapter"] else None, trainable=trainable,
         )
+        embedder.origin = saved.get("origin")
+        embedder.run_options = saved.get("training")
         if device is not None:
             embedder.to(device)
         return embedder.train(trainable)
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model, and
+    transformers 5 warns about it on every call: a FutureWarning about peft's code, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization (module functions, so that DataLoader workers need only the tokenizer)
+# --------------------------------------------------------------------------------------------
+
+
+def token_ids(tokenizer, config: EmbedderConfig, texts: Sequence[str], heads: Sequence[str]) -> tuple[list, list]:
+    """(token ids, pooled flags) per text, unpadded, for texts each preceded by its prefix in
+    ``heads`` ("" for none). The ids hold the prefix, the text (truncated to ``max_length``) and the
+    EOS token (``add_eos``); a flag says whether its token is pooled: False for the prefix's tokens
+    under ``exclude_instruction`` (a token is the text's when it ends after the prefix's last
+    character, so a BPE token merging the prefix's trailing space with the first word counts)."""
+    room = config.max_length - (1 if config.add_eos else 0)
+    exclude = config.exclude_instruction and any(heads)
+    encoded = tokenizer([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
+                        max_length=room, return_offsets_mapping=exclude and tokenizer.is_fast)
+    eos = tokenizer.eos_token_id if config.add_eos else None
+    rows, flags = [], []
+    for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
+        ids = list(ids)
+        if head and exclude:
+            if "offset_mapping" in encoded:
+                keep = [end > len(head) for _, end in encoded["offset_mapping"][i]]
+            else:  # slow tokenizer: count the prefix's tokens, as sentence-transformers does
+                n = len(tokenizer(head, add_special_tokens=True)["input_ids"])
+                keep = [j >= n for j in range(len(ids))]
+        else:
+            keep = [True] * len(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            keep.append(True)
+        if not any(keep):
+            raise ValueError(f"texts[{i}]: nothing left to pool after the instruction prefix (empty text?)")
+        rows.append(ids)
+        flags.append(keep)
+    return rows, flags
+
+
+def pad(tokenizer, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
+        pad_to_multiple_of: Optional[int] = None) -> dict:
+    """:func:`token_ids`'s output padded into ``input_ids``, ``attention_mask`` and ``pool_mask``
+    ([B, L] int64) by the tokenizer's own batched padding (its side, its pad token)."""
+    padded = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                           return_attention_mask=True, return_tensors="pt")
+    attention_mask = padded["attention_mask"].long()
+    pool_mask = torch.zeros_like(attention_mask)
+    # row-major order: each row's real tokens, in order, as its flags list them
+    pool_mask[attention_mask.bool()] = torch.tensor([f for row in flags for f in row], dtype=torch.long)
+    return {"input_ids": padded["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
 
 
 def _layer_indices(model, wanted: Optional[list]) -> Optional[list]:
@@ -489,14 +586,35 @@ def _lora_targets(model, targets, layers: Optional[list]):
     return names
 
 
-def _save_base(model, state: dict, folder: Path) -> None:
+def forget_gguf(model) -> None:
+    """Drop transformers' GGUF marker from a GGUF-loaded model (its weights are untouched).
+
+    transformers dequantises a GGUF file into ordinary float tensors on load but keeps the
+    quantizer on the model and ``quantization_config`` on its config, and ``save_pretrained``
+    then refuses to write it ("quantized with gguf and is not serializable"). Without the marker
+    the model saves as the plain float model it is.
+    """
     base = _base_of(model)
-    attn = base.config._attn_implementation
+    quantizer = getattr(base, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(base)
+
+
+def _save_base(model, state: Optional[dict], folder: Path, dtype: str = "float32") -> None:
+    """``save_pretrained`` of the transformers model in ``model`` (``state``: its weights, default all),
+    floating tensors in ``dtype``, without a GGUF marker or our private attention name."""
+    base = _base_of(model)
+    forget_gguf(base)
+    state = base.state_dict() if state is None else state
+    state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    attn, torch_dtype = base.config._attn_implementation, base.config.dtype
     base.config._attn_implementation = "sdpa"  # never write our private attention name to disk
+    base.config.dtype = _DTYPES[dtype]
     try:
         base.save_pretrained(folder, state_dict=state)
     finally:
-        base.config._attn_implementation = attn
+        base.config._attn_implementation, base.config.dtype = attn, torch_dtype
 
 
 def _write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> None:

@@ -7,9 +7,11 @@
 Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples (no text twice in
 a micro-batch); a micro-batch's queries are scored against its positives and its hard negatives
 (the negative of the current curriculum stage, or all four under ``schedule="all"``). In-batch
-negatives come from the micro-batch only.
+negatives come from the micro-batch only. The micro-batches come from a DataLoader
+(:mod:`mgh_train.batches`), the step is :class:`mgh_train.step.TrainStep`, and nothing in the loop
+reads a device value except at logging steps (:mod:`mgh_train.metrics`).
 
-A run folder holds ``metrics.jsonl`` (one row per ``log_every`` steps), ``checkpoints/step-N/``
+A run folder holds ``metrics.jsonl`` (one row per step, written at each logging step), ``checkpoints/step-N/``
 (trainable weights, optimizer, scheduler, sampler position and every RNG state, so ``--resume``
 continues with the very losses an uninterrupted run has), and ``model/`` (the final embedder,
 loadable by :meth:`Embedder.load` and sentence-transformers). A folder belongs to one run: how a
@@ -21,8 +23,8 @@ checked before the model loads; a non-finite loss stops the run with :class:`Non
 from __future__ import annotations
 
 import json
+import os
 import random
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,14 +34,19 @@ import torch
 
 from mgh_kernels import NonFiniteError, infonce_loss, reference
 
+from .batches import Collate, MicroBatchPlanner, instruction_of, micro_batch_loader
 from .checkpoints import load_trainable, plan_run, restore_schedule, save_checkpoint, set_rng_state
 from .checks import check_base_model, check_device
 from .config import TrainConfig
-from .data import (Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, negatives_for, read_examples,
-                   read_sts_pairs, stage_at)
+from .data import Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs
 from .diagnose import first_non_finite
-from .model import DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder, EmbedderConfig
+from .metrics import RunLog
+from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
 from .precision import Precision, resolve
+from .profiling import StepProfiler
+from .step import TrainStep, compiled_loss, make_optimizer
+from .trackers import open_trackers
+from .trackers import resolve as resolve_trackers
 
 
 class TrainingStopped(RuntimeError):
@@ -107,10 +114,6 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[li
     if cfg.public_data:
         train_set = mix(train_set, read(cfg.public_data), cfg.public_ratio, cfg.seed)
     return train_set, held
-
-
-def instruction_of(example: Example) -> str:
-    return example.instruction or example.task or DEFAULT_INSTRUCTION
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,24 +184,6 @@ def _lr_lambda(steps: int, warmup: int):
     return factor
 
 
-def _metrics_log(path: Path, start: int):
-    """Open the metrics file, dropping rows past ``start`` (a resumed run writes them again)."""
-    if start and path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= start]
-        path.write_text("".join(r + "\n" for r in rows))
-    elif not start:
-        path.write_text("")
-    return path.open("a", encoding="utf-8")
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
-
-
 def build_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
     """The embedder ``cfg`` describes, its base weights loaded in ``precision.weights``."""
     embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options(), dtype=precision.weights_name))
@@ -221,6 +206,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
           report_accuracy: bool = True) -> TrainResult:
     """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models)."""
     cfg.validate()
+    resolve_trackers(cfg.report_to)  # a tracker asked for but not installed stops the run here
     output = Path(cfg.output)
     device = check_device(cfg.device)
     precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
@@ -255,7 +241,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
             f"MRR {result.accuracy_before['mrr']:.3f} ({len(held)} queries)")
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
     batcher = NoDuplicatesBatcher(train_set, cfg.batch_size, seed=cfg.seed)
@@ -279,84 +265,67 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
 
     loss_fn = infonce_loss if cfg.loss == "fused" else reference.infonce
-    batches = iter(batcher)
-    metrics = _metrics_log(output / "metrics.jsonl", start)
-    board = _tensorboard(output)
+    planner = MicroBatchPlanner(train_set, batcher, rng, schedule=cfg.schedule, steps=cfg.steps,
+                                stage_steps=cfg.stage_steps, grad_accum=cfg.grad_accum, start_step=start)
+    workers = cfg.workers if cfg.workers is not None else (2 if device.type == "cuda" else 1)
+    collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
+                      max_buckets=cfg.max_buckets)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
+    loader = micro_batch_loader(planner, collate, workers=workers, pin_memory=device.type == "cuda")
+    train_step = TrainStep(embedder, optimizer, loss_fn, tau=cfg.tau, negatives=cfg.negatives,
+                           max_grad_norm=cfg.max_grad_norm, precision=precision, scaler=scaler,
+                           loss_wrapper=compiled_loss(embedder, cfg) if cfg.compile else None)
+    run_log = RunLog(output / "metrics.jsonl", start, open_trackers(cfg.report_to, output, cfg.to_dict()))
+    profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile else None
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     embedder.train()
-    began, seen_examples, seen_tokens = time.perf_counter(), 0, 0
-    last_checkpoint = None
+    last_checkpoint, last_state = None, None
+    micro_batches = iter(loader)
     try:
         for step in range(start, cfg.steps):
-            stage = stage_at(step, cfg.steps, cfg.stage_steps)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                examples = [train_set[i] for i in next(batches)]
-                where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                try:
-                    loss, tokens = _micro_batch(embedder, examples, cfg, stage, rng, loss_fn, precision)
-                except NonFiniteError as error:
-                    culprit = _non_finite_culprit(embedder, examples)
-                    raise NonFiniteTraining(  # NaN activations reach ATA's weights before the loss
-                        f"step {step + 1}: the model's activations are not finite ({error}); {culprit}; so training "
-                        f"stopped before the optimizer step{where}. Lower --lr, or check the data.",
-                        step=step + 1, where=culprit,
-                    ) from error
-                if not torch.isfinite(loss):
-                    culprit = _non_finite_culprit(embedder, examples)
-                    raise NonFiniteTraining(
-                        f"step {step + 1}: the loss is {loss.item()} (not finite): {culprit}; so training stopped "
-                        f"before the optimizer step{where}. Lower --lr, raise --tau, or check the data.",
-                        step=step + 1, where=culprit,
-                    )
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                seen_examples += len(examples)
-                seen_tokens += tokens
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scale drops
-                scaler.update()
-            else:
-                optimizer.step()
+            batches = [next(micro_batches) for _ in range(cfg.grad_accum)]
+            last_state = batches[-1].plan.state
+            try:
+                outcome = train_step([b.to(device) for b in batches])
+            except NonFiniteError as error:  # ATA's weights refuse non-finite column sums before the loss
+                raise _non_finite(embedder, step + 1, [b.plan for b in batches], last_checkpoint, error) from error
             scheduler.step()
-            result.losses.append(step_loss)
-            elapsed = time.perf_counter() - began
-            row = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "stage": stage,
-                   "examples_per_s": seen_examples / elapsed, "tokens_per_s": seen_tokens / elapsed,
-                   "elapsed_s": elapsed}
+            run_log.add(step + 1, outcome, lr=scheduler.get_last_lr()[0], stage=batches[0].plan.stage,
+                        plans=[b.plan for b in batches])
             if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.4f}", stage=stage, ex_s=f"{row['examples_per_s']:.1f}")
                 bar.update(1)
-            if cfg.eval_data_dir and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                row["stsb_dev_spearman"] = sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit)
-                embedder.train()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or "stsb_dev_spearman" in row:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if board is not None:
-                    for key, value in row.items():
-                        if key != "step":
-                            board.add_scalar(key, value, step + 1)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            if profiler is not None:
+                profiler.step()
+            done = step + 1 == cfg.steps
+            evaluate = bool(cfg.eval_data_dir and cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+            save = bool(cfg.save_every and (step + 1) % cfg.save_every == 0) or done
+            if (step + 1) % cfg.log_every == 0 or done or evaluate or save:
+                extra = None
+                if evaluate:
+                    extra = {"stsb_dev_spearman": sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit)}
+                    embedder.train()
+                rows, bad = run_log.flush(extra)
+                if bad is not None:
+                    raise _non_finite(embedder, bad.step, bad.plans, last_checkpoint)
+                result.losses += [row["loss"] for row in rows]
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", stage=rows[-1]["stage"],
+                                    ex_s=f"{rows[-1]['examples_per_s']:.1f}")
+            if save:
                 last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
-                                                  scheduler=scheduler, batcher=batcher, rng=rng, cfg=cfg,
-                                                  scaler=scaler, data_fingerprint=data_fingerprint)
+                                                  scheduler=scheduler, sampler=last_state, cfg=cfg, scaler=scaler,
+                                                  data_fingerprint=data_fingerprint)
     finally:
+        del micro_batches  # stops the loader's workers
+        if profiler is not None:
+            profiler.close()
         if bar is not None:
             bar.close()
-        metrics.close()
-        if board is not None:
-            board.close()
+        run_log.close()
 
     embedder.eval()
     if cfg.eval_data_dir:
@@ -368,35 +337,23 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         result.accuracy_after = retrieval_accuracy(embedder, held)
         log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
             f"MRR {result.accuracy_after['mrr']:.3f}")
-    result.model_path = embedder.save(output / "model")
+    result.model_path = embedder.save(output / "model", training=cfg.to_dict())
     log(f"model saved to {result.model_path}")
     return result
 
 
-def _non_finite_culprit(embedder: Embedder, examples: list[Example]) -> str:
-    """Where the failing micro-batch's queries first go non-finite (run only once training stops)."""
-    return first_non_finite(embedder, [e.query for e in examples], [instruction_of(e) for e in examples],
-                            context=embedder.autocast)
-
-
-def _micro_batch(embedder: Embedder, examples: list[Example], cfg: TrainConfig, stage: int, rng: random.Random,
-                 loss_fn, precision: Precision) -> tuple[torch.Tensor, int]:
-    """The InfoNCE loss of one micro-batch and its token count. The encoder runs under the run's
-    autocast; the loss takes its float32 embeddings outside it."""
-    negatives = [negatives_for(e, cfg.schedule, stage, rng) for e in examples]
-    k = min(len(n) for n in negatives)  # public rows may carry fewer; every query keeps k
-    docs = [e.positive for e in examples] + [t for n in negatives for t in n[:k]]
-    query_features = embedder.tokenize([e.query for e in examples], instruction=[instruction_of(e) for e in examples])
-    doc_features = embedder.tokenize(docs)
-    with precision.autocast_context():
-        q = embedder(query_features)
-        d = embedder(doc_features)
-    b = len(examples)
-    neg = d[b:].view(b, k, -1) if k else None
-    loss = loss_fn(q.float(), d[:b].float(), neg.float() if neg is not None else None, tau=cfg.tau,
-                   negatives=cfg.negatives)
-    tokens = int(query_features["attention_mask"].sum() + doc_features["attention_mask"].sum())
-    return loss, tokens
+def _non_finite(embedder: Embedder, step: int, plans: list, last_checkpoint, cause=None) -> "NonFiniteTraining":
+    """The error that stops a run at ``step``, whose micro-batches (``plans``) gave a non-finite loss
+    (or, with ``cause``, non-finite activations under ATA): its update never reached the weights
+    (skipped on the device, or never made)."""
+    examples = [e for plan in plans for e in plan.examples]
+    culprit = first_non_finite(embedder, [e.query for e in examples], [instruction_of(e) for e in examples],
+                               context=embedder.autocast)
+    what = f"the model's activations are not finite ({cause})" if cause else "the loss is not finite"
+    where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
+    return NonFiniteTraining(
+        f"step {step}: {what}: {culprit}; so training stopped before its update reached the weights{where}. "
+        "Lower --lr, raise --tau, or check the data.", step=step, where=culprit)
 
 
 __all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman",

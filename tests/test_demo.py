@@ -29,8 +29,12 @@ def test_demo_runs_on_smollm2_with_a_small_budget(tmp_path):
     accuracies = re.search(r"held-out accuracy: ([\d.]+)% before -> ([\d.]+)% after", out)
     assert accuracies, out
     assert "train: 100%" in result.stderr  # the progress bar ran to the end
+    # Progress and results only: no library warning a user cannot act on (peft, transformers, gguf).
+    warnings = [line for line in result.stderr.splitlines() if re.search(r"Warning\b|warn\(", line)]
+    assert warnings == [], "\n".join(warnings)
     model = tmp_path / "demo" / "model"
     assert f"model: {model}" in out
     assert (model / "adapter" / "adapter_model.safetensors").is_file()
+    assert (model / "README.md").is_file()  # the model card
     rows = (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2

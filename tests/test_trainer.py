@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("peft")
 from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
 
-from mgh_train import trainer  # noqa: E402
+from mgh_train import batches, trainer  # noqa: E402
 from mgh_train.config import TrainConfig, read_yaml  # noqa: E402
 from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
 
@@ -96,7 +96,7 @@ def test_resuming_an_older_checkpoint_needs_overwrite_and_then_repeats_the_run(t
 
 def test_the_curriculum_trains_easy_to_hard(tmp_path, monkeypatch):
     chosen = []
-    real = trainer.negatives_for
+    real = batches.negatives_for
 
     def spy(example, schedule, stage, rng):
         texts = real(example, schedule, stage, rng)
@@ -104,7 +104,7 @@ def test_the_curriculum_trains_easy_to_hard(tmp_path, monkeypatch):
         chosen.append((stage, [levels[t] for t in texts]))
         return texts
 
-    monkeypatch.setattr(trainer, "negatives_for", spy)
+    monkeypatch.setattr(batches, "negatives_for", spy)  # the planner picks them, in the main process
     cfg = config(tmp_path, steps=8, batch_size=4)
     trainer.train(cfg, embedder=tiny_embedder(), log=quiet, report_accuracy=False)
     stages = [json.loads(r)["stage"] for r in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
@@ -129,10 +129,10 @@ def test_fused_and_eager_losses_agree(tmp_path):
 
 
 @pytest.mark.parametrize("pooling,message", [
-    ("mean", r"step 1: the loss is nan \(not finite\): the trainable parameter \S+lora_A\S+ is not finite; "
-             r".*before the optimizer step"),
+    ("mean", r"step 1: the loss is not finite: the trainable parameter \S+lora_A\S+ is not finite; "
+             r".*before its update reached the weights"),
     ("ata", r"step 1: the model's activations are not finite .*the trainable parameter \S+lora_A\S+ is not "
-            r"finite; .*before the optimizer step"),
+            r"finite; .*before its update reached the weights"),
 ])
 def test_a_nan_stops_the_run_with_a_clear_message(tmp_path, pooling, message):
     embedder = tiny_embedder(pooling=pooling)
@@ -143,6 +143,30 @@ def test_a_nan_stops_the_run_with_a_clear_message(tmp_path, pooling, message):
         trainer.train(config(tmp_path, steps=3), embedder=embedder, log=quiet, report_accuracy=False)
     assert info.value.step == 1 and info.value.where == f"the trainable parameter {name} is not finite"
     assert isinstance(info.value, trainer.TrainingStopped)
+
+
+def test_a_nan_between_logging_steps_never_reaches_the_weights(tmp_path):
+    """The loss is read at logging steps only: a step whose loss is NaN has its update skipped on the
+    device, and the run stops at the next logging step naming it; the steps around it train."""
+    embedder = tiny_embedder(pooling="mean")
+    calls = []
+
+    def poison_second_step(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output  # one forward per step here
+
+    embedder.model.get_base_model().norm.register_forward_hook(poison_second_step)
+    before = {n: p.detach().clone() for n, p in embedder.named_parameters() if p.requires_grad}
+    cfg = config(tmp_path, steps=4, log_every=4, max_buckets=1)
+    with pytest.raises(trainer.NonFiniteTraining, match=r"^step 2: the loss is not finite") as info:
+        trainer.train(cfg, embedder=embedder, log=quiet, report_accuracy=False)
+    assert info.value.step == 2 and len(calls) >= 4  # steps 3 and 4 ran before the logging step
+    after = {n: p.detach() for n, p in embedder.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in after)  # steps 1, 3 and 4 did update
+    rows = [json.loads(r) for r in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the logging step wrote what happened
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, False, True, True]
 
 
 def test_a_nan_from_a_layer_is_named_by_that_layer(tmp_path):
