@@ -8,6 +8,7 @@ Public API::
     from mgh_kernels import enable_ata      # transformers integration: ATA without output_attentions
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
     from mgh_kernels import ata_weights, NonFiniteError
+    from mgh_kernels import trusted_inputs  # skip value checks that sync (the caller built the masks)
     from mgh_kernels import use_backend     # force the PyTorch path, or refuse it
     from mgh_kernels import reference       # eager oracles: attention_with_colsum, colsum_from_attentions, infonce
 
@@ -19,7 +20,7 @@ paths. This package never imports the trainer (``mgh_train``).
 """
 
 from . import backend, reference
-from ._validation import NonFiniteError
+from ._validation import NonFiniteError, trusted_inputs
 from .attention import ata_attention
 from .backend import use_backend
 from .infonce import InfoNCELoss, infonce_loss
@@ -53,6 +54,7 @@ __all__ = [
     "mean_pool",
     "pool",
     "reference",
+    "trusted_inputs",
     "use_backend",
     "weighted_mean_pool",
 ]

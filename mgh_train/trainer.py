@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mgh_kernels import NonFiniteError, infonce_loss, reference
+from mgh_kernels import infonce_loss, reference
 
 from .batches import Collate, MicroBatchPlanner, instruction_of, micro_batch_loader
 from .checkpoints import load_trainable, plan_run, restore_schedule, save_checkpoint, set_rng_state
@@ -289,10 +289,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         for step in range(start, cfg.steps):
             batches = [next(micro_batches) for _ in range(cfg.grad_accum)]
             last_state = batches[-1].plan.state
-            try:
-                outcome = train_step([b.to(device) for b in batches])
-            except NonFiniteError as error:  # ATA's weights refuse non-finite column sums before the loss
-                raise _non_finite(embedder, step + 1, [b.plan for b in batches], last_checkpoint, error) from error
+            outcome = train_step([b.to(device) for b in batches])
             scheduler.step()
             run_log.add(step + 1, outcome, lr=scheduler.get_last_lr()[0], stage=batches[0].plan.stage,
                         plans=[b.plan for b in batches])
@@ -342,18 +339,33 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     return result
 
 
-def _non_finite(embedder: Embedder, step: int, plans: list, last_checkpoint, cause=None) -> "NonFiniteTraining":
+def _non_finite(embedder: Embedder, step: int, plans: list, last_checkpoint) -> "NonFiniteTraining":
     """The error that stops a run at ``step``, whose micro-batches (``plans``) gave a non-finite loss
-    (or, with ``cause``, non-finite activations under ATA): its update never reached the weights
-    (skipped on the device, or never made)."""
+    (named as non-finite activations where ATA's column sums are): its update never reached the
+    weights (skipped on the device, or never made)."""
     examples = [e for plan in plans for e in plan.examples]
-    culprit = first_non_finite(embedder, [e.query for e in examples], [instruction_of(e) for e in examples],
-                               context=embedder.autocast)
+    texts, instructions = [e.query for e in examples], [instruction_of(e) for e in examples]
+    culprit = first_non_finite(embedder, texts, instructions, context=embedder.autocast)
+    cause = _non_finite_colsum(embedder, texts, instructions)
     what = f"the model's activations are not finite ({cause})" if cause else "the loss is not finite"
     where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
     return NonFiniteTraining(
         f"step {step}: {what}: {culprit}; so training stopped before its update reached the weights{where}. "
         "Lower --lr, raise --tau, or check the data.", step=step, where=culprit)
+
+
+@torch.no_grad()
+def _non_finite_colsum(embedder: Embedder, texts: list, instructions: list) -> Optional[str]:
+    """Under ATA, what is wrong when the fused layer's column sums of ``texts`` are not finite (the
+    pooling weights, and so every embedding, are then NaN); None otherwise."""
+    if embedder.capture is None:
+        return None
+    features = {k: v.to(embedder.device) for k, v in embedder.tokenize(texts, instruction=instructions).items()}
+    with embedder.autocast():
+        _, colsum = embedder.token_states(features)
+    if colsum is None or bool(torch.isfinite(colsum[features["attention_mask"].bool()]).all()):
+        return None
+    return "colsum: the ATA layer's column sums are not finite"
 
 
 __all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman",

@@ -23,6 +23,7 @@ import torch
 from .. import backend
 from .._launch import LOG2E
 from .._precision import register_autocast
+from .._validation import checks_values
 from . import cudnn, tiles
 
 if backend.TRITON_AVAILABLE:  # the kernel files import triton; without it only the PyTorch path runs
@@ -38,8 +39,9 @@ LAST = backend.LastPath()
 def key_bias(mask: Optional[torch.Tensor], drop_unpadded: bool) -> Optional[torch.Tensor]:
     """The key padding mask as the kernels read it: [B, L] float32, 0 for a real token and -inf for
     padding; None for no mask, and with ``drop_unpadded`` for one that pads nothing (the unmasked
-    kernels, and cuDNN's pass, give the same; finding out costs a host sync)."""
-    if mask is None or (drop_unpadded and bool(mask.all())):
+    kernels, and cuDNN's pass, give the same; finding out costs a host sync, so not inside
+    :func:`~mgh_kernels.trusted_inputs`)."""
+    if mask is None or (drop_unpadded and checks_values() and bool(mask.all())):
         return None
     return torch.where(mask, 0.0, float("-inf")).to(torch.float32)
 
