@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mgh_kernels import InfoNCELoss, backend, infonce, infonce_loss, reference, testing, use_backend
 from mgh_kernels.infonce import gather, planner, tiles
@@ -555,6 +556,35 @@ def test_chunked_path_matches_reference(negatives, dtype, gen):
         torch.testing.assert_close(a.grad.double(), b.grad.cpu(), rtol=tol * 10, atol=tol)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, normalize, dtype, gen):
+    """The PyTorch path's mean or sum over the whole batch's candidates (gradients made chunk by
+    chunk in forward) against the float64 reference, loss and every gradient."""
+    (q, pos, neg), _ = make(13, max(k, 1), 16, dtype, gen, scale=1.0 if normalize else 0.1)  # dot: logits ~ 1/tau
+    q, pos, neg = (t.detach().cpu()[:, :k] if t.dim() == 3 else t.detach().cpu() for t in (q, pos, neg))
+    leaves = [t.clone().requires_grad_() for t in (q, pos, neg)]
+    truth = [t.double().requires_grad_() for t in (q, pos, neg)]
+    with use_backend("torch", chunk_elements=60):  # several query chunks
+        loss = infonce_loss(*leaves, reduction=reduction, normalize=normalize)
+    assert infonce.last_backend() == "torch-chunked"
+    if normalize:
+        want = reference.infonce(*truth, reduction=reduction)
+    else:
+        cands = torch.cat([truth[1], truth[2].reshape(-1, 16)])
+        want = F.cross_entropy(truth[0] @ cands.T / 0.05, torch.arange(13), reduction=reduction)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=tol, atol=tol)
+    (loss * 0.5).backward()
+    (want * 0.5).backward()
+    for got, wanted in zip(leaves[:3 if k else 2], truth):  # K = 0: no negative takes part
+        torch.testing.assert_close(got.grad.double(), wanted.grad, rtol=tol * 10, atol=tol)
+    with torch.no_grad(), use_backend("torch", chunk_elements=60):
+        assert infonce_loss(*leaves, reduction=reduction, normalize=normalize).item() == loss.item()
+
+
 @pytest.mark.parametrize("path", ["torch-chunked", "kernels"])
 def test_queries_of_a_later_rank(monkeypatch, path, gen):
     """With gathered candidates a rank's queries find their positives at pos_offset: rows 6.. of a
@@ -567,8 +597,10 @@ def test_queries_of_a_later_rank(monkeypatch, path, gen):
     with use_backend("torch" if path == "torch-chunked" else "auto", chunk_elements=40):
         whole = infonce_loss(q, pos, neg, reduction="none")
         part = infonce_loss(q[6:], pos[6:], neg[6:], reduction="none", gather=True)
+        part_sum = infonce_loss(q[6:], pos[6:], neg[6:], reduction="sum", gather=True)
         assert infonce.last_backend() == ("torch-chunked" if path == "torch-chunked" else backend.select(q))
     torch.testing.assert_close(part, whole[6:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part_sum, whole[6:].sum(), rtol=1e-6, atol=1e-6)
 
 
 # ---- cross-device negatives: 2 ranks on gloo vs one process ---------------------------------

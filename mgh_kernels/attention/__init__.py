@@ -20,7 +20,7 @@ Where each concept lives:
 * ``masking.py``: the Triton helpers and conventions every kernel shares;
 * ``tiles.py``: the tile choices and ``SHORT_MAX_LENGTH`` (documented, overridable);
 * ``cudnn.py``: the cuDNN gate and ``FLASH_PASS`` (documented, overridable);
-* ``torch_path.py``: the PyTorch path.
+* ``torch_path.py``: the PyTorch path; ``cpu_flash.py`` its CPU forward and backward.
 
 Only the Triton files import triton; without it ``ata_attention`` runs its PyTorch path.
 """

@@ -1,7 +1,9 @@
 """``ata_attention``'s PyTorch path: where the Triton kernels do not run (CPU without the
 interpreter, bfloat16 on the CPU, machines without triton, or ``use_backend("torch")``).
 
-One sequence and a block of its queries at a time (at most ``backend.chunk_elements()`` scores),
+On the CPU (outside torch.compile) this is ``cpu_flash.py``: a one-sweep forward and PyTorch's
+flash backward. Elsewhere (a GPU without triton, or while compiling), below:
+one sequence and a block of its queries at a time (at most ``backend.chunk_elements()`` scores),
 all heads of the block together; under autograd each block runs under activation checkpointing,
 so backward re-computes its probabilities instead of storing them. Memory: one block's scores,
 never L x L for the whole batch. Arithmetic in float32 (float64 for float64 inputs), as in
@@ -14,6 +16,7 @@ import torch
 
 from .. import backend
 from .._precision import compute_dtype
+from . import cpu_flash
 
 
 def _attend_rows(q_rows, k_b, v_b, valid_b, row_start, causal, scale):
@@ -38,6 +41,8 @@ def _attend_rows(q_rows, k_b, v_b, valid_b, row_start, causal, scale):
 def attention(q, k, v, mask, causal: bool, scale: float, return_colsum: bool):
     """(out [B, Hq, L, D] in q's dtype, colsum [B, L] float32 (float64 for float64 inputs) or None);
     ``mask`` the [B, L] bool key padding mask or None."""
+    if cpu_flash.supports(q) and not torch.compiler.is_compiling():
+        return cpu_flash.attention(q, k, v, mask, causal, scale, return_colsum)
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     chunk = max(1, backend.chunk_elements() // max(1, hq * length))

@@ -104,6 +104,8 @@ def infonce_loss(
         losses = ops.forward_op(q, pos, neg_flat, tau, normalize, own, pos_offset)[0]
     else:
         with autocast_off(q.device):
+            if path.backend == backend.TORCH and not own and reduction != "none" and not path.compiling:
+                return torch_path.loss(q, pos, neg_flat, tau, normalize, pos_offset, reduction)
             if path.backend == backend.TORCH:
                 losses = torch_path.losses(q, pos, neg_flat, tau, normalize, own, pos_offset)
             else:
