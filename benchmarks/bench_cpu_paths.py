@@ -46,18 +46,26 @@ def attention_step(impl: str, part: str, shape, causal: bool):
         "sdpa": lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=causal), None),
         "eager": lambda: reference.attention_with_colsum(q, k, v, causal=causal),
     }[impl]
-    if part == "fwd":
-        def step():
-            with torch.no_grad():
-                attend()
-    else:
-        def step():
-            out, colsum = attend()
-            outputs, grads = [out], [dout]
-            if colsum is not None:
-                outputs.append(colsum)
-                grads.append(dcol)
-            torch.autograd.backward(outputs, grads)
+    def backward():
+        out, colsum = attend()
+        outputs, grads = [out], [dout]
+        if colsum is not None:
+            outputs.append(colsum)
+            grads.append(dcol)
+        torch.autograd.backward(outputs, grads)
+
+    return _step(part, attend, backward)
+
+
+def _step(part: str, forward, backward):
+    """``forward`` without autograd for "fwd", else ``backward`` (forward, then its backward)."""
+    if part == "fwd+bwd":
+        return backward
+
+    def step():
+        with torch.no_grad():
+            forward()
+
     return step
 
 
@@ -80,14 +88,7 @@ def infonce_step(impl: str, part: str, shape):
             return infonce_loss(q, pos, neg, tau=TAU)
 
     loss = {"ours": ours, "eager": lambda: st_infonce(q, pos, neg)}[impl]
-    if part == "fwd":
-        def step():
-            with torch.no_grad():
-                loss()
-    else:
-        def step():
-            loss().backward()
-    return step
+    return _step(part, loss, lambda: loss().backward())
 
 
 ATTENTION_NAMES = {"ours": ("ata_attention (out + colsum)", "ours"), "sdpa": ("SDPA (out only)", "fused"),
