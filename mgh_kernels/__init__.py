@@ -6,6 +6,7 @@ Public API::
     from mgh_kernels import enable_ata     # transformers integration: ATA without output_attentions
     from mgh_kernels import infonce_loss, InfoNCELoss  # fused InfoNCE, never stores the logits
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
+    from mgh_kernels import trusted_inputs  # skip value checks that sync (the caller built the masks)
     from mgh_kernels import reference   # eager ground truth: attention_with_colsum, ata_weights, infonce, ...
 
 This package never imports the trainer (``mgh_train``).
@@ -27,6 +28,7 @@ from .pooling import (
     weighted_mean_pool,
 )
 from .reference import ata_weights
+from ._validation import trusted_inputs
 
 __version__ = "0.1.0"
 
@@ -45,5 +47,6 @@ __all__ = [
     "mean_pool",
     "pool",
     "reference",
+    "trusted_inputs",
     "weighted_mean_pool",
 ]

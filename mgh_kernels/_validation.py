@@ -6,8 +6,10 @@ expected and what was received, so a user can fix the call without reading our c
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -15,6 +17,36 @@ from ._backend import cast_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+_trust = threading.local()
+
+
+@contextlib.contextmanager
+def trusted_inputs() -> Iterator[None]:
+    """Skip the checks that read tensor values on the host, inside the ``with`` block.
+
+    A mask's 0/1 values, its rows without a real token, the pattern of a transformers attention
+    mask and the positive totals of ATA's weights are checked by reading device values, and each
+    such read is a host-device sync that drains the GPU's queue. A caller that built its masks on
+    the host (the trainer's collate does) vouches for them here; ranks, dtypes, shapes and devices
+    are still checked. Bad values then give wrong or non-finite results instead of an error.
+    Torch.compile skips the value checks in its graphs anyway. Thread-local and re-entrant::
+
+        with mgh_kernels.trusted_inputs():
+            loss = step(batch)
+    """
+    depth = getattr(_trust, "depth", 0)
+    _trust.depth = depth + 1
+    try:
+        yield
+    finally:
+        _trust.depth = depth
+
+
+def checks_values() -> bool:
+    """Whether the value checks run here: not inside :func:`trusted_inputs` nor a compiled graph."""
+    return not getattr(_trust, "depth", 0) and not torch.compiler.is_compiling()
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -70,9 +102,9 @@ def check_mask(
 
     Bool and integer 0/1 masks are accepted (transformers' ``attention_mask`` is int64). Unless
     ``allow_empty_rows``, a row with no real token is an error: nothing could be pooled from it.
-    Under ``torch.compile`` these two checks of the mask's values are skipped (they would need the
-    values on the host: a graph break, and an error under ``fullgraph=True``); its rank, dtype,
-    shape and device are still checked.
+    These two checks of the mask's values are skipped inside :func:`trusted_inputs` and under
+    ``torch.compile`` (they read the values on the host: a sync, and in a graph a graph break); its
+    rank, dtype, shape and device are still checked.
     """
     check_tensor(name, mask, ndim=2, layout="[B, L] (True or 1 = real token)")
     if mask.dtype not in MASK_DTYPES:
@@ -81,7 +113,7 @@ def check_mask(
         raise ValueError(f"{name}: expected shape [{batch}, {length}] (B, L), got {_shape(mask)}")
     if mask.device != device:
         raise ValueError(f"{name}: expected to be on {device}, got {mask.device}")
-    values = not torch.compiler.is_compiling()
+    values = checks_values()
     if mask.dtype != torch.bool:
         if values and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name}: expected only 0 and 1 values in an integer mask")

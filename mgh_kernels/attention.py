@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _backend
-from ._validation import check_attention_args
+from ._validation import check_attention_args, checks_values
 
 __all__ = ["ata_attention", "last_backend", "last_forward"]
 
@@ -878,8 +878,9 @@ def _forward(q, k, v, mask, causal, scale, return_colsum):
 def _padding_bias(mask: Optional[torch.Tensor], drop_unpadded: bool) -> Optional[torch.Tensor]:
     """The key padding mask as the kernels read it: [B, L] float32, 0 for a real token and -inf for
     padding; None for no mask, and with ``drop_unpadded`` for one that pads nothing (the unmasked
-    kernels, and cuDNN's pass, give the same; finding out costs a host sync)."""
-    if mask is None or (drop_unpadded and bool(mask.all())):
+    kernels, and cuDNN's pass, give the same; finding out costs a host sync, so not with
+    :func:`~mgh_kernels.trusted_inputs`)."""
+    if mask is None or (drop_unpadded and checks_values() and bool(mask.all())):
         return None
     return torch.where(mask, 0.0, float("-inf")).to(torch.float32)
 

@@ -214,6 +214,8 @@ class MicroBatch:
         queries, k: B and the negatives per query.
         tokens: real (non-padding) tokens, counted on the host.
         plan: the :class:`Plan` it was made from.
+        padded: per bucket, whether its attention mask pads anything (known on the host; None:
+            unknown), so the encoder need not read the mask to find out.
     """
 
     buckets: list
@@ -222,6 +224,7 @@ class MicroBatch:
     k: int
     tokens: int
     plan: Optional[Plan] = field(default=None, repr=False)
+    padded: Optional[list] = None
 
     def pin_memory(self) -> "MicroBatch":
         """Page-locked copies, so that :meth:`to` copies to a GPU asynchronously (DataLoader's hook)."""
@@ -232,7 +235,7 @@ class MicroBatch:
 
     def _map(self, fn) -> "MicroBatch":
         buckets = [{name: fn(t) for name, t in bucket.items()} for bucket in self.buckets]
-        return MicroBatch(buckets, fn(self.inverse), self.queries, self.k, self.tokens, self.plan)
+        return MicroBatch(buckets, fn(self.inverse), self.queries, self.k, self.tokens, self.plan, self.padded)
 
 
 class Collate:
@@ -280,7 +283,8 @@ class Collate:
             offset += len(bucket)
             features.append(pad(self.tokenizer, [rows[i] for i in bucket], [flags[i] for i in bucket],
                                 pad_to_multiple_of=self.multiple))
-        return MicroBatch(features, torch.tensor(position), queries, k, sum(lengths), plan)
+        padded = [not bool(f["attention_mask"].all()) for f in features]  # host tensors: no sync
+        return MicroBatch(features, torch.tensor(position), queries, k, sum(lengths), plan, padded)
 
 
 class _Planned(torch.utils.data.Dataset):

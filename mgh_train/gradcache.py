@@ -62,11 +62,12 @@ def gradcache_step(embedder, batch, loss_on: Callable, *, scale: float, backward
         the micro-batch's loss (detached, unscaled).
     """
     device = embedder.device
+    padded = batch.padded or [None] * len(batch.buckets)  # known on the host: no mask reads
     states, cached = [], []
     with torch.no_grad(), embedder.autocast():
-        for features in batch.buckets:
+        for features, pads in zip(batch.buckets, padded):
             states.append(rng_state(device))
-            cached.append(embedder(features))
+            cached.append(embedder(features, padded=pads))
     flat = torch.cat(cached)
     emb = flat[batch.inverse].detach().requires_grad_()
     loss = loss_on(emb, batch)
@@ -74,9 +75,9 @@ def gradcache_step(embedder, batch, loss_on: Callable, *, scale: float, backward
     grads = torch.empty_like(flat)
     grads[batch.inverse] = emb.grad
     sizes = [features["input_ids"].shape[0] for features in batch.buckets]
-    for i, (features, state, grad) in enumerate(zip(batch.buckets, states, grads.split(sizes))):
+    for i, (features, pads, state, grad) in enumerate(zip(batch.buckets, padded, states, grads.split(sizes))):
         with replayed(device, state), embedder.autocast():
-            out = embedder(features)
+            out = embedder(features, padded=pads)
         backward(out, grad, sync=last and i == len(sizes) - 1)
     return loss.detach()
 

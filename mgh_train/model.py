@@ -308,10 +308,16 @@ class Embedder(torch.nn.Module):
 
     def set_precision(self, precision: Precision) -> "Embedder":
         """Cast the frozen floating-point weights to ``precision.weights`` (the trainable LoRA weights
-        stay float32) and run :meth:`encode` under its autocast."""
+        stay float32) and run :meth:`encode` under its autocast.
+
+        Under autocast, peft's LoRA layers stop casting their input to the adapter's float32 (two
+        casts per layer and forward for nothing: autocast casts it back for the matmul)."""
         for p in self.model.parameters():
             if not p.requires_grad and p.is_floating_point() and p.dtype != precision.weights:
                 p.data = p.data.to(precision.weights)
+        for module in self.model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = precision.autocast is None
         self.precision = precision
         return self
 
@@ -319,10 +325,33 @@ class Embedder(torch.nn.Module):
         """The autocast context this embedder's forward runs in (see :attr:`precision`)."""
         return (self.precision or resolve(self.device)).autocast_context()
 
-    def token_states(self, features: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Last hidden states [B, L, H] and, with ATA, the column sums [B, L] float32 (else None)."""
-        out = self.model(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
+    def token_states(self, features: dict, *, padded: Optional[bool] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Last hidden states [B, L, H] and, with ATA, the column sums [B, L] float32 (else None).
+
+        ``padded`` is whether ``attention_mask`` pads anything, as the caller knows it from the host
+        (None: unknown). transformers finds that out by reading the mask on the host (a sync per
+        forward); told, the model gets no mask (``False``) or, where its attention builds SDPA's
+        masks, the [B, 1, L, L] mask transformers would build, which it uses as given."""
+        mask = features["attention_mask"]
+        if padded is False:
+            mask = None
+        elif padded and self._builds_sdpa_masks(mask.shape[1]):
+            mask = sdpa_mask_of(mask, causal=not self.config.bidirectional)
+        out = self.model(input_ids=features["input_ids"], attention_mask=mask)
         return out.last_hidden_state, (self.capture.colsum if self.capture is not None else None)
+
+    def _builds_sdpa_masks(self, length: int) -> bool:
+        """Whether the model's masks are SDPA's plain padding + causal (or bidirectional) masks at
+        this length: SDPA-family attention, no sliding window or chunked layers that reach it."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        config = _base_of(self.model).config
+        if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(config._attn_implementation) is not sdpa_mask:
+            return False
+        if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+            return False
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        return (window is None or length <= window) and not getattr(config, "attention_chunk_size", None)
 
     def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor, colsum: Optional[torch.Tensor]) -> torch.Tensor:
         """[B, L, H] hidden states -> [B, H] float32 embeddings (unit length if ``normalize``)."""
@@ -331,10 +360,11 @@ class Embedder(torch.nn.Module):
         embeddings = pool(hidden.float(), pool_mask, cfg.pooling, **extra)
         return F.normalize(embeddings, dim=-1) if cfg.normalize else embeddings
 
-    def forward(self, features: dict) -> torch.Tensor:
-        """Embeddings [B, H] float32 of a :meth:`tokenize` batch (moved to the model's device)."""
+    def forward(self, features: dict, *, padded: Optional[bool] = None) -> torch.Tensor:
+        """Embeddings [B, H] float32 of a :meth:`tokenize` batch (moved to the model's device);
+        ``padded`` as in :meth:`token_states`."""
         features = {k: v.to(self.device) for k, v in features.items()}
-        hidden, colsum = self.token_states(features)
+        hidden, colsum = self.token_states(features, padded=padded)
         return self.pool(hidden, features["pool_mask"], colsum)
 
     @torch.no_grad()
@@ -563,6 +593,17 @@ def pad(tokenizer, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]
     # row-major order: each row's real tokens, in order, as its flags list them
     pool_mask[attention_mask.bool()] = torch.tensor([f for row in flags for f in row], dtype=torch.long)
     return {"input_ids": padded["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
+
+
+def sdpa_mask_of(attention_mask: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """[B, 1, L, L] bool (True = attend) from a [B, L] padding mask: what transformers' ``sdpa_mask``
+    builds for full attention, made with device ops only (transformers passes a 4D mask through
+    unchanged, and skips its own checks of the mask's values)."""
+    length = attention_mask.shape[1]
+    keys = attention_mask.bool()[:, None, None, :]
+    if not causal:
+        return keys.expand(-1, 1, length, length)
+    return keys & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
 
 
 def _layer_indices(model, wanted: Optional[list]) -> Optional[list]:

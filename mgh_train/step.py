@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mgh_kernels import trusted_inputs
+
 from .batches import MicroBatch
 from .distributed import Ranks, Single
 from .gradcache import gradcache_step
@@ -32,8 +34,9 @@ from .precision import Precision
 def embed(embedder, batch: MicroBatch) -> torch.Tensor:
     """[N, H] float32 embeddings of a micro-batch's texts, in its order (queries, positives,
     negatives): one encoder forward per length bucket, under the embedder's autocast."""
+    padded = batch.padded or [None] * len(batch.buckets)
     with embedder.autocast():
-        outputs = [embedder(features) for features in batch.buckets]
+        outputs = [embedder(features, padded=p) for features, p in zip(batch.buckets, padded)]
     return torch.cat(outputs)[batch.inverse]
 
 
@@ -130,6 +133,10 @@ class TrainStep:
         return embedding_loss(emb, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
 
     def __call__(self, batches: Sequence[MicroBatch]) -> StepOutcome:
+        with trusted_inputs():  # the collate built the masks on the host: no value checks that sync
+            return self._step(batches)
+
+    def _step(self, batches: Sequence[MicroBatch]) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
         total = None
         for i, batch in enumerate(batches):
@@ -140,7 +147,7 @@ class TrainStep:
                 scaled = loss / len(batches)
             else:
                 loss = self.loss_of(self.embedder, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
-                scaled = loss / len(batches)
+                scaled = loss / len(batches) if len(batches) > 1 else loss
                 self.backward(scaled, sync=last)
             total = scaled.detach() if total is None else total + scaled.detach()
         self.engine.finish_gradients()

@@ -327,13 +327,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
         for step in range(start, cfg.steps):
             batches = [next(micro_batches) for _ in range(cfg.grad_accum)]
             last_state = batches[-1].plan.state
-            try:
-                outcome = train_step([b.to(device) for b in batches])
-            except ValueError as error:  # ATA's weights refuse non-finite column sums before the loss
-                if not str(error).startswith("colsum:"):
-                    raise
-                raise _non_finite(embedder, engine, step + 1, [b.plan for b in batches], last_checkpoint,
-                                  error) from error
+            outcome = train_step([b.to(device) for b in batches])
             scheduler.step()
             run_log.add(step + 1, outcome, lr=scheduler.get_last_lr()[0], stage=batches[0].plan.stage,
                         plans=[b.plan for b in batches])
@@ -491,20 +485,36 @@ def _times(ranks: Ranks) -> str:
     return f" x {ranks.world} processes" if ranks.distributed else ""
 
 
-def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpoint,
-                cause=None) -> "NonFiniteTraining":
+def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpoint) -> "NonFiniteTraining":
     """The error that stops a run at ``step``, whose micro-batches (``plans``) gave a non-finite loss
-    (or, with ``cause``, non-finite activations under ATA): its update never reached the weights
-    (skipped on the device, or never made). Every rank diagnoses the whole global micro-batch, so
-    every rank stops with the same message."""
+    (named as non-finite activations where ATA's column sums are): its update never reached the
+    weights (skipped on the device, or never made). Every rank diagnoses the whole global
+    micro-batch, so every rank stops with the same message."""
     examples = [e for plan in plans for e in plan.all_examples]
-    culprit = first_non_finite(embedder, [e.query for e in examples], [instruction_of(e) for e in examples],
-                               context=lambda: engine.whole_forward(embedder.autocast()))
+    texts, instructions = [e.query for e in examples], [instruction_of(e) for e in examples]
+    context = lambda: engine.whole_forward(embedder.autocast())  # noqa: E731 - FSDP2's root unsharded too
+    culprit = first_non_finite(embedder, texts, instructions, context=context)
+    cause = _non_finite_colsum(embedder, texts, instructions, context)
     what = f"the model's activations are not finite ({cause})" if cause else "the loss is not finite"
     where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
     return NonFiniteTraining(
         f"step {step}: {what}: {culprit}; so training stopped before its update reached the weights{where}. "
         "Lower --lr, raise --tau, or check the data.", step=step, where=culprit)
+
+
+@torch.no_grad()
+def _non_finite_colsum(embedder: Embedder, texts: list, instructions: list, context: Callable) -> Optional[str]:
+    """Under ATA, what is wrong when the fused layer's column sums of ``texts`` are not finite (the
+    pooling weights, and so every embedding, are then NaN); None otherwise. ``context()``: the
+    context the model's forward runs in."""
+    if embedder.capture is None:
+        return None
+    features = {k: v.to(embedder.device) for k, v in embedder.tokenize(texts, instruction=instructions).items()}
+    with context():
+        _, colsum = embedder.token_states(features)
+    if colsum is None or bool(torch.isfinite(colsum[features["attention_mask"].bool()]).all()):
+        return None
+    return "colsum: the ATA layer's column sums are not finite"
 
 
 __all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman",

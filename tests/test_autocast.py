@@ -7,8 +7,10 @@ Every entry point follows PyTorch's rule for its lower-precision ops (SDPA, matm
 mixed float dtypes are cast once to the autocast dtype, outside autocast they are an error.
 """
 
+import contextlib
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ pytest.importorskip("transformers")
 from random_inputs import padding_mask  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
 
-from mgh_kernels import ata_attention, ata_pool, attention, enable_ata, infonce, infonce_loss, pool  # noqa: E402
+from mgh_kernels import (ata_attention, ata_pool, attention, enable_ata, infonce, infonce_loss, pool,  # noqa: E402
+                         pooling, reference)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -200,13 +203,19 @@ def lora_model(family, causal, weights, seed=0):
 
 
 def embed_and_grads(model, ids, mask, target, *, fused, amp):
-    """(ATA embeddings, {LoRA parameter: gradient}) of sum(embeddings * target), the fused layer or
-    the eager output_attentions path, under ``amp`` autocast (None: none)."""
+    """(ATA embeddings, {LoRA parameter: gradient}) of sum(embeddings * target) under ``amp``
+    autocast (None: none): ``fused`` True runs the fused layer, "eager" the same layer with the eager
+    attention it replaces (``reference.attention_with_colsum``, PyTorch ops under the same autocast;
+    SDPA in the other layers, as in the fused path), False every layer's eager attention with
+    ``output_attentions`` (the float64 truth)."""
     model.zero_grad()
     context = autocast(amp) if amp is not None else torch.autocast(DEVICE, enabled=False)
     with context:
         if fused:
-            with enable_ata(model) as capture:
+            with enable_ata(model) as capture, contextlib.ExitStack() as stack:
+                if fused == "eager":
+                    stack.enter_context(mock.patch.object(
+                        pooling, "ata_attention", lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)))
                 out = model(input_ids=ids, attention_mask=mask)
                 emb = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
         else:
@@ -222,9 +231,13 @@ def embed_and_grads(model, ids, mask, target, *, fused, amp):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("precision", PRECISIONS, ids=lambda p: f"{p[0]}-autocast-{p[1]}".replace("torch.", ""))
 def test_enable_ata_under_autocast_matches_eager_attention(family, causal, precision, gen):
-    """The fused layer under autocast against the same model's eager output_attentions path under
-    the same autocast, both measured against the float64 model (the same weights, no autocast):
-    flash-attention's rule, on the embeddings and on every LoRA gradient."""
+    """The fused layer under autocast against the same model with that layer's eager attention under
+    the same autocast, both measured against the float64 model (the same weights, eager attention
+    with output_attentions, no autocast): flash-attention's rule, on the embeddings and on every
+    LoRA gradient. The other layers run SDPA in both, so the comparison is of the layer ATA fuses:
+    with eager attention in every layer of the baseline, the rule measured SDPA against eager
+    attention in the other layers, where SDPA's bfloat16 backward on the CPU misses by up to 2.5x
+    eager's."""
     weights, amp = precision
     model = lora_model(family, causal, weights)
     truth_model = copy.deepcopy(model).double()
@@ -236,8 +249,14 @@ def test_enable_ata_under_autocast_matches_eager_attention(family, causal, preci
 
     ours = embed_and_grads(model, ids, mask, target, fused=True, amp=amp)
     assert attention.last_backend() == expected_backend(amp)
-    eager = embed_and_grads(copy.deepcopy(model), ids, mask, target, fused=False, amp=amp)
+    eager = embed_and_grads(copy.deepcopy(model), ids, mask, target, fused="eager", amp=amp)
     truth = embed_and_grads(truth_model, ids, mask, target, fused=False, amp=None)
+    check_against_truth(ours, eager, truth, amp)
+
+
+def check_against_truth(ours, eager, truth, amp):
+    """Flash-attention's rule on (embeddings, gradients) triples: ours misses the float64 truth by
+    at most twice what the eager baseline misses it by, plus a small absolute term."""
     atol = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[amp]
 
     def check(name, got, base, want):
@@ -253,13 +272,15 @@ def test_enable_ata_under_autocast_matches_eager_attention(family, causal, preci
 
 @pytest.mark.parametrize("amp", [torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
 def test_compiled_enabled_model_under_autocast(amp, gen):
-    """torch.compile of an enabled model under autocast: embeddings and LoRA gradients equal the
-    eager enabled model's under the same autocast."""
+    """torch.compile of an enabled model under autocast against the eager enabled model under the
+    same autocast, both measured against the float64 model: flash-attention's rule on embeddings and
+    LoRA gradients (compilation reorders casts, so bit equality is not expected)."""
     model = lora_model("qwen3", True, torch.float32)
     ids = torch.randint(0, 128, (2, 13), generator=gen).to(DEVICE)
     mask = torch.ones(2, 13, dtype=torch.long, device=DEVICE)
     mask[1, 9:] = 0
     target = torch.randn(2, 64, generator=gen, dtype=torch.float64).to(DEVICE)
+    truth = embed_and_grads(copy.deepcopy(model).double(), ids, mask, target, fused=False, amp=None)
     want = embed_and_grads(model, ids, mask, target, fused=True, amp=amp)
     compiled = copy.deepcopy(model)
     with enable_ata(compiled) as capture:
@@ -269,10 +290,8 @@ def test_compiled_enabled_model_under_autocast(amp, gen):
             out = forward(input_ids=ids, attention_mask=mask)
             emb = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
         (emb.double() * target).sum().backward()
-    torch.testing.assert_close(emb.double(), want[0], rtol=1e-3, atol=1e-3)
-    for name, p in compiled.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad.double(), want[1][name], rtol=2e-2, atol=2e-3, msg=name)
+    grads = {n: p.grad.double() for n, p in compiled.named_parameters() if p.requires_grad}
+    check_against_truth((emb.double().detach(), grads), want, truth, amp)
 
 
 # --------------------------------------------------------------------------------------------

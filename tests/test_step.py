@@ -117,7 +117,10 @@ def test_no_sync_from_our_code_in_a_step(tmp_path, monkeypatch, pooling):
     counters = []
     real = step_module.TrainStep.__call__
 
+    padded = []
+
     def counted(self, batches):
+        padded.extend(p for b in batches for p in b.padded)
         with SyncCounter() as syncs:
             outcome = real(self, batches)
         counters.append(syncs)
@@ -126,10 +129,28 @@ def test_no_sync_from_our_code_in_a_step(tmp_path, monkeypatch, pooling):
     monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
     trainer.train(config(tmp_path, steps=3, log_every=3), embedder=tiny_embedder(pooling=pooling),
                   log=lambda _: None, report_accuracy=False)
-    assert len(counters) == 3
+    assert len(counters) == 3 and any(padded)
     for syncs in counters:
         assert syncs.ours == [], syncs.report()
+        # transformers reads the padding mask twice per forward unless handed the 4D mask itself
+        assert syncs.others == [], syncs.report()
     print(f"transformers' own syncs per step ({pooling}):", counters[0].report())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+@pytest.mark.parametrize("pooling", ["mean", "ata"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_forward_told_its_padding_gives_the_same_embeddings(pooling, bidirectional, side):
+    """``padded`` (known on the host) replaces transformers' reads of the mask: the 4D mask the
+    embedder builds, and no mask for an unpadded batch, give transformers' own embeddings."""
+    embedder = tiny_embedder(padding_side=side, pooling=pooling, bidirectional=bidirectional)
+    mixed = embedder.tokenize(["a short one", "a much longer text with many more words in it"])
+    same = embedder.tokenize(["four words in here", "four words in there"])
+    assert not mixed["attention_mask"].all() and same["attention_mask"].all()
+    with torch.no_grad():
+        for features, padded in ((mixed, True), (same, False)):
+            told = embedder(features, padded=padded)
+            torch.testing.assert_close(told, embedder(features), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mgh_kernels import ata_pool, ata_weights, mean_pool, pool, reference
+from mgh_kernels import ata_pool, ata_weights, mean_pool, pool, reference, trusted_inputs
 
 B, H, L, D, HID = 2, 4, 5, 8, 6
 
@@ -107,3 +107,21 @@ def test_good_inputs_of_the_table_pass():
     mean_pool(HIDDEN, MASK)
     ata_pool(HIDDEN, MASK, colsum=COLSUM)
     reference.infonce(Q2, Q2, torch.randn(B, 2, D))
+
+
+VALUE_CASES = ["mask values", "mask all padding", "pool all padding", "ata all padding", "ata weights zero colsum",
+               "ata weights nan colsum"]
+
+
+@pytest.mark.parametrize("name", VALUE_CASES)
+def test_trusted_inputs_skips_only_the_checks_that_read_values(name):
+    """Inside ``trusted_inputs`` the checks of values (host syncs) are the caller's; the checks of
+    ranks, shapes, dtypes and devices still raise."""
+    call, _, _ = CASES[name]
+    with trusted_inputs():
+        call()  # no error: wrong or non-finite output is the caller's to avoid
+        for structural in ("mask shape", "ata colsum device", "pos dtype"):
+            with pytest.raises(ValueError):
+                CASES[structural][0]()
+    with pytest.raises(ValueError):
+        call()  # outside, the check is back
