@@ -116,9 +116,22 @@ def _rss(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
 
 
+def _return_freed_memory() -> None:
+    """Make glibc give freed tensors back to the system at once: every block of 64 KiB or more is
+    its own mapping, unmapped when freed (the default threshold grows with each such free, after
+    which freed blocks stay resident and a later step's peak reads as nothing), and the heap is
+    trimmed. The resident set size then follows the live tensors."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (a fixed value turns the growth off)
+    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+
+
 def peak_bytes(fn, device) -> int:
     """The peak memory ``fn()`` takes beyond what was held before it: CUDA's max allocated, or the
-    CPU's peak resident set size (Linux)."""
+    CPU's peak resident set size (Linux, glibc: :func:`_return_freed_memory`)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,6 +140,7 @@ def peak_bytes(fn, device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    _return_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     base = _rss("VmRSS")
     fn()
@@ -172,8 +186,9 @@ def largest_batch(mode: str, embedder, *, device, dims, precision, length: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def median_seconds(fn, device, rounds: int) -> float:
-    fn()  # warm-up
+def median_seconds(fn, device, rounds: int, *, warm: bool = True) -> float:
+    if warm:
+        fn()  # warm-up
     times = []
     for _ in range(rounds):
         if device.type == "cuda":
@@ -184,6 +199,18 @@ def median_seconds(fn, device, rounds: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_seconds(fns: dict, device, rounds: int) -> dict:
+    """The median seconds of each of ``fns`` (a name -> a step), timed in turn round after round, so
+    that a load that varies over the run (a shared machine) weighs on every entry alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_seconds(fn, device, 1, warm=False))
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def measure_case(device, dims: dict, *, batch: int, length: int, chunk_size: int, checkpointing: bool, rounds: int,
@@ -199,22 +226,26 @@ def measure_case(device, dims: dict, *, batch: int, length: int, chunk_size: int
            "precision": precision.describe(), "batch": batch, "length": length, "chunk_size": chunk_size,
            "checkpointing": checkpointing, "tokens": sum(len(t) for r in rows for t in r)}
     start = {n: p.detach().clone() for n, p in embedder.named_parameters() if p.requires_grad}
+    steps = {}
     for mode in MODES:
         with torch.no_grad():  # each mode's first loss from the same weights
             for name, p in embedder.named_parameters():
                 if name in start:
                     p.copy_(start[name])
-        step = make_step(mode, embedder, rows, device, precision, chunk_size)
-        out[f"{mode}_loss"] = float(step())
-        out[f"{mode}_s"] = median_seconds(step, device, rounds)
-        out[f"{mode}_peak"] = peak_bytes(step, device)
+        steps[mode] = make_step(mode, embedder, rows, device, precision, chunk_size)
+        out[f"{mode}_loss"] = float(steps[mode]())
+    for mode, seconds in interleaved_seconds(steps, device, rounds).items():
+        out[f"{mode}_s"] = seconds
+    for mode, step in steps.items():
         embedder.zero_grad(set_to_none=True)
+        out[f"{mode}_peak"] = peak_bytes(step, device)
+    embedder.zero_grad(set_to_none=True)
     out["ratio"] = out["gradcache_s"] / out["plain_s"]
     for mode in MODES:
         out[f"{mode}_largest"] = largest_batch(mode, embedder, device=device, dims=dims, precision=precision,
                                                length=length, chunk_size=chunk_size, budget=budget,
                                                start=max(1, chunk_size // 2), limit=limit)
-    out["budget"] = budget
+    out["budget"], out["limit"] = budget, limit
     return out
 
 
@@ -258,11 +289,13 @@ def table(results: list) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         budget = f" (within {r['budget'] / 2**30:.1f} GiB)"
+        largest = {mode: (f">={r[f'{mode}_largest']} (the limit searched)" if r[f"{mode}_largest"] == r.get("limit")
+                          else str(r[f"{mode}_largest"])) for mode in MODES}
         lines.append(
             f"| {r['device']} | {'on' if r['checkpointing'] else 'off'} | {r['batch']} x <={r['length']} "
             f"(chunks of {r['chunk_size']}) | {r['plain_s'] * 1e3:.0f} ms | {r['gradcache_s'] * 1e3:.0f} ms | "
             f"x{r['ratio']:.2f} | {r['plain_peak'] / 2**20:.0f} MiB | {r['gradcache_peak'] / 2**20:.0f} MiB | "
-            f"{r['plain_largest']}{budget} | {r['gradcache_largest']}{budget} |")
+            f"{largest['plain']}{budget} | {largest['gradcache']}{budget} |")
     return "\n".join(lines)
 
 
