@@ -22,10 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mgh_kernels import _backend  # noqa: E402
-
-_backend.INTERPRETED = False
-
+from mgh_kernels import use_backend  # noqa: E402
 from dist_cases import CASES, GradientTap, config, tiny_embedder  # noqa: E402
 
 from mgh_train import trainer  # noqa: E402
@@ -204,4 +201,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with use_backend("torch"):  # the PyTorch path, as a user's CPU run (the interpreter is slow)
+        main()
