@@ -10,7 +10,8 @@
 # PARTs (default: all but sweeps, in this order): tests, attention, infonce, train, reference;
 # sweeps (the tile sweeps sweep_attention.py and sweep_infonce.py, JSON beside the log, then
 # profile_infonce.py: device time per kernel); colsum (only the column-sum pass's sweep,
-# sweep_attention.py --parts colsum: the variants that decide the forward's 2.0x bar). One device
+# sweep_attention.py --parts colsum: the variants that decide the forward's 2.0x bar); scale
+# (bench_scale.py: GradCache against a plain step, the largest batch per device). One device
 # command may run for at most 10 minutes, so a first round on a fresh machine can be split, e.g.
 # "tests attention" in one call and "infonce train reference" in the next.
 # With $OUT set, everything printed also goes to $OUT/gpu_round.log and the benchmark JSON to
@@ -31,9 +32,9 @@ PARTS=("$@")
 [ "${#PARTS[@]}" -eq 0 ] && PARTS=(tests attention infonce train reference)
 for part in "${PARTS[@]}"; do
     case "$part" in
-        tests|attention|infonce|train|reference|sweeps|colsum) ;;
-        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train, reference, sweeps" \
-                "or colsum)" >&2
+        tests|attention|infonce|train|reference|sweeps|colsum|scale) ;;
+        *) echo "gpu_round.sh: unknown part '$part' (expected tests, attention, infonce, train, reference, sweeps," \
+                "colsum or scale)" >&2
            exit 2 ;;
     esac
 done
@@ -79,6 +80,11 @@ EOF
         done
         step "InfoNCE profile: benchmarks/profile_infonce.py"
         "$PY" benchmarks/profile_infonce.py || failed+=("profile_infonce")
+    fi
+
+    if wants scale; then
+        step "GradCache against a plain step: benchmarks/bench_scale.py"
+        "$PY" benchmarks/bench_scale.py ${OUT:+--json "$OUT/bench_scale.json"} || failed+=("bench_scale")
     fi
 
     local benches=() part

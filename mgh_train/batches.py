@@ -8,12 +8,21 @@ buckets, and the DataLoader that prepares them off the training loop's critical 
 
 The planner runs in the main process and is cheap: the no-duplicates sampler, the curriculum stage
 and the negatives' RNG (whose state every plan carries, so a checkpoint taken after any micro-batch
-resumes exactly). The collate runs in DataLoader workers: it tokenizes the plan's queries (with
+resumes exactly). With W processes it plans the global micro-batch of W x ``batch_size`` examples,
+identically on every rank (the same sampler, seed and RNG), and :class:`RankPlans` hands each rank
+its slice: rank r takes rows r b ... r b + b - 1 with their negatives, so the gathered candidates
+are in the order one process holding the whole batch has them. The collate runs in DataLoader workers: it tokenizes the plan's queries (with
 their instruction prefix) and documents in one batched tokenizer call and splits them, sorted by
 length, into as few padded buckets as keep the padding small (:func:`length_buckets`): each bucket
 is one encoder forward. Queries and documents share the buckets, so a micro-batch of similar
 lengths is one forward, and a batch of short queries beside long documents does not pad every
-query to the longest document.
+query to the longest document. Under GradCache (``chunk_size``, ``chunk_tokens``) the texts, sorted
+by length, are cut into chunks of at most that many texts and padded tokens instead, each padded to
+its own longest text: the chunks are GradCache's encoder forwards. Where every forward is a
+collective (FSDP2, ``one_forward``), a plain micro-batch is one padded forward: every rank then runs
+as many forwards as the others, and FSDP2, which reduce-scatters a layer's gradients once per
+forward it back-propagates, syncs once per step (GradCache's chunks, counted in texts only, are
+as many on every rank and each one forward per backward).
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ class Plan:
         negatives: per example the negative texts it trains with, ``k`` each (the fewest any has).
         state: the sampler's and the negatives RNG's state after this micro-batch (a checkpoint
             taken after it resumes with the next one).
+        whole: the examples of the global micro-batch this one is a rank's slice of (None: it is
+            the whole one).
     """
 
     step: int
@@ -57,10 +68,28 @@ class Plan:
     examples: list
     negatives: list
     state: dict
+    whole: Optional[list] = field(default=None, repr=False)
 
     @property
     def k(self) -> int:
         return len(self.negatives[0]) if self.negatives else 0
+
+    @property
+    def all_examples(self) -> list:
+        """Every example of the global micro-batch (on every rank the same)."""
+        return self.whole if self.whole is not None else self.examples
+
+    def part(self, rank: int, world: int) -> "Plan":
+        """Rank ``rank``'s slice of ``world`` equal ones: its examples with their negatives (K is the
+        global micro-batch's)."""
+        if world == 1:
+            return self
+        b, rest = divmod(len(self.examples), world)
+        if rest:
+            raise ValueError(f"batch_size: a global micro-batch of {len(self.examples)} does not split over "
+                             f"{world} ranks")
+        rows = slice(rank * b, (rank + 1) * b)
+        return Plan(self.step, self.stage, self.examples[rows], self.negatives[rows], self.state, self.examples)
 
 
 class MicroBatchPlanner:
@@ -84,6 +113,18 @@ class MicroBatchPlanner:
             k = min(len(n) for n in negatives)  # public rows may carry fewer; every query keeps k
             state = {"sampler": self.batcher.state_dict(), "negatives_rng": self.rng.getstate()}
             yield Plan(step, stage, chosen, [n[:k] for n in negatives], state)
+
+
+class RankPlans:
+    """The planner's global micro-batches, each cut to rank ``rank``'s slice of ``world`` (the
+    DataLoader's sampler on that rank)."""
+
+    def __init__(self, planner: MicroBatchPlanner, rank: int, world: int):
+        self.planner, self.rank, self.world = planner, rank, world
+
+    def __iter__(self) -> Iterator[Plan]:
+        for plan in self.planner:
+            yield plan.part(self.rank, self.world)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +179,24 @@ def length_buckets(lengths: Sequence[int], *, multiple: int = 8, max_buckets: in
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def chunks(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, multiple: int = 8) -> list[list[int]]:
+    """GradCache's chunks: the texts sorted longest first, cut into runs of at most ``size`` texts
+    (0: no cap) whose padded tokens (texts x the run's first length rounded up to ``multiple``)
+    stay within ``tokens`` (0: no budget; a text longer than it is a chunk of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, start = [], 0
+    while start < len(order):
+        n = len(order) - start
+        if size:
+            n = min(n, size)
+        if tokens:
+            longest = -(-max(1, lengths[order[start]]) // multiple) * multiple
+            n = min(n, max(1, tokens // longest))
+        out.append(order[start:start + n])
+        start += n
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the collate (DataLoader workers)
 # --------------------------------------------------------------------------------------------
@@ -187,11 +246,19 @@ class Collate:
         multiple: bucket lengths are rounded up to it (8; 64 bounds the shapes a compiled encoder
             sees).
         max_buckets, slack: see :func:`length_buckets`.
+        chunk_size, chunk_tokens: GradCache's chunks instead of buckets (see :func:`chunks`; 0 and 0:
+            no GradCache).
+        one_forward: a plain micro-batch is one bucket (FSDP2, whose forwards are collective).
     """
 
-    def __init__(self, tokenizer, config, *, multiple: int = 8, max_buckets: int = 4, slack: float = 0.2):
+    def __init__(self, tokenizer, config, *, multiple: int = 8, max_buckets: int = 4, slack: float = 0.2,
+                 chunk_size: int = 0, chunk_tokens: int = 0, one_forward: bool = False):
         self.tokenizer, self.config = tokenizer, config
-        self.multiple, self.max_buckets, self.slack = multiple, max_buckets, slack
+        self.multiple, self.max_buckets, self.slack = multiple, 1 if one_forward else max_buckets, slack
+        self.chunk_size, self.chunk_tokens = chunk_size, chunk_tokens
+        if one_forward and chunk_tokens:
+            raise ValueError("chunk_tokens: ranks whose forwards are collective (FSDP2) must run as many each; "
+                             "bound GradCache's chunks by --chunk-size only")
 
     def __call__(self, plan: Plan) -> MicroBatch:
         queries = [e.query for e in plan.examples]
@@ -205,7 +272,10 @@ class Collate:
         """The :class:`MicroBatch` of tokenized texts (B queries, B positives, B * k negatives; ids and
         pooled flags as :func:`mgh_train.model.token_ids` gives them), in length buckets."""
         lengths = [len(r) for r in rows]
-        buckets = length_buckets(lengths, multiple=self.multiple, max_buckets=self.max_buckets, slack=self.slack)
+        if self.chunk_size or self.chunk_tokens:
+            buckets = chunks(lengths, size=self.chunk_size, tokens=self.chunk_tokens, multiple=self.multiple)
+        else:
+            buckets = length_buckets(lengths, multiple=self.multiple, max_buckets=self.max_buckets, slack=self.slack)
         features, position, offset = [], [0] * len(rows), 0
         for bucket in buckets:
             for i, text in enumerate(bucket):
@@ -243,5 +313,5 @@ def _identity(batch):
     return batch
 
 
-__all__ = ["Collate", "MicroBatch", "MicroBatchPlanner", "Plan", "instruction_of", "length_buckets",
-           "micro_batch_loader"]
+__all__ = ["Collate", "MicroBatch", "MicroBatchPlanner", "Plan", "RankPlans", "chunks", "instruction_of",
+           "length_buckets", "micro_batch_loader"]

@@ -23,6 +23,15 @@ gives at that step.
 
 Retention (``keep_checkpoints``) deletes only checkpoints older than the one just written, so
 the newest is never deleted; 0 keeps them all.
+
+With several processes (:mod:`mgh_train.distributed`) rank 0 writes the run's state (``state.pt``:
+optimizer, scheduler, the global sampler, the negatives RNG, its own RNG, the world size), every
+other rank its RNG state (``rng-R.pt``), into one temporary folder that rank 0 renames into
+place once every rank has written (barriers around the rename). Trainable weights are
+``trainable.pt`` (rank 0's: the replicas are equal) or, under FSDP2, ``sharded/``: weights and
+optimizer state written by every rank through ``torch.distributed.checkpoint``, which any world
+size (one process included) reads back. A run resumes at another world size when its global
+batch (``--batch-size`` x processes) and its candidate pool are the checkpoint's, and says so.
 """
 
 from __future__ import annotations
@@ -38,16 +47,19 @@ import torch
 
 CHECKPOINT_FORMAT = "mgh-checkpoint/1"
 CHECKPOINT_FILES = ("trainable.pt", "state.pt", "config.json")
+SHARDED = "sharded"  # FSDP2's checkpoints: torch.distributed.checkpoint's folder instead of trainable.pt
 RUN_STATE = ("checkpoints", "metrics.jsonl", "model", "tensorboard")  # what a run writes in its folder
 
 MAY_CHANGE = frozenset({
     "steps", "lr", "warmup", "max_grad_norm", "log_every", "save_every", "keep_checkpoints", "eval_every",
     "eval_data_dir", "eval_limit", "progress", "device", "gradient_checkpointing",
     "workers", "max_buckets", "compile", "compile_mode", "profile",  # how it runs, not what it computes
+    "parallel", "chunk_size", "chunk_tokens",  # the engines and GradCache compute the same step
     "data", "public_data",  # file names: their content is compared through the examples' fingerprint
 })
 """Options a resumed run may change; every other option must equal the checkpoint's."""
 NOT_COMPARED = frozenset({"output", "resume", "overwrite"})
+PER_WORLD = frozenset({"batch_size", "gather"})  # compared as the global batch and its candidate pool
 
 
 class DamagedCheckpoint(ValueError):
@@ -64,6 +76,12 @@ class Checkpoint:
     state: dict
     config: dict
     fingerprint: Optional[str]  # None for checkpoints written before fingerprints were saved
+    world: int = 1  # the processes that wrote it
+
+    @property
+    def sharded(self) -> bool:
+        """Whether its weights and optimizer are FSDP2's shards (``sharded/``, no ``trainable.pt``)."""
+        return self.trainable is None
 
 
 @dataclass
@@ -159,8 +177,9 @@ def _describe(path: Path) -> str:
     return path.name + ("/" if path.is_dir() else "")
 
 
-def plan_run(cfg, log: Callable[[str], None]) -> RunPlan:
-    """Check ``cfg.output`` and ``cfg.resume`` before anything heavy runs; the :class:`RunPlan`.
+def plan_run(cfg, log: Callable[[str], None], world: int = 1) -> RunPlan:
+    """Check ``cfg.output`` and ``cfg.resume`` before anything heavy runs; the :class:`RunPlan`
+    (``world``: the processes of this run).
 
     Raises ValueError (a message naming the option) for a folder that is a file or unwritable,
     a fresh run into another run's folder, a damaged or mismatched checkpoint.
@@ -179,7 +198,7 @@ def plan_run(cfg, log: Callable[[str], None]) -> RunPlan:
         plan.remove = state
         return plan
     checkpoint, damaged = find_checkpoint(cfg.resume, output, log)
-    changes = compare_options(checkpoint, cfg)
+    changes = compare_options(checkpoint, cfg, world)
     if cfg.steps < checkpoint.step:
         raise ValueError(f"steps: expected at least the checkpoint's step {checkpoint.step} to resume "
                          f"{checkpoint.path}, got {cfg.steps}")
@@ -206,6 +225,11 @@ def plan_run(cfg, log: Callable[[str], None]) -> RunPlan:
     if changes:
         log(f"resume: options changed since {checkpoint.path.name}, applied from step {checkpoint.step + 1}: "
             + "; ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in changes.items()))
+    if world != checkpoint.world:
+        log(f"resume: {checkpoint.path.name} was written by {checkpoint.world} process(es) of batch "
+            f"{checkpoint.config.get('batch_size')}, this run is {world} of batch {cfg.batch_size}: the global batch "
+            f"({cfg.batch_size * world}) is unchanged, so the data, the negatives and the losses continue; "
+            "dropout's random state restarts from the seed on the ranks the checkpoint holds none for")
     return plan
 
 
@@ -247,7 +271,10 @@ def find_checkpoint(resume: str, output: Path, log: Callable[[str], None]) -> tu
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read and check one checkpoint folder; :class:`DamagedCheckpoint` says what is wrong with it."""
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    sharded = (path / SHARDED).is_dir()
+    wanted = [n for n in CHECKPOINT_FILES if n != "trainable.pt"] + [f"{SHARDED}/.metadata"] if sharded \
+        else CHECKPOINT_FILES
+    missing = [name for name in wanted if not (path / name).is_file()]
     if missing:
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: {', '.join(missing)} missing")
     manifest = {}
@@ -260,16 +287,17 @@ def read_checkpoint(path: Path) -> Checkpoint:
                                         f"{size} were written")
     config = _read_json(path / "config.json", path)
     try:
-        trainable = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
+        trainable = None if sharded else torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - a torn or foreign file fails in many ways; all mean damaged
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: cannot read it "
                                 f"({type(error).__name__}: {_first_line(error)})") from None
     expected = {"step", "optimizer", "scheduler", "sampler", "negatives_rng", "rng"}
-    if not isinstance(trainable, dict) or not isinstance(state, dict) or not expected <= set(state):
+    if not (sharded or isinstance(trainable, dict)) or not isinstance(state, dict) or not expected <= set(state):
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: its state lacks "
                                 f"{', '.join(sorted(expected - set(state if isinstance(state, dict) else ())))}")
-    return Checkpoint(path, int(state["step"]), trainable, state, config, manifest.get("data_fingerprint"))
+    return Checkpoint(path, int(state["step"]), trainable, state, config, manifest.get("data_fingerprint"),
+                      int(state.get("world_size", 1)))
 
 
 def _read_json(file: Path, checkpoint: Path) -> dict:
@@ -288,14 +316,24 @@ def _first_line(error: BaseException) -> str:
     return text[0][:200] if text else "no message"
 
 
-def compare_options(checkpoint: Checkpoint, cfg) -> dict:
+def compare_options(checkpoint: Checkpoint, cfg, world: int = 1) -> dict:
     """Refuse options that differ from the checkpoint's where they change the model, the objective
     or the data order (ValueError listing them); the changed :data:`MAY_CHANGE` options, as
-    ``{name: (before, now)}``."""
+    ``{name: (before, now)}``. ``batch_size`` and ``gather`` are compared as what they make of
+    ``world`` processes: the global batch, and whether every query's candidates are all of it."""
     saved = checkpoint.config
     refused, applied = [], {}
+    before_batch, now_batch = saved.get("batch_size", 16) * checkpoint.world, cfg.batch_size * world
+    if before_batch != now_batch and checkpoint.world == world:
+        refused.append(f"batch_size {saved.get('batch_size', 16)!r} -> {cfg.batch_size!r}")
+    elif before_batch != now_batch:
+        refused.append(f"the global batch (batch_size x processes) {saved.get('batch_size', 16)} x {checkpoint.world} "
+                       f"= {before_batch} -> {cfg.batch_size} x {world} = {now_batch}")
+    before_pool, now_pool = _pool(saved.get("gather"), checkpoint.world), _pool(cfg.gather, world)
+    if before_pool != now_pool:
+        refused.append(f"gather: each query's candidates {before_pool} -> {now_pool}")
     for f in fields(cfg):
-        if f.name in NOT_COMPARED:
+        if f.name in NOT_COMPARED or f.name in PER_WORLD:
             continue
         now = getattr(cfg, f.name)
         before = saved.get(f.name, _default(f))  # an option added since the checkpoint: its default
@@ -312,6 +350,10 @@ def compare_options(checkpoint: Checkpoint, cfg) -> dict:
             "(another --output, or --overwrite)"
         )
     return applied
+
+
+def _pool(gather: Optional[bool], world: int) -> str:
+    return "the whole global batch" if world == 1 or gather is not False else "the process's own batch"
 
 
 def _default(f):
@@ -362,6 +404,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_rng_state(checkpoint: Checkpoint, rank: int, world: int) -> Optional[dict]:
+    """Rank ``rank``'s RNG state in ``checkpoint`` (rank 0's is in ``state.pt``), or None where it
+    holds none for it or was written by another world size."""
+    if rank == 0:
+        return checkpoint.state["rng"]
+    file = checkpoint.path / f"rng-{rank}.pt"
+    if world != checkpoint.world or not file.is_file():
+        return None
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def load_weights_and_optimizer(embedder, optimizer, checkpoint: Checkpoint, *, sharded: bool) -> None:
+    """The checkpoint's trainable weights and optimizer state into ``embedder`` and ``optimizer``,
+    whichever engine wrote it and whichever runs now (``sharded``: FSDP2's DTensor weights)."""
+    if checkpoint.sharded:
+        _load_sharded(embedder, optimizer, checkpoint)
+        return
+    load_trainable(embedder, checkpoint)
+    if not sharded:
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in embedder.named_parameters() if p.requires_grad]  # the optimizer's order
+    state = checkpoint.state["optimizer"]
+    by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(embedder, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_sharded(embedder, optimizer, checkpoint: Checkpoint) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = {"model": get_model_state_dict(embedder, options=options),
+             "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options)}
+    try:
+        dcp.load(state, checkpoint_id=checkpoint.path / SHARDED)
+    except Exception as error:  # noqa: BLE001 - DCP reports a mismatch in several exception types
+        raise ValueError(f"resume: {checkpoint.path} does not match this model ({type(error).__name__}: "
+                         f"{_first_line(error)})") from None
+    set_model_state_dict(embedder, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    set_optimizer_state_dict(embedder, optimizer, state["optimizer"], options=options)
+
+
 def load_trainable(embedder, checkpoint: Checkpoint) -> None:
     """Copy the checkpoint's trainable weights into ``embedder`` (ValueError if they do not fit)."""
     params = {n: p for n, p in embedder.named_parameters() if p.requires_grad}
@@ -372,37 +462,68 @@ def load_trainable(embedder, checkpoint: Checkpoint) -> None:
     if wrong:
         raise ValueError(f"resume: {checkpoint.path} does not match this model ({wrong[0]} has shape "
                          f"{list(checkpoint.trainable[wrong[0]].shape)}, the model's is {list(params[wrong[0]].shape)})")
+    if any(type(p).__name__ == "DTensor" for p in params.values()):  # FSDP2: each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(embedder, {n: checkpoint.trainable[n] for n in params},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(checkpoint.trainable[name])
 
 
 def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, sampler: dict, cfg,
-                    scaler=None, data_fingerprint: Optional[str] = None) -> Path:
+                    scaler=None, data_fingerprint: Optional[str] = None, ranks=None, sharded: bool = False) -> Path:
     """Write ``folder/checkpoints/step-N`` atomically (a temporary folder renamed into place), then
     delete the oldest checkpoints beyond ``cfg.keep_checkpoints`` (never the one just written).
 
     ``sampler``: the no-duplicates sampler's and the negatives RNG's state after the step's last
     micro-batch (``{"sampler": ..., "negatives_rng": ...}``, as :class:`mgh_train.batches.Plan`
-    carries it: the DataLoader plans ahead of the step)."""
+    carries it: the DataLoader plans ahead of the step). With ``ranks`` (:class:`mgh_train.
+    distributed.Ranks`) of several processes every rank calls it: rank 0 writes the run's state,
+    each other rank its RNG state, and ``sharded`` (FSDP2) weights and optimizer go through
+    ``torch.distributed.checkpoint`` from every rank."""
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
+    barrier = ranks.barrier if ranks is not None else (lambda: None)
     final = folder / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(trainable_state(embedder), tmp / "trainable.pt")
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "sampler": sampler["sampler"], "negatives_rng": sampler["negatives_rng"], "rng": rng_state(),
-         "scaler": scaler.state_dict() if scaler is not None else None},  # float16's gradient scaler
-        tmp / "state.pt",
-    )
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    manifest = {"format": CHECKPOINT_FORMAT, "step": step, "data_fingerprint": data_fingerprint,
-                "sizes": {name: (tmp / name).stat().st_size for name in CHECKPOINT_FILES}}
-    (tmp / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    apply_retention(folder, step, cfg.keep_checkpoints)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()  # the folder is there, empty
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        dcp.save({"model": get_model_state_dict(embedder, options=options),
+                  "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options)},
+                 checkpoint_id=tmp / SHARDED)
+    if rank > 0:
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    else:
+        if not sharded:
+            torch.save(trainable_state(embedder), tmp / "trainable.pt")
+        torch.save(
+            {"step": step, "optimizer": None if sharded else optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "sampler": sampler["sampler"],
+             "negatives_rng": sampler["negatives_rng"], "rng": rng_state(), "world_size": world,
+             "scaler": scaler.state_dict() if scaler is not None else None},  # float16's gradient scaler
+            tmp / "state.pt",
+        )
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    barrier()  # every rank's files are written
+    if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"format": CHECKPOINT_FORMAT, "step": step, "data_fingerprint": data_fingerprint,
+                    "world_size": world, "sizes": {str(p.relative_to(tmp)): p.stat().st_size for p in files}}
+        (tmp / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        apply_retention(folder, step, cfg.keep_checkpoints)
+    barrier()  # no rank goes on (or reads the folder) before the rename
     return final
 
 
@@ -416,5 +537,5 @@ def apply_retention(folder: Path, step: int, keep: int) -> None:
 
 
 __all__ = ["Checkpoint", "DamagedCheckpoint", "MAY_CHANGE", "RunPlan", "apply_retention", "check_output",
-           "compare_options", "find_checkpoint", "list_checkpoints", "load_trainable", "plan_run",
-           "read_checkpoint", "restore_schedule", "run_state", "save_checkpoint"]
+           "compare_options", "find_checkpoint", "list_checkpoints", "load_trainable", "load_weights_and_optimizer",
+           "plan_run", "rank_rng_state", "read_checkpoint", "restore_schedule", "run_state", "save_checkpoint"]

@@ -23,6 +23,7 @@ from .trackers import check_report_to
 NEGATIVE_MODES = ("global", "own")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSES = ("fused", "eager")
+PARALLEL = ("replicate", "fsdp")
 
 
 def _opt(default, help: str, **extra):
@@ -68,7 +69,8 @@ class TrainConfig:
                                        group="data", item=int)
     # loop
     steps: int = _opt(200, "optimizer steps", group="loop")
-    batch_size: int = _opt(16, "queries per micro-batch (in-batch negatives come from it)", group="loop")
+    batch_size: int = _opt(16, "queries per micro-batch and process: the global batch (in-batch negatives come "
+                               "from it) is this x the processes", group="loop")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", group="loop")
     lr: float = _opt(1e-4, "peak learning rate (AdamW)", group="loop")
     weight_decay: float = _opt(0.0, "AdamW weight decay", group="loop")
@@ -77,6 +79,17 @@ class TrainConfig:
     tau: float = _opt(0.05, "InfoNCE temperature", group="loop")
     negatives: str = _opt("global", "InfoNCE candidates: global (in-batch + all hard) or own", group="loop")
     loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (the reference)", group="loop")
+    # scale (torchrun): see mgh_train/distributed.py and mgh_train/gradcache.py
+    parallel: Optional[str] = _opt(None, "under torchrun: replicate (a full copy per process, one all-reduce of the "
+                                         "trainable gradients per step; the default) or fsdp (FSDP2: every weight "
+                                         "sharded over the processes, for base models that do not fit replicated)",
+                                   group="loop")
+    gather: Optional[bool] = _opt(None, "make every process's positives and negatives candidates of every query "
+                                        "(default: on with more than one process)", group="loop")
+    chunk_size: int = _opt(0, "GradCache: texts per encoder forward (0: no GradCache unless --chunk-tokens); the "
+                              "in-batch pool is then limited by the loss's memory, not the encoder's", group="loop")
+    chunk_tokens: int = _opt(0, "GradCache: padded tokens per encoder forward at most (0: no budget); alone or "
+                                "with --chunk-size, which also bounds a chunk", group="loop")
     seed: int = _opt(0, "seed of the sampler, the negatives and the weights", group="loop")
     device: Optional[str] = _opt(None, "cuda, cpu, ... (default: cuda when available)", group="loop")
     bf16: Optional[bool] = _opt(None, "bfloat16 autocast (default: on for CUDA with bfloat16, off on the CPU; "
@@ -131,7 +144,8 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "log_every", "max_buckets"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
-        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile"):
+        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile",
+                     "chunk_size", "chunk_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "a positive learning rate")
         need(self.tau > 0, "tau", "a positive temperature")
@@ -140,6 +154,7 @@ class TrainConfig:
         need(0 <= self.public_ratio < 1, "public_ratio", "a share in [0, 1)")
         need(self.negatives in NEGATIVE_MODES, "negatives", " or ".join(NEGATIVE_MODES))
         need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
+        need(self.parallel is None or self.parallel in PARALLEL, "parallel", " or ".join(PARALLEL))
         need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
         need(self.dtype is None or self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
         need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 0), "workers",
@@ -149,6 +164,11 @@ class TrainConfig:
         check_schedule(self.schedule)
         check_report_to(self.report_to)
         return self
+
+    @property
+    def gradcache(self) -> bool:
+        """Whether the step runs GradCache (:mod:`mgh_train.gradcache`): a chunk size or token budget."""
+        return bool(self.chunk_size or self.chunk_tokens)
 
     def embedder_options(self) -> dict:
         """The options of :class:`mgh_train.model.EmbedderConfig` this run sets."""

@@ -176,11 +176,16 @@ def _base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _clean_base_state(model) -> dict:
-    """The base model's own weights from a (possibly LoRA-injected) model: no adapter tensors."""
+def _clean_base_state(model, model_state: Optional[dict] = None) -> dict:
+    """The base model's own weights from a (possibly LoRA-injected) model: no adapter tensors.
+    ``model_state``: ``model.state_dict()`` as given (whole tensors gathered from FSDP2's shards)."""
     base = _base_of(model)
+    items = base.state_dict().items()
+    if model_state is not None:
+        prefix = "base_model.model." if base is not model else ""
+        items = [(name[len(prefix):], tensor) for name, tensor in model_state.items() if name.startswith(prefix)]
     state = {}
-    for name, tensor in base.state_dict().items():
+    for name, tensor in items:
         if "lora_" in name:
             continue
         state[name.replace(".base_layer.", ".")] = tensor
@@ -407,7 +412,8 @@ class Embedder(torch.nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
 
-    def save(self, path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None) -> Path:
+    def save(self, path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
+             state_dict: Optional[dict] = None) -> Path:
         """Write a folder that :meth:`load` and sentence-transformers read back.
 
         The LoRA adapter alone by default (the base is named in ``mgh_config.json``; a base built in
@@ -416,20 +422,27 @@ class Embedder(torch.nn.Module):
         its dequantised weights). The folder also gets a model card, ``README.md``, with the run's
         options ``training`` and, given an mteb result folder ``eval_results``, its scores. The
         folder is written under a temporary name and renamed into place: a failed save leaves
-        ``path`` as it was.
+        ``path`` as it was. ``state_dict`` (names as :meth:`state_dict` gives them; the trainable
+        weights at least, every weight for a base built in memory) replaces the module's own
+        tensors: the whole weights of a sharded (FSDP2) embedder, gathered on one rank.
         """
         path = Path(path)
+        if state_dict is not None and merged:
+            raise ValueError("merged: a merged save needs the embedder's own weights, not a state_dict")
         with atomic_folder(path, markers=(CONFIG_NAME, "modules.json")) as tmp:
-            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=path.name)
+            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=path.name,
+                        state_dict=state_dict)
         return path
 
     def _write(self, path: Path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
-               name: Optional[str] = None) -> None:
+               name: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Write the folder's files into ``path`` (an existing folder), as :meth:`save` describes."""
         name = name or path.resolve().name
         cfg = asdict(self.config)
         is_peft = hasattr(self.model, "peft_config")
         adapter = base = None
+        model_state = None if state_dict is None else {  # self.model's names
+            n[len("model."):]: t for n, t in state_dict.items() if n.startswith("model.")}
         if merged and is_peft:
             _save_base(self.merged_model(), None, path / "base", self.config.dtype)
             base = "base"
@@ -438,10 +451,11 @@ class Embedder(torch.nn.Module):
                 # "auto" would look the base's config.json up (on the hub, for a GGUF or in-memory base)
                 # to learn whether the vocabulary changed; only an adapter on the embeddings needs it.
                 embeddings = any("lora_embedding" in name for name, _ in self.model.named_parameters())
-                self.model.save_pretrained(path / "adapter", save_embedding_layers="auto" if embeddings else False)
+                self.model.save_pretrained(path / "adapter", save_embedding_layers="auto" if embeddings else False,
+                                           **({} if model_state is None else {"state_dict": model_state}))
                 adapter = "adapter"
             if self.config.base_model is None or merged:
-                _save_base(self.model, _clean_base_state(self.model), path / "base", self.config.dtype)
+                _save_base(self.model, _clean_base_state(self.model, model_state), path / "base", self.config.dtype)
                 base = "base"
         if base is not None:
             cfg.update(base_model=None, gguf_file=None)

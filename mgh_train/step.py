@@ -9,6 +9,11 @@ A non-finite loss does not reach the weights: the update is skipped on the devic
 kernel takes a ``found_inf`` flag, as it does from ``torch.amp.GradScaler``), and the trainer reads
 the flag at its next logging step and stops there. Where the optimizer cannot skip on the device
 (it is not fused), each step checks the loss on the host instead: one sync per step.
+
+With several processes the step's engine (:mod:`mgh_train.distributed`) syncs the gradients once,
+after the step's last backward, and averages the loss and combines the finite flag over the ranks
+on the device before the update: a non-finite loss on any rank skips the update on every rank.
+Under GradCache (``gradcache=True``) each micro-batch runs :func:`mgh_train.gradcache.gradcache_step`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 from mgh_kernels import trusted_inputs
 
 from .batches import MicroBatch
+from .distributed import Ranks, Single
+from .gradcache import gradcache_step
 from .precision import Precision
 
 
@@ -33,13 +40,19 @@ def embed(embedder, batch: MicroBatch) -> torch.Tensor:
     return torch.cat(outputs)[batch.inverse]
 
 
-def micro_batch_loss(embedder, batch: MicroBatch, loss_fn: Callable, *, tau: float, negatives: str) -> torch.Tensor:
-    """The InfoNCE loss (a float32 device scalar) of one micro-batch: B queries against the
-    positives and ``k`` hard negatives per query."""
-    emb = embed(embedder, batch)
+def embedding_loss(emb: torch.Tensor, batch: MicroBatch, loss_fn: Callable, *, tau: float,
+                   negatives: str) -> torch.Tensor:
+    """The InfoNCE loss (a float32 device scalar) of a micro-batch's embeddings ``emb`` (as
+    :func:`embed` orders them): B queries against the positives and ``k`` hard negatives per query."""
     b, k = batch.queries, batch.k
     neg = emb[2 * b:].view(b, k, -1) if k else None
     return loss_fn(emb[:b], emb[b:2 * b], neg, tau=tau, negatives=negatives)
+
+
+def micro_batch_loss(embedder, batch: MicroBatch, loss_fn: Callable, *, tau: float, negatives: str) -> torch.Tensor:
+    """The InfoNCE loss (a float32 device scalar) of one micro-batch: B queries against the
+    positives and ``k`` hard negatives per query."""
+    return embedding_loss(embed(embedder, batch), batch, loss_fn, tau=tau, negatives=negatives)
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -70,13 +83,14 @@ def compiled_loss(embedder, cfg) -> Callable:
 
 @dataclass
 class StepOutcome:
-    """What a step leaves on the device: the mean micro-batch loss and whether it was finite (the
-    update was skipped when not)."""
+    """What a step leaves on the device: the mean micro-batch loss (averaged over the ranks) and
+    whether it was finite on every rank (the update was skipped when not); the examples of the
+    whole job and its real tokens (a host int in one process, a device scalar with several)."""
 
     loss: torch.Tensor
     finite: torch.Tensor
     examples: int
-    tokens: int
+    tokens: object
 
 
 class TrainStep:
@@ -90,17 +104,33 @@ class TrainStep:
         max_grad_norm: gradient clipping (0: none).
         precision: the run's :class:`~mgh_train.precision.Precision` (float16's gradient scaler).
         loss_wrapper: replaces ``micro_batch_loss`` (``torch.compile`` of it, for ``--compile``).
+        engine: the :mod:`mgh_train.distributed` engine (default: one process).
+        gradcache: run each micro-batch as GradCache (its buckets are the chunks).
     """
 
     def __init__(self, embedder, optimizer: torch.optim.Optimizer, loss_fn: Callable, *, tau: float, negatives: str,
                  max_grad_norm: float, precision: Precision, scaler: Optional["torch.amp.GradScaler"] = None,
-                 loss_wrapper: Optional[Callable] = None):
+                 loss_wrapper: Optional[Callable] = None, engine: Optional[Single] = None, gradcache: bool = False):
         self.embedder, self.optimizer, self.loss_fn = embedder, optimizer, loss_fn
         self.tau, self.negatives, self.max_grad_norm = tau, negatives, max_grad_norm
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = scaler
         self.skips_on_device = bool(optimizer.defaults.get("fused"))
         self.loss_of = loss_wrapper or micro_batch_loss
+        self.engine = engine if engine is not None else Single(Ranks())
+        self.gradcache = gradcache
+
+    def backward(self, output: torch.Tensor, grad: Optional[torch.Tensor] = None, *, sync: bool) -> None:
+        """Back-propagate ``output`` (a loss, scaled by float16's gradient scaler; or embeddings with
+        their cached ``grad``); ``sync``: the step's last backward, which syncs the gradients."""
+        if grad is None and self.scaler is not None:
+            output = self.scaler.scale(output)
+        with self.engine.gradient_sync(sync):
+            torch.autograd.backward(output, grad)
+
+    def loss_on(self, emb: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+        """The loss of a micro-batch's embeddings (GradCache's cached ones)."""
+        return embedding_loss(emb, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
 
     def __call__(self, batches: Sequence[MicroBatch]) -> StepOutcome:
         with trusted_inputs():  # the collate built the masks on the host: no value checks that sync
@@ -109,14 +139,22 @@ class TrainStep:
     def _step(self, batches: Sequence[MicroBatch]) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
         total = None
-        for batch in batches:
-            loss = self.loss_of(self.embedder, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
-            scaled = loss / len(batches) if len(batches) > 1 else loss
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            if self.gradcache:
+                loss = gradcache_step(self.embedder, batch, self.loss_on, scale=1 / len(batches),
+                                      backward=self.backward, last=last)
+                scaled = loss / len(batches)
+            else:
+                loss = self.loss_of(self.embedder, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
+                scaled = loss / len(batches) if len(batches) > 1 else loss
+                self.backward(scaled, sync=last)
             total = scaled.detach() if total is None else total + scaled.detach()
-        finite = torch.isfinite(total)
+        self.engine.finish_gradients()
+        examples = sum(b.queries for b in batches) * self.engine.ranks.world
+        total, finite, tokens = self.engine.reduce(total, torch.isfinite(total), sum(b.tokens for b in batches))
         if not self.skips_on_device and not bool(finite):  # no device-side skip: check here (a sync)
-            return StepOutcome(total, finite, sum(b.queries for b in batches), sum(b.tokens for b in batches))
+            return StepOutcome(total, finite, examples, tokens)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.max_grad_norm > 0:
@@ -128,7 +166,8 @@ class TrainStep:
             if self.skips_on_device:
                 self.optimizer.found_inf = (~finite).float()  # fused AdamW skips the update where 1
             self.optimizer.step()
-        return StepOutcome(total, finite, sum(b.queries for b in batches), sum(b.tokens for b in batches))
+        return StepOutcome(total, finite, examples, tokens)
 
 
-__all__ = ["StepOutcome", "TrainStep", "compiled_loss", "embed", "make_optimizer", "micro_batch_loss"]
+__all__ = ["StepOutcome", "TrainStep", "compiled_loss", "embed", "embedding_loss", "make_optimizer",
+           "micro_batch_loss"]

@@ -4,12 +4,16 @@
     from mgh_train.trainer import train
     result = train(TrainConfig(steps=100, output="runs/x"))
 
-Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples (no text twice in
-a micro-batch); a micro-batch's queries are scored against its positives and its hard negatives
-(the negative of the current curriculum stage, or all four under ``schedule="all"``). In-batch
-negatives come from the micro-batch only. The micro-batches come from a DataLoader
-(:mod:`mgh_train.batches`), the step is :class:`mgh_train.step.TrainStep`, and nothing in the loop
-reads a device value except at logging steps (:mod:`mgh_train.metrics`).
+Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples per process (no
+text twice in a micro-batch); a micro-batch's queries are scored against its positives and its
+hard negatives (the negative of the current curriculum stage, or all four under
+``schedule="all"``). In-batch negatives come from the micro-batch only: with W processes (torchrun)
+the global micro-batch of W x ``batch_size`` examples, every rank's candidates gathered for every
+query, so a W-process run trains as one process with W times the batch. The micro-batches come
+from a DataLoader (:mod:`mgh_train.batches`), the step is :class:`mgh_train.step.TrainStep`
+(GradCache with ``chunk_size``: :mod:`mgh_train.gradcache`), the process group and the engines are
+:mod:`mgh_train.distributed`, and nothing in the loop reads a device value except at logging
+steps (:mod:`mgh_train.metrics`).
 
 A run folder holds ``metrics.jsonl`` (one row per step, written at each logging step), ``checkpoints/step-N/``
 (trainable weights, optimizer, scheduler, sampler position and every RNG state, so ``--resume``
@@ -34,12 +38,15 @@ import torch
 
 from mgh_kernels import infonce_loss, reference
 
-from .batches import Collate, MicroBatchPlanner, instruction_of, micro_batch_loader
-from .checkpoints import load_trainable, plan_run, restore_schedule, save_checkpoint, set_rng_state
-from .checks import check_base_model, check_device
+from . import distributed
+from .batches import Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
+from .checkpoints import (load_weights_and_optimizer, plan_run, rank_rng_state, restore_schedule, save_checkpoint,
+                          set_rng_state)
+from .checks import check_base_model
 from .config import TrainConfig
 from .data import Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs
 from .diagnose import first_non_finite
+from .distributed import Ranks
 from .metrics import RunLog
 from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
 from .precision import Precision, resolve
@@ -204,28 +211,63 @@ def load_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
 
 def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callable[[str], None] = print,
           report_accuracy: bool = True) -> TrainResult:
-    """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models)."""
-    cfg.validate()
-    resolve_trackers(cfg.report_to)  # a tracker asked for but not installed stops the run here
-    output = Path(cfg.output)
-    device = check_device(cfg.device)
-    precision = resolve(device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
-    if embedder is None:
-        check_base_model(cfg.model, cfg.gguf_file)
-    plan = plan_run(cfg, log)  # the run folder and the checkpoint, before anything heavy
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    train_set, held = load_training_data(cfg, log)
-    if len(train_set) < cfg.batch_size:
-        raise ValueError(f"batch_size: {cfg.batch_size} is more than the {len(train_set)} training examples")
-    data_fingerprint = fingerprint(train_set)
-    plan.check_data(data_fingerprint, log)
-    log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
-    log(f"precision: {precision.describe()}")
+    """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models).
 
-    if embedder is None:
-        log(f"model: loading {cfg.model} ...")
-        embedder = load_embedder(cfg, precision)
+    Under torchrun (any launcher that sets ``RANK``, ``WORLD_SIZE``, ...) every process runs this
+    and they train one model data-parallel (:mod:`mgh_train.distributed`); only rank 0 logs."""
+    cfg.validate()
+    ranks = distributed.setup(cfg.device, log)
+    try:
+        return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy)
+    finally:
+        ranks.close()
+
+
+@dataclass
+class Prepared:
+    """What a run checked and loaded before any collective (:func:`prepare`)."""
+
+    precision: Precision
+    plan: object  # mgh_train.checkpoints.RunPlan
+    train_set: list
+    held: list
+    data_fingerprint: str
+    embedder: Embedder
+    gather: bool
+
+
+def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None]) -> Prepared:
+    """Check the options, the output folder, the checkpoint and the data, then load the model: a
+    ValueError on any rank is raised on every rank; then the ranks check that they agree."""
+    with ranks.same_outcome():  # no collective inside: what one rank refuses, every rank refuses
+        resolve_trackers(cfg.report_to)  # a tracker asked for but not installed stops the run here
+        gather = check_scale_options(cfg, ranks)
+        precision = resolve(ranks.device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
+        if embedder is None:
+            check_base_model(cfg.model, cfg.gguf_file)
+        plan = plan_run(cfg, log, ranks.world)  # the run folder and the checkpoint, before anything heavy
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        train_set, held = load_training_data(cfg, log)
+        if len(train_set) < cfg.batch_size * ranks.world:
+            raise ValueError(f"batch_size: {cfg.batch_size}{_times(ranks)} is more than the {len(train_set)} "
+                             "training examples")
+        data_fingerprint = fingerprint(train_set)
+        plan.check_data(data_fingerprint, log)
+        log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
+        log(f"precision: {precision.describe()}")
+        if embedder is None:
+            log(f"model: loading {cfg.model} ...")
+            embedder = load_embedder(cfg, precision)
+    ranks.agree(run_facts(cfg, data_fingerprint, embedder))  # K and D follow from these
+    return Prepared(precision, plan, train_set, held, data_fingerprint, embedder, gather)
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None],
+           report_accuracy: bool) -> TrainResult:
+    output, device = Path(cfg.output), ranks.device
+    run = prepare(cfg, ranks, embedder, log)
+    embedder, precision, held = run.embedder, run.precision, run.held
     embedder.to(device)
     embedder.set_precision(precision)
     scaler = precision.grad_scaler()
@@ -234,51 +276,47 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         raise ValueError("lora_r: the model has no trainable parameters (set lora_r > 0)")
     log(f"model: {sum(p.numel() for p in params):,} trainable parameters, pooling {embedder.config.pooling}, "
         f"{'bidirectional' if embedder.config.bidirectional else 'causal'}, loss {cfg.loss}, device {device}")
+    if ranks.distributed:
+        log(f"world: {ranks.world} processes, --parallel {cfg.parallel or 'replicate'}, global batch "
+            f"{cfg.batch_size * ranks.world} ({cfg.batch_size} per process), candidates "
+            f"{'gathered from every process' if run.gather else 'of each process alone'}")
 
     result = TrainResult(output=output, model_path=None)
-    if report_accuracy and held:
+    if report_accuracy and held and ranks.main:  # the whole model is on every rank until the engine
         result.accuracy_before = retrieval_accuracy(embedder, held)
         log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
             f"MRR {result.accuracy_before['mrr']:.3f} ({len(held)} queries)")
 
-    optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine = distributed.make_engine(cfg.parallel, ranks, embedder, precision)
+    optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
+                               lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
-    batcher = NoDuplicatesBatcher(train_set, cfg.batch_size, seed=cfg.seed)
-    rng = random.Random(cfg.seed)
+    batcher = NoDuplicatesBatcher(run.train_set, cfg.batch_size * ranks.world, seed=cfg.seed)  # the global batch
+    rng = random.Random(cfg.seed)  # the negatives': the same draws on every rank
+    if ranks.rank:
+        torch.manual_seed(cfg.seed + ranks.rank)  # dropout differs between ranks (the weights do not)
     start = 0
-    if plan.checkpoint is not None:
-        checkpoint, state = plan.checkpoint, plan.checkpoint.state
-        load_trainable(embedder, checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if {"lr", "warmup", "steps"} & set(plan.changed):
-            restore_schedule(optimizer, scheduler, cfg.lr, _lr_lambda(cfg.steps, warmup))
-        batcher.load_state_dict(state["sampler"])
-        rng.setstate(state["negatives_rng"])
-        set_rng_state(state["rng"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = checkpoint.step
-        log(f"resume: continuing after step {start} from {checkpoint.path}")
+    if run.plan.checkpoint is not None:
+        start = resume(run.plan.checkpoint, cfg, ranks, engine, embedder=embedder, optimizer=optimizer,
+                       scheduler=scheduler, batcher=batcher, rng=rng, scaler=scaler, changed=run.plan.changed,
+                       warmup=warmup, log=log)
     result.start_step = start
-    plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
+    if ranks.main:
+        run.plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
+    ranks.barrier()
 
-    loss_fn = infonce_loss if cfg.loss == "fused" else reference.infonce
-    planner = MicroBatchPlanner(train_set, batcher, rng, schedule=cfg.schedule, steps=cfg.steps,
-                                stage_steps=cfg.stage_steps, grad_accum=cfg.grad_accum, start_step=start)
-    workers = cfg.workers if cfg.workers is not None else (2 if device.type == "cuda" else 1)
-    collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
-                      max_buckets=cfg.max_buckets)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
-    loader = micro_batch_loader(planner, collate, workers=workers, pin_memory=device.type == "cuda")
+    loss_fn = (gathered_infonce if run.gather else infonce_loss) if cfg.loss == "fused" else reference.infonce
     train_step = TrainStep(embedder, optimizer, loss_fn, tau=cfg.tau, negatives=cfg.negatives,
                            max_grad_norm=cfg.max_grad_norm, precision=precision, scaler=scaler,
-                           loss_wrapper=compiled_loss(embedder, cfg) if cfg.compile else None)
-    run_log = RunLog(output / "metrics.jsonl", start, open_trackers(cfg.report_to, output, cfg.to_dict()))
-    profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile else None
+                           loss_wrapper=compiled_loss(embedder, cfg) if cfg.compile else None,
+                           engine=engine, gradcache=cfg.gradcache)
+    loader = micro_batch_loader_for(cfg, run.train_set, batcher, rng, embedder, engine, start)
+    run_log = RunLog(output / "metrics.jsonl" if ranks.main else None, start,
+                     open_trackers(cfg.report_to, output, cfg.to_dict()) if ranks.main else None)
+    profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile and ranks.main else None
     bar = None
-    if cfg.progress:
+    if cfg.progress and ranks.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -303,11 +341,13 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
             if (step + 1) % cfg.log_every == 0 or done or evaluate or save:
                 extra = None
                 if evaluate:
-                    extra = {"stsb_dev_spearman": sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit)}
+                    spearman_now = evaluated(engine, lambda: sts_dev_spearman(embedder, cfg.eval_data_dir,
+                                                                              cfg.eval_limit))
+                    extra = {"stsb_dev_spearman": spearman_now} if ranks.main else None
                     embedder.train()
                 rows, bad = run_log.flush(extra)
-                if bad is not None:
-                    raise _non_finite(embedder, bad.step, bad.plans, last_checkpoint)
+                if bad is not None:  # the same step on every rank: the flag was reduced over them
+                    raise _non_finite(embedder, engine, bad.step, bad.plans, last_checkpoint)
                 result.losses += [row["loss"] for row in rows]
                 if bar is not None:
                     bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", stage=rows[-1]["stage"],
@@ -315,7 +355,8 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
             if save:
                 last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
                                                   scheduler=scheduler, sampler=last_state, cfg=cfg, scaler=scaler,
-                                                  data_fingerprint=data_fingerprint)
+                                                  data_fingerprint=run.data_fingerprint, ranks=ranks,
+                                                  sharded=engine.sharded)
     finally:
         del micro_batches  # stops the loader's workers
         if profiler is not None:
@@ -326,27 +367,134 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
 
     embedder.eval()
     if cfg.eval_data_dir:
-        result.sts_spearman = sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit)
-        log(f"STS-B dev Spearman: {result.sts_spearman:.2f}")
-        with (output / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps({"step": cfg.steps, "final_stsb_dev_spearman": result.sts_spearman}) + "\n")
+        result.sts_spearman = evaluated(engine, lambda: sts_dev_spearman(embedder, cfg.eval_data_dir, cfg.eval_limit))
+        if ranks.main:
+            log(f"STS-B dev Spearman: {result.sts_spearman:.2f}")
+            with (output / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": cfg.steps, "final_stsb_dev_spearman": result.sts_spearman}) + "\n")
     if report_accuracy and held:
-        result.accuracy_after = retrieval_accuracy(embedder, held)
-        log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
-            f"MRR {result.accuracy_after['mrr']:.3f}")
-    result.model_path = embedder.save(output / "model", training=cfg.to_dict())
+        result.accuracy_after = evaluated(engine, lambda: retrieval_accuracy(embedder, held))
+        if ranks.main:
+            log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
+                f"MRR {result.accuracy_after['mrr']:.3f}")
+    result.model_path = save_model(embedder, engine, output / "model", training=cfg.to_dict())
     log(f"model saved to {result.model_path}")
     return result
 
 
-def _non_finite(embedder: Embedder, step: int, plans: list, last_checkpoint) -> "NonFiniteTraining":
+# --------------------------------------------------------------------------------------------
+# the loop's helpers: scale, resume, evaluation, the final model
+# --------------------------------------------------------------------------------------------
+
+
+def gathered_infonce(q, pos, neg=None, *, tau: float, negatives: str):
+    """``infonce_loss`` with every rank's positives and negatives as candidates (``gather=True``)."""
+    return infonce_loss(q, pos, neg, tau=tau, negatives=negatives, gather=True)
+
+
+def micro_batch_loader_for(cfg: TrainConfig, train_set: list, batcher, rng, embedder: Embedder, engine,
+                           start: int):
+    """The DataLoader of this rank's micro-batches from step ``start``: the global plan (sampler,
+    stage, negatives) cut to its slice, tokenized in ``--workers`` processes."""
+    ranks = engine.ranks
+    planner = MicroBatchPlanner(train_set, batcher, rng, schedule=cfg.schedule, steps=cfg.steps,
+                                stage_steps=cfg.stage_steps, grad_accum=cfg.grad_accum, start_step=start)
+    workers = cfg.workers if cfg.workers is not None else (2 if ranks.device.type == "cuda" else 1)
+    collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
+                      max_buckets=cfg.max_buckets, chunk_size=cfg.chunk_size, chunk_tokens=cfg.chunk_tokens,
+                      one_forward=engine.collective_forward)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
+    return micro_batch_loader(RankPlans(planner, ranks.rank, ranks.world), collate, workers=workers,
+                              pin_memory=ranks.device.type == "cuda")
+
+
+def check_scale_options(cfg: TrainConfig, ranks: Ranks) -> bool:
+    """Refuse what cannot run at this world size (ValueError naming the option); whether the loss
+    gathers candidates across the ranks (``--gather``, on by default with several)."""
+    if not ranks.distributed:
+        return False
+    if cfg.gather and cfg.negatives != "global":
+        raise ValueError("gather: candidates are gathered from every process only with --negatives global "
+                         "(own candidates are per query)")
+    gather = cfg.gather is not False and cfg.negatives == "global"
+    if gather and cfg.loss != "fused":
+        raise ValueError("loss: the eager reference loss has no cross-process gather; use --loss fused, or "
+                         "--no-gather (each process's queries then score its own batch only)")
+    if cfg.parallel == "fsdp" and cfg.chunk_tokens:
+        raise ValueError("chunk_tokens: under --parallel fsdp every forward is collective, so every process must run "
+                         "as many: bound GradCache's chunks by --chunk-size only")
+    if cfg.parallel == "fsdp" and cfg.fp16:
+        raise ValueError("fp16: --parallel fsdp runs in bfloat16 (its MixedPrecisionPolicy); float16's gradient "
+                         "scaler is not sharded here: use --bf16 or --parallel replicate")
+    return gather
+
+
+def run_facts(cfg: TrainConfig, data_fingerprint: str, embedder: Embedder) -> dict:
+    """What every rank must agree on: the options, the training examples, the embedding dimension D
+    and the trainable weights. The hard negatives per query K follow from the options and the
+    examples (the plan is global), so ranks agreeing on these agree on K."""
+    facts = {f"option {name}": value for name, value in cfg.to_dict().items() if name not in ("device",)}
+    facts["the training examples (fingerprint)"] = data_fingerprint
+    facts["the embedding dimension D"] = getattr(embedder.model.config, "hidden_size", None)
+    facts["the trainable weights"] = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
+    return facts
+
+
+def resume(checkpoint, cfg: TrainConfig, ranks: Ranks, engine, *, embedder, optimizer, scheduler, batcher, rng,
+           scaler, changed: list, warmup: int, log: Callable[[str], None]) -> int:
+    """Restore a checkpoint's weights, optimizer, schedule, sampler and RNG states; its step."""
+    state = checkpoint.state
+    load_weights_and_optimizer(embedder, optimizer, checkpoint, sharded=engine.sharded)
+    scheduler.load_state_dict(state["scheduler"])
+    if {"lr", "warmup", "steps"} & set(changed):
+        restore_schedule(optimizer, scheduler, cfg.lr, _lr_lambda(cfg.steps, warmup))
+    batcher.load_state_dict(state["sampler"])
+    rng.setstate(state["negatives_rng"])
+    own = rank_rng_state(checkpoint, ranks.rank, ranks.world)
+    if own is not None:
+        set_rng_state(own)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    log(f"resume: continuing after step {checkpoint.step} from {checkpoint.path}")
+    return checkpoint.step
+
+
+def evaluated(engine, evaluate: Callable):
+    """``evaluate()`` on rank 0 (its value; None elsewhere), or on every rank where each forward
+    needs them all (FSDP2), its value kept on rank 0 only."""
+    ranks = engine.ranks
+    if ranks.main or engine.collective_forward:
+        value = evaluate()
+        return value if ranks.main else None
+    return None
+
+
+def save_model(embedder: Embedder, engine, path: Path, *, training: dict) -> Optional[Path]:
+    """Rank 0 writes ``model/`` (FSDP2's shards gathered to it first: every rank calls this); the
+    path on rank 0, None elsewhere."""
+    ranks = engine.ranks
+    state = None
+    if engine.sharded:  # the whole weights on rank 0's CPU (the base too where it is not named)
+        state = distributed.full_state(embedder, trainable_only=embedder.config.base_model is not None)
+    saved = embedder.save(path, training=training, state_dict=state) if ranks.main else None
+    ranks.barrier()
+    return saved
+
+
+def _times(ranks: Ranks) -> str:
+    return f" x {ranks.world} processes" if ranks.distributed else ""
+
+
+def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpoint) -> "NonFiniteTraining":
     """The error that stops a run at ``step``, whose micro-batches (``plans``) gave a non-finite loss
     (named as non-finite activations where ATA's column sums are): its update never reached the
-    weights (skipped on the device, or never made)."""
-    examples = [e for plan in plans for e in plan.examples]
+    weights (skipped on the device, or never made). Every rank diagnoses the whole global
+    micro-batch, so every rank stops with the same message."""
+    examples = [e for plan in plans for e in plan.all_examples]
     texts, instructions = [e.query for e in examples], [instruction_of(e) for e in examples]
-    culprit = first_non_finite(embedder, texts, instructions, context=embedder.autocast)
-    cause = _non_finite_colsum(embedder, texts, instructions)
+    context = lambda: engine.whole_forward(embedder.autocast())  # noqa: E731 - FSDP2's root unsharded too
+    culprit = first_non_finite(embedder, texts, instructions, context=context)
+    cause = _non_finite_colsum(embedder, texts, instructions, context)
     what = f"the model's activations are not finite ({cause})" if cause else "the loss is not finite"
     where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
     return NonFiniteTraining(
@@ -355,13 +503,14 @@ def _non_finite(embedder: Embedder, step: int, plans: list, last_checkpoint) -> 
 
 
 @torch.no_grad()
-def _non_finite_colsum(embedder: Embedder, texts: list, instructions: list) -> Optional[str]:
+def _non_finite_colsum(embedder: Embedder, texts: list, instructions: list, context: Callable) -> Optional[str]:
     """Under ATA, what is wrong when the fused layer's column sums of ``texts`` are not finite (the
-    pooling weights, and so every embedding, are then NaN); None otherwise."""
+    pooling weights, and so every embedding, are then NaN); None otherwise. ``context()``: the
+    context the model's forward runs in."""
     if embedder.capture is None:
         return None
     features = {k: v.to(embedder.device) for k, v in embedder.tokenize(texts, instruction=instructions).items()}
-    with embedder.autocast():
+    with context():
         _, colsum = embedder.token_states(features)
     if colsum is None or bool(torch.isfinite(colsum[features["attention_mask"].bool()]).all()):
         return None
