@@ -202,5 +202,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with use_backend("torch"):  # the PyTorch path, as a user's CPU run (the interpreter is slow)
-        main()
+    main()
