@@ -1,10 +1,13 @@
 """Project-wide pytest options.
 
-``pytest --benchmark`` runs the pytest-benchmark suites in benchmarks/ (and nothing else); plain
-``pytest`` runs tests/ only.
+``pytest --benchmark`` runs the pytest-benchmark suites in benchmarks/ (and nothing else), in one
+process; plain ``pytest`` runs tests/ only, spread over worker processes (pytest-xdist's ``-n``,
+set in pyproject.toml; ``-n 0`` runs them in this process).
 """
 
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -26,3 +29,11 @@ def pytest_ignore_collect(collection_path, config):
     if path == other or other in path.parents:
         return True
     return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Benchmarks time one call at a time: no worker processes beside them."""
+    if config.getoption("benchmark") and hasattr(config.option, "numprocesses"):
+        config.option.numprocesses = 0
+        config.option.dist = "no"

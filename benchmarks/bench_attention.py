@@ -7,8 +7,8 @@ and holds these entries, all on the same inputs:
 * ``ata_attention (out + colsum)``, role "ours": our op as users call it, output and per-key
   column sums (on MHA shapes its forward is cuDNN's flash pass then our column-sum pass);
 * ``... Triton flash pass`` (every shape) and, on shapes with L <= 512, ``... one-sweep forward``,
-  role "other": the same op with each of our own forwards forced (``attention.FLASH_PASS`` and
-  ``attention.SHORT_MAX_LENGTH``), to choose the defaults by measurement;
+  role "other": the same op with each of our own forwards forced (``attention.cudnn.FLASH_PASS``
+  and ``attention.tiles.SHORT_MAX_LENGTH``), to choose the defaults by measurement;
 * ``SDPA cuDNN backend (out only)``, role "fused": the baseline;
 * ``SDPA flash backend (out only)`` and, when flash-attn is installed, ``flash_attn_func``,
   role "other" (shown for scale);
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mgh_kernels import ata_attention, attention, reference
+from mgh_kernels import ata_attention, reference
+from mgh_kernels.attention import cudnn, tiles
 
 try:
     import flash_attn
@@ -148,18 +149,18 @@ def timed_call(attend, inputs, causal: bool, backward: bool):
 
 @contextlib.contextmanager
 def forced_triton_forward(short_limit: int):
-    """Our own forwards only inside the block: ``attention.FLASH_PASS`` "triton" and
-    ``attention.SHORT_MAX_LENGTH``'s half-precision limits (causal and bidirectional) at
+    """Our own forwards only inside the block: ``cudnn.FLASH_PASS`` "triton" and
+    ``tiles.SHORT_MAX_LENGTH``'s half-precision limits (causal and bidirectional) at
     ``short_limit`` (0: the Triton flash pass then the column-sum pass; 512: the one sweep)."""
     keys = ("half", "half-bidirectional")
-    saved_limits, saved_pass = {key: attention.SHORT_MAX_LENGTH[key] for key in keys}, attention.FLASH_PASS
-    attention.SHORT_MAX_LENGTH.update(dict.fromkeys(keys, short_limit))
-    attention.FLASH_PASS = "triton"
+    saved_limits, saved_pass = {key: tiles.SHORT_MAX_LENGTH[key] for key in keys}, cudnn.FLASH_PASS
+    tiles.SHORT_MAX_LENGTH.update(dict.fromkeys(keys, short_limit))
+    cudnn.FLASH_PASS = "triton"
     try:
         yield
     finally:
-        attention.SHORT_MAX_LENGTH.update(saved_limits)
-        attention.FLASH_PASS = saved_pass
+        tiles.SHORT_MAX_LENGTH.update(saved_limits)
+        cudnn.FLASH_PASS = saved_pass
 
 
 def skip_if_rejected(fn, name: str) -> None:

@@ -24,7 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgh_kernels import infonce, infonce_loss  # noqa: E402
+from mgh_kernels import infonce_loss  # noqa: E402
+from mgh_kernels.infonce import planner  # noqa: E402
 
 SHAPES = [(16384, 3, 4096), (4096, 7, 4096), (4096, 3, 1024)]
 
@@ -69,7 +70,7 @@ def profile_shape(shape, steps, device):
             step()
         sync()
         wall = (time.perf_counter() - start) / steps
-    plan = infonce._backward_plan(batch, batch * (1 + k), dim, q.element_size())
+    plan = planner.backward_plan(batch, batch * (1 + k), dim, q.element_size())
     per_kernel, launches = defaultdict(float), defaultdict(int)
     if device.type == "cuda":
         for event in prof.events():

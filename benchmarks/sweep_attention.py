@@ -6,16 +6,17 @@ For each shape of ``bench_attention.py`` (bf16) and each candidate tile set, tim
 alone with ``triton.testing.do_bench`` (median of its repeats), beside SDPA's cuDNN forward (and
 forward+backward for the backward), all in this one process on one GPU:
 
-* ``fwd``: ``_fwd_kernel`` (output and log-sum-exp, no column sums);
-* ``colsum``: ``_colsum_kernel`` (the column-sum pass, from that log-sum-exp);
-* ``bwd``: the three backward kernels together (``_backward`` with one tile set), with a
-  column-sum gradient.
+* ``fwd``: the flash pass (``attention.forward.flash_forward``: output and log-sum-exp, no column
+  sums);
+* ``colsum``: the column-sum pass (``attention.colsum.column_sums``, from that log-sum-exp);
+* ``bwd``: the three backward kernels together (``attention.backward.backward`` with one tile set),
+  with a column-sum gradient.
 
 Each variant's result is checked against the default tiles' (a broken tile set fails loudly, not
 fast). Triton compiles every variant first in ``--workers`` processes (into its on-disk cache), so
 the timed process only loads them. Prints one line per variant and the best per kernel and shape.
-This chooses ``attention._config``'s tiles; ``bench_attention.py`` then measures the op as users
-call it.
+This chooses the tiles of ``mgh_kernels.attention.tiles``; ``bench_attention.py`` then measures
+the op as users call it.
 """
 
 from __future__ import annotations
@@ -32,22 +33,19 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgh_kernels import attention  # noqa: E402
+from mgh_kernels.attention import backward, colsum, forward  # noqa: E402
 
 SHAPES = [(32, 32, 512, 128), (8, 32, 2048, 128), (2, 32, 8192, 128), (32, 32, 512, 64)]  # B, H, L, D
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, FMA_EXP]); the first of each list is the default
-# (attention._config, _colsum_config, _bwd_config for bf16). The first sweep's figures are in RESULTS.md.
+# (tiles.flash_tiles, colsum_tiles, backward_tiles for bf16). Earlier sweeps' figures are in RESULTS.md.
 FWD = {
     128: [(64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2)],
 }
-# The column-sum pass: the first sweep found (64, 128, 4, 2) at D=128 and (64, 64, 4, 3) at D=64
-# 1.2-2x faster than the forward's tiles; its other variants then (128x64 and 128x128 with 8 warps,
-# 64x64 at D=128) were slower and are not re-timed. New, not yet timed (CPU session, static reasons
-# in RESULTS.md): a third stage; 256 keys per program (8 warps), which halves the queries each
-# program streams from L2; and FMA_EXP=4 or 2, a quarter or half of the exponentials by a polynomial
-# on the FMA units (attention._exp2_shared).
+# The column-sum pass: besides the default, a third stage; 256 keys per program (8 warps), which
+# halves the queries each program streams from L2; and FMA_EXP=4 or 2, a quarter or half of the
+# exponentials by a polynomial on the FMA units (attention.poly_exp2). Why these: RESULTS.md.
 COLSUM = {
     128: [(64, 128, 4, 2), (64, 128, 4, 3), (64, 256, 8, 2), (64, 256, 8, 3), (64, 128, 4, 2, 4),
           (64, 128, 4, 3, 4), (64, 256, 8, 2, 4), (64, 128, 4, 2, 2)],
@@ -86,11 +84,11 @@ def kernel_call(kind, shape, causal, variant):
     scale = dim**-0.5
     cfg = tiles(variant, dim, kind)
     if kind == "fwd":
-        return lambda: attention._launch_fwd(q, k, v, None, causal, scale, cfg)
-    out, lse = attention._launch_fwd(q, k, v, None, causal, scale, tiles(FWD[dim][0], dim))
+        return lambda: forward.flash_forward(q, k, v, None, causal, scale, cfg)
+    out, lse = forward.flash_forward(q, k, v, None, causal, scale, tiles(FWD[dim][0], dim))
     if kind == "colsum":
-        return lambda: (attention._launch_colsum(q, k, None, lse, causal, scale, cfg),)
-    return lambda: attention._backward(q, k, v, out, lse, None, dout, dc, causal, scale, cfg=cfg)
+        return lambda: (colsum.column_sums(q, k, None, lse, causal, scale, cfg),)
+    return lambda: backward.backward(q, k, v, out, lse, None, dout, dc, causal, scale, cfg)
 
 
 def run_variant(kind, shape, causal, variant):

@@ -8,16 +8,16 @@ of D) plus its own element-wise work, so each is timed against cuBLAS computing 
 products (``torch.mm`` into bf16), all in this one process on one GPU, for the shapes of
 ``bench_infonce.py`` where the kernels dominate (bf16):
 
-* ``fwd``: ``infonce._global_forward`` (``_global_fwd_kernel`` over all B(1+K) candidates and the
-  combination of its per-split statistics); baseline ``q @ [pos; neg]^T``;
-* ``dlogits``: ``infonce._logit_grads`` (``_global_dlogits_kernel``) for one 4096-column chunk of
-  negatives, as the backward's column sweep runs it; baseline ``q @ chunk^T``.
+* ``fwd``: ``infonce.forward.global_forward`` (``_global_fwd_kernel`` over all B(1+K) candidates and
+  the combination of its per-split statistics); baseline ``q @ [pos; neg]^T``;
+* ``dlogits``: ``infonce.backward.logit_gradients`` (``_global_dlogits_kernel``) for one 4096-column
+  chunk of negatives, as the backward's column sweep runs it; baseline ``q @ chunk^T``.
 
 Each line gives the variant's time, its TFLOP/s and its ratio to cuBLAS; each variant's result is
 checked against the default tiles' (a broken tile set fails loudly, not fast). Triton compiles
 every variant first in ``--workers`` processes (into its on-disk cache), so the timed process only
-loads them. This chooses ``infonce._config``'s tiles; ``bench_infonce.py`` then measures the loss
-as users call it.
+loads them. This chooses ``mgh_kernels.infonce.tiles.kernel_tiles``; ``bench_infonce.py`` then
+measures the loss as users call it.
 """
 
 from __future__ import annotations
@@ -34,20 +34,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgh_kernels import infonce  # noqa: E402
+from mgh_kernels.infonce import backward, forward, tiles as infonce_tiles  # noqa: E402
 
 SHAPES = [(16384, 3, 4096), (16384, 3, 1024), (4096, 7, 4096), (4096, 7, 1024)]  # B, K, D
 SMOKE_SHAPES = [(40, 3, 48)]
 TAU = 0.05
 CHUNK = 4096  # candidate columns of the dlogits chunk (the backward's accumulating mode uses 4096)
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, overrides of other _config entries]); the
-# first of each list is infonce._config's bf16 default. The forward's default became 128 x 128
-# without a GPU (static reasons in infonce._config); 128 x 64, the earlier default, is the second
-# entry. The overrides undo or vary the L2 locality of the program order: for the forward,
-# cache_bytes=2**40 leaves only the occupancy rule in _candidate_splits (3 splits at B16384, as
-# before the locality rule); for the logit gradients, GROUP_M=65536 makes one group of all query
-# blocks (the row-block-fastest order of the grid before the swizzle).
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, overrides of other kernel_tiles entries]);
+# the first of each list is tiles.kernel_tiles's bf16 default, the second the forward's 128 x 64
+# (RESULTS.md says why both). The overrides vary the L2 locality of the program order: for the
+# forward, cache_bytes=2**40 leaves only the occupancy rule in planner.candidate_splits (3 splits at
+# B16384); for the logit gradients, GROUP_M=65536 makes one group of all query blocks (the
+# row-block-fastest order).
 NO_LOCALITY_FWD = {"cache_bytes": 1 << 40}
 ROW_ORDER = {"GROUP_M": 65536}
 FWD = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 8, 3, NO_LOCALITY_FWD),
@@ -63,8 +62,8 @@ SMOKE_TILES = [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1), (16, 16, 16, 4, 1, {"GROU
 
 
 def tiles(variant: tuple, kind: str, dim: int, device: torch.device) -> dict:
-    """``infonce._config``'s dict with ``variant``'s tiles for ``kind``'s kernel."""
-    cfg = dict(infonce._config(device, dim, torch.bfloat16 if device.type == "cuda" else torch.float32))
+    """``tiles.kernel_tiles``'s dict with ``variant``'s tiles for ``kind``'s kernel."""
+    cfg = dict(infonce_tiles.kernel_tiles(device, dim, torch.bfloat16 if device.type == "cuda" else torch.float32))
     block_m, block_n, block_d, warps, stages = variant[:5]
     cfg.update(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     cfg.update(*variant[5:])
@@ -87,22 +86,22 @@ def kernel_call(kind, shape, variant, device, defaults):
     returning the tensors to compare, the cuBLAS baseline doing the same dot products, FLOPs)."""
     q, pos, neg = inputs(shape, device)
     batch, _, dim = shape
-    norms = infonce._config(device, dim, q.dtype)
-    rq, rp, rn = (infonce._row_norms(t, True, False, norms)[0] for t in (q, pos, neg))
+    norms = infonce_tiles.kernel_tiles(device, dim, q.dtype)
+    rq, rp, rn = (forward.row_norms(t, True, False, norms)[0] for t in (q, pos, neg))
     cfg = tiles(variant, kind, dim, device)
     if kind == "fwd":
         candidates = torch.cat([pos, neg])  # the baseline's one matrix (ours reads pos and neg where they are)
-        return (lambda: infonce._global_forward(q, pos, neg, rq, rp, rn, TAU, 0, cfg),
+        return (lambda: forward.global_forward(q, pos, neg, rq, rp, rn, TAU, 0, cfg),
                 lambda: torch.mm(q, candidates.t()), 2 * batch * candidates.shape[0] * dim)
-    lse, tail, _ = infonce._global_forward(q, pos, neg, rq, rp, rn, TAU, 0, tiles(defaults["fwd"], "fwd", dim, device))
+    lse, tail, _ = forward.global_forward(q, pos, neg, rq, rp, rn, TAU, 0, tiles(defaults["fwd"], "fwd", dim, device))
     w = torch.full((batch,), 1.0 / batch, device=device)
-    sigma = infonce._gradient_scale(w, rq, rp, rn, TAU)
+    sigma = backward.gradient_scale(w, rq, rp, rn, TAU)
     columns = min(CHUNK, neg.shape[0])
     chunk = neg[:columns]
     e = torch.empty(batch, columns, dtype=q.dtype, device=device)
 
     def call():
-        infonce._logit_grads(q, rq, lse, tail, w, sigma, neg, rn, 0, e, False, 0, TAU, cfg)
+        backward.logit_gradients(q, rq, lse, tail, w, sigma, neg, rn, 0, e, False, 0, TAU, cfg)
         return (e,)
 
     return call, lambda: torch.mm(q, chunk.t()), 2 * batch * columns * dim

@@ -1,34 +1,40 @@
-"""mgh_kernels: pooling and loss operations for LLM text embedders, with eager references.
+"""mgh_kernels: fused attention with column sums, fused InfoNCE, poolings and eager references for
+LLM text embedders.
 
 Public API::
 
-    from mgh_kernels import ata_attention  # fused attention + per-key column sums (Triton)
-    from mgh_kernels import enable_ata     # transformers integration: ATA without output_attentions
-    from mgh_kernels import infonce_loss, InfoNCELoss  # fused InfoNCE, never stores the logits
+    from mgh_kernels import ata_attention   # attention + per-key column sums, never L x L (Triton)
+    from mgh_kernels import infonce_loss, InfoNCELoss   # fused InfoNCE, never stores the logits
+    from mgh_kernels import enable_ata      # transformers integration: ATA without output_attentions
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
+    from mgh_kernels import ata_weights, NonFiniteError
     from mgh_kernels import trusted_inputs  # skip value checks that sync (the caller built the masks)
-    from mgh_kernels import reference   # eager ground truth: attention_with_colsum, ata_weights, infonce, ...
+    from mgh_kernels import use_backend     # force the PyTorch path, or refuse it
+    from mgh_kernels import reference       # eager oracles: attention_with_colsum, colsum_from_attentions, infonce
 
-This package never imports the trainer (``mgh_train``).
+Layout: ``attention/`` and ``infonce/`` (one package per fused op: kernels, tiles, registrations,
+PyTorch path), ``pooling.py``, ``transformers.py`` (model patching), ``reference.py``,
+``backend.py`` (which path runs), ``testing.py`` (poisoned outputs, recorded launches). Only the
+Triton kernel files import triton: without it (macOS, Windows) everything runs on the PyTorch
+paths. This package never imports the trainer (``mgh_train``).
 """
 
-from . import reference
+from . import backend, reference
+from ._validation import NonFiniteError, trusted_inputs
 from .attention import ata_attention
+from .backend import use_backend
 from .infonce import InfoNCELoss, infonce_loss
 from .pooling import (
-    ATA_ATTENTION,
     POOLING_METHODS,
-    ATACapture,
-    enable_ata,
     ata_pool,
+    ata_weights,
     first_token_pool,
     last_token_pool,
     mean_pool,
     pool,
     weighted_mean_pool,
 )
-from .reference import ata_weights
-from ._validation import trusted_inputs
+from .transformers import ATA_ATTENTION, ATACapture, enable_ata
 
 __version__ = "0.1.0"
 
@@ -36,6 +42,7 @@ __all__ = [
     "ATA_ATTENTION",
     "ATACapture",
     "InfoNCELoss",
+    "NonFiniteError",
     "POOLING_METHODS",
     "enable_ata",
     "ata_attention",
@@ -48,5 +55,6 @@ __all__ = [
     "pool",
     "reference",
     "trusted_inputs",
+    "use_backend",
     "weighted_mean_pool",
 ]

@@ -1,7 +1,9 @@
-"""Argument checks shared by every public function of ``mgh_kernels``.
+"""Argument checks shared by every public function of ``mgh_kernels``, and the errors they raise.
 
 Each check raises ``ValueError`` whose message starts with the argument's name and says what was
-expected and what was received, so a user can fix the call without reading our code.
+expected and what was received, so a user can fix the call without reading our code. Values are
+checked only where that needs no host synchronisation per call or is cheap beside the op (masks);
+NaN and infinity in the data are not looked for.
 """
 
 from __future__ import annotations
@@ -13,10 +15,26 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ._backend import cast_dtype
+from ._precision import cast_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class NonFiniteError(ValueError):
+    """Values that should be finite and positive are not: e.g. ``ata_weights`` got a row whose
+    column sums over its real tokens total no positive number (all zero, negative or NaN), which is
+    what NaN activations upstream produce. A ``ValueError`` whose message starts with the argument's
+    name, like every argument error of ``mgh_kernels``; catch this class to tell it from a mistake
+    in the call.
+
+    Example::
+
+        try:
+            weights = ata_weights(colsum, mask)
+        except NonFiniteError:
+            ...  # the model's activations went non-finite
+    """
 
 
 _trust = threading.local()
@@ -119,13 +137,22 @@ def check_mask(
             raise ValueError(f"{name}: expected only 0 and 1 values in an integer mask")
         mask = mask != 0
     if values and not allow_empty_rows and mask.numel():
-        empty = (~mask.any(dim=1)).nonzero().flatten()
-        if empty.numel():
-            rows = ", ".join(str(int(r)) for r in empty[:8])
-            raise ValueError(
-                f"{name}: every row needs at least one real token; rows {rows} are all padding"
-            )
+        empty = rows_where(~mask.any(dim=1))
+        if empty:
+            raise ValueError(f"{name}: every row needs at least one real token; rows {empty} are all padding")
     return mask
+
+
+def rows_where(flags: torch.Tensor) -> str:
+    """The indices where the [B] bool ``flags`` are True, as "0, 3, 5" (the first eight; "" for none)."""
+    return ", ".join(str(int(r)) for r in flags.flatten().nonzero().flatten()[:8])
+
+
+def check_bool(name: str, value) -> bool:
+    """Require True or False (not 0/1, not None)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:
@@ -171,8 +198,7 @@ def check_attention_args(q, k, v, *, causal, key_padding_mask, scale, amp=None):
         raise ValueError(
             f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}"
         )
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal: expected True or False, got {causal!r}")
+    check_bool("causal", causal)
     scale = check_positive("scale", scale, allow_none=True)
     if scale is None:
         scale = 1.0 / math.sqrt(dim)

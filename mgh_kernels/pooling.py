@@ -1,11 +1,19 @@
-"""Public poolings: ``ata_pool`` (the drop-in for anchor-token-aware pooling), ``pool``, and
-``enable_ata``, the transformers integration that produces ATA's column sums with the fused kernel.
+"""Every pooling of hidden states [B, L, H] to embeddings [B, H], and the ATA weights.
 
-The plain poolings (mean, weighted mean, last token, first token) need no kernel: they are the
-functions of :mod:`mgh_kernels.reference`, re-exported here so users import every pooling from one
-place. ATA pooling needs per-key column sums of the last layer's attention; ``ata_pool`` takes
-them precomputed (``colsum=``, e.g. from ``enable_ata``) or derives them from transformers'
-``output_attentions=True`` tuple (``attentions=``).
+* ``ata_pool``: anchor-token-aware pooling, each token weighted by the attention it receives
+  (``ata_weights`` from per-key column sums, e.g. ``enable_ata``'s, or from transformers'
+  ``output_attentions`` probabilities);
+* ``mean_pool``, ``weighted_mean_pool``, ``last_token_pool``, ``first_token_pool``: the poolings of
+  sentence-transformers' ``Pooling`` module ("mean", "weightedmean", "lasttoken", "cls"), for left
+  or right padding;
+* ``pool``: one of them by name (``POOLING_METHODS``); ``weighted_pool``: any per-token weights.
+
+Conventions: masks are [B, L], bool or integer 0/1, True = real token; a row without one is an
+error. Sums accumulate in float32 (float64 for float64 inputs) and come back in the hidden
+states' dtype, or float32 under autocast, as sentence-transformers' Pooling returns them under
+CUDA autocast (which runs its sum in float32). Values are not checked for NaN (a check would
+synchronise with the host), except where ATA weights could not be formed (``NonFiniteError``;
+not inside :func:`~mgh_kernels.trusted_inputs`, which skips every check that reads values).
 """
 
 from __future__ import annotations
@@ -14,28 +22,21 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._validation import check_choice, checks_values
-from .attention import ata_attention
-from .reference import (
-    ata_pool_from_colsum,
-    colsum_from_attentions,
-    first_token_pool,
-    last_token_pool,
-    mean_pool,
-    weighted_mean_pool,
-)
+from ._precision import autocast_dtype, autocast_off, compute_dtype
+from ._validation import (NonFiniteError, check_choice, check_float, check_fraction, check_mask, check_same_device,
+                          check_tensor, checks_values, rows_where)
+from .reference import colsum_from_attentions
 
 __all__ = [
-    "ATA_ATTENTION",
-    "ATACapture",
     "POOLING_METHODS",
     "ata_pool",
-    "enable_ata",
+    "ata_weights",
     "first_token_pool",
     "last_token_pool",
     "mean_pool",
     "pool",
     "weighted_mean_pool",
+    "weighted_pool",
 ]
 
 POOLING_METHODS = ("mean", "weighted_mean", "last_token", "first_token", "ata")
@@ -56,27 +57,25 @@ def ata_pool(
     * ``attentions``: the tuple transformers returns under ``output_attentions=True`` (one
       [B, H, L, L] tensor per layer; the last is used), or a single [B, H, L, L] tensor.
     * ``colsum``: [B, L] per-key column sums already reduced over queries and heads (what
-      ``mgh_kernels.reference.attention_with_colsum`` returns), which needs no L x L storage.
+      ``ata_attention`` and ``enable_ata`` give), which needs no L x L storage.
 
     Args:
         hidden_states: [B, L, H] last-layer hidden states, any float dtype.
         attention_mask: [B, L] bool or 0/1, True = real token (left or right padding).
-        mix: fraction of mean pooling blended in, in [0, 1] (see ``reference.ata_weights``).
+        mix: fraction of mean pooling blended in, in [0, 1] (see :func:`ata_weights`).
 
     Returns:
-        [B, H] embeddings computed in float32, returned in ``hidden_states.dtype``; under
-        ``torch.autocast`` in float32, as sentence-transformers' Pooling returns them under CUDA
-        autocast (which runs its sum in float32). The same holds for every method of ``pool``.
-
-    With ``mix < 1`` a row whose column sums over its real tokens total no positive number (all zero, negative or
-    NaN) is refused with a ``ValueError``; NaN or infinite ``hidden_states`` are not checked (a
-    check would synchronise with the host) and give NaN embeddings. mgh's trainer stops at a
-    non-finite loss and names the first parameter or layer output that went non-finite.
+        [B, H] embeddings computed in float32, in ``hidden_states.dtype`` (float32 under autocast).
 
     Example::
 
         out = model(**batch, output_attentions=True)   # eager attention
         emb = ata_pool(out.last_hidden_state, batch["attention_mask"], attentions=out.attentions)
+
+    sentence-transformers has no ATA pooling; with ``mix=1`` this is its "mean" ``Pooling``. With
+    ``mix < 1`` a row whose column sums over its real tokens total no positive number raises
+    :class:`NonFiniteError` (NaN activations upstream do that). mgh's trainer stops at it and names
+    the first parameter or layer output that went non-finite.
     """
     if (attentions is None) == (colsum is None):
         raise ValueError(
@@ -88,7 +87,14 @@ def ata_pool(
         if last.device != hidden_states.device:
             raise ValueError(f"attentions: expected to be on {hidden_states.device}, got {last.device}")
         colsum = colsum_from_attentions(last, attention_mask)
-    return ata_pool_from_colsum(hidden_states, attention_mask, colsum, mix=mix)
+    valid = _check_hidden(hidden_states, attention_mask)
+    check_tensor("colsum", colsum, ndim=2, layout="[B, L]")
+    check_same_device("colsum", colsum, "hidden_states", hidden_states)
+    if tuple(colsum.shape) != tuple(valid.shape):
+        raise ValueError(
+            f"colsum: expected shape {list(valid.shape)} (B, L of hidden_states), got {list(colsum.shape)}"
+        )
+    return weighted_pool(hidden_states, ata_weights(colsum, valid, mix))
 
 
 def _last_layer(attentions) -> torch.Tensor:
@@ -109,6 +115,52 @@ def _last_layer(attentions) -> torch.Tensor:
     )
 
 
+def ata_weights(colsum: torch.Tensor, attention_mask: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+    """Anchor-token-aware pooling weights from per-key column sums.
+
+    The weights are the column sums restricted to real tokens and normalised to sum to 1 per row
+    (so padding never takes weight, and a sequence's weights do not depend on how it was padded).
+    ``mix`` blends in mean pooling: ``w = (1 - mix) * ata + mix * uniform_over_real_tokens``;
+    ``mix=0`` is pure ATA, ``mix=1`` is mean pooling.
+
+    Args:
+        colsum: [B, L] float, non-negative (e.g. from ``ata_attention``).
+        attention_mask: [B, L] bool or 0/1, True = real token.
+        mix: fraction of mean-pooling weight in [0, 1].
+
+    Returns:
+        [B, L] float32 (float64 for float64 ``colsum``), each row summing to 1, zero on padding.
+
+    Example::
+
+        weights = ata_weights(torch.tensor([[3.0, 1.0, 0.5]]), torch.tensor([[1, 1, 0]]))
+        # tensor([[0.75, 0.25, 0.00]]); (weights[..., None] * hidden).sum(1) is ata_pool's embedding
+
+    Raises :class:`NonFiniteError` (a ``ValueError``) for a row whose column sums over its real
+    tokens total no positive number (all zero, negative or NaN), unless ``mix`` is 1 or the call
+    runs inside :func:`~mgh_kernels.trusted_inputs` (the check reads values on the host).
+    """
+    check_tensor("colsum", colsum, ndim=2, layout="[B, L]")
+    check_float("colsum", colsum)
+    batch, length = colsum.shape
+    valid = check_mask("attention_mask", attention_mask, batch=batch, length=length, device=colsum.device)
+    mix = check_fraction("mix", mix)
+    c = colsum.to(compute_dtype(colsum.dtype)) * valid
+    total = c.sum(dim=1, keepdim=True)
+    if mix < 1.0 and checks_values():
+        bad = rows_where(~(total > 0))
+        if bad:
+            raise NonFiniteError(
+                f"colsum: expected a positive total over the real tokens of every row; rows {bad} "
+                "have none (all zero, negative or NaN)"
+            )
+    weights = c / total.clamp_min(torch.finfo(c.dtype).tiny)
+    if mix > 0.0:
+        uniform = valid.to(c.dtype) / valid.sum(dim=1, keepdim=True)
+        weights = (1.0 - mix) * weights + mix * uniform
+    return weights
+
+
 def pool(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -118,9 +170,16 @@ def pool(
     colsum: Optional[torch.Tensor] = None,
     mix: float = 0.0,
 ) -> torch.Tensor:
-    """Pool [B, L, H] hidden states to [B, H] by ``method``, one of ``POOLING_METHODS``.
+    """Pool [B, L, H] hidden states to [B, H] by ``method``, one of ``POOLING_METHODS``: "mean",
+    "weighted_mean", "last_token", "first_token" or "ata" (dtypes as the method's function).
 
-    ``attentions``, ``colsum`` and ``mix`` are used by ``"ata"`` only (see ``ata_pool``).
+    ``attentions``, ``colsum`` and ``mix`` are used by "ata" only (see :func:`ata_pool`).
+
+    Example::
+
+        emb = pool(out.last_hidden_state, mask, "last_token")    # [B, H]
+
+    The analogue of sentence-transformers' ``Pooling(dim, pooling_mode=...)`` as a function.
     """
     check_choice("method", method, POOLING_METHODS)
     if method == "ata":
@@ -138,284 +197,99 @@ def pool(
     return simple[method](hidden_states, attention_mask)
 
 
-# --------------------------------------------------------------------------------------------
-# transformers integration
-# --------------------------------------------------------------------------------------------
+def weighted_pool(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum of hidden states [B, L, H] under per-token weights [B, L], accumulated in float32.
 
-ATA_ATTENTION = "mgh_ata"
-"""The name ``enable_ata`` registers with transformers' ``AttentionInterface``; only the chosen
-layer looks it up (through its :class:`_LayerConfig`)."""
+    Returns [B, H] in ``hidden_states.dtype``, or float32 under autocast.
 
-_CAPTURE_ATTR = "_mgh_ata_capture"
+    Example::
 
-# The keyword arguments by which transformers hands flash-attention functions packed sequences
-# (all four given: its varlen path).
-_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+        emb = weighted_pool(hidden, ata_weights(colsum, mask))   # = ata_pool(hidden, mask, colsum=colsum)
 
-
-class _LayerConfig:
-    """The chosen layer's view of its config: every setting is the model config's (read and
-    written through), except the attention implementation, which is ``mgh_ata``.
-
-    transformers' attention modules look their function up by ``self.config._attn_implementation``
-    at each call, and the model builds its masks from the model's config, so with this view in the
-    one module the other layers keep the model's own implementation (SDPA, or flash-attention where
-    the model was loaded with it) and its masks.
+    ``torch.einsum("bl,blh->bh", weights, hidden_states)`` with the accumulation and dtype rules above.
     """
+    check_tensor("hidden_states", hidden_states, ndim=3, layout="[B, L, H]")
+    check_float("hidden_states", hidden_states)
+    check_tensor("weights", weights, ndim=2, layout="[B, L]")
+    check_float("weights", weights)
+    check_same_device("weights", weights, "hidden_states", hidden_states)
+    if tuple(weights.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(
+            f"weights: expected shape {list(hidden_states.shape[:2])} (B, L of hidden_states), "
+            f"got {list(weights.shape)}"
+        )
+    compute = torch.promote_types(compute_dtype(hidden_states.dtype), weights.dtype)
+    with autocast_off(hidden_states.device):  # autocast would run the einsum in bf16 / fp16
+        pooled = torch.einsum("bl,blh->bh", weights.to(compute), hidden_states.to(compute))
+    return pooled.to(_pooled_dtype(hidden_states))
 
-    _attn_implementation = ATA_ATTENTION
 
-    def __init__(self, config):
-        object.__setattr__(self, "model_config", config)
+def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the real tokens' hidden states: [B, L, H] any float dtype, [B, L] mask -> [B, H]
+    in the hidden states' dtype (float32 under autocast), summed in float32.
 
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "model_config":  # copy/pickle probe before __init__ ran
-            raise AttributeError(name)
-        return getattr(self.model_config, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.model_config, name, value)
-
-
-class ATACapture:
-    """Handle returned by :func:`enable_ata`: holds the column sums of the latest forward pass.
-
-    Attributes:
-        colsum: [B, L] float32 column sums of the chosen layer from the latest forward (part of the
-            autograd graph when gradients are on), or None before the first forward.
-        layer: index of the layer that runs the fused kernel.
-
-    Use it as a context manager, or call :meth:`remove`, to restore the model's attention. A deep
-    copy (or pickle) of an enabled model is enabled too, with a capture of its own that starts
-    without column sums; ``remove()`` before copying gives a plain model.
+    Example: ``mean_pool(out.last_hidden_state, batch["attention_mask"])``. sentence-transformers'
+    ``Pooling(pooling_mode="mean")``.
     """
-
-    def __init__(self, model, module, layer: int, previous: Optional[str], replaced_by: Optional[str] = None):
-        """``previous``: the attention implementation of the layers' config before; ``replaced_by``:
-        the one ``enable_ata`` set there for the other layers, or None where it kept ``previous``."""
-        self.model, self.module, self.layer = model, module, layer
-        self._previous, self._replaced_by = previous, replaced_by
-        self.colsum: Optional[torch.Tensor] = None
-
-    def __getstate__(self) -> dict:
-        # colsum belongs to the latest forward's autograd graph, which deepcopy and pickle refuse
-        return {**self.__dict__, "colsum": None}
-
-    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, *, mix: float = 0.0) -> torch.Tensor:
-        """``ata_pool`` with the captured column sums: [B, L, H] hidden states -> [B, H]."""
-        if self.colsum is None:
-            raise ValueError("colsum: no forward pass has run since enable_ata; run the model first")
-        return ata_pool(hidden_states, attention_mask, colsum=self.colsum, mix=mix)
-
-    def remove(self) -> None:
-        """Restore the model's previous attention implementation (unless it was set anew since
-        ``enable_ata``); the capture stops."""
-        if getattr(self.module, _CAPTURE_ATTR, None) is self:
-            delattr(self.module, _CAPTURE_ATTR)
-            config = self.module.config
-            if isinstance(config, _LayerConfig):
-                self.module.config = config = config.model_config
-            if self._replaced_by is not None and config._attn_implementation == self._replaced_by:
-                config._attn_implementation = self._previous
-
-    def __enter__(self) -> "ATACapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def attend(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-        """The chosen layer's attention: fused kernel, column sums kept. Shapes as transformers'."""
-        if dropout:
-            raise ValueError(
-                f"dropout: the ATA layer has no attention dropout, got {dropout} (set the model's "
-                "attention_dropout to 0)"
-            )
-        if query.shape[2] != key.shape[2]:
-            raise ValueError(
-                f"key: the ATA layer needs self-attention over the whole sequence, got {query.shape[2]} "
-                f"queries and {key.shape[2]} keys (is a KV cache in use?)"
-            )
-        length = query.shape[2]
-        window = kwargs.get("sliding_window")
-        if window is not None and length > window:
-            raise ValueError(f"sliding_window: the ATA layer attends to the whole sequence; L={length} > {window}")
-        _check_not_packed(module, attention_mask, query.shape[0], kwargs)
-        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-        key_padding_mask = _key_padding_mask(attention_mask, causal, length)
-        out, colsum = ata_attention(
-            query, key, value, causal=causal, key_padding_mask=key_padding_mask, scale=scaling
-        )
-        self.colsum = colsum
-        return out.transpose(1, 2).contiguous(), None
+    valid = _check_hidden(hidden_states, attention_mask)
+    weights = valid.to(compute_dtype(hidden_states.dtype)) / valid.sum(dim=1, keepdim=True)
+    return weighted_pool(hidden_states, weights)
 
 
-def _check_not_packed(module, attention_mask, batch: int, kwargs) -> None:
-    """Refuse the packed sequences (several per row) that the model's other layers would attend to
-    one by one but the mask does not show. Where the model builds flash-attention's masks ([B, L]
-    padding or None), transformers' flash path (``_flash_attention_forward``) packs only without a
-    mask: by the four varlen arguments ``cu_seq_lens_*`` / ``max_length_*`` or, in a batch of one
-    row, by ``position_ids`` that are not consecutive. SDPA's masks show packing themselves (a
-    block-diagonal [B, 1, L, L] mask, which ``_key_padding_mask`` refuses); with no mask, SDPA
-    attends over the whole row, and so does the ATA layer."""
-    if attention_mask is not None or not _builds_flash_masks(module):
-        return
-    if all(kwargs.get(name) is not None for name in _VARLEN_KWARGS):
-        raise ValueError(
-            "cu_seq_lens_q: the ATA layer attends to one sequence per row; packed sequences "
-            "(flash-attention's varlen arguments) are not supported"
-        )
-    positions = kwargs.get("position_ids")
-    if batch == 1 and positions is not None and positions.shape[-1] > 1 and checks_values():
-        row = positions.reshape(-1)
-        if bool((row - row.min() != torch.arange(row.numel(), device=row.device)).any()):
-            raise ValueError(
-                "position_ids: the ATA layer attends to one sequence per row; positions that are not "
-                "consecutive in an unpadded row (packed sequences, under flash-attention) are not supported"
-            )
+def weighted_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position-weighted mean (SGPT, LLM2Vec's ``weighted_mean``): [B, L, H], [B, L] -> [B, H], dtypes
+    as :func:`mean_pool`.
 
+    The i-th real token (counting from 1, whatever the padding side) gets weight proportional to
+    i, so later tokens, which have seen more of a causal model's input, count more.
 
-def _builds_flash_masks(module) -> bool:
-    """Whether the model of this attention module builds flash-attention's masks (its other layers
-    run a flash-attention implementation); the ATA layer's own config is a _LayerConfig view."""
-    from transformers.masking_utils import flash_attention_mask
-
-    config = getattr(module, "config", None)
-    implementation = getattr(getattr(config, "model_config", config), "_attn_implementation", None)
-    return _mask_builder(implementation) is flash_attention_mask
-
-
-def _mask_builder(implementation: Optional[str]):
-    """The function transformers builds an attention implementation's masks with (None if unknown)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(implementation)
-
-
-def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[torch.Tensor]:
-    """[B, L] key padding from the mask transformers hands an attention function.
-
-    transformers builds [B, 1, L, L] masks (bool: True = attend; float: 0 = attend); padding masks
-    keys only, so the last query row of a causal mask, or any row of a bidirectional one, is the
-    key padding. The whole mask is then checked to be exactly padding + (causal or not): packed
-    sequences, sliding windows or other custom masks are refused rather than silently mis-read.
+    Example: ``weighted_mean_pool(out.last_hidden_state, mask)``. sentence-transformers'
+    ``Pooling(pooling_mode="weightedmean")``, for left padding too.
     """
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise ValueError(
-            f"attention_mask: the ATA layer reads tensor masks (SDPA's, flash-attention's), got "
-            f"{type(attention_mask).__name__} (flex attention?)"
-        )
-    if attention_mask.dim() == 2:
-        return attention_mask.bool()
-    if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (length, length):
-        raise ValueError(
-            f"attention_mask: expected a [B, 1, L, L] mask with L={length}, got {list(attention_mask.shape)}"
-        )
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    keys = allowed[:, 0, -1, :]
-    expected = keys[:, None, :].expand(-1, length, -1)
-    if causal:
-        expected = expected & torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
-    if checks_values() and not torch.equal(allowed.expand(-1, -1, length, length), expected[:, None].expand_as(allowed)):
-        raise ValueError(
-            "attention_mask: the ATA layer supports padding with causal or bidirectional attention "
-            f"only (causal={causal}); got a mask of another pattern (packed sequences, sliding window?)"
-        )
-    return keys
+    valid = _check_hidden(hidden_states, attention_mask)
+    rank = valid.to(compute_dtype(hidden_states.dtype)).cumsum(dim=1) * valid
+    return weighted_pool(hidden_states, rank / rank.sum(dim=1, keepdim=True))
 
 
-def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """The attention function registered as ``mgh_ata``: fused ATA in the chosen layer (SDPA in a
-    module that has no capture, e.g. one whose model was set to ``mgh_ata`` by hand)."""
-    capture = getattr(module, _CAPTURE_ATTR, None)
-    if capture is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last real token (left or right padding): [B, L, H], [B, L] ->
+    [B, H] in the hidden states' dtype (float32 under autocast).
 
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    return capture.attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATA_ATTENTION, _dispatch)
-    AttentionMaskInterface.register(ATA_ATTENTION, sdpa_mask)  # for a model set to mgh_ata by hand
-
-
-def _other_layers_implementation(name: Optional[str]) -> str:
-    """The attention the layers other than the ATA one run: the model's own where the masks it
-    builds are ones the ATA layer reads (SDPA's boolean [B, 1, L, L] masks, flash-attention's
-    [B, L] padding masks, and implementations registered with those), else SDPA: eager attention
-    (our kernel is what replaces it), flex attention's block masks, unknown masks."""
-    from transformers.masking_utils import flash_attention_mask, sdpa_mask
-
-    return name if _mask_builder(name) in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
-
-
-def _attention_layers(model) -> list:
-    """The self-attention modules of a transformers decoder, in layer order."""
-    layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "is_causal")]
-    return sorted(layers, key=lambda m: m.layer_idx)
-
-
-def enable_ata(model, layer: int = -1) -> ATACapture:
-    """Run ``model``'s attention in ``layer`` with the fused ATA kernel and capture its column sums.
-
-    Every other layer keeps the model's attention where it is a fused one (PyTorch's SDPA, or
-    flash-attention where the model was loaded with ``attn_implementation="flash_attention_2"``);
-    a model loaded with eager attention (or flex attention) runs SDPA in them, restored by
-    ``remove()``. After a forward pass, ``capture.colsum``
-    ([B, L] float32, differentiable) holds the chosen layer's per-key column sums, so ATA pooling
-    needs no ``output_attentions``::
-
-        capture = enable_ata(model)                 # or: with enable_ata(model) as capture:
-        out = model(input_ids=ids, attention_mask=mask)
-        emb = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
-
-    Works for transformers 5 decoders whose attention goes through ``AttentionInterface`` (the
-    Llama, Mistral, Qwen2 and Qwen3 families, GGUF-loaded ones and peft-wrapped ones included),
-    causal or bidirectional (a layer with ``is_causal=False``), left or right padding. Packed
-    sequences that the model's own attention would separate (a block-diagonal mask, or
-    flash-attention's varlen arguments and restarting ``position_ids``) are refused with a
-    ``ValueError``, as is any mask that is not padding plus causal or bidirectional.
-
-    Args:
-        model: a transformers ``PreTrainedModel`` (or a peft model wrapping one).
-        layer: which layer runs the kernel; negative counts from the end (-1 = last).
-
-    Returns:
-        An :class:`ATACapture`; ``capture.remove()`` (or leaving its ``with`` block) restores the
-        previous attention implementation.
+    Example: ``last_token_pool(out.last_hidden_state, mask)``. sentence-transformers'
+    ``Pooling(pooling_mode="lasttoken")``.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model: expected a transformers model (a torch.nn.Module), got {type(model).__name__}")
-    layers = _attention_layers(model)
-    if not layers:
-        raise ValueError(
-            f"model: expected a transformers decoder with attention layers (modules with layer_idx), "
-            f"got {type(model).__name__}"
-        )
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -len(layers) <= layer < len(layers):
-        raise ValueError(f"layer: expected an index in [-{len(layers)}, {len(layers) - 1}], got {layer!r}")
-    module = layers[layer]
-    if any(getattr(m, _CAPTURE_ATTR, None) is not None for m in layers):
-        raise ValueError("model: enable_ata is already active on this model; remove() the first capture")
-    config = getattr(module, "config", None)
-    if config is None:
-        raise ValueError(f"model: expected transformers attention modules with a config, got {type(module).__name__}")
-    # The layers' own config: the text model's in a multimodal model, whose vision tower keeps its attention.
-    previous = config._attn_implementation
-    others = _other_layers_implementation(previous)
-    replaced_by = others if others != previous else None
-    _register()
-    if replaced_by is not None:
-        config._attn_implementation = replaced_by
-    capture = ATACapture(model, module, module.layer_idx, previous, replaced_by)
-    setattr(module, _CAPTURE_ATTR, capture)
-    module.config = _LayerConfig(config)
-    return capture
+    valid = _check_hidden(hidden_states, attention_mask)
+    length = valid.shape[1]
+    index = length - 1 - valid.flip(dims=[1]).to(torch.int8).argmax(dim=1)
+    return _gather_token(hidden_states, index)
+
+
+def first_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's first real token (left or right padding): [B, L, H], [B, L] ->
+    [B, H] in the hidden states' dtype (float32 under autocast).
+
+    Example: ``first_token_pool(out.last_hidden_state, mask)``. sentence-transformers'
+    ``Pooling(pooling_mode="cls")``, which takes position 0 whatever the padding.
+    """
+    valid = _check_hidden(hidden_states, attention_mask)
+    return _gather_token(hidden_states, valid.to(torch.int8).argmax(dim=1))
+
+
+def _check_hidden(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    check_tensor("hidden_states", hidden_states, ndim=3, layout="[B, L, H]")
+    check_float("hidden_states", hidden_states)
+    batch, length, _ = hidden_states.shape
+    return check_mask("attention_mask", attention_mask, batch=batch, length=length, device=hidden_states.device)
+
+
+def _pooled_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype a pooling returns: the hidden states', or float32 under autocast for their device
+    type (float64 stays float64)."""
+    if hidden_states.dtype != torch.float64 and autocast_dtype(hidden_states) is not None:
+        return torch.float32
+    return hidden_states.dtype
+
+
+def _gather_token(hidden_states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    return hidden_states[rows, index].to(_pooled_dtype(hidden_states))

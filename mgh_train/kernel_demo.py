@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from mgh_kernels import ata_attention, ata_pool, attention, mean_pool, reference
+from mgh_kernels import ata_attention, ata_pool, ata_weights, attention, mean_pool, reference
 
 EMBEDDED_PAIRS = (
     (
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     tokens, x, mask = encoder.batch(passages, "right")
     hidden, colsum = encoder.forward(x, mask)
-    weights = reference.ata_weights(colsum, mask)
+    weights = ata_weights(colsum, mask)
     print("ATA weights of passage 0 (attention received, normalised over real tokens):")
     for token, w in zip(tokens[0], weights[0].tolist()):
         print(f"  {token:>12s} {w:6.3f} {'#' * round(w * 100)}")

@@ -14,6 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist's workers share the cores: each takes its share of torch's threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture
 def gen():
@@ -23,17 +27,20 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-
 @pytest.fixture
-def cpu_kernels(monkeypatch):
-    """Run mgh_kernels on their PyTorch CPU path (a user's CPU run) instead of Triton's interpreter.
+def cpu_kernels():
+    """Run mgh_kernels on their PyTorch path (a user's CPU run) instead of Triton's interpreter.
 
     For tests of the layers above the kernels (model, trainer): the interpreter is exact but slow,
     and the kernels themselves are tested under it in test_attention, test_infonce, test_enable_ata.
     """
-    from mgh_kernels import _backend
+    from mgh_kernels import use_backend
 
-    monkeypatch.setattr(_backend, "INTERPRETED", False)
+    if torch.cuda.is_available():  # CUDA tensors keep the kernels; CPU tensors take the PyTorch path anyway
+        yield
+        return
+    with use_backend("torch"):
+        yield
 
 
 @pytest.fixture(scope="session")

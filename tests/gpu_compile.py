@@ -5,17 +5,17 @@ the op would make on CUDA, and compiles each of them ahead of time for ``sm_<arc
 Triton pipeline (frontend, MLIR lowering, PTX, ptxas), returning one summary per launch.
 
 What is captured (the real launch code, not a re-typed copy): the op's autograd Function runs its
-``forward`` and ``backward`` on ``meta`` tensors (shapes and dtypes, no data), with every kernel of
-the module replaced by a recorder of its ``kernel[grid](*args, **kwargs)`` call and with the tile
-config functions (``_config``, ``_colsum_config``, ``_short_config``, ``_bwd_config``) forced to their
-CUDA branch.
+``forward`` and ``backward`` on ``meta`` tensors (shapes and dtypes, no data), its launches
+recorded and not run (``mgh_kernels.testing.recorded_launches(run=False)``), with the tile
+choices (``mgh_kernels.attention.tiles``, ``mgh_kernels.infonce.tiles``) forced to their CUDA
+branch.
 
-* ``"attention"``: ``_ATAAttentionFunction`` forward with the column sums, then backward with
+* ``"attention"``: ``attention.ops.ATAAttentionFunction`` forward with the column sums, then backward with
   gradients of both the output and the column sums; GQA (Hq = 4 Hkv), a key padding mask as
   ``ata_attention`` passes it (a float32 bias), ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
   ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel`` (``_fwd_short_kernel`` in place
   of the first two when ``length`` is short enough for the one-sweep forward).
-* ``"infonce"``: ``_InfoNCEFunction`` forward and backward with K = 3 hard negatives per query:
+* ``"infonce"``: ``infonce.ops.InfoNCEFunction`` forward and backward with K = 3 hard negatives per query:
   ``_row_norms_kernel`` for the queries, positives and negatives, then for ``negatives`` "global"
   ``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and ``_unscale_project_kernel`` for the
   positives and for the negatives, and ``_unscale_project_kernel`` for the queries (the GEMMs
@@ -110,64 +110,56 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True,
              batch=100, tiles=None):
     """[(kernel, args, kwargs)] of one CUDA forward + backward, run on meta tensors."""
     import torch
-    from triton.runtime.jit import JITFunction
 
-    from mgh_kernels import attention, infonce
+    from mgh_kernels import testing
+    from mgh_kernels.attention import ops as attention_ops
+    from mgh_kernels.attention import tiles as attention_tiles
+    from mgh_kernels.infonce import ops as infonce_ops
+    from mgh_kernels.infonce import tiles as infonce_tiles
 
-    module = {"attention": attention, "infonce": infonce}[op]
+    tile_module, tile_functions = {
+        "attention": (attention_tiles, ("flash_tiles", "colsum_tiles", "one_sweep_tiles", "backward_tiles")),
+        "infonce": (infonce_tiles, ("kernel_tiles",)),
+    }[op]
     dtype, meta, cuda = getattr(torch, dtype), torch.device("meta"), torch.device("cuda")
-    launches = []
+    applied = set()
 
-    def recorder(kernel):
-        class Record:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
-        return Record()
-
-    def on_cuda(config):
-        def cuda_config(device, *args, **kwargs):
-            cfg = config(cuda, *args, **kwargs)
+    def on_cuda(choose):
+        def cuda_tiles(device, *args, **kwargs):
+            cfg = choose(cuda, *args, **kwargs)
             if cfg is not None:
                 cfg.update({key: value for key, value in (tiles or {}).items() if key in cfg})
                 applied.update(key for key in tiles or {} if key in cfg)
             return cfg
-        return cuda_config
+        return cuda_tiles
 
-    applied = set()
+    def empty(*shape, dt=dtype, grad=False):
+        return torch.empty(shape, dtype=dt, device=meta, requires_grad=grad)
 
-    saved = dict(vars(module))
+    saved = {name: getattr(tile_module, name) for name in tile_functions}
     try:
-        for name, value in saved.items():
-            if isinstance(value, JITFunction):
-                setattr(module, name, recorder(value))
-        for name in ("_config", "_colsum_config", "_short_config", "_bwd_config"):
-            if name in saved:
-                setattr(module, name, on_cuda(saved[name]))
-
-        def empty(*shape, dt=dtype, grad=False):
-            return torch.empty(shape, dtype=dt, device=meta, requires_grad=grad)
-
-        if op == "attention":
-            hkv, group = 2, 4
-            q = empty(2, hkv * group, length, head_dim, grad=True)
-            k, v = empty(2, hkv, length, head_dim, grad=True), empty(2, hkv, length, head_dim, grad=True)
-            mask = empty(2, length, dt=torch.float32) if padding else None  # as ata_attention passes it
-            out, colsum = attention._ATAAttentionFunction.apply(q, k, v, mask, causal, head_dim**-0.5, True)
-            torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
-        elif op == "infonce":
-            q, pos, neg = empty(batch, dim, grad=True), empty(batch, dim, grad=True), empty(batch * 3, dim, grad=True)
-            own = {"global": False, "own": True}[negatives]
-            losses = infonce._InfoNCEFunction.apply(q, pos, neg, 0.05, True, own, 0)  # neg as infonce_loss flattens it
-            torch.autograd.grad(losses, (q, pos, neg), torch.empty_like(losses))
-        else:
-            raise ValueError(f"op: expected 'attention' or 'infonce', got {op!r}")
+        for name, choose in saved.items():  # documented, overridable: the CUDA choices on meta tensors
+            setattr(tile_module, name, on_cuda(choose))
+        with testing.recorded_launches(run=False) as launches:
+            if op == "attention":
+                hkv, group = 2, 4
+                q = empty(2, hkv * group, length, head_dim, grad=True)
+                k, v = empty(2, hkv, length, head_dim, grad=True), empty(2, hkv, length, head_dim, grad=True)
+                bias = empty(2, length, dt=torch.float32) if padding else None  # as ata_attention passes it
+                out, colsum = attention_ops.ATAAttentionFunction.apply(q, k, v, bias, causal, head_dim**-0.5, True)
+                torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
+            else:
+                q, pos, neg = empty(batch, dim, grad=True), empty(batch, dim, grad=True), empty(batch * 3, dim, grad=True)
+                own = {"global": False, "own": True}[negatives]
+                losses = infonce_ops.InfoNCEFunction.apply(q, pos, neg, 0.05, True, own, 0)  # neg flattened
+                torch.autograd.grad(losses, (q, pos, neg), torch.empty_like(losses))
     finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
+        for name, choose in saved.items():
+            setattr(tile_module, name, choose)
     unknown = sorted(set(tiles or {}) - applied)
     if unknown:
         raise ValueError(f"tiles: {unknown} in none of {op}'s tile configs")
-    return launches
+    return [(launch.kernel, launch.args, launch.kwargs) for launch in launches]
 
 
 _SUMMARIES: dict = {}  # repeated identical launches: Triton's cache serves them without ptxas's log

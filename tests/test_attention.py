@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mgh_kernels import _backend, ata_attention, attention, reference
+from mgh_kernels import ata_attention, attention, backend, reference, testing, use_backend
+from mgh_kernels.attention import cudnn, poly_exp2, tiles
 from random_inputs import padding_mask
 
 CUDA = torch.cuda.is_available()
@@ -24,22 +25,17 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
-    allocated = []
-
-    def poisoned(shape, dtype, device):
-        allocated.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_backend, "new_output", poisoned)
-    return allocated
+def poisoned_outputs():
+    """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test;
+    the list of the allocated shapes."""
+    with testing.poisoned_outputs() as allocated:
+        yield allocated
 
 
 def set_short_limit(patch, limit):
-    """Every ``attention.SHORT_MAX_LENGTH`` limit set to ``limit`` (0: the one-sweep forward off)."""
-    for key in attention.SHORT_MAX_LENGTH:
-        patch.setitem(attention.SHORT_MAX_LENGTH, key, limit)
+    """Every ``tiles.SHORT_MAX_LENGTH`` limit set to ``limit`` (0: the one-sweep forward off)."""
+    for key in tiles.SHORT_MAX_LENGTH:
+        patch.setitem(tiles.SHORT_MAX_LENGTH, key, limit)
 
 
 @pytest.fixture(params=["one-sweep", "two-pass"])
@@ -47,15 +43,15 @@ def forward_path(request, monkeypatch):
     """Run the test through each of our forwards: the one-sweep kernel of short sequences, or our
     flash pass plus the column-sum pass (cuDNN's flash pass is off here: see the cuDNN tests below),
     and check afterwards that every forward took the requested one."""
-    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    monkeypatch.setattr(cudnn, "FLASH_PASS", "triton")
     set_short_limit(monkeypatch, 1 << 30 if request.param == "one-sweep" else 0)
-    chosen, short_config = [], attention._short_config
+    chosen, one_sweep_tiles = [], tiles.one_sweep_tiles
 
     def recording(*args):
-        chosen.append(short_config(*args))
+        chosen.append(one_sweep_tiles(*args))
         return chosen[-1]
 
-    monkeypatch.setattr(attention, "_short_config", recording)
+    monkeypatch.setattr(tiles, "one_sweep_tiles", recording)
     yield request.param
     assert chosen, "no forward asked for the column sums"
     assert all((cfg is not None) == (request.param == "one-sweep") for cfg in chosen), chosen
@@ -210,7 +206,7 @@ def test_never_allocates_length_squared(poisoned_outputs, gen):
     (q, k, v), _ = make_inputs((1, 2, 1, 48, 16), torch.float32, gen, requires_grad=True)
     out, colsum = ata_attention(q, k, v, causal=False)
     (out.sum() + colsum.sum()).backward()
-    assert poisoned_outputs  # the kernels' outputs all pass through _backend.new_output
+    assert poisoned_outputs  # the kernels' outputs are all poisoned (testing.poisoned_outputs)
     for shape in poisoned_outputs:
         assert math.prod(shape) <= 2 * 48 * 16, shape
 
@@ -233,7 +229,7 @@ def test_gradients_with_return_colsum_false(causal, gen):
 
 def test_no_colsum_runs_the_flash_pass_alone(gen, monkeypatch):
     """Without column sums the one-sweep forward (which computes them) is not taken."""
-    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    monkeypatch.setattr(cudnn, "FLASH_PASS", "triton")
     set_short_limit(monkeypatch, 1 << 30)
     (q, k, v), _ = make_inputs((1, 2, 2, 18, 16), torch.float32, gen)
     ata_attention(q, k, v, causal=True, return_colsum=False)
@@ -264,22 +260,22 @@ def test_head_dim_256(causal, gen):
     assert_matches_reference(q, k, v, truth, causal, padding_mask(1, 20, "right", gen).to(DEVICE), gen)
 
 
-@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["M32-N16", "M16-N32"])
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)], ids=["M32-N16", "M16-N32"])
 @pytest.mark.parametrize("path", ["one-sweep", "two-pass"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_unequal_query_and_key_tiles(tiles, path, causal, gen, monkeypatch):
+def test_unequal_query_and_key_tiles(blocks, path, causal, gen, monkeypatch):
     """Every kernel with BLOCK_M != BLOCK_N, as the GPU tiles have them: the interpreter's default
     tiles are square, where a query/key block mixup in a causal bound cannot show."""
-    block_m, block_n = tiles
+    block_m, block_n = blocks
     length = 45  # a multiple of neither tile
-    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    monkeypatch.setattr(cudnn, "FLASH_PASS", "triton")
     set_short_limit(monkeypatch, 1 << 30 if path == "one-sweep" else 0)
-    # On CPU the column-sum and backward tiles are the forward's (_colsum_config, _bwd_config).
-    config, short_config = attention._config, attention._short_config
-    monkeypatch.setattr(attention, "_config", lambda *args: dict(config(*args), BLOCK_M=block_m, BLOCK_N=block_n))
+    # On CPU the column-sum and backward tiles are the flash pass's (tiles.colsum_tiles, backward_tiles).
+    flash_tiles, one_sweep_tiles = tiles.flash_tiles, tiles.one_sweep_tiles
+    monkeypatch.setattr(tiles, "flash_tiles", lambda *args: dict(flash_tiles(*args), BLOCK_M=block_m, BLOCK_N=block_n))
     if path == "one-sweep":
-        monkeypatch.setattr(attention, "_short_config", lambda device, dim, dtype, length, causal=True: dict(
-            short_config(device, dim, dtype, length, causal), BLOCK_M=block_m, BLOCK_N=block_n,
+        monkeypatch.setattr(tiles, "one_sweep_tiles", lambda device, dim, dtype, length, causal=True: dict(
+            one_sweep_tiles(device, dim, dtype, length, causal), BLOCK_M=block_m, BLOCK_N=block_n,
             CHUNKS=triton.cdiv(length, block_n)))
     (q, k, v), truth = make_inputs((2, 4, 2, length, 24), torch.float32, gen, requires_grad=True)
     assert_matches_reference(q, k, v, truth, causal, padding_mask(2, length, "left", gen).to(DEVICE), gen)
@@ -302,7 +298,7 @@ def test_k_and_v_in_different_layouts(causal, gen, forward_path):
 
 
 def fake_cudnn_attention(q, k, v, causal, scale):
-    """A CPU stand-in for ``attention._cudnn_attention`` with cuDNN's conventions: out in q's dtype
+    """A CPU stand-in for ``cudnn.attention`` with cuDNN's conventions: out in q's dtype
     laid out [B, L, H, D] underneath (cuDNN follows the query's memory layout, transformers hands
     over [B, L, H, D] views), lse in natural-log units, float32, [B, H, L, 1], here also laid out
     [B, L, H] underneath (the column-sum pass reads it through its strides)."""
@@ -325,16 +321,16 @@ def cudnn_pass(monkeypatch):
     own conditions let through (what runs on CPU is all the glue around it: the log-sum-exp's units
     and shape, the output's strides, the column-sum pass and the backward on cuDNN's results).
     Returns the list of the stand-in's calls."""
-    monkeypatch.setattr(attention, "FLASH_PASS", "cudnn")
-    monkeypatch.setattr(attention, "_CUDNN_REFUSED", set())
+    monkeypatch.setattr(cudnn, "FLASH_PASS", "cudnn")
+    monkeypatch.setattr(cudnn, "REFUSED", set())
     calls = []
     if not CUDA:
         def fake(*args):
             calls.append(args)
             return fake_cudnn_attention(*args)
 
-        monkeypatch.setattr(attention, "_cudnn_accepts", lambda q, k, v, causal: True)
-        monkeypatch.setattr(attention, "_cudnn_attention", fake)
+        monkeypatch.setattr(cudnn, "accepts", lambda q, k, v, causal: True)
+        monkeypatch.setattr(cudnn, "attention", fake)
     return calls
 
 
@@ -347,7 +343,7 @@ HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if CUDA else [])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_cudnn_flash_pass_outputs_and_gradients(shape, causal, dtype, gen, cudnn_pass):
     (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen, requires_grad=True)
-    if CUDA and not attention._cudnn_accepts(q, k, v, causal):
+    if CUDA and not cudnn.accepts(q, k, v, causal):
         pytest.skip("PyTorch's cuDNN attention does not take these inputs")
     base_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     scale = 1 / math.sqrt(shape[4])
@@ -387,7 +383,7 @@ def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
         ]:
             ata_attention(*args, **kwargs)
             assert attention.last_forward() == want, (kwargs, args[1].shape, args[0].dtype)
-        patch.setattr(attention, "FLASH_PASS", "triton")
+        patch.setattr(cudnn, "FLASH_PASS", "triton")
         ata_attention(q, k, v)
         assert attention.last_forward() == "triton-flash"
     assert len(cudnn_pass) == 3
@@ -396,9 +392,9 @@ def test_cudnn_flash_pass_only_where_it_applies(gen, cudnn_pass):
 def test_cudnn_refusal_falls_back_once_per_signature(monkeypatch, caplog, gen):
     """Where cuDNN raises, the Triton pass gives the same result; the warning names the inputs,
     and the same inputs do not ask cuDNN again."""
-    monkeypatch.setattr(attention, "FLASH_PASS", "cudnn")
-    monkeypatch.setattr(attention, "_CUDNN_REFUSED", set())
-    monkeypatch.setattr(attention, "_cudnn_accepts", lambda q, k, v, causal: True)
+    monkeypatch.setattr(cudnn, "FLASH_PASS", "cudnn")
+    monkeypatch.setattr(cudnn, "REFUSED", set())
+    monkeypatch.setattr(cudnn, "accepts", lambda q, k, v, causal: True)
     set_short_limit(monkeypatch, 0)
     calls = []
 
@@ -406,7 +402,7 @@ def test_cudnn_refusal_falls_back_once_per_signature(monkeypatch, caplog, gen):
         calls.append(args)
         raise RuntimeError("cuDNN Frontend error: no valid engine configs")
 
-    monkeypatch.setattr(attention, "_cudnn_attention", refusing)
+    monkeypatch.setattr(cudnn, "attention", refusing)
     (q, k, v), (q64, k64, v64) = make_inputs((1, 2, 2, 21, 32), torch.float16, gen)
     want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=True)
     with caplog.at_level("WARNING", logger="mgh_kernels.attention"):
@@ -436,21 +432,21 @@ def test_cudnn_flash_pass_taken_at_benchmark_shapes(causal, gen):
 @triton.jit
 def _exp2_shared_kernel(X, Y, FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(Y + offs, attention._exp2_shared(tl.load(X + offs), FMA_EXP, BLOCK_M, BLOCK_N))
+    tl.store(Y + offs, poly_exp2.exp2_shared(tl.load(X + offs), FMA_EXP, BLOCK_M, BLOCK_N))
 
 
 def polynomial_exp2(x):
-    """float64 model of ``_exp2_fma``: the fitted polynomial at x's distance from its nearest
+    """float64 model of ``poly_exp2.exp2_fma``: the fitted polynomial at x's distance from its nearest
     integer, scaled by that integer's power of two."""
     n = torch.round(x.double())
     f = x.double() - n
-    c1, c2, c3 = attention.EXP2_POLY
+    c1, c2, c3 = poly_exp2.EXP2_POLY
     return (((c3 * f + c2) * f + c1) * f + 1.0) * torch.exp2(n)
 
 
 @pytest.mark.parametrize("fma_exp", [0, 2, 4])
 def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp, gen):
-    """The elements ``_exp2_shared`` computes by the polynomial (FMA_EXP 2: odd columns; 4: odd
+    """The elements ``exp2_shared`` computes by the polynomial (FMA_EXP 2: odd columns; 4: odd
     columns of rows 8-15 of every 16) match the polynomial's model, the rest the exact power;
     either way within the fit's 1.0e-4; -inf and values from -127 down give exactly 0 (padded
     queries, lse = +inf, must add nothing), values in (-127, -126) at most 2**-126, NaN NaN."""
@@ -493,24 +489,17 @@ def test_colsum_pass_with_polynomial_exponentials(fma_exp, shape, causal, side, 
     times; half precision only) meets the same rule as with every exponential on the MUFU, and
     its column sums differ from those (the launched kernel did compute part of them by the
     polynomial)."""
-    monkeypatch.setattr(attention, "FLASH_PASS", "triton")
+    monkeypatch.setattr(cudnn, "FLASH_PASS", "triton")
     set_short_limit(monkeypatch, 0)
-    share, launched, config, kernel = [0], [], attention._colsum_config, attention._colsum_kernel
-    monkeypatch.setattr(attention, "_colsum_config", lambda *args: dict(config(*args), FMA_EXP=share[0]))
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["FMA_EXP"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(attention, "_colsum_kernel", Recording())
+    share, colsum_tiles = [0], tiles.colsum_tiles
+    monkeypatch.setattr(tiles, "colsum_tiles", lambda *args: dict(colsum_tiles(*args), FMA_EXP=share[0]))
     (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen)
     mask = None if side == "none" else padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
-    _, plain_colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
-    share[0] = fma_exp
-    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    with testing.recorded_launches() as launches:
+        _, plain_colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+        share[0] = fma_exp
+        out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    launched = [launch.arguments["FMA_EXP"] for launch in launches if launch.name == "_colsum_kernel"]
     assert launched == [0, fma_exp] and attention.last_forward() == "triton-flash"
     want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
     base_out, base_colsum = eager_same_precision(q, k, v, causal, mask, 1 / math.sqrt(shape[4]))
@@ -537,14 +526,13 @@ def test_colsum_pass_with_polynomial_exponentials(fma_exp, shape, causal, side, 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_chunked_path_matches_reference(monkeypatch, causal, dtype, gen):
-    monkeypatch.setattr(_backend, "INTERPRETED", False)
-    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", 64)  # several query chunks per sequence
+def test_chunked_path_matches_reference(causal, dtype, gen):
     shape = (2, 4, 2, 13, 8)
     q, k, v = (t.detach().requires_grad_() for t in make_inputs(shape, dtype, gen)[0])
     q, k, v = (t.cpu().detach().requires_grad_() for t in (q, k, v))
     mask = padding_mask(2, 13, "left", gen)
-    out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    with use_backend("torch", chunk_elements=64):  # several query chunks per sequence
+        out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
     assert attention.last_backend() == "torch-chunked"
     assert colsum.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -562,7 +550,7 @@ def test_chunked_path_matches_reference(monkeypatch, causal, dtype, gen):
 def test_forward_choice_by_length():
     """Which forward the defaults pick (the kernels behind both are tested above)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    short = attention._short_config
+    short = tiles.one_sweep_tiles
     assert short(cuda, 128, torch.bfloat16, 200) == dict(
         BLOCK_M=64, BLOCK_N=128, CHUNKS=2, BLOCK_D=128, num_warps=4, num_stages=1)
     assert short(cuda, 64, torch.float16, 100)["CHUNKS"] == 1
@@ -575,16 +563,43 @@ def test_forward_choice_by_length():
     assert short(cpu, 32, torch.float32, 65) is None
 
 
-def test_backend_selection(monkeypatch):
+def test_backend_selection():
+    """The default path per device and dtype (the interpreter's where the tests set it, no bf16
+    there), and ``use_backend``: "torch" everywhere inside its block, restored after it; "triton"
+    refuses inputs the kernels cannot run instead of falling back."""
     cpu = torch.zeros(1)
-    monkeypatch.setattr(_backend, "INTERPRETED", True)
-    assert _backend.select(cpu) == "triton-interpreter"
-    assert _backend.select(cpu.half()) == "triton-interpreter"
-    assert _backend.select(cpu.bfloat16()) == "torch-chunked"  # no bf16 in the interpreter
-    monkeypatch.setattr(_backend, "INTERPRETED", False)
-    assert _backend.select(cpu) == "torch-chunked"
+    if backend.INTERPRETED:
+        assert backend.select(cpu) == "triton-interpreter"
+        assert backend.select(cpu.half()) == "triton-interpreter"
+    assert backend.select(cpu.bfloat16()) == "torch-chunked"  # no bf16 in the interpreter
+    with use_backend("torch", chunk_elements=8):
+        assert backend.select(cpu) == "torch-chunked" and backend.chunk_elements() == 8
+        if CUDA:
+            assert backend.select(cpu.cuda()) == "torch-chunked"
+    assert backend.chunk_elements() == backend.CHUNK_ELEMENTS
+    assert backend.select(cpu) == ("triton-interpreter" if backend.INTERPRETED else "torch-chunked")
     if CUDA:
-        assert _backend.select(cpu.cuda()) == "triton"
+        assert backend.select(cpu.cuda()) == "triton"
+    with use_backend("triton"), pytest.raises(ValueError, match="^q: .*bfloat16 .* use_backend"):
+        ata_attention(*(torch.randn(1, 2, 4, 8, dtype=torch.bfloat16) for _ in range(3)))
+    for bad, argument in ((dict(name="cuda"), "name"), (dict(chunk_elements=0), "chunk_elements")):
+        with pytest.raises(ValueError, match=f"^{argument}: "), use_backend(**bad):
+            pass
+
+
+def test_moved_settings_keep_their_old_names(monkeypatch):
+    """``attention.FLASH_PASS`` and ``attention.SHORT_MAX_LENGTH`` live in ``cudnn`` and ``tiles``;
+    reads and writes of the old names reach them, with a DeprecationWarning."""
+    monkeypatch.setattr(cudnn, "FLASH_PASS", cudnn.FLASH_PASS)  # restored afterwards
+    with pytest.warns(DeprecationWarning, match="attention.FLASH_PASS moved to mgh_kernels.attention.cudnn"):
+        assert attention.FLASH_PASS == "cudnn"
+    with pytest.warns(DeprecationWarning):
+        attention.FLASH_PASS = "triton"
+    assert cudnn.FLASH_PASS == "triton" and "FLASH_PASS" not in vars(attention)
+    with pytest.warns(DeprecationWarning, match="SHORT_MAX_LENGTH moved to mgh_kernels.attention.tiles"):
+        assert attention.SHORT_MAX_LENGTH is tiles.SHORT_MAX_LENGTH
+    with pytest.raises(AttributeError):
+        attention.NO_SUCH_SETTING
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from random_inputs import padding_mask  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
 
 from mgh_kernels import (ata_attention, ata_pool, attention, enable_ata, infonce, infonce_loss, pool,  # noqa: E402
-                         pooling, reference)
+                         reference)
+from mgh_kernels import transformers as model_patching  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -214,8 +215,8 @@ def embed_and_grads(model, ids, mask, target, *, fused, amp):
         if fused:
             with enable_ata(model) as capture, contextlib.ExitStack() as stack:
                 if fused == "eager":
-                    stack.enter_context(mock.patch.object(
-                        pooling, "ata_attention", lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)))
+                    eager = lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)  # noqa: E731
+                    stack.enter_context(mock.patch.object(model_patching, "ata_attention", eager))
                 out = model(input_ids=ids, attention_mask=mask)
                 emb = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
         else:

@@ -17,7 +17,8 @@ from torch._dynamo.backends.common import aot_autograd
 
 from random_inputs import padding_mask
 
-from mgh_kernels import ata_attention, attention, infonce, infonce_loss
+from mgh_kernels import ata_attention, attention, infonce, infonce_loss, testing
+from mgh_kernels.attention import ops as attention_ops, tiles
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -86,7 +87,7 @@ def test_ata_attention_in_a_full_graph(compiled_graphs, shape, causal, side, gen
 
     weights = (randn(*q.shape, gen=gen), randn(batch, length, gen=gen))
     assert_compiles_to("ata_attention", attend, (q, k, v), weights, compiled_graphs)
-    if length > attention.SHORT_MAX_LENGTH["interpreter"]:  # past the one-sweep forward's lengths
+    if length > tiles.SHORT_MAX_LENGTH["interpreter"]:  # past the one-sweep forward's lengths
         assert attention.last_forward() == "triton-flash"
 
 
@@ -113,8 +114,15 @@ def test_infonce_in_a_full_graph(compiled_graphs, dtype, negatives, k, gen):
     assert_compiles_to("infonce", loss, (q, pos, neg), weights, compiled_graphs)
 
 
+def gradients_computed(launches, inputs):
+    """Which of ``inputs`` (q, pos, neg) the global backward computed a gradient for: those whose
+    rows its last kernel, the normalisation's gradient, was launched on."""
+    projected = {launch.arguments["X"].data_ptr() for launch in launches if launch.name == "_unscale_project_kernel"}
+    return tuple(x.data_ptr() in projected for x in inputs)
+
+
 @pytest.mark.parametrize("trainable", ["q", "pos", "q-neg"])
-def test_infonce_computes_only_the_gradients_asked_for(compiled_graphs, trainable, monkeypatch, gen):
+def test_infonce_computes_only_the_gradients_asked_for(compiled_graphs, trainable, gen):
     """As in eager mode, the backward op is told which inputs need a gradient (frozen candidates:
     the global backward runs no candidate GEMMs), and those it computes equal eager's."""
     backend, _ = compiled_graphs
@@ -123,13 +131,15 @@ def test_infonce_computes_only_the_gradients_asked_for(compiled_graphs, trainabl
     for x, want in zip(inputs, wanted):
         x.requires_grad_(want)
     asked = []
-    fused_backward = infonce._fused_backward
-    monkeypatch.setattr(infonce, "_fused_backward", lambda *a: asked.append(a[-1]) or fused_backward(*a))
-    torch.compile(infonce_loss, backend=backend, fullgraph=True)(*inputs).backward()
+    with testing.recorded_launches() as launches:
+        torch.compile(infonce_loss, backend=backend, fullgraph=True)(*inputs).backward()
+    asked.append(gradients_computed(launches, inputs))
     got = [x.grad for x in inputs]
     for x in inputs:
         x.grad = None
-    infonce_loss(*inputs).backward()
+    with testing.recorded_launches() as launches:
+        infonce_loss(*inputs).backward()
+    asked.append(gradients_computed(launches, inputs))
     assert asked == [wanted, wanted]  # compiled, then eager
     for g, x in zip(got, inputs):
         assert (g is None and x.grad is None) or torch.equal(g, x.grad)
@@ -174,20 +184,21 @@ def test_custom_ops_pass_opcheck(gen):
     AOT dispatch of each op, forward and backward (the backward ops on inputs without gradient:
     they have no gradient of their own, so no double backward)."""
     q, k, v = leaves(gen, (2, 4, 19, 16), (2, 2, 19, 16), (2, 2, 19, 16))
-    bias = attention._padding_bias(padding_mask(2, 19, "left", gen).to(DEVICE), drop_unpadded=False)
+    ops = torch.ops.mgh
+    bias = attention_ops.key_bias(padding_mask(2, 19, "left", gen).to(DEVICE), drop_unpadded=False)
     for args in [(q, k, v, bias, True, 0.25, True), (q, k, v, None, False, 0.25, False)]:
-        torch.library.opcheck(attention._forward_op, args)
-    out, _, lse = attention._forward_op(q, k, v, bias, True, 0.25, True)
+        torch.library.opcheck(ops.ata_attention_forward.default, args)
+    out, _, lse = ops.ata_attention_forward(q, k, v, bias, True, 0.25, True)
     dout, dcolsum = randn(*out.shape, gen=gen), randn(2, 19, gen=gen)
     q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
-    torch.library.opcheck(attention._backward_op, (q, k, v, out, lse, bias, dout, dcolsum, True, 0.25))
+    torch.library.opcheck(ops.ata_attention_backward.default, (q, k, v, out, lse, bias, dout, dcolsum, True, 0.25))
 
     a, p, n = leaves(gen, (8, 32), (8, 32), (24, 32), dtype=torch.float16)
     for own in (False, True):
-        torch.library.opcheck(infonce._forward_op, (a, p, n, 0.1, True, own, 0))
-        statistics = [t.detach() for t in infonce._forward_op(a, p, n, 0.1, True, own, 0)[1:]]
+        torch.library.opcheck(ops.infonce_forward.default, (a, p, n, 0.1, True, own, 0))
+        statistics = [t.detach() for t in ops.infonce_forward(a, p, n, 0.1, True, own, 0)[1:]]
         for needs in ([True, True, True], [True, False, False]):
-            torch.library.opcheck(infonce._backward_op, (a.detach(), p.detach(), n.detach(), statistics,
+            torch.library.opcheck(ops.infonce_backward.default, (a.detach(), p.detach(), n.detach(), statistics,
                                                          torch.rand(8, generator=gen).to(DEVICE), 0.1, True, 0,
                                                          needs))
 

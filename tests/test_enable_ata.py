@@ -16,7 +16,8 @@ import transformers  # noqa: E402
 from random_inputs import padding_mask  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
 
-from mgh_kernels import ATA_ATTENTION, ata_pool, attention, enable_ata, pooling, reference  # noqa: E402
+from mgh_kernels import ATA_ATTENTION, ATACapture, ata_pool, attention, enable_ata, reference  # noqa: E402
+from mgh_kernels import transformers as model_patching  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -142,7 +143,8 @@ def test_other_layer_and_gradients(gen, monkeypatch):
     truth = grads(model64, lambda: eager_embeddings(model64, ids, mask, causal_mask_seeing_self(mask), layer=1)[0])
     got = grads(model, fused)
     with monkeypatch.context() as patch:
-        patch.setattr(pooling, "ata_attention", lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw))
+        eager = lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)  # noqa: E731
+        patch.setattr(model_patching, "ata_attention", eager)  # where the fused layer calls it
         pytorch = grads(model, fused)
     assert truth.keys() == pytorch.keys() == got.keys() and len(got) > 10
     for name, want in truth.items():
@@ -295,7 +297,8 @@ def test_deep_copy_after_a_training_forward(gen):
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert capture.colsum.grad_fn is not None
         twin = copy.deepcopy(model)
-        twin_capture = getattr(twin.layers[-1].self_attn, pooling._CAPTURE_ATTR)
+        twin_capture = ATACapture.of(twin)
+        assert ATACapture.of(model) is capture
         assert twin_capture is not capture and twin_capture.module is twin.layers[-1].self_attn
         assert twin_capture.colsum is None and twin_capture.model is twin
         twin_hidden = twin(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -347,7 +350,7 @@ def random_qkv(gen, length=12):
 
 
 def bare_capture():
-    return pooling.ATACapture(model=None, module=None, layer=0, previous="sdpa")
+    return ATACapture(model=None, module=None, layer=0, previous="sdpa")
 
 
 @pytest.mark.parametrize("module_causal", [True, False])

@@ -12,7 +12,7 @@ Triton wheel bundles.
 
 import pytest
 
-from mgh_kernels import attention
+from mgh_kernels.attention import tiles
 
 gpu_compile = pytest.importorskip("gpu_compile")
 
@@ -67,7 +67,7 @@ def test_kernels_compile_for_h100(compiled, name):
     for r in results:  # shown with -rP or on failure
         print(f"{r['kernel']:20} shared={r.get('shared')} registers={r.get('registers')} "
               f"spills={r.get('spill_stores')}/{r.get('spill_loads')} {r['seconds']}s {r['constants']}")
-    limit = attention.SHORT_MAX_LENGTH["half" if case.get("causal") else "half-bidirectional"]
+    limit = tiles.SHORT_MAX_LENGTH["half" if case.get("causal") else "half-bidirectional"]
     short = case["op"] == "attention" and case.get("length", 1000) <= limit
     kind = case.get("negatives", case["op"] + ("-short" if short else ""))
     assert [r["kernel"] for r in results] == KERNELS[kind]

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mgh_kernels import InfoNCELoss, _backend, infonce, infonce_loss, reference
+from mgh_kernels import InfoNCELoss, backend, infonce, infonce_loss, reference, testing, use_backend
+from mgh_kernels.infonce import gather, planner, tiles
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -19,11 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def poisoned_outputs():
     """Every kernel output starts as NaN, so an element a kernel forgets to write fails the test."""
-    monkeypatch.setattr(
-        _backend, "new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    )
+    with testing.poisoned_outputs():
+        yield
 
 
 def make(batch, k, dim, dtype, gen, scale=1.0):
@@ -100,17 +101,12 @@ def test_loss_and_gradients_match_reference(batch, k, negatives, tau, dtype, gen
 
 
 @pytest.fixture
-def logit_chunks(monkeypatch):
-    """[rows, columns] of every chunk of logit gradients E the global backward computes, in order."""
-    chunks = []
-    original = infonce._logit_grads
-
-    def record(q, rq, lse, tail, w, sigma, cand, rc, c0, e, *rest):
-        chunks.append(tuple(e.shape))
-        return original(q, rq, lse, tail, w, sigma, cand, rc, c0, e, *rest)
-
-    monkeypatch.setattr(infonce, "_logit_grads", record)
-    return chunks
+def logit_chunks():
+    """A function giving [rows, columns] of every chunk of logit gradients E the global backward
+    has computed so far, in order (one launch of its logit-gradient kernel per chunk)."""
+    with testing.recorded_launches() as launches:
+        yield lambda: [tuple(launch.arguments["E"].shape) for launch in launches
+                       if launch.name == "_global_dlogits_kernel"]
 
 
 def expected_chunks(plan, batch, n_pos, n_neg, needs=(True, True, True)):
@@ -135,10 +131,10 @@ def force_plan(monkeypatch, mode, columns, rows, partial):
     def forced_plan(batch, candidates, dim, elem, need_q=True, need_c=True):
         cols = min(columns, candidates) if need_c or mode != "sweeps" else 0
         rows_ = min(rows, batch) if need_q or mode != "sweeps" else 0
-        used.append(infonce._BackwardPlan(mode, cols, rows_, partial, max(batch * cols, rows_ * candidates), 0))
+        used.append(planner.BackwardPlan(mode, cols, rows_, partial, max(batch * cols, rows_ * candidates), 0))
         return used[-1]
 
-    monkeypatch.setattr(infonce, "_backward_plan", forced_plan)
+    monkeypatch.setattr(planner, "backward_plan", forced_plan)
     return used
 
 
@@ -159,7 +155,7 @@ def test_backward_in_chunks(monkeypatch, logit_chunks, forced, k, dtype, gen):
     (q, pos, neg), truth = make(29, k, 12, dtype, gen)
     weights = torch.randn(29, generator=gen, dtype=torch.float64) / 29  # signed, at the mean's scale
     check_against_reference((q, pos, neg), truth, 0.05, dtype, weights=weights)
-    assert logit_chunks == expected_chunks(used[0], 29, 29, 29 * k)
+    assert logit_chunks() == expected_chunks(used[0], 29, 29, 29 * k)
 
 
 @pytest.mark.parametrize("wanted", ["q", "pos", "neg", "pos,neg", "q,neg"])
@@ -170,22 +166,22 @@ def test_only_the_gradients_asked_for(monkeypatch, logit_chunks, wanted, forced,
     reference."""
     used = force_plan(monkeypatch, *forced) if forced else []
     if not forced:
-        original = infonce._backward_plan
-        monkeypatch.setattr(infonce, "_backward_plan", lambda *a, **kw: used.append(original(*a, **kw)) or used[-1])
+        original = planner.backward_plan
+        monkeypatch.setattr(planner, "backward_plan", lambda *a, **kw: used.append(original(*a, **kw)) or used[-1])
     (q, pos, neg), truth = make(29, 3, 12, torch.float32, gen)
     needs = tuple(name in wanted.split(",") for name in ("q", "pos", "neg"))
     for t, need in zip((q, pos, neg), needs):
         t.requires_grad_(need)
     check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
-    assert logit_chunks == expected_chunks(used[0], 29, 29, 87, needs)
+    assert logit_chunks() == expected_chunks(used[0], 29, 29, 87, needs)
 
 
 def test_small_backward_in_one_pass(logit_chunks, gen):
     """A problem under the scratch floor: E whole, one chunk per source, no accumulator."""
     (q, pos, neg), truth = make(6, 2, 80, torch.float32, gen)
     check_against_reference((q, pos, neg), truth, 0.05, torch.float32)
-    assert infonce._backward_plan(6, 18, 80, 4).mode == "one-pass"
-    assert logit_chunks == [(6, 6), (6, 12)]
+    assert planner.backward_plan(6, 18, 80, 4).mode == "one-pass"
+    assert logit_chunks() == [(6, 6), (6, 12)]
 
 
 def scratch_of(plan, batch, candidates, dim, elem):
@@ -209,24 +205,24 @@ def scratch_of(plan, batch, candidates, dim, elem):
 @pytest.mark.parametrize("elem", [2, 4])
 @pytest.mark.parametrize("need_q, need_c", [(True, True), (True, False), (False, True)], ids=["all", "q", "c"])
 def test_backward_plan_keeps_its_scratch_within_budget(batch, k, dim, elem, need_q, need_c):
-    """The backward's scratch stays within _SCRATCH_PER_LOGIT bytes per logit (a twelfth of what the
+    """The backward's scratch stays within SCRATCH_PER_LOGIT bytes per logit (a twelfth of what the
     eager loss holds) or the small floor, E within its cap; the cheapest mode that fits is chosen,
     and a side that needs no gradient gets no sweep."""
     candidates = batch * (1 + k)
-    plan = infonce._backward_plan(batch, candidates, dim, elem, need_q, need_c)
-    budget = max(infonce._SCRATCH_FLOOR, infonce._SCRATCH_PER_LOGIT * batch * candidates)
+    plan = planner.backward_plan(batch, candidates, dim, elem, need_q, need_c)
+    budget = max(planner.SCRATCH_FLOOR, planner.SCRATCH_PER_LOGIT * batch * candidates)
     assert plan.scratch_bytes == scratch_of(plan, batch, candidates, dim, elem) <= budget
-    assert plan.workspace_elements * elem <= min(budget, infonce._WORKSPACE_BYTES)
+    assert plan.workspace_elements * elem <= min(budget, planner.WORKSPACE_BYTES)
     if plan.mode != "one-pass":
-        assert batch * candidates * elem > min(budget, infonce._WORKSPACE_BYTES)
+        assert batch * candidates * elem > min(budget, planner.WORKSPACE_BYTES)
     if plan.mode == "sweeps":  # each sweep's chunk as large as fits: one more column or row would not
         assert (plan.columns > 0) == need_c and (plan.rows > 0) == need_q
-        e_budget = min(budget, infonce._WORKSPACE_BYTES)
+        e_budget = min(budget, planner.WORKSPACE_BYTES)
         assert not need_c or plan.columns == candidates or batch * (plan.columns + 1) * elem > e_budget
         assert not need_q or plan.rows == batch or (plan.rows + 1) * candidates * elem > e_budget
     if plan.mode == "sweeps" and need_q and need_c:  # no room for the accumulator beside a worthwhile chunk
-        columns = min(candidates, infonce._MIN_CHUNK, infonce._WORKSPACE_BYTES // (batch * elem))
-        partial = 0 if elem == 4 else min(batch, infonce._MIN_CHUNK)
+        columns = min(candidates, planner.MIN_CHUNK, planner.WORKSPACE_BYTES // (batch * elem))
+        partial = 0 if elem == 4 else min(batch, planner.MIN_CHUNK)
         assert 4 * batch * dim + (batch * columns + partial * dim) * elem > budget
     if not (need_q and need_c):
         assert plan.mode != "accumulate"
@@ -240,17 +236,17 @@ def test_backward_plan_at_the_benchmark_shapes(case, mode):
     """bf16 at the benchmark's shapes: accumulate where the float32 [B, D] buffer is small beside
     the logits, two sweeps where it is not (B4096 K3 D4096: it alone is 4 B D = B N bytes)."""
     batch, k, dim = case
-    plan = infonce._backward_plan(batch, batch * (1 + k), dim, 2)
+    plan = planner.backward_plan(batch, batch * (1 + k), dim, 2)
     assert plan.mode == mode, plan
     if case == (16384, 3, 4096):
-        assert plan.columns == infonce._CHUNK_COLUMNS and plan.partial_rows == batch
+        assert plan.columns == planner.CHUNK_COLUMNS and plan.partial_rows == batch
 
 
 def test_backward_plan_at_its_boundaries():
     """A budget met exactly still fits: E whole at exactly a byte per logit (the floor, 1 MiB), and
     the accumulator's chunk at exactly the spare bytes (4 B D + 4 B columns = B N)."""
-    assert infonce._backward_plan(512, 512, 64, 4).mode == "one-pass"
-    plan = infonce._backward_plan(256, 4096, 512, 4)
+    assert planner.backward_plan(512, 512, 64, 4).mode == "one-pass"
+    plan = planner.backward_plan(256, 4096, 512, 4)
     assert (plan.mode, plan.columns) == ("accumulate", 512)
 
 
@@ -279,8 +275,8 @@ def test_peak_memory_is_the_plans_scratch(case):
     torch.cuda.synchronize()
     grads = sum(t.numel() * t.element_size() for t in (q, pos, neg))
     extra = torch.cuda.max_memory_allocated() - base - grads
-    plan = infonce._backward_plan(batch, batch * (1 + k), dim, 2)
-    splits, _ = infonce._forward_splits(batch, batch * (1 + k), dim, 2, infonce._config(q.device, dim, q.dtype))
+    plan = planner.backward_plan(batch, batch * (1 + k), dim, 2)
+    splits, _ = planner.forward_splits(batch, batch * (1 + k), dim, 2, tiles.kernel_tiles(q.device, dim, q.dtype))
     # inverse norms, the forward's partial statistics (4 float32 per query and split), rounding
     statistics = 4 * batch * (2 + k) + 16 * splits * batch + (1 << 20)
     assert extra <= plan.scratch_bytes + statistics, f"{extra / 2**20:.1f} MiB, plan {plan}"
@@ -290,7 +286,7 @@ def test_peak_memory_is_the_plans_scratch(case):
 def test_forward_over_candidate_splits(monkeypatch, splits, gen):
     """The forward's partial statistics per split of the candidates combine to the same loss,
     whether the positive's split comes first, in the middle or is a one-tile split."""
-    monkeypatch.setattr(infonce, "_candidate_splits", lambda *a: splits)
+    monkeypatch.setattr(planner, "candidate_splits", lambda *a: splits)
     (q, pos, neg), truth = make(37, 7, 24, torch.float32, gen)
     check_against_reference((q, pos, neg), truth, 0.1, torch.float32)
 
@@ -306,15 +302,15 @@ H100 = dict(sms=132, cache_bytes=50 << 20)  # its SM count and L2 size (torch.cu
 ])
 def test_candidate_splits_at_h100_shapes(batch, candidates, dim, expected):
     """At the bf16 forward's default tiles and an H100's figures."""
-    cfg = dict(infonce._config(torch.device("cuda"), dim, torch.bfloat16), **H100)
-    assert infonce._forward_splits(batch, candidates, dim, 2, cfg)[0] == expected
+    cfg = dict(tiles.kernel_tiles(torch.device("cuda"), dim, torch.bfloat16), **H100)
+    assert planner.forward_splits(batch, candidates, dim, 2, cfg)[0] == expected
 
 
 def test_forward_splits_leave_no_split_empty():
     """Where fewer splits than asked cover the candidates in whole tiles, no split is left empty
     (33 asked by the occupancy rule at B1024; 16898 candidates need 27 of 5 tiles each)."""
-    cfg = dict(infonce._config(torch.device("cuda"), 1024, torch.bfloat16), **H100)
-    splits, per_split = infonce._forward_splits(1024, 16898, 1024, 2, cfg)
+    cfg = dict(tiles.kernel_tiles(torch.device("cuda"), 1024, torch.bfloat16), **H100)
+    splits, per_split = planner.forward_splits(1024, 16898, 1024, 2, cfg)
     assert (splits - 1) * per_split < 16898 <= splits * per_split
 
 
@@ -326,7 +322,7 @@ def test_candidate_splits_rules(batch, k, dim):
     of programs, and the query blocks of one wave within a quarter of the cache (where one fits)."""
     block_m, block_n, row_block = 128, 64, 128 * dim * 2
     row_blocks, candidates = -(-batch // block_m), batch * (1 + k)
-    splits = infonce._candidate_splits(row_blocks, candidates, block_n, H100["sms"], row_block, H100["cache_bytes"])
+    splits = planner.candidate_splits(row_blocks, candidates, block_n, H100["sms"], row_block, H100["cache_bytes"])
     most = max(1, -(-candidates // (4 * block_n)))
     assert 1 <= splits <= most
     if splits < most:
@@ -340,8 +336,8 @@ def test_candidate_splits_rules(batch, k, dim):
 def test_logit_gradient_tile_order(monkeypatch, group_m, columns, gen):
     """Every tile of E is computed once whatever the grouping of the query blocks (4 blocks of 16
     rows under the interpreter: GROUP_M 3 leaves a last group of one) and the chunk's width."""
-    config = infonce._config
-    monkeypatch.setattr(infonce, "_config", lambda *a: {**config(*a), "GROUP_M": group_m})
+    kernel_tiles = tiles.kernel_tiles
+    monkeypatch.setattr(tiles, "kernel_tiles", lambda *a: {**kernel_tiles(*a), "GROUP_M": group_m})
     if columns:
         force_plan(monkeypatch, "accumulate", columns, 0, 16)
     (q, pos, neg), truth = make(53, 3, 24, torch.float32, gen)
@@ -545,12 +541,11 @@ def test_losses_where_the_positive_has_most_of_the_mass(negatives):
 
 @pytest.mark.parametrize("negatives", ["global", "own"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_chunked_path_matches_reference(monkeypatch, negatives, dtype, gen):
-    monkeypatch.setattr(_backend, "INTERPRETED", False)
-    monkeypatch.setattr(infonce, "_CHUNK_ELEMENTS", 40)  # several query chunks
+def test_chunked_path_matches_reference(negatives, dtype, gen):
     (q, pos, neg), truth = make(11, 3, 16, dtype, gen)
     q, pos, neg = (t.detach().cpu().requires_grad_() for t in (q, pos, neg))
-    loss = infonce_loss(q, pos, neg, negatives=negatives, reduction="none")
+    with use_backend("torch", chunk_elements=40):  # several query chunks
+        loss = infonce_loss(q, pos, neg, negatives=negatives, reduction="none")
     assert infonce.last_backend() == "torch-chunked"
     want = reference.infonce(*(t.cpu() for t in truth), negatives=negatives, reduction="none")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -561,21 +556,51 @@ def test_chunked_path_matches_reference(monkeypatch, negatives, dtype, gen):
         torch.testing.assert_close(a.grad.double(), b.grad.cpu(), rtol=tol * 10, atol=tol)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, normalize, dtype, gen):
+    """The PyTorch path's mean or sum over the whole batch's candidates (gradients made chunk by
+    chunk in forward) against the float64 reference, loss and every gradient."""
+    (q, pos, neg), _ = make(13, max(k, 1), 16, dtype, gen, scale=1.0 if normalize else 0.1)  # dot: logits ~ 1/tau
+    q, pos, neg = (t.detach().cpu()[:, :k] if t.dim() == 3 else t.detach().cpu() for t in (q, pos, neg))
+    leaves = [t.clone().requires_grad_() for t in (q, pos, neg)]
+    truth = [t.double().requires_grad_() for t in (q, pos, neg)]
+    with use_backend("torch", chunk_elements=60):  # several query chunks
+        loss = infonce_loss(*leaves, reduction=reduction, normalize=normalize)
+    assert infonce.last_backend() == "torch-chunked"
+    if normalize:
+        want = reference.infonce(*truth, reduction=reduction)
+    else:
+        cands = torch.cat([truth[1], truth[2].reshape(-1, 16)])
+        want = F.cross_entropy(truth[0] @ cands.T / 0.05, torch.arange(13), reduction=reduction)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=tol, atol=tol)
+    (loss * 0.5).backward()
+    (want * 0.5).backward()
+    for got, wanted in zip(leaves[:3 if k else 2], truth):  # K = 0: no negative takes part
+        torch.testing.assert_close(got.grad.double(), wanted.grad, rtol=tol * 10, atol=tol)
+    with torch.no_grad(), use_backend("torch", chunk_elements=60):
+        assert infonce_loss(*leaves, reduction=reduction, normalize=normalize).item() == loss.item()
+
+
 @pytest.mark.parametrize("path", ["torch-chunked", "kernels"])
 def test_queries_of_a_later_rank(monkeypatch, path, gen):
     """With gathered candidates a rank's queries find their positives at pos_offset: rows 6.. of a
-    batch, given with offset 6, have the whole batch's losses for those rows (the gather test's
-    workers run the kernels, so the PyTorch path's offset is pinned here)."""
-    monkeypatch.setattr(infonce, "_CHUNK_ELEMENTS", 40)
+    batch, whose gather (a stand-in for a later rank's: the whole batch's candidates, offset 6)
+    makes the whole batch their candidates, have the whole batch's losses for those rows (the
+    gather test's workers run the kernels, so the PyTorch path's offset is pinned here)."""
     (q, pos, neg), _ = make(11, 3, 16, torch.float32, gen)
-    q, pos, neg = (t.detach().reshape(-1, 16) for t in (q, pos, neg))
-    if path == "torch-chunked":
-        whole = infonce._chunked_losses(q, pos, neg, 0.05, True, False, 0)
-        part = infonce._chunked_losses(q[6:], pos, neg, 0.05, True, False, 6)
-    else:
-        whole = infonce._InfoNCEFunction.apply(q, pos, neg, 0.05, True, False, 0)
-        part = infonce._InfoNCEFunction.apply(q[6:].contiguous(), pos, neg, 0.05, True, False, 6)
+    q, pos, neg = (t.detach() for t in (q, pos, neg))
+    monkeypatch.setattr(gather, "gather_candidates", lambda *_: (pos, neg.reshape(-1, 16), 6))
+    with use_backend("torch" if path == "torch-chunked" else "auto", chunk_elements=40):
+        whole = infonce_loss(q, pos, neg, reduction="none")
+        part = infonce_loss(q[6:], pos[6:], neg[6:], reduction="none", gather=True)
+        part_sum = infonce_loss(q[6:], pos[6:], neg[6:], reduction="sum", gather=True)
+        assert infonce.last_backend() == ("torch-chunked" if path == "torch-chunked" else backend.select(q))
     torch.testing.assert_close(part, whole[6:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part_sum, whole[6:].sum(), rtol=1e-6, atol=1e-6)
 
 
 # ---- cross-device negatives: 2 ranks on gloo vs one process ---------------------------------
@@ -619,7 +644,7 @@ def test_gather_two_ranks_equal_one_process(tmp_path, mode, gen):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # The workers hold CPU tensors: the interpreter's kernels where the tests run them (no GPU),
     # else the PyTorch path (Triton 3.6's interpreter, on the GPU machines, fails in the workers).
-    assert all(r["backend"] == _backend.select(inputs[0]) for r in ranks)
+    assert all(r["backend"] == backend.select(inputs[0]) for r in ranks)
 
     whole = [t.clone().requires_grad_() for t in inputs]
     want = infonce_loss(*whole, tau=0.05)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgh_kernels import attention, infonce
+from mgh_kernels.attention import tiles as attention_tiles
+from mgh_kernels.infonce import tiles as infonce_tiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sweep_attention = pytest.importorskip("sweep_attention")
@@ -20,7 +21,8 @@ CUDA = torch.device("cuda")  # the configs are plain functions of the device typ
 @pytest.mark.parametrize("kind", ["fwd", "colsum", "bwd"])
 def test_attention_sweep_starts_from_the_defaults(kind, dim):
     table = {"fwd": sweep_attention.FWD, "colsum": sweep_attention.COLSUM, "bwd": sweep_attention.BWD}[kind]
-    config = {"fwd": attention._config, "colsum": attention._colsum_config, "bwd": attention._bwd_config}[kind]
+    config = {"fwd": attention_tiles.flash_tiles, "colsum": attention_tiles.colsum_tiles,
+              "bwd": attention_tiles.backward_tiles}[kind]
     default = config(CUDA, dim, torch.bfloat16)
     first = sweep_attention.tiles(table[dim][0], dim, kind)
     assert first == {key: default[key] for key in first}
@@ -38,5 +40,5 @@ def test_attention_colsum_variants_are_valid():
 @pytest.mark.parametrize("kind, table", [("fwd", sweep_infonce.FWD), ("dlogits", sweep_infonce.DLOGITS)])
 @pytest.mark.parametrize("dim", [1024, 4096])
 def test_infonce_sweep_starts_from_the_defaults(kind, table, dim):
-    assert sweep_infonce.tiles(table[0], kind, dim, CUDA) == infonce._config(CUDA, dim, torch.bfloat16)
+    assert sweep_infonce.tiles(table[0], kind, dim, CUDA) == infonce_tiles.kernel_tiles(CUDA, dim, torch.bfloat16)
     assert len({repr(v) for v in table}) == len(table), "a variant listed twice"

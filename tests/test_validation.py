@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mgh_kernels import ata_pool, ata_weights, mean_pool, pool, reference, trusted_inputs
+from mgh_kernels import NonFiniteError, ata_pool, ata_weights, mean_pool, pool, reference, trusted_inputs
 
 B, H, L, D, HID = 2, 4, 5, 8, 6
 
@@ -107,6 +107,18 @@ def test_good_inputs_of_the_table_pass():
     mean_pool(HIDDEN, MASK)
     ata_pool(HIDDEN, MASK, colsum=COLSUM)
     reference.infonce(Q2, Q2, torch.randn(B, 2, D))
+
+
+@pytest.mark.parametrize("fill", [0.0, float("nan")])
+def test_weights_without_a_positive_total_are_a_typed_error(fill):
+    """What NaN activations upstream produce is a NonFiniteError (a ValueError, as before), which
+    callers such as the trainer catch by type; with mix=1 the column sums are not used."""
+    colsum = COLSUM.clone()
+    colsum[1] = fill
+    with pytest.raises(NonFiniteError, match="^colsum: .* rows 1 have none"):
+        ata_pool(HIDDEN, MASK, colsum=colsum)
+    assert issubclass(NonFiniteError, ValueError)
+    ata_weights(colsum, MASK, mix=1.0)
 
 
 VALUE_CASES = ["mask values", "mask all padding", "pool all padding", "ata all padding", "ata weights zero colsum",

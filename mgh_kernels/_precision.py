@@ -1,53 +1,35 @@
-"""Which code runs a fused op, in which precision, and where kernel outputs are allocated.
+"""Precision: the dtype each computation runs in, and autocast as PyTorch's fused ops follow it.
 
-* CUDA tensors: the Triton kernels (``"triton"``).
-* CPU tensors with ``TRITON_INTERPRET=1`` set before import: the same kernels under Triton's
-  interpreter (``"triton-interpreter"``; it has no bfloat16, so float16 and float32 only).
-* Anything else: the op's memory-frugal PyTorch path (``"torch-chunked"``).
+Scope: the rule the references and the PyTorch paths compute by (float64 inputs in float64,
+everything else in float32), the precision the Triton kernels ask of ``tl.dot``, and autocast.
 
-Autocast: the fused ops follow PyTorch's rule for its lower-precision ops (SDPA, matmul). Inside
+Autocast follows PyTorch's rule for its lower-precision ops (SDPA, matmul): inside
 ``torch.autocast`` for the inputs' device type, floating-point inputs other than float64 are cast
-once to the autocast dtype and the op runs with autocast off; outside autocast, inputs of mixed
-dtypes are an error.
+once to the autocast dtype and the op runs with autocast off, so its own float32 arithmetic stays
+float32; outside autocast, inputs of mixed dtypes are an error (``_validation.check_same_dtype``).
+Autocast is followed on CPU and CUDA only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Sequence
 
 import torch
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON, INTERPRETER, CHUNKED = "triton", "triton-interpreter", "torch-chunked"
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def select(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
-    """The path for an op whose main input is ``t``, computing in ``dtype`` (default ``t.dtype``)."""
-    dtype = dtype or t.dtype
-    if t.is_cuda:
-        return TRITON
-    if t.device.type == "cpu" and INTERPRETED and dtype in (torch.float16, torch.float32):
-        return INTERPRETER
-    return CHUNKED
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype eager code computes in for inputs of ``dtype``: float64 for float64 (so tests can
+    measure a kernel's error against a float64 truth), float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_kernel_dtype(name: str, dtype: torch.dtype, device: torch.device, backend: str) -> None:
-    if backend != CHUNKED and dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{name}: expected float16, bfloat16 or float32 on {device.type}, got {dtype}")
-
-
-def new_output(shape, dtype, device) -> torch.Tensor:
-    """Every kernel output is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# --------------------------------------------------------------------------------------------
-# autocast
-# --------------------------------------------------------------------------------------------
+def dot_precision(dtype: torch.dtype) -> Optional[str]:
+    """``tl.dot``'s ``input_precision`` for inputs of ``dtype``: true float32 products ("ieee", not
+    TF32) for float32, Triton's default for half precision."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def autocast_dtype(t) -> Optional[torch.dtype]:
@@ -79,8 +61,7 @@ def autocast_inputs(amp: Optional[torch.dtype], *tensors):
 
 
 def autocast_off(device: torch.device):
-    """A context in which autocast is off for ``device``'s type (the fused ops' bodies run in it,
-    so their own float32 arithmetic stays float32)."""
+    """A context in which autocast is off for ``device``'s type (the fused ops' bodies run in it)."""
     if device.type in AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

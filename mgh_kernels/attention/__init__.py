@@ -1,0 +1,65 @@
+"""Flash attention that also emits per-key column sums (the weights of ATA pooling).
+
+``ata_attention(q, k, v, ...)`` returns the attention output and, for each key, the attention it
+receives: the sum over valid queries of the softmax probabilities, averaged over query heads, with
+the semantics of ``reference.attention_with_colsum``, never storing an L x L matrix.
+
+Scope and caveats: self-attention only (queries and keys are the same L positions), causal or
+bidirectional, a [B, L] key padding mask (left or right), GQA, head dims up to 256; no dropout, no
+sliding window, no KV cache. Forward and backward are exact through both outputs (the column-sum
+gradient flows through the softmax). bfloat16 runs on CUDA only (Triton's interpreter has none);
+the GPU tile choices were measured on an H100 (``benchmarks/RESULTS.md``).
+
+Where each concept lives:
+
+* ``functional.py``: ``ata_attention`` (checks, path, autocast), ``last_backend``, ``last_forward``;
+* ``ops.py``: which forward runs, the autograd Function and the torch.library custom ops;
+* ``forward.py``: the flash pass and the one-sweep forward of short sequences (Triton);
+* ``colsum.py``: the column-sum pass (Triton); ``poly_exp2.py``: its experimental polynomial 2**x;
+* ``backward.py``: the three backward kernels (Triton);
+* ``masking.py``: the Triton helpers and conventions every kernel shares;
+* ``tiles.py``: the tile choices and ``SHORT_MAX_LENGTH`` (documented, overridable);
+* ``cudnn.py``: the cuDNN gate and ``FLASH_PASS`` (documented, overridable);
+* ``torch_path.py``: the PyTorch path; ``cpu_flash.py`` its CPU forward and backward.
+
+Only the Triton files import triton; without it ``ata_attention`` runs its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+from . import cudnn, tiles
+from .functional import MAX_HEAD_DIM, ata_attention, last_backend, last_forward
+
+__all__ = ["MAX_HEAD_DIM", "ata_attention", "cudnn", "last_backend", "last_forward", "tiles"]
+
+_MOVED = {"FLASH_PASS": cudnn, "SHORT_MAX_LENGTH": tiles}  # settings that lived here, and their home
+
+
+class _Package(types.ModuleType):
+    """Reads and writes of a moved setting reach its new module (with a DeprecationWarning), so
+    ``mgh_kernels.attention.FLASH_PASS = "triton"`` keeps working."""
+
+    def __getattr__(self, name):
+        if name in _MOVED:
+            _warn_moved(name)
+            return getattr(_MOVED[name], name)
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in _MOVED:
+            _warn_moved(name)
+            setattr(_MOVED[name], name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+def _warn_moved(name: str) -> None:
+    home = _MOVED[name].__name__
+    warnings.warn(f"mgh_kernels.attention.{name} moved to {home}.{name}", DeprecationWarning, stacklevel=3)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,0 +1,159 @@
+"""``ata_attention`` on the CPU: a forward that sweeps blocks of query rows once, and PyTorch's own
+CPU flash-attention backward.
+
+Forward. For each block of ``ROWS`` query rows (all heads together) one GEMM gives the scores
+against every key it may see; their softmax gives the block's output rows (a second GEMM), its
+log-sum-exp, and its share of every key's column sum (a matrix-vector product). A block's scores
+stay in cache; nothing L x L is held for the batch.
+
+Backward. ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` re-computes the
+probabilities from the log-sum-exp. The column sums' gradient g [B, L] enters as one more value
+column: with v' = [v, g / H], out' = [out, P g / H] and dout' = [dout, 1] on real queries,
+dout' v'^T = dout v^T + 1 g^T / H is the whole gradient of the probabilities, so the op's dq, dk
+(and dv, less its last column) are the gradients of both outputs. The op wants one head dim for
+q, k and v, so q and k take a zero column. ``P g`` is one more sweep of the scores.
+
+Padding. Padded keys get a large finite negative bias instead of -inf, so a padded query that
+sees only padded keys (left padding, causal) keeps a finite softmax in both passes; its output
+row, its share of the column sums and its gradient are then dropped.
+
+Arithmetic in float32 (float64 for float64 inputs), as in ``reference.attention_with_colsum``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._precision import compute_dtype
+
+ROWS = 32
+"""Query rows per block of the sweeps (times heads and keys: the scores held at once)."""
+
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether this path runs ``q``'s device (the CPU)."""
+    return q.device.type == "cpu"
+
+
+def _heads(t: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv * group, L, D]: query head h reads kv head h // group (GQA)."""
+    if group == 1:
+        return t
+    b, h, l, d = t.shape
+    return t[:, :, None].expand(b, h, group, l, d).reshape(b, h * group, l, d)
+
+
+def _key_bias(valid, dtype: torch.dtype):
+    """[B, 1, 1, L]: 0 at real keys, a large finite negative at padded ones (None without a mask)."""
+    if valid is None:
+        return None
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~valid, torch.finfo(dtype).min / 4)[:, None, None, :]
+
+
+def _blocks(q, k, bias, causal: bool, scale: float):
+    """Yield (start, stop, keys, scores [B*H, stop - start, keys]) for each block of query rows;
+    q [B, H, L, D], k the same heads; ``keys`` stops at the block's last row when causal."""
+    b, h, l, _ = q.shape
+    qs = (q * scale).flatten(0, 1)
+    kt = k.flatten(0, 1).transpose(1, 2).contiguous()
+    bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
+    for start in range(0, l, ROWS):
+        stop = min(l, start + ROWS)
+        keys = stop if causal else l
+        s = torch.bmm(qs[:, start:stop], kt[:, :, :keys])
+        if bias is not None:
+            s.add_(bias[:, :, :keys])
+        if causal and stop - start > 1:
+            later = torch.ones(stop - start, stop - start, dtype=torch.bool, device=q.device).triu(1)
+            s[:, :, start:stop].masked_fill_(later, float("-inf"))
+        yield start, stop, keys, s
+
+
+def _forward(q, k, v, valid, causal: bool, scale: float):
+    """out [B, H, L, D] (zero at padded queries), lse [B, H, L] of the scaled scores, colsum [B, L]
+    (sum over real queries, mean over heads); q, k, v in one compute dtype, k and v per query head."""
+    b, h, l, d = q.shape
+    vf = v.flatten(0, 1)
+    keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
+    out = torch.empty(b * h, l, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
+    col = torch.zeros(b * h, 1, l, dtype=q.dtype, device=q.device)
+    for start, stop, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
+        top = s.amax(dim=-1, keepdim=True)
+        p = s.sub_(top).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        lse[:, start:stop] = top + total.log()
+        weight = total.reciprocal_()
+        if keep is not None:
+            weight.mul_(keep[:, start:stop])
+        torch.bmm(p, vf[:, :keys], out=out[:, start:stop])
+        out[:, start:stop].mul_(weight)
+        col[:, :, :keys].baddbmm_(weight.transpose(1, 2), p)
+    return out.view(b, h, l, d), lse.view(b, h, l), col.view(b, h, l).mean(dim=1)
+
+
+def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torch.Tensor:
+    """[B, H, L]: P g, P the attention probabilities, g [B, L] one value per key."""
+    b, h, l, _ = q.shape
+    lse = lse.reshape(b * h, l, 1)
+    gf = g[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
+    pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
+    for start, stop, keys, s in _blocks(q, k, bias, causal, scale):
+        torch.bmm(s.sub_(lse[:, start:stop]).exp_(), gf[:, :keys], out=pg[:, start:stop])
+    return pg.view(b, h, l)
+
+
+def _backward(q, k, v, out, lse, valid, causal: bool, scale: float, dout, dcolsum):
+    b, h, l, d = q.shape
+    bias = _key_bias(valid, q.dtype)
+    keep = torch.ones(b, 1, l, 1, dtype=q.dtype, device=q.device) if valid is None else \
+        valid.to(q.dtype)[:, None, :, None]
+    dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype) * keep
+    if dcolsum is None:
+        return _FLASH_BACKWARD(dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
+    g = dcolsum.to(q.dtype) / h
+    pg = _probabilities_times(q, k, lse, bias, causal, scale, g)
+    zero = q.new_zeros(b, h, l, 1)
+    dq, dk, dv = _FLASH_BACKWARD(
+        torch.cat([dout, keep.expand(b, h, l, 1)], dim=-1),
+        torch.cat([q, zero], dim=-1),
+        torch.cat([k, zero], dim=-1),
+        torch.cat([v, g[:, None, :, None].expand(b, h, l, 1)], dim=-1),
+        torch.cat([out, pg[..., None]], dim=-1),
+        lse, 0.0, causal, attn_mask=bias, scale=scale)
+    return dq[..., :d], dk[..., :d], dv[..., :d]
+
+
+class CPUAttentionFunction(torch.autograd.Function):
+    """(out, colsum) of ``attention``, with the backward above; q, k, v as given (any float dtype)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, valid, causal, scale):
+        compute = compute_dtype(q.dtype)
+        group = q.shape[1] // k.shape[1]
+        qc, kc, vc = q.to(compute), _heads(k.to(compute), group), _heads(v.to(compute), group)
+        out, lse, colsum = _forward(qc, kc, vc, valid, causal, scale)
+        ctx.save_for_backward(qc, kc, vc, out, lse, valid)
+        ctx.causal, ctx.scale, ctx.group, ctx.dtypes = causal, scale, group, (q.dtype, k.dtype, v.dtype)
+        return out.to(q.dtype), colsum if colsum.dtype == torch.float64 else colsum.float()
+
+    @staticmethod
+    def backward(ctx, dout, dcolsum):
+        qc, kc, vc, out, lse, valid = ctx.saved_tensors
+        dq, dk, dv = _backward(qc, kc, vc, out, lse, valid, ctx.causal, ctx.scale, dout, dcolsum)
+        if ctx.group > 1:
+            b, h, l, d = dk.shape
+            dk = dk.reshape(b, h // ctx.group, ctx.group, l, d).sum(2)
+            dv = dv.reshape(b, h // ctx.group, ctx.group, l, d).sum(2)
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None
+
+
+def attention(q, k, v, mask, causal: bool, scale: float, return_colsum: bool):
+    """(out [B, Hq, L, D] in q's dtype, colsum [B, L] float32 (float64 for float64 inputs) or None);
+    ``mask`` the [B, L] bool key padding mask or None."""
+    out, colsum = CPUAttentionFunction.apply(q, k, v, mask, causal, scale)
+    return out, (colsum if return_colsum else None)

@@ -1,0 +1,116 @@
+"""``ata_attention`` on the CPU's PyTorch path (``attention/cpu_flash.py``): outputs and gradients
+against the float64 reference, by flash-attention's rule (at most twice the error of PyTorch's
+eager attention in the same precision, plus a small absolute term)."""
+
+import pytest
+import torch
+from random_inputs import padding_mask
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mgh_kernels import ata_attention, attention, reference, use_backend
+from mgh_kernels.attention import cpu_flash
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+SHAPES = [
+    # B, Hq, Hkv, L, D
+    (1, 1, 1, 1, 16),
+    (2, 4, 2, 23, 24),  # GQA, odd sizes
+    (3, 3, 1, 40, 32),  # MQA, several row blocks
+    (2, 2, 2, 70, 64),  # row blocks that do not divide L
+]
+
+
+def eager(q, k, v, causal, mask, scale):
+    """PyTorch's eager attention in the inputs' own dtype (out, colsum): the error baseline."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    length = q.shape[2]
+    allowed = mask[:, None, None, :].expand(q.shape[0], 1, length, length)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    probs = torch.softmax(((q @ k.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = probs * mask[:, None, :, None].to(probs.dtype)
+    return probs @ v, probs.sum(2).mean(1)
+
+
+def run(fn, q, k, v, w, c):
+    """(out, colsum, dq, dk, dv) of sum(out * w) + sum(colsum * c), all float64."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, colsum = fn(q, k, v)
+    ((out.double() * w).sum() + (colsum.double() * c).sum()).backward()
+    return [out.double(), colsum.double()] + [t.grad.double() for t in (q, k, v)]
+
+
+@pytest.fixture(params=[8, 32], ids=["rows8", "rows32"])
+def rows(request, monkeypatch):
+    monkeypatch.setattr(cpu_flash, "ROWS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_outputs_and_gradients_within_the_rule(shape, causal, side, dtype, rows, gen):
+    batch, hq, hkv, length, dim = shape
+    q = torch.randn(batch, hq, length, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, hkv, length, dim, generator=gen).to(dtype) for _ in range(2))
+    mask = padding_mask(batch, length, side, gen)
+    w = torch.randn(batch, hq, length, dim, generator=gen, dtype=torch.float64)
+    c = torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    scale = dim ** -0.5
+    with use_backend("torch"):
+        ours = run(lambda *a: ata_attention(*a, causal=causal, key_padding_mask=mask), q, k, v, w, c)
+    assert attention.last_backend() == "torch-chunked"
+    truth = run(lambda *a: reference.attention_with_colsum(*a, causal=causal, key_padding_mask=mask),
+                q.double(), k.double(), v.double(), w, c)
+    base = run(lambda *a: eager(*a, causal, mask, scale), q, k, v, w, c)
+    for name, got, want, own in zip(["out", "colsum", "dq", "dk", "dv"], ours, truth, base):
+        err, own_err = (got - want).abs().max().item(), (own - want).abs().max().item()
+        bound = 2 * own_err + ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} against float64, eager's {own_err:.3g}"
+    assert (ours[0][~mask[:, None, :, None].expand_as(ours[0])] == 0).all()  # padded queries: zero rows
+    assert (ours[1][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("use", ["out", "colsum"])
+def test_gradients_when_only_one_output_is_used(use, gen):
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = padding_mask(2, 37, "left", gen)
+    with use_backend("torch"):
+        out, colsum = ata_attention(q, k, v, causal=True, key_padding_mask=mask)
+    want_out, want_colsum = reference.attention_with_colsum(q, k, v, causal=True, key_padding_mask=mask)
+    got = torch.autograd.grad((out if use == "out" else colsum).square().sum(), (q, k, v), allow_unused=True)
+    want = torch.autograd.grad((want_out if use == "out" else want_colsum).square().sum(), (q, k, v),
+                               allow_unused=True)  # the column sums do not depend on v
+    for g, w, t in zip(got, want, (q, k, v)):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(t),
+                                   w if w is not None else torch.zeros_like(t), rtol=1e-9, atol=1e-10)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_never_holds_the_batch_scores(causal, gen):
+    """Forward and backward hold one block of rows' scores at a time, never B x H x L x L."""
+    batch, heads, length, dim = 2, 4, 256, 16
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen, requires_grad=True) for _ in range(3))
+    with use_backend("torch"), LargestTensor() as seen:
+        out, colsum = ata_attention(q, k, v, causal=causal)
+        (out.sum() + colsum.sum()).backward()
+    assert seen.largest <= batch * heads * cpu_flash.ROWS * length < batch * heads * length * length
