@@ -26,7 +26,7 @@ import torch
 
 from .._precision import compute_dtype
 
-ROWS = 32
+ROWS = 64
 """Query rows per block of the sweeps (times heads and keys: the scores held at once)."""
 
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
