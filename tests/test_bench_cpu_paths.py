@@ -1,18 +1,13 @@
 """``benchmarks/bench_cpu_paths.py``'s step functions run once here, at small shapes, so the
 benchmark cannot rot between the runs that time it."""
 
-import importlib.util
-from pathlib import Path
-
+import benchmark_modules
 import pytest
 import torch
 
 from mgh_kernels import infonce_loss
 
-SPEC = importlib.util.spec_from_file_location(
-    "bench_cpu_paths", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_paths.py")
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = benchmark_modules.load("bench_cpu_paths")
 
 
 @pytest.mark.parametrize("part", ["fwd", "fwd+bwd"])

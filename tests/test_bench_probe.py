@@ -1,18 +1,13 @@
 """benchmarks/bench_infonce.py on the CPU: its largest-batch probe, on a fake device whose memory
 ends at a known B, and its eager baseline against the reference."""
 
-import importlib.util
-from pathlib import Path
-
+import benchmark_modules
 import pytest
 import torch
 
 from mgh_kernels import reference
 
-SPEC = importlib.util.spec_from_file_location(
-    "bench_infonce", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infonce.py")
-bench_infonce = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench_infonce)
+bench_infonce = benchmark_modules.load("bench_infonce")
 
 
 @pytest.mark.parametrize("capacity", [4096, 5000, 12345, 65536, 100_000, 1 << 21])

@@ -2,22 +2,16 @@
 run (and compute the same loss: GradCache is the plain step's arithmetic), the memory probe
 brackets a budget, and the table comes out."""
 
-import importlib.util
-from pathlib import Path
-
+import benchmark_modules
 import pytest
 import torch
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
-SPEC = importlib.util.spec_from_file_location(
-    "bench_scale", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py")
-bench_scale = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench_scale)
+bench_scale = benchmark_modules.load("bench_scale")
 
-TINY = {**bench_scale.SMOLLM2_135M, "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2}
+TINY = benchmark_modules.tiny(bench_scale.SMOLLM2_135M)
 
 
 def test_both_steps_run_and_agree():

@@ -4,24 +4,19 @@ output_attentions variants compute the same first loss; and every variant steps 
 the trainer's defaults take on a GPU (bfloat16 base weights under bfloat16 autocast), and in
 float16 autocast with its gradient scaler."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
+import benchmark_modules
 import pytest
 import torch
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
-SPEC = importlib.util.spec_from_file_location(
-    "bench_train", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py")
-bench_train = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench_train)
+bench_train = benchmark_modules.load("bench_train")
 
-TINY = {**bench_train.SMOLLM2_135M, "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2}
+TINY = benchmark_modules.tiny(bench_train.SMOLLM2_135M)
 
 
 def test_every_variant_steps_and_ata_matches_eager():
