@@ -64,8 +64,7 @@ def first_non_finite(embedder, texts: Sequence[str], instructions: Optional[Sequ
     parameter = non_finite_parameter(embedder)
     if parameter is not None:
         return f"the trainable parameter {parameter} is not finite"
-    features = embedder.tokenize(list(texts), instruction=list(instructions) if instructions else None)
-    features = {k: v.to(embedder.device) for k, v in features.items()}
+    features = _features(embedder, texts, instructions)
 
     def forward():
         with context():
@@ -77,4 +76,27 @@ def first_non_finite(embedder, texts: Sequence[str], instructions: Optional[Sequ
     return "every parameter and layer output is finite, so the loss itself overflowed (raise --tau?)"
 
 
-__all__ = ["first_non_finite", "non_finite_module", "non_finite_parameter"]
+@torch.no_grad()
+def non_finite_colsum(embedder, texts: Sequence[str], instructions: Optional[Sequence[str]] = None, *,
+                      context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                      ) -> Optional[str]:
+    """Under ATA, what is wrong when the fused layer's column sums of ``texts`` are not finite (the
+    pooling weights, and so every embedding, are then NaN); None otherwise, or without ATA.
+    ``context()`` wraps the forward pass."""
+    if embedder.capture is None:
+        return None
+    features = _features(embedder, texts, instructions)
+    with context():
+        _, colsum = embedder.token_states(features)
+    if colsum is None or bool(torch.isfinite(colsum[features["attention_mask"].bool()]).all()):
+        return None
+    return "colsum: the ATA layer's column sums are not finite"
+
+
+def _features(embedder, texts: Sequence[str], instructions: Optional[Sequence[str]]) -> dict:
+    """``texts`` tokenized as queries of ``instructions``, on the embedder's device."""
+    features = embedder.tokenize(list(texts), instruction=list(instructions) if instructions else None)
+    return {k: v.to(embedder.device) for k, v in features.items()}
+
+
+__all__ = ["first_non_finite", "non_finite_colsum", "non_finite_module", "non_finite_parameter"]

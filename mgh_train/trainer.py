@@ -45,7 +45,7 @@ from .checkpoints import (load_weights_and_optimizer, plan_run, rank_rng_state, 
 from .checks import check_base_model
 from .config import TrainConfig
 from .data import Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs
-from .diagnose import first_non_finite
+from .diagnose import first_non_finite, non_finite_colsum
 from .distributed import Ranks
 from .metrics import RunLog
 from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
@@ -494,27 +494,12 @@ def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpo
     texts, instructions = [e.query for e in examples], [instruction_of(e) for e in examples]
     context = lambda: engine.whole_forward(embedder.autocast())  # noqa: E731 - FSDP2's root unsharded too
     culprit = first_non_finite(embedder, texts, instructions, context=context)
-    cause = _non_finite_colsum(embedder, texts, instructions, context)
+    cause = non_finite_colsum(embedder, texts, instructions, context=context)
     what = f"the model's activations are not finite ({cause})" if cause else "the loss is not finite"
     where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
     return NonFiniteTraining(
         f"step {step}: {what}: {culprit}; so training stopped before its update reached the weights{where}. "
         "Lower --lr, raise --tau, or check the data.", step=step, where=culprit)
-
-
-@torch.no_grad()
-def _non_finite_colsum(embedder: Embedder, texts: list, instructions: list, context: Callable) -> Optional[str]:
-    """Under ATA, what is wrong when the fused layer's column sums of ``texts`` are not finite (the
-    pooling weights, and so every embedding, are then NaN); None otherwise. ``context()``: the
-    context the model's forward runs in."""
-    if embedder.capture is None:
-        return None
-    features = {k: v.to(embedder.device) for k, v in embedder.tokenize(texts, instruction=instructions).items()}
-    with context():
-        _, colsum = embedder.token_states(features)
-    if colsum is None or bool(torch.isfinite(colsum[features["attention_mask"].bool()]).all()):
-        return None
-    return "colsum: the ATA layer's column sums are not finite"
 
 
 __all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "retrieval_accuracy", "spearman", "sts_dev_spearman",
