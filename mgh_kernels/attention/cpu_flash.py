@@ -1,10 +1,11 @@
 """``ata_attention`` on the CPU: a forward that sweeps blocks of query rows once, and PyTorch's own
 CPU flash-attention backward.
 
-Forward. For each block of ``ROWS`` query rows (all heads together) one GEMM gives the scores
-against every key it may see; their softmax gives the block's output rows (a second GEMM), its
-log-sum-exp, and its share of every key's column sum (a matrix-vector product). A block's scores
-stay in cache; nothing L x L is held for the batch.
+Forward. For each block of up to ``ROWS`` query rows, over as many heads as keep its scores within
+``BLOCK_ELEMENTS`` (``block_heads``), one GEMM gives the scores against every key the rows may see;
+their softmax gives the block's output rows (a second GEMM), its log-sum-exp, and its share of
+every key's column sum (a matrix-vector product). A block's scores stay in cache; nothing
+L x L is held for the batch.
 
 Backward. ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` re-computes the
 probabilities from the log-sum-exp. The column sums' gradient g [B, L] enters as one more value
@@ -22,12 +23,17 @@ Arithmetic in float32 (float64 for float64 inputs), as in ``reference.attention_
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._precision import compute_dtype
 
-ROWS = 64
-"""Query rows per block of the sweeps (times heads and keys: the scores held at once)."""
+ROWS = 128
+"""Query rows per block of the sweeps, at most."""
+
+BLOCK_ELEMENTS = 1 << 19
+"""Scores one block may hold (2 MiB in float32, a core's L2): heads join a block while they fit."""
 
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -35,6 +41,19 @@ _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 def supports(q: torch.Tensor) -> bool:
     """Whether this path runs ``q``'s device (the CPU)."""
     return q.device.type == "cpu"
+
+
+def block_heads(rows: int, keys: int, heads: int) -> int:
+    """Heads (of ``heads`` = B x H) in one block of ``rows`` query rows against ``keys`` keys: as many
+    as keep the block's scores within ``BLOCK_ELEMENTS``, at least one. Override to retune."""
+    return max(1, min(heads, BLOCK_ELEMENTS // max(1, rows * keys)))
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    """The least exponent whose exp is a normal number: the sweeps clamp to it before ``exp_``,
+    because the CPU's vectorised exp is tens of times slower where its result underflows (masked
+    and far-below-the-maximum scores), and the clamped terms add under 1e-37 to a sum of at least 1."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 def _heads(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -54,8 +73,9 @@ def _key_bias(valid, dtype: torch.dtype):
 
 
 def _blocks(q, k, bias, causal: bool, scale: float):
-    """Yield (start, stop, keys, scores [B*H, stop - start, keys]) for each block of query rows;
-    q [B, H, L, D], k the same heads; ``keys`` stops at the block's last row when causal."""
+    """Yield (heads, rows, keys, scores [heads, rows, keys]) for each block: ``heads`` a slice of the
+    B x H heads, ``rows`` of the query rows, ``keys`` the keys they may see (up to the block's last
+    row when causal), scores scaled, with the key bias and the causal mask (-inf) applied."""
     b, h, l, _ = q.shape
     qs = (q * scale).flatten(0, 1)
     kt = k.flatten(0, 1).transpose(1, 2).contiguous()
@@ -63,36 +83,46 @@ def _blocks(q, k, bias, causal: bool, scale: float):
     for start in range(0, l, ROWS):
         stop = min(l, start + ROWS)
         keys = stop if causal else l
-        s = torch.bmm(qs[:, start:stop], kt[:, :, :keys])
-        if bias is not None:
-            s.add_(bias[:, :, :keys])
+        later = None
         if causal and stop - start > 1:
             later = torch.ones(stop - start, stop - start, dtype=torch.bool, device=q.device).triu(1)
-            s[:, :, start:stop].masked_fill_(later, float("-inf"))
-        yield start, stop, keys, s
+        step = block_heads(stop - start, keys, b * h)
+        for first in range(0, b * h, step):
+            heads = slice(first, min(b * h, first + step))
+            if bias is None:
+                s = torch.bmm(qs[heads, start:stop], kt[heads, :, :keys])
+            else:
+                s = torch.baddbmm(bias[heads, :, :keys], qs[heads, start:stop], kt[heads, :, :keys])
+            if later is not None:
+                s[:, :, start:stop].masked_fill_(later, float("-inf"))
+            yield heads, slice(start, stop), keys, s
 
 
 def _forward(q, k, v, valid, causal: bool, scale: float):
     """out [B, H, L, D] (zero at padded queries), lse [B, H, L] of the scaled scores, colsum [B, L]
-    (sum over real queries, mean over heads); q, k, v in one compute dtype, k and v per query head."""
+    (sum over real queries, mean over heads, zero at padded keys); q, k, v in one compute dtype, k
+    and v per query head."""
     b, h, l, d = q.shape
     vf = v.flatten(0, 1)
+    floor = _exp_floor(q.dtype)
     keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
     out = torch.empty(b * h, l, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
     col = torch.zeros(b * h, 1, l, dtype=q.dtype, device=q.device)
-    for start, stop, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
+    for heads, rows, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
         top = s.amax(dim=-1, keepdim=True)
-        p = s.sub_(top).exp_()
+        p = s.sub_(top).clamp_min_(floor).exp_()
         total = p.sum(dim=-1, keepdim=True)
-        lse[:, start:stop] = top + total.log()
+        torch.add(top, total.log(), out=lse[heads, rows])
         weight = total.reciprocal_()
         if keep is not None:
-            weight.mul_(keep[:, start:stop])
-        torch.bmm(p, vf[:, :keys], out=out[:, start:stop])
-        out[:, start:stop].mul_(weight)
-        col[:, :, :keys].baddbmm_(weight.transpose(1, 2), p)
-    return out.view(b, h, l, d), lse.view(b, h, l), col.view(b, h, l).mean(dim=1)
+            weight.mul_(keep[heads, rows])
+        torch.mul(torch.bmm(p, vf[heads, :keys]), weight, out=out[heads, rows])
+        col[heads, :, :keys].baddbmm_(weight.transpose(1, 2), p)
+    colsum = col.view(b, h, l).mean(dim=1)
+    if valid is not None:
+        colsum.mul_(valid)
+    return out.view(b, h, l, d), lse.view(b, h, l), colsum
 
 
 def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torch.Tensor:
@@ -100,9 +130,10 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
     b, h, l, _ = q.shape
     lse = lse.reshape(b * h, l, 1)
     gf = g[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
+    floor = _exp_floor(q.dtype)
     pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
-    for start, stop, keys, s in _blocks(q, k, bias, causal, scale):
-        torch.bmm(s.sub_(lse[:, start:stop]).exp_(), gf[:, :keys], out=pg[:, start:stop])
+    for heads, rows, keys, s in _blocks(q, k, bias, causal, scale):
+        torch.bmm(s.sub_(lse[heads, rows]).clamp_min_(floor).exp_(), gf[heads, :keys], out=pg[heads, rows])
     return pg.view(b, h, l)
 
 
