@@ -585,6 +585,23 @@ def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, no
         assert infonce_loss(*leaves, reduction=reduction, normalize=normalize).item() == loss.item()
 
 
+def test_torch_path_zero_candidates_follow_normalize(gen):
+    """A zero candidate (e.g. an all-padding text's embedding) has F.normalize's value and gradient
+    on the PyTorch path, whose normalisation is a scale of the logits' columns."""
+    q, pos, neg = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    pos[1], neg[3, 0] = 0.0, 0.0
+    leaves = [t.clone().requires_grad_() for t in (q, pos, neg)]
+    truth = [t.double().requires_grad_() for t in (q, pos, neg)]
+    with use_backend("torch", chunk_elements=30):
+        loss = infonce_loss(*leaves)
+    want = reference.infonce(*truth)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    want.backward()
+    for got, wanted in zip(leaves, truth):
+        torch.testing.assert_close(got.grad.double(), wanted.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["torch-chunked", "kernels"])
 def test_queries_of_a_later_rank(monkeypatch, path, gen):
     """With gathered candidates a rank's queries find their positives at pos_offset: rows 6.. of a

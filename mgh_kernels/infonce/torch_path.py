@@ -4,8 +4,11 @@ interpreter, bfloat16 on the CPU, machines without triton, or ``use_backend("tor
 A chunk of queries at a time (at most ``backend.chunk_elements()`` logits): memory is one chunk of
 logits, never B x N. A mean or sum over every candidate of the batch (``loss``) makes its
 gradients in the forward, chunk by chunk (the softmax minus the target, times the candidates and
-the queries: the two GEMMs autograd's backward would run), and backward only scales them, so it
-costs what the eager loss costs, without its B x N logits. Per-query losses (``losses``) run each
+the queries: the two GEMMs autograd's backward would run), and backward only scales them. It
+neither concatenates nor normalises the candidates: each chunk's GEMMs read pos and neg where they
+lie, and the cosine's 1 / |c| joins 1 / tau as a scale of the logits' columns (the candidates'
+gradient then drops its component along c, as ``F.normalize``'s backward does). So it costs less
+than the eager loss, without its B x N logits. Per-query losses (``losses``) run each
 chunk under activation checkpointing when a gradient will be taken, so backward re-computes its
 logits. Arithmetic in float32 (float64 for float64 inputs), as in ``reference.infonce``.
 """
@@ -49,46 +52,87 @@ def losses(q, pos, neg, tau: float, normalize: bool, own: bool, pos_offset: int)
     return out if out.dtype == torch.float64 else out.float()
 
 
+_EPS = 1e-12
+"""F.normalize's eps: a candidate's norm counts as at least this."""
+
+
+def _column_scales(parts, tau: float, normalize: bool):
+    """(scale [N], norms [N] or None): logit = q . c * scale, scale = 1 / (tau |c|) (or 1 / tau)."""
+    if not normalize:
+        count = sum(part.shape[0] for part in parts)
+        return parts[0].new_full((count,), 1.0 / tau), None
+    norms = torch.cat([torch.linalg.vector_norm(part, dim=-1) for part in parts])
+    return norms.clamp_min(_EPS).mul_(tau).reciprocal_(), norms
+
+
 class _GlobalLossFunction(torch.autograd.Function):
-    """Sum over queries of -log softmax(qn_i . cands / tau)[offset + i] for normalised qn [B, D] and
-    cands [N, D]; the gradients with respect to both are made in forward when ``grad``."""
+    """Sum over queries of -log softmax(logits_i)[offset + i], logits_ij = q_i . c_j / tau with the
+    candidates c = [pos; neg] raw and divided by their norms (as ``F.normalize``) when ``normalize``:
+    the normalisation is a scale of the logits' columns, so the candidates are never copied,
+    concatenated or normalised. q [B, D] (normalised by the caller), pos [P, D], neg [M, D] in one
+    compute dtype. With ``grad`` the gradients of all three are made in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, qn, cands, tau, offset, grad):
-        batch, count = qn.shape[0], cands.shape[0]
+    def forward(ctx, q, pos, neg, tau, offset, normalize, grad):
+        parts = [part for part in (pos, neg) if part.shape[0]]
+        bounds = [0]
+        for part in parts:
+            bounds.append(bounds[-1] + part.shape[0])
+        scale, norms = _column_scales(parts, tau, normalize)
+        batch, count = q.shape[0], bounds[-1]
         rows = max(1, min(batch, backend.chunk_elements() // max(1, count)))
-        dq = torch.empty_like(qn) if grad else None
-        dc = torch.zeros_like(cands) if grad else None
-        total = qn.new_zeros(())
+        buffer = q.new_empty(rows, count)
+        dq = torch.empty_like(q) if grad else None
+        raw = [torch.zeros_like(part) for part in parts] if grad else None  # sum_i G_ij scale_j q_i
+        total = q.new_zeros(())
         for start in range(0, batch, rows):
             stop = min(batch, start + rows)
-            logits = torch.mm(qn[start:stop], cands.T).div_(tau)
-            at = torch.arange(stop - start, device=qn.device)
+            logits, chunk = buffer[: stop - start], q[start:stop]
+            for part, lo, hi in zip(parts, bounds, bounds[1:]):
+                torch.mm(chunk, part.T, out=logits[:, lo:hi])
+            logits.mul_(scale)
+            at = torch.arange(stop - start, device=q.device)
             target = at + start + offset
-            lse = torch.logsumexp(logits, dim=1)
-            total = total + (lse - logits[at, target]).sum()
+            top = logits.amax(dim=1, keepdim=True)
+            picked = logits[at, target]
+            p = logits.sub_(top).exp_()
+            sums = p.sum(dim=1, keepdim=True)
+            total = total + (top + sums.log()).sum() - picked.sum()
             if grad:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, then minus the one-hot target
+                p.div_(sums)
                 p[at, target] -= 1.0
-                torch.mm(p, cands, out=dq[start:stop]).div_(tau)
-                dc.addmm_(p.T, qn[start:stop], alpha=1.0 / tau)
-        ctx.save_for_backward(dq, dc)
+                p.mul_(scale)  # the gradient of the raw dot products q . c
+                for i, (part, lo, hi) in enumerate(zip(parts, bounds, bounds[1:])):
+                    torch.addmm(dq[start:stop], p[:, lo:hi], part, beta=float(i > 0), out=dq[start:stop])
+                    raw[i].addmm_(p[:, lo:hi].T, chunk)
+        grads = [dq] if grad else []
+        if grad:
+            for part, part_raw, lo, hi in zip(parts, raw, bounds, bounds[1:]):
+                if normalize:  # through c / |c|: drop the component along c (F.normalize's backward)
+                    n = norms[lo:hi, None]
+                    along = (part_raw * part).sum(dim=1, keepdim=True) / n.square().clamp_min(_EPS ** 2)
+                    part_raw.sub_(part * torch.where(n > _EPS, along, 0.0))
+                grads.append(part_raw)
+            if not neg.shape[0]:
+                grads.append(torch.zeros_like(neg))
+        ctx.save_for_backward(*grads)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        dq, dc = ctx.saved_tensors
-        return dq * g, dc * g, None, None, None
+        if not ctx.saved_tensors:
+            return None, None, None, None, None, None, None
+        dq, dpos, dneg = ctx.saved_tensors
+        return dq * g, dpos * g, dneg * g, None, None, None, None
 
 
 def loss(q, pos, neg, tau: float, normalize: bool, pos_offset: int, reduction: str):
     """The "global" loss reduced by "mean" or "sum" (float32, float64 for float64 inputs);
     q [B, D], pos [P, D], neg [M, D] flat, query i's target pos[pos_offset + i]."""
     compute = compute_dtype(q.dtype)
-    cands = torch.cat([pos, neg]) if neg.shape[0] else pos
-    qn, cn = q.to(compute), cands.to(compute)
+    qn, pos, neg = q.to(compute), pos.to(compute), neg.to(compute)
     if normalize:
-        qn, cn = F.normalize(qn, dim=-1), F.normalize(cn, dim=-1)
+        qn = F.normalize(qn, dim=-1)
     grad = torch.is_grad_enabled() and (q.requires_grad or pos.requires_grad or neg.requires_grad)
-    total = _GlobalLossFunction.apply(qn, cn, tau, pos_offset, grad)
+    total = _GlobalLossFunction.apply(qn, pos, neg, tau, pos_offset, normalize, grad)
     return total / q.shape[0] if reduction == "mean" else total
