@@ -78,7 +78,7 @@ def _blocks(q, k, bias, causal: bool, scale: float):
     row when causal), scores scaled, with the key bias and the causal mask (-inf) applied."""
     b, h, l, _ = q.shape
     qs = (q * scale).flatten(0, 1)
-    kt = k.flatten(0, 1).transpose(1, 2).contiguous()
+    kt = k.flatten(0, 1).transpose(1, 2)  # a view: the GEMMs read k transposed, no copy
     bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
     for start in range(0, l, ROWS):
         stop = min(l, start + ROWS)
