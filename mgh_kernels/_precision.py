@@ -13,6 +13,7 @@ Autocast is followed on CPU and CUDA only.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype eager code computes in for inputs of ``dtype``: float64 for float64 (so tests can
     measure a kernel's error against a float64 truth), float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """The least exponent whose exp is a normal ``dtype`` number. The PyTorch paths clamp
+    max-subtracted logits to it before ``exp_``: the CPU's vectorised exp is tens of times slower
+    where its result underflows (masked scores, or any 87 below the row's maximum in float32), and
+    the clamped terms add under 1e-37 to a softmax sum of at least 1."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 def dot_precision(dtype: torch.dtype) -> Optional[str]:

@@ -585,6 +585,24 @@ def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, no
         assert infonce_loss(*leaves, reduction=reduction, normalize=normalize).item() == loss.item()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_path_spread_logits(reduction, gen):
+    """Raw dot products spread over thousands: most softmax terms underflow, which the PyTorch path
+    clamps before exp (``exp_floor``); loss and gradients still match the float64 computation."""
+    q, pos, neg = (3 * torch.randn(*shape, generator=gen) for shape in ((7, 16), (7, 16), (7, 2, 16)))
+    leaves = [t.clone().requires_grad_() for t in (q, pos, neg)]
+    truth = [t.double().requires_grad_() for t in (q, pos, neg)]
+    with use_backend("torch", chunk_elements=40):
+        loss = infonce_loss(*leaves, normalize=False, reduction=reduction)
+    want = F.cross_entropy(truth[0] @ torch.cat([truth[1], truth[2].reshape(-1, 16)]).T / 0.05,
+                           torch.arange(7), reduction=reduction)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-4)
+    loss.sum().backward()
+    want.sum().backward()
+    for got, wanted in zip(leaves, truth):
+        torch.testing.assert_close(got.grad.double(), wanted.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_torch_path_zero_candidates_follow_normalize(gen):
     """A zero candidate (e.g. an all-padding text's embedding) has F.normalize's value and gradient
     on the PyTorch path, whose normalisation is a scale of the logits' columns."""

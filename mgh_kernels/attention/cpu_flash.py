@@ -23,11 +23,9 @@ Arithmetic in float32 (float64 for float64 inputs), as in ``reference.attention_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._precision import compute_dtype
+from .._precision import compute_dtype, exp_floor
 
 ROWS = 128
 """Query rows per block of the sweeps, at most."""
@@ -47,13 +45,6 @@ def block_heads(rows: int, keys: int, heads: int) -> int:
     """Heads (of ``heads`` = B x H) in one block of ``rows`` query rows against ``keys`` keys: as many
     as keep the block's scores within ``BLOCK_ELEMENTS``, at least one. Override to retune."""
     return max(1, min(heads, BLOCK_ELEMENTS // max(1, rows * keys)))
-
-
-def _exp_floor(dtype: torch.dtype) -> float:
-    """The least exponent whose exp is a normal number: the sweeps clamp to it before ``exp_``,
-    because the CPU's vectorised exp is tens of times slower where its result underflows (masked
-    and far-below-the-maximum scores), and the clamped terms add under 1e-37 to a sum of at least 1."""
-    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 def _heads(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -104,7 +95,7 @@ def _forward(q, k, v, valid, causal: bool, scale: float):
     and v per query head."""
     b, h, l, d = q.shape
     vf = v.flatten(0, 1)
-    floor = _exp_floor(q.dtype)
+    floor = exp_floor(q.dtype)
     keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
     out = torch.empty(b * h, l, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
@@ -130,7 +121,7 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
     b, h, l, _ = q.shape
     lse = lse.reshape(b * h, l, 1)
     gf = g[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
-    floor = _exp_floor(q.dtype)
+    floor = exp_floor(q.dtype)
     pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
     for heads, rows, keys, s in _blocks(q, k, bias, causal, scale):
         torch.bmm(s.sub_(lse[heads, rows]).clamp_min_(floor).exp_(), gf[heads, :keys], out=pg[heads, rows])

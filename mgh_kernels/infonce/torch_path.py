@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from .._precision import compute_dtype
+from .._precision import compute_dtype, exp_floor
 
 
 def _chunk_losses(q_rows, pos, neg, tau, normalize, own, row_start):
@@ -85,6 +85,7 @@ class _GlobalLossFunction(torch.autograd.Function):
         dq = torch.empty_like(q) if grad else None
         raw = [torch.zeros_like(part) for part in parts] if grad else None  # sum_i G_ij scale_j q_i
         total = q.new_zeros(())
+        floor = exp_floor(q.dtype)
         for start in range(0, batch, rows):
             stop = min(batch, start + rows)
             logits, chunk = buffer[: stop - start], q[start:stop]
@@ -95,7 +96,7 @@ class _GlobalLossFunction(torch.autograd.Function):
             target = at + start + offset
             top = logits.amax(dim=1, keepdim=True)
             picked = logits[at, target]
-            p = logits.sub_(top).exp_()
+            p = logits.sub_(top).clamp_min_(floor).exp_()
             sums = p.sum(dim=1, keepdim=True)
             total = total + (top + sums.log()).sum() - picked.sum()
             if grad:
@@ -110,8 +111,8 @@ class _GlobalLossFunction(torch.autograd.Function):
             for part, part_raw, lo, hi in zip(parts, raw, bounds, bounds[1:]):
                 if normalize:  # through c / |c|: drop the component along c (F.normalize's backward)
                     n = norms[lo:hi, None]
-                    along = (part_raw * part).sum(dim=1, keepdim=True) / n.square().clamp_min(_EPS ** 2)
-                    part_raw.sub_(part * torch.where(n > _EPS, along, 0.0))
+                    along = torch.linalg.vecdot(part_raw, part)[:, None] / n.square().clamp_min(_EPS ** 2)
+                    part_raw.addcmul_(part, torch.where(n > _EPS, along, 0.0), value=-1.0)
                 grads.append(part_raw)
             if not neg.shape[0]:
                 grads.append(torch.zeros_like(neg))
