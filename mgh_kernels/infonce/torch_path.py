@@ -120,9 +120,7 @@ class _GlobalLossFunction(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, g):
-        if not ctx.saved_tensors:
-            return None, None, None, None, None, None, None
+    def backward(ctx, g):  # only reached with grad=True: some input required a gradient
         dq, dpos, dneg = ctx.saved_tensors
         return dq * g, dpos * g, dneg * g, None, None, None, None
 
