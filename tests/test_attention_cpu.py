@@ -7,7 +7,7 @@ import torch
 from random_inputs import padding_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mgh_kernels import ata_attention, attention, reference, use_backend
+from mgh_kernels import _scratch, ata_attention, attention, reference, use_backend
 from mgh_kernels.attention import cpu_flash
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -125,3 +125,29 @@ def test_never_holds_the_batch_scores(causal, gen):
         (out.sum() + colsum.sum()).backward()
     block = max(cpu_flash.BLOCK_ELEMENTS, cpu_flash.ROWS * length)
     assert seen.largest <= block < batch * heads * length * length
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["none", "left"])
+def test_does_not_read_stale_scratch(causal, side, gen):
+    """The sweeps' score and output blocks are reused scratch buffers (``_scratch``): NaN left in
+    them changes nothing (forward and backward), and a call's results stay intact when a later
+    call reuses the buffers."""
+    q, k, v = (torch.randn(2, 3, 45, 16, generator=gen) for _ in range(3))
+    mask = None if side == "none" else padding_mask(2, 45, side, gen)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with use_backend("torch"):
+            out, colsum = ata_attention(*leaves, causal=causal, key_padding_mask=mask)
+        (out.sum() + colsum.sum()).backward()
+        return [out, colsum] + [t.grad for t in leaves]
+
+    _scratch.release()
+    clean = run()
+    kept = [t.clone() for t in clean]
+    for name in ("attention.scores", "attention.out"):
+        _scratch.scratch(name, (cpu_flash.BLOCK_ELEMENTS,), torch.float32, "cpu").fill_(float("nan"))
+    stale = run()
+    for a, b, c in zip(clean, stale, kept):
+        assert torch.equal(a, b) and torch.equal(a, c)

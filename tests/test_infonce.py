@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgh_kernels import InfoNCELoss, backend, infonce, infonce_loss, reference, testing, use_backend
+from mgh_kernels import InfoNCELoss, _scratch, backend, infonce, infonce_loss, reference, testing, use_backend
 from mgh_kernels.infonce import gather, planner, tiles
 
 CUDA = torch.cuda.is_available()
@@ -610,6 +610,50 @@ def test_torch_path_spread_logits(reduction, gen):
     for name, got, want, own in zip(["loss", "dq", "dpos", "dneg"], ours, truth, base):
         err, own_err = max_err(got, want), max_err(own, want)
         assert err <= 2 * own_err + 1e-5 * max(1.0, largest(want)), f"{name}: {err:.3g} vs eager's {own_err:.3g}"
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.0233, 0.05, 1.0])  # 0.0233: the least with a fixed shift in float32
+@pytest.mark.parametrize("layout", ["random", "target-at-the-top", "target-at-the-bottom"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_torch_path_cosine_logits_at_their_bounds(tau, layout, dtype, gen):
+    """The PyTorch path's reduced cosine loss at temperatures on both sides of its fixed-shift
+    threshold (``torch_path._fixed_shift``), with logits at +-1 / tau, the bound the shift rests
+    on: each query's positive along it (or against it) and its negatives against it (or along it).
+    Loss and gradients keep flash-attention's rule against float64."""
+    q = torch.randn(9, 16, generator=gen, dtype=torch.float64)
+    pos = q + 0.1 * torch.randn(9, 16, generator=gen, dtype=torch.float64)
+    neg = torch.randn(9, 3, 16, generator=gen, dtype=torch.float64)
+    if layout != "random":
+        sign = 1.0 if layout == "target-at-the-top" else -1.0
+        pos = sign * q * (1 + torch.rand(9, 1, generator=gen, dtype=torch.float64))
+        neg[:, :2] = -sign * q[:, None] * 3.0
+    inputs = [t.to(dtype).requires_grad_() for t in (q, pos, neg)]
+    truth = [t.detach().double().requires_grad_() for t in inputs]
+    with use_backend("torch", chunk_elements=50):  # several query chunks
+        loss = check_against_reference(inputs, truth, tau, dtype, reduction="mean")
+    assert infonce.last_backend() == "torch-chunked" and torch.isfinite(loss)
+
+
+def test_torch_path_does_not_read_stale_scratch(gen):
+    """The loss's logit chunk is a reused scratch buffer (``_scratch``): NaN left in it changes
+    nothing, and a result stays intact when a later call reuses the buffer."""
+    (q, pos, neg), _ = make(11, 2, 16, torch.float32, gen)
+    tensors = [t.detach().cpu() for t in (q, pos, neg)]
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        with use_backend("torch", chunk_elements=60):
+            loss = infonce_loss(*leaves)
+        loss.backward()
+        return [loss] + [t.grad for t in leaves]
+
+    _scratch.release()
+    clean = run()
+    kept = [t.clone() for t in clean]
+    _scratch.scratch("infonce.logits", (1 << 12,), torch.float32, "cpu").fill_(float("nan"))
+    stale = run()
+    for a, b, c in zip(clean, stale, kept):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_torch_path_zero_candidates_follow_normalize(gen):

@@ -18,6 +18,9 @@ Padding. Padded keys get a large finite negative bias instead of -inf, so a padd
 sees only padded keys (left padding, causal) keeps a finite softmax in both passes; its output
 row, its share of the column sums and its gradient are then dropped.
 
+Scratch. The score block and the block's unnormalised output come from ``_scratch``, buffers the
+thread keeps from call to call: a new block each time would be new pages, faulted in one by one.
+
 Arithmetic in float32 (float64 for float64 inputs), as in ``reference.attention_with_colsum``.
 """
 
@@ -26,12 +29,14 @@ from __future__ import annotations
 import torch
 
 from .._precision import compute_dtype, exp_floor
+from .._scratch import scratch
 
 ROWS = 128
 """Query rows per block of the sweeps, at most."""
 
-BLOCK_ELEMENTS = 1 << 19
-"""Scores one block may hold (2 MiB in float32, a core's L2): heads join a block while they fit."""
+BLOCK_ELEMENTS = 1 << 20
+"""Scores one block may hold (4 MiB in float32; the best of 64K-2M on the 2-core development CPU):
+heads join a block while they fit."""
 
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -66,26 +71,28 @@ def _key_bias(valid, dtype: torch.dtype):
 def _blocks(q, k, bias, causal: bool, scale: float):
     """Yield (heads, rows, keys, scores [heads, rows, keys]) for each block: ``heads`` a slice of the
     B x H heads, ``rows`` of the query rows, ``keys`` the keys they may see (up to the block's last
-    row when causal), scores scaled, with the key bias and the causal mask (-inf) applied."""
+    row when causal), scores scaled, with the key bias and the causal mask (-inf) applied. The
+    scores are scratch (``_scratch``): each block overwrites the last."""
     b, h, l, _ = q.shape
-    qs = (q * scale).flatten(0, 1)
+    qf = q.flatten(0, 1)
     kt = k.flatten(0, 1).transpose(1, 2)  # a view: the GEMMs read k transposed, no copy
     bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
     for start in range(0, l, ROWS):
         stop = min(l, start + ROWS)
         keys = stop if causal else l
-        later = None
+        later = None  # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
         if causal and stop - start > 1:
-            later = torch.ones(stop - start, stop - start, dtype=torch.bool, device=q.device).triu(1)
+            later = torch.full((stop - start, stop - start), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         step = block_heads(stop - start, keys, b * h)
         for first in range(0, b * h, step):
             heads = slice(first, min(b * h, first + step))
+            s = scratch("attention.scores", (heads.stop - first, stop - start, keys), q.dtype, q.device)
             if bias is None:
-                s = torch.bmm(qs[heads, start:stop], kt[heads, :, :keys])
+                torch.baddbmm(s, qf[heads, start:stop], kt[heads, :, :keys], beta=0, alpha=scale, out=s)
             else:
-                s = torch.baddbmm(bias[heads, :, :keys], qs[heads, start:stop], kt[heads, :, :keys])
+                torch.baddbmm(bias[heads, :, :keys], qf[heads, start:stop], kt[heads, :, :keys], alpha=scale, out=s)
             if later is not None:
-                s[:, :, start:stop].masked_fill_(later, float("-inf"))
+                s[:, :, start:stop].add_(later)
             yield heads, slice(start, stop), keys, s
 
 
@@ -101,14 +108,16 @@ def _forward(q, k, v, valid, causal: bool, scale: float):
     lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
     col = torch.zeros(b * h, 1, l, dtype=q.dtype, device=q.device)
     for heads, rows, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
-        top = s.amax(dim=-1, keepdim=True)
+        per_row = s.shape[:2] + (1,)
+        top = torch.amax(s, dim=-1, keepdim=True, out=scratch("attention.top", per_row, q.dtype, q.device))
         p = s.sub_(top).clamp_min_(floor).exp_()
-        total = p.sum(dim=-1, keepdim=True)
+        total = torch.sum(p, dim=-1, keepdim=True, out=scratch("attention.sum", per_row, q.dtype, q.device))
         torch.add(top, total.log(), out=lse[heads, rows])
         weight = total.reciprocal_()
         if keep is not None:
             weight.mul_(keep[heads, rows])
-        torch.mul(torch.bmm(p, vf[heads, :keys]), weight, out=out[heads, rows])
+        unscaled = scratch("attention.out", (p.shape[0], p.shape[1], d), q.dtype, q.device)
+        torch.mul(torch.bmm(p, vf[heads, :keys], out=unscaled), weight, out=out[heads, rows])
         col[heads, :, :keys].baddbmm_(weight.transpose(1, 2), p)
     colsum = col.view(b, h, l).mean(dim=1)
     if valid is not None:

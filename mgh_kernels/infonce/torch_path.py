@@ -8,7 +8,9 @@ the queries: the two GEMMs autograd's backward would run), and backward only sca
 neither concatenates nor normalises the candidates: each chunk's GEMMs read pos and neg where they
 lie, and the cosine's 1 / |c| joins 1 / tau as a scale of the logits' columns (the candidates'
 gradient then drops its component along c, as ``F.normalize``'s backward does). So it costs less
-than the eager loss, without its B x N logits. Per-query losses (``losses``) run each
+than the eager loss, without its B x N logits. Cosine logits are shifted by their bound 1 / tau
+rather than each row's max where that keeps every exponential normal (``_fixed_shift``), and the
+chunk of logits is a reused scratch buffer (``_scratch``). Per-query losses (``losses``) run each
 chunk under activation checkpointing when a gradient will be taken, so backward re-computes its
 logits. Arithmetic in float32 (float64 for float64 inputs), as in ``reference.infonce``.
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from .._precision import compute_dtype, exp_floor
+from .._scratch import scratch
 
 
 def _chunk_losses(q_rows, pos, neg, tau, normalize, own, row_start):
@@ -55,6 +58,9 @@ def losses(q, pos, neg, tau: float, normalize: bool, own: bool, pos_offset: int)
 _EPS = 1e-12
 """F.normalize's eps: a candidate's norm counts as at least this."""
 
+_ROUNDING = 1e-3
+"""Room for rounding above the cosine's bound of 1 (|q| = 1 + ulps, the GEMM's own rounding)."""
+
 
 def _column_scales(parts, tau: float, normalize: bool):
     """(scale [N], norms [N] or None): logit = q . c * scale, scale = 1 / (tau |c|) (or 1 / tau)."""
@@ -63,6 +69,18 @@ def _column_scales(parts, tau: float, normalize: bool):
         return parts[0].new_full((count,), 1.0 / tau), None
     norms = torch.cat([torch.linalg.vector_norm(part, dim=-1) for part in parts])
     return norms.clamp_min(_EPS).mul_(tau).reciprocal_(), norms
+
+
+def _fixed_shift(tau: float, normalize: bool, q: torch.Tensor):
+    """The softmax's shift (0-dim, added to every logit) when one constant serves every row, else
+    None (shift by each row's max).
+    Cosine logits lie within +-1 / tau (q normalised, |q . c| <= |q| |c|), so 1 / tau is an upper
+    bound of every row; it serves while the lowest logit, 2 / tau below it, still has a normal exp
+    (``exp_floor``): tau >= 0.0232 in float32, as sentence-transformers' scale 20 (tau 0.05) is."""
+    bound = (1.0 + _ROUNDING) / tau
+    if not normalize or 2 * bound > -exp_floor(q.dtype):
+        return None
+    return q.new_tensor(-bound)
 
 
 class _GlobalLossFunction(torch.autograd.Function):
@@ -80,8 +98,9 @@ class _GlobalLossFunction(torch.autograd.Function):
             bounds.append(bounds[-1] + part.shape[0])
         scale, norms = _column_scales(parts, tau, normalize)
         batch, count = q.shape[0], bounds[-1]
+        shift = _fixed_shift(tau, normalize, q)
         rows = max(1, min(batch, backend.chunk_elements() // max(1, count)))
-        buffer = q.new_empty(rows, count)
+        buffer = scratch("infonce.logits", (rows, count), q.dtype, q.device)
         dq = torch.empty_like(q) if grad else None
         raw = [torch.zeros_like(part) for part in parts] if grad else None  # sum_i G_ij scale_j q_i
         total = q.new_zeros(())
@@ -91,14 +110,18 @@ class _GlobalLossFunction(torch.autograd.Function):
             logits, chunk = buffer[: stop - start], q[start:stop]
             for part, lo, hi in zip(parts, bounds, bounds[1:]):
                 torch.mm(chunk, part.T, out=logits[:, lo:hi])
-            logits.mul_(scale)
             at = torch.arange(stop - start, device=q.device)
             target = at + start + offset
-            top = logits.amax(dim=1, keepdim=True)
-            picked = logits[at, target]
-            p = logits.sub_(top).clamp_min_(floor).exp_()
+            if shift is None:  # shift by each row's max; the target's logit before the clamp
+                top = logits.mul_(scale).amax(dim=1, keepdim=True)
+                picked = logits[at, target] - top[:, 0]
+                logits.sub_(top).clamp_min_(floor)
+            else:  # scale and shift in one pass; no logit is below the exp floor
+                torch.addcmul(shift, logits, scale, out=logits)
+                picked = logits[at, target]
+            p = logits.exp_()  # logits shifted: the loss is log(sum) - the target's
             sums = p.sum(dim=1, keepdim=True)
-            total = total + (top + sums.log()).sum() - picked.sum()
+            total = total + sums.log().sum() - picked.sum()
             if grad:
                 p.div_(sums)
                 p[at, target] -= 1.0
