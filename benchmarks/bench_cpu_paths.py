@@ -105,7 +105,7 @@ def bench_cpu_attention(measure, part, shape, causal, impl):
     name, role = ATTENTION_NAMES[impl]
     group = "cpu attention {} B{} H{} L{} D{} {}".format(part, *shape, "causal" if causal else "bidir")
     measure(attention_step(impl, part, shape, causal), group=group, name=name, role=role,
-            rounds=5 if shape[2] > 1024 else 30)  # many rounds: this shared CPU's bursts move medians
+            rounds=10 if shape[2] > 1024 else 30)  # many rounds: this shared CPU's bursts move medians
 
 
 INFONCE_NAMES = {"ours": ("infonce_loss", "ours"), "eager": ("eager, as MultipleNegativesRankingLoss", "eager")}

@@ -30,6 +30,7 @@ import torch
 
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
+from . import cpu_rows
 
 ROWS = 128
 """Query rows per block of the sweeps, at most."""
@@ -109,9 +110,9 @@ def _forward(q, k, v, valid, causal: bool, scale: float):
     col = torch.zeros(b * h, 1, l, dtype=q.dtype, device=q.device)
     for heads, rows, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
         per_row = s.shape[:2] + (1,)
-        top = torch.amax(s, dim=-1, keepdim=True, out=scratch("attention.top", per_row, q.dtype, q.device))
-        p = s.sub_(top).clamp_min_(floor).exp_()
-        total = torch.sum(p, dim=-1, keepdim=True, out=scratch("attention.sum", per_row, q.dtype, q.device))
+        top = scratch("attention.top", per_row, q.dtype, q.device)
+        total = scratch("attention.sum", per_row, q.dtype, q.device)
+        p = cpu_rows.softmax_(s, floor, top, total)
         torch.add(top, total.log(), out=lse[heads, rows])
         weight = total.reciprocal_()
         if keep is not None:
@@ -133,7 +134,7 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
     floor = exp_floor(q.dtype)
     pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
     for heads, rows, keys, s in _blocks(q, k, bias, causal, scale):
-        torch.bmm(s.sub_(lse[heads, rows]).clamp_min_(floor).exp_(), gf[heads, :keys], out=pg[heads, rows])
+        torch.bmm(cpu_rows.exp_shifted_(s, lse[heads, rows], floor), gf[heads, :keys], out=pg[heads, rows])
     return pg.view(b, h, l)
 
 

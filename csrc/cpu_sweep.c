@@ -1,0 +1,69 @@
+/* Row passes over a block of attention scores on the CPU, for mgh_kernels/attention/cpu_flash.py.
+ *
+ * Each replaces a chain of PyTorch element-wise ops (amax, sub_, clamp_min_, exp_, sum) that
+ * stream the whole block through memory once per op; here a row is read once for its max and
+ * once more, while it is still in cache, for the exponentials and their sum. Plain C, vectorised
+ * by the compiler (-O3 -march=native) and threaded with OpenMP; built on first use by
+ * mgh_kernels/_native.py and called through ctypes. float32 only: float64 takes the PyTorch ops.
+ *
+ * NaN propagates as in PyTorch: the clamp keeps NaN, whose exponential is NaN.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* exp(x) for x in [floor, 0] (floor the least exponent with a normal result, so 2^n is a normal
+ * number): Cephes' expf, a degree-7 polynomial after x = n ln2 + r, within one ulp of exp. */
+static inline float exp_normal(float x) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    float n = (x * 1.44269504088896341f + magic) - magic;
+    float r = fmaf(n, -0.693359375f, x); /* ln2 in two parts, so n * ln2 is exact */
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float clamped(float d, float floor_) { return d < floor_ ? floor_ : d; }
+
+/* For each of `rows` rows of `cols` contiguous scores: top = max, s = exp(max(s - top, floor))
+ * in place, total = the sum of the new row. */
+void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, float floor_, float *top, float *total,
+                          int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = s + r * cols;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < cols; j++) m = x[j] > m ? x[j] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < cols; j++) {
+            float e = exp_normal(clamped(x[j] - m, floor_));
+            x[j] = e;
+            sum += e;
+        }
+        top[r] = m;
+        total[r] = sum;
+    }
+}
+
+/* s = exp(max(s - shift[row], floor)) in place, for `rows` rows of `cols` contiguous scores. */
+void mgh_exp_shifted_rows_f32(float *s, int64_t rows, int64_t cols, const float *shift, float floor_,
+                              int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = s + r * cols;
+        const float c = shift[r];
+#pragma omp simd
+        for (int64_t j = 0; j < cols; j++) x[j] = exp_normal(clamped(x[j] - c, floor_));
+    }
+}

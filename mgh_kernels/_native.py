@@ -1,0 +1,131 @@
+"""The native CPU library built from ``csrc/cpu_sweep.c``: compiled with the system's C compiler on
+first use, kept in a cache folder, loaded with ctypes.
+
+Why C through ctypes rather than an ATen extension: the row passes need no tensor API, so the
+library compiles in about a second with no PyTorch headers and no ABI tie to the installed torch;
+OpenMP threads it (the same libgomp torch loads), the compiler vectorises it.
+
+Where it cannot be had, ``library()`` is None and callers run the PyTorch ops instead (``status()``
+says why): no compiler, a failed build, the source missing (an installed wheel ships no ``csrc/``),
+or ``MGH_NATIVE=0``. Environment: ``MGH_NATIVE=0`` turns it off; ``CC`` names the compiler (default
+``cc``); ``MGH_NATIVE_CACHE`` the folder for built libraries (default
+``$XDG_CACHE_HOME/mgh_kernels`` or ``~/.cache/mgh_kernels``). A build failure warns once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_sweep.c"
+
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+"""Compiler flags tried in turn: the first set that builds is kept."""
+
+ENABLED = os.environ.get("MGH_NATIVE", "1") != "0"
+"""Whether callers use the library (``MGH_NATIVE=0`` at import turns it off; tests switch it)."""
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept."""
+    if os.environ.get("MGH_NATIVE_CACHE"):
+        return Path(os.environ["MGH_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mgh_kernels"
+
+
+def _machine_key() -> str:
+    """The CPU the library is built for (``-march=native``): its architecture and feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build() -> Path:
+    if not SOURCE.is_file():
+        raise _Unavailable(f"no source at {SOURCE}")
+    name = os.environ.get("CC", "cc")
+    compiler = shutil.which(name)
+    if compiler is None:
+        raise _Unavailable(f"no C compiler ({name!r} is not on PATH)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
+        SOURCE.read_bytes(), version, repr(FLAG_SETS), _machine_key()))).hexdigest()[:16]
+    target = cache_dir() / f"cpu_sweep-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in FLAG_SETS:
+        partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            os.replace(partial, target)  # atomic: concurrent builders each write their own file
+            return target
+        partial.unlink(missing_ok=True)
+        errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+    raise _Unavailable(f"{compiler} failed: " + " | ".join(errors))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # ctypes releases the GIL for the call
+    f32, i64, cint = ctypes.c_float, ctypes.c_int64, ctypes.c_int
+    ptr = ctypes.c_void_p
+    lib.mgh_softmax_rows_f32.argtypes = [ptr, i64, i64, f32, ptr, ptr, cint]
+    lib.mgh_softmax_rows_f32.restype = None
+    lib.mgh_exp_shifted_rows_f32.argtypes = [ptr, i64, i64, ptr, f32, cint]
+    lib.mgh_exp_shifted_rows_f32.restype = None
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library, built on the first call; None where it cannot be had or is turned off."""
+    if not ENABLED:
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    path = _build()
+                    _state["lib"], _state["why"] = _load(path), f"loaded from {path}"
+                except (_Unavailable, OSError, subprocess.SubprocessError) as error:
+                    _state["lib"], _state["why"] = None, str(error)
+                    expected = isinstance(error, _Unavailable) and str(error).startswith(("no C compiler", "no source"))
+                    if not expected:  # a compiler that fails, or a library that will not load
+                        warnings.warn(f"mgh_kernels: the native CPU sweep is off ({error}); the PyTorch ops run "
+                                      "instead", RuntimeWarning, stacklevel=2)
+    return _state["lib"]
+
+
+def status() -> str:
+    """Whether the library is in use, and from where or why not."""
+    if not ENABLED:
+        return "off (MGH_NATIVE=0)"
+    library()
+    return _state["why"]
+
+
+def reset() -> None:
+    """Forget the loaded library (the next ``library()`` builds or finds it again): for tests."""
+    with _lock:
+        _state.clear()

@@ -1,0 +1,198 @@
+"""The native CPU library (``csrc/cpu_sweep.c`` built by ``_native``) and its row passes
+(``attention/cpu_rows``): against float64 by flash-attention's rule, against the PyTorch ops they
+replace, and the fallbacks (no compiler, a failed build, ``MGH_NATIVE=0``)."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mgh_kernels import _native
+from mgh_kernels._precision import exp_floor
+from mgh_kernels.attention import cpu_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOOR = exp_floor(torch.float32)
+HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+@pytest.fixture
+def native():
+    lib = _native.library()
+    if lib is None:
+        pytest.skip(f"the native library is not available here: {_native.status()}")
+    return lib
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty build cache and no loaded library; the real one is found again afterwards."""
+    monkeypatch.setenv("MGH_NATIVE_CACHE", str(tmp_path / "cache"))
+    _native.reset()
+    yield tmp_path
+    _native.reset()
+
+
+def scores(rows, cols, gen):
+    """Scores with what the sweeps meet: spreads past the exp floor, -inf (the causal mask), the
+    padding bias, and ties at the max."""
+    s = torch.randn(2, rows, cols, generator=gen) * 30
+    s[0, 0, : cols // 2] = float("-inf")
+    s[1, -1, ::3] = torch.finfo(torch.float32).min / 4
+    if cols > 1:
+        s[0, -1, :2] = 5.0
+    return s
+
+
+def torch_ops(fn):
+    old, _native.ENABLED = _native.ENABLED, False
+    try:
+        return fn()
+    finally:
+        _native.ENABLED = old
+
+
+@pytest.mark.parametrize("cols", [1, 17, 256, 1000])
+def test_softmax_rows_within_the_rule(native, cols, gen):
+    s = scores(5, cols, gen)
+    top, total = torch.empty(2, 5, 1), torch.empty(2, 5, 1)
+    p = cpu_rows.softmax_(s.clone(), FLOOR, top, total)
+    top_ops, total_ops = torch.empty(2, 5, 1), torch.empty(2, 5, 1)
+    p_ops = torch_ops(lambda: cpu_rows.softmax_(s.clone(), FLOOR, top_ops, total_ops))
+    wide = s.double()
+    want_top = wide.amax(-1, keepdim=True)
+    want_p = (wide - want_top).clamp_min(FLOOR).exp()
+    assert torch.equal(top, top_ops) and torch.equal(top.double(), want_top)
+    for got, ops, want in ((p, p_ops, want_p), (total, total_ops, want_p.sum(-1, keepdim=True))):
+        err = ((got.double() - want) / want).abs().max().item()
+        own = ((ops.double() - want) / want).abs().max().item()
+        assert err <= 2 * own + 2 ** -23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
+
+
+@pytest.mark.parametrize("cols", [1, 33, 1000])
+def test_exp_shifted_rows_within_the_rule(native, cols, gen):
+    s = scores(4, cols, gen)
+    shift = s.amax(-1, keepdim=True) + torch.rand(2, 4, 1, generator=gen) * 3  # a log-sum-exp is >= the max
+    got = cpu_rows.exp_shifted_(s.clone(), shift, FLOOR)
+    ops = torch_ops(lambda: cpu_rows.exp_shifted_(s.clone(), shift, FLOOR))
+    want = (s.double() - shift.double()).clamp_min(FLOOR).exp()
+    err = ((got.double() - want) / want).abs().max().item()
+    own = ((ops.double() - want) / want).abs().max().item()
+    assert err <= 2 * own + 2 ** -23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
+
+
+def test_shift_that_is_a_strided_view(native, gen):
+    """cpu_flash passes lse[heads, rows], a view with a stride between heads."""
+    s = torch.randn(3, 4, 9, generator=gen)
+    lse = torch.logsumexp(torch.randn(3, 10, 9, generator=gen), -1, keepdim=True) + 5
+    view = lse[:, 2:6]
+    assert not view.is_contiguous()
+    got = cpu_rows.exp_shifted_(s.clone(), view, FLOOR)
+    torch.testing.assert_close(got, (s - view).clamp_min(FLOOR).exp(), rtol=3e-7, atol=0)
+
+
+def test_nan_propagates_as_in_pytorch(native):
+    s = torch.zeros(1, 2, 8)
+    s[0, 0, 3] = float("nan")
+    top, total = torch.empty(1, 2, 1), torch.empty(1, 2, 1)
+    p = cpu_rows.softmax_(s, FLOOR, top, total)
+    assert torch.isnan(p[0, 0, 3]) and torch.isnan(total[0, 0]) and torch.isfinite(p[0, 1]).all()
+    assert torch.isnan(cpu_rows.exp_shifted_(torch.full((1, 1, 4), float("nan")), torch.zeros(1, 1, 1), FLOOR)).all()
+
+
+def test_same_result_at_any_thread_count(native, gen):
+    s = torch.randn(2, 37, 300, generator=gen) * 10
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            top, total = torch.empty(2, 37, 1), torch.empty(2, 37, 1)
+            results.append((cpu_rows.softmax_(s.clone(), FLOOR, top, total), top, total))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_float64_and_discontiguous_blocks_take_the_pytorch_ops(native, gen):
+    s = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    top, total = torch.empty(2, 3, 1, dtype=torch.float64), torch.empty(2, 3, 1, dtype=torch.float64)
+    p = cpu_rows.softmax_(s.clone(), FLOOR, top, total)
+    torch.testing.assert_close(p.sum(-1, keepdim=True), total, rtol=1e-15, atol=0)
+    torch.testing.assert_close(top, s.amax(-1, keepdim=True), rtol=0, atol=0)
+    assert cpu_rows._native_for(torch.empty(3, 4).t()) is None
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_builds_once_into_the_cache(fresh):
+    path = _native._build()
+    assert path.parent == fresh / "cache" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert _native._build() == path and path.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert _native.library() is not None and _native.status() == f"loaded from {path}"
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_concurrent_builds_agree(fresh):
+    paths, errors = [], []
+
+    def build():
+        try:
+            paths.append(_native._build())
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=build) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors and len(set(paths)) == 1
+    assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]  # no partial files left
+
+
+def test_no_compiler_falls_back_quietly(fresh, monkeypatch, recwarn):
+    monkeypatch.setenv("CC", "no-such-compiler-mgh")
+    assert _native.library() is None
+    assert _native.status() == "no C compiler ('no-such-compiler-mgh' is not on PATH)"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_failed_build_warns_and_falls_back(fresh, monkeypatch):
+    compiler = fresh / "broken-cc"
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\n"
+                        "echo 'broken: no' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    with pytest.warns(RuntimeWarning, match="native CPU sweep is off"):
+        assert _native.library() is None
+    assert "failed" in _native.status() and "broken: no" in _native.status()
+    s = torch.randn(1, 2, 6)
+    top, total = torch.empty(1, 2, 1), torch.empty(1, 2, 1)
+    p = cpu_rows.softmax_(s.clone(), FLOOR, top, total)  # the PyTorch ops
+    torch.testing.assert_close(p, (s - s.amax(-1, keepdim=True)).exp())
+
+
+def test_turned_off_by_the_environment():
+    code = ("import torch; from mgh_kernels import _native, ata_attention, use_backend\n"
+            "assert _native.library() is None, _native.status()\n"
+            "q = torch.randn(1, 2, 40, 16)\n"
+            "with use_backend('torch'):\n    out, colsum = ata_attention(q, q, q)\n"
+            "assert torch.allclose(colsum.sum(-1), torch.tensor([40.0])), colsum.sum(-1)\n"
+            "print(_native.status())")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MGH_NATIVE": "0"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "off (MGH_NATIVE=0)"
+
+
+def test_exp_floor_is_a_float32_normal_exponent():
+    """The C exp assumes its clamped input keeps 2^n normal (n >= -126)."""
+    assert math.exp(FLOOR) >= torch.finfo(torch.float32).tiny and round(FLOOR / math.log(2)) >= -126
