@@ -1,10 +1,12 @@
-/* Row passes over a block of attention scores on the CPU, for mgh_kernels/attention/cpu_flash.py.
+/* Row passes over a block of scores or logits on the CPU, for mgh_kernels/cpu_rows.py (the CPU
+ * attention's sweeps and the InfoNCE loss's PyTorch path).
  *
- * Each replaces a chain of PyTorch element-wise ops (amax, sub_, clamp_min_, exp_, sum) that
- * stream the whole block through memory once per op; here a row is read once for its max and
+ * Each replaces a chain of PyTorch element-wise ops (mul_, amax, sub_, clamp_min_, exp_, sum)
+ * that stream the whole block through memory once per op; here a row is read once for its max and
  * once more, while it is still in cache, for the exponentials and their sum. Plain C, vectorised
- * by the compiler (-O3 -march=native) and threaded with OpenMP; built on first use by
- * mgh_kernels/_native.py and called through ctypes. float32 only: float64 takes the PyTorch ops.
+ * by the compiler (-O3 -march=native; -ffp-contract=off: fused multiply-adds only where written,
+ * as in x * scale - m, rounded once like torch.addcmul's) and threaded with OpenMP; built on first use by mgh_kernels/_native.py and called through
+ * ctypes. float32 only: float64 takes the PyTorch ops.
  *
  * NaN propagates as in PyTorch: the clamp keeps NaN, whose exponential is NaN.
  */
@@ -34,22 +36,43 @@ static inline float exp_normal(float x) {
 
 static inline float clamped(float d, float floor_) { return d < floor_ ? floor_ : d; }
 
-/* For each of `rows` rows of `cols` contiguous scores: top = max, s = exp(max(s - top, floor))
- * in place, total = the sum of the new row. */
-void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, float floor_, float *top, float *total,
-                          int threads) {
+/* For each of `rows` rows of `cols` contiguous values s: x = s * scale (scale: one per column, or
+ * NULL for none), top = `shift` when `fixed`, else the row max of x; s = exp(max(x - top, floor))
+ * in place; total = the sum of the new row. */
+void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, const float *scale, int fixed, float shift,
+                          float floor_, float *top, float *total, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * cols;
-        float m = -INFINITY;
+        float m = shift;
+        if (!fixed) {
+            m = -INFINITY;
+            if (scale) {
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < cols; j++) m = x[j] > m ? x[j] : m;
+                for (int64_t j = 0; j < cols; j++) {
+                    float y = x[j] * scale[j];
+                    m = y > m ? y : m;
+                }
+            } else {
+#pragma omp simd reduction(max : m)
+                for (int64_t j = 0; j < cols; j++) m = x[j] > m ? x[j] : m;
+            }
+        }
         float sum = 0.0f;
+        if (scale) {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < cols; j++) {
-            float e = exp_normal(clamped(x[j] - m, floor_));
-            x[j] = e;
-            sum += e;
+            for (int64_t j = 0; j < cols; j++) {
+                float e = exp_normal(clamped(fmaf(x[j], scale[j], -m), floor_));
+                x[j] = e;
+                sum += e;
+            }
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; j++) {
+                float e = exp_normal(clamped(x[j] - m, floor_));
+                x[j] = e;
+                sum += e;
+            }
         }
         top[r] = m;
         total[r] = sum;

@@ -58,3 +58,16 @@ def smollm2_plain(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def row_passes(request, monkeypatch):
+    """Runs a test on both implementations of the CPU paths' row passes (``mgh_kernels.cpu_rows``):
+    the native library where it builds, and the PyTorch ops (no compiler, float64, MGH_NATIVE=0)."""
+    from mgh_kernels import _native
+
+    if request.param == "native" and _native.library() is None:
+        pytest.skip(f"the native library is not available here: {_native.status()}")
+    if request.param == "torch-ops":
+        monkeypatch.setattr(_native, "ENABLED", False)
+    return request.param

@@ -7,7 +7,7 @@ import torch
 from random_inputs import padding_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mgh_kernels import _native, _scratch, ata_attention, attention, reference, use_backend
+from mgh_kernels import _scratch, ata_attention, attention, reference, use_backend
 from mgh_kernels.attention import cpu_flash
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -43,15 +43,10 @@ def run(fn, q, k, v, w, c):
     return [out.double(), colsum.double()] + [t.grad.double() for t in (q, k, v)]
 
 
-@pytest.fixture(autouse=True, params=["native", "torch-ops"])
-def row_passes(request, monkeypatch):
-    """Every test here runs on both implementations of the sweeps' row passes (``cpu_rows``): the
-    native library where it builds, and the PyTorch ops (no compiler, float64, MGH_NATIVE=0)."""
-    if request.param == "native" and _native.library() is None:
-        pytest.skip(f"the native library is not available here: {_native.status()}")
-    if request.param == "torch-ops":
-        monkeypatch.setattr(_native, "ENABLED", False)
-    return request.param
+@pytest.fixture(autouse=True)
+def both_row_passes(row_passes):
+    """Every test here runs on both implementations of the sweeps' row passes (conftest)."""
+    return row_passes
 
 
 @pytest.fixture(params=[(8, None), (32, 1)], ids=["rows8", "rows32-one-head"])

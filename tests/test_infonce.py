@@ -560,7 +560,7 @@ def test_chunked_path_matches_reference(negatives, dtype, gen):
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, normalize, dtype, gen):
+def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, normalize, dtype, row_passes, gen):
     """The PyTorch path's mean or sum over the whole batch's candidates (gradients made chunk by
     chunk in forward) against the float64 reference, loss and every gradient."""
     (q, pos, neg), _ = make(13, max(k, 1), 16, dtype, gen, scale=1.0 if normalize else 0.1)  # dot: logits ~ 1/tau
@@ -586,7 +586,7 @@ def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, no
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_torch_path_spread_logits(reduction, gen):
+def test_torch_path_spread_logits(reduction, row_passes, gen):
     """Raw dot products spread over thousands: most softmax terms underflow, which the PyTorch path's
     reduced loss clamps before exp (``exp_floor``); loss and gradients keep flash-attention's rule
     against float64 (at most twice the error of the eager loss in float32, plus a small absolute
@@ -615,7 +615,7 @@ def test_torch_path_spread_logits(reduction, gen):
 @pytest.mark.parametrize("tau", [0.01, 0.0233, 0.05, 1.0])  # 0.0233: the least with a fixed shift in float32
 @pytest.mark.parametrize("layout", ["random", "target-at-the-top", "target-at-the-bottom"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_torch_path_cosine_logits_at_their_bounds(tau, layout, dtype, gen):
+def test_torch_path_cosine_logits_at_their_bounds(tau, layout, dtype, row_passes, gen):
     """The PyTorch path's reduced cosine loss at temperatures on both sides of its fixed-shift
     threshold (``torch_path._fixed_shift``), with logits at +-1 / tau, the bound the shift rests
     on: each query's positive along it (or against it) and its negatives against it (or along it).
@@ -634,7 +634,7 @@ def test_torch_path_cosine_logits_at_their_bounds(tau, layout, dtype, gen):
     assert infonce.last_backend() == "torch-chunked" and torch.isfinite(loss)
 
 
-def test_torch_path_does_not_read_stale_scratch(gen):
+def test_torch_path_does_not_read_stale_scratch(row_passes, gen):
     """The loss's logit chunk is a reused scratch buffer (``_scratch``): NaN left in it changes
     nothing, and a result stays intact when a later call reuses the buffer."""
     (q, pos, neg), _ = make(11, 2, 16, torch.float32, gen)
@@ -656,7 +656,7 @@ def test_torch_path_does_not_read_stale_scratch(gen):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_torch_path_zero_candidates_follow_normalize(gen):
+def test_torch_path_zero_candidates_follow_normalize(row_passes, gen):
     """A zero candidate (e.g. an all-padding text's embedding) has F.normalize's value and gradient
     on the PyTorch path, whose normalisation is a scale of the logits' columns."""
     q, pos, neg = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)

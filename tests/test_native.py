@@ -1,5 +1,5 @@
 """The native CPU library (``csrc/cpu_sweep.c`` built by ``_native``) and its row passes
-(``attention/cpu_rows``): against float64 by flash-attention's rule, against the PyTorch ops they
+(``cpu_rows``): against float64 by flash-attention's rule, against the PyTorch ops they
 replace, and the fallbacks (no compiler, a failed build, ``MGH_NATIVE=0``)."""
 
 import math
@@ -15,7 +15,7 @@ import torch
 
 from mgh_kernels import _native
 from mgh_kernels._precision import exp_floor
-from mgh_kernels.attention import cpu_rows
+from mgh_kernels import cpu_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = exp_floor(torch.float32)
@@ -73,6 +73,28 @@ def test_softmax_rows_within_the_rule(native, cols, gen):
         err = ((got.double() - want) / want).abs().max().item()
         own = ((ops.double() - want) / want).abs().max().item()
         assert err <= 2 * own + 2 ** -23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
+
+
+@pytest.mark.parametrize("cols", [1, 17, 1000])
+@pytest.mark.parametrize("fixed", [False, True], ids=["row-max", "fixed-shift"])
+def test_scaled_softmax_rows_within_the_rule(native, cols, fixed, gen):
+    """The loss's form: a scale per column (1 / (tau |c|)) and, for cosine logits, a fixed shift."""
+    raw = torch.randn(3, cols, generator=gen)
+    scale = torch.rand(cols, generator=gen) * 20 + 1
+    shift = (raw * scale).abs().max().item() if fixed else None
+    got = [torch.empty(3, 1), torch.empty(3, 1)]
+    ops = [torch.empty(3, 1), torch.empty(3, 1)]
+    p = cpu_rows.softmax_(raw.clone(), FLOOR, *got, scale=scale, shift=shift)
+    p_ops = torch_ops(lambda: cpu_rows.softmax_(raw.clone(), FLOOR, *ops, scale=scale, shift=shift))
+    x = raw.double() * scale.double()
+    want_top = torch.full((3, 1), shift, dtype=torch.float64) if fixed else x.amax(-1, keepdim=True)
+    assert torch.equal(got[0], ops[0])
+    torch.testing.assert_close(got[0].double(), want_top, rtol=2 ** -23, atol=0)
+    want_p = (x - got[0].double()).clamp_min(FLOOR).exp()  # against the top both return, in float32
+    for mine, theirs, want in ((p, p_ops, want_p), (got[1], ops[1], want_p.sum(-1, keepdim=True))):
+        err = ((mine.double() - want) / want).abs().max().item()
+        own = ((theirs.double() - want) / want).abs().max().item()
+        assert err <= 2 * own + 2 ** -22, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
 
 
 @pytest.mark.parametrize("cols", [1, 33, 1000])

@@ -3,9 +3,9 @@ CPU flash-attention backward.
 
 Forward. For each block of up to ``ROWS`` query rows, over as many heads as keep its scores within
 ``BLOCK_ELEMENTS`` (``block_heads``), one GEMM gives the scores against every key the rows may see;
-their softmax gives the block's output rows (a second GEMM), its log-sum-exp, and its share of
-every key's column sum (a matrix-vector product). A block's scores stay in cache; nothing
-L x L is held for the batch.
+their softmax (a row pass of ``cpu_rows``, native where the library builds) gives the block's
+output rows (a second GEMM), its log-sum-exp, and its share of every key's column sum (a
+matrix-vector product). Nothing L x L is held for the batch.
 
 Backward. ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` re-computes the
 probabilities from the log-sum-exp. The column sums' gradient g [B, L] enters as one more value
@@ -30,7 +30,7 @@ import torch
 
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
-from . import cpu_rows
+from .. import cpu_rows
 
 ROWS = 128
 """Query rows per block of the sweeps, at most."""

@@ -8,19 +8,22 @@ the queries: the two GEMMs autograd's backward would run), and backward only sca
 neither concatenates nor normalises the candidates: each chunk's GEMMs read pos and neg where they
 lie, and the cosine's 1 / |c| joins 1 / tau as a scale of the logits' columns (the candidates'
 gradient then drops its component along c, as ``F.normalize``'s backward does). So it costs less
-than the eager loss, without its B x N logits. Cosine logits are shifted by their bound 1 / tau
-rather than each row's max where that keeps every exponential normal (``_fixed_shift``), and the
-chunk of logits is a reused scratch buffer (``_scratch``). Per-query losses (``losses``) run each
+than the eager loss, without its B x N logits. The softmax over a chunk is one row pass
+(``cpu_rows``: native on the CPU where it builds), and cosine logits are shifted by their bound
+1 / tau rather than each row's max where that keeps every exponential normal (``_fixed_shift``);
+the chunk of logits is a reused scratch buffer (``_scratch``). Per-query losses (``losses``) run each
 chunk under activation checkpointing when a gradient will be taken, so backward re-computes its
 logits. Arithmetic in float32 (float64 for float64 inputs), as in ``reference.infonce``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from .. import backend
+from .. import backend, cpu_rows
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
 
@@ -71,16 +74,16 @@ def _column_scales(parts, tau: float, normalize: bool):
     return norms.clamp_min(_EPS).mul_(tau).reciprocal_(), norms
 
 
-def _fixed_shift(tau: float, normalize: bool, q: torch.Tensor):
-    """The softmax's shift (0-dim, added to every logit) when one constant serves every row, else
+def _fixed_shift(tau: float, normalize: bool, dtype: torch.dtype) -> Optional[float]:
+    """The softmax's shift, subtracted from every logit, when one constant serves every row, else
     None (shift by each row's max).
     Cosine logits lie within +-1 / tau (q normalised, |q . c| <= |q| |c|), so 1 / tau is an upper
     bound of every row; it serves while the lowest logit, 2 / tau below it, still has a normal exp
     (``exp_floor``): tau >= 0.0232 in float32, as sentence-transformers' scale 20 (tau 0.05) is."""
     bound = (1.0 + _ROUNDING) / tau
-    if not normalize or 2 * bound > -exp_floor(q.dtype):
+    if not normalize or 2 * bound > -exp_floor(dtype):
         return None
-    return q.new_tensor(-bound)
+    return bound
 
 
 class _GlobalLossFunction(torch.autograd.Function):
@@ -98,7 +101,7 @@ class _GlobalLossFunction(torch.autograd.Function):
             bounds.append(bounds[-1] + part.shape[0])
         scale, norms = _column_scales(parts, tau, normalize)
         batch, count = q.shape[0], bounds[-1]
-        shift = _fixed_shift(tau, normalize, q)
+        shift = _fixed_shift(tau, normalize, q.dtype)
         rows = max(1, min(batch, backend.chunk_elements() // max(1, count)))
         buffer = scratch("infonce.logits", (rows, count), q.dtype, q.device)
         dq = torch.empty_like(q) if grad else None
@@ -112,16 +115,11 @@ class _GlobalLossFunction(torch.autograd.Function):
                 torch.mm(chunk, part.T, out=logits[:, lo:hi])
             at = torch.arange(stop - start, device=q.device)
             target = at + start + offset
-            if shift is None:  # shift by each row's max; the target's logit before the clamp
-                top = logits.mul_(scale).amax(dim=1, keepdim=True)
-                picked = logits[at, target] - top[:, 0]
-                logits.sub_(top).clamp_min_(floor)
-            else:  # scale and shift in one pass; no logit is below the exp floor
-                torch.addcmul(shift, logits, scale, out=logits)
-                picked = logits[at, target]
-            p = logits.exp_()  # logits shifted: the loss is log(sum) - the target's
-            sums = p.sum(dim=1, keepdim=True)
-            total = total + sums.log().sum() - picked.sum()
+            picked = logits[at, target] * scale[target]  # the target's logit, before the row pass
+            top = scratch("infonce.top", (stop - start, 1), q.dtype, q.device)
+            sums = scratch("infonce.sums", (stop - start, 1), q.dtype, q.device)
+            p = cpu_rows.softmax_(logits, floor, top, sums, scale=scale, shift=shift)
+            total = total + sums.log().sum() - (picked - top[:, 0]).sum()  # log(sum) - the shifted target
             if grad:
                 p.div_(sums)
                 p[at, target] -= 1.0
