@@ -5,8 +5,9 @@
  * that stream the whole block through memory once per op; here a row is read once for its max and
  * once more, while it is still in cache, for the exponentials and their sum. Plain C, vectorised
  * by the compiler (-O3 -march=native; -ffp-contract=off: fused multiply-adds only where written,
- * as in x * scale - m, rounded once like torch.addcmul's) and threaded with OpenMP; built on first use by mgh_kernels/_native.py and called through
- * ctypes. float32 only: float64 takes the PyTorch ops.
+ * as in x * scale - m, rounded once like torch.addcmul's) and threaded with OpenMP; built on first
+ * use by mgh_kernels/_native.py and called through ctypes. float32 only: float64 takes the
+ * PyTorch ops.
  *
  * NaN propagates as in PyTorch: the clamp keeps NaN, whose exponential is NaN.
  */
@@ -37,10 +38,11 @@ static inline float exp_normal(float x) {
 static inline float clamped(float d, float floor_) { return d < floor_ ? floor_ : d; }
 
 /* For each of `rows` rows of `cols` contiguous values s: x = s * scale (scale: one per column, or
- * NULL for none), top = `shift` when `fixed`, else the row max of x; s = exp(max(x - top, floor))
- * in place; total = the sum of the new row. */
+ * NULL for none), top = `shift` when `fixed`, else the row max of x; e = exp(max(x - top, floor));
+ * total = the row sum of e, and s = e in place when `store` (else s is left as it was: a loss
+ * without gradients needs only the sums). */
 void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, const float *scale, int fixed, float shift,
-                          float floor_, float *top, float *total, int threads) {
+                          float floor_, int store, float *top, float *total, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * cols;
@@ -59,13 +61,19 @@ void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, const float *sca
             }
         }
         float sum = 0.0f;
-        if (scale) {
+        if (scale && !store) {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; j++) sum += exp_normal(clamped(fmaf(x[j], scale[j], -m), floor_));
+        } else if (scale) {
 #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < cols; j++) {
                 float e = exp_normal(clamped(fmaf(x[j], scale[j], -m), floor_));
                 x[j] = e;
                 sum += e;
             }
+        } else if (!store) {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; j++) sum += exp_normal(clamped(x[j] - m, floor_));
         } else {
 #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < cols; j++) {

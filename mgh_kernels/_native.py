@@ -92,7 +92,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL for the call
     f32, i64, cint = ctypes.c_float, ctypes.c_int64, ctypes.c_int
     ptr = ctypes.c_void_p
-    lib.mgh_softmax_rows_f32.argtypes = [ptr, i64, i64, ptr, cint, f32, f32, ptr, ptr, cint]
+    lib.mgh_softmax_rows_f32.argtypes = [ptr, i64, i64, ptr, cint, f32, f32, cint, ptr, ptr, cint]
     lib.mgh_softmax_rows_f32.restype = None
     lib.mgh_exp_shifted_rows_f32.argtypes = [ptr, i64, i64, ptr, f32, cint]
     lib.mgh_exp_shifted_rows_f32.restype = None

@@ -25,18 +25,18 @@ def _native_for(*tensors: torch.Tensor):
 
 
 def softmax_(s: torch.Tensor, floor: float, top: torch.Tensor, total: torch.Tensor,
-             scale: Optional[torch.Tensor] = None, shift: Optional[float] = None) -> torch.Tensor:
+             scale: Optional[torch.Tensor] = None, shift: Optional[float] = None, store: bool = True) -> torch.Tensor:
     """In place over the rows of s [..., cols]: x = s * scale (``scale`` [cols], one per column, or
     None), top = ``shift`` if given (it must bound every x from above) else each row's max of x,
     s = exp(max(x - top, floor)), total = the row sums of the new s; ``top`` and ``total``
     [..., 1] are written, s is returned. As ``torch.softmax`` before its division, with the
-    clamp."""
+    clamp. ``store=False`` allows s to keep its values (the native pass then only reads it)."""
     extra = () if scale is None else (scale,)
     lib = _native_for(s, top, total, *extra)
     if lib is not None:
         lib.mgh_softmax_rows_f32(s.data_ptr(), s.numel() // s.shape[-1], s.shape[-1],
                                  None if scale is None else scale.data_ptr(), shift is not None,
-                                 0.0 if shift is None else shift, floor, top.data_ptr(), total.data_ptr(),
+                                 0.0 if shift is None else shift, floor, store, top.data_ptr(), total.data_ptr(),
                                  torch.get_num_threads())
         return s
     if shift is None:

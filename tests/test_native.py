@@ -97,6 +97,20 @@ def test_scaled_softmax_rows_within_the_rule(native, cols, fixed, gen):
         assert err <= 2 * own + 2 ** -22, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize("fixed", [False, True], ids=["row-max", "fixed-shift"])
+def test_sums_without_storing(native, scaled, fixed, gen):
+    """``store=False`` (a loss without gradients): the same top and sums, the block left as it was."""
+    raw = torch.randn(2, 3, 77, generator=gen) * 4
+    scale = torch.rand(77, generator=gen) + 0.5 if scaled else None
+    shift = 40.0 if fixed else None
+    stored, kept = [torch.empty(2, 3, 1), torch.empty(2, 3, 1)], [torch.empty(2, 3, 1), torch.empty(2, 3, 1)]
+    cpu_rows.softmax_(raw.clone(), FLOOR, *stored, scale=scale, shift=shift)
+    block = raw.clone()
+    cpu_rows.softmax_(block, FLOOR, *kept, scale=scale, shift=shift, store=False)
+    assert torch.equal(block, raw) and torch.equal(stored[0], kept[0]) and torch.equal(stored[1], kept[1])
+
+
 @pytest.mark.parametrize("cols", [1, 33, 1000])
 def test_exp_shifted_rows_within_the_rule(native, cols, gen):
     s = scores(4, cols, gen)

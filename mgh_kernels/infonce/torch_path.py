@@ -118,7 +118,7 @@ class _GlobalLossFunction(torch.autograd.Function):
             picked = logits[at, target] * scale[target]  # the target's logit, before the row pass
             top = scratch("infonce.top", (stop - start, 1), q.dtype, q.device)
             sums = scratch("infonce.sums", (stop - start, 1), q.dtype, q.device)
-            p = cpu_rows.softmax_(logits, floor, top, sums, scale=scale, shift=shift)
+            p = cpu_rows.softmax_(logits, floor, top, sums, scale=scale, shift=shift, store=grad)
             total = total + sums.log().sum() - (picked - top[:, 0]).sum()  # log(sum) - the shifted target
             if grad:
                 p.div_(sums)
