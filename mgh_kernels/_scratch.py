@@ -34,7 +34,8 @@ def scratch(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.d
     buffers = _local.__dict__.setdefault("buffers", {})
     buffer = buffers.get((name, dtype))
     if buffer is None or buffer.numel() < count:
-        buffer = buffers[(name, dtype)] = torch.empty(count, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+            buffer = buffers[(name, dtype)] = torch.empty(count, dtype=dtype)
     return buffer[:count].view(shape)
 
 

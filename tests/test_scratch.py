@@ -53,3 +53,26 @@ def test_release_drops_the_buffers():
     _scratch.release()
     fresh = scratch("test.release", (8,), torch.float32, "cpu")
     assert fresh._base is not kept._base
+
+
+def test_made_in_inference_mode_then_used_outside(gen):
+    """A buffer first made under ``torch.inference_mode`` (an evaluation) serves a training step
+    after it, and the other way round: in-place writes to an inference tensor outside inference
+    mode would be an error."""
+    from mgh_kernels import ata_attention, infonce_loss, use_backend
+
+    _scratch.release()
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+    emb = [torch.randn(6, 8, generator=gen) for _ in range(2)]
+    with use_backend("torch"):
+        with torch.inference_mode():
+            ata_attention(q, k, v)
+            infonce_loss(*emb, torch.randn(6, 1, 8, generator=gen))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, colsum = ata_attention(*leaves)
+        (out.sum() + colsum.sum()).backward()
+        loss = infonce_loss(*(t.clone().requires_grad_() for t in emb), torch.randn(6, 1, 8, generator=gen))
+        loss.backward()
+        with torch.inference_mode():
+            ata_attention(q, k, v)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
