@@ -39,7 +39,11 @@ _state: dict = {}
 
 
 class _Unavailable(Exception):
-    pass
+    """Why the library cannot be had; ``quiet`` where that is expected (no compiler, no source)."""
+
+    def __init__(self, reason: str, quiet: bool = False):
+        super().__init__(reason)
+        self.quiet = quiet
 
 
 def cache_dir() -> Path:
@@ -63,11 +67,11 @@ def _machine_key() -> str:
 
 def _build() -> Path:
     if not SOURCE.is_file():
-        raise _Unavailable(f"no source at {SOURCE}")
+        raise _Unavailable(f"no source at {SOURCE}", quiet=True)
     name = os.environ.get("CC", "cc")
     compiler = shutil.which(name)
     if compiler is None:
-        raise _Unavailable(f"no C compiler ({name!r} is not on PATH)")
+        raise _Unavailable(f"no C compiler ({name!r} is not on PATH)", quiet=True)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
         SOURCE.read_bytes(), version, repr(FLAG_SETS), _machine_key()))).hexdigest()[:16]
@@ -111,8 +115,7 @@ def library() -> Optional[ctypes.CDLL]:
                     _state["lib"], _state["why"] = _load(path), f"loaded from {path}"
                 except (_Unavailable, OSError, subprocess.SubprocessError) as error:
                     _state["lib"], _state["why"] = None, str(error)
-                    expected = isinstance(error, _Unavailable) and str(error).startswith(("no C compiler", "no source"))
-                    if not expected:  # a compiler that fails, or a library that will not load
+                    if not getattr(error, "quiet", False):  # a compiler that fails, a library that will not load
                         warnings.warn(f"mgh_kernels: the native CPU sweep is off ({error}); the PyTorch ops run "
                                       "instead", RuntimeWarning, stacklevel=2)
     return _state["lib"]

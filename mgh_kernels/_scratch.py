@@ -1,9 +1,9 @@
 """Per-thread scratch buffers that the CPU paths reuse from one call to the next.
 
 A fresh tensor of a few MiB is fresh pages: glibc returns large blocks to the OS when they are
-freed, so every call would fault its working memory in again, page by page. On the 2-core
-development VM a new 2 MiB score block cost as much as the GEMM that fills it. The CPU sweeps
-(``attention/cpu_flash.py``, ``infonce/torch_path.py``) therefore take their blocks from here.
+freed, so every call would fault its working memory in again, page by page, which can cost as
+much as the GEMM that fills the block. The CPU sweeps (``attention/cpu_flash.py``,
+``infonce/torch_path.py``) therefore take their blocks from here.
 
 Rules for callers: a scratch tensor lives until the same thread asks for the same name again, so it
 never leaves the function that asked for it (not returned, not saved for backward), and holds

@@ -232,3 +232,11 @@ def test_turned_off_by_the_environment():
 def test_exp_floor_is_a_float32_normal_exponent():
     """The C exp assumes its clamped input keeps 2^n normal (n >= -126)."""
     assert math.exp(FLOOR) >= torch.finfo(torch.float32).tiny and round(FLOOR / math.log(2)) >= -126
+
+
+def test_missing_source_falls_back_quietly(fresh, monkeypatch, recwarn):
+    """An installed wheel ships no csrc/: the PyTorch ops run, with no warning."""
+    monkeypatch.setattr(_native, "SOURCE", fresh / "absent" / "cpu_sweep.c")
+    assert _native.library() is None
+    assert _native.status() == f"no source at {fresh / 'absent' / 'cpu_sweep.c'}"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

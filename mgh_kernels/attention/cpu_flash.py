@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import torch
 
+from .. import cpu_rows
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
-from .. import cpu_rows
 
 ROWS = 128
 """Query rows per block of the sweeps, at most."""
 
 BLOCK_ELEMENTS = 1 << 20
-"""Scores one block may hold (4 MiB in float32; the best of 64K-2M on the 2-core development CPU):
+"""Scores one block may hold (4 MiB in float32; the sweep that chose it is in benchmarks/RESULTS.md):
 heads join a block while they fit."""
 
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
