@@ -27,10 +27,11 @@ def _native_for(*tensors: torch.Tensor):
 def softmax_(s: torch.Tensor, floor: float, top: torch.Tensor, total: torch.Tensor,
              scale: Optional[torch.Tensor] = None, shift: Optional[float] = None, store: bool = True) -> torch.Tensor:
     """In place over the rows of s [..., cols]: x = s * scale (``scale`` [cols], one per column, or
-    None), top = ``shift`` if given (it must bound every x from above) else each row's max of x,
-    s = exp(max(x - top, floor)), total = the row sums of the new s; ``top`` and ``total``
-    [..., 1] are written, s is returned. As ``torch.softmax`` before its division, with the
-    clamp. ``store=False`` allows s to keep its values (the native pass then only reads it)."""
+    None), top = ``shift`` if given else each row's max of x, s = exp(max(x - top, floor)), total =
+    the row sums of the new s; ``top`` and ``total`` [..., 1] are written, s is returned. As
+    ``torch.softmax`` before its division, with the clamp. A ``shift`` must bound every x from
+    above and leave none more than -floor below it (the PyTorch ops then skip the clamp).
+    ``store=False`` allows s to keep its values (the native pass then only reads it)."""
     extra = () if scale is None else (scale,)
     lib = _native_for(s, top, total, *extra)
     if lib is not None:

@@ -11,9 +11,9 @@ gradient then drops its component along c, as ``F.normalize``'s backward does). 
 than the eager loss, without its B x N logits. The softmax over a chunk is one row pass
 (``cpu_rows``: native on the CPU where it builds), and cosine logits are shifted by their bound
 1 / tau rather than each row's max where that keeps every exponential normal (``_fixed_shift``);
-the chunk of logits is a reused scratch buffer (``_scratch``). Per-query losses (``losses``) run each
-chunk under activation checkpointing when a gradient will be taken, so backward re-computes its
-logits. Arithmetic in float32 (float64 for float64 inputs), as in ``reference.infonce``.
+the chunk of logits is a reused scratch buffer (``_scratch``). Per-query losses (``losses``) run
+each chunk under activation checkpointing when a gradient will be taken, so backward re-computes
+its logits. Arithmetic in float32 (float64 for float64 inputs), as in ``reference.infonce``.
 """
 
 from __future__ import annotations
