@@ -4,6 +4,7 @@ LLM text embedders.
 Public API::
 
     from mgh_kernels import ata_attention   # attention + per-key column sums, never L x L (Triton)
+    from mgh_kernels import ata_attention_varlen   # the same over packed sequences (varlen convention)
     from mgh_kernels import infonce_loss, InfoNCELoss   # fused InfoNCE, never stores the logits
     from mgh_kernels import enable_ata      # transformers integration: ATA without output_attentions
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
@@ -21,7 +22,7 @@ paths. This package never imports the trainer (``mgh_train``).
 
 from . import backend, reference
 from ._validation import NonFiniteError, trusted_inputs
-from .attention import ata_attention
+from .attention import ata_attention, ata_attention_varlen
 from .backend import use_backend
 from .infonce import InfoNCELoss, infonce_loss
 from .pooling import (
@@ -46,6 +47,7 @@ __all__ = [
     "POOLING_METHODS",
     "enable_ata",
     "ata_attention",
+    "ata_attention_varlen",
     "ata_pool",
     "ata_weights",
     "first_token_pool",

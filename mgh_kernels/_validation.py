@@ -234,3 +234,74 @@ def check_infonce_args(q, pos, neg, *, tau, negatives, reduction, amp=None) -> f
     check_choice("negatives", negatives, NEGATIVE_MODES)
     check_choice("reduction", reduction, REDUCTIONS)
     return check_positive("tau", tau)
+
+
+def check_cu_seqlens(name: str, cu_seqlens, *, total: int, device: torch.device,
+                     max_seqlen=None) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[int]]:
+    """Validate flash-attention's varlen ``cu_seqlens`` (int32 [n + 1]: 0, then non-decreasing, ending at
+    ``total``) and, when given, ``max_seqlen`` (an int at least the longest length).
+
+    ``cu_seqlens`` may be on the CPU (host data: its values are always checked, free of syncs) or on
+    ``device`` (checked outside :func:`trusted_inputs` only: reading them is a sync). Returns (the
+    CPU tensor or None, the tensor on ``device``, ``max_seqlen`` as int or None).
+    """
+    check_tensor(name, cu_seqlens, ndim=1, layout="[n + 1] (cumulative sequence lengths)")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32 (flash-attention's varlen convention), "
+                         f"got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name}: expected at least two entries [0, ..., total] (one sequence), got "
+                         f"shape {_shape(cu_seqlens)}")
+    if cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
+        raise ValueError(f"{name}: expected to be on the CPU or on {device}, got {cu_seqlens.device}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        raise ValueError(f"max_seqlen: expected a positive int (the longest sequence's length), got {max_seqlen!r}")
+    host = cu_seqlens if cu_seqlens.device.type == "cpu" else None
+    if host is not None or checks_values():
+        values = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+        if values[0] != 0:
+            raise ValueError(f"{name}: expected to start at 0, got {values[0]}")
+        if values[-1] != total:
+            raise ValueError(f"{name}: expected to end at total = {total} (the tokens of q), got {values[-1]}")
+        bad = [i for i, n in enumerate(lengths) if n < 0]
+        if bad:
+            raise ValueError(f"{name}: expected non-decreasing values; it decreases after entries "
+                             f"{', '.join(map(str, bad[:8]))}")
+        if max_seqlen is not None and max(lengths) > max_seqlen:
+            raise ValueError(f"max_seqlen: expected at least the longest sequence's length {max(lengths)}, "
+                             f"got {max_seqlen}")
+    on_device = cu_seqlens if cu_seqlens.device == device else cu_seqlens.to(device, non_blocking=True)
+    return host, on_device, max_seqlen
+
+
+def check_varlen_args(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, amp=None):
+    """Validate packed self-attention arguments (q [total, Hq, D], k, v [total, Hkv, D], dtypes and
+    devices as :func:`check_attention_args`); return (cu_seqlens on the CPU or None, cu_seqlens on
+    q's device, max_seqlen, scale)."""
+    check_tensor("q", q, ndim=3, layout="[total, Hq, D]")
+    check_tensor("k", k, ndim=3, layout="[total, Hkv, D]")
+    check_tensor("v", v, ndim=3, layout="[total, Hkv, D]")
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v)):
+        check_same_dtype(name, t, "q", q, amp)
+        check_same_device(name, t, "q", q)
+    total, hq, dim = q.shape
+    if total == 0 or dim == 0 or hq == 0:
+        raise ValueError(f"q: expected a non-empty tensor, got shape {_shape(q)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
+    check_dim("k", k, 0, total, "total tokens of q")
+    check_dim("k", k, 2, dim, "head dim D of q")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}")
+    check_bool("causal", causal)
+    scale = check_positive("scale", scale, allow_none=True)
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    if max_seqlen is None:
+        raise ValueError("max_seqlen: expected a positive int (the longest sequence's length), got None")
+    host, cu, max_seqlen = check_cu_seqlens("cu_seqlens", cu_seqlens, total=total, device=q.device,
+                                            max_seqlen=max_seqlen)
+    return host, cu, max_seqlen, scale

@@ -1,6 +1,7 @@
 """Eager PyTorch oracles: the ground truth of the fused ops and the baselines of the benchmarks.
 
 * ``attention_with_colsum``: attention with per-key column sums (``ata_attention``'s truth);
+* ``attention_varlen_with_colsum``: the same over packed sequences (``ata_attention_varlen``'s truth);
 * ``colsum_from_attentions``: the same column sums from materialised probabilities
   (transformers' ``output_attentions``);
 * ``infonce``: InfoNCE over cosine similarities (``infonce_loss``'s truth).
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ._precision import autocast_dtype, compute_dtype
-from ._validation import check_attention_args, check_float, check_infonce_args, check_mask, check_tensor
+from ._validation import (check_attention_args, check_float, check_infonce_args, check_mask, check_tensor,
+                          check_varlen_args)
 
-__all__ = ["attention_with_colsum", "colsum_from_attentions", "infonce"]
+__all__ = ["attention_varlen_with_colsum", "attention_with_colsum", "colsum_from_attentions", "infonce"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +102,50 @@ def attention_with_colsum(
     out = torch.matmul(probs, vf).to(q.dtype)
     colsum = probs.sum(dim=2).mean(dim=1)
     return out, colsum
+
+
+def attention_varlen_with_colsum(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_colsum` over packed sequences, one sequence at a time.
+
+    Args:
+        q: [total, Hq, D]; k, v: [total, Hkv, D] (flash-attention's varlen layout).
+        cu_seqlens: [n + 1] int32 cumulative lengths (0, ..., total); sequence i is tokens
+            ``cu_seqlens[i]:cu_seqlens[i + 1]``.
+        max_seqlen: at least the longest length (checked).
+        causal, scale: as :func:`attention_with_colsum`, within each sequence.
+
+    Returns:
+        ``out`` [total, Hq, D] in ``q.dtype`` and ``colsum`` [total] float32 (float64 for float64
+        inputs): each token's sum over its own sequence's queries, averaged over heads.
+
+    Example::
+
+        cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+        out, colsum = attention_varlen_with_colsum(q, k, v, cu, 7, causal=True)   # q [10, H, D]
+
+    Per sequence, ``attention_with_colsum(q[None, a:b].transpose(1, 2), ...)``; what
+    flash-attention's ``flash_attn_varlen_func`` gives for ``out``.
+    """
+    cu_host, cu, max_seqlen, scale = check_varlen_args(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
+                                                       amp=autocast_dtype(q))
+    bounds = (cu_host if cu_host is not None else cu).tolist()
+    outs, sums = [], []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop > start:
+            out, colsum = attention_with_colsum(*(t[None, start:stop].transpose(1, 2) for t in (q, k, v)),
+                                                causal=causal, scale=scale)
+            outs.append(out[0].transpose(0, 1))
+            sums.append(colsum[0])
+    return torch.cat(outs), torch.cat(sums)
 
 
 def colsum_from_attentions(attentions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,9 @@ Where each concept lives:
 * ``masking.py``: the Triton helpers and conventions every kernel shares;
 * ``tiles.py``: the tile choices and ``SHORT_MAX_LENGTH`` (documented, overridable);
 * ``cudnn.py``: the cuDNN gate and ``FLASH_PASS`` (documented, overridable);
-* ``torch_path.py``: the PyTorch path; ``cpu_flash.py`` its CPU forward and backward.
+* ``torch_path.py``: the PyTorch path; ``cpu_flash.py`` its CPU forward and backward;
+* ``varlen.py``: ``ata_attention_varlen`` (packed sequences, flash-attention's varlen convention),
+  its autograd Function and PyTorch path; ``varlen_kernels.py`` its Triton kernels.
 
 Only the Triton files import triton; without it ``ata_attention`` runs its PyTorch path.
 """
@@ -33,8 +35,9 @@ import warnings
 
 from . import cudnn, tiles
 from .functional import MAX_HEAD_DIM, ata_attention, last_backend, last_forward
+from .varlen import ata_attention_varlen
 
-__all__ = ["MAX_HEAD_DIM", "ata_attention", "cudnn", "last_backend", "last_forward", "tiles"]
+__all__ = ["MAX_HEAD_DIM", "ata_attention", "ata_attention_varlen", "cudnn", "last_backend", "last_forward", "tiles"]
 
 _MOVED = {"FLASH_PASS": cudnn, "SHORT_MAX_LENGTH": tiles}  # settings that lived here, and their home
 
