@@ -8,14 +8,16 @@ Public API::
     from mgh_kernels import infonce_loss, InfoNCELoss   # fused InfoNCE, never stores the logits
     from mgh_kernels import enable_ata      # transformers integration: ATA without output_attentions
     from mgh_kernels import ata_pool, pool, mean_pool, weighted_mean_pool, last_token_pool, first_token_pool
+    from mgh_kernels import packed_pool     # the same poolings over packed rows [total, H] with cu_seqlens
     from mgh_kernels import ata_weights, NonFiniteError
     from mgh_kernels import trusted_inputs  # skip value checks that sync (the caller built the masks)
     from mgh_kernels import use_backend     # force the PyTorch path, or refuse it
     from mgh_kernels import reference       # eager oracles: attention_with_colsum, colsum_from_attentions, infonce
 
 Layout: ``attention/`` and ``infonce/`` (one package per fused op: kernels, tiles, registrations,
-PyTorch path), ``pooling.py``, ``transformers.py`` (model patching), ``reference.py``,
-``backend.py`` (which path runs), ``testing.py`` (poisoned outputs, recorded launches). Only the
+PyTorch path), ``pooling.py`` (``packed_pooling.py`` over packed rows), ``transformers.py`` (model
+patching), ``reference.py``, ``backend.py`` (which path runs), ``testing.py`` (poisoned outputs,
+recorded launches). Only the
 Triton kernel files import triton: without it (macOS, Windows) everything runs on the PyTorch
 paths. This package never imports the trainer (``mgh_train``).
 """
@@ -25,6 +27,7 @@ from ._validation import NonFiniteError, trusted_inputs
 from .attention import ata_attention, ata_attention_varlen
 from .backend import use_backend
 from .infonce import InfoNCELoss, infonce_loss
+from .packed_pooling import packed_pool
 from .pooling import (
     POOLING_METHODS,
     ata_pool,
@@ -54,6 +57,7 @@ __all__ = [
     "infonce_loss",
     "last_token_pool",
     "mean_pool",
+    "packed_pool",
     "pool",
     "reference",
     "trusted_inputs",
