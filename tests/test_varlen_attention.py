@@ -135,26 +135,26 @@ def test_equals_padded_attention_on_the_same_texts(causal, path, gen):
     (q, k, v), _ = packed_inputs(lengths, 4, 2, 16, torch.float32, gen, requires_grad=True)
     cu = cu_of(lengths)
     longest, batch = max(lengths), len(lengths)
-    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).to(DEVICE)
     padded = []
     for t in (q, k, v):
-        box = torch.zeros(batch, longest, *t.shape[1:], dtype=t.dtype)
+        box = torch.zeros(batch, longest, *t.shape[1:], dtype=t.dtype, device=DEVICE)
         box[mask] = t.detach()
-        padded.append(box.transpose(1, 2).contiguous().to(DEVICE).requires_grad_())
+        padded.append(box.transpose(1, 2).contiguous().requires_grad_())
     w_out = torch.randn(q.shape, generator=gen).to(DEVICE)
     w_col = torch.randn(sum(lengths), generator=gen).to(DEVICE)
 
     out, colsum = run_path(path, q, k, v, cu, longest, causal=causal)
     ((out * w_out).sum() + (colsum * w_col).sum()).backward()
     with use_backend("torch" if path == "torch" else "auto"):
-        p_out, p_colsum = ata_attention(*padded, causal=causal, key_padding_mask=mask.to(DEVICE))
-    p_out = p_out.transpose(1, 2)[mask.to(DEVICE)]
-    p_colsum = p_colsum[mask.to(DEVICE)]
+        p_out, p_colsum = ata_attention(*padded, causal=causal, key_padding_mask=mask)
+    p_out = p_out.transpose(1, 2)[mask]
+    p_colsum = p_colsum[mask]
     ((p_out * w_out).sum() + (p_colsum * w_col).sum()).backward()
     torch.testing.assert_close(out, p_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(colsum, p_colsum, rtol=1e-5, atol=1e-5)
     for got, box in zip((q, k, v), padded):
-        torch.testing.assert_close(got.grad, box.grad.transpose(1, 2)[mask.to(DEVICE)], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.grad, box.grad.transpose(1, 2)[mask], rtol=1e-4, atol=1e-5)
 
 
 class LargestTensor(TorchDispatchMode):
