@@ -38,7 +38,7 @@ from .pooling import (
     pool,
     weighted_mean_pool,
 )
-from .transformers import ATA_ATTENTION, ATACapture, enable_ata
+from .transformers import ATA_ATTENTION, VARLEN_ATTENTION, ATACapture, enable_ata
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "InfoNCELoss",
     "NonFiniteError",
     "POOLING_METHODS",
+    "VARLEN_ATTENTION",
     "enable_ata",
     "ata_attention",
     "ata_attention_varlen",

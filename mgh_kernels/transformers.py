@@ -11,8 +11,10 @@ Scope and caveats: transformers 5 decoders whose attention goes through ``Attent
 (the Llama, Mistral, Qwen2 and Qwen3 families; GGUF-loaded, peft-wrapped and vision-language
 ones). The fused layer reads only masks that are padding plus causal or bidirectional: packed
 sequences, sliding windows shorter than the input, flex attention's block masks, attention
-dropout and KV caches are refused with a ``ValueError`` rather than misread. transformers is
-imported only when ``enable_ata`` runs.
+dropout and KV caches are refused with a ``ValueError`` rather than misread. With
+``enable_ata(model, packed=True)`` packed rows are taken instead: every layer runs our kernels
+(``VARLEN_ATTENTION``: ``ata_attention_varlen`` per text, flash-attention's masks), the ATA layer
+with column sums. transformers is imported only when ``enable_ata`` runs.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from typing import Optional
 
 import torch
 
-from ._validation import checks_values
-from .attention import ata_attention
+from ._validation import check_bool, checks_values
+from .attention import ata_attention, ata_attention_varlen
 from .pooling import ata_pool
 
-__all__ = ["ATA_ATTENTION", "ATACapture", "enable_ata"]
+__all__ = ["ATA_ATTENTION", "ATACapture", "VARLEN_ATTENTION", "enable_ata"]
+
+VARLEN_ATTENTION = "mgh_varlen"
+"""The name ``enable_ata(model, packed=True)`` gives every other layer: ``ata_attention_varlen``
+(column sums off) on packed rows, ``ata_attention`` on padded ones, with flash-attention's masks."""
 
 ATA_ATTENTION = "mgh_ata"
 """The name ``enable_ata`` registers with transformers' ``AttentionInterface``; only the chosen
@@ -101,6 +107,8 @@ class ATACapture:
         self.model, self.module, self.layer = model, module, layer
         self._previous, self._replaced_by = previous, replaced_by
         self.colsum: Optional[torch.Tensor] = None
+        self.packed = replaced_by == VARLEN_ATTENTION
+        self.cu_seqlens: Optional[torch.Tensor] = None
 
     def __getstate__(self) -> dict:
         # colsum belongs to the latest forward's autograd graph, which deepcopy and pickle refuse
@@ -146,8 +154,15 @@ class ATACapture:
         window = kwargs.get("sliding_window")
         if window is not None and length > window:
             raise ValueError(f"sliding_window: the ATA layer attends to the whole sequence; L={length} > {window}")
-        _check_not_packed(module, attention_mask, query.shape[0], kwargs)
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        if self.packed:
+            varlen = _varlen_arguments(attention_mask, query.shape[0], kwargs)
+            self.cu_seqlens = None if varlen is None else varlen[0]
+            if varlen is not None:
+                out, colsum = _attend_packed(query, key, value, varlen, causal, scaling, True)
+                self.colsum = colsum[None]  # [1, total]: the packed row's tokens
+                return out, None
+        _check_not_packed(module, attention_mask, query.shape[0], kwargs)
         key_padding_mask = _key_padding_mask(attention_mask, causal, length)
         out, colsum = ata_attention(
             query, key, value, causal=causal, key_padding_mask=key_padding_mask, scale=scaling
@@ -179,6 +194,63 @@ def _check_not_packed(module, attention_mask, batch: int, kwargs) -> None:
                 "position_ids: the ATA layer attends to one sequence per row; positions that are not "
                 "consecutive in an unpadded row (packed sequences, under flash-attention) are not supported"
             )
+
+
+def _varlen_arguments(attention_mask, batch: int, kwargs):
+    """(cu_seqlens int32, max_seqlen) of a packed row as transformers' flash-attention path takes
+    it, or None for an ordinary batch: the ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments
+    (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), else, in a batch of one row
+    without a padding mask, ``position_ids`` that restart at 0 (each restart begins a sequence; a
+    host sync per layer, which the keyword arguments avoid)."""
+    if attention_mask is not None:
+        if attention_mask.dim() == 2 and checks_values() and not bool(attention_mask.bool().all()):
+            return None  # padding: one sequence per row
+        if attention_mask.dim() != 2:
+            return None
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is not None and longest is not None:
+        cu_k, longest_k = kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")
+        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
+            raise ValueError("cu_seq_lens_k: the packed ATA path is self-attention; expected cu_seq_lens_q")
+        if batch != 1:
+            raise ValueError(f"cu_seq_lens_q: expected packed sequences in a batch of one row, got {batch} rows")
+        return cu.to(torch.int32), int(max(longest, longest_k or 0))
+    positions = kwargs.get("position_ids")
+    if batch != 1 or positions is None or positions.shape[-1] < 2:
+        return None
+    row = positions.reshape(-1)
+    starts = (row == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0 or starts.numel() == 1:
+        return None  # one sequence (or positions that do not start at 0): the ordinary path
+    bounds = torch.cat([starts, starts.new_tensor([row.numel()])]).to(torch.int32).cpu()
+    return bounds, int((bounds[1:] - bounds[:-1]).max())
+
+
+def _attend_packed(query, key, value, varlen, causal: bool, scaling, return_colsum: bool):
+    """A packed row [1, H, T, D] through ``ata_attention_varlen``: (out [1, T, Hq, D], colsum [T] or None)."""
+    cu, longest = varlen
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out, colsum = ata_attention_varlen(q, k, v, cu, longest, causal=causal, scale=scaling, return_colsum=return_colsum)
+    return out[None], colsum
+
+
+def _varlen_dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """The attention function registered as ``mgh_varlen`` (the other layers under
+    ``enable_ata(model, packed=True)``): packed rows through ``ata_attention_varlen`` without column
+    sums, each sequence attending to itself and never a total x total mask; ordinary batches (a
+    [B, L] padding mask or none) through ``ata_attention`` without column sums."""
+    capture = getattr(module, _CAPTURE_ATTR, None)
+    if capture is not None:
+        return capture.attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if dropout:
+        raise ValueError(f"dropout: the packed attention has no attention dropout, got {dropout}")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    varlen = _varlen_arguments(attention_mask, query.shape[0], kwargs)
+    if varlen is not None:
+        return _attend_packed(query, key, value, varlen, causal, scaling, False)[0], None
+    out, _ = ata_attention(query, key, value, causal=causal, key_padding_mask=_key_padding_mask(
+        attention_mask, causal, query.shape[2]), scale=scaling, return_colsum=False)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _builds_flash_masks(module) -> bool:
@@ -249,8 +321,12 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from transformers.masking_utils import flash_attention_mask
+
     AttentionInterface.register(ATA_ATTENTION, _dispatch)
     AttentionMaskInterface.register(ATA_ATTENTION, sdpa_mask)  # for a model set to mgh_ata by hand
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_dispatch)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, flash_attention_mask)  # [B, L] padding or None
 
 
 def _other_layers_implementation(name: Optional[str]) -> str:
@@ -269,7 +345,7 @@ def _attention_layers(model) -> list:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def enable_ata(model, layer: int = -1) -> ATACapture:
+def enable_ata(model, layer: int = -1, *, packed: bool = False) -> ATACapture:
     """Run ``model``'s attention in ``layer`` with the fused ATA kernel and capture its column sums.
 
     Every other layer keeps the model's attention where it is a fused one (PyTorch's SDPA, or
@@ -293,6 +369,16 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
     Args:
         model: a transformers ``PreTrainedModel`` (or a peft model wrapping one).
         layer: which layer runs the kernel; negative counts from the end (-1 = last).
+        packed: accept packed rows (padding-free batches) as transformers' flash-attention path
+            takes them: one row of concatenated texts with ``position_ids`` restarting at 0 per
+            text, and optionally the ``cu_seq_lens_q/k`` / ``max_length_q/k`` keyword arguments
+            (``DataCollatorWithFlattening``). Every layer then runs our kernels with
+            flash-attention's masks (``VARLEN_ATTENTION``; never a total x total mask): the other
+            layers ``ata_attention_varlen`` with the column sums off (``ata_attention`` on padded
+            batches), the ATA layer with them on, so ``capture.colsum`` is [1, total] and
+            ``capture.cu_seqlens`` the sequences' bounds (None after an ordinary batch). Pool with
+            ``packed_pool(hidden[0], capture.cu_seqlens, "ata", colsum=capture.colsum[0])``.
+            ``mgh_kernels.attention.varlen.last_backend()`` says which path ran.
 
     Returns:
         An :class:`ATACapture`; ``capture.remove()`` (or leaving its ``with`` block) restores the
@@ -319,8 +405,9 @@ def enable_ata(model, layer: int = -1) -> ATACapture:
     if config is None:
         raise ValueError(f"model: expected transformers attention modules with a config, got {type(module).__name__}")
     # The layers' own config: the text model's in a multimodal model, whose vision tower keeps its attention.
+    check_bool("packed", packed)
     previous = config._attn_implementation
-    others = _other_layers_implementation(previous)
+    others = VARLEN_ATTENTION if packed else _other_layers_implementation(previous)
     replaced_by = others if others != previous else None
     _register()
     if replaced_by is not None:
