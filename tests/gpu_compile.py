@@ -15,6 +15,9 @@ branch.
   ``ata_attention`` passes it (a float32 bias), ``causal`` as given. Kernels: ``_fwd_kernel``, ``_colsum_kernel``,
   ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel`` (``_fwd_short_kernel`` in place
   of the first two when ``length`` is short enough for the one-sweep forward).
+* ``"attention-varlen"``: ``attention.varlen.VarlenAttentionFunction`` on two packed texts of
+  ``length`` tokens, forward with the column sums and backward through both: ``_varlen_fwd_kernel``,
+  ``_varlen_colsum_kernel``, ``_varlen_delta_kernel``, ``_varlen_dkdv_kernel``, ``_varlen_dq_kernel``.
 * ``"infonce"``: ``infonce.ops.InfoNCEFunction`` forward and backward with K = 3 hard negatives per query:
   ``_row_norms_kernel`` for the queries, positives and negatives, then for ``negatives`` "global"
   ``_global_fwd_kernel``; then ``_global_dlogits_kernel`` and ``_unscale_project_kernel`` for the
@@ -119,6 +122,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True,
 
     tile_module, tile_functions = {
         "attention": (attention_tiles, ("flash_tiles", "colsum_tiles", "one_sweep_tiles", "backward_tiles")),
+        "attention-varlen": (attention_tiles, ("flash_tiles", "colsum_tiles", "backward_tiles")),
         "infonce": (infonce_tiles, ("kernel_tiles",)),
     }[op]
     dtype, meta, cuda = getattr(torch, dtype), torch.device("meta"), torch.device("cuda")
@@ -147,6 +151,16 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True,
                 k, v = empty(2, hkv, length, head_dim, grad=True), empty(2, hkv, length, head_dim, grad=True)
                 bias = empty(2, length, dt=torch.float32) if padding else None  # as ata_attention passes it
                 out, colsum = attention_ops.ATAAttentionFunction.apply(q, k, v, bias, causal, head_dim**-0.5, True)
+                torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
+            elif op == "attention-varlen":  # two packed texts of ``length`` tokens
+                from mgh_kernels.attention import varlen as varlen_ops
+
+                hkv, group = 2, 4
+                q = empty(2 * length, hkv * group, head_dim, grad=True)
+                k, v = empty(2 * length, hkv, head_dim, grad=True), empty(2 * length, hkv, head_dim, grad=True)
+                cu = empty(3, dt=torch.int32)
+                out, colsum = varlen_ops.VarlenAttentionFunction.apply(q, k, v, cu, length, causal, head_dim**-0.5,
+                                                                       True)
                 torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
             else:
                 q, pos, neg = empty(batch, dim, grad=True), empty(batch, dim, grad=True), empty(batch * 3, dim, grad=True)

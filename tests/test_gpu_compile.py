@@ -37,11 +37,17 @@ CASES = {
     "attention-short-bf16-d128-causal": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True, length=200),
     "attention-short-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False,
                                                    length=100),
+    "attention-varlen-bf16-d128-causal": dict(op="attention-varlen", dtype="bfloat16", head_dim=128, causal=True),
+    "attention-varlen-fp16-d64-bidirectional": dict(op="attention-varlen", dtype="float16", head_dim=64,
+                                                    causal=False),
+    "attention-varlen-fp32-d64-causal": dict(op="attention-varlen", dtype="float32", head_dim=64, causal=True),
     "infonce-bf16-global-D1024": dict(op="infonce", dtype="bfloat16", dim=1024, negatives="global"),
     "infonce-bf16-own-D1024": dict(op="infonce", dtype="bfloat16", dim=1024, negatives="own"),
 }
 KERNELS = {
     "attention": ["_fwd_kernel", "_colsum_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
+    "attention-varlen": ["_varlen_fwd_kernel", "_varlen_colsum_kernel", "_varlen_delta_kernel", "_varlen_dkdv_kernel",
+                         "_varlen_dq_kernel"],
     "attention-short": ["_fwd_short_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
     # inverse norms of q, pos, neg; the splits' statistics and their combination with the loss;
     # the gradient scale, then one pass (B=100 is small): per source the logit gradients then
