@@ -31,10 +31,21 @@ from mgh_train.synth.validate import Rejected, check_example, extract_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
+if os.environ.get("MGH_SKIP_SYNTH_SERVER") == "1":
+    pytest.skip("MGH_SKIP_SYNTH_SERVER=1: set up without llama-cpp-python's server", allow_module_level=True)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with LlamaServer(tmp_path_factory.mktemp("llama") / "server.log") as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def fail_fast_if_the_server_dies(server):
+    """A dead server fails the test at once with its exit status and log tail (tests/llama_server.py)."""
+    with server.watched():
+        yield
 
 
 def synth_args(url, output, *extra):
