@@ -73,7 +73,7 @@ def ata_pool(
         emb = ata_pool(out.last_hidden_state, batch["attention_mask"], attentions=out.attentions)
 
     sentence-transformers has no ATA pooling; with ``mix=1`` this is its "mean" ``Pooling``. With
-    ``mix < 1`` a row whose column sums over its real tokens total no positive number raises
+    ``mix < 1`` a row whose column sums over its real tokens total no positive finite number raises
     :class:`NonFiniteError` (NaN activations upstream do that). mgh's trainer stops at it and names
     the first parameter or layer output that went non-finite.
     """
@@ -137,22 +137,25 @@ def ata_weights(colsum: torch.Tensor, attention_mask: torch.Tensor, mix: float =
         # tensor([[0.75, 0.25, 0.00]]); (weights[..., None] * hidden).sum(1) is ata_pool's embedding
 
     Raises :class:`NonFiniteError` (a ``ValueError``) for a row whose column sums over its real
-    tokens total no positive number (all zero, negative or NaN), unless ``mix`` is 1 or the call
+    tokens total no positive finite number (all zero, negative, NaN or infinite), unless ``mix`` is 1 or the call
     runs inside :func:`~mgh_kernels.trusted_inputs` (the check reads values on the host).
     """
     check_tensor("colsum", colsum, ndim=2, layout="[B, L]")
     check_float("colsum", colsum)
     batch, length = colsum.shape
+    if length == 0:
+        raise ValueError(f"colsum: expected at least one token (L >= 1), got shape {list(colsum.shape)}")
     valid = check_mask("attention_mask", attention_mask, batch=batch, length=length, device=colsum.device)
     mix = check_fraction("mix", mix)
-    c = colsum.to(compute_dtype(colsum.dtype)) * valid
+    # where, not a product: padding may hold anything (inf * 0 would be NaN)
+    c = torch.where(valid, colsum.to(compute_dtype(colsum.dtype)), 0.0)
     total = c.sum(dim=1, keepdim=True)
     if mix < 1.0 and checks_values():
-        bad = rows_where(~(total > 0))
+        bad = rows_where(~((total > 0) & (total < float("inf"))))  # one host read, as before
         if bad:
             raise NonFiniteError(
                 f"colsum: expected a positive total over the real tokens of every row; rows {bad} "
-                "have none (all zero, negative or NaN)"
+                "have none (all zero, negative, NaN or infinite)"
             )
     weights = c / total.clamp_min(torch.finfo(c.dtype).tiny)
     if mix > 0.0:
@@ -279,6 +282,8 @@ def _check_hidden(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> 
     check_tensor("hidden_states", hidden_states, ndim=3, layout="[B, L, H]")
     check_float("hidden_states", hidden_states)
     batch, length, _ = hidden_states.shape
+    if length == 0:
+        raise ValueError(f"hidden_states: expected at least one token (L >= 1), got shape {list(hidden_states.shape)}")
     return check_mask("attention_mask", attention_mask, batch=batch, length=length, device=hidden_states.device)
 
 

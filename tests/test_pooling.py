@@ -181,3 +181,38 @@ def test_old_reference_names_reach_the_poolings(gen):
     torch.testing.assert_close(old, ata_pool(hidden, mask, colsum=colsum, mix=0.3), rtol=0, atol=0)
     with pytest.raises(AttributeError):
         reference.no_such_pooling
+
+
+@pytest.mark.parametrize("fill", [float("inf"), float("-inf"), float("nan")])
+def test_ata_pool_refuses_a_row_without_a_positive_finite_total(fill, gen):
+    """One +inf column sum would give inf / inf = NaN weights: refused as NaN is (NonFiniteError,
+    naming the row), through the same single host read of the totals; padding may hold anything."""
+    from mgh_kernels import NonFiniteError
+    from sync_counter import SyncCounter
+
+    hidden = torch.randn(3, 6, 8, generator=gen)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2, 4:] = False
+    colsum = torch.rand(3, 6, generator=gen) + 0.1
+    colsum[2, 4:] = fill  # padding: ignored whatever it holds
+    with SyncCounter() as syncs:
+        emb = ata_pool(hidden, mask, colsum=colsum)
+    good = colsum.clone()
+    good[2, 4:] = 0.0
+    torch.testing.assert_close(emb, ata_pool(hidden, mask, colsum=good), rtol=0, atol=0)
+    counts = []
+    for value in (fill, float("nan")):  # the same host reads as the NaN check's
+        bad = colsum.clone()
+        bad[1, 2] = value
+        with SyncCounter() as failing, pytest.raises(NonFiniteError, match=r"^colsum: .* rows 1 have none"):
+            ata_pool(hidden, mask, colsum=bad)
+        counts.append(len(failing.ours))
+    assert counts[0] == counts[1] == len(syncs.ours) + 1, (counts, syncs.ours)  # + 1: the message's row list
+
+
+def test_empty_length_is_named_not_a_column_sum_error():
+    for call in (lambda: ata_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool), colsum=torch.zeros(2, 0)),
+                 lambda: ata_weights(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool)),
+                 lambda: mean_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool))):
+        with pytest.raises(ValueError, match=r"expected at least one token \(L >= 1\), got shape \[2, 0"):
+            call()

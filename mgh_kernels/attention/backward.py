@@ -25,17 +25,21 @@ from .masking import (constexprs, key_bias, key_program, keys_seen, load_rows, l
 
 
 @triton.jit
-def _key_tile(k_ptr, skn, skd, start_n, offs_d, d_in, L, BLOCK_N: tl.constexpr):
+def _key_tile(k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """Keys start_n .. start_n + BLOCK_N of one sequence and kv head, for a query block's loop:
-    (offs_n, keys within L, kt [BLOCK_D, BLOCK_N])."""
+    (offs_n, real keys within L, their bias, kt [BLOCK_D, BLOCK_N]); padded keys load as zeros, so
+    whatever they hold (NaN, inf) cannot reach a real row."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    col_in = offs_n < L
-    return offs_n, col_in, load_transposed(k_ptr, offs_n, offs_d, skn, skd, col_in, d_in)
+    bias = key_bias(mask_ptr, smn, offs_n, L, HAS_MASK, True)
+    col_ok = bias == 0
+    return offs_n, col_ok, bias, load_transposed(k_ptr, offs_n, offs_d, skn, skd, col_ok, d_in)
 
 
 @triton.jit
 def _column_gradient(DC, b, L, offs_n, col_in, inv_heads):
-    """g_j = dc_j / Hq for keys offs_n of sequence b (DC [B, L] float32)."""
+    """g_j = dc_j / Hq for keys offs_n of sequence b (DC [B, L] float32); 0 where ``col_in`` is
+    False (padded keys: the column sums' gradient there may hold anything)."""
     return tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads
 
 
@@ -47,16 +51,18 @@ def _row_statistics(LSE, DELTA, bh, L, offs_m, row_in):
 
 
 @triton.jit
-def _query_block(X, sxb, sxh, sxm, sxd, DOUT, sdb, sdh, sdm, sdd, H, GROUP, L, D, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """The query block of a delta or dQ program, and its rows of X (O or Q) and of dO:
-    (b * H + h, b, h, kv head, offs_m, offs_m < L, offs_d, offs_d < D, x, do)."""
+def _query_block(X, sxb, sxh, sxm, sxd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D,
+                 HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query block of a delta or dQ program, and its rows of X (O or Q) and of dO, zeros at
+    padded queries (whatever they hold): (b * H + h, b, h, kv head, offs_m, offs_m < L, the real
+    queries among them, offs_d, offs_d < D, x, do)."""
     pid_bh, b, h, hk, offs_m, row_in = query_program(H, GROUP, L, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
-    x = load_rows(X + b * sxb + h * sxh, offs_m, offs_d, sxm, sxd, row_in, d_in)
-    do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, row_in, d_in)
-    return pid_bh, b, h, hk, offs_m, row_in, offs_d, d_in, x, do
+    q_valid = load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
+    x = load_rows(X + b * sxb + h * sxh, offs_m, offs_d, sxm, sxd, q_valid, d_in)
+    do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, q_valid, d_in)
+    return pid_bh, b, h, hk, offs_m, row_in, q_valid, offs_d, d_in, x, do
 
 
 @triton.jit
@@ -68,20 +74,20 @@ def _bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = dO_i . O_i (+ sum_j P_ij dc_j / Hq when the column sums have a gradient)."""
-    pid_bh, b, h, hk, offs_m, row_in, offs_d, d_in, o, do = _query_block(
-        OUT, sob, soh, som, sod, DOUT, sdb, sdh, sdm, sdd, H, GROUP, L, D, BLOCK_M, BLOCK_D)
+    pid_bh, b, h, hk, offs_m, row_in, q_valid, offs_d, d_in, o, do = _query_block(
+        OUT, sob, soh, som, sod, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M,
+        BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DC:
-        q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_in, d_in)
+        q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, q_valid, d_in)
         lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_in, other=float("inf"))
         pg = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-            offs_n, col_in, kt = _key_tile(K + b * skb + hk * skh, skn, skd, start_n, offs_d, d_in, L, BLOCK_N)
-            bias = key_bias(MASK + b * smb, smn, offs_n, L, HAS_MASK, True)
+            offs_n, col_in, bias, kt = _key_tile(K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, start_n,
+                                                 offs_d, d_in, L, HAS_MASK, BLOCK_N)
             p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
             pg += tl.sum(p * _column_gradient(DC, b, L, offs_n, col_in, inv_heads)[None, :], 1)
         delta += pg
-    q_valid = load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
     tl.store(DELTA + pid_bh * L + offs_m, tl.where(q_valid, delta, 0.0), mask=row_in)
 
 
@@ -97,12 +103,13 @@ def _bwd_dkdv_kernel(
     pid_bk, b, hk, offs_n, col_in = key_program(HKV, L, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
-    k = load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, col_in, d_in)
-    v = load_rows(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, col_in, d_in)
     bias = key_bias(MASK + b * smb, smn, offs_n, L, HAS_MASK, True)
+    col_ok = bias == 0  # padded keys load as zeros, whatever they hold
+    k = load_rows(K + b * skb + hk * skh, offs_n, offs_d, skn, skd, col_ok, d_in)
+    v = load_rows(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, col_ok, d_in)
     g = tl.zeros([BLOCK_N], tl.float32)
     if HAS_DC:
-        g = _column_gradient(DC, b, L, offs_n, col_in, inv_heads)
+        g = _column_gradient(DC, b, L, offs_n, col_ok, inv_heads)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -113,9 +120,10 @@ def _bwd_dkdv_kernel(
         for start_m in range(lo, L, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_in = offs_m < L
-            q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_in, d_in)
-            do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, row_in, d_in)
             lse, delta = _row_statistics(LSE, DELTA, b * H + h, L, offs_m, row_in)
+            row_ok = row_in & (lse < float("inf"))  # padded queries (lse +inf) load as zeros
+            q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_ok, d_in)
+            do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, row_ok, d_in)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
             pt = tl.exp2(st - lse[None, :])
             if CAUSAL:
@@ -139,14 +147,15 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one head, summed over key blocks."""
-    pid_bh, b, h, hk, offs_m, row_in, offs_d, d_in, q, do = _query_block(
-        Q, sqb, sqh, sqm, sqd, DOUT, sdb, sdh, sdm, sdd, H, GROUP, L, D, BLOCK_M, BLOCK_D)
+    pid_bh, b, h, hk, offs_m, row_in, _, offs_d, d_in, q, do = _query_block(
+        Q, sqb, sqh, sqm, sqd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M,
+        BLOCK_D)
     lse, delta = _row_statistics(LSE, DELTA, pid_bh, L, offs_m, row_in)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n, col_in, kt = _key_tile(K + b * skb + hk * skh, skn, skd, start_n, offs_d, d_in, L, BLOCK_N)
+        offs_n, col_in, bias, kt = _key_tile(K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, start_n,
+                                             offs_d, d_in, L, HAS_MASK, BLOCK_N)
         vt = load_transposed(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, col_in, d_in)
-        bias = key_bias(MASK + b * smb, smn, offs_n, L, HAS_MASK, True)
         p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if HAS_DC:

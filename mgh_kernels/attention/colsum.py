@@ -40,9 +40,11 @@ def _colsum_kernel(
     pid_bk, b, hk, offs_n, col_in = key_program(HKV, L, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
+    # Padded keys load as zeros (NaN or inf there stays in their own columns, dropped below).
+    key_valid = load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
     kt = tl.load(
         K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-        mask=col_in[None, :] & d_in[:, None], other=0.0,
+        mask=key_valid[None, :] & d_in[:, None], other=0.0,
     )
     col = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     # Query blocks from ``lo`` may see a key of the block, from ``above`` on they see all of them
@@ -71,7 +73,6 @@ def _colsum_kernel(
     # Padded keys: dropped here, once per column, not per score (their scores may exceed the row's
     # log-sum-exp, which covers valid keys only, and sum to inf in their own columns; where, not a
     # product, gives them 0).
-    key_valid = load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
     tl.store(PART + pid_bk * L + offs_n, tl.where(key_valid, tl.sum(col, 0) * inv_heads, 0.0), mask=col_in)
 
 
@@ -83,14 +84,16 @@ def _colsum_tile(
 ):
     """[BLOCK_M, BLOCK_N] probabilities of queries start_m .. start_m + BLOCK_M of one head for the
     key block ``kt`` [BLOCK_D, BLOCK_N], from their log-sum-exp. Padded and out-of-range queries
-    have lse = +inf, so their probabilities are exactly 0 (by the polynomial too). CAUSAL masks the
+    have lse = +inf, so they load as zeros and their probabilities are exactly 0 (by the polynomial
+    too). CAUSAL masks the
     keys after each query (tiles on the diagonal only); BOUNDED: the block may reach past L;
     EVEN_D: BLOCK_D == D."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_in = within(offs_m, L, BOUNDED)
-    q = load_rows(q_ptr, offs_m, offs_d, sqm, sqd, row_in, within(offs_d, D, not EVEN_D))
     lse = tl.load(lse_ptr + offs_m * slm, mask=row_in, other=float("inf")) * lse_scale
+    # padded queries (lse +inf) load as zeros: NaN or inf there must not reach the column sums
+    q = load_rows(q_ptr, offs_m, offs_d, sqm, sqd, row_in & (lse < float("inf")), within(offs_d, D, not EVEN_D))
     p = exp2_shared(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None], FMA_EXP, BLOCK_M, BLOCK_N)
     return zero_above_diagonal(p, offs_m, offs_n, CAUSAL)
 

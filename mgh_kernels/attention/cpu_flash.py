@@ -14,7 +14,9 @@ dout' v'^T = dout v^T + 1 g^T / H is the whole gradient of the probabilities, so
 (and dv, less its last column) are the gradients of both outputs. The op wants one head dim for
 q, k and v, so q and k take a zero column. ``P g`` is one more sweep of the scores.
 
-Padding. Padded keys get a large finite negative bias instead of -inf, so a padded query that
+Padding. q, k and v come with their padded positions zeroed (``torch_path``), and the backward
+zeroes the incoming gradients there, so NaN or inf at padding cannot reach a real position. Padded
+keys get a large finite negative bias instead of -inf, so a padded query that
 sees only padded keys (left padding, causal) keeps a finite softmax in both passes; its output
 row, its share of the column sums and its gradient are then dropped.
 
@@ -143,10 +145,13 @@ def _backward(q, k, v, out, lse, valid, causal: bool, scale: float, dout, dcolsu
     bias = _key_bias(valid, q.dtype)
     keep = torch.ones(b, 1, l, 1, dtype=q.dtype, device=q.device) if valid is None else \
         valid.to(q.dtype)[:, None, :, None]
-    dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype) * keep
+    # where, not a product: the gradients at padded positions may hold anything (NaN, inf)
+    dout = torch.zeros_like(out) if dout is None else torch.where(keep > 0, dout.to(q.dtype), 0.0)
     if dcolsum is None:
         return _FLASH_BACKWARD(dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
     g = dcolsum.to(q.dtype) / h
+    if valid is not None:
+        g = torch.where(valid, g, 0.0)
     pg = _probabilities_times(q, k, lse, bias, causal, scale, g)
     zero = q.new_zeros(b, h, l, 1)
     dq, dk, dv = _FLASH_BACKWARD(

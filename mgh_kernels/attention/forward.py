@@ -34,8 +34,9 @@ def _query_block(
     """The forward programs' query block: (b, h, hk, offs_m, q [BLOCK_M, BLOCK_D], q_valid)."""
     _, b, h, hk, offs_m, row_in = query_program(H, GROUP, L, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_in, offs_d < D)
     q_valid = load_valid(MASK + b * smb, smn, offs_m, row_in, HAS_MASK)
+    # padded queries load as zeros: whatever they hold (NaN, inf) stays out of every sum
+    q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, q_valid, offs_d < D)
     return b, h, hk, offs_m, q, q_valid
 
 
@@ -57,10 +58,13 @@ def _online_softmax_step(
     offs_d = tl.arange(0, BLOCK_D)
     col_in = within(offs_n, L, BOUNDED)
     d_in = within(offs_d, D, not EVEN_D)
+    bias = key_bias(MASK, smn, offs_n, L, HAS_MASK, BOUNDED)
+    if HAS_MASK:  # padded keys load as zeros: NaN or inf there cannot reach a real row's sums
+        col_in = bias == 0
     kt = load_transposed(K, offs_n, offs_d, skn, skd, col_in, d_in)
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
     if HAS_MASK or BOUNDED:
-        s += key_bias(MASK, smn, offs_n, L, HAS_MASK, BOUNDED)[None, :]
+        s += bias[None, :]
     if CAUSAL:
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))

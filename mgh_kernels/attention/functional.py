@@ -86,7 +86,9 @@ def ata_attention(
         # out [2, 8, 100, 64], colsum [2, 100]; colsum[1].sum() == 70 (one unit per real query)
 
     Values are not checked (that would synchronise with the host on every call): NaN or infinity
-    in ``q``, ``k`` or ``v`` gives NaN in the outputs of the rows it reaches. mgh's trainer stops
+    in ``q``, ``k`` or ``v`` gives NaN in the outputs of the rows it reaches. Padded positions
+    are read as zeros on every path, so whatever they hold (NaN, inf) reaches no real position's
+    outputs or gradients. mgh's trainer stops
     at a non-finite loss and names the first parameter or layer output that went non-finite.
     """
     amp = autocast_dtype(q)

@@ -33,14 +33,18 @@ def _attend_rows(q_rows, k_b, v_b, valid_b, row_start, causal, scale):
         allowed = allowed & (rows[:, None] >= torch.arange(length, device=q_rows.device)[None, :])
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # padded rows: finite, zeroed below
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    probs = probs * valid_b[rows].to(compute)[:, None]
+    probs = torch.where(valid_b[rows][:, None], probs, 0.0)  # where, not a product: NaN in a padded row's gradient
     out = torch.matmul(probs, v_b.to(compute)[:, None])
     return out.to(q_rows.dtype), probs.sum(dim=(0, 1, 2))
 
 
 def attention(q, k, v, mask, causal: bool, scale: float, return_colsum: bool):
     """(out [B, Hq, L, D] in q's dtype, colsum [B, L] float32 (float64 for float64 inputs) or None);
-    ``mask`` the [B, L] bool key padding mask or None."""
+    ``mask`` the [B, L] bool key padding mask or None. Padded positions of q, k and v are read as
+    zeros, so whatever they hold (transformers leaves anything there: NaN, inf) cannot reach a real
+    position's outputs or gradients."""
+    if mask is not None:
+        q, k, v = (torch.where(mask[:, None, :, None], t, 0.0) for t in (q, k, v))
     if cpu_flash.supports(q) and not torch.compiler.is_compiling():
         return cpu_flash.attention(q, k, v, mask, causal, scale, return_colsum)
     batch, hq, length, dim = q.shape
@@ -58,8 +62,8 @@ def attention(q, k, v, mask, causal: bool, scale: float, return_colsum: bool):
         for _, more in results[1:]:
             col = col + more
         colsums.append(col / hq)
-    out = torch.stack(outs)
+    out = torch.where(valid[:, None, :, None], torch.stack(outs), 0.0)  # no gradient from padded rows
     if not return_colsum:
         return out, None
-    colsum = torch.stack(colsums)
+    colsum = torch.where(valid, torch.stack(colsums), 0.0)  # no gradient from padded keys, whatever it holds
     return out, colsum if colsum.dtype == torch.float64 else colsum.to(torch.float32)
