@@ -256,3 +256,26 @@ def test_a_write_that_fails_for_want_of_space_leaves_no_partial_checkpoint(base,
     after = tmp_path / "after" / "run"
     assert checkpoints(after) == []  # no step-0000002.tmp
     assert metric_steps(after) == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# a datasets folder whose only split is test
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_datasets_folder_holding_only_a_test_split_is_refused_and_its_folder_taken(base, tmp_path):
+    """The README says the train split is read: a DatasetDict of ``test`` alone is refused naming the
+    splits found (not trained on without a word); passing the split's folder takes it explicitly."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"anchor": f"query {i}", "positive": f"passage {i}", "negative_1": f"other {i}"} for i in range(8)]
+    folder = tmp_path / "only-test"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    refused = cli(*train_args(base, tmp_path / "run", "--steps", "1", "--data", folder, "--schedule", "all"))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = lines(refused.stderr)
+    assert line == (f"error: {folder}: a DatasetDict without a 'train' split (splits found: test); to train on "
+                    f"another split pass its folder, e.g. --data {folder / 'test'}"), line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    taken = cli(*train_args(base, tmp_path / "run", "--steps", "1", "--data", folder / "test", "--schedule", "all"))
+    assert taken.returncode == 0, taken.stderr[-3000:]
+    assert "data: 8 training examples" in taken.stdout
