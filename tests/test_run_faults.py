@@ -279,3 +279,40 @@ def test_a_datasets_folder_holding_only_a_test_split_is_refused_and_its_folder_t
     taken = cli(*train_args(base, tmp_path / "run", "--steps", "1", "--data", folder / "test", "--schedule", "all"))
     assert taken.returncode == 0, taken.stderr[-3000:]
     assert "data: 8 training examples" in taken.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# an evaluation that scores NaN
+# --------------------------------------------------------------------------------------------
+
+
+def test_eval_of_a_model_with_constant_embeddings_fails_naming_the_task_and_writes_valid_json(base, tmp_path):
+    """A sentence-transformers model whose last layer maps everything to one vector: STS's Spearman is
+    NaN. The command fails with one line naming the task and why, and the result JSON parses under a
+    strict reader (no NaN literal)."""
+    pytest.importorskip("mteb")
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    encoder = models.Transformer(str(base), max_seq_length=32)
+    dense = models.Dense(encoder.get_embedding_dimension(), 8, activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.zero_()
+        dense.linear.bias.fill_(1.0)
+    folder = tmp_path / "constant"
+    SentenceTransformer(modules=[encoder, models.Pooling(encoder.get_embedding_dimension()), dense]).save(
+        str(folder))
+    (tmp_path / "data" / "stsb").mkdir(parents=True)
+    (tmp_path / "data" / "stsb" / "stsb-en-test.csv").write_text(
+        "a cat sits,a dog runs,2.5\nrain falls,snow falls,3.0\nthe sun,the moon,1.0\nbread,butter,4.0\n")
+    results = tmp_path / "results"
+    result = cli("eval", "--model", folder, "--tasks", "STSBenchmark", "--data-dir", tmp_path / "data",
+                 "--output", results, "--no-progress")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [x for x in lines(result.stderr) if x.startswith(("error:", "stopped:", "Traceback"))]
+    assert line.startswith("error: eval: STSBenchmark scored nan on cosine_spearman: the model's similarity "
+                           "scores have no spread"), line
+    written = list(results.rglob("STSBenchmark.json"))
+    assert written
+    for path in written:
+        json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
