@@ -316,3 +316,49 @@ def test_eval_of_a_model_with_constant_embeddings_fails_naming_the_task_and_writ
     assert written
     for path in written:
         json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}"))
+
+
+# --------------------------------------------------------------------------------------------
+# smaller slips
+# --------------------------------------------------------------------------------------------
+
+
+def test_verify_on_a_parquet_file_names_the_formats_it_reads(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([{"query": "q", "positive": "p"}]), path)
+    result = cli("verify", path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = lines(result.stderr)
+    assert line.startswith(f"error: data: {path} is a Parquet file; verify reads MGH rows from JSON Lines files "
+                           "(.jsonl, UTF-8, one row per line) only"), line
+
+
+def test_export_of_a_folder_missing_its_adapter_names_model(base, tmp_path):
+    from mgh_train.model import Embedder, EmbedderConfig
+
+    folder = tmp_path / "model"
+    Embedder.build(EmbedderConfig(base_model=str(base), lora_r=4, max_length=32, pooling="mean")).save(folder)
+    shutil.rmtree(folder / "adapter")
+    result = cli("export", "--model", folder, "--output", tmp_path / "out")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = lines(result.stderr)
+    assert line.startswith(f"error: model: {folder / 'adapter'} is missing or incomplete"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_other_data_refuses_without_first_saying_applied(base, tmp_path):
+    output = tmp_path / "run"
+    first = cli(*train_args(base, output, "--steps", "2", "--save-every", "2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = tmp_path / "other.jsonl"
+    data.write_text("".join(json.dumps({"anchor": f"q {i}", "positive": f"p {i}", "negative": f"n {i}"}) + "\n"
+                            for i in range(8)))
+    result = cli(*train_args(base, output, "--steps", "4", "--resume", "latest", "--data", data, "--schedule",
+                             "curriculum"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = lines(result.stderr)
+    assert line.startswith(f"error: resume: {output / 'checkpoints' / 'step-0000002'} was trained on other "
+                           "examples"), line
+    assert "applied" not in result.stdout, result.stdout
