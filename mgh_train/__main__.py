@@ -171,9 +171,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except RuntimeError as error:
         from .disk_space import DiskFull
+        from .peers import PeerLost
         from .trainer import TrainingStopped
 
-        if isinstance(error, (TrainingStopped, DiskFull)):
+        if isinstance(error, (TrainingStopped, DiskFull, PeerLost)):
             print(f"stopped: {error}", file=sys.stderr)
             return 1
         raise

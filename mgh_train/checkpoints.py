@@ -53,7 +53,7 @@ RUN_STATE = ("checkpoints", "metrics.jsonl", "model", "tensorboard")  # what a r
 MAY_CHANGE = frozenset({
     "steps", "lr", "warmup", "max_grad_norm", "log_every", "save_every", "keep_checkpoints", "eval_every",
     "eval_data_dir", "eval_limit", "progress", "device", "gradient_checkpointing",
-    "workers", "max_buckets", "compile", "compile_mode", "profile",  # how it runs, not what it computes
+    "workers", "max_buckets", "dist_timeout", "compile", "compile_mode", "profile",  # how it runs, not what it computes
     "parallel", "chunk_size", "chunk_tokens",  # the engines and GradCache compute the same step
     "data", "public_data",  # file names: their content is compared through the examples' fingerprint
 })

@@ -38,7 +38,7 @@ import torch
 
 from mgh_kernels import infonce_loss, reference
 
-from . import disk_space, distributed, interrupts, run_lock
+from . import disk_space, distributed, interrupts, peers, run_lock
 from .batches import Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
 from .checkpoints import (check_output, load_weights_and_optimizer, plan_run, rank_rng_state, restore_schedule, save_checkpoint,
                           set_rng_state)
@@ -216,10 +216,16 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     Under torchrun (any launcher that sets ``RANK``, ``WORLD_SIZE``, ...) every process runs this
     and they train one model data-parallel (:mod:`mgh_train.distributed`); only rank 0 logs."""
     cfg.validate()
-    ranks = distributed.setup(cfg.device, log)
+    ranks = distributed.setup(cfg.device, log, timeout=cfg.dist_timeout)
     try:  # the run folder's lock and the SIGINT/SIGTERM handlers last as long as the run
         with run_lock.holding(), interrupts.handling(log):
             return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy)
+    except Exception as error:  # noqa: BLE001 - a lost or stalled peer: one line naming its rank
+        lost = peers.explain(error, ranks, timeout=cfg.dist_timeout) if ranks.distributed else None
+        if lost is None:
+            raise
+        ranks.owned = False  # the group is broken: destroying it could wait on the lost peer
+        raise lost from None
     finally:
         ranks.close()
 

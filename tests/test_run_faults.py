@@ -362,3 +362,84 @@ def test_resume_with_other_data_refuses_without_first_saying_applied(base, tmp_p
     assert line.startswith(f"error: resume: {output / 'checkpoints' / 'step-0000002'} was trained on other "
                            "examples"), line
     assert "applied" not in result.stdout, result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# a lost, stopped or missing rank (gloo, launched by environment variables as SLURM or a script does)
+# --------------------------------------------------------------------------------------------
+
+
+def start_ranks(base, output, ranks, world=2, timeout=15):
+    """``ranks`` of a ``world``-process run started as a hand-written launcher does: RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment, no torchrun."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in ranks:
+        env = {**user_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            command(*train_args(base, output, "--steps", "500", "--log-every", "1", "--workers", "0",
+                                "--dist-timeout", timeout)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True))
+    return procs
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return [x for x in lines(err) if x.startswith(("stopped:", "error:"))][-1]
+
+
+def finish(proc, timeout=120):
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_by_the_survivor(base, tmp_path):
+    output = tmp_path / "run"
+    rank0, rank1 = start_ranks(base, output, [0, 1])
+    wait_for(lambda: steps_written(output) >= 2, rank0, what="two steps")
+    os.killpg(rank1.pid, signal.SIGKILL)
+    began = time.monotonic()
+    out, err = finish(rank0)
+    finish(rank1)
+    assert rank0.returncode == 1, err[-3000:]
+    assert time.monotonic() - began < 15  # a dead peer is found at once, not after the timeout
+    line = last_line(err)
+    assert line.startswith(f"stopped: world: rank 1 (pid {rank1.pid}) died"), line
+    assert line.endswith("Stop every process of the run, then start them all again with --resume latest"), line
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_after_the_timeout(base, tmp_path):
+    output = tmp_path / "run"
+    rank0, rank1 = start_ranks(base, output, [0, 1], timeout=10)
+    wait_for(lambda: steps_written(output) >= 2, rank0, what="two steps")
+    os.killpg(rank1.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        out, err = finish(rank0, timeout=90)
+        waited = time.monotonic() - began
+    finally:
+        os.killpg(rank1.pid, signal.SIGKILL)
+        finish(rank1)
+    assert rank0.returncode == 1, err[-3000:]
+    assert waited < 60, waited
+    line = last_line(err)
+    assert line.startswith(f"stopped: world: rank 1 (pid {rank1.pid}) is stopped"), line
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_starts_ends_the_others_after_the_timeout(base, tmp_path):
+    (rank0,) = start_ranks(base, tmp_path / "run", [0], timeout=8)
+    began = time.monotonic()
+    out, err = finish(rank0, timeout=90)
+    assert rank0.returncode == 1, err[-3000:]
+    assert time.monotonic() - began < 60
+    line = last_line(err)
+    assert line.startswith("stopped: world: not every process joined the run within --dist-timeout"), line
