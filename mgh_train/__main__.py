@@ -170,10 +170,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
+        from .disk_space import DiskFull
+        from .peers import PeerLost
         from .trainer import TrainingStopped
 
-        if isinstance(error, TrainingStopped):
+        if isinstance(error, (TrainingStopped, DiskFull, PeerLost)):
             print(f"stopped: {error}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: one line, 128 + the signal (130, 143)
+        from .interrupts import Interrupted
+
+        if isinstance(error, Interrupted):
+            print(f"stopped: {error}", file=sys.stderr)
+            return error.exit_status
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except OSError as error:
+        import errno
+
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk anywhere else: one line
+            print(f"error: no space left on device writing {error.filename or 'a file'}", file=sys.stderr)
             return 1
         raise
 

@@ -35,6 +35,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .data import Example, NoDuplicatesBatcher, negatives_for, stage_at
+from .interrupts import quiet_worker
 from .model import DEFAULT_INSTRUCTION, pad, token_ids
 
 
@@ -306,6 +307,7 @@ def micro_batch_loader(planner: MicroBatchPlanner, collate: Collate, *, workers:
         _Planned(collate), sampler=planner, batch_size=None, collate_fn=_identity, num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=2 if workers else None,
         generator=torch.Generator(),  # its workers' seeds must not draw on the global RNG (dropout's)
+        worker_init_fn=quiet_worker if workers else None,  # Ctrl-C: the main process stops them
     )
 
 

@@ -53,7 +53,7 @@ RUN_STATE = ("checkpoints", "metrics.jsonl", "model", "tensorboard")  # what a r
 MAY_CHANGE = frozenset({
     "steps", "lr", "warmup", "max_grad_norm", "log_every", "save_every", "keep_checkpoints", "eval_every",
     "eval_data_dir", "eval_limit", "progress", "device", "gradient_checkpointing",
-    "workers", "max_buckets", "compile", "compile_mode", "profile",  # how it runs, not what it computes
+    "workers", "max_buckets", "dist_timeout", "compile", "compile_mode", "profile",  # how it runs, not what it computes
     "parallel", "chunk_size", "chunk_tokens",  # the engines and GradCache compute the same step
     "data", "public_data",  # file names: their content is compared through the examples' fingerprint
 })
@@ -93,6 +93,7 @@ class RunPlan:
     changed: list = field(default_factory=list)  # options changed since the checkpoint, applied
     remove: list = field(default_factory=list)  # paths deleted before the first write (--overwrite)
     set_aside: list = field(default_factory=list)  # damaged checkpoints moved to step-N.damaged
+    notes: list = field(default_factory=list)  # said by check_data once the data is known to match
 
     def check_data(self, fingerprint: str, log: Callable[[str], None]) -> None:
         """Refuse to resume on other training examples than the checkpoint's (ValueError)."""
@@ -108,6 +109,9 @@ class RunPlan:
                 "would not continue; resume with the run's data, or start a new run (another --output, or "
                 "--overwrite)"
             )
+        for note in self.notes:  # "options changed ... applied": only once the resume is sure to go on
+            log(note)
+        self.notes = []
 
     def clear(self, log: Callable[[str], None]) -> None:
         """Delete what ``--overwrite`` replaces and move damaged checkpoints aside, saying so."""
@@ -223,7 +227,7 @@ def plan_run(cfg, log: Callable[[str], None], world: int = 1) -> RunPlan:
             )
         plan.remove = state
     if changes:
-        log(f"resume: options changed since {checkpoint.path.name}, applied from step {checkpoint.step + 1}: "
+        plan.notes.append(f"resume: options changed since {checkpoint.path.name}, applied from step {checkpoint.step + 1}: "
             + "; ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in changes.items()))
     if world != checkpoint.world:
         log(f"resume: {checkpoint.path.name} was written by {checkpoint.world} process(es) of batch "

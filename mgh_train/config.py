@@ -108,6 +108,9 @@ class TrainConfig:
                                 "graph; bucket lengths round to 64 to bound recompiles)", group="loop")
     compile_mode: Optional[str] = _opt(None, "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
                                              "max-autotune", group="loop")
+    dist_timeout: float = _opt(600.0, "seconds a process waits for the others (the process group's timeout, "
+                                      "rendezvous included) before it stops naming the rank lost; must cover "
+                                      "rank 0's evaluations and checkpoint writes", group="loop")
     profile: int = _opt(0, "profile this many steps after two warm-up steps: a torch.profiler trace in "
                            "<output>/profile and the top ops printed (0: no profile)", group="output")
     # output
@@ -148,6 +151,8 @@ class TrainConfig:
                      "chunk_size", "chunk_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.lr > 0, "lr", "a positive learning rate")
+        need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout",
+             "a positive number of seconds")
         need(self.tau > 0, "tau", "a positive temperature")
         need(0 <= self.warmup < 1, "warmup", "a share of the steps in [0, 1)")
         need(0 <= self.holdout < 1, "holdout", "a share in [0, 1)")

@@ -59,10 +59,11 @@ def _dataset(path: Path):
     if isinstance(loaded, datasets.DatasetDict):
         if "train" in loaded:
             return loaded["train"]
-        if len(loaded) == 1:
-            return next(iter(loaded.values()))
-        raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits {', '.join(loaded)}); "
-                         "pass the split's folder")
+        # no silent fallback to another split (a lone 'test' split would be trained on): name it
+        first = next(iter(loaded), None)
+        raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits found: "
+                         f"{', '.join(loaded) or 'none'}); to train on another split pass its folder"
+                         + (f", e.g. --data {path / first}" if first is not None else ""))
     return loaded
 
 

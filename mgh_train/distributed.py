@@ -138,7 +138,7 @@ def launched() -> bool:
         raise ValueError(f"WORLD_SIZE: expected a number of processes, got {os.environ['WORLD_SIZE']!r}") from None
 
 
-def setup(device_name: Optional[str], log: Callable[[str], None] = print) -> Ranks:
+def setup(device_name: Optional[str], log: Callable[[str], None] = print, timeout: Optional[float] = None) -> Ranks:
     """This process's :class:`Ranks`, the process group initialised where a launcher asked for one.
 
     Under a launcher (``WORLD_SIZE`` > 1) the device is ``cuda:LOCAL_RANK`` with CUDA (``device_name``
@@ -170,12 +170,23 @@ def setup(device_name: Optional[str], log: Callable[[str], None] = print) -> Ran
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = _rank_device(device_name, local, world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return Ranks(rank, world, local, device, owned=True)
+    from . import peers
+
+    wait = peers.group_timeout(timeout)  # every collective's bound, the rendezvous's too (--dist-timeout)
+    ranks = Ranks(rank, world, local, device, owned=True)
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device, timeout=wait)
+        else:
+            dist.init_process_group("gloo", timeout=wait)
+        peers.register(ranks)
+    except Exception as error:  # noqa: BLE001 - a rank that never joins fails the rendezvous in several ways
+        lost = peers.explain(error, ranks, timeout=wait.total_seconds(), before_start=True)
+        if lost is None:
+            raise
+        raise lost from None
+    return ranks
 
 
 def _rank_device(device_name: Optional[str], local: int, world: int) -> torch.device:

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from .data import read_sts_pairs
+from .finite_scores import check_scores
 from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder
 from .precision import resolve
 
@@ -231,6 +232,7 @@ def evaluate(model: str, tasks: Sequence[str], *, data_dir: Optional[str] = None
         task = next(t for t in task_objects if t.metadata.name == task_result.task_name)
         summary[task_result.task_name] = {"metric": task.metadata.main_score,
                                           "score": 100.0 * task_result.get_score()}
+    check_scores(summary, output)  # a NaN score: one line naming the task; the JSON stays valid
     return summary
 
 

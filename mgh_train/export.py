@@ -32,6 +32,7 @@ renamed into place, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,6 +53,23 @@ class Exported:
     notes: list
 
 
+def check_export_source(model) -> None:
+    """``export --model``: an mgh model folder whose parts are all there (ValueError naming ``model``)."""
+    from .checks import check_model_folder
+    from .model import CONFIG_NAME
+
+    path = Path(model)
+    if not (path / CONFIG_NAME).is_file():
+        raise ValueError(f"model: {path} is not an mgh model folder (no {CONFIG_NAME}); export reads folders "
+                         "written by training (run/model)")
+    try:
+        saved = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"model: {path / CONFIG_NAME} is not valid JSON ({error})") from None
+    if isinstance(saved, dict):
+        check_model_folder(path, saved, argument="model")
+
+
 def export(model: str, output: str, *, format: str = "mgh", merge: bool = False, eval_results=None,
            log: Callable[[str], None] = print) -> Exported:
     """Export the mgh model folder ``model`` to ``output`` (see the module's docstring)."""
@@ -59,6 +77,7 @@ def export(model: str, output: str, *, format: str = "mgh", merge: bool = False,
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
     if eval_results is not None and not Path(eval_results).is_dir():
         raise ValueError(f"eval: {eval_results} is not a folder of mteb results (eval --output)")
+    check_export_source(model)  # the folder's faults under model:, before anything loads
     embedder = Embedder.load(model)
     if format == "mgh":
         path = embedder.save(output, merged=merge, eval_results=eval_results)

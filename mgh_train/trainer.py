@@ -38,9 +38,9 @@ import torch
 
 from mgh_kernels import infonce_loss, reference
 
-from . import distributed
+from . import disk_space, distributed, interrupts, peers, run_lock
 from .batches import Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
-from .checkpoints import (load_weights_and_optimizer, plan_run, rank_rng_state, restore_schedule, save_checkpoint,
+from .checkpoints import (check_output, load_weights_and_optimizer, plan_run, rank_rng_state, restore_schedule, save_checkpoint,
                           set_rng_state)
 from .checks import check_base_model
 from .config import TrainConfig
@@ -216,9 +216,16 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     Under torchrun (any launcher that sets ``RANK``, ``WORLD_SIZE``, ...) every process runs this
     and they train one model data-parallel (:mod:`mgh_train.distributed`); only rank 0 logs."""
     cfg.validate()
-    ranks = distributed.setup(cfg.device, log)
-    try:
-        return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy)
+    ranks = distributed.setup(cfg.device, log, timeout=cfg.dist_timeout)
+    try:  # the run folder's lock and the SIGINT/SIGTERM handlers last as long as the run
+        with run_lock.holding(), interrupts.handling(log):
+            return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy)
+    except Exception as error:  # noqa: BLE001 - a lost or stalled peer: one line naming its rank
+        lost = peers.explain(error, ranks, timeout=cfg.dist_timeout) if ranks.distributed else None
+        if lost is None:
+            raise
+        ranks.owned = False  # the group is broken: destroying it could wait on the lost peer
+        raise lost from None
     finally:
         ranks.close()
 
@@ -245,6 +252,9 @@ def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: C
         precision = resolve(ranks.device, bf16=cfg.bf16, fp16=cfg.fp16, dtype=cfg.dtype)
         if embedder is None:
             check_base_model(cfg.model, cfg.gguf_file)
+        if ranks.main:  # one run per folder: held until train() returns (mgh_train/run_lock.py)
+            check_output(Path(cfg.output))
+            run_lock.take(cfg.output)
         plan = plan_run(cfg, log, ranks.world)  # the run folder and the checkpoint, before anything heavy
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -323,6 +333,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
     embedder.train()
     last_checkpoint, last_state = None, None
     micro_batches = iter(loader)
+    hint = f"resume with the same command and --resume latest (in {output})"
+    interrupts.deferring(hint)  # SIGINT/SIGTERM from here: finish the step, save, stop
     try:
         for step in range(start, cfg.steps):
             batches = [next(micro_batches) for _ in range(cfg.grad_accum)]
@@ -337,7 +349,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
                 profiler.step()
             done = step + 1 == cfg.steps
             evaluate = bool(cfg.eval_data_dir and cfg.eval_every and (step + 1) % cfg.eval_every == 0)
-            save = bool(cfg.save_every and (step + 1) % cfg.save_every == 0) or done
+            stop = interrupts.requested(ranks)  # a signal any rank received: 0 if none
+            save = bool(cfg.save_every and (step + 1) % cfg.save_every == 0) or done or bool(stop)
             if (step + 1) % cfg.log_every == 0 or done or evaluate or save:
                 extra = None
                 if evaluate:
@@ -353,10 +366,14 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
                     bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", stage=rows[-1]["stage"],
                                     ex_s=f"{rows[-1]['examples_per_s']:.1f}")
             if save:
-                last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
-                                                  scheduler=scheduler, sampler=last_state, cfg=cfg, scaler=scaler,
-                                                  data_fingerprint=run.data_fingerprint, ranks=ranks,
-                                                  sharded=engine.sharded)
+                with disk_space.saving(output, step + 1, embedder):  # a full disk: one line, no partial files
+                    last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
+                                                      scheduler=scheduler, sampler=last_state, cfg=cfg,
+                                                      scaler=scaler, data_fingerprint=run.data_fingerprint,
+                                                      ranks=ranks, sharded=engine.sharded)
+                interrupts.saved(last_checkpoint)
+            if stop:
+                raise interrupts.stopped(stop, step + 1, last_checkpoint, hint)
     finally:
         del micro_batches  # stops the loader's workers
         if profiler is not None:
@@ -364,6 +381,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
         if bar is not None:
             bar.close()
         run_log.close()
+    interrupts.immediate()
 
     embedder.eval()
     if cfg.eval_data_dir:

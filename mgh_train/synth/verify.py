@@ -123,10 +123,33 @@ class VerifyReport:
         return out
 
 
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4)
+    except OSError:
+        return b""
+
+
+def refuse_tables(path) -> None:
+    """A Parquet file or a datasets folder given to ``verify`` (which reads JSON Lines): ValueError
+    naming the formats it reads, not a decoding error about the file's first binary byte."""
+    from ..data_tables import is_table
+
+    path = Path(path)
+    parquet = path.is_file() and (is_table(path) or _magic(path) == b"PAR1")
+    if parquet or (path.is_dir() and is_table(path)):
+        kind = "a Parquet file" if parquet else "a datasets folder"
+        raise ValueError(f"data: {path} is {kind}; verify reads MGH rows from JSON Lines files (.jsonl, UTF-8, "
+                         "one row per line) only: write the rows as JSON Lines first (e.g. "
+                         "pandas.read_parquet(path).to_json(out, orient='records', lines=True))")
+
+
 def read_levelled(paths: Sequence[str]) -> list[tuple[Example, str]]:
     """(example, raw line) of every row; rows without four negatives at levels 1-4 raise naming file:line."""
     rows = []
     for path in paths:
+        refuse_tables(path)
         try:
             handle = open(path, "rb")
         except OSError as error:
