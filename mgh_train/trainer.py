@@ -44,7 +44,8 @@ from .checkpoints import (load_weights_and_optimizer, plan_run, rank_rng_state, 
                           set_rng_state)
 from .checks import check_base_model
 from .config import TrainConfig
-from .data import Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs
+from .data import (Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs,
+                   schedule_notes)
 from .diagnose import first_non_finite, non_finite_colsum
 from .distributed import Ranks
 from .metrics import RunLog
@@ -255,6 +256,8 @@ def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: C
         data_fingerprint = fingerprint(train_set)
         plan.check_data(data_fingerprint, log)
         log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
+        for note in schedule_notes(train_set, cfg.schedule):  # pairs, data without levels
+            log(note)
         log(f"precision: {precision.describe()}")
         if embedder is None:
             log(f"model: loading {cfg.model} ...")
