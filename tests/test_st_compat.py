@@ -123,3 +123,44 @@ def test_a_level_schedule_over_triplets_without_levels_stops_in_one_line(tmp_pat
     with pytest.raises(ValueError, match="picks negatives by level"):
         trainer.train(config(tmp_path, data=[str(data)], schedule="level:4"), embedder=tiny_embedder(),
                       log=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. portable model folders
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_model_folder_loads_from_another_directory_and_from_a_copy(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    tiny_decoder("llama").save_pretrained(work / "tiny")
+    tiny_tokenizer().save_pretrained(work / "tiny")
+    monkeypatch.chdir(work)
+    data = write_jsonl(work / "pairs.jsonl", pair_rows())
+    cfg = config(work, model="tiny", data=["pairs.jsonl"], steps=1, lora_r=4, output="run")
+    trainer.train(cfg, log=lambda _: None, report_accuracy=False)
+    saved = json.loads((work / "run" / "model" / "mgh_config.json").read_text())
+    assert saved["embedder"]["base_model"] == str((work / "tiny").resolve())
+    here = Embedder.load(work / "run" / "model").encode(["hello"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert torch.equal(Embedder.load(work / "run" / "model").encode(["hello"]), here)
+    shutil.copytree(work / "run" / "model", elsewhere / "copy")
+    assert torch.equal(Embedder.load("copy").encode(["hello"]), here)
+    shutil.rmtree(work / "tiny")  # the base is gone: one line naming it, no traceback
+    with pytest.raises(ValueError, match=r"names the base model .*tiny, which does not exist here"):
+        Embedder.load("copy")
+    config_file = elsewhere / "copy" / "mgh_config.json"
+    saved["embedder"]["base_model"] = "tiny"  # as older folders stored it: a name the hub does not know
+    config_file.write_text(json.dumps(saved))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-m", "mgh_train", "export", "--model", "copy", "--output", "out"],
+                            capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "names the base model 'tiny'" in result.stderr, result.stderr
