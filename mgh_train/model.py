@@ -233,6 +233,12 @@ class Embedder(torch.nn.Module):
             raise ValueError("model, tokenizer: pass both or neither")
         if model is None:
             model, tokenizer = load_base(config)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and 2 <= positions < config.max_length:
+            # as sentence-transformers caps max_seq_length at the model's positions: said, not silent
+            warnings.warn(f"max_length: {config.max_length} tokens is more than the model's {positions} positions; "
+                          f"texts are truncated to {positions} tokens", stacklevel=2)
+            config = dataclasses.replace(config, max_length=positions)
         set_bidirectional(model, config.bidirectional)
         if adapter is not None:
             from peft import PeftModel
