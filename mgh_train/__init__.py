@@ -7,6 +7,9 @@ sentence-transformers, ``pip install mgh[eval]``)::
 
     from mgh_train import FusedMultipleNegativesRankingLoss, FusedCachedMultipleNegativesRankingLoss
     from mgh_train import ATAPooling
+
+``mgh_train.fit(model_or_name, train_dataset, evaluator=..., ...)`` trains on a ``datasets.Dataset``
+(:mod:`mgh_train.api`).
 """
 
 __version__ = "0.1.0"
@@ -15,6 +18,7 @@ _LAZY = {
     "FusedMultipleNegativesRankingLoss": "st_losses",
     "FusedCachedMultipleNegativesRankingLoss": "st_losses",
     "ATAPooling": "st_modules",
+    "fit": "api",
 }
 
 
@@ -26,4 +30,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ATAPooling", "FusedCachedMultipleNegativesRankingLoss", "FusedMultipleNegativesRankingLoss"]
+__all__ = ["ATAPooling", "fit", "FusedCachedMultipleNegativesRankingLoss", "FusedMultipleNegativesRankingLoss"]

@@ -69,6 +69,7 @@ class TrainConfig:
                                        group="data", item=int)
     # loop
     steps: int = _opt(200, "optimizer steps", group="loop")
+    epochs: Optional[float] = _opt(None, "passes over the training examples; sets --steps from the data", group="loop")
     batch_size: int = _opt(16, "queries per micro-batch and process: the global batch (in-batch negatives come "
                                "from it) is this x the processes", group="loop")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", group="loop")
@@ -131,6 +132,8 @@ class TrainConfig:
     eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",
                                         group="output")
     eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
+    load_best_model_at_end: bool = _opt(False, "end with the weights of the best evaluation of the evaluator "
+                                               "(mgh_train.fit's evaluator=)", group="output")
     progress: bool = _opt(True, "show a progress bar", group="output")
     report_to: Optional[list] = _opt(None, "trackers of the metric rows: tensorboard, wandb, mlflow (offline, in "
                                            "the run folder) or none (default: tensorboard when installed)",
@@ -150,6 +153,8 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile",
                      "chunk_size", "chunk_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(self.epochs is None or (isinstance(self.epochs, (int, float)) and self.epochs > 0), "epochs",
+             "a positive number of passes")
         need(self.lr > 0, "lr", "a positive learning rate")
         need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout",
              "a positive number of seconds")
@@ -169,6 +174,14 @@ class TrainConfig:
         check_schedule(self.schedule)
         check_report_to(self.report_to)
         return self
+
+    def steps_for_epochs(self, examples: int, world: int = 1) -> int:
+        """Optimizer steps of ``epochs`` passes over ``examples`` (a step takes ``grad_accum`` global
+        micro-batches of ``batch_size`` x ``world``; an incomplete last batch is dropped)."""
+        import math
+
+        per_epoch = max(1, examples // (self.batch_size * world)) / self.grad_accum
+        return max(1, math.ceil(self.epochs * per_epoch))
 
     @property
     def gradcache(self) -> bool:
@@ -216,7 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = No
             groups[group] = parser.add_argument_group(f"{group} options")
         default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else f.default_factory())
         kind = _base_type(hints[f.name])
-        kwargs = {"default": default, "help": f.metadata["help"] + " (default: %(default)s)", "dest": f.name}
+        shown = "" if "(default:" in f.metadata["help"] else " (default: %(default)s)"  # said once
+        kwargs = {"default": default, "help": f.metadata["help"] + shown, "dest": f.name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["help"] = f.metadata["help"]  # BooleanOptionalAction adds the default itself
@@ -248,6 +262,11 @@ def read_yaml(path) -> dict:
             raise ValueError(f"config: {path}: unknown option {key!r} (see --help)")
         kind = _base_type(hints[name])
         if value is not None:
+            if kind is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if kind is list and not isinstance(value, list):
                 value = [value]
             ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
@@ -276,4 +295,25 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
             target.set_defaults(**read_yaml(first.config))
         except ValueError as error:
             target.error(str(error))
+    suggest_flags(parser, argv)
     return parser.parse_args(argv)
+
+
+def suggest_flags(parser: argparse.ArgumentParser, argv) -> None:
+    """A mistyped ``--flag`` of a subcommand ends in that subcommand's usage and the closest flags
+    (difflib), where argparse would print the top-level usage without a hint."""
+    import difflib
+
+    target = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
+            target = action.choices[argv[0]]
+    known = [s for action in target._actions for s in action.option_strings]
+    for token in argv:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known and not any(k.startswith(flag) for k in known):
+            close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {parser.prog} {argv[0]} --help"
+            target.error(f"unrecognized argument {flag}{hint}")

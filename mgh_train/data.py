@@ -10,14 +10,19 @@ per row from its keys:
 * FlagEmbedding: ``query``, ``pos`` (list; the first is used), ``neg`` (list), optional ``prompt``.
 * tevatron: ``query``, ``positive_passages`` / ``negative_passages`` (lists of ``{"text",
   "title"?}``; a title is prefixed as "title text").
+* any other columns, bound by order as sentence-transformers binds a dataset's columns: every
+  value a non-empty string, the first the anchor, the second the positive, the rest negatives
+  (``query, answer, negative`` is a triplet; ``sentence1, sentence2`` a pair).
 
-Rows from the last three have no difficulty levels (``level=None``). A bad row raises
+Rows from the last four have no difficulty levels (``level=None``). A row without negatives (a
+pair) trains with in-batch negatives only, as sentence-transformers' MultipleNegativesRankingLoss
+does on ``(anchor, positive)`` pairs. A bad row raises
 :class:`DataError` naming the file, the line and what is wrong, or with ``skip_bad_rows=True`` is
 skipped and counted. Bad means: not UTF-8, not JSON, not one of the formats, or (given the
 :class:`RowNeeds` of a training run) without what the run's schedule trains with: an MGH row
-needs the levels the schedule uses (each level an integer 1-4, at most once per row), and every
-row at least one hard negative, because a micro-batch trains each query with the same number of
-them and a row without one would take the hard negatives of its whole micro-batch away.
+needs the levels the schedule uses (each level an integer 1-4, at most once per row). A micro-batch
+trains each query with as many hard negatives as its row with the fewest has, so a pair among
+triplets makes its micro-batch in-batch only (:func:`schedule_notes` says so before a run).
 
 Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the same columns
 (:mod:`mgh_train.data_tables`); their bad rows are named ``file:row N`` (N from 0).
@@ -169,19 +174,29 @@ def parse_row(row) -> Example:
         return _from_flag_embedding(row)
     if "positive" in row and "negatives" in row:
         return _from_mgh(row)
+    if len(row) >= 2 and all(isinstance(v, str) and v.strip() for v in row.values()):
+        return _from_columns(row)
     raise ValueError(
         "unknown row format: expected MGH (query, positive, negatives), sentence-transformers "
-        "(anchor, positive, negative_1..n), FlagEmbedding (query, pos, neg) or tevatron "
-        f"(query, positive_passages, negative_passages); got keys {sorted(row)}"
+        "(anchor, positive, negative_1..n), FlagEmbedding (query, pos, neg), tevatron "
+        "(query, positive_passages, negative_passages), or two or more text columns bound by order "
+        f"(anchor, positive, negatives...); got keys {sorted(row)}"
     )
+
+
+def _from_columns(row: dict) -> Example:
+    """Columns bound by order (sentence-transformers' datasets): anchor, positive, negatives."""
+    texts = list(row.values())
+    return Example(texts[0], texts[1], tuple(Negative(t) for t in texts[2:]))
 
 
 @dataclass(frozen=True)
 class RowNeeds:
     """What a training run needs of every row; :func:`read_examples` checks it as rows are read.
 
-    ``levels``: the levels of which an MGH row must have a negative (those the schedule trains
-    with). Every row, MGH or not, needs at least one hard negative. Build it with :func:`needs_of`.
+    ``levels``: the levels of which an MGH row with negatives must have one (those the schedule
+    trains with). A row without negatives (a pair) is fine: it trains with in-batch negatives.
+    Build it with :func:`needs_of`.
     """
 
     schedule: str = "curriculum"
@@ -190,10 +205,7 @@ class RowNeeds:
     def check(self, example: Example) -> None:
         """Raise ValueError saying what ``example`` lacks for this run."""
         if not example.negatives:
-            raise ValueError(
-                f"field 'negatives' is empty, but schedule {self.schedule!r} trains every query with a hard "
-                "negative (each micro-batch uses as many per query as its row with the fewest has)"
-            )
+            return  # a pair: in-batch negatives only (MultipleNegativesRankingLoss on pairs)
         have = {n.level for n in example.negatives}
         if None in have:
             return  # data without levels: the single-level schedules take a random negative
@@ -220,6 +232,37 @@ def needs_of(schedule: str, steps: int, stage_steps: Optional[Sequence[int]] = N
     if schedule == "reverse":
         return RowNeeds(schedule, frozenset(len(LEVELS) + 1 - s for s in stages))
     return RowNeeds(schedule, frozenset(stages))
+
+
+def schedule_notes(examples: Sequence[Example], schedule: str) -> list[str]:
+    """What ``schedule`` will do with ``examples``, as lines for the run's log; a ValueError naming
+    ``schedule`` where it cannot mean anything (a level schedule over data without levels).
+
+    Pairs and data without levels are trained as sentence-transformers trains them
+    (MultipleNegativesRankingLoss): in-batch negatives, plus one hard negative per query where
+    the rows have them, drawn at random under the single-negative schedules.
+    """
+    check_schedule(schedule)
+    n = len(examples)
+    pairs = sum(1 for e in examples if not e.negatives)
+    levelled = sum(1 for e in examples if any(x.level is not None for x in e.negatives))
+    notes = []
+    if pairs == n:
+        notes.append(f"negatives: every example is a pair (no hard negative): in-batch negatives only, as "
+                     f"MultipleNegativesRankingLoss on (anchor, positive); schedule {schedule} has nothing to order")
+        return notes
+    if pairs:
+        notes.append(f"negatives: {pairs} of {n} examples are pairs (no hard negative): a micro-batch holding "
+                     "one trains with in-batch negatives only")
+    if levelled == 0 and schedule not in ("random", "all"):
+        if schedule == "curriculum":
+            notes.append("negatives: the data has no difficulty levels, so the curriculum has no order to follow: "
+                         "each query trains with one of its hard negatives drawn at random (as --schedule random; "
+                         "MGH rows or `mine` give levels)")
+        else:
+            raise ValueError(f"schedule: {schedule!r} picks negatives by level, but the data has no difficulty "
+                             "levels (no MGH rows); use --schedule random or all, or level the data with `mine`")
+    return notes
 
 
 def decode_line(raw: bytes, first: bool) -> str:

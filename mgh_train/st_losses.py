@@ -69,6 +69,21 @@ def similarity_normalizes(similarity_fct) -> bool:
     )
 
 
+def check_mnrl_extras(directions, partition_mode, hardness_mode, hardness_strength) -> None:
+    """Refuse sentence-transformers 6.3 MNRL options the fused kernel does not compute (it scores
+    queries against documents in one joint softmax, without hardness weights): a ValueError naming
+    the argument, instead of a TypeError or a silently different loss. Their defaults are accepted."""
+    if tuple(directions) != ("query_to_doc",):
+        raise ValueError(f"directions: the fused loss computes ('query_to_doc',) only, got {tuple(directions)!r}; "
+                         "use sentence-transformers' MultipleNegativesRankingLoss for symmetric directions")
+    if partition_mode != "joint":
+        raise ValueError(f"partition_mode: the fused loss computes 'joint' only, got {partition_mode!r}")
+    if hardness_mode is not None or hardness_strength != 0.0:
+        raise ValueError(f"hardness_mode, hardness_strength: the fused loss has no hardness weighting (got "
+                         f"{hardness_mode!r}, {hardness_strength!r}); leave them unset or use "
+                         "MultipleNegativesRankingLoss")
+
+
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale: expected a positive number (1 / temperature), got {scale!r}")
@@ -105,6 +120,10 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         scale: float = 20.0,
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
         gather_across_devices: bool = False,
+        directions: tuple = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: Optional[str] = None,
+        hardness_strength: float = 0.0,
     ) -> None:
         """
         :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss`
@@ -152,8 +171,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
 
         Relations:
             - Equals ``MultipleNegativesRankingLoss(model, scale, similarity_fct,
-              gather_across_devices)``; the symmetric directions and hardness weighting of that
-              class are not offered.
+              gather_across_devices)``. That class's ``directions``, ``partition_mode``,
+              ``hardness_mode`` and ``hardness_strength`` are accepted at their defaults only;
+              other values are a ValueError naming the argument (the kernel does not compute them).
             - :class:`FusedCachedMultipleNegativesRankingLoss` is this loss with GradCache.
 
         Example:
@@ -173,6 +193,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
                 trainer.train()
         """
         super().__init__()
+        check_mnrl_extras(directions, partition_mode, hardness_mode, hardness_strength)
         self.model = model
         self.scale = _check_scale(scale)
         self._normalize = similarity_normalizes(similarity_fct)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,13 +45,16 @@ from .checkpoints import (check_output, load_weights_and_optimizer, plan_run, ra
                           set_rng_state)
 from .checks import check_base_model
 from .config import TrainConfig
-from .data import Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs
+from .data import (Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs,
+                   schedule_notes)
 from .diagnose import first_non_finite, non_finite_colsum
+from .evaluators import BestKeeper
 from .distributed import Ranks
 from .metrics import RunLog
 from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
 from .precision import Precision, resolve
 from .profiling import StepProfiler
+from .run_summary import run_summary
 from .step import TrainStep, compiled_loss, make_optimizer
 from .trackers import open_trackers
 from .trackers import resolve as resolve_trackers
@@ -80,6 +84,9 @@ class TrainResult:
     accuracy_before: Optional[dict] = None
     accuracy_after: Optional[dict] = None
     sts_spearman: Optional[float] = None
+    evaluation: Optional[dict] = None  # the evaluator's last metrics (``evaluator=``)
+    best_step: Optional[int] = None  # the step whose weights were kept (``load_best_model_at_end``)
+    embedder: Optional[Embedder] = field(default=None, repr=False)  # the trained embedder (rank 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +100,8 @@ def seed_files() -> list[Path]:
     return sorted(Path(str(folder)).glob("*.jsonl"))
 
 
-def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
+def load_training_data(cfg: TrainConfig, log: Callable[[str], None],
+                       examples: Optional[list] = None) -> tuple[list[Example], list[Example]]:
     """(training examples, held-out examples) for ``cfg``; bad rows fail or are counted.
 
     Every row is checked against what ``cfg.schedule`` trains with (:func:`mgh_train.data.needs_of`).
@@ -110,7 +118,7 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[li
             out += report.examples
         return out
 
-    levelled = read(cfg.data or seed_files())
+    levelled = list(examples) if examples is not None else read(cfg.data or seed_files())  # fit(): in memory
     if not levelled:
         raise ValueError(f"data: no examples in {', '.join(map(str, cfg.data or seed_files()))}")
     order = list(range(len(levelled)))
@@ -210,8 +218,11 @@ def load_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
 
 
 def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callable[[str], None] = print,
-          report_accuracy: bool = True) -> TrainResult:
-    """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models).
+          report_accuracy: bool = True, examples: Optional[list] = None, evaluator=None) -> TrainResult:
+    """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models),
+    ``examples`` (:class:`Example` list) replace ``cfg.data``, and ``evaluator`` (see
+    :mod:`mgh_train.evaluators`) runs every ``eval_every`` steps and at the end. :func:`mgh_train.fit`
+    is the entry point for in-memory data.
 
     Under torchrun (any launcher that sets ``RANK``, ``WORLD_SIZE``, ...) every process runs this
     and they train one model data-parallel (:mod:`mgh_train.distributed`); only rank 0 logs."""
@@ -219,7 +230,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     ranks = distributed.setup(cfg.device, log, timeout=cfg.dist_timeout)
     try:  # the run folder's lock and the SIGINT/SIGTERM handlers last as long as the run
         with run_lock.holding(), interrupts.handling(log):
-            return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy)
+            return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy, examples, evaluator)
     except Exception as error:  # noqa: BLE001 - a lost or stalled peer: one line naming its rank
         lost = peers.explain(error, ranks, timeout=cfg.dist_timeout) if ranks.distributed else None
         if lost is None:
@@ -243,7 +254,8 @@ class Prepared:
     gather: bool
 
 
-def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None]) -> Prepared:
+def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None],
+            examples: Optional[list] = None) -> Prepared:
     """Check the options, the output folder, the checkpoint and the data, then load the model: a
     ValueError on any rank is raised on every rank; then the ranks check that they agree."""
     with ranks.same_outcome():  # no collective inside: what one rank refuses, every rank refuses
@@ -258,13 +270,18 @@ def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: C
         plan = plan_run(cfg, log, ranks.world)  # the run folder and the checkpoint, before anything heavy
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        train_set, held = load_training_data(cfg, log)
+        train_set, held = load_training_data(cfg, log, examples)
+        if cfg.epochs:  # --epochs: the steps follow from the data
+            cfg.steps = cfg.steps_for_epochs(len(train_set), ranks.world)
+            log(f"epochs: {cfg.epochs} x {len(train_set)} examples = {cfg.steps} steps")
         if len(train_set) < cfg.batch_size * ranks.world:
             raise ValueError(f"batch_size: {cfg.batch_size}{_times(ranks)} is more than the {len(train_set)} "
                              "training examples")
         data_fingerprint = fingerprint(train_set)
         plan.check_data(data_fingerprint, log)
         log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
+        for note in schedule_notes(train_set, cfg.schedule):  # pairs, data without levels
+            log(note)
         log(f"precision: {precision.describe()}")
         if embedder is None:
             log(f"model: loading {cfg.model} ...")
@@ -274,9 +291,10 @@ def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: C
 
 
 def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None],
-           report_accuracy: bool) -> TrainResult:
+           report_accuracy: bool, examples: Optional[list] = None, evaluator=None) -> TrainResult:
     output, device = Path(cfg.output), ranks.device
-    run = prepare(cfg, ranks, embedder, log)
+    started = time.perf_counter()
+    run = prepare(cfg, ranks, embedder, log, examples)
     embedder, precision, held = run.embedder, run.precision, run.held
     embedder.to(device)
     embedder.set_precision(precision)
@@ -292,6 +310,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
             f"{'gathered from every process' if run.gather else 'of each process alone'}")
 
     result = TrainResult(output=output, model_path=None)
+    keeper = BestKeeper(evaluator, embedder, log) if evaluator is not None else None
     if report_accuracy and held and ranks.main:  # the whole model is on every rank until the engine
         result.accuracy_before = retrieval_accuracy(embedder, held)
         log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
@@ -348,16 +367,19 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
             if profiler is not None:
                 profiler.step()
             done = step + 1 == cfg.steps
-            evaluate = bool(cfg.eval_data_dir and cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+            evaluate = bool((cfg.eval_data_dir or keeper) and cfg.eval_every and (step + 1) % cfg.eval_every == 0)
             stop = interrupts.requested(ranks)  # a signal any rank received: 0 if none
             save = bool(cfg.save_every and (step + 1) % cfg.save_every == 0) or done or bool(stop)
             if (step + 1) % cfg.log_every == 0 or done or evaluate or save:
                 extra = None
-                if evaluate:
+                if evaluate and cfg.eval_data_dir:
                     spearman_now = evaluated(engine, lambda: sts_dev_spearman(embedder, cfg.eval_data_dir,
                                                                               cfg.eval_limit))
                     extra = {"stsb_dev_spearman": spearman_now} if ranks.main else None
                     embedder.train()
+                if evaluate and keeper is not None:
+                    found = evaluated(engine, lambda: keeper(step + 1))
+                    extra = {**(extra or {}), **found} if ranks.main else None
                 rows, bad = run_log.flush(extra)
                 if bad is not None:  # the same step on every rank: the flag was reduced over them
                     raise _non_finite(embedder, engine, bad.step, bad.plans, last_checkpoint)
@@ -395,8 +417,26 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
         if ranks.main:
             log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
                 f"MRR {result.accuracy_after['mrr']:.3f}")
+    if keeper is not None:
+        if not keeper.history or keeper.history[-1]["step"] != cfg.steps:
+            evaluated(engine, lambda: keeper(cfg.steps))
+        if ranks.main:
+            result.evaluation = keeper.history[-1]
+            log("evaluation at the end: " + ", ".join(f"{k} {v:.4f}" for k, v in result.evaluation.items()
+                                                        if k != "step"))
+            with (output / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": cfg.steps, **{f"final_eval_{k}": v for k, v in
+                                                               result.evaluation.items() if k != "step"}}) + "\n")
+            if cfg.load_best_model_at_end:
+                keeper.restore_best()
+                result.best_step = keeper.best_step
     result.model_path = save_model(embedder, engine, output / "model", training=cfg.to_dict())
+    result.embedder = embedder if ranks.main else None
     log(f"model saved to {result.model_path}")
+    if ranks.main:
+        log(run_summary(time.perf_counter() - started, steps=cfg.steps - result.start_step,
+                        examples=(cfg.steps - result.start_step) * cfg.grad_accum * cfg.batch_size * ranks.world,
+                        losses=result.losses))
     return result
 
 

@@ -99,9 +99,6 @@ def negatives(*levels):
     ({**MGH_ROW, "negatives": negatives(1, 2, 3, 4, 4)}, "curriculum", 8, "must hold at most 4 negatives"),
     ({**MGH_ROW, "negatives": negatives(1, 2.0, 3, 4)}, "curriculum", 8,
      "negatives[1].level must be one of 1, 2, 3, 4, got 2.0"),
-    ({**MGH_ROW, "negatives": []}, "random", 8, "field 'negatives' is empty, but schedule 'random' trains every query"),
-    ({"anchor": "a", "positive": "p"}, "curriculum", 8, "field 'negatives' is empty"),
-    ({"query": "q", "pos": ["p"], "neg": []}, "level:1", 8, "field 'negatives' is empty"),
 ])
 def test_rows_are_checked_against_what_the_schedule_trains_with(tmp_path, row, schedule, steps, reason):
     path = write(tmp_path, [MGH_ROW, row, MGH_ROW])
@@ -120,6 +117,11 @@ def test_rows_with_the_levels_a_schedule_uses_are_enough(tmp_path):
         assert len(report.examples) == 1, (schedule, steps, stage_steps)
     public = write(tmp_path, [{"anchor": "a", "positive": "p", "negative": "n"}])
     assert len(read_examples(public, needs=needs_of("all", 8)).examples) == 1
+    # pairs (no hard negative) train with in-batch negatives under every schedule
+    pairs = write(tmp_path, [{**MGH_ROW, "negatives": []}, {"anchor": "a", "positive": "p"},
+                             {"query": "q", "pos": ["p"], "neg": []}])
+    for schedule in ("random", "curriculum", "level:1", "all"):
+        assert [e.negatives for e in read_examples(pairs, needs=needs_of(schedule, 8)).examples] == [()] * 3
 
 
 def test_stages_and_levels_a_run_uses():

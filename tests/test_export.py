@@ -125,7 +125,7 @@ def test_bidirectional_models_are_refused_and_nothing_is_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
-def _mteb_results(folder: Path) -> Path:
+def _mteb_results(folder: Path, name: str = "local/demo-model") -> Path:
     """A result folder in mteb's layout (results/<model>/<revision>/<Task>.json), as eval --output writes."""
     target = folder / "local__demo-model" / "abc123"
     target.mkdir(parents=True)
@@ -134,7 +134,7 @@ def _mteb_results(folder: Path) -> Path:
         "mteb_version": "2.0", "scores": {"test": [{"main_score": 0.8203, "cosine_spearman": 0.8203,
                                                     "hf_subset": "default", "languages": ["eng-Latn"]}]},
         "evaluation_time": 1.0}))
-    (target / "model_meta.json").write_text("{}")
+    (target / "model_meta.json").write_text(json.dumps({"name": name}))
     return folder
 
 
@@ -148,7 +148,10 @@ def test_model_cards_carry_hub_metadata_and_mteb_scores(tmp_path):
     assert {"sentence-transformers", "mgh", "mean-pooling", "lora"} <= set(meta["tags"])
     assert meta["mgh"]["training"] == {"steps": 6, "lr": 1e-4} and meta["mgh"]["embedder"]["pooling"] == "mean"
     assert "model-index" not in meta
-    results = _mteb_results(tmp_path / "results")
+    other = _mteb_results(tmp_path / "other")  # another model's scores never reach this card
+    with pytest.raises(ValueError, match="^eval: .*model_meta.json names the model 'local/demo-model', not this one"):
+        export(str(folder), str(tmp_path / "st"), eval_results=str(other))
+    results = _mteb_results(tmp_path / "results", name=f"local/{tmp_path.name}-model")
     out = export(str(folder), str(tmp_path / "st"), format="sentence-transformers", eval_results=str(results))
     meta = read_card_metadata(out.path)
     assert meta["mgh"]["training"] == {"steps": 6, "lr": 1e-4} and "custom_code" not in meta["tags"]
