@@ -8,6 +8,7 @@ Subcommands:
     compare      MTEB result folders side by side (and a PNG bar chart with --plot)
     synth        write MGH training data through an OpenAI-compatible endpoint (``synth --help``)
     verify       check MGH data with a real encoder: are the negatives graded as their levels say?
+    mine         graded hard negatives (levels 4..1) mined from a corpus with an embedder (``mine --help``)
     kernel-demo  ATA pooling and InfoNCE on a toy batch, in about a second
 """
 
@@ -19,9 +20,10 @@ from typing import Optional, Sequence
 
 from . import config as train_config
 from . import demo, kernel_demo
+from .mining import cli as mine_cli
 from .synth import cli as synth_cli
 
-SUBCOMMANDS = ("demo", "train", "export", "eval", "compare", "synth", "verify", "kernel-demo")
+SUBCOMMANDS = ("demo", "train", "export", "eval", "compare", "synth", "verify", "mine", "kernel-demo")
 DEFAULT_SUBCOMMAND = "demo"
 
 
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=synth_cli.SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
     synth_cli.add_verify_arguments(commands.add_parser(
         "verify", help="check MGH data with a real encoder", description=_verify_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    mine_cli.add_arguments(commands.add_parser(
+        "mine", help="graded hard negatives mined with an embedder", description=mine_cli.DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter))
     kernel_demo.add_arguments(commands.add_parser(
         "kernel-demo", help="ATA pooling and InfoNCE on a toy batch", description=kernel_demo.__doc__))
@@ -165,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return synth_cli.run_synth(args)
         if args.command == "verify":
             return synth_cli.run_verify(args)
+        if args.command == "mine":
+            return mine_cli.run(args)
         return kernel_demo.run(args)
     except ValueError as error:  # bad options or data: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,371 @@
+"""Quality runner: train several arms from one configuration, evaluate each through ``mgh_train eval``.
+
+    python benchmarks/quality.py run benchmarks/quality_quick.yaml --output runs/quality-quick
+    python benchmarks/quality.py table runs/quality-quick [--plot scores.png]
+
+The YAML holds ``train`` (``mgh_train train`` options shared by every arm), ``arms`` (name ->
+the options that arm changes: one switch each, e.g. ``{schedule: random}`` or ``{pooling: mean}``;
+``{trainer: sentence-transformers}`` is the baseline below), ``seeds`` (each arm runs once per
+seed), ``eval`` (``tasks``, ``data_dir``, ``batch_size``) and ``base`` (true: also evaluate the
+untrained base model as a row).
+
+Every run lives in ``OUTPUT/<arm>/seed<N>/``: ``train.yaml``, ``commands.txt`` (the exact train
+and eval commands), ``run/`` (the training run: ``model/``, ``metrics.jsonl``), ``eval/`` (mteb
+result JSON) and ``done.json`` (scores, seconds), written last. A rerun skips the runs that have
+``done.json`` and redoes the others from scratch, so the runner can be killed and started again.
+
+The sentence-transformers baseline (``trainer: sentence-transformers``) trains the same base,
+LoRA settings, data, steps, batch, learning rate, warm-up and seed with sentence-transformers'
+``SentenceTransformerTrainer`` and ``MultipleNegativesRankingLoss`` (scale 1/tau) over
+(anchor, positive, negative_1..4) rows (every mined negative, as the ``all`` schedule), mean pooling,
+the no-duplicates batch sampler; the trained model is written as an mgh folder and evaluated the
+same way. ``table`` prints mean ± sample standard deviation per task over seeds, one row per arm,
+with the folders each figure comes from, and writes ``table.md``/``table.json`` (and a plot of the
+final scores and the mean training loss per step when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ST_TRAINER = "sentence-transformers"
+
+
+def read_config(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    for key in ("train", "arms", "seeds", "eval"):
+        if key not in config:
+            raise ValueError(f"config: {path} lacks {key!r} (train, arms, seeds, eval are needed)")
+    if not isinstance(config["arms"], dict) or not config["arms"]:
+        raise ValueError(f"config: {path}: arms must map arm names to option overrides")
+    if not isinstance(config["seeds"], list) or not config["seeds"]:
+        raise ValueError(f"config: {path}: seeds must be a list of integers")
+    from mgh_train.config import TrainConfig
+
+    for arm, overrides in config["arms"].items():
+        options = {**config["train"], **{k: v for k, v in (overrides or {}).items() if k != "trainer"}}
+        TrainConfig(**{k.replace("-", "_"): v for k, v in options.items()})  # names the bad option now
+    return config
+
+
+def _python() -> list[str]:
+    return [sys.executable]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(command: list[str], log) -> None:
+    log.write("$ " + shlex.join(command) + "\n")
+    log.flush()
+    done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"command failed ({done.returncode}): {shlex.join(command)}; see {log.name}")
+
+
+def _eval_command(model: Path, out: Path, ev: dict) -> list[str]:
+    command = [*_python(), "-m", "mgh_train", "eval", "--model", str(model), "--tasks", ev["tasks"],
+               "--output", str(out), "--no-progress", "--batch-size", str(ev.get("batch_size", 32))]
+    if ev.get("data_dir"):
+        command += ["--data-dir", str(ev["data_dir"])]
+    return command
+
+
+def _finish(folder: Path, eval_dir: Path, commands: list, started: float) -> dict:
+    from mgh_train.evaluate import read_run
+
+    scores = {task: score for task, (_, score) in read_run(eval_dir).items()}
+    done = {"scores": scores, "seconds": round(time.monotonic() - started, 1), "commands": commands}
+    (folder / "done.json").write_text(json.dumps(done, indent=1))
+    return done
+
+
+def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) -> dict:
+    """Train and evaluate one (arm, seed); skipped when its ``done.json`` exists."""
+    import shutil
+
+    import yaml
+
+    folder = output / arm / f"seed{seed}"
+    if (folder / "done.json").is_file():
+        return json.loads((folder / "done.json").read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    overrides = dict(config["arms"][arm] or {})
+    trainer = overrides.pop("trainer", "mgh")
+    options = {**config["train"], **overrides, "seed": seed, "output": str(folder / "run"), "progress": False}
+    (folder / "train.yaml").write_text(yaml.safe_dump(options, sort_keys=True))
+    if trainer == ST_TRAINER:
+        train = [*_python(), str(Path(__file__).resolve()), "st-train", str(folder / "train.yaml")]
+    else:
+        train = [*_python(), "-m", "mgh_train", "train", "--config", str(folder / "train.yaml")]
+    evaluate = _eval_command(folder / "run" / "model", folder / "eval", config["eval"])
+    (folder / "commands.txt").write_text(shlex.join(train) + "\n" + shlex.join(evaluate) + "\n")
+    started = time.monotonic()
+    with open(folder / "log.txt", "w") as log:
+        _run(train, log)
+        _run(evaluate, log)
+    done = _finish(folder, folder / "eval", [shlex.join(train), shlex.join(evaluate)], started)
+    print(f"{arm} seed {seed}: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items())
+          + f" ({done['seconds']:.0f} s)", file=log_to, flush=True)
+    return done
+
+
+def run_base(config: dict, output: Path) -> dict:
+    """Evaluate the untrained base (the shared ``train`` options, no adapter training)."""
+    import shutil
+
+    import yaml
+
+    folder = output / "base"
+    if (folder / "done.json").is_file():
+        return json.loads((folder / "done.json").read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "train.yaml").write_text(yaml.safe_dump(dict(config["train"]), sort_keys=True))
+    save = [*_python(), str(Path(__file__).resolve()), "save-base", str(folder / "train.yaml"),
+            str(folder / "model")]
+    evaluate = _eval_command(folder / "model", folder / "eval", config["eval"])
+    (folder / "commands.txt").write_text(shlex.join(save) + "\n" + shlex.join(evaluate) + "\n")
+    started = time.monotonic()
+    with open(folder / "log.txt", "w") as log:
+        _run(save, log)
+        _run(evaluate, log)
+    done = _finish(folder, folder / "eval", [shlex.join(save), shlex.join(evaluate)], started)
+    print("base: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items()), flush=True)
+    return done
+
+
+def run(config_path, output) -> int:
+    config = read_config(config_path)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(Path(config_path).read_text())
+    started = time.monotonic()
+    if config.get("base", True):
+        run_base(config, output)
+    for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
+        for arm in config["arms"]:
+            run_one(config, arm, int(seed), output)
+    print(f"all runs done in {time.monotonic() - started:.0f} s (this invocation)")
+    print(table(output))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# table and plot
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list) -> tuple:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def collect(output) -> dict:
+    """{row: {"runs": [folder...], "scores": {task: [score per run]}}}; rows: base, then arms."""
+    output = Path(output)
+    rows = {}
+    base = output / "base" / "done.json"
+    if base.is_file():
+        rows["base (untrained)"] = {"runs": [str(base.parent)],
+                                    "scores": {t: [s] for t, s in json.loads(base.read_text())["scores"].items()}}
+    for arm in sorted(p for p in output.iterdir() if p.is_dir() and p.name != "base"):
+        runs = sorted(arm.glob("seed*/done.json"))
+        if not runs:
+            continue
+        entry = {"runs": [], "scores": {}}
+        for done in runs:
+            entry["runs"].append(str(done.parent))
+            for task, score in json.loads(done.read_text())["scores"].items():
+                entry["scores"].setdefault(task, []).append(score)
+        rows[arm.name] = entry
+    if not rows:
+        raise ValueError(f"table: no finished runs (done.json) under {output}")
+    return rows
+
+
+def table(output, plot=None) -> str:
+    output = Path(output)
+    rows = collect(output)
+    tasks = sorted({t for r in rows.values() for t in r["scores"]})
+    lines = ["| arm | seeds | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    summary = {}
+    for name, row in rows.items():
+        cells, summary[name] = [], {"runs": row["runs"], "tasks": {}}
+        for task in tasks:
+            values = row["scores"].get(task, [])
+            if not values:
+                cells.append("")
+                continue
+            mean, std = _mean_std(values)
+            summary[name]["tasks"][task] = {"mean": mean, "std": None if math.isnan(std) else std,
+                                            "values": values}
+            cells.append(f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}")
+        lines.append(f"| {name} | {len(row['runs'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Runs (each has commands.txt with its exact train and eval commands):")
+    for name, row in rows.items():
+        lines.append(f"- {name}: " + ", ".join(row["runs"]))
+    text = "\n".join(lines)
+    (output / "table.md").write_text(text + "\n")
+    (output / "table.json").write_text(json.dumps(summary, indent=1))
+    note = _plot(output, rows, tasks, plot or output / "quality.png")
+    return text + ("\n" + note if note else "")
+
+
+def _plot(output: Path, rows: dict, tasks: list, path) -> str:
+    try:
+        import matplotlib
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(rows))
+    for i, (name, row) in enumerate(rows.items()):
+        stats = [_mean_std(row["scores"][t]) if row["scores"].get(t) else (0.0, 0.0) for t in tasks]
+        bars.bar([j + i * width for j in range(len(tasks))], [m for m, _ in stats], width,
+                 yerr=[0 if math.isnan(s) else s for _, s in stats], label=name)
+        losses = {}
+        for run in row["runs"]:
+            metrics = Path(run) / "run" / "metrics.jsonl"
+            if metrics.is_file():
+                for line in metrics.read_text().splitlines():
+                    r = json.loads(line)
+                    if "loss" in r and "step" in r:
+                        losses.setdefault(int(r["step"]), []).append(float(r["loss"]))
+        if losses:
+            steps = sorted(losses)
+            curves.plot(steps, [sum(losses[s]) / len(losses[s]) for s in steps], label=name)
+    bars.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    bars.set_ylabel("main score x 100 (mean ± std over seeds)")
+    bars.legend(fontsize=7)
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss (mean over seeds)")
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+# --------------------------------------------------------------------------------------------
+# internal steps: the untrained base, the sentence-transformers baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _train_config(path):
+    from mgh_train.config import TrainConfig, read_yaml
+
+    return TrainConfig(**read_yaml(path))
+
+
+def save_base(config_path, model_dir) -> int:
+    """Write the untrained base (fresh LoRA: its B matrices are zero, so it equals the base) as an mgh folder."""
+    from mgh_train.model import Embedder, EmbedderConfig
+
+    cfg = _train_config(config_path)
+    embedder = Embedder.build(EmbedderConfig(**cfg.embedder_options()), trainable=False)
+    embedder.save(model_dir)
+    return 0
+
+
+def st_train(config_path) -> int:
+    """The sentence-transformers baseline for the options in ``config_path`` (see the module docstring)."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    from mgh_train.data import read_examples
+    from mgh_train.model import Embedder, EmbedderConfig
+    from mgh_train.st_modules import MGHPooling, MGHTransformer
+
+    cfg = _train_config(config_path)
+    torch.manual_seed(cfg.seed)
+    options = {**cfg.embedder_options(), "pooling": "mean"}
+    embedder = Embedder.build(EmbedderConfig(**options))
+    examples = [e for path in cfg.data for e in read_examples(path).examples]
+    k = min(len(e.negatives) for e in examples)
+    columns = {"anchor": [embedder.prefix(e.instruction) + e.query for e in examples],
+               "positive": [e.positive for e in examples]}
+    for i in range(k):  # every negative, hardest level first
+        columns[f"negative_{i + 1}"] = [sorted(e.negatives, key=lambda n: -(n.level or 0))[i].text
+                                        for e in examples]
+    model = SentenceTransformer(modules=[MGHTransformer("", embedder=embedder), MGHPooling("mean"), Normalize()],
+                                device="cpu" if (cfg.device or "cpu") == "cpu" else cfg.device)
+    out = Path(cfg.output)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "st"), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
+        learning_rate=cfg.lr, warmup_ratio=cfg.warmup, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm or 1e9, lr_scheduler_type="linear", seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=(cfg.device or "cpu") == "cpu",
+        disable_tqdm=True, batch_sampler="no_duplicates", gradient_accumulation_steps=cfg.grad_accum,
+    )
+    loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.tau)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
+    trainer.train()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "w") as handle:
+        for h in trainer.state.log_history:
+            if "loss" in h and "step" in h:
+                handle.write(json.dumps({"step": int(h["step"]) - 1, "loss": float(h["loss"])}) + "\n")
+    embedder.save(out / "model", training={"trainer": ST_TRAINER, **cfg.to_dict(), "pooling": "mean"})
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("run", help="train and evaluate every arm and seed (skips finished ones)")
+    p.add_argument("config")
+    p.add_argument("--output", required=True)
+    p = commands.add_parser("table", help="mean ± std per task and arm, from finished runs")
+    p.add_argument("output")
+    p.add_argument("--plot", help="PNG path (default: OUTPUT/quality.png)")
+    p = commands.add_parser("st-train", help="(internal) the sentence-transformers baseline of one run")
+    p.add_argument("config")
+    p = commands.add_parser("save-base", help="(internal) write the untrained base as an mgh folder")
+    p.add_argument("config")
+    p.add_argument("model_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return run(args.config, args.output)
+        if args.command == "table":
+            print(table(args.output, args.plot))
+            return 0
+        if args.command == "st-train":
+            return st_train(args.config)
+        return save_base(args.config, args.model_dir)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

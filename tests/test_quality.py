@@ -1,0 +1,63 @@
+"""benchmarks/quality.py end to end on a tiny random model: 2 arms (mgh curriculum, mean pooling
+to keep the eval subprocess off the Triton interpreter, and the
+sentence-transformers baseline) x 2 seeds x 2 steps, the base row, the table and its sources."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STSB_TEST = ROOT.parent / "shared" / "data" / "stsb" / "stsb-en-test.csv"
+
+
+@pytest.mark.skipif(not STSB_TEST.is_file(), reason="needs ../shared/data/stsb")
+def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("mteb")
+    import yaml
+    from tiny_models import tiny_decoder, tiny_tokenizer
+
+    base = tmp_path / "tiny"
+    tiny_decoder("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    (tmp_path / "data" / "stsb").mkdir(parents=True)  # a small STS test split keeps eval fast
+    lines = STSB_TEST.read_text(encoding="utf-8").splitlines()[:40]
+    (tmp_path / "data" / "stsb" / "stsb-en-test.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    seed_data = str(resources.files("mgh_train") / "seed" / "short_short.jsonl")
+    config = {
+        "train": {"model": str(base), "data": [seed_data], "steps": 2, "batch_size": 4, "lora_r": 4,
+                  "max_length": 64, "workers": 0, "report_to": ["none"]},
+        "arms": {"curriculum": {"pooling": "mean"}, "st-mnrl": {"trainer": "sentence-transformers"}},
+        "seeds": [0, 1],
+        "eval": {"tasks": "STSBenchmark", "data_dir": str(tmp_path / "data"), "batch_size": 16},
+        "base": True,
+    }
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", str(tmp_path / "q.yaml"),
+               "--output", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "table.json").read_text())
+    assert set(summary) == {"base (untrained)", "curriculum", "st-mnrl"}
+    for name, row in summary.items():
+        assert len(row["runs"]) == (1 if name.startswith("base") else 2)
+        values = row["tasks"]["STSBenchmark"]["values"]
+        for run, value in zip(row["runs"], values):  # each figure is the score of a run folder
+            done_json = json.loads((Path(run) / "done.json").read_text())
+            assert done_json["scores"]["STSBenchmark"] == value
+            assert (Path(run) / "commands.txt").read_text().count("mgh_train eval") == 1
+            assert list((Path(run) / "eval").rglob("STSBenchmark.json"))
+    table = (out / "table.md").read_text()
+    assert "| curriculum | 2 |" in table and "±" in table
+    # a second run finds everything done and retrains nothing
+    stamp = (out / "curriculum" / "seed0" / "done.json").stat().st_mtime
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "curriculum" / "seed0" / "done.json").stat().st_mtime == stamp
