@@ -156,21 +156,10 @@ def retrieval_accuracy(embedder: Embedder, examples: list[Example], batch_size: 
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rank correlation with average ranks for ties (as scipy.stats.spearmanr)."""
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        order = torch.argsort(v)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
-        for value in torch.unique(v):  # ties share their average rank
-            tied = v == value
-            if tied.sum() > 1:
-                r[tied] = r[tied].mean()
-        return r
+    """Spearman's rank correlation (average ranks for ties): scipy.stats.spearmanr's."""
+    from scipy.stats import spearmanr
 
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+    return float(spearmanr(x.double().cpu().numpy(), y.double().cpu().numpy()).statistic)
 
 
 def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: int = 32) -> float:
@@ -191,6 +180,8 @@ def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: i
 
 
 def _lr_lambda(steps: int, warmup: int):
+    # Not transformers' get_linear_schedule_with_warmup: that one gives the first step a rate of 0
+    # (step / warmup); here step 1 already trains, (step + 1) / warmup. Checkpoints store this schedule.
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
