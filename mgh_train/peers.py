@@ -75,8 +75,8 @@ def is_peer_failure(error: BaseException) -> bool:
     kinds = tuple(k for k in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None)) if k)
     if kinds and isinstance(error, kinds):
         return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and any(word in text for word in _FAILURE_WORDS)
+    text = str(error).lower()  # gloo's and the store's plain RuntimeErrors (not our own subclasses)
+    return type(error) is RuntimeError and any(word in text for word in _FAILURE_WORDS)
 
 
 def explain(error: BaseException, ranks, *, timeout: Optional[float] = None,
