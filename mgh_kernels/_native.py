@@ -9,7 +9,15 @@ Where it cannot be had, ``library()`` is None and callers run the PyTorch ops in
 says why): no compiler, a failed build, the source missing (an installed wheel ships no ``csrc/``),
 or ``MGH_NATIVE=0``. Environment: ``MGH_NATIVE=0`` turns it off; ``CC`` names the compiler (default
 ``cc``); ``MGH_NATIVE_CACHE`` the folder for built libraries (default
-``$XDG_CACHE_HOME/mgh_kernels`` or ``~/.cache/mgh_kernels``). A build failure warns once.
+``$XDG_CACHE_HOME/mgh_kernels`` or ``~/.cache/mgh_kernels``). A build failure warns once, and so
+does a compiler named by ``CC`` that is not there (a missing default ``cc`` is quiet).
+
+The cache. A build writes to a temporary name, records the library's size and SHA-256 in a
+stamp file beside it (``<name>.sha256``), and renames both into place. A cached library is loaded
+only when its stamp matches (a truncated file, from an interrupted copy or a full disk, would
+otherwise kill the process with a bus error inside ``dlopen``), and kept only when it has our
+symbols; any other cached file (truncated, garbage, a wrong library) is rebuilt once, and if the
+rebuilt one fails too the PyTorch ops run, with one warning.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+try:
+    from _ctypes import dlclose as _dlclose
+except ImportError:  # not POSIX
+    def _dlclose(handle) -> None:
+        pass
+
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_sweep.c"
 
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], ["-O3", "-fopenmp", "-ffp-contract=off"],
@@ -36,6 +50,10 @@ ENABLED = os.environ.get("MGH_NATIVE", "1") != "0"
 
 _lock = threading.Lock()
 _state: dict = {}
+
+
+class _Damaged(Exception):
+    """A cached library that fails its checks: rebuilt once."""
 
 
 class _Unavailable(Exception):
@@ -68,32 +86,79 @@ def _machine_key() -> str:
 def _build() -> Path:
     if not SOURCE.is_file():
         raise _Unavailable(f"no source at {SOURCE}", quiet=True)
-    name = os.environ.get("CC", "cc")
+    name = os.environ.get("CC") or "cc"
     compiler = shutil.which(name)
-    if compiler is None:
-        raise _Unavailable(f"no C compiler ({name!r} is not on PATH)", quiet=True)
+    if compiler is None:  # quiet where no compiler was asked for; a CC that is not there is the user's to know
+        raise _Unavailable(f"no C compiler ({name!r} is not on PATH)", quiet=not os.environ.get("CC"))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
         SOURCE.read_bytes(), version, repr(FLAG_SETS), _machine_key()))).hexdigest()[:16]
     target = cache_dir() / f"cpu_sweep-{key}.so"
-    if target.is_file():
+    if target.is_file() and _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in FLAG_SETS:
         partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode == 0:
-            os.replace(partial, target)  # atomic: concurrent builders each write their own file
-            return target
-        partial.unlink(missing_ok=True)
-        errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+        try:
+            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                stamp = _stamp_path(partial)
+                stamp.write_text(_fingerprint(partial))
+                # atomic: concurrent builders each write their own files. The stamp goes first: a
+                # library without its matching stamp is never loaded, only rebuilt.
+                os.replace(stamp, _stamp_path(target))
+                os.replace(partial, target)
+                return target
+            errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+        finally:
+            partial.unlink(missing_ok=True)
+            _stamp_path(partial).unlink(missing_ok=True)
     raise _Unavailable(f"{compiler} failed: " + " | ".join(errors))
 
 
+def _stamp_path(library_path: Path) -> Path:
+    return library_path.with_name(library_path.name + ".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    """"<size> <sha256>" of the file at ``path``."""
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _intact(path: Path) -> bool:
+    """Whether the cached library at ``path`` is the file its build stamped: checked before
+    ``dlopen``, which a truncated file kills with a bus error (no exception to catch)."""
+    try:
+        return _stamp_path(path).read_text().strip() == _fingerprint(path)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _discard(path: Path) -> None:
+    """Remove a cached library that failed its checks, and its stamp (another process may have
+    replaced it already: the rebuild then finds the good one)."""
+    for stale in (path, _stamp_path(path)):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
 def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))  # ctypes releases the GIL for the call
+    if not _intact(path):
+        raise _Damaged(f"{path} does not match its build stamp (truncated or replaced)")
+    try:
+        lib = ctypes.CDLL(str(path))  # ctypes releases the GIL for the call
+    except OSError as error:
+        raise _Damaged(f"{path} will not load as ours ({error})") from None
+    try:
+        lib.mgh_softmax_rows_f32, lib.mgh_exp_shifted_rows_f32  # a library without our symbols
+    except AttributeError as error:
+        _dlclose(lib._handle)  # else dlopen of the rebuilt file at this path returns this one again
+        raise _Damaged(f"{path} will not load as ours ({error})") from None
     f32, i64, cint = ctypes.c_float, ctypes.c_int64, ctypes.c_int
     ptr = ctypes.c_void_p
     lib.mgh_softmax_rows_f32.argtypes = [ptr, i64, i64, ptr, cint, f32, f32, cint, ptr, ptr, cint]
@@ -112,8 +177,14 @@ def library() -> Optional[ctypes.CDLL]:
             if "lib" not in _state:
                 try:
                     path = _build()
-                    _state["lib"], _state["why"] = _load(path), f"loaded from {path}"
-                except (_Unavailable, OSError, subprocess.SubprocessError) as error:
+                    try:
+                        lib = _load(path)
+                    except _Damaged:  # rebuilt once; a second failure falls back below
+                        _discard(path)
+                        path = _build()
+                        lib = _load(path)
+                    _state["lib"], _state["why"] = lib, f"loaded from {path}"
+                except (_Unavailable, _Damaged, OSError, subprocess.SubprocessError) as error:
                     _state["lib"], _state["why"] = None, str(error)
                     if not getattr(error, "quiet", False):  # a compiler that fails, a library that will not load
                         warnings.warn(f"mgh_kernels: the native CPU sweep is off ({error}); the PyTorch ops run "

@@ -191,14 +191,95 @@ def test_concurrent_builds_agree(fresh):
     for worker in workers:
         worker.join()
     assert not errors and len(set(paths)) == 1
-    assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]  # no partial files left
+    names = sorted(p.name for p in paths[0].parent.iterdir())  # no partial files left
+    assert names == [paths[0].name, paths[0].name + ".sha256"]
 
 
 def test_no_compiler_falls_back_quietly(fresh, monkeypatch, recwarn):
-    monkeypatch.setenv("CC", "no-such-compiler-mgh")
+    """No ``cc`` on a machine without a compiler is expected: quiet."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(fresh))  # an empty folder: no cc
     assert _native.library() is None
-    assert _native.status() == "no C compiler ('no-such-compiler-mgh' is not on PATH)"
+    assert _native.status() == "no C compiler ('cc' is not on PATH)"
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_named_compiler_that_is_missing_warns_once(fresh, monkeypatch):
+    """``CC=/nonexistent``: the user asked for that compiler, so the fallback says so, once."""
+    monkeypatch.setenv("CC", "/nonexistent")
+    with pytest.warns(RuntimeWarning) as caught:
+        assert _native.library() is None
+        assert _native.library() is None
+    assert len(caught) == 1 and "'/nonexistent' is not on PATH" in str(caught[0].message)
+    assert "\n" not in str(caught[0].message)
+
+
+LOAD = ("import sys, torch; from mgh_kernels import _native, cpu_rows\n"
+        "lib = _native.library()\n"
+        "print(_native.status())\n"
+        "s = torch.randn(3, 40); top, total = torch.empty(3, 1), torch.empty(3, 1)\n"
+        "cpu_rows.softmax_(s, -80.0, top, total)\n"
+        "assert torch.allclose(total, torch.ones(3, 1) * total), total\n")
+
+
+def load_in_child(cache):
+    """Load the library in a fresh process (a bus error there must not take the test down)."""
+    env = {**os.environ, "MGH_NATIVE_CACHE": str(cache), "PYTHONWARNINGS": "default"}
+    return subprocess.run([sys.executable, "-c", LOAD], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def wrong_library(path):
+    """A real shared library without our symbols, at ``path``."""
+    src = path.with_name("other.c")
+    src.write_text("int mgh_other(void) { return 1; }\n")
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
+    src.unlink()
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong-library", "wrong-library-stamped", "no-stamp"])
+def test_a_damaged_cache_is_rebuilt(fresh, damage):
+    """What an interrupted copy, a full disk or a stray file leaves in the cache: the next process
+    neither dies (a truncated library bus-errors inside dlopen) nor stays on the slow path; it
+    rebuilds once, quietly, and loads."""
+    path = _native._build()
+    good = path.read_bytes()
+    stamp = _native._stamp_path(path)
+    if damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(len(good) // 2)
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(len(good)))
+    elif damage.startswith("wrong-library"):
+        wrong_library(path)
+        if damage == "wrong-library-stamped":  # passes the stamp: only the symbol check sees it
+            stamp.write_text(_native._fingerprint(path))
+    else:
+        stamp.unlink()
+    done = load_in_child(fresh / "cache")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"loaded from {path}", done.stdout + done.stderr
+    assert "RuntimeWarning" not in done.stderr, done.stderr
+    assert path.read_bytes() == good and _native._intact(path)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_a_rebuild_that_fails_again_falls_back_with_one_warning(fresh, monkeypatch):
+    """A compiler that keeps producing a library without our symbols: rebuilt once, then the
+    PyTorch ops, with one warning."""
+    compiler = fresh / "wrong-cc"
+    real = shutil.which(os.environ.get("CC", "cc"))
+    compiler.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo wrong 1.0 && exit 0\n"
+                        f"for a; do out=$a; done\n"
+                        f"echo 'int mgh_other(void) {{ return 1; }}' > {fresh}/other.c\n"
+                        f"exec {real} -shared -fPIC {fresh}/other.c -o \"$out\"\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert _native.library() is None
+        assert _native.library() is None
+    assert len(caught) == 1 and "will not load as ours" in str(caught[0].message)
 
 
 def test_failed_build_warns_and_falls_back(fresh, monkeypatch):
