@@ -139,7 +139,8 @@ def _varlen_delta_kernel(
             lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
             pg = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-                offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False, BLOCK_N)
+                offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
+                                                     BLOCK_N)
                 p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
                 g = tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads
                 pg += tl.sum(p * g[None, :], 1)
@@ -224,7 +225,8 @@ def _varlen_dq_kernel(
         k_ptr, v_ptr = K + start * skt + hk * skh, V + start * svt + hk * svh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-            offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False, BLOCK_N)
+            offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
+                                                 BLOCK_N)
             vt = tl.load(v_ptr + offs_n[None, :] * svt + offs_d[:, None] * svd,
                          mask=col_in[None, :] & d_in[:, None], other=0.0)
             p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
