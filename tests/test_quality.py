@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STSB_TEST = ROOT.parent / "shared" / "data" / "stsb" / "stsb-en-test.csv"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not STSB_TEST.is_file(), reason="needs ../shared/data/stsb")
 def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
     pytest.importorskip("peft")
@@ -32,8 +33,8 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
     seed_data = str(resources.files("mgh_train") / "seed" / "short_short.jsonl")
     config = {
         "train": {"model": str(base), "data": [seed_data], "steps": 2, "batch_size": 4, "lora_r": 4,
-                  "max_length": 64, "workers": 0, "report_to": ["none"]},
-        "arms": {"curriculum": {"pooling": "mean"}, "st-mnrl": {"trainer": "sentence-transformers"}},
+                  "max_length": 64, "pooling": "mean", "workers": 0, "report_to": ["none"]},
+        "arms": {"curriculum": {}, "st-mnrl": {"trainer": "sentence-transformers"}},
         "seeds": [0, 1],
         "eval": {"tasks": "STSBenchmark", "data_dir": str(tmp_path / "data"), "batch_size": 16},
         "base": True,
