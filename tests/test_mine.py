@@ -182,8 +182,9 @@ def test_bad_row_names_file_and_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {bad}:3: unknown row format: expected MGH (query, positive, negatives), sentence-transformers "
-        "(anchor, positive, negative_1..n), FlagEmbedding (query, pos, neg) or tevatron (query, positive_passages, "
-        "negative_passages); got keys ['query']"]
+        "(anchor, positive, negative_1..n), FlagEmbedding (query, pos, neg), tevatron (query, positive_passages, "
+        "negative_passages), or two or more text columns bound by order (anchor, positive, negatives...); "
+        "got keys ['query']"]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"query": "a", "positive": "b"}\n{"query": "c", "positive": ""}\n')
     result = run_cli("--pairs", str(broken), "--output", str(tmp_path / "out.jsonl"))

@@ -98,7 +98,8 @@ def base(tmp_path_factory):
 
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(base, tmp_path):
     output = tmp_path / "run"
-    first = start(*train_args(base, output, "--steps", "8", "--log-every", "1", "--save-every", "4"))
+    # long enough that the second process (a fresh interpreter importing torch) starts while it runs
+    first = start(*train_args(base, output, "--steps", "400", "--log-every", "1", "--save-every", "200"))
     wait_for(lambda: (output / ".lock").is_file() and (output / ".lock").read_text().strip(), first,
              what="the first run's lock")
     second = cli(*train_args(base, output, "--steps", "8", "--log-every", "1", "--save-every", "4"))
@@ -108,8 +109,8 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(base, tmp_p
     (line,) = lines(second.stderr)
     assert line.startswith(f"error: output: {output} is in use by another run (pid {first.pid} on host "
                            f"{socket.gethostname()}, started "), line
-    assert metric_steps(output) == list(range(1, 9))  # the first run's rows, once
-    assert checkpoints(output) == ["step-0000004", "step-0000008"]
+    assert metric_steps(output) == list(range(1, 401))  # the first run's rows, once
+    assert checkpoints(output) == ["step-0000200", "step-0000400"]
     assert not (output / ".lock").exists()  # released and removed when the run ended
 
 

@@ -30,7 +30,8 @@ from mgh_kernels import ata_attention, attention, backend, infonce, infonce_loss
 assert not backend.TRITON_AVAILABLE
 
 # Only the Triton kernel files need triton; every other module imports.
-KERNEL_FILES = {"mgh_kernels.attention." + name for name in ("backward", "colsum", "forward", "masking", "poly_exp2")}
+KERNEL_FILES = {"mgh_kernels.attention." + name
+                for name in ("backward", "colsum", "forward", "masking", "poly_exp2", "varlen_kernels")}
 KERNEL_FILES |= {"mgh_kernels.infonce." + name for name in ("backward", "forward", "logits")}
 refused = set()
 for module in pkgutil.walk_packages(mgh_kernels.__path__, "mgh_kernels."):
