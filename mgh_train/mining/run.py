@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..synth.verify import DEFAULT_JUDGE, Judge
-from ..synth.writer import RowWriter, row_key
+from ..synth.writer import RowWriter, beside, row_key
 from .bands import LEVELS_HARD_FIRST, Bands
 from .candidates import Filters, mine_window
 from .inputs import read_corpus, read_pairs
@@ -84,16 +84,11 @@ class MineOptions:
 
     @property
     def rejects_path(self) -> Path:
-        return _beside(Path(self.output), "rejects.jsonl")
+        return beside(Path(self.output), "rejects.jsonl")
 
     @property
     def cache_path(self) -> Path:
-        return _beside(Path(self.output), "corpus.pt")
-
-
-def _beside(output: Path, suffix: str) -> Path:
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(f"{stem}.{suffix}")
+        return beside(Path(self.output), "corpus.pt")
 
 
 @dataclass

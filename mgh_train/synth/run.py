@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional
 from . import prompts
 from .client import RESPONSE_FORMATS, ChatClient, Reply, RequestFailed, RetryPolicy
 from .validate import Rejected, check_example, extract_json
-from .writer import RowWriter, normalize_text
+from .writer import RowWriter, beside, normalize_text
 
 TASK_WORDS = (3, 80)  # word-count bounds of a brainstormed task description
 REPLY_KEPT = 4000  # characters of a rejected reply kept in the rejects file
@@ -108,22 +108,17 @@ class SynthOptions:
 
     @property
     def rejects_path(self) -> Path:
-        return Path(self.rejects) if self.rejects else _beside(Path(self.output), "rejects")
+        return Path(self.rejects) if self.rejects else beside(Path(self.output), "rejects.jsonl")
 
     @property
     def tasks_path(self) -> Path:
-        return Path(self.tasks) if self.tasks else _beside(Path(self.output), "tasks")
+        return Path(self.tasks) if self.tasks else beside(Path(self.output), "tasks.jsonl")
 
     @property
     def rounds_limit(self) -> int:
         if self.max_brainstorm_rounds:
             return self.max_brainstorm_rounds
         return 3 * math.ceil(self.tasks_per_type / self.brainstorm_size) + 2
-
-
-def _beside(output: Path, kind: str) -> Path:
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(f"{stem}.{kind}.jsonl")
 
 
 @dataclass

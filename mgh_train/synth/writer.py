@@ -23,6 +23,12 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def beside(output: Path, suffix: str) -> Path:
+    """The side file ``<stem>.<suffix>`` next to an output ``<stem>.jsonl`` (rejects, tasks, caches)."""
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(f"{stem}.{suffix}")
+
+
 def row_key(row: dict) -> str:
     """A duplicate key for an MGH row: the normalised query and positive."""
     joined = normalize_text(str(row.get("query", ""))) + "\x1f" + normalize_text(str(row.get("positive", "")))
