@@ -174,19 +174,26 @@ def check_positive(name: str, value, *, allow_none: bool = False) -> Optional[fl
     return float(value)
 
 
+def _check_qkv(q, k, v, layout: str, amp) -> None:
+    """q, k, v are tensors of ``layout`` ({heads}: Hq for q, Hkv for k and v), q floating, k and v of
+    q's dtype (or autocast's alike) and device."""
+    ndim = layout.count(",") + 1
+    check_tensor("q", q, ndim=ndim, layout=layout.format(heads="Hq"))
+    check_tensor("k", k, ndim=ndim, layout=layout.format(heads="Hkv"))
+    check_tensor("v", v, ndim=ndim, layout=layout.format(heads="Hkv"))
+    check_float("q", q)
+    for name, t in (("k", k), ("v", v)):
+        check_same_dtype(name, t, "q", q, amp)
+        check_same_device(name, t, "q", q)
+
+
 def check_attention_args(q, k, v, *, causal, key_padding_mask, scale, amp=None):
     """Validate self-attention arguments; return (bool mask [B, L] or None, scale as float).
 
     q: [B, Hq, L, D]; k, v: [B, Hkv, L, D] with Hq a multiple of Hkv; same device and same dtype,
     or under autocast (``amp``, the autocast dtype) dtypes that autocast casts alike.
     """
-    check_tensor("q", q, ndim=4, layout="[B, Hq, L, D]")
-    check_tensor("k", k, ndim=4, layout="[B, Hkv, L, D]")
-    check_tensor("v", v, ndim=4, layout="[B, Hkv, L, D]")
-    check_float("q", q)
-    for name, t in (("k", k), ("v", v)):
-        check_same_dtype(name, t, "q", q, amp)
-        check_same_device(name, t, "q", q)
+    _check_qkv(q, k, v, "[B, {heads}, L, D]", amp)
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     if tuple(v.shape) != tuple(k.shape):
@@ -279,13 +286,7 @@ def check_varlen_args(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, amp=Non
     """Validate packed self-attention arguments (q [total, Hq, D], k, v [total, Hkv, D], dtypes and
     devices as :func:`check_attention_args`); return (cu_seqlens on the CPU or None, cu_seqlens on
     q's device, max_seqlen, scale)."""
-    check_tensor("q", q, ndim=3, layout="[total, Hq, D]")
-    check_tensor("k", k, ndim=3, layout="[total, Hkv, D]")
-    check_tensor("v", v, ndim=3, layout="[total, Hkv, D]")
-    check_float("q", q)
-    for name, t in (("k", k), ("v", v)):
-        check_same_dtype(name, t, "q", q, amp)
-        check_same_device(name, t, "q", q)
+    _check_qkv(q, k, v, "[total, {heads}, D]", amp)
     total, hq, dim = q.shape
     if total == 0 or dim == 0 or hq == 0:
         raise ValueError(f"q: expected a non-empty tensor, got shape {_shape(q)}")
