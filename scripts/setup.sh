@@ -75,7 +75,10 @@ portable_args() {
 # build_and_check NAME ARGS: build (or reuse the cached wheel for) these flags, install it, check it.
 build_and_check() {
     local name=$1 args=$2 key wheels wheel
-    key=$( (echo "$cpu_flags"; echo "$args") | sha256sum | cut -c1-12)
+    # --no-cache-dir: pip's own wheel cache is keyed by the source archive alone, so without it a
+    # wheel built earlier with other CMAKE_ARGS would come back as this "build".
+    local pip_wheel="pip wheel --no-cache-dir --no-deps"
+    key=$( (echo "$cpu_flags"; echo "$args"; echo "$pip_wheel") | sha256sum | cut -c1-12)
     wheels=${MGH_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mgh/wheels}/llama-cpp-python-0.3.36-$name-$key
     mkdir -p "$wheels"
     if [ -e "$wheels/FAILED" ]; then
@@ -86,7 +89,7 @@ build_and_check() {
         echo "setup: building $llama from source, $name flags (once per machine; about 10 minutes on 2 cores)" >&2
         CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
         CMAKE_ARGS="${CMAKE_ARGS:-} $args -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-            .venv/bin/python -m pip wheel -q --no-deps -w "$wheels" "$llama" || return 1
+            .venv/bin/python -m $pip_wheel -q -w "$wheels" "$llama" || return 1
     fi
     wheel=$(ls "$wheels"/llama_cpp_python-0.3.36-*.whl | head -1)
     .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheel" || return 1
