@@ -134,6 +134,12 @@ class TrainConfig:
     eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
     load_best_model_at_end: bool = _opt(False, "end with the weights of the best evaluation of the evaluator "
                                                "(mgh_train.fit's evaluator=)", group="output")
+    metric_for_best_model: Optional[str] = _opt(None, "the evaluator's metric load_best_model_at_end compares, "
+                                                      "with or without eval_ (default: its primary metric)",
+                                                group="output")
+    greater_is_better: Optional[bool] = _opt(None, "a higher metric_for_best_model is better (default: the "
+                                                   "evaluator's greater_is_better, else not for a *loss)",
+                                             group="output")
     progress: bool = _opt(True, "show a progress bar", group="output")
     report_to: Optional[list] = _opt(None, "trackers of the metric rows: tensorboard, wandb, mlflow (offline, in "
                                            "the run folder) or none (default: tensorboard when installed)",
@@ -207,6 +213,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 # command line and YAML
 # --------------------------------------------------------------------------------------------
+# Ours, not transformers' HfArgumentParser: that one hands YAML values to the dataclass as PyYAML
+# reads them (``lr: 1e-4`` stays a string), names no file in its errors, suggests no flag for a
+# typo and has no per-subcommand defaults; the option diff on --resume is checkpoints.py's.
 
 
 def _flag(name: str) -> str:

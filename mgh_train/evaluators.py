@@ -37,6 +37,7 @@ class EmbeddingSimilarityEvaluator:
         self.sentences1, self.sentences2, self.scores = list(sentences1), list(sentences2), list(scores)
         self.name, self.instruction, self.batch_size = name, instruction, batch_size
         self.primary_metric = _prefix(name) + "spearman_cosine"
+        self.greater_is_better = True
 
     def __call__(self, embedder) -> dict:
         from scipy.stats import pearsonr, spearmanr
@@ -61,6 +62,7 @@ class TripletEvaluator:
         self.anchors, self.positives, self.negatives = list(anchors), list(positives), list(negatives)
         self.name, self.instruction, self.batch_size = name, instruction, batch_size
         self.primary_metric = _prefix(name) + "cosine_accuracy"
+        self.greater_is_better = True
 
     def __call__(self, embedder) -> dict:
         a = embedder.encode(self.anchors, instruction=self.instruction, batch_size=self.batch_size).double()
@@ -90,6 +92,7 @@ class InformationRetrievalEvaluator:
         self.name, self.instruction, self.batch_size = name, instruction, batch_size
         self.accuracy_at_k = tuple(accuracy_at_k)
         self.primary_metric = _prefix(name) + "cosine_ndcg@10"
+        self.greater_is_better = True
 
     def __call__(self, embedder) -> dict:
         import math
@@ -169,13 +172,38 @@ def run_evaluator(evaluator, embedder) -> tuple[dict, str]:
     return metrics, primary
 
 
+def check_best_model_options(cfg, evaluator) -> None:
+    """``load_best_model_at_end``, ``metric_for_best_model`` and ``greater_is_better`` need an
+    evaluator (``mgh_train.fit(..., evaluator=...)``): a ValueError naming the option, before training."""
+    given = {"load_best_model_at_end": bool(cfg.load_best_model_at_end),
+             "metric_for_best_model": cfg.metric_for_best_model is not None,
+             "greater_is_better": cfg.greater_is_better is not None}
+    for name, set_ in given.items():
+        if evaluator is None and set_:
+            raise ValueError(f"{name}: needs an evaluator to compare evaluations (mgh_train.fit(..., evaluator=...)); "
+                             "the command line's --eval-data-dir only reports STS-B dev")
+
+
+def first_evaluator(evaluator):
+    return evaluator[0] if isinstance(evaluator, (list, tuple)) and evaluator else evaluator
+
+
 class BestKeeper:
     """Runs the evaluator during training and keeps the trainable weights of the best evaluation
     (in memory: LoRA weights are small), so the run can end with them (``load_best_model_at_end``
-    of transformers' trainer, without a checkpoint per evaluation)."""
+    of transformers' trainer, without a checkpoint per evaluation).
 
-    def __init__(self, evaluator, embedder, log: Callable[[str], None] = print, greater_is_better: bool = True):
+    ``metric`` is transformers' ``metric_for_best_model`` (a key of the evaluator's metrics, with or
+    without ``eval_``; default: the first evaluator's ``primary_metric``, as sentence-transformers'
+    trainer takes it). ``greater_is_better`` as there: given, else the evaluator's own attribute
+    when its primary metric is compared (sentence-transformers' evaluators carry one), else True
+    unless the metric's name ends in ``loss``.
+    """
+
+    def __init__(self, evaluator, embedder, log: Callable[[str], None] = print, *, metric: Optional[str] = None,
+                 greater_is_better: Optional[bool] = None):
         self.evaluator, self.embedder, self.log = evaluator, embedder, log
+        self.metric = metric[len("eval_"):] if metric and metric.startswith("eval_") else metric
         self.greater = greater_is_better
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
@@ -183,8 +211,19 @@ class BestKeeper:
         self.primary: Optional[str] = None
         self.history: list = []
 
+    def _compared(self, metrics: dict, primary: str) -> str:
+        key = self.metric or primary
+        if key not in metrics:
+            raise ValueError(f"metric_for_best_model: {self.metric!r} is not one of the evaluator's metrics "
+                             f"({', '.join(sorted(metrics))})")
+        if self.greater is None:
+            own = getattr(first_evaluator(self.evaluator), "greater_is_better", None)
+            self.greater = bool(own) if own is not None and key == primary else not key.endswith("loss")
+        return key
+
     def __call__(self, step: int) -> dict:
-        metrics, self.primary = run_evaluator(self.evaluator, self.embedder)
+        metrics, primary = run_evaluator(self.evaluator, self.embedder)
+        self.primary = self._compared(metrics, primary)
         value = metrics[self.primary]
         self.history.append({"step": step, **metrics})
         if self.best is None or (value > self.best if self.greater else value < self.best):
@@ -201,9 +240,9 @@ class BestKeeper:
         with torch.no_grad():
             for name, value in self.best_state.items():
                 params[name].copy_(value)
-        self.log(f"best evaluation: {self.primary} {self.best:.4f} at step {self.best_step}; the saved model has "
-                 "those weights")
+        self.log(f"best evaluation: {self.primary} {self.best:.4f} at step {self.best_step} "
+                 f"({'higher' if self.greater else 'lower'} is better); the saved model has those weights")
 
 
-__all__ = ["BestKeeper", "EmbeddingSimilarityEvaluator", "InformationRetrievalEvaluator", "TripletEvaluator",
+__all__ = ["BestKeeper", "check_best_model_options", "EmbeddingSimilarityEvaluator", "InformationRetrievalEvaluator", "TripletEvaluator",
            "as_sentence_transformer", "run_evaluator"]

@@ -48,7 +48,7 @@ from .config import TrainConfig
 from .data import (Example, NoDuplicatesBatcher, fingerprint, mix, needs_of, read_examples, read_sts_pairs,
                    schedule_notes)
 from .diagnose import first_non_finite, non_finite_colsum
-from .evaluators import BestKeeper
+from .evaluators import BestKeeper, check_best_model_options
 from .distributed import Ranks
 from .metrics import RunLog
 from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
@@ -218,6 +218,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     Under torchrun (any launcher that sets ``RANK``, ``WORLD_SIZE``, ...) every process runs this
     and they train one model data-parallel (:mod:`mgh_train.distributed`); only rank 0 logs."""
     cfg.validate()
+    check_best_model_options(cfg, evaluator)
     ranks = distributed.setup(cfg.device, log, timeout=cfg.dist_timeout)
     try:  # the run folder's lock and the SIGINT/SIGTERM handlers last as long as the run
         with run_lock.holding(), interrupts.handling(log):
@@ -301,7 +302,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
             f"{'gathered from every process' if run.gather else 'of each process alone'}")
 
     result = TrainResult(output=output, model_path=None)
-    keeper = BestKeeper(evaluator, embedder, log) if evaluator is not None else None
+    keeper = BestKeeper(evaluator, embedder, log, metric=cfg.metric_for_best_model,
+                        greater_is_better=cfg.greater_is_better) if evaluator is not None else None
     if report_accuracy and held and ranks.main:  # the whole model is on every rank until the engine
         result.accuracy_before = retrieval_accuracy(embedder, held)
         log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "

@@ -224,11 +224,66 @@ def test_evaluators_equal_sentence_transformers(minilm):
         assert got, mine
         for key, value in got.items():
             assert value == pytest.approx(reference[key], abs=1e-6), (key, got, reference)
-        assert mine.primary_metric in reference
+        assert mine.primary_metric in reference and mine.greater_is_better == theirs.greater_is_better
         # sentence-transformers' own object runs through run_evaluator on an mgh embedder as well
     metrics, primary = run_evaluator(st_eval.EmbeddingSimilarityEvaluator(s1, s2, gold, name="sts"), tiny_embedder())
     mine, _ = run_evaluator(ours.EmbeddingSimilarityEvaluator(s1, s2, gold, name="sts"), tiny_embedder())
     assert primary == "sts_spearman_cosine" and metrics[primary] == pytest.approx(mine[primary], abs=1e-6)
+
+
+class Scripted:
+    """An evaluator whose metrics at its n-th call are ``script[n]`` (a best-model choice is then known)."""
+
+    def __init__(self, script, primary, **attributes):
+        self.script, self.primary_metric, self.calls = script, primary, 0
+        self.__dict__.update(attributes)
+
+    def __call__(self, embedder):
+        self.calls += 1
+        return dict(self.script[self.calls - 1])
+
+
+def _best_step(evaluator, **options):
+    from mgh_train.evaluators import BestKeeper
+
+    keeper = BestKeeper(evaluator, tiny_embedder(), log=lambda _: None, **options)
+    for step in (1, 2, 3):
+        keeper(step)
+    return keeper.best_step
+
+
+def test_best_model_metric_and_direction_as_transformers_and_sentence_transformers_choose():
+    script = [{"dev_acc": 0.5, "dev_loss": 0.9}, {"dev_acc": 0.8, "dev_loss": 0.7}, {"dev_acc": 0.6, "dev_loss": 0.4}]
+    assert _best_step(Scripted(script, "dev_acc")) == 2  # the primary metric, higher is better
+    assert _best_step(Scripted(script, "dev_acc"), metric="eval_dev_loss") == 3  # a *loss: lower is better
+    assert _best_step(Scripted(script, "dev_acc"), metric="dev_acc", greater_is_better=False) == 1
+    assert _best_step(Scripted(script, "dev_loss", greater_is_better=True)) == 1  # its own attribute wins over the name
+    with pytest.raises(ValueError, match=r"^metric_for_best_model: 'dev_f1' is not one of .*dev_acc, dev_loss"):
+        _best_step(Scripted(script, "dev_acc"), metric="dev_f1")
+
+
+def test_best_model_direction_of_a_sentence_transformers_evaluator():
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers.base.evaluation import SentenceEvaluator
+
+    class Distance(SentenceEvaluator):  # a metric sentence-transformers' trainer minimises
+        def __init__(self, values):
+            super().__init__()
+            self.values, self.primary_metric, self.greater_is_better = list(values), "distance", False
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            return {"dev_distance": self.values.pop(0)}
+
+    assert _best_step(Distance([0.3, 0.1, 0.2])) == 2
+    assert _best_step(Distance([0.3, 0.1, 0.2]), greater_is_better=True) == 1
+
+
+def test_best_model_options_without_an_evaluator_are_refused(tmp_path):
+    for options in ({"load_best_model_at_end": True}, {"metric_for_best_model": "x"}, {"greater_is_better": False}):
+        name = next(iter(options))
+        with pytest.raises(ValueError, match=f"^{name}: needs an evaluator"):
+            trainer.train(config(tmp_path, **options), embedder=tiny_embedder(), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_fit_on_a_dataset_with_an_evaluator_epochs_and_the_best_weights(tmp_path):
