@@ -126,7 +126,7 @@ class TrainConfig:
                                   "deleted once the new run has loaded; with --resume, the checkpoints after "
                                   "the one resumed)", group="output")
     log_every: int = _opt(10, "steps between reads of the loss from the device: the rows of metrics.jsonl (one "
-                                  "per step) are written then, and the progress bar's loss; checkpoint and "
+                                  "per step) are written then (the progress bar's loss: every step); checkpoint and "
                                   "evaluation steps read it too", group="output")
     eval_every: int = _opt(0, "steps between STS-B dev evaluations (0: at the end only)", group="output")
     eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",

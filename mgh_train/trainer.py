@@ -54,6 +54,7 @@ from .metrics import RunLog
 from .model import STS_INSTRUCTION, Embedder, EmbedderConfig
 from .precision import Precision, resolve
 from .profiling import StepProfiler
+from .progress import TrainBar
 from .run_summary import run_summary
 from .step import TrainStep, compiled_loss, make_optimizer
 from .trackers import open_trackers
@@ -337,11 +338,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
     run_log = RunLog(output / "metrics.jsonl" if ranks.main else None, start,
                      open_trackers(cfg.report_to, output, cfg.to_dict()) if ranks.main else None)
     profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile and ranks.main else None
-    bar = None
-    if cfg.progress and ranks.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = TrainBar(cfg.steps, start) if cfg.progress and ranks.main else None
     embedder.train()
     last_checkpoint, last_state = None, None
     micro_batches = iter(loader)
@@ -356,7 +353,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
             run_log.add(step + 1, outcome, lr=scheduler.get_last_lr()[0], stage=batches[0].plan.stage,
                         plans=[b.plan for b in batches])
             if bar is not None:
-                bar.update(1)
+                bar.step(outcome.loss)
             if profiler is not None:
                 profiler.step()
             done = step + 1 == cfg.steps
@@ -378,8 +375,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
                     raise _non_finite(embedder, engine, bad.step, bad.plans, last_checkpoint)
                 result.losses += [row["loss"] for row in rows]
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", stage=rows[-1]["stage"],
-                                    ex_s=f"{rows[-1]['examples_per_s']:.1f}")
+                    bar.logged(rows[-1])
             if save:
                 with disk_space.saving(output, step + 1, embedder):  # a full disk: one line, no partial files
                     last_checkpoint = save_checkpoint(output, step=step + 1, embedder=embedder, optimizer=optimizer,
