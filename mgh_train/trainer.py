@@ -180,15 +180,13 @@ def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: i
 # --------------------------------------------------------------------------------------------
 
 
-def _lr_lambda(steps: int, warmup: int):
-    # Not transformers' get_linear_schedule_with_warmup: that one gives the first step a rate of 0
-    # (step / warmup); here step 1 already trains, (step + 1) / warmup. Checkpoints store this schedule.
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
+def lr_schedule(optimizer, steps: int, warmup: int):
+    """transformers' linear warm-up and decay (``get_linear_schedule_with_warmup``, as its Trainer and
+    sentence-transformers' use): rate ``lr x step / warmup`` over the first ``warmup`` steps, then
+    linear to 0 at ``steps``. A LambdaLR: checkpoints store its position."""
+    from transformers import get_linear_schedule_with_warmup
 
-    return factor
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 def build_embedder(cfg: TrainConfig, precision: Precision) -> Embedder:
@@ -314,7 +312,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
                                lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup * cfg.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
+    scheduler = lr_schedule(optimizer, cfg.steps, warmup)
     batcher = NoDuplicatesBatcher(run.train_set, cfg.batch_size * ranks.world, seed=cfg.seed)  # the global batch
     rng = random.Random(cfg.seed)  # the negatives': the same draws on every rank
     if ranks.rank:
@@ -323,7 +321,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
     if run.plan.checkpoint is not None:
         start = resume(run.plan.checkpoint, cfg, ranks, engine, embedder=embedder, optimizer=optimizer,
                        scheduler=scheduler, batcher=batcher, rng=rng, scaler=scaler, changed=run.plan.changed,
-                       warmup=warmup, log=log)
+                       log=log)
     result.start_step = start
     if ranks.main:
         run.plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
@@ -488,13 +486,13 @@ def run_facts(cfg: TrainConfig, data_fingerprint: str, embedder: Embedder) -> di
 
 
 def resume(checkpoint, cfg: TrainConfig, ranks: Ranks, engine, *, embedder, optimizer, scheduler, batcher, rng,
-           scaler, changed: list, warmup: int, log: Callable[[str], None]) -> int:
+           scaler, changed: list, log: Callable[[str], None]) -> int:
     """Restore a checkpoint's weights, optimizer, schedule, sampler and RNG states; its step."""
     state = checkpoint.state
     load_weights_and_optimizer(embedder, optimizer, checkpoint, sharded=engine.sharded)
     scheduler.load_state_dict(state["scheduler"])
     if {"lr", "warmup", "steps"} & set(changed):
-        restore_schedule(optimizer, scheduler, cfg.lr, _lr_lambda(cfg.steps, warmup))
+        restore_schedule(optimizer, scheduler, cfg.lr, scheduler.lr_lambdas[0])  # this run's steps and warm-up
     batcher.load_state_dict(state["sampler"])
     rng.setstate(state["negatives_rng"])
     own = rank_rng_state(checkpoint, ranks.rank, ranks.world)

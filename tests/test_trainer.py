@@ -59,8 +59,12 @@ def test_tiny_llama_trains_and_the_loss_falls(tmp_path):
 
 def test_resume_continues_with_the_same_losses(tmp_path):
     # Random levels and LoRA dropout, so the negatives' RNG and torch's RNG both have to be restored.
-    options = dict(steps=6, save_every=3, schedule="random", keep_checkpoints=5)
+    # Resumed inside the warm-up (4 of 6 steps): the schedule's position is restored too.
+    options = dict(steps=6, save_every=3, schedule="random", keep_checkpoints=5, warmup=0.67)
     full = trainer.train(config(tmp_path, "full", **options), embedder=tiny_embedder(lora_dropout=0.2), log=quiet)
+    rates = [json.loads(r)["lr"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    # transformers' get_linear_schedule_with_warmup (the row's lr is the next step's, after scheduler.step())
+    assert rates == pytest.approx([5e-3 * (s / 4 if s < 4 else (6 - s) / 2) for s in range(1, 7)])
     checkpoint = tmp_path / "full" / "checkpoints" / "step-0000003"
     assert checkpoint.is_dir()
     resumed = trainer.train(config(tmp_path, "resumed", resume=str(checkpoint), **options),
