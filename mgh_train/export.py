@@ -158,7 +158,7 @@ def export_sentence_transformers(embedder: Embedder, output, *, eval_results=Non
     from sentence_transformers.base.modules import Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from .model_card import write_model_card
+    from .model_card import card_name, write_model_card
 
     _check_exportable(embedder)
     cfg = embedder.config
@@ -189,7 +189,7 @@ def export_sentence_transformers(embedder: Embedder, output, *, eval_results=Non
         model.save(str(tmp), create_model_card=False)
         notes += _prompt_notes(embedder)
         write_model_card(tmp, embedder=dataclasses.asdict(cfg), base_model=embedder.origin,
-                         training=embedder.run_options, results=eval_results, name=output.name,
+                         training=embedder.run_options, results=eval_results, name=card_name(output),
                          needs_mgh=cfg.pooling == "ata", notes=notes)
     return Exported(output, cfg.pooling == "ata", notes)
 

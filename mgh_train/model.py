@@ -435,8 +435,10 @@ class Embedder(torch.nn.Module):
         path = Path(path)
         if state_dict is not None and merged:
             raise ValueError("merged: a merged save needs the embedder's own weights, not a state_dict")
+        from .model_card import card_name
+
         with atomic_folder(path, markers=(CONFIG_NAME, "modules.json")) as tmp:
-            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=path.name,
+            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=card_name(path),
                         state_dict=state_dict)
         return path
 

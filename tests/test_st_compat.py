@@ -317,8 +317,23 @@ def test_fit_on_a_dataset_with_an_evaluator_epochs_and_the_best_weights(tmp_path
 # ---------------------------------------------------------------------------------------------
 
 
+def _mteb_result_folder(folder: Path, model_label: str) -> Path:
+    """An mteb result folder as ``eval --output`` writes it (one STSBenchmark score) for ``model_label``."""
+    target = folder / model_label.replace("/", "__") / "abc123"
+    target.mkdir(parents=True)
+    (target / "STSBenchmark.json").write_text(json.dumps({
+        "dataset_revision": "b0fddb56ed78048fa8b90373c8a3cfc37b684831", "task_name": "STSBenchmark",
+        "mteb_version": "2.0", "evaluation_time": 1.0,
+        "scores": {"test": [{"main_score": 0.8203, "cosine_spearman": 0.8203, "hf_subset": "default",
+                             "languages": ["eng-Latn"]}]}}))
+    (target / "model_meta.json").write_text(json.dumps({"name": model_label}))
+    return folder
+
+
 def test_the_model_card_parses_with_huggingface_hub_and_names_the_real_base(tmp_path, monkeypatch):
     hub = pytest.importorskip("huggingface_hub")
+    from mgh_train.model_card import eval_results, read_mteb_results, write_model_card
+
     base = tmp_path / "snapshot"
     decoder = tiny_decoder("llama")
     decoder.save_pretrained(base)
@@ -326,13 +341,29 @@ def test_the_model_card_parses_with_huggingface_hub_and_names_the_real_base(tmp_
     config_file = base / "config.json"  # a hub snapshot names its id here
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "_name_or_path": "org/tiny-llama"}))
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
-    cfg = config(tmp_path, model=str(base), data=[str(data)], steps=3, log_every=1, lora_r=4)
+    cfg = config(tmp_path, model=str(base), data=[str(data)], steps=3, log_every=1, lora_r=4, warmup=0.34)
     trainer.train(cfg, log=lambda _: None, report_accuracy=False)
-    card = hub.ModelCard.load(Path(cfg.output) / "model" / "README.md")
+    folder = Path(cfg.output) / "model"
+    card = hub.ModelCard.load(folder / "README.md")
     assert card.data.base_model == "org/tiny-llama" and card.data.datasets == ["pairs.jsonl"]
-    assert "PATH" not in card.text and "### Training log" in card.text and "| 3 |" in card.text
+    assert card.data.library_name == "sentence-transformers" and card.data.eval_results is None
+    assert card.text.startswith("\n# run-model\n") and "PATH" not in card.text
+    assert "### Training log" in card.text and "| 3 |" in card.text
     assert "pairs.jsonl` (24 rows)" in card.text and "- torch: " + torch.__version__ in card.text
-    assert "MultipleNegativesRankingLoss, scale 20" in card.text
+    assert "MultipleNegativesRankingLoss, scale 20" in card.text and "- Pooling: ata; LoRA rank 4" in card.text
+    assert "steps 3, batch size 4, gradient accumulation 1, learning rate 0.005, warm-up share 0.34" in card.text
+    # MTEB scores of this model become model-index entries, as EvalResult objects that round-trip.
+    results = _mteb_result_folder(tmp_path / "results", "local/run-model")
+    expected = eval_results(read_mteb_results(results))
+    saved = json.loads((folder / "mgh_config.json").read_text())
+    write_model_card(folder, embedder=saved["embedder"], base_model=str(base), training=saved["training"],
+                     results=results)
+    card = hub.ModelCard.load(folder / "README.md")
+    assert card.data.eval_results == expected and card.data.model_name == "run-model"
+    main = next(r for r in card.data.eval_results if r.metric_type == "main_score")
+    assert (main.task_type, main.dataset_name, main.dataset_split, main.metric_value) == (
+        "STS", "MTEB STSBenchmark", "test", 82.03)
+    assert "| STSBenchmark | test | " in card.text and " | 82.03 |" in card.text
 
 
 # ---------------------------------------------------------------------------------------------
