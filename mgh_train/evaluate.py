@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .data import read_sts_pairs
@@ -99,12 +100,15 @@ class MTEBEncoder:
         texts = [t for batch in inputs for t in batch["text"]]
         instruction = self.instruction_for(task_metadata.name, prompt_type, task_metadata.type)
         batch_size = kwargs.get("batch_size", self.batch_size)
+        side = getattr(prompt_type, "value", prompt_type)
+        label = f"{task_metadata.name} {side + 's' if side else 'texts'}"
         if self.embedder is not None:
-            return self.embedder.encode(texts, instruction=instruction, batch_size=batch_size,
-                                        show_progress=self.show_progress).numpy()
+            return _in_blocks(texts, batch_size, label, self.show_progress, lambda block: self.embedder.encode(
+                block, instruction=instruction, batch_size=batch_size).numpy())
         with resolve(self.st.device).autocast_context():  # bf16 on CUDA; sentence-transformers sorts by length
-            return self.st.encode(texts, batch_size=batch_size, prompt=instruction, convert_to_numpy=True,
-                                  show_progress_bar=self.show_progress, normalize_embeddings=True)
+            return _in_blocks(texts, batch_size, label, self.show_progress, lambda block: self.st.encode(
+                block, batch_size=batch_size, prompt=instruction, convert_to_numpy=True, show_progress_bar=False,
+                normalize_embeddings=True))
 
     @staticmethod
     def similarity(a, b):
@@ -115,6 +119,23 @@ class MTEBEncoder:
     def similarity_pairwise(a, b):
         a, b = (torch.nn.functional.normalize(torch.as_tensor(x).float(), dim=-1) for x in (a, b))
         return (a * b).sum(-1)
+
+
+def _in_blocks(texts: list, batch_size: int, label: str, show: bool, encode) -> np.ndarray:
+    """``encode(block)`` over ``texts`` longest first (as both encoders order their batches), in
+    blocks of 16 batches under one bar that clears when done: mteb's bar of tasks stays the only
+    lasting one, where an encoder's own bar per call would leave a line each."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out, block = [None] * len(texts), 16 * batch_size
+    with tqdm(total=len(texts), desc=label, unit="text", leave=False, disable=not show) as bar:
+        for start in range(0, len(order), block):
+            chunk = order[start:start + block]
+            for i, vector in zip(chunk, encode([texts[i] for i in chunk])):
+                out[i] = vector
+            bar.update(len(chunk))
+    return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 def _revision(path: Path) -> str:
@@ -237,36 +258,29 @@ def evaluate(model: str, tasks: Sequence[str], *, data_dir: Optional[str] = None
 
 
 def format_table(rows: dict, columns: Sequence[str]) -> str:
-    """A plain-text table: one row per task, one column per run."""
+    """A plain-text table: one row per task, one column per run, each as wide as its whole name."""
+    # Ours, not mteb's BenchmarkResults.to_dataframe: its columns are keyed by model name (and
+    # revision), which two result folders of one model share; here a column is a folder.
     width = max([4] + [len(t) for t in rows])
-    lines = [f"{'task':<{width}}  {'metric':<16}" + "".join(f"  {c[-24:]:>24}" for c in columns)]
+    metric_width = max([6] + [len(metric) for metric, _ in rows.values()])
+    widths = [max(6, len(c)) for c in columns]
+    lines = [f"{'task':<{width}}  {'metric':<{metric_width}}" + "".join(f"  {c:>{w}}" for c, w in zip(columns, widths))]
     for task, (metric, scores) in sorted(rows.items()):
-        cells = "".join(f"  {'' if s is None else f'{s:.2f}':>24}" for s in scores)
-        lines.append(f"{task:<{width}}  {metric:<16}{cells}")
+        cells = "".join(f"  {'' if s is None else f'{s:.2f}':>{w}}" for s, w in zip(scores, widths))
+        lines.append(f"{task:<{width}}  {metric:<{metric_width}}{cells}")
     return "\n".join(lines)
 
 
 def read_run(folder) -> dict:
-    """{task: (main metric, score x 100)} from an mteb result folder (any depth of result JSON)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"run: {folder} is not a folder of mteb results")
-    import mteb
+    """{task: (main metric, score x 100)} from an mteb result folder (any depth of result JSON),
+    read with mteb's ``TaskResult`` (:func:`mgh_train.model_card.read_mteb_results`)."""
+    from .model_card import read_mteb_results
 
-    out = {}
-    for path in sorted(folder.rglob("*.json")):
-        if path.name in ("model_meta.json",) or path.name.endswith("_predictions.json"):
-            continue
-        data = json.loads(path.read_text())
-        if "task_name" not in data or "scores" not in data:
-            continue
-        task = data["task_name"]
-        metric = mteb.get_task(task).metadata.main_score
-        split = "test" if "test" in data["scores"] else next(iter(data["scores"]))
-        out[task] = (metric, 100.0 * data["scores"][split][0]["main_score"])
-    if not out:
-        raise ValueError(f"run: no mteb result JSON under {folder}")
-    return out
+    try:
+        results = read_mteb_results(folder)
+    except ValueError as error:
+        raise ValueError(f"run: {str(error).split(': ', 1)[1]}") from None
+    return {r["task"]: (r["main_metric"] or "main_score", 100.0 * r["main_score"]) for r in results}
 
 
 def compare(runs: Sequence[str], plot: Optional[str] = None) -> str:

@@ -107,3 +107,29 @@ def test_bad_input_names_the_thing(tmp_path):
         evaluate.read_run(tmp_path)
     result = run_cli("eval", "--model", str(tmp_path / "not-a-model"), "--tasks", "STSBenchmark")
     assert result.returncode == 2 and "neither an mgh model folder" in result.stderr
+
+
+def test_the_table_keeps_whole_model_names():
+    long = "runs/a-model-folder-name-much-longer-than-24-characters/model"
+    table = evaluate.format_table({"STSBenchmark": ("cosine_spearman", [82.034, None]),
+                                   "SciFact": ("ndcg_at_10", [None, 64.5])}, [long, "b"])
+    header, *rows = table.splitlines()
+    assert header.split()[-2:] == [long, "b"] and len({len(line) for line in table.splitlines()}) == 1, table
+    assert rows[0].split()[:3] == ["STSBenchmark", "cosine_spearman", "82.03"] and rows[1].split()[-1] == "64.50"
+
+
+def test_blocks_return_each_texts_vector_longest_first_per_call():
+    import numpy as np
+
+    texts = [("x" * (i * 7 % 23)) + str(i) for i in range(70)]  # 70 texts: 3 blocks of 16 batches of 2
+    calls = []
+
+    def encode(block):
+        calls.append(block)
+        return np.array([[len(t), int(t[-1])] for t in block], dtype=np.float32)
+
+    out = evaluate._in_blocks(texts, 2, "test", False, encode)
+    assert [len(c) for c in calls] == [32, 32, 6]
+    lengths = [len(t) for c in calls for t in c]
+    assert lengths == sorted(lengths, reverse=True)
+    assert out.tolist() == [[len(t), int(t[-1])] for t in texts]
