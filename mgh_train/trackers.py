@@ -15,6 +15,11 @@
 Without ``--report-to`` a run reports to TensorBoard when it is installed, as before. A tracker
 named explicitly that is not installed is an error before training starts. Every tracker gets
 the run's options once and each metric row (numbers only) at its step.
+
+The adapters below are ours, not ``accelerate.tracking``'s: those log through accelerate's logger,
+which raises unless ``PartialState()`` was set up first, and ``PartialState`` in a torchrun job on
+CPUs sets torch's thread count on the one rank that opens trackers and takes its own view of the
+process group :mod:`mgh_train.distributed` owns; three thin adapters avoid both.
 """
 
 from __future__ import annotations
