@@ -401,7 +401,16 @@ def test_mnrl_63_arguments_defaults_accepted_others_refused():
     pytest.importorskip("sentence_transformers")
     from mgh_train.st_losses import FusedMultipleNegativesRankingLoss as Fused
 
+    import inspect
+
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    theirs = inspect.signature(MultipleNegativesRankingLoss).parameters
+    ours = inspect.signature(Fused).parameters
+    for name in ("directions", "partition_mode", "hardness_mode", "hardness_strength"):  # what "default" means
+        assert ours[name].default == theirs[name].default, name
     Fused(None, directions=("query_to_doc",), partition_mode="joint", hardness_mode=None, hardness_strength=0.0)
+    Fused(None, directions=["query_to_doc"])  # a list, as a YAML or JSON config gives it
     for kwargs, name in [({"directions": ("query_to_doc", "doc_to_query")}, "directions"),
                          ({"partition_mode": "per_direction"}, "partition_mode"),
                          ({"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, "hardness_mode")]:
