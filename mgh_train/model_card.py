@@ -76,19 +76,35 @@ def versions() -> dict:
 
 
 def data_sizes(training: Optional[dict]) -> list[dict]:
-    """``{"path", "rows"}`` per JSON Lines training file of a run (rows: non-blank lines); the
+    """``{"path", "rows"}`` per training file of a run (JSON Lines: non-blank lines; Parquet and
+    ``save_to_disk`` folders: their row count, where pyarrow is installed; else None); the
     in-memory data of :func:`mgh_train.fit` as one ``{"path": None, "rows": N}``."""
     out = []
     if not (training or {}).get("data") and (training or {}).get("train_examples") and training.get("in_memory"):
         return [{"path": None, "rows": training["train_examples"]}]
     for name in (training or {}).get("data") or []:
         path = Path(name)
-        if path.is_file() and path.suffix in (".jsonl", ".json"):
-            with path.open("rb") as handle:
-                out.append({"path": path.name, "rows": sum(1 for line in handle if line.strip())})
-        else:
-            out.append({"path": path.name, "rows": None})
+        out.append({"path": path.name, "rows": _rows(path)})
     return out
+
+
+def _rows(path: Path) -> Optional[int]:
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    try:
+        if path.is_file() and path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if path.is_dir():  # datasets' save_to_disk: Arrow stream files
+            import pyarrow as pa
+
+            files = sorted(path.glob("*.arrow"))
+            return sum(pa.ipc.open_stream(str(f)).read_all().num_rows for f in files) if files else None
+    except Exception:  # noqa: BLE001 - pyarrow missing or a file it cannot read: the card gets no count
+        return None
+    return None
 
 
 def training_log(run_folder: Path, every: int = 0) -> list[dict]:
