@@ -69,7 +69,9 @@ def fit(model_or_name, train_dataset, *, evaluator=None, output: str = "runs/fit
             (``EmbeddingSimilarityEvaluator``, ``InformationRetrievalEvaluator``, ``TripletEvaluator``,
             ...), or a list of them; run every ``eval_every`` steps (given) and at the end, its metrics
             in ``metrics.jsonl`` as ``eval_<name>``. ``load_best_model_at_end=True`` keeps the weights
-            of its best primary metric.
+            of its best evaluation: ``metric_for_best_model`` (default: the first evaluator's
+            ``primary_metric``), ``greater_is_better`` (default: the evaluator's, else not for a
+            ``*loss``), as in transformers' and sentence-transformers' trainers.
         epochs: passes over the data (sets ``steps``); else ``steps`` (default 200).
         output, **options: :class:`~mgh_train.config.TrainConfig` options.
     """
