@@ -27,6 +27,7 @@ checked before the model loads; a non-finite loss stops the run with :class:`Non
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -311,7 +312,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
     engine = distributed.make_engine(cfg.parallel, ranks, embedder, precision)
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
                                lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = round(cfg.warmup * cfg.steps)
+    warmup = math.ceil(cfg.warmup * cfg.steps)  # transformers' TrainingArguments.get_warmup_steps
     scheduler = lr_schedule(optimizer, cfg.steps, warmup)
     batcher = NoDuplicatesBatcher(run.train_set, cfg.batch_size * ranks.world, seed=cfg.seed)  # the global batch
     rng = random.Random(cfg.seed)  # the negatives': the same draws on every rank

@@ -60,7 +60,7 @@ def test_tiny_llama_trains_and_the_loss_falls(tmp_path):
 def test_resume_continues_with_the_same_losses(tmp_path):
     # Random levels and LoRA dropout, so the negatives' RNG and torch's RNG both have to be restored.
     # Resumed inside the warm-up (4 of 6 steps): the schedule's position is restored too.
-    options = dict(steps=6, save_every=3, schedule="random", keep_checkpoints=5, warmup=0.67)
+    options = dict(steps=6, save_every=3, schedule="random", keep_checkpoints=5, warmup=0.66)  # ceil(3.96)
     full = trainer.train(config(tmp_path, "full", **options), embedder=tiny_embedder(lora_dropout=0.2), log=quiet)
     rates = [json.loads(r)["lr"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     # transformers' get_linear_schedule_with_warmup (the row's lr is the next step's, after scheduler.step())
