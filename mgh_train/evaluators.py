@@ -14,7 +14,6 @@ same vectors as :meth:`Embedder.encode` without an instruction).
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional, Sequence
 
 import torch
