@@ -150,15 +150,16 @@ def check_options(cfg) -> None:
                          "process must run as many: bound the packed rows by --chunk-size only")
 
 
-def describe(cfg) -> str:
-    """One line for the log: how the micro-batches are packed and which attention path runs."""
+def describe(cfg, device: torch.device) -> str:
+    """One line for the log: how the micro-batches are packed and which attention path runs on
+    ``device`` (mgh_kernels.backend's default choice: Triton on CUDA, PyTorch elsewhere)."""
     from mgh_kernels import backend
 
     budget = [b for b in (cfg.max_tokens_per_forward, cfg.chunk_tokens) if b]
     rows = f"rows of at most {min(budget)} real tokens" if budget else (
-        f"rows of {cfg.chunk_size} texts" if cfg.chunk_size else "one row per micro-batch")
-    path = "Triton varlen kernels" if backend.TRITON_AVAILABLE and torch.cuda.is_available() else \
-        "ata_attention's PyTorch path per text"
+        f"rows of at most {cfg.chunk_size} texts" if cfg.chunk_size else "one row per micro-batch")
+    path = "Triton's varlen kernels" if backend.TRITON_AVAILABLE and device.type == "cuda" else \
+        "PyTorch's path: SDPA per text, the ATA layer's column sums by ata_attention per text"
     return (f"packing: texts packed without padding into {rows}; every layer attends within its texts through "
             f"ata_attention_varlen ({path})")
 

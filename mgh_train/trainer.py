@@ -309,7 +309,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
 
     if cfg.packing:
         packing.use_packed_attention(embedder)
-        log(packing.describe(cfg))
+        log(packing.describe(cfg, device))
     engine = distributed.make_engine(cfg.parallel, ranks, embedder, precision)
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
                                lr=cfg.lr, weight_decay=cfg.weight_decay)
