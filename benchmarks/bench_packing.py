@@ -22,6 +22,7 @@ Run: ``pytest benchmarks/bench_packing.py --benchmark`` (see RESULTS.md for the 
 import gc
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,12 @@ SEED_LENGTHS = HERE / "seed_lengths.json"
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, tie_word_embeddings=True)
+# MGH_BENCH_LAYERS=N: the first N of its 30 layers (every layer the same work, so the same ratios in a
+# third of the time on a loaded CPU; RESULTS.md says which ran)
+LAYERS = int(os.environ.get("MGH_BENCH_LAYERS", SMOLLM2_135M["num_hidden_layers"]))
 MODES = {"packed": ("packed rows (--packing)", "ours"), "buckets": ("length buckets (today)", "peer")}
 CASES = {  # workload -> (triplets per micro-batch, hard negatives) by device type
-    "cpu": {"seed set": (4, 1), "long-tailed": (2, 3)},  # minutes per step on a loaded 2-core CPU
+    "cpu": {"seed set": (8, 1), "long-tailed": (4, 3)},
     "cuda": {"seed set": (64, 1), "long-tailed": (32, 3)},
 }
 
@@ -121,9 +125,11 @@ def bench_packed_step(measure, device, note, workload, mode):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    step, tokens = make_step(mode, SMOLLM2_135M, lengths, triplets=triplets, negatives=negatives, device=device)
+    dims = {**SMOLLM2_135M, "num_hidden_layers": LAYERS}
+    step, tokens = make_step(mode, dims, lengths, triplets=triplets, negatives=negatives, device=device)
     note(f"{workload} {name}: {step.forwards} forward(s), {step.padded_tokens} tokens computed for {tokens} real")
-    measure(step, group=f"SmolLM2-135M LoRA train step, {workload}: {triplets} triplets x {negatives} negatives, "
+    arch = "SmolLM2-135M" + ("" if LAYERS == SMOLLM2_135M["num_hidden_layers"] else f" (first {LAYERS} layers)")
+    measure(step, group=f"{arch} LoRA train step, {workload}: {triplets} triplets x {negatives} negatives, "
                         f"{len(lengths)} texts, {tokens} real tokens", name=name, role=role,
             work={"real tokens": tokens}, rounds=10 if device.type == "cuda" else 3,
             warmup_rounds=1 if device.type == "cuda" else 0)  # the CPU: measure's own first call warms up
