@@ -133,3 +133,37 @@ def bench_packed_step(measure, device, note, workload, mode):
                         f"{len(lengths)} texts, {tokens} real tokens", name=name, role=role,
             work={"real tokens": tokens}, rounds=10 if device.type == "cuda" else 3,
             warmup_rounds=1 if device.type == "cuda" else 0)  # the CPU: measure's own first call warms up
+
+
+def _rss_kib(field: str) -> int:
+    import re
+
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def first_step_peak(workload: str, mode: str) -> float:
+    """MiB the process's resident set grows by in its first step (CPU, Linux): measured in a fresh
+    process, where no earlier entry's freed memory is reused (pytest's in-run figure on the CPU is
+    order-dependent for that reason)."""
+    triplets, negatives = CASES["cpu"][workload]
+    dims = {**SMOLLM2_135M, "num_hidden_layers": LAYERS}
+    step, _ = make_step(mode, dims, lengths_of(workload, triplets, negatives), triplets=triplets,
+                        negatives=negatives, device=torch.device("cpu"))
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak so far (the model's build) forgotten
+    base = _rss_kib("VmRSS")
+    step()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+if __name__ == "__main__":  # python benchmarks/bench_packing.py: each entry's first-step peak, one process each
+    import subprocess
+    import sys
+
+    if len(sys.argv) == 3:
+        print(f"{first_step_peak(sys.argv[1], sys.argv[2]):.1f}")
+        sys.exit(0)
+    for workload in CASES["cpu"]:
+        for mode, (name, _) in MODES.items():
+            out = subprocess.run([sys.executable, __file__, workload, mode], capture_output=True, text=True, check=True)
+            print(f"{workload:12s} {name:28s} first-step peak RSS growth {out.stdout.strip().splitlines()[-1]} MiB")
