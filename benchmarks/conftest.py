@@ -66,7 +66,7 @@ def measure(benchmark, device):
     """
 
     def run(fn, *, group: str, name: str, role: str, exclude_bytes: int = 0, work: dict | None = None,
-            rounds: int = 10):
+            rounds: int = 10, warmup_rounds: int = 1):
         benchmark.group = group
         fn()
         synchronize(device)
@@ -87,7 +87,7 @@ def measure(benchmark, device):
             fn()
             synchronize(device)
 
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
         _RESULTS.setdefault(group, {})[name] = dict(
             role=role, median=benchmark.stats.stats.median, peak=peak, work=work
         )

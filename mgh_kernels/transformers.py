@@ -27,7 +27,7 @@ from ._validation import check_bool, checks_values
 from .attention import ata_attention, ata_attention_varlen
 from .pooling import ata_pool
 
-__all__ = ["ATA_ATTENTION", "ATACapture", "VARLEN_ATTENTION", "enable_ata"]
+__all__ = ["ATA_ATTENTION", "ATACapture", "VARLEN_ATTENTION", "enable_ata", "enable_varlen"]
 
 VARLEN_ATTENTION = "mgh_varlen"
 """The name ``enable_ata(model, packed=True)`` gives every other layer: ``ata_attention_varlen``
@@ -416,3 +416,25 @@ def enable_ata(model, layer: int = -1, *, packed: bool = False) -> ATACapture:
     setattr(module, _CAPTURE_ATTR, capture)
     module.config = _LayerConfig(config)
     return capture
+
+
+def enable_varlen(model) -> Optional[str]:
+    """Run every attention layer of ``model`` through ``VARLEN_ATTENTION`` without any ATA layer: packed
+    rows (as :func:`enable_ata` with ``packed=True`` takes them) through ``ata_attention_varlen`` with
+    the column sums off, padded batches through ``ata_attention`` (for poolings other than ATA over
+    packed rows). Returns the implementation it replaced (None if already set); set it back on
+    ``model.config._attn_implementation`` to undo. Idempotent."""
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(
+            f"model: expected a transformers decoder with attention layers (modules with layer_idx), "
+            f"got {type(model).__name__}"
+        )
+    config = layers[0].config
+    config = getattr(config, "model_config", config)
+    if config._attn_implementation == VARLEN_ATTENTION:
+        return None
+    _register()
+    previous = config._attn_implementation
+    config._attn_implementation = VARLEN_ATTENTION
+    return previous

@@ -235,7 +235,9 @@ class MicroBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def _map(self, fn) -> "MicroBatch":
-        buckets = [{name: fn(t) for name, t in bucket.items()} for bucket in self.buckets]
+        # a packed row's max_seqlen is a host int (mgh_train/packing.py): left as it is
+        buckets = [{name: fn(t) if isinstance(t, torch.Tensor) else t for name, t in bucket.items()}
+                   for bucket in self.buckets]
         return MicroBatch(buckets, fn(self.inverse), self.queries, self.k, self.tokens, self.plan, self.padded)
 
 

@@ -55,6 +55,7 @@ MAY_CHANGE = frozenset({
     "eval_data_dir", "eval_limit", "progress", "device", "gradient_checkpointing",
     "workers", "max_buckets", "dist_timeout", "compile", "compile_mode", "profile",  # how it runs, not what it computes
     "parallel", "chunk_size", "chunk_tokens",  # the engines and GradCache compute the same step
+    "packing", "max_tokens_per_forward",  # packed rows: the same step as the padded buckets
     "data", "public_data",  # file names: their content is compared through the examples' fingerprint
 })
 """Options a resumed run may change; every other option must equal the checkpoint's."""

@@ -105,6 +105,12 @@ class TrainConfig:
     max_buckets: int = _opt(4, "encoder forwards per micro-batch at most: its texts, sorted by length, are "
                                "split into as few padded buckets as keep the padding under a fifth of the "
                                "real tokens", group="loop")
+    packing: bool = _opt(False, "padding-free micro-batches: texts concatenated into packed rows, each attending "
+                                "to itself only (mgh_train/packing.py), instead of padded length buckets",
+                         group="loop")
+    max_tokens_per_forward: int = _opt(0, "--packing: real tokens per packed encoder forward at most (0: one row "
+                                          "per micro-batch); under GradCache --chunk-tokens bounds the packed "
+                                          "chunks the same way", group="loop")
     compile: bool = _opt(False, "torch.compile the encoder and the loss (the fused ATA layer and InfoNCE in the "
                                 "graph; bucket lengths round to 64 to bound recompiles)", group="loop")
     compile_mode: Optional[str] = _opt(None, "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
@@ -157,7 +163,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "max_buckets"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
         for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile",
-                     "chunk_size", "chunk_tokens"):
+                     "chunk_size", "chunk_tokens", "max_tokens_per_forward"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.epochs is None or (isinstance(self.epochs, (int, float)) and self.epochs > 0), "epochs",
              "a positive number of passes")
@@ -178,6 +184,9 @@ class TrainConfig:
         need(self.compile_mode in COMPILE_MODES, "compile_mode", " or ".join(map(str, COMPILE_MODES[1:])))
         need(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)")
         check_schedule(self.schedule)
+        from .packing import check_options
+
+        check_options(self)
         check_report_to(self.report_to)
         return self
 

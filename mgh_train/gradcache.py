@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .packing import texts_in
+
 
 def rng_state(device: torch.device) -> tuple:
     """The RNG state a forward on ``device`` draws from: the CPU's, and the CUDA device's."""
@@ -74,7 +76,7 @@ def gradcache_step(embedder, batch, loss_on: Callable, *, scale: float, backward
     backward(loss * scale, sync=False)  # the loss alone: no weight takes a gradient here
     grads = torch.empty_like(flat)
     grads[batch.inverse] = emb.grad
-    sizes = [features["input_ids"].shape[0] for features in batch.buckets]
+    sizes = [texts_in(features) for features in batch.buckets]  # a packed row holds several texts
     for i, (features, pads, state, grad) in enumerate(zip(batch.buckets, padded, states, grads.split(sizes))):
         with replayed(device, state), embedder.autocast():
             out = embedder(features, padded=pads)

@@ -368,7 +368,12 @@ class Embedder(torch.nn.Module):
 
     def forward(self, features: dict, *, padded: Optional[bool] = None) -> torch.Tensor:
         """Embeddings [B, H] float32 of a :meth:`tokenize` batch (moved to the model's device);
-        ``padded`` as in :meth:`token_states`."""
+        ``padded`` as in :meth:`token_states`. A packed row (:mod:`mgh_train.packing`) gives its
+        texts' embeddings [n, H] the same way."""
+        if "cu_seqlens" in features:
+            from .packing import packed_embeddings
+
+            return packed_embeddings(self, features)
         features = {k: v.to(self.device) for k, v in features.items()}
         hidden, colsum = self.token_states(features, padded=padded)
         return self.pool(hidden, features["pool_mask"], colsum)

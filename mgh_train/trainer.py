@@ -40,7 +40,7 @@ import torch
 
 from mgh_kernels import infonce_loss, reference
 
-from . import disk_space, distributed, interrupts, peers, run_lock
+from . import disk_space, distributed, interrupts, packing, peers, run_lock
 from .batches import Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
 from .checkpoints import (check_output, load_weights_and_optimizer, plan_run, rank_rng_state, restore_schedule, save_checkpoint,
                           set_rng_state)
@@ -309,6 +309,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
         log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
             f"MRR {result.accuracy_before['mrr']:.3f} ({len(held)} queries)")
 
+    if cfg.packing:
+        packing.use_packed_attention(embedder)
+        log(packing.describe(cfg, device))
     engine = distributed.make_engine(cfg.parallel, ranks, embedder, precision)
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
                                lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -447,9 +450,12 @@ def micro_batch_loader_for(cfg: TrainConfig, train_set: list, batcher, rng, embe
     planner = MicroBatchPlanner(train_set, batcher, rng, schedule=cfg.schedule, steps=cfg.steps,
                                 stage_steps=cfg.stage_steps, grad_accum=cfg.grad_accum, start_step=start)
     workers = cfg.workers if cfg.workers is not None else (2 if ranks.device.type == "cuda" else 1)
-    collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
-                      max_buckets=cfg.max_buckets, chunk_size=cfg.chunk_size, chunk_tokens=cfg.chunk_tokens,
-                      one_forward=engine.collective_forward)
+    if cfg.packing:  # padded buckets -> packed rows (mgh_train/packing.py)
+        collate = packing.collate_for(cfg, embedder.tokenizer, embedder.config, one_forward=engine.collective_forward)
+    else:
+        collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
+                          max_buckets=cfg.max_buckets, chunk_size=cfg.chunk_size, chunk_tokens=cfg.chunk_tokens,
+                          one_forward=engine.collective_forward)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
     return micro_batch_loader(RankPlans(planner, ranks.rank, ranks.world), collate, workers=workers,
                               pin_memory=ranks.device.type == "cuda")

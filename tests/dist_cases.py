@@ -22,6 +22,12 @@ CASES = {
                    "world": {"parallel": "fsdp"}},
     "fsdp-gradcache": {"model": {"pooling": "last_token", "bidirectional": True}, "train": {"schedule": "all"},
                        "world": {"parallel": "fsdp", "chunk_size": 2}},
+    # --packing (mgh_train/packing.py): each rank's texts in packed rows, against the padded one process
+    "replicate-packed-gradcache-tokens": {"model": {"pooling": "ata", "checkpointing": True}, "train": {"grad_accum": 2},
+                                          "world": {"packing": True, "chunk_tokens": 80}},
+    "fsdp-packed": {"model": {"pooling": "ata"}, "train": {"schedule": "all"}, "world": {"parallel": "fsdp", "packing": True}},
+    "fsdp-packed-gradcache": {"model": {"pooling": "mean", "bidirectional": True}, "train": {},
+                              "world": {"parallel": "fsdp", "packing": True, "chunk_size": 2}},
 }
 
 

@@ -112,6 +112,21 @@ def test_gradients_through_out_and_colsum(case, causal, dtype, path, gen):
         assert_within_rule(got.grad, base.grad, want.grad, dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "L{}-H{}/{}-D{}".format("_".join(map(str, c[0])), *c[1:]))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_without_colsum_matches_reference(case, causal, dtype, path, gen):
+    """Without column sums the PyTorch path runs SDPA per text: the same rule as with them."""
+    lengths, hq, hkv, dim = case
+    (q, k, v), (q64, k64, v64) = packed_inputs(lengths, hq, hkv, dim, dtype, gen)
+    out, colsum = run_path(path, q, k, v, cu_of(lengths), max(lengths), causal=causal, return_colsum=False)
+    assert colsum is None and out.dtype == dtype and out.shape == q.shape
+    want_out, _ = reference.attention_varlen_with_colsum(q64, k64, v64, cu_of(lengths), max(lengths), causal=causal)
+    base_out, _ = eager_varlen(q, k, v, lengths, causal, 1 / math.sqrt(dim))
+    assert_within_rule(out, base_out, want_out, dtype, "out")
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_gradients_without_colsum(path, gen):
     lengths = [6, 1, 21]

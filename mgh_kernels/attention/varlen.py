@@ -72,12 +72,19 @@ class VarlenAttentionFunction(torch.autograd.Function):
 
 def _per_sequence(q, k, v, bounds, causal: bool, scale: float, return_colsum: bool):
     """The PyTorch path: each text through ``torch_path.attention`` as a batch of one, [1, H, L, D]
-    views of the packed tensors; the results concatenated back into the packed layout."""
+    views of the packed tensors; the results concatenated back into the packed layout. Without
+    column sums each text goes through PyTorch's SDPA instead (its fused CPU flash kernels; the
+    fastest route measured for the layers other than the ATA one, see benchmarks/RESULTS.md)."""
     outs, sums = [], []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if stop == start:
             continue
         view = [t[start:stop].transpose(0, 1)[None] for t in (q, k, v)]
+        if not return_colsum:
+            out = torch.nn.functional.scaled_dot_product_attention(*view, is_causal=causal, scale=scale,
+                                                                   enable_gqa=view[0].shape[1] != view[1].shape[1])
+            outs.append(out[0].transpose(0, 1))
+            continue
         out, colsum = torch_path.attention(*view, None, causal, scale, return_colsum)
         outs.append(out[0].transpose(0, 1))
         if return_colsum:
