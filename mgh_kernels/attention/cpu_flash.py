@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu_rows
+from .. import _tasks, cpu_rows
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
 
@@ -71,58 +71,89 @@ def _key_bias(valid, dtype: torch.dtype):
     return bias.masked_fill_(~valid, torch.finfo(dtype).min / 4)[:, None, None, :]
 
 
-def _blocks(q, k, bias, causal: bool, scale: float):
-    """Yield (heads, rows, keys, scores [heads, rows, keys]) for each block: ``heads`` a slice of the
-    B x H heads, ``rows`` of the query rows, ``keys`` the keys they may see (up to the block's last
-    row when causal), scores scaled, with the key bias and the causal mask (-inf) applied. The
-    scores are scratch (``_scratch``): each block overwrites the last."""
-    b, h, l, _ = q.shape
-    qf = q.flatten(0, 1)
-    kt = k.flatten(0, 1).transpose(1, 2)  # a view: the GEMMs read k transposed, no copy
-    bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
-    for start in range(0, l, ROWS):
-        stop = min(l, start + ROWS)
-        keys = stop if causal else l
-        later = None  # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
-        if causal and stop - start > 1:
-            later = torch.full((stop - start, stop - start), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        step = block_heads(stop - start, keys, b * h)
-        for first in range(0, b * h, step):
-            heads = slice(first, min(b * h, first + step))
-            s = scratch("attention.scores", (heads.stop - first, stop - start, keys), q.dtype, q.device)
-            if bias is None:
-                torch.baddbmm(s, qf[heads, start:stop], kt[heads, :, :keys], beta=0, alpha=scale, out=s)
-            else:
-                torch.baddbmm(bias[heads, :, :keys], qf[heads, start:stop], kt[heads, :, :keys], alpha=scale, out=s)
-            if later is not None:
-                s[:, :, start:stop].add_(later)
-            yield heads, slice(start, stop), keys, s
+def _blocks_of(heads: int, length: int, causal: bool, slots: int) -> list:
+    """The sweep's blocks, each (heads, rows, keys): ``heads`` a slice of the B x H heads, ``rows``
+    one of the blocks of up to ``ROWS`` query rows, ``keys`` how many keys they may see (up to the
+    block's last row when causal). Heads are split further than ``block_heads`` asks where that
+    gives each of ``slots`` threads about four blocks to pick from; the largest blocks come first
+    (so the last ones to be picked up, the smallest, even out the threads)."""
+    starts = range(0, length, ROWS)
+    parts = 1 if slots <= 1 else -(-4 * slots // len(starts))
+    tasks = []
+    for start in starts:
+        stop = min(length, start + ROWS)
+        keys = stop if causal else length
+        step = min(block_heads(stop - start, keys, heads), max(1, -(-heads // parts)))
+        for first in range(0, heads, step):
+            tasks.append((slice(first, min(heads, first + step)), slice(start, stop), keys))
+    tasks.sort(key=lambda task: -(task[0].stop - task[0].start) * (task[1].stop - task[1].start) * task[2])
+    return tasks
+
+
+class _Sweep:
+    """What a sweep's blocks share: q and k flat over heads, the key bias, the causal mask of a full
+    block, and per-slot score buffers (``_tasks``: no two blocks of a slot at once)."""
+
+    def __init__(self, q, k, bias, causal: bool, scale: float, name: str):
+        b, h, l, _ = q.shape
+        self.qf, self.kt = q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)  # kt a view: the GEMMs read k transposed
+        self.bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
+        self.causal, self.scale = causal, scale
+        self.slots = _tasks.threads()
+        self.tasks = _blocks_of(b * h, l, causal, self.slots)
+        size = max((t[0].stop - t[0].start) * (t[1].stop - t[1].start) * t[2] for t in self.tasks)
+        # scratch of the calling thread (``_scratch``): the tasks' threads only borrow it
+        self.buffers = [scratch(f"{name}.{slot}", (size,), q.dtype, q.device) for slot in range(self.slots)]
+        # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
+        rows = min(ROWS, l)
+        self.later = torch.full((rows, rows), float("-inf"), dtype=q.dtype, device=q.device).triu_(1) \
+            if causal and rows > 1 else None
+
+    def scores(self, task, slot: int) -> torch.Tensor:
+        """The block's scores [heads, rows, keys] in the slot's buffer: scaled, with the key bias and
+        the causal mask (-inf) applied."""
+        heads, rows, keys = task
+        n = rows.stop - rows.start
+        s = self.buffers[slot][: (heads.stop - heads.start) * n * keys].view(heads.stop - heads.start, n, keys)
+        q, kt = self.qf[heads, rows], self.kt[heads, :, :keys]
+        if self.bias is None:
+            torch.baddbmm(s, q, kt, beta=0, alpha=self.scale, out=s)
+        else:
+            torch.baddbmm(self.bias[heads, :, :keys], q, kt, alpha=self.scale, out=s)
+        if self.causal and n > 1:
+            s[:, :, rows.start:rows.stop].add_(self.later[:n, :n])
+        return s
 
 
 def _forward(q, k, v, valid, causal: bool, scale: float):
     """out [B, H, L, D] (zero at padded queries), lse [B, H, L] of the scaled scores, colsum [B, L]
     (sum over real queries, mean over heads, zero at padded keys); q, k, v in one compute dtype, k
-    and v per query head."""
+    and v per query head. The blocks are tasks (``_tasks``): each writes its own rows of out and
+    lse, and adds its column sums into its slot's row of ``cols``."""
     b, h, l, d = q.shape
     vf = v.flatten(0, 1)
     floor = exp_floor(q.dtype)
     keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
     out = torch.empty(b * h, l, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
-    col = torch.zeros(b * h, 1, l, dtype=q.dtype, device=q.device)
-    for heads, rows, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
+    sweep = _Sweep(q, k, _key_bias(valid, q.dtype), causal, scale, "attention.scores")
+    cols = torch.zeros(sweep.slots, b * h, 1, l, dtype=q.dtype, device=q.device)
+
+    def block(index: int, slot: int) -> None:
+        heads, rows, keys = task = sweep.tasks[index]
+        s = sweep.scores(task, slot)
         per_row = s.shape[:2] + (1,)
-        top = scratch("attention.top", per_row, q.dtype, q.device)
-        total = scratch("attention.sum", per_row, q.dtype, q.device)
+        top, total = torch.empty(per_row, dtype=q.dtype), torch.empty(per_row, dtype=q.dtype)
         p = cpu_rows.softmax_(s, floor, top, total)
         torch.add(top, total.log(), out=lse[heads, rows])
         weight = total.reciprocal_()
         if keep is not None:
             weight.mul_(keep[heads, rows])
-        unscaled = scratch("attention.out", (p.shape[0], p.shape[1], d), q.dtype, q.device)
-        torch.mul(torch.bmm(p, vf[heads, :keys], out=unscaled), weight, out=out[heads, rows])
-        col[heads, :, :keys].baddbmm_(weight.transpose(1, 2), p)
-    colsum = col.view(b, h, l).mean(dim=1)
+        torch.mul(torch.bmm(p, vf[heads, :keys]), weight, out=out[heads, rows])
+        cols[slot, heads, :, :keys] += torch.bmm(weight.transpose(1, 2), p)  # one GEMM for all the block's heads
+
+    _tasks.run(len(sweep.tasks), block, sweep.slots)
+    colsum = cols.sum(0).view(b, h, l).mean(dim=1)
     if valid is not None:
         colsum.mul_(valid)
     return out.view(b, h, l, d), lse.view(b, h, l), colsum
@@ -135,8 +166,14 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
     gf = g[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
     floor = exp_floor(q.dtype)
     pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
-    for heads, rows, keys, s in _blocks(q, k, bias, causal, scale):
+    sweep = _Sweep(q, k, bias, causal, scale, "attention.scores")
+
+    def block(index: int, slot: int) -> None:
+        heads, rows, keys = task = sweep.tasks[index]
+        s = sweep.scores(task, slot)
         torch.bmm(cpu_rows.exp_shifted_(s, lse[heads, rows], floor), gf[heads, :keys], out=pg[heads, rows])
+
+    _tasks.run(len(sweep.tasks), block, sweep.slots)
     return pg.view(b, h, l)
 
 
