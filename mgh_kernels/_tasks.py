@@ -17,7 +17,9 @@ Each task is called as ``fn(task, slot)``; ``slot`` (0 .. ``threads`` - 1) is th
 so tasks of one slot never run at the same time: per-slot buffers and accumulators need no lock.
 Tasks run under ``torch.no_grad()`` (``torch.inference_mode()`` when the caller is in it), since
 grad mode is per thread. Without the native library (``MGH_NATIVE=0``, no compiler), with one
-thread, or inside a parallel region the tasks run in order on the calling thread, slot 0.
+thread, inside a parallel region, or while a Python dispatch or function mode is active (they are
+per thread too: a ``FlopCounterMode`` would not see the other threads' ops) the tasks run in order
+on the calling thread, slot 0.
 """
 
 from __future__ import annotations
@@ -28,10 +30,23 @@ import torch
 
 from . import _native
 
+try:
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without them: tasks run on the calling thread
+    def _modes_active() -> bool:
+        return True
+else:
+    def _modes_active() -> bool:
+        return _get_current_dispatch_mode() is not None or bool(_get_current_function_mode_stack())
+
 
 def threads() -> int:
-    """Slots ``run`` will use: PyTorch's intra-op thread count where the native library loads, else 1."""
-    return torch.get_num_threads() if _native.library() is not None else 1
+    """Slots ``run`` will use: PyTorch's intra-op thread count where the native library loads (and
+    no Python mode is active), else 1."""
+    if _native.library() is None or _modes_active():
+        return 1
+    return torch.get_num_threads()
 
 
 def run(count: int, fn: Callable[[int, int], None], slots: Optional[int] = None) -> None:
