@@ -14,6 +14,37 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* A team for a row pass: `threads`, or one inside a parallel region (a task of mgh_parallel_tasks,
+ * or PyTorch's own), where a nested team would only add threads to a busy machine. */
+static inline int team(int threads) {
+#ifdef _OPENMP
+    if (omp_in_parallel()) return 1;
+#endif
+    return threads;
+}
+
+/* Calls task(i, slot) for i in 0 .. count - 1 on `threads` threads of the OpenMP pool that
+ * PyTorch's own ops use (the same libgomp), in ONE parallel region, each thread taking the next
+ * task when it is done with one (schedule dynamic): a thread the scheduler takes away from us on a
+ * busy machine holds up no other, and there is one fork and one join per call, where a chain of
+ * PyTorch ops pays one of each per op. `slot` is the thread's number in the team (0 .. threads - 1):
+ * no two tasks of one slot run at once. Serial without OpenMP or inside a parallel region. */
+typedef void (*mgh_task)(int64_t task, int slot);
+
+void mgh_parallel_tasks(int64_t count, int threads, mgh_task task) {
+#ifdef _OPENMP
+    if (threads > 1 && count > 1 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t i = 0; i < count; i++) task(i, omp_get_thread_num());
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < count; i++) task(i, 0);
+}
 
 /* exp(x) for x in [floor, 0] (floor the least exponent with a normal result, so 2^n is a normal
  * number): Cephes' expf, a degree-7 polynomial after x = n ln2 + r, within one ulp of exp. */
@@ -43,7 +74,8 @@ static inline float clamped(float d, float floor_) { return d < floor_ ? floor_ 
  * without gradients needs only the sums). */
 void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, const float *scale, int fixed, float shift,
                           float floor_, int store, float *top, float *total, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+    threads = team(threads);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * cols;
         float m = shift;
@@ -90,7 +122,8 @@ void mgh_softmax_rows_f32(float *s, int64_t rows, int64_t cols, const float *sca
 /* s = exp(max(s - shift[row], floor)) in place, for `rows` rows of `cols` contiguous scores. */
 void mgh_exp_shifted_rows_f32(float *s, int64_t rows, int64_t cols, const float *shift, float floor_,
                               int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+    threads = team(threads);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; r++) {
         float *x = s + r * cols;
         const float c = shift[r];

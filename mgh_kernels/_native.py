@@ -3,7 +3,8 @@ first use, kept in a cache folder, loaded with ctypes.
 
 Why C through ctypes rather than an ATen extension: the row passes need no tensor API, so the
 library compiles in about a second with no PyTorch headers and no ABI tie to the installed torch;
-OpenMP threads it (the same libgomp torch loads), the compiler vectorises it.
+OpenMP threads it (the same libgomp torch loads, so the same pool of threads), the compiler
+vectorises it. It also runs Python tasks on that pool in one parallel region (``_tasks``).
 
 Where it cannot be had, ``library()`` is None and callers run the PyTorch ops instead (``status()``
 says why): no compiler, a failed build, the source missing (an installed wheel ships no ``csrc/``),
@@ -50,6 +51,10 @@ ENABLED = os.environ.get("MGH_NATIVE", "1") != "0"
 
 _lock = threading.Lock()
 _state: dict = {}
+
+
+TASK = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int)
+"""The C type of ``mgh_parallel_tasks``' task: (task number, slot)."""
 
 
 class _Damaged(Exception):
@@ -155,7 +160,7 @@ def _load(path: Path) -> ctypes.CDLL:
     except OSError as error:
         raise _Damaged(f"{path} will not load as ours ({error})") from None
     try:
-        lib.mgh_softmax_rows_f32, lib.mgh_exp_shifted_rows_f32  # a library without our symbols
+        lib.mgh_softmax_rows_f32, lib.mgh_exp_shifted_rows_f32, lib.mgh_parallel_tasks  # a library without our symbols
     except AttributeError as error:
         _dlclose(lib._handle)  # else dlopen of the rebuilt file at this path returns this one again
         raise _Damaged(f"{path} will not load as ours ({error})") from None
@@ -165,6 +170,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.mgh_softmax_rows_f32.restype = None
     lib.mgh_exp_shifted_rows_f32.argtypes = [ptr, i64, i64, ptr, f32, cint]
     lib.mgh_exp_shifted_rows_f32.restype = None
+    lib.mgh_parallel_tasks.argtypes = [i64, cint, TASK]
+    lib.mgh_parallel_tasks.restype = None
     return lib
 
 

@@ -7,6 +7,11 @@ their softmax (a row pass of ``cpu_rows``, native where the library builds) give
 output rows (a second GEMM), its log-sum-exp, and its share of every key's column sum (a
 matrix-vector product). Nothing L x L is held for the batch.
 
+Threads. The blocks are tasks on PyTorch's own intra-op threads, in one parallel region per sweep
+(``_tasks``; the split in ``_split``), each block's ops single-threaded: a chain of multi-threaded
+ops per block would pay a fork and a join per op, which on a machine busy with other jobs costs a
+wait for the scheduler each time.
+
 Backward. ``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` re-computes the
 probabilities from the log-sum-exp. The column sums' gradient g [B, L] enters as one more value
 column: with v' = [v, g / H], out' = [out, P g / H] and dout' = [dout, 1] on real queries,
@@ -20,8 +25,9 @@ keys get a large finite negative bias instead of -inf, so a padded query that
 sees only padded keys (left padding, causal) keeps a finite softmax in both passes; its output
 row, its share of the column sums and its gradient are then dropped.
 
-Scratch. The score block and the block's unnormalised output come from ``_scratch``, buffers the
-thread keeps from call to call: a new block each time would be new pages, faulted in one by one.
+Scratch. The score blocks come from ``_scratch`` (one buffer per thread of the sweep, named
+``attention.scores.<slot>``), buffers the calling thread keeps from call to call: a new block
+each time would be new pages, faulted in one by one.
 
 Arithmetic in float32 (float64 for float64 inputs), as in ``reference.attention_with_colsum``.
 """
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu_rows
+from .. import _tasks, cpu_rows
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
 
@@ -71,58 +77,95 @@ def _key_bias(valid, dtype: torch.dtype):
     return bias.masked_fill_(~valid, torch.finfo(dtype).min / 4)[:, None, None, :]
 
 
-def _blocks(q, k, bias, causal: bool, scale: float):
-    """Yield (heads, rows, keys, scores [heads, rows, keys]) for each block: ``heads`` a slice of the
-    B x H heads, ``rows`` of the query rows, ``keys`` the keys they may see (up to the block's last
-    row when causal), scores scaled, with the key bias and the causal mask (-inf) applied. The
-    scores are scratch (``_scratch``): each block overwrites the last."""
-    b, h, l, _ = q.shape
-    qf = q.flatten(0, 1)
-    kt = k.flatten(0, 1).transpose(1, 2)  # a view: the GEMMs read k transposed, no copy
-    bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
-    for start in range(0, l, ROWS):
-        stop = min(l, start + ROWS)
-        keys = stop if causal else l
-        later = None  # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
-        if causal and stop - start > 1:
-            later = torch.full((stop - start, stop - start), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        step = block_heads(stop - start, keys, b * h)
-        for first in range(0, b * h, step):
-            heads = slice(first, min(b * h, first + step))
-            s = scratch("attention.scores", (heads.stop - first, stop - start, keys), q.dtype, q.device)
-            if bias is None:
-                torch.baddbmm(s, qf[heads, start:stop], kt[heads, :, :keys], beta=0, alpha=scale, out=s)
-            else:
-                torch.baddbmm(bias[heads, :, :keys], qf[heads, start:stop], kt[heads, :, :keys], alpha=scale, out=s)
-            if later is not None:
-                s[:, :, start:stop].add_(later)
-            yield heads, slice(start, stop), keys, s
+def _split(heads: int, length: int, causal: bool, slots: int):
+    """The sweep's tasks (``_tasks``) and how many groups their row blocks form: each task
+    (heads, group, blocks) takes a slice of the B x H heads through the row blocks of one group,
+    in order, ``blocks`` as (rows, keys) with ``rows`` up to ``ROWS`` query rows and ``keys`` the
+    keys they may see (up to the block's last row when causal). Group g holds row blocks g, g + G,
+    ... (G groups: alike in cost under the causal mask). One group where the heads alone give
+    each of ``slots`` threads about four tasks to pick from, else as many as that takes. A task's
+    heads are at most ``block_heads`` of its largest block, so no block's scores pass
+    ``BLOCK_ELEMENTS``. Each task's heads and group are its own: the column sums of a (group,
+    heads) accumulate in one task, in row order, so the result does not depend on which thread
+    ran what."""
+    blocks = [(slice(start, min(length, start + ROWS)), min(length, start + ROWS) if causal else length)
+              for start in range(0, length, ROWS)]
+    groups = 1 if slots <= 1 or heads >= 4 * slots else min(len(blocks), -(-4 * slots // heads))
+    widest = max(rows.stop - rows.start for rows, _ in blocks)
+    step = min(block_heads(widest, max(keys for _, keys in blocks), heads),
+               heads if slots <= 1 else max(1, -(-heads * groups // (4 * slots))))
+    tasks = [(slice(first, min(heads, first + step)), group, blocks[group::groups])
+             for group in range(groups) for first in range(0, heads, step)]
+    return tasks, groups
+
+
+class _Sweep:
+    """What a sweep's blocks share: q and k flat over heads, the key bias, the causal mask of a full
+    block, its tasks (``_split``) and per-slot score buffers (``_tasks``: no two tasks of a slot at
+    once)."""
+
+    def __init__(self, q, k, bias, causal: bool, scale: float):
+        b, h, l, _ = q.shape
+        self.qf, self.kt = q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)  # kt a view: the GEMMs read k transposed
+        self.bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
+        self.causal, self.scale = causal, scale
+        self.slots = _tasks.threads()
+        self.tasks, self.groups = _split(b * h, l, causal, self.slots)
+        size = max((heads.stop - heads.start) * (rows.stop - rows.start) * keys
+                   for heads, _, blocks in self.tasks for rows, keys in blocks)
+        # scratch of the calling thread (``_scratch``): the tasks' threads only borrow it
+        self.buffers = [scratch(f"attention.scores.{slot}", (size,), q.dtype, q.device) for slot in range(self.slots)]
+        # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
+        rows = min(ROWS, l)
+        self.later = torch.full((rows, rows), float("-inf"), dtype=q.dtype, device=q.device).triu_(1) \
+            if causal and rows > 1 else None
+
+    def scores(self, heads: slice, rows: slice, keys: int, slot: int) -> torch.Tensor:
+        """The block's scores [heads, rows, keys] in the slot's buffer: scaled, with the key bias and
+        the causal mask (-inf) applied."""
+        n = rows.stop - rows.start
+        s = self.buffers[slot][: (heads.stop - heads.start) * n * keys].view(heads.stop - heads.start, n, keys)
+        q, kt = self.qf[heads, rows], self.kt[heads, :, :keys]
+        if self.bias is None:
+            torch.baddbmm(s, q, kt, beta=0, alpha=self.scale, out=s)
+        else:
+            torch.baddbmm(self.bias[heads, :, :keys], q, kt, alpha=self.scale, out=s)
+        if self.causal and n > 1:
+            s[:, :, rows.start:rows.stop].add_(self.later[:n, :n])
+        return s
 
 
 def _forward(q, k, v, valid, causal: bool, scale: float):
     """out [B, H, L, D] (zero at padded queries), lse [B, H, L] of the scaled scores, colsum [B, L]
     (sum over real queries, mean over heads, zero at padded keys); q, k, v in one compute dtype, k
-    and v per query head."""
+    and v per query head. Each task (``_split``) writes its own rows of out and lse, and the column
+    sums of its heads and group."""
     b, h, l, d = q.shape
     vf = v.flatten(0, 1)
     floor = exp_floor(q.dtype)
     keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
     out = torch.empty(b * h, l, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
-    col = torch.zeros(b * h, 1, l, dtype=q.dtype, device=q.device)
-    for heads, rows, keys, s in _blocks(q, k, _key_bias(valid, q.dtype), causal, scale):
-        per_row = s.shape[:2] + (1,)
-        top = scratch("attention.top", per_row, q.dtype, q.device)
-        total = scratch("attention.sum", per_row, q.dtype, q.device)
-        p = cpu_rows.softmax_(s, floor, top, total)
-        torch.add(top, total.log(), out=lse[heads, rows])
-        weight = total.reciprocal_()
-        if keep is not None:
-            weight.mul_(keep[heads, rows])
-        unscaled = scratch("attention.out", (p.shape[0], p.shape[1], d), q.dtype, q.device)
-        torch.mul(torch.bmm(p, vf[heads, :keys], out=unscaled), weight, out=out[heads, rows])
-        col[heads, :, :keys].baddbmm_(weight.transpose(1, 2), p)
-    colsum = col.view(b, h, l).mean(dim=1)
+    sweep = _Sweep(q, k, _key_bias(valid, q.dtype), causal, scale)
+    cols = torch.zeros(sweep.groups, b * h, 1, l, dtype=q.dtype, device=q.device)
+
+    def task(index: int, slot: int) -> None:
+        heads, group, blocks = sweep.tasks[index]
+        for rows, keys in blocks:
+            s = sweep.scores(heads, rows, keys, slot)
+            per_row = s.shape[:2] + (1,)
+            top, total = torch.empty(per_row, dtype=q.dtype), torch.empty(per_row, dtype=q.dtype)
+            p = cpu_rows.softmax_(s, floor, top, total)
+            torch.add(top, total.log(), out=lse[heads, rows])
+            weight = total.reciprocal_()
+            if keep is not None:
+                weight.mul_(keep[heads, rows])
+            torch.mul(torch.bmm(p, vf[heads, :keys]), weight, out=out[heads, rows])
+            # one GEMM for all the block's heads (baddbmm_ into the strided slice runs one per head)
+            cols[group, heads, :, :keys].add_(torch.bmm(weight.transpose(1, 2), p))
+
+    _tasks.run(len(sweep.tasks), task, sweep.slots)
+    colsum = (cols[0] if sweep.groups == 1 else cols.sum(0)).view(b, h, l).mean(dim=1)
     if valid is not None:
         colsum.mul_(valid)
     return out.view(b, h, l, d), lse.view(b, h, l), colsum
@@ -135,8 +178,15 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
     gf = g[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
     floor = exp_floor(q.dtype)
     pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
-    for heads, rows, keys, s in _blocks(q, k, bias, causal, scale):
-        torch.bmm(cpu_rows.exp_shifted_(s, lse[heads, rows], floor), gf[heads, :keys], out=pg[heads, rows])
+    sweep = _Sweep(q, k, bias, causal, scale)
+
+    def task(index: int, slot: int) -> None:
+        heads, _, blocks = sweep.tasks[index]
+        for rows, keys in blocks:
+            s = sweep.scores(heads, rows, keys, slot)
+            torch.bmm(cpu_rows.exp_shifted_(s, lse[heads, rows], floor), gf[heads, :keys], out=pg[heads, rows])
+
+    _tasks.run(len(sweep.tasks), task, sweep.slots)
     return pg.view(b, h, l)
 
 

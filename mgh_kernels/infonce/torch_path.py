@@ -14,6 +14,14 @@ than the eager loss, without its B x N logits. The softmax over a chunk is one r
 the chunk of logits is a reused scratch buffer (``_scratch``). Per-query losses (``losses``) run
 each chunk under activation checkpointing when a gradient will be taken, so backward re-computes
 its logits. Arithmetic in float32 (float64 for float64 inputs), as in ``reference.infonce``.
+
+Threads (``loss``). Each chunk is two sets of tasks on PyTorch's own intra-op threads
+(``_tasks``), one parallel region each, with single-threaded ops inside: blocks of the chunk's
+query rows (their logits, softmax, share of the loss and rows of the queries' gradient), then
+blocks of the candidates (their rows of the candidates' gradient). A chain of multi-threaded ops
+would pay a fork and a join per op, which on a machine busy with other jobs costs a wait for the
+scheduler each time. Every output element is written by one task, so results do not depend on
+which thread ran what.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import backend, cpu_rows
+from .. import _tasks, backend, cpu_rows
 from .._precision import compute_dtype, exp_floor
 from .._scratch import scratch
 
@@ -86,6 +94,17 @@ def _fixed_shift(tau: float, normalize: bool, dtype: torch.dtype) -> Optional[fl
     return bound
 
 
+def _split(count: int, slots: int) -> list:
+    """[(lo, hi)]: ``count`` rows in about four blocks per slot (one block for one slot), each of
+    at least ``MIN_ROWS`` rows, for ``_tasks``."""
+    size = count if slots <= 1 else max(MIN_ROWS, -(-count // (4 * slots)))
+    return [(lo, min(count, lo + size)) for lo in range(0, count, size)]
+
+
+MIN_ROWS = 32
+"""Fewest rows of a task's block (smaller GEMMs waste more than an even split gains)."""
+
+
 class _GlobalLossFunction(torch.autograd.Function):
     """Sum over queries of -log softmax(logits_i)[offset + i], logits_ij = q_i . c_j / tau with the
     candidates c = [pos; neg] raw and divided by their norms (as ``F.normalize``) when ``normalize``:
@@ -106,27 +125,44 @@ class _GlobalLossFunction(torch.autograd.Function):
         buffer = scratch("infonce.logits", (rows, count), q.dtype, q.device)
         dq = torch.empty_like(q) if grad else None
         raw = [torch.zeros_like(part) for part in parts] if grad else None  # sum_i G_ij scale_j q_i
+        slots = _tasks.threads()
         total = q.new_zeros(())
         floor = exp_floor(q.dtype)
         for start in range(0, batch, rows):
             stop = min(batch, start + rows)
             logits, chunk = buffer[: stop - start], q[start:stop]
-            for part, lo, hi in zip(parts, bounds, bounds[1:]):
-                torch.mm(chunk, part.T, out=logits[:, lo:hi])
-            at = torch.arange(stop - start, device=q.device)
-            target = at + start + offset
-            picked = logits[at, target] * scale[target]  # the target's logit, before the row pass
-            top = scratch("infonce.top", (stop - start, 1), q.dtype, q.device)
-            sums = scratch("infonce.sums", (stop - start, 1), q.dtype, q.device)
-            p = cpu_rows.softmax_(logits, floor, top, sums, scale=scale, shift=shift, store=grad)
-            total = total + sums.log().sum() - (picked - top[:, 0]).sum()  # log(sum) - the shifted target
+
+            def query_rows(index: int, slot: int) -> None:  # the logits, the softmax and dq of rows
+                lo_row, hi_row = row_blocks[index]
+                block, at = logits[lo_row:hi_row], torch.arange(hi_row - lo_row, device=q.device)
+                for part, lo, hi in zip(parts, bounds, bounds[1:]):
+                    torch.mm(chunk[lo_row:hi_row], part.T, out=block[:, lo:hi])
+                target = at + start + lo_row + offset
+                picked = block[at, target] * scale[target]  # the target's logit, before the row pass
+                top = torch.empty(hi_row - lo_row, 1, dtype=q.dtype)
+                sums = torch.empty(hi_row - lo_row, 1, dtype=q.dtype)
+                p = cpu_rows.softmax_(block, floor, top, sums, scale=scale, shift=shift, store=grad)
+                totals[index] = sums.log().sum() - (picked - top[:, 0]).sum()  # log(sum) - the shifted target
+                if grad:
+                    p.div_(sums)
+                    p[at, target] -= 1.0
+                    p.mul_(scale)  # the gradient of the raw dot products q . c
+                    rows_dq = dq[start + lo_row:start + hi_row]
+                    for i, (part, lo, hi) in enumerate(zip(parts, bounds, bounds[1:])):
+                        torch.addmm(rows_dq, p[:, lo:hi], part, beta=float(i > 0), out=rows_dq)
+
+            def candidate_rows(index: int, slot: int) -> None:  # the candidates' gradients, by rows of them
+                i, lo, hi = column_blocks[index]
+                raw[i][lo - bounds[i]:hi - bounds[i]].addmm_(logits[:, lo:hi].T, chunk)
+
+            row_blocks = _split(stop - start, slots)
+            totals = q.new_empty(len(row_blocks))  # each block's share of the loss, summed in order
+            _tasks.run(len(row_blocks), query_rows, slots)
+            total = total + totals.sum()
             if grad:
-                p.div_(sums)
-                p[at, target] -= 1.0
-                p.mul_(scale)  # the gradient of the raw dot products q . c
-                for i, (part, lo, hi) in enumerate(zip(parts, bounds, bounds[1:])):
-                    torch.addmm(dq[start:stop], p[:, lo:hi], part, beta=float(i > 0), out=dq[start:stop])
-                    raw[i].addmm_(p[:, lo:hi].T, chunk)
+                column_blocks = [(i, lo + a, lo + b) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
+                                 for a, b in _split(hi - lo, slots)]
+                _tasks.run(len(column_blocks), candidate_rows, slots)
         grads = [dq] if grad else []
         if grad:
             for part, part_raw, lo, hi in zip(parts, raw, bounds, bounds[1:]):
