@@ -37,20 +37,17 @@ from mgh_kernels.attention import backward, colsum, forward  # noqa: E402
 
 SHAPES = [(32, 32, 512, 128), (8, 32, 2048, 128), (2, 32, 8192, 128), (32, 32, 512, 64)]  # B, H, L, D
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, FMA_EXP]); the first of each list is the default
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default
 # (tiles.flash_tiles, colsum_tiles, backward_tiles for bf16). Earlier sweeps' figures are in RESULTS.md.
 FWD = {
     128: [(64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2)],
 }
 # The column-sum pass: besides the default, a third stage; 256 keys per program (8 warps), which
-# halves the queries each program streams from L2; and FMA_EXP=4 or 2, a quarter or half of the
-# exponentials by a polynomial on the FMA units (attention.poly_exp2). Why these: RESULTS.md.
+# halves the queries each program streams from L2. Why these: RESULTS.md.
 COLSUM = {
-    128: [(64, 128, 4, 2), (64, 128, 4, 3), (64, 256, 8, 2), (64, 256, 8, 3), (64, 128, 4, 2, 4),
-          (64, 128, 4, 3, 4), (64, 256, 8, 2, 4), (64, 128, 4, 2, 2)],
-    64: [(64, 64, 4, 3), (64, 128, 4, 3), (64, 256, 8, 2), (64, 64, 4, 3, 4), (64, 128, 4, 3, 4),
-         (64, 256, 8, 2, 4), (64, 64, 4, 3, 2)],
+    128: [(64, 128, 4, 2), (64, 128, 4, 3), (64, 256, 8, 2), (64, 256, 8, 3)],
+    64: [(64, 64, 4, 3), (64, 128, 4, 3), (64, 256, 8, 2)],
 }
 BWD = {
     128: [(64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 3)],
@@ -59,12 +56,9 @@ BWD = {
 
 
 def tiles(variant: tuple, dim: int, kind: str = "fwd") -> dict:
-    """The launch settings of ``variant`` for kernel ``kind`` (the column-sum pass also takes FMA_EXP)."""
-    cfg = dict(BLOCK_M=variant[0], BLOCK_N=variant[1], BLOCK_D=max(16, dim), num_warps=variant[2],
-               num_stages=variant[3])
-    if kind == "colsum":
-        cfg["FMA_EXP"] = variant[4] if len(variant) > 4 else 0
-    return cfg
+    """The launch settings of ``variant`` for kernel ``kind``."""
+    return dict(BLOCK_M=variant[0], BLOCK_N=variant[1], BLOCK_D=max(16, dim), num_warps=variant[2],
+                num_stages=variant[3])
 
 
 def inputs(shape):

@@ -14,8 +14,7 @@ real token, left or right padding; a row with no real token is an error. Under `
 these are eager PyTorch code under autocast: their matmuls run in the autocast dtype, and inputs of
 mixed float dtypes are accepted there as autocast accepts them.
 
-The poolings and ``ata_weights`` live in :mod:`mgh_kernels.pooling`; their old names here still
-resolve to them, with a DeprecationWarning.
+The poolings and ``ata_weights`` live in :mod:`mgh_kernels.pooling`.
 """
 
 from __future__ import annotations
@@ -228,27 +227,3 @@ def infonce(q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = No
         logits = torch.einsum("bd,bcd->bc", qn, candidates) / tau  # [B, 1+K]
         target = torch.zeros(batch, dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, target, reduction=reduction)
-
-
-# --------------------------------------------------------------------------------------------
-# Old names of what moved to mgh_kernels.pooling
-# --------------------------------------------------------------------------------------------
-
-_MOVED = ("ata_weights", "weighted_pool", "mean_pool", "weighted_mean_pool", "last_token_pool", "first_token_pool",
-          "ata_pool_from_colsum")
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import warnings
-
-    from . import pooling
-
-    new = "ata_pool(hidden_states, attention_mask, colsum=colsum, mix=mix)" if name == "ata_pool_from_colsum" else name
-    warnings.warn(f"mgh_kernels.reference.{name} moved to mgh_kernels.pooling: use mgh_kernels.{new}",
-                  DeprecationWarning, stacklevel=2)
-    if name == "ata_pool_from_colsum":
-        return lambda hidden_states, attention_mask, colsum, *, mix=0.0: pooling.ata_pool(
-            hidden_states, attention_mask, colsum=colsum, mix=mix)
-    return getattr(pooling, name)

@@ -12,10 +12,9 @@ import math
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 from mgh_kernels import ata_attention, attention, backend, reference, testing, use_backend
-from mgh_kernels.attention import cudnn, poly_exp2, tiles
+from mgh_kernels.attention import cudnn, tiles
 from random_inputs import padding_mask
 
 CUDA = torch.cuda.is_available()
@@ -426,101 +425,6 @@ def test_cudnn_flash_pass_taken_at_benchmark_shapes(causal, gen):
         assert attention.last_forward() == "cudnn-flash", dim
 
 
-# ---- the column-sum pass with part of its exponentials by a polynomial (FMA_EXP) ----------------
-
-
-@triton.jit
-def _exp2_shared_kernel(X, Y, FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(Y + offs, poly_exp2.exp2_shared(tl.load(X + offs), FMA_EXP, BLOCK_M, BLOCK_N))
-
-
-def polynomial_exp2(x):
-    """float64 model of ``poly_exp2.exp2_fma``: the fitted polynomial at x's distance from its nearest
-    integer, scaled by that integer's power of two."""
-    n = torch.round(x.double())
-    f = x.double() - n
-    c1, c2, c3 = poly_exp2.EXP2_POLY
-    return (((c3 * f + c2) * f + c1) * f + 1.0) * torch.exp2(n)
-
-
-@pytest.mark.parametrize("fma_exp", [0, 2, 4])
-def test_exp2_shared_takes_its_share_from_the_polynomial(fma_exp, gen):
-    """The elements ``exp2_shared`` computes by the polynomial (FMA_EXP 2: odd columns; 4: odd
-    columns of rows 8-15 of every 16) match the polynomial's model, the rest the exact power;
-    either way within the fit's 1.0e-4; -inf and values from -127 down give exactly 0 (padded
-    queries, lse = +inf, must add nothing), values in (-127, -126) at most 2**-126, NaN NaN."""
-    rows, cols = 32, 16
-    x = torch.linspace(-125.0, 3.0, rows * cols, dtype=torch.float64).reshape(rows, cols)
-    x = (x + torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 0.2).float()  # fractions on both sides of 0.5
-    # row 9 is in the polynomial's rows for both shares
-    x[9, :8] = torch.tensor([float("-inf"), -1e30, -300.0, -127.0, -126.6, -126.4, -127.4, -126.01])
-    x[10, :2] = float("nan")  # stays NaN (a clamp by max must not drop it)
-    y = torch.empty_like(x, device=DEVICE)
-    _exp2_shared_kernel[(1,)](x.to(DEVICE), y, FMA_EXP=fma_exp, BLOCK_M=rows, BLOCK_N=cols)
-    y = y.cpu().double()
-    by_polynomial = torch.zeros(rows, cols, dtype=torch.bool)
-    if fma_exp == 2:
-        by_polynomial[:, 1::2] = True
-    elif fma_exp == 4:
-        by_polynomial[8:16, 1::2] = by_polynomial[24:32, 1::2] = True
-    nan = x.isnan()
-    assert y[nan].isnan().all()
-    x, y = x.masked_fill(nan, 0.0), y.masked_fill(nan, 1.0)
-    tiny = x < -126
-    assert ((y[tiny] >= 0) & (y[tiny] <= 2.0**-126)).all()
-    assert (y[x <= -127][by_polynomial[x <= -127]] == 0).all()
-    exact, model = torch.exp2(x.double()), polynomial_exp2(x)
-    rel_exact, rel_model = ((y - exact) / exact).abs(), ((y - model) / model).abs()
-    assert rel_exact[~tiny].max() <= 1.02e-4
-    assert (rel_exact[~tiny & ~by_polynomial] <= 1e-6).all(), "exponential-unit elements"
-    assert (rel_model[~tiny & by_polynomial] <= 1e-6).all(), "polynomial elements"
-    assert by_polynomial.any() == (rel_exact[~tiny] > 1e-5).any()  # the model differs from exp2 somewhere
-
-
-@pytest.mark.parametrize("fma_exp", [2, 4])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 23, 24), (1, 3, 1, 40, 32), (1, 2, 2, 33, 128)],
-                         ids=lambda s: "B{}-H{}/{}-L{}-D{}".format(*s))
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("side", ["none", "left", "right"])
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_colsum_pass_with_polynomial_exponentials(fma_exp, shape, causal, side, dtype, gen, monkeypatch):
-    """The two-pass forward with the column-sum pass's FMA_EXP set (a tile setting the GPU sweep
-    times; half precision only) meets the same rule as with every exponential on the MUFU, and
-    its column sums differ from those (the launched kernel did compute part of them by the
-    polynomial)."""
-    monkeypatch.setattr(cudnn, "FLASH_PASS", "triton")
-    set_short_limit(monkeypatch, 0)
-    share, colsum_tiles = [0], tiles.colsum_tiles
-    monkeypatch.setattr(tiles, "colsum_tiles", lambda *args: dict(colsum_tiles(*args), FMA_EXP=share[0]))
-    (q, k, v), (q64, k64, v64) = make_inputs(shape, dtype, gen)
-    mask = None if side == "none" else padding_mask(shape[0], shape[3], side, gen).to(DEVICE)
-    with testing.recorded_launches() as launches:
-        _, plain_colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
-        share[0] = fma_exp
-        out, colsum = ata_attention(q, k, v, causal=causal, key_padding_mask=mask)
-    launched = [launch.arguments["FMA_EXP"] for launch in launches if launch.name == "_colsum_kernel"]
-    assert launched == [0, fma_exp] and attention.last_forward() == "triton-flash"
-    want_out, want_colsum = reference.attention_with_colsum(q64, k64, v64, causal=causal, key_padding_mask=mask)
-    base_out, base_colsum = eager_same_precision(q, k, v, causal, mask, 1 / math.sqrt(shape[4]))
-    assert_within_rule(out, base_out, want_out, dtype, "out")
-    assert_within_rule(colsum, base_colsum, want_colsum, dtype, "colsum")
-    # The sums change where the polynomial computes (odd keys; for a quarter, queries 8-15 of every
-    # 16) a probability below 1: a valid query's, over a valid key, when it attends two or more.
-    length = shape[3]
-    valid = torch.ones(shape[0], length, dtype=torch.bool) if mask is None else mask.cpu().bool()
-    positions = torch.arange(length)
-    attends = valid[:, :, None] & valid[:, None, :]
-    if causal:
-        attends &= positions[:, None] >= positions[None, :]
-    allowed = attends & (attends.sum(-1, keepdim=True) >= 2) & (positions % 2 == 1)[None, None, :]
-    if fma_exp == 4:
-        allowed &= (positions % 16 >= 8)[None, :, None]
-    assert torch.equal(colsum, plain_colsum) != allowed.any()
-    if mask is not None:
-        assert (colsum[~mask] == 0).all()
-
-
 # ---- the PyTorch path (CPU without the interpreter) -------------------------------------------
 
 
@@ -585,21 +489,6 @@ def test_backend_selection():
     for bad, argument in ((dict(name="cuda"), "name"), (dict(chunk_elements=0), "chunk_elements")):
         with pytest.raises(ValueError, match=f"^{argument}: "), use_backend(**bad):
             pass
-
-
-def test_moved_settings_keep_their_old_names(monkeypatch):
-    """``attention.FLASH_PASS`` and ``attention.SHORT_MAX_LENGTH`` live in ``cudnn`` and ``tiles``;
-    reads and writes of the old names reach them, with a DeprecationWarning."""
-    monkeypatch.setattr(cudnn, "FLASH_PASS", cudnn.FLASH_PASS)  # restored afterwards
-    with pytest.warns(DeprecationWarning, match="attention.FLASH_PASS moved to mgh_kernels.attention.cudnn"):
-        assert attention.FLASH_PASS == "cudnn"
-    with pytest.warns(DeprecationWarning):
-        attention.FLASH_PASS = "triton"
-    assert cudnn.FLASH_PASS == "triton" and "FLASH_PASS" not in vars(attention)
-    with pytest.warns(DeprecationWarning, match="SHORT_MAX_LENGTH moved to mgh_kernels.attention.tiles"):
-        assert attention.SHORT_MAX_LENGTH is tiles.SHORT_MAX_LENGTH
-    with pytest.raises(AttributeError):
-        attention.NO_SUCH_SETTING
 
 
 @pytest.mark.parametrize(

@@ -163,26 +163,6 @@ def test_pooling_gradients_flow_to_hidden_states(gen):
         assert torch.autograd.gradcheck(lambda h: pool(h, mask, method), (hidden,))
 
 
-def test_old_reference_names_reach_the_poolings(gen):
-    """The poolings and ata_weights moved from reference to pooling; their old names still work,
-    with a DeprecationWarning naming the new place."""
-    hidden = torch.randn(2, 5, 8, generator=gen)
-    mask = padding_mask(2, 5, "left", gen)
-    colsum = torch.rand(2, 5, generator=gen) + 0.01
-    for name, new in (("mean_pool", mean_pool), ("weighted_mean_pool", weighted_mean_pool),
-                      ("last_token_pool", last_token_pool), ("first_token_pool", first_token_pool)):
-        with pytest.warns(DeprecationWarning, match=f"reference.{name} moved to mgh_kernels.pooling"):
-            old = getattr(reference, name)
-        torch.testing.assert_close(old(hidden, mask), new(hidden, mask), rtol=0, atol=0)
-    with pytest.warns(DeprecationWarning):
-        torch.testing.assert_close(reference.ata_weights(colsum, mask), ata_weights(colsum, mask), rtol=0, atol=0)
-    with pytest.warns(DeprecationWarning):
-        old = reference.ata_pool_from_colsum(hidden, mask, colsum, mix=0.3)
-    torch.testing.assert_close(old, ata_pool(hidden, mask, colsum=colsum, mix=0.3), rtol=0, atol=0)
-    with pytest.raises(AttributeError):
-        reference.no_such_pooling
-
-
 @pytest.mark.parametrize("fill", [float("inf"), float("-inf"), float("nan")])
 def test_ata_pool_refuses_a_row_without_a_positive_finite_total(fill, gen):
     """One +inf column sum would give inf / inf = NaN weights: refused as NaN is (NonFiniteError,

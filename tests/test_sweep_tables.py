@@ -34,7 +34,7 @@ def test_attention_colsum_variants_are_valid():
     for dim, variants in sweep_attention.COLSUM.items():
         for variant in variants:
             cfg = sweep_attention.tiles(variant, dim, "colsum")
-            assert cfg["FMA_EXP"] in (0, 2, 4) and cfg["BLOCK_M"] % 16 == 0, variant
+            assert cfg["BLOCK_M"] % 16 == 0, variant
 
 
 @pytest.mark.parametrize("kind, table", [("fwd", sweep_infonce.FWD), ("dlogits", sweep_infonce.DLOGITS)])

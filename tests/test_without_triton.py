@@ -31,7 +31,7 @@ assert not backend.TRITON_AVAILABLE
 
 # Only the Triton kernel files need triton; every other module imports.
 KERNEL_FILES = {"mgh_kernels.attention." + name
-                for name in ("backward", "colsum", "forward", "masking", "poly_exp2", "varlen_kernels")}
+                for name in ("backward", "colsum", "forward", "masking", "varlen_kernels")}
 KERNEL_FILES |= {"mgh_kernels.infonce." + name for name in ("backward", "forward", "logits")}
 refused = set()
 for module in pkgutil.walk_packages(mgh_kernels.__path__, "mgh_kernels."):

@@ -15,7 +15,7 @@ Where each concept lives:
 * ``functional.py``: ``ata_attention`` (checks, path, autocast), ``last_backend``, ``last_forward``;
 * ``ops.py``: which forward runs, the autograd Function and the torch.library custom ops;
 * ``forward.py``: the flash pass and the one-sweep forward of short sequences (Triton);
-* ``colsum.py``: the column-sum pass (Triton); ``poly_exp2.py``: its experimental polynomial 2**x;
+* ``colsum.py``: the column-sum pass (Triton);
 * ``backward.py``: the three backward kernels (Triton);
 * ``masking.py``: the Triton helpers and conventions every kernel shares;
 * ``tiles.py``: the tile choices and ``SHORT_MAX_LENGTH`` (documented, overridable);
@@ -29,40 +29,8 @@ Only the Triton files import triton; without it ``ata_attention`` runs its PyTor
 
 from __future__ import annotations
 
-import sys
-import types
-import warnings
-
 from . import cudnn, tiles
 from .functional import MAX_HEAD_DIM, ata_attention, last_backend, last_forward
 from .varlen import ata_attention_varlen
 
 __all__ = ["MAX_HEAD_DIM", "ata_attention", "ata_attention_varlen", "cudnn", "last_backend", "last_forward", "tiles"]
-
-_MOVED = {"FLASH_PASS": cudnn, "SHORT_MAX_LENGTH": tiles}  # settings that lived here, and their home
-
-
-class _Package(types.ModuleType):
-    """Reads and writes of a moved setting reach its new module (with a DeprecationWarning), so
-    ``mgh_kernels.attention.FLASH_PASS = "triton"`` keeps working."""
-
-    def __getattr__(self, name):
-        if name in _MOVED:
-            _warn_moved(name)
-            return getattr(_MOVED[name], name)
-        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in _MOVED:
-            _warn_moved(name)
-            setattr(_MOVED[name], name, value)
-        else:
-            super().__setattr__(name, value)
-
-
-def _warn_moved(name: str) -> None:
-    home = _MOVED[name].__name__
-    warnings.warn(f"mgh_kernels.attention.{name} moved to {home}.{name}", DeprecationWarning, stacklevel=3)
-
-
-sys.modules[__name__].__class__ = _Package

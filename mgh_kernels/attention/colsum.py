@@ -9,8 +9,7 @@ summed over kv heads by one PyTorch op in a fixed order: deterministic, no atomi
 
 It reads either our flash pass's log-sum-exp (log2 units, ``lse_scale`` 1) or cuDNN's (natural
 log, [B, H, L, 1] in the query's layout, ``lse_scale`` log2(e)) through its strides. The pass is
-bound by its exponentials as much as by QK^T; the tile setting ``FMA_EXP`` moves a share of them
-onto the FMA units (``poly_exp2.py``, experimental, off by default).
+bound by its exponentials as much as by QK^T (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import triton.language as tl
 from .._launch import LOG2E, cdiv, new_output, run
 from .masking import (constexprs, key_program, load_rows, load_valid, mask_args, strides, within,
                       zero_above_diagonal)
-from .poly_exp2 import exp2_shared
 
 
 @triton.jit
@@ -31,7 +29,7 @@ def _colsum_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn, slb, slh, slm,
     H, HKV, GROUP, L, D, qk_scale, lse_scale, inv_heads,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    FMA_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Column sums of one key block of one kv head over every query of the heads that share it,
     re-computing the probabilities from the log-sum-exp (LSE [B, Hq, L] with strides slb, slh, slm;
@@ -63,13 +61,13 @@ def _colsum_kernel(
         if CAUSAL:  # the query blocks on the diagonal
             for start_m in range(lo, above, BLOCK_M):
                 col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                    True, True, EVEN_D, PRECISION, FMA_EXP, BLOCK_M, BLOCK_N, BLOCK_D)
+                                    True, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         for start_m in range(above, inner, BLOCK_M):
             col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                False, False, EVEN_D, PRECISION, FMA_EXP, BLOCK_M, BLOCK_N, BLOCK_D)
+                                False, False, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         for start_m in range(inner, L, BLOCK_M):  # the last, partial query block
             col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                False, True, EVEN_D, PRECISION, FMA_EXP, BLOCK_M, BLOCK_N, BLOCK_D)
+                                False, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     # Padded keys: dropped here, once per column, not per score (their scores may exceed the row's
     # log-sum-exp, which covers valid keys only, and sum to inf in their own columns; where, not a
     # product, gives them 0).
@@ -79,13 +77,11 @@ def _colsum_kernel(
 @triton.jit
 def _colsum_tile(
     q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, CAUSAL: tl.constexpr,
-    BOUNDED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FMA_EXP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BOUNDED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] probabilities of queries start_m .. start_m + BLOCK_M of one head for the
     key block ``kt`` [BLOCK_D, BLOCK_N], from their log-sum-exp. Padded and out-of-range queries
-    have lse = +inf, so they load as zeros and their probabilities are exactly 0 (by the polynomial
-    too). CAUSAL masks the
+    have lse = +inf, so they load as zeros and their probabilities are exactly 0. CAUSAL masks the
     keys after each query (tiles on the diagonal only); BOUNDED: the block may reach past L;
     EVEN_D: BLOCK_D == D."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -94,7 +90,7 @@ def _colsum_tile(
     lse = tl.load(lse_ptr + offs_m * slm, mask=row_in, other=float("inf")) * lse_scale
     # padded queries (lse +inf) load as zeros: NaN or inf there must not reach the column sums
     q = load_rows(q_ptr, offs_m, offs_d, sqm, sqd, row_in & (lse < float("inf")), within(offs_d, D, not EVEN_D))
-    p = exp2_shared(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None], FMA_EXP, BLOCK_M, BLOCK_N)
+    p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
     return zero_above_diagonal(p, offs_m, offs_n, CAUSAL)
 
 

@@ -64,11 +64,8 @@ def flash_tiles(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict
 
 def colsum_tiles(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the column-sum pass (``colsum._colsum_kernel``): BLOCK_N keys per program, BLOCK_M
-    queries per step, and ``FMA_EXP``, the share of its exponentials computed by a polynomial
-    (``poly_exp2.exp2_shared``: 0, 2 or 4). FMA_EXP stays 0 (every exponential on the exponential
-    unit) until a GPU sweep chooses otherwise; it is for half precision only (the polynomial's 1e-4
-    relative error is no float32 result)."""
-    cfg = dict(flash_tiles(device, head_dim, dtype), FMA_EXP=0)
+    queries per step."""
+    cfg = dict(flash_tiles(device, head_dim, dtype))
     if device.type == "cuda" and dtype != torch.float32 and cfg["BLOCK_D"] <= 128:
         block_n, stages = (64, 3) if cfg["BLOCK_D"] <= 64 else (128, 2)
         cfg.update(BLOCK_M=64, BLOCK_N=block_n, num_warps=4, num_stages=stages)
