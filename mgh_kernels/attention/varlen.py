@@ -14,7 +14,7 @@ Under torch.compile the call runs eagerly (a graph break): the varlen kernels ha
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
