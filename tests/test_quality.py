@@ -62,3 +62,54 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "curriculum" / "seed0" / "done.json").stat().st_mtime == stamp
+
+
+def _quality():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _done(folder: Path, scores: dict, name: str = "done.json") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps({"scores": scores, "seconds": 1.0, "commands": ["x"]}))
+
+
+def test_subsample_beir_keeps_queries_qrels_and_every_relevant_document(tmp_path):
+    quality = _quality()
+    source = tmp_path / "src"
+    (source / "qrels").mkdir(parents=True)
+    (source / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n"
+                                                 for i in range(50)))
+    (source / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "q"}) + "\n")
+    (source / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td7\t1\nq1\td42\t1\n")
+    assert quality.subsample_beir(source, tmp_path / "a", docs=10, seed=3) == 0
+    kept = [json.loads(line)["_id"] for line in (tmp_path / "a" / "corpus.jsonl").read_text().splitlines()]
+    assert len(kept) == 10 and {"d7", "d42"} <= set(kept)
+    assert kept == sorted(kept, key=lambda i: int(i[1:]))  # the source's order
+    assert (tmp_path / "a" / "qrels" / "test.tsv").read_text() == (source / "qrels" / "test.tsv").read_text()
+    quality.subsample_beir(source, tmp_path / "b", docs=10, seed=3)
+    assert (tmp_path / "b" / "corpus.jsonl").read_text() == (tmp_path / "a" / "corpus.jsonl").read_text()
+    with pytest.raises(ValueError, match="docs: 1 is fewer than the 2 relevant"):
+        quality.subsample_beir(source, tmp_path / "c", docs=1)
+
+
+def test_best_arm_skips_the_baseline_and_table_adds_transfer_scores(tmp_path):
+    quality = _quality()
+    config = {"arms": {"curriculum": {}, "random": {"schedule": "random"},
+                       "st-mnrl": {"trainer": "sentence-transformers"}},
+              "eval": {"tasks": "STSBenchmark"}}
+    for arm, values in {"curriculum": [50.0, 52.0], "random": [51.0, 53.0], "st-mnrl": [70.0, 71.0]}.items():
+        for seed, value in enumerate(values):
+            _done(tmp_path / arm / f"seed{seed}", {"STSBenchmark": value})
+    _done(tmp_path / "base", {"STSBenchmark": 36.0})
+    assert quality.best_arm(config, tmp_path) == "random"  # st-mnrl scores higher but is not an mgh arm
+    _done(tmp_path / "random" / "seed0", {"SciFact": 40.0}, "transfer.json")
+    _done(tmp_path / "base", {"SciFact": 30.0}, "transfer.json")
+    text = quality.table(tmp_path)
+    assert "| random | 2 | 52.00 ± 1.41 | 40.00 (n=1) |" in text
+    assert "| base (untrained) | 1 | 36.00 | 30.00 |" in text
+    assert "| curriculum | 2 | 51.00 ± 1.41 |  |" in text
