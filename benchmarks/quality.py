@@ -12,12 +12,15 @@ process; on a loaded CPU one thread per process runs 2-3x faster than two), ``pa
 once, default 1) and ``transfer`` (``tasks``, ``arms``, ``seeds``): after every run is done, also
 evaluate the base and those arms' seeds on the transfer tasks (``arms: best`` picks the mgh arm with
 the highest mean over seeds on the first ``eval`` task), into ``eval-transfer/`` and
-``transfer.json`` beside ``done.json``.
+``transfer.json`` beside ``done.json``; ``priority`` (arm names): these arms' seeds run first.
+A run being done by another live runner (its pid in the folder's ``.running``) is waited for, not
+redone; a run whose training finished (its model saved) is only re-evaluated.
 
 Every run lives in ``OUTPUT/<arm>/seed<N>/``: ``train.yaml``, ``commands.txt`` (the exact train
 and eval commands), ``run/`` (the training run: ``model/``, ``metrics.jsonl``), ``eval/`` (mteb
 result JSON) and ``done.json`` (scores, seconds), written last. A rerun skips the runs that have
-``done.json`` and redoes the others from scratch, so the runner can be killed and started again.
+``done.json``, re-evaluates those whose training finished and redoes the others from scratch, so the
+runner can be killed and started again.
 
 The sentence-transformers baseline (``trainer: sentence-transformers``) trains the same base,
 LoRA settings, data, steps, batch, learning rate, warm-up and seed with sentence-transformers'
@@ -107,6 +110,45 @@ def _finish(folder: Path, eval_dir: Path, commands: list, started: float) -> dic
     return done
 
 
+_LOCK = ".running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _held_elsewhere(folder: Path, lock: str = _LOCK) -> bool:
+    try:
+        holder = int((folder / lock).read_text().split()[0])
+    except (FileNotFoundError, NotADirectoryError, ValueError, IndexError):
+        return False
+    return holder != os.getpid() and _alive(holder)
+
+
+def _claim(folder: Path, done_name: str, lock: str = _LOCK) -> bool:
+    """True: this process now owns ``folder``'s work (its pid written to ``lock``). False: it is done
+    (``done_name`` exists), possibly after waiting for another live runner that held the lock, so
+    two runners on one output never redo or delete each other's runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        if (folder / done_name).is_file():
+            return False
+        try:
+            holder = int((folder / lock).read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            holder = None
+        if holder is None or holder == os.getpid() or not _alive(holder):
+            (folder / lock).write_text(f"{os.getpid()}\n")
+            return True
+        time.sleep(10)  # another runner is on it: wait for its result
+
+
 def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) -> dict:
     """Train and evaluate one (arm, seed); skipped when its ``done.json`` exists."""
     import shutil
@@ -114,10 +156,13 @@ def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) 
     import yaml
 
     folder = output / arm / f"seed{seed}"
-    if (folder / "done.json").is_file():
+    if not _claim(folder, "done.json"):
         return json.loads((folder / "done.json").read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    trained = (folder / "run" / "model" / "mgh_config.json").is_file()  # saved atomically at the end
+    if not trained:
+        for stale in [p for p in folder.iterdir() if p.name != _LOCK] if folder.is_dir() else []:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
     overrides = dict(config["arms"][arm] or {})
     trainer = overrides.pop("trainer", "mgh")
     options = {**config["train"], **overrides, "seed": seed, "output": str(folder / "run"), "progress": False}
@@ -129,10 +174,15 @@ def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) 
     evaluate = _eval_command(folder / "run" / "model", folder / "eval", config["eval"])
     (folder / "commands.txt").write_text(shlex.join(train) + "\n" + shlex.join(evaluate) + "\n")
     started = time.monotonic()
-    with open(folder / "log.txt", "w") as log:
-        _run(train, log)
+    with open(folder / "log.txt", "a" if trained else "w") as log:
+        if trained:
+            log.write("(training finished earlier: its model is kept)\n")
+        else:
+            _run(train, log)
+        shutil.rmtree(folder / "eval", ignore_errors=True)
         _run(evaluate, log)
     done = _finish(folder, folder / "eval", [shlex.join(train), shlex.join(evaluate)], started)
+    (folder / _LOCK).unlink(missing_ok=True)
     print(f"{arm} seed {seed}: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items())
           + f" ({done['seconds']:.0f} s)", file=log_to, flush=True)
     return done
@@ -145,10 +195,11 @@ def run_base(config: dict, output: Path) -> dict:
     import yaml
 
     folder = output / "base"
-    if (folder / "done.json").is_file():
+    if not _claim(folder, "done.json"):
         return json.loads((folder / "done.json").read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    for stale in [p for p in folder.iterdir() if p.name not in (_LOCK, "transfer.json", "eval-transfer",
+                                                                "log-transfer.txt")]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     (folder / "train.yaml").write_text(yaml.safe_dump(dict(config["train"]), sort_keys=True))
     save = [*_python(), str(Path(__file__).resolve()), "save-base", str(folder / "train.yaml"),
             str(folder / "model")]
@@ -159,6 +210,7 @@ def run_base(config: dict, output: Path) -> dict:
         _run(save, log)
         _run(evaluate, log)
     done = _finish(folder, folder / "eval", [shlex.join(save), shlex.join(evaluate)], started)
+    (folder / _LOCK).unlink(missing_ok=True)
     print("base: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items()), flush=True)
     return done
 
@@ -166,7 +218,7 @@ def run_base(config: dict, output: Path) -> dict:
 def run_transfer(config: dict, folder: Path, model: Path) -> dict:
     """Evaluate the finished run in ``folder`` (its model ``model``) on the transfer tasks."""
     done_path = folder / "transfer.json"
-    if done_path.is_file():
+    if not _claim(folder, "transfer.json", lock=_LOCK + "-transfer"):
         return json.loads(done_path.read_text())
     import shutil
 
@@ -181,6 +233,7 @@ def run_transfer(config: dict, folder: Path, model: Path) -> dict:
     scores = {task: score for task, (_, score) in read_run(folder / "eval-transfer").items()}
     done = {"scores": scores, "seconds": round(time.monotonic() - started, 1), "commands": [shlex.join(evaluate)]}
     done_path.write_text(json.dumps(done, indent=1))
+    (folder / (_LOCK + "-transfer")).unlink(missing_ok=True)
     print(f"transfer {folder}: " + ", ".join(f"{t} {s:.2f}" for t, s in scores.items()) + f" ({done['seconds']:.0f} s)", flush=True)
     return done
 
@@ -241,11 +294,14 @@ def run(config_path, output) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(Path(config_path).read_text())
     started = time.monotonic()
-    jobs = [lambda: run_base(config, output)] if config.get("base", True) else []
-    for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
-        for arm in config["arms"]:
-            jobs.append(lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output))
-    _parallel(jobs, int(config.get("parallel", 1)))
+    jobs = [(output / "base", lambda: run_base(config, output))] if config.get("base", True) else []
+    first = [a for a in config.get("priority", []) if a in config["arms"]]
+    for group in (first, [a for a in config["arms"] if a not in first]):
+        for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
+            for arm in group:
+                jobs.append((output / arm / f"seed{seed}", lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output)))
+    jobs.sort(key=lambda job: _held_elsewhere(job[0]))  # another runner's runs last: waited for, not redone
+    _parallel([job for _, job in jobs], int(config.get("parallel", 1)))
     print(f"all runs done in {time.monotonic() - started:.0f} s (this invocation)", flush=True)
     if config.get("transfer"):
         transfer(config, output)
