@@ -12,7 +12,9 @@ process; on a loaded CPU one thread per process runs 2-3x faster than two), ``pa
 once, default 1) and ``transfer`` (``tasks``, ``arms``, ``seeds``): after every run is done, also
 evaluate the base and those arms' seeds on the transfer tasks (``arms: best`` picks the mgh arm with
 the highest mean over seeds on the first ``eval`` task), into ``eval-transfer/`` and
-``transfer.json`` beside ``done.json``; ``priority`` (arm names): these arms' seeds run first.
+``transfer.json`` beside ``done.json``; ``priority`` (arm names): these arms' seeds run first;
+``launcher`` (a command list, e.g. ``[torchrun, --nproc-per-node, 8]``): what starts each training
+run in place of this Python (evaluation stays one process).
 A run being done by another live runner (its pid in the folder's ``.running``) is waited for, not
 redone; a run whose training finished (its model saved) is only re-evaluated.
 
@@ -167,10 +169,11 @@ def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) 
     trainer = overrides.pop("trainer", "mgh")
     options = {**config["train"], **overrides, "seed": seed, "output": str(folder / "run"), "progress": False}
     (folder / "train.yaml").write_text(yaml.safe_dump(options, sort_keys=True))
+    launcher = [str(a) for a in config.get("launcher") or _python()]  # e.g. torchrun --nproc-per-node 8
     if trainer == ST_TRAINER:
-        train = [*_python(), str(Path(__file__).resolve()), "st-train", str(folder / "train.yaml")]
+        train = [*launcher, str(Path(__file__).resolve()), "st-train", str(folder / "train.yaml")]
     else:
-        train = [*_python(), "-m", "mgh_train", "train", "--config", str(folder / "train.yaml")]
+        train = [*launcher, "-m", "mgh_train", "train", "--config", str(folder / "train.yaml")]
     evaluate = _eval_command(folder / "run" / "model", folder / "eval", config["eval"])
     (folder / "commands.txt").write_text(shlex.join(train) + "\n" + shlex.join(evaluate) + "\n")
     started = time.monotonic()
@@ -520,6 +523,8 @@ def st_train(config_path) -> int:
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.tau)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
     trainer.train()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one process writes the results
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "w") as handle:
         for h in trainer.state.log_history:
