@@ -125,6 +125,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _evaluated(eval_dir: Path, tasks: str) -> bool:
+    """Whether ``eval_dir`` holds a result for every task (mteb writes one when a task ends)."""
+    from mgh_train.evaluate import read_run
+
+    try:
+        return set(tasks.split(",")) <= set(read_run(eval_dir))
+    except ValueError:
+        return False
+
+
 def _held_elsewhere(folder: Path, lock: str = _LOCK) -> bool:
     try:
         holder = int((folder / lock).read_text().split()[0])
@@ -182,8 +192,9 @@ def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) 
             log.write("(training finished earlier: its model is kept)\n")
         else:
             _run(train, log)
-        shutil.rmtree(folder / "eval", ignore_errors=True)
-        _run(evaluate, log)
+        if not _evaluated(folder / "eval", config["eval"]["tasks"]):
+            shutil.rmtree(folder / "eval", ignore_errors=True)
+            _run(evaluate, log)
     done = _finish(folder, folder / "eval", [shlex.join(train), shlex.join(evaluate)], started)
     (folder / _LOCK).unlink(missing_ok=True)
     print(f"{arm} seed {seed}: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items())
@@ -200,8 +211,10 @@ def run_base(config: dict, output: Path) -> dict:
     folder = output / "base"
     if not _claim(folder, "done.json"):
         return json.loads((folder / "done.json").read_text())
-    for stale in [p for p in folder.iterdir() if p.name not in (_LOCK, "transfer.json", "eval-transfer",
-                                                                "log-transfer.txt")]:
+    keep = {_LOCK, _LOCK + "-transfer", "transfer.json", "eval-transfer", "log-transfer.txt"}
+    if (folder / "model" / "mgh_config.json").is_file() and _evaluated(folder / "eval", config["eval"]["tasks"]):
+        keep |= {"model", "eval", "log.txt", "train.yaml", "commands.txt"}  # finished but for done.json
+    for stale in [p for p in folder.iterdir() if p.name not in keep]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     (folder / "train.yaml").write_text(yaml.safe_dump(dict(config["train"]), sort_keys=True))
     save = [*_python(), str(Path(__file__).resolve()), "save-base", str(folder / "train.yaml"),
@@ -209,9 +222,10 @@ def run_base(config: dict, output: Path) -> dict:
     evaluate = _eval_command(folder / "model", folder / "eval", config["eval"])
     (folder / "commands.txt").write_text(shlex.join(save) + "\n" + shlex.join(evaluate) + "\n")
     started = time.monotonic()
-    with open(folder / "log.txt", "w") as log:
-        _run(save, log)
-        _run(evaluate, log)
+    if "eval" not in keep:
+        with open(folder / "log.txt", "w") as log:
+            _run(save, log)
+            _run(evaluate, log)
     done = _finish(folder, folder / "eval", [shlex.join(save), shlex.join(evaluate)], started)
     (folder / _LOCK).unlink(missing_ok=True)
     print("base: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items()), flush=True)
@@ -303,7 +317,6 @@ def run(config_path, output) -> int:
         for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
             for arm in group:
                 jobs.append((output / arm / f"seed{seed}", lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output)))
-    jobs.sort(key=lambda job: _held_elsewhere(job[0]))  # another runner's runs last: waited for, not redone
     _parallel([job for _, job in jobs], int(config.get("parallel", 1)))
     print(f"all runs done in {time.monotonic() - started:.0f} s (this invocation)", flush=True)
     if config.get("transfer"):
