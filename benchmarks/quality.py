@@ -84,6 +84,7 @@ def _env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if _THREADS:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(_THREADS)
+        env.setdefault("OMP_WAIT_POLICY", "passive")  # idle OpenMP threads sleep (see RESULTS.md, our ops on the CPU)
     return env
 
 
@@ -303,7 +304,9 @@ def transfer(config: dict, output: Path, only=None) -> None:
     _parallel(jobs, int(config.get("parallel", 1)))
 
 
-def run(config_path, output) -> int:
+def run(config_path, output, only=None) -> int:
+    """Every run of ``config_path`` (``only``: just these ``arm:seed`` names and/or ``base``, no
+    transfer or table: a second runner on the same output, to share the runs out)."""
     global _THREADS
     config = read_config(config_path)
     _THREADS = config.get("threads")
@@ -317,7 +320,16 @@ def run(config_path, output) -> int:
         for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
             for arm in group:
                 jobs.append((output / arm / f"seed{seed}", lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output)))
+    if only is not None:
+        names = {f"{f.parent.name}:{f.name[4:]}" if f.name.startswith("seed") else f.name for f, _ in jobs}
+        unknown = set(only) - names
+        if unknown:
+            raise ValueError(f"only: no run {', '.join(sorted(unknown))} in {config_path} (runs: {', '.join(sorted(names))})")
+        jobs = [(f, job) for f, job in jobs
+                if (f"{f.parent.name}:{f.name[4:]}" if f.name.startswith("seed") else f.name) in only]
     _parallel([job for _, job in jobs], int(config.get("parallel", 1)))
+    if only is not None:
+        return 0
     print(f"all runs done in {time.monotonic() - started:.0f} s (this invocation)", flush=True)
     if config.get("transfer"):
         transfer(config, output)
@@ -554,6 +566,8 @@ def main(argv=None) -> int:
     p = commands.add_parser("run", help="train and evaluate every arm and seed (skips finished ones)")
     p.add_argument("config")
     p.add_argument("--output", required=True)
+    p.add_argument("--only", help="comma-separated arm:seed names and/or base: only these runs (no transfer, "
+                                  "no table); a runner on the same output waits for them instead of redoing them")
     p = commands.add_parser("transfer", help="only the transfer evaluations of finished runs (skips done ones)")
     p.add_argument("config")
     p.add_argument("--output", required=True)
@@ -577,7 +591,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            return run(args.config, args.output)
+            return run(args.config, args.output, args.only.split(",") if args.only else None)
         if args.command == "transfer":
             global _THREADS
             config = read_config(args.config)

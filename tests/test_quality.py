@@ -14,10 +14,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STSB_TEST = ROOT.parent / "shared" / "data" / "stsb" / "stsb-en-test.csv"
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not STSB_TEST.is_file(), reason="needs ../shared/data/stsb")
+@pytest.mark.skipif(not STSB_TEST.is_file() or not SCIFACT.is_dir(), reason="needs ../shared/data/stsb, scifact")
 def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("mteb")
@@ -37,8 +38,11 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
         "arms": {"curriculum": {}, "st-mnrl": {"trainer": "sentence-transformers"}},
         "seeds": [0, 1],
         "eval": {"tasks": "STSBenchmark", "data_dir": str(tmp_path / "data"), "batch_size": 16},
-        "base": True,
+        "transfer": {"tasks": "SciFact", "data_dir": str(tmp_path / "beir"), "arms": "best", "seeds": [0]},
+        "base": True, "threads": 1, "parallel": 2, "priority": ["st-mnrl"],
     }
+    quality = _quality()  # the transfer task: the real SciFact queries over a 300-document subsample
+    quality.subsample_beir(SCIFACT, tmp_path / "beir" / "scifact", docs=300)
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", str(tmp_path / "q.yaml"),
@@ -55,8 +59,15 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
             assert done_json["scores"]["STSBenchmark"] == value
             assert (Path(run) / "commands.txt").read_text().count("mgh_train eval") == 1
             assert list((Path(run) / "eval").rglob("STSBenchmark.json"))
+    for folder in (out / "base", out / "curriculum" / "seed0"):  # base and the best (only) mgh arm
+        transfer = json.loads((folder / "transfer.json").read_text())
+        assert "SciFact" in transfer["scores"] and "mgh_train eval" in transfer["commands"][0]
+    assert not (out / "curriculum" / "seed1" / "transfer.json").exists()
+    assert summary["curriculum"]["tasks"]["SciFact"]["values"] == [
+        json.loads((out / "curriculum" / "seed0" / "transfer.json").read_text())["scores"]["SciFact"]]
+    assert not list(out.rglob(".running*"))  # every lock released
     table = (out / "table.md").read_text()
-    assert "| curriculum | 2 |" in table and "±" in table
+    assert "| curriculum | 2 |" in table and "±" in table and "(n=1)" in table
     # a second run finds everything done and retrains nothing
     stamp = (out / "curriculum" / "seed0" / "done.json").stat().st_mtime
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
