@@ -124,3 +124,37 @@ def test_best_arm_skips_the_baseline_and_table_adds_transfer_scores(tmp_path):
     assert "| random | 2 | 52.00 ± 1.41 | 40.00 (n=1) |" in text
     assert "| base (untrained) | 1 | 36.00 | 30.00 |" in text
     assert "| curriculum | 2 | 51.00 ± 1.41 |  |" in text
+
+
+def test_claim_takes_a_dead_runners_lock_and_waits_for_a_live_one(tmp_path):
+    import threading
+
+    quality = _quality()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "arm" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / ".running").write_text(f"{dead.pid}\n")
+    assert quality._claim(folder, "done.json") is True  # a killed runner's lock does not block
+    assert (folder / ".running").read_text().split()[0] == str(__import__("os").getpid())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / ".running").write_text(f"{live.pid}\n")
+        assert quality._held_elsewhere(folder)
+        threading.Timer(1.0, lambda: _done(folder, {"STSBenchmark": 1.0})).start()
+        assert quality._claim(folder, "done.json") is False  # waited for the live runner's result
+    finally:
+        live.kill()
+
+
+def test_run_only_names_an_unknown_run_in_one_line(tmp_path):
+    config = {"train": {"model": "tiny", "steps": 1}, "arms": {"curriculum": {}}, "seeds": [0],
+              "eval": {"tasks": "STSBenchmark"}}
+    import yaml
+
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", str(tmp_path / "q.yaml"),
+                           "--output", str(tmp_path / "out"), "--only", "random:0"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: only: no run random:0 in " + str(tmp_path / "q.yaml")
+                                   + " (runs: base, curriculum:0)")
