@@ -403,6 +403,15 @@ def table(output, plot=None) -> str:
     lines.append("Runs (each has commands.txt with its exact train and eval commands):")
     for name, row in rows.items():
         lines.append(f"- {name}: " + ", ".join(row["runs"]))
+    lines += ["", "Commands behind each figure (train.yaml: the config's train options, the arm's switch, "
+              "the seed and the run folder):", "", "```bash"]
+    for name, row in rows.items():
+        for run in row["runs"]:
+            for done_name in ("done.json", "transfer.json"):
+                path = Path(run) / done_name
+                if path.is_file():
+                    lines += json.loads(path.read_text()).get("commands", [])
+    lines.append("```")
     text = "\n".join(lines)
     (output / "table.md").write_text(text + "\n")
     (output / "table.json").write_text(json.dumps(summary, indent=1))
