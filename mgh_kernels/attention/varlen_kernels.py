@@ -109,7 +109,7 @@ def _varlen_colsum_kernel(
             q_ptr, lse_ptr = Q + start * sqt + h * sqh, LSE + h * TOTAL + start
             for start_m in range(lo, L, BLOCK_M):
                 col += _colsum_tile(q_ptr, lse_ptr, 1, 1.0, kt, offs_n, start_m, sqt, sqd, L, D, qk_scale,
-                                    CAUSAL, True, EVEN_D, PRECISION, 0, BLOCK_M, BLOCK_N, BLOCK_D)
+                                    CAUSAL, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         tl.store(PART + hk * TOTAL + start + offs_n, tl.sum(col, 0) * inv_heads, mask=col_in)
 
 
