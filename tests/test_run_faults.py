@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
+from tiny_models import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,10 +85,7 @@ def steps_written(output: Path) -> int:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_decoder("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 # --------------------------------------------------------------------------------------------

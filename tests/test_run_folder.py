@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
+from tiny_models import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +53,7 @@ def metric_steps(output: Path) -> list:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_decoder("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

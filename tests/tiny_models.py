@@ -60,3 +60,10 @@ def tiny_decoder(family: str = "llama", vocab_size: int = 400, seed: int = 0, la
     )
     torch.manual_seed(seed)
     return model_cls(config).eval()
+
+
+def save_tiny_llama(folder):
+    """Write the tiny Llama and its tokenizer to ``folder`` (a model folder ``--model`` loads); returns it."""
+    tiny_decoder("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
