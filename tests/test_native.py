@@ -1,4 +1,4 @@
-"""The native CPU library (``csrc/cpu_sweep.c`` built by ``_native``) and its row passes
+"""The native CPU library (``mgh_kernels/csrc/cpu_sweep.c`` built by ``_native``) and its row passes
 (``cpu_rows``): against float64 by flash-attention's rule, against the PyTorch ops they
 replace, and the fallbacks (no compiler, a failed build, ``MGH_NATIVE=0``)."""
 
@@ -316,7 +316,7 @@ def test_exp_floor_is_a_float32_normal_exponent():
 
 
 def test_missing_source_falls_back_quietly(fresh, monkeypatch, recwarn):
-    """An installed wheel ships no csrc/: the PyTorch ops run, with no warning."""
+    """A packaging that dropped mgh_kernels/csrc/: the PyTorch ops run, with no warning."""
     monkeypatch.setattr(_native, "SOURCE", fresh / "absent" / "cpu_sweep.c")
     assert _native.library() is None
     assert _native.status() == f"no source at {fresh / 'absent' / 'cpu_sweep.c'}"
