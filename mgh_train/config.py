@@ -4,7 +4,11 @@
 
 Every field of :class:`TrainConfig` is a flag (``lora_r`` -> ``--lora-r``; booleans also take
 ``--no-...``) and a YAML key of the same name (underscores or dashes). ``--help`` lists them all
-with their defaults.
+with their defaults. Each option is declared once, with its help text in the field's metadata:
+the embedder's (``--pooling`` ... ``--max-length``) in :mod:`mgh_train.model.options`, which
+:class:`TrainConfig` inherits, the run's here. :meth:`TrainConfig.validate` checks them all
+before any data or model is loaded; ``--resume`` compares them with a checkpoint's
+(:mod:`mgh_train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -275,23 +279,24 @@ def read_yaml(path) -> dict:
         name = str(key).replace("-", "_")
         if name not in hints:
             raise ValueError(f"config: {path}: unknown option {key!r} (see --help)")
-        kind = _base_type(hints[name])
-        if value is not None:
-            if kind is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if kind is list and not isinstance(value, list):
-                value = [value]
-            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
-                kind is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok:
-                raise ValueError(f"config: {path}: option {key!r} expects {kind.__name__}, got {value!r}")
-            if kind is float:
-                value = float(value)
-        out[name] = value
+        out[name] = None if value is None else _yaml_value(value, _base_type(hints[name]), f"{path}: option {key!r}")
     return out
+
+
+def _yaml_value(value, kind: type, where: str):
+    """``value`` as PyYAML read it, made the option's ``kind`` (ValueError naming ``where`` if it is not)."""
+    if kind is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is list and not isinstance(value, list):
+        value = [value]
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+        kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"config: {where} expects {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -302,10 +307,7 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse ``argv``: the YAML of ``--config`` replaces the defaults, the flags replace both."""
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
-        target = parser
-        for action in parser._actions:  # the subcommand's own parser holds its defaults
-            if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
-                target = action.choices[argv[0]]
+        target = _subcommand_parser(parser, argv)  # the subcommand's own parser holds its defaults
         try:
             target.set_defaults(**read_yaml(first.config))
         except ValueError as error:
@@ -314,15 +316,20 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, argv) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``argv`` starts with, or ``parser`` itself."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
+            return action.choices[argv[0]]
+    return parser
+
+
 def suggest_flags(parser: argparse.ArgumentParser, argv) -> None:
     """A mistyped ``--flag`` of a subcommand ends in that subcommand's usage and the closest flags
     (difflib), where argparse would print the top-level usage without a hint."""
     import difflib
 
-    target = parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
-            target = action.choices[argv[0]]
+    target = _subcommand_parser(parser, argv)
     known = [s for action in target._actions for s in action.option_strings]
     for token in argv:
         if token == "--":

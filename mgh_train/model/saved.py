@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..checks import MGH_CONFIG
 from ..precision import DTYPES
 from .base import base_of, forget_gguf, load_base, public_attention_name
 from .options import DEFAULT_INSTRUCTION, SMOLLM2, EmbedderConfig
 
 FORMAT = "mgh-embedder/1"
-CONFIG_NAME = "mgh_config.json"
+CONFIG_NAME = MGH_CONFIG  # "mgh_config.json", declared in checks.py, which imports no transformers
 
 
 @dataclass
