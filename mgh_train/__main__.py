@@ -146,6 +146,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    train(train_config.config_from_args(args))  # every option checked here, before data or model loads
+    return 0
+
+
+RUNNERS = {"demo": demo.run, "train": _train, "export": _export, "eval": _evaluate, "compare": _compare,
+           "synth": synth_cli.run_synth, "verify": synth_cli.run_verify, "mine": mine_cli.run,
+           "kernel-demo": kernel_demo.run}
+"""The function each subcommand runs on its parsed arguments; it returns the exit status."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -153,26 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = [DEFAULT_SUBCOMMAND, *argv]
     args = train_config.parse(parser, argv)
     try:
-        if args.command in ("demo", "train"):
-            if args.command == "demo":
-                return demo.run(args)
-            from .trainer import train
-
-            train(train_config.config_from_args(args))
-            return 0
-        if args.command == "export":
-            return _export(args)
-        if args.command == "eval":
-            return _evaluate(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "synth":
-            return synth_cli.run_synth(args)
-        if args.command == "verify":
-            return synth_cli.run_verify(args)
-        if args.command == "mine":
-            return mine_cli.run(args)
-        return kernel_demo.run(args)
+        return RUNNERS[args.command](args)
     except ValueError as error:  # bad options or data: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

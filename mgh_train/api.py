@@ -18,7 +18,7 @@ option (``steps``, ``lr``, ``pooling``, ``lora_r``, ...); this calls :func:`mgh_
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from .config import TrainConfig
 from .data import Example, needs_of, parse_row

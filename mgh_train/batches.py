@@ -38,6 +38,10 @@ from .data import Example, NoDuplicatesBatcher, negatives_for, stage_at
 from .interrupts import quiet_worker
 from .model import DEFAULT_INSTRUCTION, pad, token_ids
 
+PAD_MULTIPLE = 8  # a bucket's length rounds up to this
+COMPILE_PAD_MULTIPLE = 64  # under --compile: fewer distinct lengths, fewer recompiles
+PADDING_SLACK = 0.2  # the fewest buckets whose padding is at most this share of the real tokens win
+
 
 def instruction_of(example: Example) -> str:
     """The instruction a training query is prefixed with: its row's, else its task, else the default."""
@@ -133,8 +137,8 @@ class RankPlans:
 # --------------------------------------------------------------------------------------------
 
 
-def length_buckets(lengths: Sequence[int], *, multiple: int = 8, max_buckets: int = 4,
-                   slack: float = 0.2) -> list[list[int]]:
+def length_buckets(lengths: Sequence[int], *, multiple: int = PAD_MULTIPLE, max_buckets: int = 4,
+                   slack: float = PADDING_SLACK) -> list[list[int]]:
     """Split texts of these token ``lengths`` into padded buckets, one encoder forward each.
 
     The texts are sorted longest first and cut into contiguous groups, each padded to its longest
@@ -254,7 +258,8 @@ class Collate:
         one_forward: a plain micro-batch is one bucket (FSDP2, whose forwards are collective).
     """
 
-    def __init__(self, tokenizer, config, *, multiple: int = 8, max_buckets: int = 4, slack: float = 0.2,
+    def __init__(self, tokenizer, config, *, multiple: int = PAD_MULTIPLE, max_buckets: int = 4,
+                 slack: float = PADDING_SLACK,
                  chunk_size: int = 0, chunk_tokens: int = 0, one_forward: bool = False):
         self.tokenizer, self.config = tokenizer, config
         self.multiple, self.max_buckets, self.slack = multiple, 1 if one_forward else max_buckets, slack

@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 
 CHECKPOINT_FORMAT = "mgh-checkpoint/1"
-CHECKPOINT_FILES = ("trainable.pt", "state.pt", "config.json")
+CHECKPOINT_FILES = ("trainable.pt", "state.pt", "config.json", "run.json")  # run.json: sizes and data fingerprint
 SHARDED = "sharded"  # FSDP2's checkpoints: torch.distributed.checkpoint's folder instead of trainable.pt
 RUN_STATE = ("checkpoints", "metrics.jsonl", "model", "tensorboard")  # what a run writes in its folder
 
@@ -76,7 +76,7 @@ class Checkpoint:
     trainable: dict
     state: dict
     config: dict
-    fingerprint: Optional[str]  # None for checkpoints written before fingerprints were saved
+    fingerprint: str  # of the training examples (mgh_train.data.fingerprint)
     world: int = 1  # the processes that wrote it
 
     @property
@@ -101,9 +101,7 @@ class RunPlan:
         checkpoint = self.checkpoint
         if checkpoint is None:
             return
-        if checkpoint.fingerprint is None:
-            log(f"resume: {checkpoint.path} predates data fingerprints; the training data is not compared")
-        elif checkpoint.fingerprint != fingerprint:
+        if checkpoint.fingerprint != fingerprint:
             raise ValueError(
                 f"resume: {checkpoint.path} was trained on other examples than --data/--public-data give now "
                 "(the files' content, --holdout, --public-ratio or --skip-bad-rows differ), so the data order "
@@ -282,14 +280,15 @@ def read_checkpoint(path: Path) -> Checkpoint:
     missing = [name for name in wanted if not (path / name).is_file()]
     if missing:
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: {', '.join(missing)} missing")
-    manifest = {}
-    if (path / "run.json").is_file():
-        manifest = _read_json(path / "run.json", path)
-        for name, size in manifest.get("sizes", {}).items():
-            actual = (path / name).stat().st_size if (path / name).is_file() else None
-            if actual != size:
-                raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: {name} has {actual} bytes, "
-                                        f"{size} were written")
+    manifest = _read_json(path / "run.json", path)
+    if not isinstance(manifest.get("data_fingerprint"), str) or not isinstance(manifest.get("sizes"), dict):
+        raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: run.json lacks the data fingerprint or "
+                                "the files' sizes")
+    for name, size in manifest["sizes"].items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: {name} has {actual} bytes, "
+                                    f"{size} were written")
     config = _read_json(path / "config.json", path)
     try:
         trainable = None if sharded else torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
@@ -297,12 +296,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except Exception as error:  # noqa: BLE001 - a torn or foreign file fails in many ways; all mean damaged
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: cannot read it "
                                 f"({type(error).__name__}: {_first_line(error)})") from None
-    expected = {"step", "optimizer", "scheduler", "sampler", "negatives_rng", "rng"}
+    expected = {"step", "optimizer", "scheduler", "sampler", "negatives_rng", "rng", "world_size"}
     if not (sharded or isinstance(trainable, dict)) or not isinstance(state, dict) or not expected <= set(state):
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: its state lacks "
                                 f"{', '.join(sorted(expected - set(state if isinstance(state, dict) else ())))}")
-    return Checkpoint(path, int(state["step"]), trainable, state, config, manifest.get("data_fingerprint"),
-                      int(state.get("world_size", 1)))
+    return Checkpoint(path, int(state["step"]), trainable, state, config, manifest["data_fingerprint"],
+                      int(state["world_size"]))
 
 
 def _read_json(file: Path, checkpoint: Path) -> dict:
@@ -326,28 +325,19 @@ def compare_options(checkpoint: Checkpoint, cfg, world: int = 1) -> dict:
     or the data order (ValueError listing them); the changed :data:`MAY_CHANGE` options, as
     ``{name: (before, now)}``. ``batch_size`` and ``gather`` are compared as what they make of
     ``world`` processes: the global batch, and whether every query's candidates are all of it."""
-    saved = checkpoint.config
-    refused, applied = [], {}
-    before_batch, now_batch = saved.get("batch_size", 16) * checkpoint.world, cfg.batch_size * world
-    if before_batch != now_batch and checkpoint.world == world:
-        refused.append(f"batch_size {saved.get('batch_size', 16)!r} -> {cfg.batch_size!r}")
-    elif before_batch != now_batch:
-        refused.append(f"the global batch (batch_size x processes) {saved.get('batch_size', 16)} x {checkpoint.world} "
-                       f"= {before_batch} -> {cfg.batch_size} x {world} = {now_batch}")
-    before_pool, now_pool = _pool(saved.get("gather"), checkpoint.world), _pool(cfg.gather, world)
-    if before_pool != now_pool:
-        refused.append(f"gather: each query's candidates {before_pool} -> {now_pool}")
-    for f in fields(cfg):
-        if f.name in NOT_COMPARED or f.name in PER_WORLD:
+    options = {f.name: f for f in fields(cfg)}
+    saved = {name: checkpoint.config.get(name, _default(f)) for name, f in options.items()}
+    refused, applied = _per_world_changes(saved, checkpoint.world, cfg, world), {}
+    for name in options:
+        if name in NOT_COMPARED or name in PER_WORLD:
             continue
-        now = getattr(cfg, f.name)
-        before = saved.get(f.name, _default(f))  # an option added since the checkpoint: its default
+        now, before = getattr(cfg, name), saved[name]
         if _same(before, now):
             continue
-        if f.name in MAY_CHANGE:
-            applied[f.name] = (before, now)
+        if name in MAY_CHANGE:
+            applied[name] = (before, now)
         else:
-            refused.append(f"{f.name} {before!r} -> {now!r}")
+            refused.append(f"{name} {before!r} -> {now!r}")
     if refused:
         raise ValueError(
             f"resume: {checkpoint.path} was trained with other options, which change the model, the objective "
@@ -355,6 +345,22 @@ def compare_options(checkpoint: Checkpoint, cfg, world: int = 1) -> dict:
             "(another --output, or --overwrite)"
         )
     return applied
+
+
+def _per_world_changes(saved: dict, saved_world: int, cfg, world: int) -> list:
+    """The refused changes of :data:`PER_WORLD`: the global batch (``batch_size`` x processes) and
+    whether each query's candidates are the whole global batch (``gather``)."""
+    refused = []
+    before_batch, now_batch = saved["batch_size"] * saved_world, cfg.batch_size * world
+    if before_batch != now_batch and saved_world == world:
+        refused.append(f"batch_size {saved['batch_size']!r} -> {cfg.batch_size!r}")
+    elif before_batch != now_batch:
+        refused.append(f"the global batch (batch_size x processes) {saved['batch_size']} x {saved_world} "
+                       f"= {before_batch} -> {cfg.batch_size} x {world} = {now_batch}")
+    before_pool, now_pool = _pool(saved["gather"], saved_world), _pool(cfg.gather, world)
+    if before_pool != now_pool:
+        refused.append(f"gather: each query's candidates {before_pool} -> {now_pool}")
+    return refused
 
 
 def _pool(gather: Optional[bool], world: int) -> str:
@@ -441,20 +447,29 @@ def load_weights_and_optimizer(embedder, optimizer, checkpoint: Checkpoint, *, s
 
 def _load_sharded(embedder, optimizer, checkpoint: Checkpoint) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    options = StateDictOptions(ignore_frozen_params=True)
-    state = {"model": get_model_state_dict(embedder, options=options),
-             "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options)}
+    state = _sharded_state(embedder, optimizer)
     try:
         dcp.load(state, checkpoint_id=checkpoint.path / SHARDED)
     except Exception as error:  # noqa: BLE001 - DCP reports a mismatch in several exception types
         raise ValueError(f"resume: {checkpoint.path} does not match this model ({type(error).__name__}: "
                          f"{_first_line(error)})") from None
     set_model_state_dict(embedder, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    set_optimizer_state_dict(embedder, optimizer, state["optimizer"], options=options)
+    set_optimizer_state_dict(embedder, optimizer, state["optimizer"],
+                             options=StateDictOptions(ignore_frozen_params=True))
+
+
+def _sharded_state(embedder, optimizer) -> dict:
+    """FSDP2's checkpoint state: the trainable weights' and the optimizer's shards of this rank, as
+    ``torch.distributed.checkpoint`` saves them and loads into them in place."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    return {"model": get_model_state_dict(embedder, options=options),
+            "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options)}
 
 
 def load_trainable(embedder, checkpoint: Checkpoint) -> None:
@@ -499,13 +514,8 @@ def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, 
     barrier()  # the folder is there, empty
     if sharded:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
 
-        options = StateDictOptions(ignore_frozen_params=True)
-        dcp.save({"model": get_model_state_dict(embedder, options=options),
-                  "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options)},
-                 checkpoint_id=tmp / SHARDED)
+        dcp.save(_sharded_state(embedder, optimizer), checkpoint_id=tmp / SHARDED)
     if rank > 0:
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     else:

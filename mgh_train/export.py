@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .files import atomic_folder
-from .model import DEFAULT_INSTRUCTION, Embedder, _save_base
+from .model import DEFAULT_INSTRUCTION, Embedder
+from .model.saved import save_base
 
 FORMATS = ("mgh", "sentence-transformers")
 ST_POOLING_MODES = {"mean": "mean", "last_token": "lasttoken", "weighted_mean": "weightedmean", "first_token": "cls"}
@@ -165,7 +166,7 @@ def export_sentence_transformers(embedder: Embedder, output, *, eval_results=Non
     notes = []
     output = Path(output)
     with atomic_folder(output, markers=("modules.json", "mgh_config.json")) as tmp:
-        _save_base(embedder.merged_model(), None, tmp, cfg.dtype)
+        save_base(embedder.merged_model(), None, tmp, cfg.dtype)
         tokenizer = _copy_tokenizer(embedder.tokenizer, tmp)
         if cfg.add_eos:
             tokenizer.add_eos_token = True  # the tokenizer's post-processor appends EOS, as mgh's tokenize does

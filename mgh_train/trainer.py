@@ -41,7 +41,7 @@ import torch
 from mgh_kernels import infonce_loss, reference
 
 from . import disk_space, distributed, interrupts, packing, peers, run_lock
-from .batches import Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
+from .batches import COMPILE_PAD_MULTIPLE, PAD_MULTIPLE, Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
 from .checkpoints import (check_output, load_weights_and_optimizer, plan_run, rank_rng_state, restore_schedule, save_checkpoint,
                           set_rng_state)
 from .checks import check_base_model
@@ -453,7 +453,7 @@ def micro_batch_loader_for(cfg: TrainConfig, train_set: list, batcher, rng, embe
     if cfg.packing:  # padded buckets -> packed rows (mgh_train/packing.py)
         collate = packing.collate_for(cfg, embedder.tokenizer, embedder.config, one_forward=engine.collective_forward)
     else:
-        collate = Collate(embedder.tokenizer, embedder.config, multiple=64 if cfg.compile else 8,
+        collate = Collate(embedder.tokenizer, embedder.config, multiple=COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE,
                           max_buckets=cfg.max_buckets, chunk_size=cfg.chunk_size, chunk_tokens=cfg.chunk_tokens,
                           one_forward=engine.collective_forward)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers

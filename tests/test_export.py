@@ -183,7 +183,7 @@ def test_saving_never_replaces_a_folder_that_is_not_a_model(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_folder_as_it_was(tmp_path, monkeypatch):
-    from mgh_train import model as model_module
+    from mgh_train.model import saved as model_module
 
     embedder = build(pooling="mean")
     folder = embedder.save(tmp_path / "model")
@@ -192,7 +192,7 @@ def test_a_failed_save_leaves_the_previous_folder_as_it_was(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(model_module, "_write_sentence_transformers_files", broken)
+    monkeypatch.setattr(model_module, "write_sentence_transformers_files", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         embedder.save(tmp_path / "model", merged=True)
     with pytest.raises(RuntimeError, match="disk full"):
