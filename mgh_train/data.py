@@ -26,6 +26,9 @@ triplets makes its micro-batch in-batch only (:func:`schedule_notes` says so bef
 
 Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the same columns
 (:mod:`mgh_train.data_tables`); their bad rows are named ``file:row N`` (N from 0).
+
+A training run's examples, its held-out share and its public data mixed in come from
+:func:`load_training_data`; :func:`jsonl_rows` is the one JSON Lines row reader (``verify`` uses it too).
 """
 
 from __future__ import annotations
