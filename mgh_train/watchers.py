@@ -30,7 +30,7 @@ class Watchers:
 
     def __init__(self, cfg, ranks: Ranks, start: int, log: Callable[[str], None]):
         output, main = Path(cfg.output), ranks.main
-        self.log = RunLog(output / "metrics.jsonl" if main else None, start,
+        self.run_log = RunLog(output / "metrics.jsonl" if main else None, start,
                           open_trackers(cfg.report_to, output, cfg.to_dict()) if main else None)
         self.profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile and main else None
         self.bar = TrainBar(cfg.steps, start) if cfg.progress and main else None
@@ -38,7 +38,7 @@ class Watchers:
     def step(self, step: int, outcome, *, lr: float, batches: list) -> None:
         """Record step ``step`` (1-based): its :class:`~mgh_train.step.StepOutcome` (device tensors,
         not read) and the micro-batches it trained on."""
-        self.log.add(step, outcome, lr=lr, stage=batches[0].plan.stage, plans=[b.plan for b in batches])
+        self.run_log.add(step, outcome, lr=lr, stage=batches[0].plan.stage, plans=[b.plan for b in batches])
         if self.bar is not None:
             self.bar.step(outcome.loss)
         if self.profiler is not None:
@@ -47,7 +47,7 @@ class Watchers:
     def flush(self, extra: Optional[dict] = None):
         """:meth:`RunLog.flush <mgh_train.metrics.RunLog.flush>`: the pending steps' rows (``extra``
         joins the last) and the first non-finite step (None if none); the bar shows the last row."""
-        rows, bad = self.log.flush(extra)
+        rows, bad = self.run_log.flush(extra)
         if bad is None and rows and self.bar is not None:
             self.bar.logged(rows[-1])
         return rows, bad
@@ -57,7 +57,7 @@ class Watchers:
             self.profiler.close()
         if self.bar is not None:
             self.bar.close()
-        self.log.close()
+        self.run_log.close()
 
     def __enter__(self) -> "Watchers":
         return self
