@@ -229,9 +229,8 @@ def make_mgh_step(folder: Path, rows: list, device, precision, pooling: str = "m
 
     from mgh_kernels import infonce_loss
     from mgh_train.batches import Collate
-    from mgh_train.config import TrainConfig
     from mgh_train.model import Embedder, EmbedderConfig
-    from mgh_train.step import TrainStep, compiled_loss, make_optimizer
+    from mgh_train.step import TrainStep, make_optimizer
 
     config = EmbedderConfig(base_model=None, pooling=pooling, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
                             lora_dropout=LORA["lora_dropout"])
@@ -246,7 +245,7 @@ def make_mgh_step(folder: Path, rows: list, device, precision, pooling: str = "m
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     train_step = TrainStep(embedder, optimizer, infonce_loss, tau=TAU, negatives="global", max_grad_norm=1.0,
                            precision=precision, scaler=precision.grad_scaler(),
-                           loss_wrapper=compiled_loss(embedder, TrainConfig(compile=True)) if compile else None)
+                           compile=compile)
 
     def step():
         return train_step([batch]).loss

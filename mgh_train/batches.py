@@ -1,9 +1,11 @@
 """Micro-batches: which examples and negatives each one trains with, its texts tokenized into length
 buckets, and the DataLoader that prepares them off the training loop's critical path.
 
-    plans = MicroBatchPlanner(examples, batcher, rng, cfg, start_step=0)    # main process, in order
-    loader = micro_batch_loader(plans, Collate(embedder.tokenizer, embedder.config, ...), workers=2)
-    for batch in loader:                   # MicroBatch, pinned on CUDA: batch.to(device)
+    planner = MicroBatchPlanner(examples, NoDuplicatesBatcher(examples, batch_size=8), random.Random(0),
+                                schedule="curriculum", steps=10, stage_steps=None, grad_accum=1)
+    loader = micro_batch_loader(planner, Collate(embedder.tokenizer, embedder.config), workers=2,
+                                pin_memory=torch.cuda.is_available())
+    for batch in loader:                   # MicroBatch, in the planner's order: batch.to(device)
         ...
 
 The planner runs in the main process and is cheap: the no-duplicates sampler, the curriculum stage
@@ -137,6 +139,11 @@ class RankPlans:
 # --------------------------------------------------------------------------------------------
 
 
+def round_up(length: int, multiple: int) -> int:
+    """The padded length of a text of ``length`` tokens (at least 1): rounded up to ``multiple``."""
+    return -(-max(1, length) // multiple) * multiple
+
+
 def length_buckets(lengths: Sequence[int], *, multiple: int = PAD_MULTIPLE, max_buckets: int = 4,
                    slack: float = PADDING_SLACK) -> list[list[int]]:
     """Split texts of these token ``lengths`` into padded buckets, one encoder forward each.
@@ -152,7 +159,7 @@ def length_buckets(lengths: Sequence[int], *, multiple: int = PAD_MULTIPLE, max_
     if not lengths:
         return []
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rounded = [-(-max(1, lengths[i]) // multiple) * multiple for i in order]
+    rounded = [round_up(lengths[i], multiple) for i in order]
     # runs of equal rounded length: cuts only fall between runs
     runs = [(value, len(list(group))) for value, group in itertools.groupby(rounded)]
     starts = [0] + list(itertools.accumulate(count for _, count in runs))
@@ -184,6 +191,15 @@ def length_buckets(lengths: Sequence[int], *, multiple: int = PAD_MULTIPLE, max_
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def check_chunk_tokens(chunk_tokens: int, *, collective: bool) -> None:
+    """Refuse a token budget on GradCache's chunks (``chunk_tokens``) where every forward is a
+    collective (FSDP2): every rank must then run as many forwards, which a budget in tokens, cut
+    from each rank's own texts, does not promise (a budget in texts, ``chunk_size``, does)."""
+    if collective and chunk_tokens:
+        raise ValueError("chunk_tokens: under --parallel fsdp every forward is collective, so every process must run "
+                         "as many: bound GradCache's chunks by --chunk-size only")
+
+
 def chunks(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, multiple: int = 8) -> list[list[int]]:
     """GradCache's chunks: the texts sorted longest first, cut into runs of at most ``size`` texts
     (0: no cap) whose padded tokens (texts x the run's first length rounded up to ``multiple``)
@@ -195,7 +211,7 @@ def chunks(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, multiple: 
         if size:
             n = min(n, size)
         if tokens:
-            longest = -(-max(1, lengths[order[start]]) // multiple) * multiple
+            longest = round_up(lengths[order[start]], multiple)
             n = min(n, max(1, tokens // longest))
         out.append(order[start:start + n])
         start += n
@@ -264,9 +280,7 @@ class Collate:
         self.tokenizer, self.config = tokenizer, config
         self.multiple, self.max_buckets, self.slack = multiple, 1 if one_forward else max_buckets, slack
         self.chunk_size, self.chunk_tokens = chunk_size, chunk_tokens
-        if one_forward and chunk_tokens:
-            raise ValueError("chunk_tokens: ranks whose forwards are collective (FSDP2) must run as many each; "
-                             "bound GradCache's chunks by --chunk-size only")
+        check_chunk_tokens(chunk_tokens, collective=one_forward)
 
     def __call__(self, plan: Plan) -> MicroBatch:
         queries = [e.query for e in plan.examples]
@@ -322,5 +336,5 @@ def _identity(batch):
     return batch
 
 
-__all__ = ["Collate", "MicroBatch", "MicroBatchPlanner", "Plan", "RankPlans", "chunks", "instruction_of",
-           "length_buckets", "micro_batch_loader"]
+__all__ = ["Collate", "MicroBatch", "MicroBatchPlanner", "Plan", "RankPlans", "check_chunk_tokens", "chunks",
+           "instruction_of", "length_buckets", "micro_batch_loader", "round_up"]

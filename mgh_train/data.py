@@ -26,6 +26,9 @@ triplets makes its micro-batch in-batch only (:func:`schedule_notes` says so bef
 
 Parquet files and Hugging Face ``datasets`` folders (``save_to_disk``) hold the same columns
 (:mod:`mgh_train.data_tables`); their bad rows are named ``file:row N`` (N from 0).
+
+A training run's examples, its held-out share and its public data mixed in come from
+:func:`load_training_data`; :func:`jsonl_rows` is the one JSON Lines row reader (``verify`` uses it too).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from .data_tables import is_table
 
@@ -226,8 +230,8 @@ def needs_of(schedule: str, steps: int, stage_steps: Optional[Sequence[int]] = N
         return RowNeeds(schedule, frozenset())
     if schedule == "all":
         return RowNeeds(schedule, frozenset(LEVELS))
-    if schedule.startswith("level:"):
-        return RowNeeds(schedule, frozenset({int(schedule[6:])}))
+    if level_of(schedule) is not None:
+        return RowNeeds(schedule, frozenset({level_of(schedule)}))
     stages = stages_used(steps, stage_steps)
     if schedule == "reverse":
         return RowNeeds(schedule, frozenset(len(LEVELS) + 1 - s for s in stages))
@@ -292,21 +296,44 @@ def read_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds
         raise DataError(f"{path}: no such data file")
     report = ReadReport()
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = decode_line(raw, number == 1)
-                if not line.strip():
-                    continue
-                example = parse_row(json.loads(line))
-                if needs is not None:
-                    needs.check(example)
-                report.examples.append(example)
-            except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-                reason = f"invalid JSON: {err}" if isinstance(err, json.JSONDecodeError) else str(err)
-                if not skip_bad_rows:
-                    raise DataError(f"{path}:{number}: {reason}") from None
-                report.skipped.append((number, reason))
+        for row in jsonl_rows(f, needs):
+            if row.error is None:
+                report.examples.append(row.example)
+            elif skip_bad_rows:
+                report.skipped.append((row.number, row.error))
+            else:
+                raise DataError(f"{path}:{row.number}: {row.error}")
     return report
+
+
+class JsonlRow(NamedTuple):
+    """One non-blank line of a JSON Lines file: its number (from 1), its text, and either its
+    :class:`Example` or, where the row is bad, what is wrong (``error``, without the file:line)."""
+
+    number: int
+    line: str
+    example: Optional[Example]
+    error: Optional[str]
+
+
+def jsonl_rows(handle: Iterable[bytes], needs: Optional[RowNeeds] = None) -> Iterator[JsonlRow]:
+    """The rows of a JSON Lines file opened in binary (blank lines skipped); a bad row (not UTF-8,
+    not JSON, not one of the formats, or lacking what ``needs`` asks for) comes with its ``error``
+    rather than raising, so a reader can skip it and go on (:func:`read_examples`) or stop there."""
+    for number, raw in enumerate(handle, start=1):
+        line = ""
+        try:
+            line = decode_line(raw, number == 1)
+            if not line.strip():
+                continue
+            example = parse_row(json.loads(line))
+            if needs is not None:
+                needs.check(example)
+        except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            yield JsonlRow(number, line, None, f"invalid JSON: {err}" if isinstance(err, json.JSONDecodeError)
+                           else str(err))
+            continue
+        yield JsonlRow(number, line, example, None)
 
 
 def fingerprint(examples: Sequence[Example]) -> str:
@@ -389,11 +416,18 @@ def read_sts_pairs(path, limit: int = 0) -> tuple[list[str], list[str], list[flo
 
 
 def check_schedule(schedule: str) -> str:
-    if schedule in SCHEDULES:
-        return schedule
-    if schedule.startswith("level:") and schedule[6:] in {str(level) for level in LEVELS}:
+    """``schedule`` if it is one of :data:`SCHEDULES` or ``level:N`` (N in 1..4); else a ValueError naming it."""
+    if schedule in SCHEDULES or level_of(schedule) is not None:
         return schedule
     raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)} or level:1..4, got {schedule!r}")
+
+
+def level_of(schedule: str) -> Optional[int]:
+    """The one level a ``level:N`` schedule trains with (N in 1..4); None for any other schedule."""
+    if not schedule.startswith("level:"):
+        return None
+    digits = schedule.removeprefix("level:")
+    return int(digits) if digits in {str(level) for level in LEVELS} else None
 
 
 def stages_used(steps: int, stage_steps: Optional[Sequence[int]] = None) -> list[int]:
@@ -448,7 +482,7 @@ def negatives_for(example: Example, schedule: str, stage: int, rng: random.Rando
         return [rng.choice(example.negatives).text]
     level = {"curriculum": stage, "reverse": len(LEVELS) + 1 - stage}.get(schedule)
     if level is None:
-        level = int(check_schedule(schedule)[6:])
+        level = level_of(check_schedule(schedule))
     chosen = [n.text for n in example.negatives if n.level == level]
     if not chosen:
         raise ValueError(f"example {example.query[:60]!r} has no level-{level} negative")
@@ -463,6 +497,51 @@ def mix(levelled: Sequence[Example], public: Sequence[Example], ratio: float, se
     rng = random.Random(seed)
     picked = rng.sample(list(public), min(wanted, len(public)))
     return [*levelled, *picked]
+
+
+# --------------------------------------------------------------------------------------------
+# A run's data
+# --------------------------------------------------------------------------------------------
+
+
+def seed_files() -> list[Path]:
+    """The seed MGH dataset shipped inside the package."""
+    folder = resources.files("mgh_train") / "seed"
+    return sorted(Path(str(folder)).glob("*.jsonl"))
+
+
+def load_training_data(cfg, log: Callable[[str], None],
+                       examples: Optional[list] = None) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples) of a :class:`~mgh_train.config.TrainConfig`: its
+    ``data`` files (the seed set without), or ``examples`` in memory (``fit()``), a ``holdout``
+    share held out (shuffled with ``seed``), plus its ``public_data`` mixed in at ``public_ratio``.
+
+    Every row is checked against what ``cfg.schedule`` trains with (:func:`needs_of`); bad rows
+    fail, or with ``skip_bad_rows`` are skipped and counted in the log.
+    """
+    needs = needs_of(cfg.schedule, cfg.steps, cfg.stage_steps)
+
+    def read(paths):
+        out = []
+        for path in paths:
+            report = read_examples(path, skip_bad_rows=cfg.skip_bad_rows, needs=needs)
+            if report.skipped:
+                log(f"{path}: skipped {len(report.skipped)} bad row(s), first at line {report.skipped[0][0]}: "
+                    f"{report.skipped[0][1]}")
+            out += report.examples
+        return out
+
+    levelled = list(examples) if examples is not None else read(cfg.data or seed_files())
+    if not levelled:
+        raise ValueError(f"data: no examples in {', '.join(map(str, cfg.data or seed_files()))}")
+    order = list(range(len(levelled)))
+    random.Random(cfg.seed).shuffle(order)
+    n_held = round(len(levelled) * cfg.holdout)
+    held = [levelled[i] for i in sorted(order[:n_held])]
+    train_set = [levelled[i] for i in sorted(order[n_held:])]
+    if cfg.public_data:
+        train_set = mix(train_set, read(cfg.public_data), cfg.public_ratio, cfg.seed)
+    return train_set, held
 
 
 # --------------------------------------------------------------------------------------------

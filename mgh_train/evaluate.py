@@ -14,6 +14,10 @@ With ``--data-dir`` the tasks read local files instead of the Hugging Face hub: 
 BEIR folder ``DIR/<folder>/{corpus.jsonl, queries.jsonl, qrels/test.tsv}``; ``<folder>`` is
 ``stsb`` for STSBenchmark and the lower-cased task name otherwise. Results are written in mteb's
 result layout under ``--output`` (``results/<model>/<revision>/<Task>.json``).
+
+The trainer's own measurements live here too, beside the full evaluation they preview:
+:func:`retrieval_accuracy` of the held-out examples before and after training, and
+:func:`sts_dev_spearman` on the same local STS-B folder (``--eval-data-dir``) at evaluation steps.
 """
 
 from __future__ import annotations
@@ -28,12 +32,58 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .batches import instruction_of
 from .data import read_sts_pairs
 from .finite_scores import check_scores
 from .model import CONFIG_NAME, DEFAULT_INSTRUCTION, STS_INSTRUCTION, Embedder
 from .precision import resolve
 
 LOCAL_FOLDERS = {"STSBenchmark": "stsb"}
+
+
+# --------------------------------------------------------------------------------------------
+# during training: held-out retrieval and STS-B dev, in-process (no mteb)
+# --------------------------------------------------------------------------------------------
+
+
+def retrieval_accuracy(embedder: Embedder, examples: list, batch_size: int = 32) -> dict:
+    """Each held-out query (:class:`~mgh_train.data.Example`) against a pool of every held-out
+    positive and negative.
+
+    Returns ``accuracy`` (share whose own positive ranks first) and ``mrr``, plus ``n``.
+    """
+    if not examples:
+        return {"accuracy": float("nan"), "mrr": float("nan"), "n": 0}
+    pool = sorted({t for e in examples for t in [e.positive, *(n.text for n in e.negatives)]})
+    where = {t: i for i, t in enumerate(pool)}
+    docs = embedder.encode(pool, batch_size=batch_size)
+    queries = embedder.encode([e.query for e in examples], instruction=[instruction_of(e) for e in examples],
+                              batch_size=batch_size)
+    scores = queries @ docs.T
+    target = torch.tensor([where[e.positive] for e in examples])
+    own = scores[torch.arange(len(examples)), target]
+    rank = (scores > own[:, None]).sum(dim=1) + 1
+    return {"accuracy": float((rank == 1).float().mean()), "mrr": float((1.0 / rank).mean()), "n": len(examples)}
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rank correlation (average ranks for ties): scipy.stats.spearmanr's."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x.double().cpu().numpy(), y.double().cpu().numpy()).statistic)
+
+
+def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: int = 32) -> float:
+    """Spearman x 100 of cosine similarity against STS-B dev gold scores (both sides instructed);
+    ``data_dir`` is laid out as for :func:`get_tasks` (``stsb/stsb-en-dev.csv``)."""
+    path = Path(data_dir) / LOCAL_FOLDERS["STSBenchmark"] / "stsb-en-dev.csv"
+    if not path.is_file():
+        raise ValueError(f"eval_data_dir: expected {path} (STS-B dev, sentence1,sentence2,score)")
+    first, second, gold = read_sts_pairs(path, limit)
+    a = embedder.encode(first, instruction=STS_INSTRUCTION, batch_size=batch_size)
+    b = embedder.encode(second, instruction=STS_INSTRUCTION, batch_size=batch_size)
+    cosine = torch.nn.functional.cosine_similarity(a, b)
+    return 100.0 * spearman(cosine, torch.tensor(gold))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """One optimizer step: encode the micro-batches, the InfoNCE loss, backward, clip, update, all
 without reading a device value on the host.
 
-    step = TrainStep(embedder, optimizer, cfg, precision)
+    optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    step = TrainStep(embedder, optimizer, infonce_loss, tau=0.05, negatives="global", max_grad_norm=1.0,
+                     precision=precision)
     outcome = step([batch.to(device) for batch in micro_batches])   # device tensors, no sync
     loss, finite = outcome.loss.item(), outcome.finite.item()          # at a logging step
 
@@ -64,21 +66,14 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], *, lr: float, weight_de
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def compiled_loss(embedder, cfg) -> Callable:
+def compile_for_training(embedder, loss_fn: Callable, mode: Optional[str] = None) -> Callable:
     """``--compile``: the encoder compiled in place (its parameters keep their names, so checkpoints
-    match the eager run's) with the fused ATA layer inside its graph, and the loss compiled around
-    the fused InfoNCE op; dynamic shapes (bucket lengths are rounded to 64). Returns the
-    ``loss_wrapper`` of :class:`TrainStep`."""
-    options = {"dynamic": True, "mode": cfg.compile_mode}
+    match the eager run's) with the fused ATA layer inside its graph; returns ``loss_fn`` compiled
+    around the fused InfoNCE op. Dynamic shapes (bucket lengths are rounded to 64); ``mode``:
+    torch.compile's (``--compile-mode``)."""
+    options = {"dynamic": True, "mode": mode}
     embedder.model.compile(**options)
-    losses: dict = {}
-
-    def loss_of(embedder, batch, loss_fn, *, tau, negatives):
-        if loss_fn not in losses:
-            losses[loss_fn] = torch.compile(loss_fn, **options)
-        return micro_batch_loss(embedder, batch, losses[loss_fn], tau=tau, negatives=negatives)
-
-    return loss_of
+    return torch.compile(loss_fn, **options)
 
 
 @dataclass
@@ -99,24 +94,28 @@ class TrainStep:
     Args:
         embedder: the :class:`~mgh_train.model.Embedder` (its trainable parameters are updated).
         optimizer: from :func:`make_optimizer`.
-        loss_fn: ``mgh_kernels.infonce_loss`` or ``reference.infonce``.
+        loss_fn: the InfoNCE loss of embeddings, ``(q, pos, neg, *, tau, negatives) -> scalar``:
+            ``mgh_kernels.infonce_loss`` or an eager peer (``--loss eager``).
         tau, negatives: the loss's temperature and candidates.
         max_grad_norm: gradient clipping (0: none).
         precision: the run's :class:`~mgh_train.precision.Precision` (float16's gradient scaler).
-        loss_wrapper: replaces ``micro_batch_loss`` (``torch.compile`` of it, for ``--compile``).
+        scaler: float16's gradient scaler (``precision.grad_scaler()``), or None.
+        compile, compile_mode: ``--compile`` (:func:`compile_for_training`): the encoder and, on the
+            plain path, ``loss_fn`` compiled (GradCache's loss on cached embeddings stays eager).
         engine: the :mod:`mgh_train.distributed` engine (default: one process).
         gradcache: run each micro-batch as GradCache (its buckets are the chunks).
     """
 
     def __init__(self, embedder, optimizer: torch.optim.Optimizer, loss_fn: Callable, *, tau: float, negatives: str,
                  max_grad_norm: float, precision: Precision, scaler: Optional["torch.amp.GradScaler"] = None,
-                 loss_wrapper: Optional[Callable] = None, engine: Optional[Single] = None, gradcache: bool = False):
+                 compile: bool = False, compile_mode: Optional[str] = None, engine: Optional[Single] = None,
+                 gradcache: bool = False):
         self.embedder, self.optimizer, self.loss_fn = embedder, optimizer, loss_fn
         self.tau, self.negatives, self.max_grad_norm = tau, negatives, max_grad_norm
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = scaler
         self.skips_on_device = bool(optimizer.defaults.get("fused"))
-        self.loss_of = loss_wrapper or micro_batch_loss
+        self.batch_loss_fn = compile_for_training(embedder, loss_fn, compile_mode) if compile else loss_fn
         self.engine = engine if engine is not None else Single(Ranks())
         self.gradcache = gradcache
 
@@ -128,7 +127,11 @@ class TrainStep:
         with self.engine.gradient_sync(sync):
             torch.autograd.backward(output, grad)
 
-    def loss_on(self, emb: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    def micro_batch_loss(self, batch: MicroBatch) -> torch.Tensor:
+        """The loss of one micro-batch: its texts encoded, then InfoNCE (the plain path)."""
+        return micro_batch_loss(self.embedder, batch, self.batch_loss_fn, tau=self.tau, negatives=self.negatives)
+
+    def embedding_loss(self, emb: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
         """The loss of a micro-batch's embeddings (GradCache's cached ones)."""
         return embedding_loss(emb, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
 
@@ -142,11 +145,11 @@ class TrainStep:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             if self.gradcache:
-                loss = gradcache_step(self.embedder, batch, self.loss_on, scale=1 / len(batches),
+                loss = gradcache_step(self.embedder, batch, self.embedding_loss, scale=1 / len(batches),
                                       backward=self.backward, last=last)
                 scaled = loss / len(batches)
             else:
-                loss = self.loss_of(self.embedder, batch, self.loss_fn, tau=self.tau, negatives=self.negatives)
+                loss = self.micro_batch_loss(batch)
                 scaled = loss / len(batches) if len(batches) > 1 else loss
                 self.backward(scaled, sync=last)
             total = scaled.detach() if total is None else total + scaled.detach()
@@ -169,5 +172,5 @@ class TrainStep:
         return StepOutcome(total, finite, examples, tokens)
 
 
-__all__ = ["StepOutcome", "TrainStep", "compiled_loss", "embed", "embedding_loss", "make_optimizer",
+__all__ = ["StepOutcome", "TrainStep", "compile_for_training", "embed", "embedding_loss", "make_optimizer",
            "micro_batch_loss"]

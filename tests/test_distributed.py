@@ -334,10 +334,10 @@ def test_torchrun_writes_the_losses_of_one_process_with_the_global_batch(tmp_pat
     # the run did mix rows of both kinds into its global batches (the same planner, in this process)
     from mgh_train.batches import MicroBatchPlanner
     from mgh_train.config import TrainConfig
-    from mgh_train.data import NoDuplicatesBatcher
+    from mgh_train.data import NoDuplicatesBatcher, load_training_data
 
     cfg = TrainConfig(output=str(tmp_path / "x"), public_data=[str(public)], public_ratio=0.3, schedule="all", steps=3)
-    examples = trainer.load_training_data(cfg, quiet)[0]
+    examples = load_training_data(cfg, quiet)[0]
     import random
 
     ks = [plan.k for plan in MicroBatchPlanner(examples, NoDuplicatesBatcher(examples, 8, seed=0), random.Random(0),

@@ -16,7 +16,7 @@ from mgh_kernels import infonce_loss  # noqa: E402
 from mgh_train import trainer  # noqa: E402
 from mgh_train.batches import Collate, MicroBatchPlanner, chunks  # noqa: E402
 from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.data import NoDuplicatesBatcher  # noqa: E402
+from mgh_train.data import NoDuplicatesBatcher, load_training_data  # noqa: E402
 from mgh_train.gradcache import gradcache_step  # noqa: E402
 from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
 from mgh_train.step import embedding_loss, micro_batch_loss  # noqa: E402
@@ -44,7 +44,7 @@ def tiny_embedder(**options):
 @pytest.fixture(scope="module")
 def plan():
     cfg = TrainConfig(output="/unused", progress=False)
-    examples = trainer.load_training_data(cfg, lambda _: None)[0]
+    examples = load_training_data(cfg, lambda _: None)[0]
     batcher = NoDuplicatesBatcher(examples, B, seed=3)
     return next(iter(MicroBatchPlanner(examples, batcher, random.Random(3), schedule="level:4", steps=1,
                                        stage_steps=None, grad_accum=1)))

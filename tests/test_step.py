@@ -16,9 +16,9 @@ from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
 
 from mgh_train import step as step_module  # noqa: E402
 from mgh_train import trainer  # noqa: E402
-from mgh_train.batches import Collate, MicroBatchPlanner, length_buckets  # noqa: E402
+from mgh_train.batches import Collate, MicroBatchPlanner, instruction_of, length_buckets  # noqa: E402
 from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.data import NoDuplicatesBatcher  # noqa: E402
+from mgh_train.data import NoDuplicatesBatcher, load_training_data  # noqa: E402
 from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -89,7 +89,7 @@ def test_bucketed_micro_batch_equals_encoding_queries_and_documents_apart(poolin
     multiple of 8), gives the embeddings of encoding the queries and the documents apart."""
     embedder = tiny_embedder(side, pooling=pooling, bidirectional=bidirectional, exclude_instruction=True,
                              max_length=256)
-    examples = trainer.load_training_data(config(Path("/unused")), lambda _: None)[0][:6]
+    examples = load_training_data(config(Path("/unused")), lambda _: None)[0][:6]
     batcher = NoDuplicatesBatcher(examples, 6, seed=0)
     plan = next(iter(MicroBatchPlanner(examples, batcher, random.Random(0), schedule="all", steps=1,
                                        stage_steps=None, grad_accum=1)))
@@ -99,7 +99,7 @@ def test_bucketed_micro_batch_equals_encoding_queries_and_documents_apart(poolin
     with torch.no_grad():
         got = step_module.embed(embedder.eval(), batch)
         queries = embedder(embedder.tokenize([e.query for e in plan.examples],
-                                             instruction=[trainer.instruction_of(e) for e in plan.examples]))
+                                             instruction=[instruction_of(e) for e in plan.examples]))
         docs = embedder(embedder.tokenize([e.positive for e in plan.examples] + [t for n in plan.negatives for t in n]))
     torch.testing.assert_close(got, torch.cat([queries, docs]), rtol=1e-4, atol=1e-5)
     assert batch.tokens == sum(int(f["attention_mask"].sum()) for f in batch.buckets)

@@ -17,6 +17,7 @@ from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
 
 from mgh_train import batches, trainer  # noqa: E402
 from mgh_train.config import TrainConfig, read_yaml  # noqa: E402
+from mgh_train.evaluate import spearman  # noqa: E402
 from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # kernels: see conftest.cpu_kernels
@@ -226,7 +227,7 @@ def test_spearman_matches_scipy(gen):
     scipy_stats = pytest.importorskip("scipy.stats")
     x = torch.randint(0, 6, (200,), generator=gen).double()  # ties
     y = x + torch.randn(200, generator=gen, dtype=torch.float64)
-    assert trainer.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x.numpy(), y.numpy()).statistic, abs=1e-12)
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x.numpy(), y.numpy()).statistic, abs=1e-12)
 
 
 def test_bad_options_and_bad_data(tmp_path):

@@ -16,14 +16,13 @@ loaded offline), any sentence-transformers name or folder, or a model folder wri
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..data import LEVELS, DataError, Example, decode_line, parse_row
+from ..data import LEVELS, DataError, Example, jsonl_rows
 
 DEFAULT_JUDGE = "all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {DEFAULT_JUDGE.lower(), f"sentence-transformers/{DEFAULT_JUDGE}".lower()}
@@ -155,18 +154,13 @@ def read_levelled(paths: Sequence[str]) -> list[tuple[Example, str]]:
         except OSError as error:
             raise ValueError(f"data: cannot read {path}: {error.strerror}") from None
         with handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    line = decode_line(raw, number == 1)
-                    if not line.strip():
-                        continue
-                    example = parse_row(json.loads(line))
-                except (json.JSONDecodeError, DataError, ValueError) as error:
-                    raise DataError(f"{path}:{number}: {error}") from None
-                if sorted(n.level or 0 for n in example.negatives) != list(LEVELS):
-                    raise DataError(f"{path}:{number}: expected four negatives with levels 1-4 once each "
+            for row in jsonl_rows(handle):
+                if row.error is not None:
+                    raise DataError(f"{path}:{row.number}: {row.error}")
+                if sorted(n.level or 0 for n in row.example.negatives) != list(LEVELS):
+                    raise DataError(f"{path}:{row.number}: expected four negatives with levels 1-4 once each "
                                     "(MGH rows); verify grades levelled negatives only")
-                rows.append((example, line if line.endswith("\n") else line + "\n"))
+                rows.append((row.example, row.line if row.line.endswith("\n") else row.line + "\n"))
     if not rows:
         raise ValueError(f"data: no rows in {', '.join(map(str, paths))}")
     return rows
