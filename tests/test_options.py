@@ -65,9 +65,9 @@ def nothing_loads(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("data or a model was loaded before the options were checked")
 
-    from mgh_train import trainer
+    from mgh_train import preparation
 
-    for module, name in [(data, "read_examples"), (trainer, "load_training_data"), (trainer, "load_embedder"),
+    for module, name in [(data, "read_examples"), (preparation, "load_training_data"), (preparation, "load_embedder"),
                          (base, "load_base")]:
         monkeypatch.setattr(module, name, loaded)
     import transformers
