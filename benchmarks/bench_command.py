@@ -339,6 +339,15 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+def cut_base(source: str, dest: str, layers: int) -> None:
+    """``source``'s first ``layers`` decoder layers (their real weights), saved as a model folder with
+    its tokenizer: the same per-layer work in a fraction of the time on a loaded CPU."""
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(source, num_hidden_layers=layers).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/bench_command.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -356,7 +365,14 @@ def main(argv=None) -> int:
             p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
             p.add_argument("--rounds", type=int, default=2)
             p.add_argument("--entries", default=",".join(ENTRIES))
+    p = commands.add_parser("cut-base", help="a base folder of another's first N layers (see cut_base)")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--layers", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.command == "cut-base":
+        cut_base(args.source, args.dest, args.layers)
+        return 0
     common = dict(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, log_every=args.log_every,
                   lora_last=args.lora_last)
     if args.command == "run":
