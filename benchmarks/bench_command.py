@@ -124,15 +124,26 @@ def _lora_targets(model, layers: list) -> list:
     return names
 
 
-def st_model(base: str, max_length: int, lora_last: int):
-    """A stock sentence-transformers model (Transformer + mean Pooling) of ``base`` with the LoRA
-    the mgh entries train."""
+def _without_chat_template(base: str, folder: Path) -> str:
+    """``base``'s files linked into ``folder`` less its chat template: sentence-transformers wraps
+    every text of a tokenizer with one in the chat template (SmolLM2's adds a 26-token system prompt),
+    mgh tokenizes the text as it is; the same token ids on both sides need the plain tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in Path(base).resolve().iterdir():
+        if path.name != "chat_template.jinja" and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path)
+    return str(folder)
+
+
+def st_model(base: str, max_length: int, lora_last: int, workdir: Path):
+    """A stock sentence-transformers model (Transformer + mean Pooling) of ``base`` (its tokenizer
+    without the chat template) with the LoRA the mgh entries train."""
     import torch
     from peft import LoraConfig, get_peft_model
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    transformer = Transformer(base, max_seq_length=max_length)
+    transformer = Transformer(_without_chat_template(base, workdir / "base"), max_seq_length=max_length)
     if transformer.tokenizer.pad_token is None:  # as mgh does for decoders without one
         transformer.tokenizer.pad_token = transformer.tokenizer.eos_token
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
@@ -164,7 +175,7 @@ def st_run(kind: str, base: str, output: Path, *, steps: int, batch_size: int, m
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     output.mkdir(parents=True, exist_ok=True)
-    model = st_model(base, max_length, lora_last)
+    model = st_model(base, max_length, lora_last, output)
     tokens = _Tokens(model[0])
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / TAU)
     triplets = seed_triplets()

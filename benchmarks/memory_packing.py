@@ -2,14 +2,17 @@
 allocation-level account of ``bench_packing``'s step, at the SmolLM2-135M architecture (its first
 ``MGH_BENCH_LAYERS`` layers), on the CPU.
 
-Two measures of one step (after a warm-up step), each entry in its own process:
+Three measures, each entry in its own process (its first step, as ``bench_packing``'s fresh-process
+RSS figure, then its second):
 
 * **allocator**: ``torch.profiler`` with ``profile_memory``: every allocation and free of PyTorch's
   CPU allocator with its size and the allocator's running total. The peak of that total is the
   step's peak of live tensor bytes (no glibc slack, no freed-but-kept pages: what the resident set
   size also counts). At the peak, the live allocations made during the step are summed by the
   operator that made them (the innermost ``aten::`` op around the allocation).
-* **saved for backward**: bytes of the tensors autograd keeps for backward (``saved_tensors_hooks``,
+* **resident set**: the process's peak RSS growth over the same first step (``VmHWM`` beyond the
+  step's start), for comparison with the allocator's figure;
+* **saved for backward** (second step): bytes of the tensors autograd keeps for backward (``saved_tensors_hooks``,
   each storage once), by the module that ran when they were saved (attention, MLP, norms, LoRA):
   the activations the forward leaves for backward.
 
@@ -20,6 +23,7 @@ process each), or ``python benchmarks/memory_packing.py WORKLOAD MODE`` for one.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import subprocess
@@ -119,17 +123,34 @@ def saved_account(step, model) -> dict:
     return {"saved_bytes": sum(by_kind.values()), "saved_by_module": dict(by_kind.most_common())}
 
 
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes(field: str) -> int:
+    import re
+
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
 def measure(workload: str, mode: str) -> dict:
     triplets, negatives = bench_packing.CASES["cpu"][workload]
     lengths = bench_packing.lengths_of(workload, triplets, negatives)
     dims = {**bench_packing.SMOLLM2_135M, "num_hidden_layers": bench_packing.LAYERS}
     step, tokens = bench_packing.make_step(mode, dims, lengths, triplets=triplets, negatives=negatives,
                                            device=torch.device("cpu"))
-    step()  # warm-up: optimizer state, scratch buffers
     result = {"workload": workload, "mode": mode, "layers": bench_packing.LAYERS, "real_tokens": tokens,
               "computed_tokens": step.padded_tokens, "forwards": step.forwards}
-    result.update(allocator_account(step))
-    result.update(saved_account(step, step.model))
+    gc.collect()
+    reset = _reset_peak_rss()
+    base = _rss_bytes("VmRSS")
+    result.update(allocator_account(step))  # the first step, as bench_packing's fresh-process RSS figure
+    result["rss_growth_bytes"] = _rss_bytes("VmHWM") - base if reset else None
+    result.update(saved_account(step, step.model))  # the second step
     return result
 
 

@@ -35,7 +35,7 @@ def test_sentence_transformers_lora_trains_what_the_embedder_trains(tmp_path):
     embedder = Embedder.build(EmbedderConfig(base_model=None, lora_layers=[-1], **bench.LORA),
                               model=tiny_decoder("llama"), tokenizer=tiny_tokenizer())
     ours = {n.split("base_model.model.")[-1]: p.numel() for n, p in embedder.named_parameters() if p.requires_grad}
-    model = bench.st_model(str(folder), 32, lora_last=1)
+    model = bench.st_model(str(folder), 32, lora_last=1, workdir=tmp_path / "st")
     theirs = {n.split("base_model.model.")[-1]: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     strip = lambda names: {n.split(".layers.", 1)[-1]: v for n, v in names.items()}  # noqa: E731
     assert strip(ours) == strip(theirs) and len(ours) == 14  # q k v o gate up down, A and B, in the last layer
