@@ -76,9 +76,14 @@ def allocator_account(step) -> dict:
     for size, op in live.values():
         by_op[op] += size
     allocated = sum(e[2] for e in events if e[2] > 0)
+    churn = collections.Counter()  # bytes allocated over the step by (op, size): what the step allocates most
+    for e in events:
+        if e[2] > 0:
+            churn[(e[4], e[2])] += e[2]
     return {"peak_live_bytes_beyond_start": events[peak_at][3] - start_total,
             "live_at_peak_made_in_step": sum(by_op.values()), "allocations": sum(1 for e in events if e[2] > 0),
-            "allocated_bytes": allocated, "at_peak_by_op": dict(by_op.most_common(12))}
+            "allocated_bytes": allocated, "at_peak_by_op": dict(by_op.most_common(12)),
+            "allocated_by_op_and_size": [[op, size, total // size] for (op, size), total in churn.most_common(10)]}
 
 
 def _module_kind(name: str) -> str:
