@@ -1,6 +1,11 @@
-"""Experiment for RESULTS.md (issue 36): memory_packing's packed entry with varlen._per_sequence slicing q, k, v by torch.split
-(one SplitWithSizesBackward: the texts' gradients concatenated once) instead of t[start:stop]
-(a SliceBackward per text: a zero-filled [total, H, D] gradient for each text)."""
+"""Experiment for RESULTS.md (issue 36): ``memory_packing``'s packed entry with
+``varlen._per_sequence`` taking the texts' q, k, v by ``torch.split`` (one SplitWithSizesBackward:
+the texts' gradients concatenated once) instead of ``t[start:stop]`` (a SliceBackward per text: a
+zero-filled [total, H, D] gradient for each text, summed by autograd); then a check that both give
+bit-identical outputs and gradients.
+
+Run from the repository root: ``MGH_BENCH_LAYERS=2 python benchmarks/memory_split_fix.py split``
+(or ``slice``: the code as it is)."""
 import json
 import sys
 
