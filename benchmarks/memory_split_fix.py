@@ -5,7 +5,8 @@ zero-filled [total, H, D] gradient for each text, summed by autograd); then a ch
 bit-identical outputs and gradients.
 
 Run from the repository root: ``MGH_BENCH_LAYERS=2 python benchmarks/memory_split_fix.py split``
-(or ``slice``: the code as it is)."""
+(or ``slice``: the code as it is); ``... split rss``: the packed step's first-step RSS growth
+(``bench_packing.first_step_peak``) instead of the allocation account."""
 import json
 import sys
 
@@ -35,16 +36,22 @@ def _per_sequence_split(q, k, v, bounds, causal, scale, return_colsum):
 
 
 _ORIG = varlen._per_sequence
-if sys.argv[-1] == "split":
+variant = sys.argv[1] if len(sys.argv) > 1 else "split"
+if variant == "split":
     varlen._per_sequence = _per_sequence_split
-print(json.dumps({"variant": sys.argv[-1], **memory_packing.measure("long-tailed", "packed")}))
+if sys.argv[2:] == ["rss"]:  # bench_packing's fresh-process first-step RSS growth instead of the account
+    import bench_packing
+
+    print(f"{variant}: first-step RSS growth {bench_packing.first_step_peak('long-tailed', 'packed'):.1f} MiB")
+else:
+    print(json.dumps({"variant": variant, **memory_packing.measure("long-tailed", "packed")}))
 
 # the same outputs and gradients as the sliced version, on random packed texts
 gen = torch.Generator().manual_seed(0)
 bounds = [0, 5, 22, 23, 40]
 for colsum in (False, True):
     grads = []
-    for fn in (varlen.__dict__.get("_per_sequence_orig", None) or _ORIG, _per_sequence_split):
+    for fn in (_ORIG, _per_sequence_split):
         q, k, v = (torch.randn(40, h, 16, generator=gen.manual_seed(i)).requires_grad_() for i, h in enumerate((6, 2, 2)))
         out, sums = fn(q, k, v, bounds, True, 0.25, colsum)
         (out.square().sum() + (sums.square().sum() if colsum else 0)).backward()
