@@ -110,6 +110,7 @@ def make_step(mode: str, dims: dict, lengths: list, *, triplets: int, negatives:
     def step():
         return train_step([batch]).loss
 
+    step.model = embedder
     step.forwards = len(batch.buckets)
     step.padded_tokens = sum(int(f["input_ids"].numel()) for f in batch.buckets)
     return step, sum(lengths)
