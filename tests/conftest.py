@@ -13,6 +13,12 @@ import torch
 # are defined, so this must happen before any test module imports mgh_kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter's redundant re-patching skipped (tests/triton_interpreter.py): same results, less
+# time per kernel test. MGH_STOCK_INTERPRETER=1 runs Triton's interpreter unchanged.
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MGH_STOCK_INTERPRETER") != "1":
+    import triton_interpreter
+
+    triton_interpreter.install()
 
 # pytest-xdist's workers share the cores: each takes its share of torch's threads.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
