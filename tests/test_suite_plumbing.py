@@ -1,15 +1,21 @@
-"""The test-only interpreter shortcut (tests/triton_interpreter.py): in effect under the interpreter,
-it skips the helpers' re-patching, and the kernels give bit for bit what Triton's unchanged
-interpreter gives."""
+"""The test suite's own plumbing: the interpreter shortcut (tests/triton_interpreter.py) is in
+effect and changes no result; the pairwise subsets of the largest grids (tests/grids.py) hold every
+pair of values, and name tests that exist; the README says how to run what the default run leaves out."""
 
+import ast
+import itertools
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import grids
 import triton_interpreter
+from conftest import PAIRWISE_GRIDS
 
-pytestmark = pytest.mark.skipif(
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETER = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MGH_STOCK_INTERPRETER") == "1",
     reason="the shortcut is for Triton's interpreter (CPU runs)")
 
@@ -43,6 +49,7 @@ def counted_run(monkeypatch, seed):
     return outputs, len(launches), len(patchings)
 
 
+@INTERPRETER
 def test_shortcut_skips_the_helpers_repatching_and_changes_no_result(monkeypatch, gen):
     assert triton_interpreter.installed(), "Triton's interpreter changed shape: see tests/triton_interpreter.py"
     seed = int(torch.randint(2**31, (1,), generator=gen))
@@ -57,3 +64,31 @@ def test_shortcut_skips_the_helpers_repatching_and_changes_no_result(monkeypatch
     # interpreter patches again at every helper call of every program.
     assert patchings <= 2 * launches < stock_patchings
     assert all(torch.equal(a, b) for a, b in zip(fast, stock, strict=True))
+
+
+@pytest.mark.parametrize("sizes", [(6, 2, 3, 2, 2), (3, 3, 2, 3, 2), (2, 2), (5,), (4, 1, 3)])
+def test_pairwise_cover_holds_every_pair_and_is_smaller(sizes):
+    names = [f"p{i}" for i in range(len(sizes))]
+    cases = [dict(zip(names, values)) for values in itertools.product(*(range(n) for n in sizes))]
+    kept = grids.pairwise_cover(cases)
+    assert kept == sorted(set(kept)) and kept == grids.pairwise_cover(cases)  # the same in every process
+    for (a, b) in itertools.combinations(range(len(names)), 2):
+        seen = {(cases[i][names[a]], cases[i][names[b]]) for i in kept}
+        assert seen == set(itertools.product(range(sizes[a]), range(sizes[b]))), (a, b)
+    assert {cases[i][names[0]] for i in kept} == set(range(sizes[0]))
+    # No cover is smaller than the two largest parameters' product; greedy stays within twice that.
+    first, second = sorted((1, *sizes))[-2:]
+    assert len(kept) <= 2 * first * second
+
+
+def test_pairwise_grids_name_parametrised_tests_that_exist():
+    for name in sorted(PAIRWISE_GRIDS):
+        path, function = name.split("::")
+        tree = ast.parse((ROOT / path).read_text())
+        found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function]
+        assert found, f"{name}: no such test (tests/conftest.py PAIRWISE_GRIDS)"
+
+
+def test_readme_says_how_to_run_the_slow_tests():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "pytest -m slow" in text and "PAIRWISE_GRIDS" in text
