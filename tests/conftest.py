@@ -100,6 +100,16 @@ PAIRWISE_GRIDS = {
     "tests/test_attention.py::test_gradients_through_out_and_colsum",
     "tests/test_attention.py::test_unequal_query_and_key_tiles",
     "tests/test_attention.py::test_row_with_one_valid_token",
+    "tests/test_autocast.py::test_enable_ata_under_autocast_matches_eager_attention",
+    "tests/test_compile.py::test_infonce_in_a_full_graph",
+    "tests/test_enable_ata.py::test_matches_eager_output_attentions",
+    "tests/test_enable_ata_packed.py::test_packed_row_equals_padded_eager",
+    "tests/test_infonce.py::test_backward_in_chunks",
+    "tests/test_infonce.py::test_loss_and_gradients_match_reference",
+    "tests/test_step.py::test_bucketed_micro_batch_equals_encoding_queries_and_documents_apart",
+    "tests/test_varlen_attention.py::test_forward_matches_reference",
+    "tests/test_varlen_attention.py::test_forward_without_colsum_matches_reference",
+    "tests/test_varlen_attention.py::test_gradients_through_out_and_colsum",
 }
 
 
