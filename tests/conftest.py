@@ -93,34 +93,17 @@ def row_passes(request, monkeypatch):
     return request.param
 
 
-PAIRWISE_GRIDS = {
-    # The default run keeps a pairwise subset of these tests' parameter grids (tests/grids.py);
-    # the other combinations are marked slow and run with `pytest -m slow`.
-    "tests/test_attention.py::test_forward_matches_reference",
-    "tests/test_attention.py::test_gradients_through_out_and_colsum",
-    "tests/test_attention.py::test_unequal_query_and_key_tiles",
-    "tests/test_attention.py::test_row_with_one_valid_token",
-    "tests/test_autocast.py::test_enable_ata_under_autocast_matches_eager_attention",
-    "tests/test_compile.py::test_infonce_in_a_full_graph",
-    "tests/test_enable_ata.py::test_matches_eager_output_attentions",
-    "tests/test_enable_ata_packed.py::test_packed_row_equals_padded_eager",
-    "tests/test_infonce.py::test_backward_in_chunks",
-    "tests/test_infonce.py::test_loss_and_gradients_match_reference",
-    "tests/test_step.py::test_bucketed_micro_batch_equals_encoding_queries_and_documents_apart",
-    "tests/test_varlen_attention.py::test_forward_matches_reference",
-    "tests/test_varlen_attention.py::test_forward_without_colsum_matches_reference",
-    "tests/test_varlen_attention.py::test_gradients_through_out_and_colsum",
-}
-
-
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marks
 def pytest_collection_modifyitems(config, items):
+    """The default run keeps a pairwise subset of each grid in ``grids.PAIRWISE_GRIDS``; the other
+    cases are marked slow (tests/grids.py)."""
     import grids
 
     cases: dict[str, list] = {}
     for item in items:
         name = item.nodeid.split("[")[0]
-        if name in PAIRWISE_GRIDS and hasattr(item, "callspec"):
+        # cases marked slow in their own file stay slow and are no part of the default subset
+        if name in grids.PAIRWISE_GRIDS and hasattr(item, "callspec") and item.get_closest_marker("slow") is None:
             cases.setdefault(name, []).append(item)
     for grid in cases.values():
         kept = set(grids.pairwise_cover([item.callspec.params for item in grid]))

@@ -12,7 +12,6 @@ import torch
 
 import grids
 import triton_interpreter
-from conftest import PAIRWISE_GRIDS
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER = pytest.mark.skipif(
@@ -82,11 +81,11 @@ def test_pairwise_cover_holds_every_pair_and_is_smaller(sizes):
 
 
 def test_pairwise_grids_name_parametrised_tests_that_exist():
-    for name in sorted(PAIRWISE_GRIDS):
+    for name in sorted(grids.PAIRWISE_GRIDS):
         path, function = name.split("::")
         tree = ast.parse((ROOT / path).read_text())
         found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function]
-        assert found, f"{name}: no such test (tests/conftest.py PAIRWISE_GRIDS)"
+        assert found, f"{name}: no such test (tests/grids.py PAIRWISE_GRIDS)"
 
 
 def test_readme_says_how_to_run_the_slow_tests():
