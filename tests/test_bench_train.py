@@ -46,6 +46,7 @@ def test_every_variant_steps_under_the_gpu_defaults_autocast(precision):
     assert first["ours"] == pytest.approx(first["eager"], rel=2e-2)
 
 
+@pytest.mark.slow  # over the default run's ~20 s: dynamo traces every peer variant
 def test_the_steps_against_sentence_transformers_run_and_agree(tmp_path, monkeypatch):
     """The peer benchmark's steps on a tiny config: sentence-transformers' own training step and
     mgh's (mean pooling) compute the same first loss on the same token ids (the same loss by

