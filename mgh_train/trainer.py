@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mgh_kernels import infonce_loss, reference
+from mgh_kernels import eager_infonce, infonce_loss
 
 from . import disk_space, distributed, interrupts, packing, peers, run_lock
 from .batches import Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
@@ -331,7 +331,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
         run.plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
     ranks.barrier()
 
-    loss_fn = (gathered_infonce if run.gather else infonce_loss) if cfg.loss == "fused" else reference.infonce
+    loss_fn = (gathered_infonce if run.gather else infonce_loss) if cfg.loss == "fused" else eager_infonce
     train_step = TrainStep(embedder, optimizer, loss_fn, tau=cfg.tau, negatives=cfg.negatives,
                            max_grad_norm=cfg.max_grad_norm, precision=precision, scaler=scaler,
                            loss_wrapper=compiled_loss(embedder, cfg) if cfg.compile else None,
