@@ -7,7 +7,8 @@ probabilities from the forward's log-sum-exp (log2 units, [B, Hq, L]):
 
 * ``_bwd_delta_kernel``: delta per query (the second term re-streams the keys, only when ``dc``
   is given);
-* ``_bwd_dkdv_kernel``: dK and dV of one key block, summed over the query heads that share it;
+* ``_bwd_dkdv_kernel``: dK and dV of one key block, summed over the query heads that share it
+  (``_dkdv_step`` per query tile, shared with the varlen kernel);
 * ``_bwd_dq_kernel``: dQ of one query block.
 
 Deterministic: each program owns its outputs, no atomics. Conventions in ``masking.py``.
@@ -63,6 +64,25 @@ def _query_block(X, sxb, sxh, sxm, sxd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn
     x = load_rows(X + b * sxb + h * sxh, offs_m, offs_d, sxm, sxd, q_valid, d_in)
     do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, q_valid, d_in)
     return pid_bh, b, h, hk, offs_m, row_in, q_valid, offs_d, d_in, x, do
+
+
+@triton.jit
+def _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC: tl.constexpr,
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile's share of a key block's gradients: the probabilities re-computed transposed,
+    P^T [BLOCK_N, BLOCK_M] from the rows' ``lse`` and the keys' ``bias``; dV += P^T dO; dK += dS^T Q
+    with dS^T = P^T (V dO^T + g - delta), unscaled. Returns (dk, dv) [BLOCK_N, BLOCK_D] float32."""
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
+    pt = tl.exp2(st - lse[None, :])
+    if CAUSAL:
+        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if HAS_DC:
+        dpt += g[:, None]
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -124,16 +144,8 @@ def _bwd_dkdv_kernel(
             row_ok = row_in & (lse < float("inf"))  # padded queries (lse +inf) load as zeros
             q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_ok, d_in)
             do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, row_ok, d_in)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
-            pt = tl.exp2(st - lse[None, :])
-            if CAUSAL:
-                pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if HAS_DC:
-                dpt += g[:, None]
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC, CAUSAL,
+                                PRECISION)
     store_rows(DK + pid_bk * L * D, dk * scale, offs_n, offs_d, D, col_in, d_in)
     store_rows(DV + pid_bk * L * D, dv, offs_n, offs_d, D, col_in, d_in)
 
