@@ -10,9 +10,10 @@ summed afterwards in a fixed order (deterministic, no atomics).
 
 The kernels are siblings of the padded ones (``forward.py``, ``colsum.py``, ``backward.py``) and
 share their per-tile steps (``_online_softmax_step``, ``_colsum_tile``, ``_key_tile``,
-``_dkdv_step``, ``masking.py``): within a sequence they are the padded kernels without a key
-padding mask, at the sequence's offset. Each program starts with ``_query_block`` or
-``_key_block``: its sequence's place in the packed rows, and its block within it.
+``_column_gradient``, ``_column_gradient_term``, ``_dkdv_step``, ``_dq_step``, ``masking.py``):
+within a sequence they are the padded kernels without a key padding mask, at the sequence's offset.
+Each program starts with ``_query_block`` or ``_key_block``: its sequence's place in the packed
+rows, and its block within it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import triton.language as tl
 
 from .._launch import LOG2E, cdiv, new_output, run
 from .._precision import dot_precision
-from .backward import _dkdv_step, _key_tile
+from .backward import _column_gradient, _column_gradient_term, _dkdv_step, _dq_step, _key_tile
 from .colsum import _colsum_tile
 from .forward import _online_softmax_step
-from .masking import key_bias, keys_seen, load_rows, load_transposed, recomputed_probabilities
+from .masking import key_bias, keys_seen, load_rows, load_transposed
 
 
 @triton.jit
@@ -149,14 +150,8 @@ def _varlen_delta_kernel(
             k_ptr = K + start * skt + hk * skh
             q = load_rows(Q + start * sqt + h * sqh, offs_m, offs_d, sqt, sqd, row_in, d_in)
             lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
-            pg = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-                offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
-                                                     BLOCK_N)
-                p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
-                g = tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads
-                pg += tl.sum(p * g[None, :], 1)
-            delta += pg
+            delta += _column_gradient_term(q, lse, k_ptr, k_ptr, 0, skt, skd, DC + start, inv_heads, offs_m, offs_d,
+                                           d_in, L, qk_scale, False, CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
         tl.store(DELTA + h * TOTAL + start + offs_m, delta, mask=row_in)
 
 
@@ -177,7 +172,7 @@ def _varlen_dkdv_kernel(
         bias = key_bias(K, 0, offs_n, L, False, True)
         g = tl.zeros([BLOCK_N], tl.float32)
         if HAS_DC:
-            g = tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads
+            g = _column_gradient(DC + start, offs_n, col_in, inv_heads)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for gi in range(0, GROUP):
@@ -216,12 +211,8 @@ def _varlen_dq_kernel(
             offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
                                                  BLOCK_N)
             vt = load_transposed(v_ptr, offs_n, offs_d, svt, svd, col_in, d_in)
-            p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
-            dp = tl.dot(do, vt, input_precision=PRECISION)
-            if HAS_DC:
-                dp += (tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads)[None, :]
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+            dq = _dq_step(q, do, kt, vt, bias, lse, delta, DC + start, inv_heads, offs_m, offs_n, col_in, qk_scale,
+                          dq, HAS_DC, CAUSAL, PRECISION)
         _store_tile(DQ + start * H * D + h * D, dq * scale, offs_m, offs_d, H * D, 1, row_in, d_in)
 
 
