@@ -80,7 +80,7 @@ def make_step(mode: str, dims: dict, lengths: list, *, triplets: int, negatives:
     returns the loss (a device scalar). Also returns the real tokens per step."""
     from transformers import LlamaConfig, LlamaModel
 
-    from mgh_kernels import infonce_loss
+    from mgh_kernels import hf_private, infonce_loss
     from mgh_train.batches import Collate
     from mgh_train.model import Embedder, EmbedderConfig
     from mgh_train.packing import PackingCollate
@@ -89,7 +89,7 @@ def make_step(mode: str, dims: dict, lengths: list, *, triplets: int, negatives:
 
     precision = precision or resolve(device)
     config = LlamaConfig(**dims, attention_dropout=0.0)
-    config._attn_implementation = "sdpa"
+    hf_private.set_attn_implementation(config, "sdpa")
     torch.manual_seed(seed)
     base = LlamaModel(config).to(precision.weights)
     options = EmbedderConfig(base_model=None, pooling=pooling, lora_r=16, lora_alpha=32, lora_dropout=0.0,

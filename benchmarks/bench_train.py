@@ -8,9 +8,9 @@ float32 LoRA weights under bfloat16 autocast):
 
 * ``ATA fused + fused loss`` (ours): ``enable_ata`` in the last layer, SDPA elsewhere,
   ``infonce_loss``;
-* ``ATA fused + eager loss``: the same with ``reference.infonce``;
+* ``ATA fused + eager loss``: the same with ``eager_infonce`` (the trainer's ``--loss eager``);
 * ``eager output_attentions + eager loss`` (eager): every layer eager with ``output_attentions``,
-  ``ata_pool`` on the last layer's probabilities, ``reference.infonce``;
+  ``ata_pool`` on the last layer's probabilities, ``eager_infonce``;
 * ``SDPA + mean pooling + fused loss`` (fused): no ATA at all: the floor ATA is judged against;
 * ``ATA fused + fused loss, float32 base weights``: ours with the base weights kept float32 under
   the same autocast, which re-casts every frozen weight in every forward (autocast caches only the
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgh_kernels import ata_pool, enable_ata, infonce_loss, mean_pool, reference
+from mgh_kernels import ata_pool, eager_infonce, enable_ata, hf_private, infonce_loss, mean_pool
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -57,7 +57,7 @@ def make_step(variant: str, device, dims: dict, batch: int, length: int, seed: i
     if variant == "ours_fp32_weights":
         precision = dataclasses.replace(precision, weights=torch.float32)
     config = LlamaConfig(**dims, attention_dropout=0.0)
-    config._attn_implementation = "eager" if variant == "eager" else "sdpa"
+    hf_private.set_attn_implementation(config, "eager" if variant == "eager" else "sdpa")
     torch.manual_seed(seed)
     base = LlamaModel(config).to(precision.weights)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -73,7 +73,7 @@ def make_step(variant: str, device, dims: dict, batch: int, length: int, seed: i
         return ids.to(device), mask.to(device)
 
     queries, documents = inputs(batch), inputs(2 * batch)  # positives, then one hard negative each
-    loss_fn = reference.infonce if variant in ("eager", "ata_eager_loss") else infonce_loss
+    loss_fn = eager_infonce if variant in ("eager", "ata_eager_loss") else infonce_loss
     scaler = precision.grad_scaler()
 
     def embed(ids, mask):

@@ -143,6 +143,19 @@ def check_mask(
     return mask
 
 
+def check_attentions(attentions, attention_mask) -> torch.Tensor:
+    """Validate one layer's attention probabilities [B, H, L, L] (transformers' ``output_attentions``)
+    and their [B, L] padding mask; return the mask as bool."""
+    check_tensor("attentions", attentions, ndim=4, layout="[B, H, L, L]")
+    check_float("attentions", attentions)
+    batch, _, length, length_k = attentions.shape
+    if length_k != length:
+        raise ValueError(
+            f"attentions: expected square self-attention probabilities [B, H, L, L], got shape {_shape(attentions)}"
+        )
+    return check_mask("attention_mask", attention_mask, batch=batch, length=length, device=attentions.device)
+
+
 def rows_where(flags: torch.Tensor) -> str:
     """The indices where the [B] bool ``flags`` are True, as "0, 3, 5" (the first eight; "" for none)."""
     return ", ".join(str(int(r)) for r in flags.flatten().nonzero().flatten()[:8])

@@ -2,7 +2,7 @@
 
 * ``ata_pool``: anchor-token-aware pooling, each token weighted by the attention it receives
   (``ata_weights`` from per-key column sums, e.g. ``enable_ata``'s, or from transformers'
-  ``output_attentions`` probabilities);
+  ``output_attentions`` probabilities through ``colsum_from_attentions``);
 * ``mean_pool``, ``weighted_mean_pool``, ``last_token_pool``, ``first_token_pool``: the poolings of
   sentence-transformers' ``Pooling`` module ("mean", "weightedmean", "lasttoken", "cls"), for left
   or right padding;
@@ -23,14 +23,14 @@ from typing import Optional, Sequence
 import torch
 
 from ._precision import autocast_dtype, autocast_off, compute_dtype
-from ._validation import (NonFiniteError, check_choice, check_float, check_fraction, check_mask, check_same_device,
-                          check_tensor, checks_values, rows_where)
-from .reference import colsum_from_attentions
+from ._validation import (NonFiniteError, check_attentions, check_choice, check_float, check_fraction, check_mask,
+                          check_same_device, check_tensor, checks_values, rows_where)
 
 __all__ = [
     "POOLING_METHODS",
     "ata_pool",
     "ata_weights",
+    "colsum_from_attentions",
     "first_token_pool",
     "last_token_pool",
     "mean_pool",
@@ -113,6 +113,34 @@ def _last_layer(attentions) -> torch.Tensor:
         f"output_attentions) or one such tensor, got {type(attentions).__name__}"
         + (" of length 0" if isinstance(attentions, (tuple, list)) else "")
     )
+
+
+def colsum_from_attentions(attentions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-key column sums from one layer's materialised attention probabilities.
+
+    Args:
+        attentions: [B, H, L, L] softmax probabilities (queries on dim 2), any float dtype, e.g.
+            the last of transformers' ``output_attentions``.
+        attention_mask: [B, L] bool or 0/1, True = real token.
+
+    Returns:
+        [B, L] float32 (float64 for float64 input): each key's probability summed over the valid
+        queries and averaged over heads, zero at padded keys. Rows of padded queries are ignored
+        whatever they hold (transformers fills them differently per attention backend).
+
+    Example::
+
+        out = model(**batch, output_attentions=True)                    # eager attention
+        colsum = colsum_from_attentions(out.attentions[-1], batch["attention_mask"])
+
+    ``ata_attention``'s column sums, from the probabilities transformers returns instead;
+    ``reference.colsum_from_attentions`` is its oracle. One reduction over heads and queries,
+    accumulated in float32 without a float32 copy of the [B, H, L, L] tensor.
+    """
+    valid = check_attentions(attentions, attention_mask)
+    kept = attentions.masked_fill(~valid[:, None, :, None], 0)  # padded query rows may hold NaN
+    sums = kept.sum(dim=(1, 2), dtype=compute_dtype(attentions.dtype)) / attentions.shape[1]
+    return torch.where(valid, sums, torch.zeros((), dtype=sums.dtype, device=sums.device))
 
 
 def ata_weights(colsum: torch.Tensor, attention_mask: torch.Tensor, mix: float = 0.0) -> torch.Tensor:

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._precision import autocast_dtype, compute_dtype
-from ._validation import (check_attention_args, check_float, check_infonce_args, check_mask, check_tensor,
-                          check_varlen_args)
+from ._validation import check_attention_args, check_attentions, check_infonce_args, check_varlen_args
 
 __all__ = ["attention_varlen_with_colsum", "attention_with_colsum", "colsum_from_attentions", "infonce"]
 
@@ -164,17 +163,10 @@ def colsum_from_attentions(attentions: torch.Tensor, attention_mask: torch.Tenso
         out = model(**batch, output_attentions=True)                    # eager attention
         colsum = colsum_from_attentions(out.attentions[-1], batch["attention_mask"])
 
-    What ``ata_pool(..., attentions=...)`` reduces transformers' probabilities with.
+    The oracle of :func:`mgh_kernels.pooling.colsum_from_attentions`, which ``ata_pool(...,
+    attentions=...)`` reduces transformers' probabilities with.
     """
-    check_tensor("attentions", attentions, ndim=4, layout="[B, H, L, L]")
-    check_float("attentions", attentions)
-    batch, _, length, length_k = attentions.shape
-    if length_k != length:
-        raise ValueError(
-            f"attentions: expected square self-attention probabilities [B, H, L, L], "
-            f"got shape {list(attentions.shape)}"
-        )
-    valid = check_mask("attention_mask", attention_mask, batch=batch, length=length, device=attentions.device)
+    valid = check_attentions(attentions, attention_mask)
     probs = attentions.to(compute_dtype(attentions.dtype))
     kept = torch.where(valid[:, None, :, None], probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
     return kept.sum(dim=2).mean(dim=1) * valid

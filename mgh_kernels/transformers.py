@@ -3,9 +3,10 @@ and captures its column sums, so ATA pooling needs no ``output_attentions`` (mod
 
 How: an attention function registered with transformers 5's ``AttentionInterface`` under
 ``ATA_ATTENTION`` (and SDPA's mask builder under the same name), and a config view in the chosen
-layer alone (``_LayerConfig``) whose attention implementation is that name. transformers looks
-the function up by ``module.config._attn_implementation`` at each call, so every other layer keeps
-the model's own attention and masks. ``remove()`` undoes it.
+layer alone (``hf_private.ConfigView``) whose attention implementation is that name. transformers
+looks the function up by the module's config at each call, so every other layer keeps the model's
+own attention and masks. ``remove()`` undoes it. Every private transformers name this relies on is
+reached through ``hf_private``.
 
 Scope and caveats: transformers 5 decoders whose attention goes through ``AttentionInterface``
 (the Llama, Mistral, Qwen2 and Qwen3 families; GGUF-loaded, peft-wrapped and vision-language
@@ -23,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from . import hf_private
 from ._validation import check_bool, checks_values
 from .attention import ata_attention, ata_attention_varlen
 from .pooling import ata_pool
@@ -35,37 +37,13 @@ VARLEN_ATTENTION = "mgh_varlen"
 
 ATA_ATTENTION = "mgh_ata"
 """The name ``enable_ata`` registers with transformers' ``AttentionInterface``; only the chosen
-layer looks it up (through its :class:`_LayerConfig`)."""
+layer looks it up (through its ``hf_private.ConfigView``)."""
 
 _CAPTURE_ATTR = "_mgh_ata_capture"
 
 # The keyword arguments by which transformers hands flash-attention functions packed sequences
 # (all four given: its varlen path).
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-class _LayerConfig:
-    """The chosen layer's view of its config: every setting is the model config's (read and
-    written through), except the attention implementation, which is ``mgh_ata``.
-
-    transformers' attention modules look their function up by ``self.config._attn_implementation``
-    at each call, and the model builds its masks from the model's config, so with this view in the
-    one module the other layers keep the model's own implementation (SDPA, or flash-attention where
-    the model was loaded with it) and its masks.
-    """
-
-    _attn_implementation = ATA_ATTENTION
-
-    def __init__(self, config):
-        object.__setattr__(self, "model_config", config)
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "model_config":  # copy/pickle probe before __init__ ran
-            raise AttributeError(name)
-        return getattr(self.model_config, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.model_config, name, value)
 
 
 class ATACapture:
@@ -126,11 +104,9 @@ class ATACapture:
         ``enable_ata``); the capture stops."""
         if getattr(self.module, _CAPTURE_ATTR, None) is self:
             delattr(self.module, _CAPTURE_ATTR)
-            config = self.module.config
-            if isinstance(config, _LayerConfig):
-                self.module.config = config = config.model_config
-            if self._replaced_by is not None and config._attn_implementation == self._replaced_by:
-                config._attn_implementation = self._previous
+            config = self.module.config = hf_private.model_config(self.module.config)
+            if self._replaced_by is not None and hf_private.attn_implementation(config) == self._replaced_by:
+                hf_private.set_attn_implementation(config, self._previous)
 
     def __enter__(self) -> "ATACapture":
         return self
@@ -255,19 +231,11 @@ def _varlen_dispatch(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def _builds_flash_masks(module) -> bool:
     """Whether the model of this attention module builds flash-attention's masks (its other layers
-    run a flash-attention implementation); the ATA layer's own config is a _LayerConfig view."""
+    run a flash-attention implementation); the ATA layer's own config is a ``ConfigView``."""
     from transformers.masking_utils import flash_attention_mask
 
-    config = getattr(module, "config", None)
-    implementation = getattr(getattr(config, "model_config", config), "_attn_implementation", None)
-    return _mask_builder(implementation) is flash_attention_mask
-
-
-def _mask_builder(implementation: Optional[str]):
-    """The function transformers builds an attention implementation's masks with (None if unknown)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(implementation)
+    config = hf_private.model_config(getattr(module, "config", None))
+    return hf_private.registered_mask(hf_private.attn_implementation(config)) is flash_attention_mask
 
 
 def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[torch.Tensor]:
@@ -336,7 +304,8 @@ def _other_layers_implementation(name: Optional[str]) -> str:
     (our kernel is what replaces it), flex attention's block masks, unknown masks."""
     from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
-    return name if _mask_builder(name) in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
+    builder = hf_private.registered_mask(name)
+    return name if builder in (sdpa_mask, flash_attention_mask) and name != ATA_ATTENTION else "sdpa"
 
 
 def _attention_layers(model) -> list:
@@ -406,15 +375,15 @@ def enable_ata(model, layer: int = -1, *, packed: bool = False) -> ATACapture:
         raise ValueError(f"model: expected transformers attention modules with a config, got {type(module).__name__}")
     # The layers' own config: the text model's in a multimodal model, whose vision tower keeps its attention.
     check_bool("packed", packed)
-    previous = config._attn_implementation
+    previous = hf_private.attn_implementation(config)
     others = VARLEN_ATTENTION if packed else _other_layers_implementation(previous)
     replaced_by = others if others != previous else None
     _register()
     if replaced_by is not None:
-        config._attn_implementation = replaced_by
+        hf_private.set_attn_implementation(config, replaced_by)
     capture = ATACapture(model, module, module.layer_idx, previous, replaced_by)
     setattr(module, _CAPTURE_ATTR, capture)
-    module.config = _LayerConfig(config)
+    module.config = hf_private.ConfigView(config, ATA_ATTENTION)
     return capture
 
 
@@ -422,19 +391,18 @@ def enable_varlen(model) -> Optional[str]:
     """Run every attention layer of ``model`` through ``VARLEN_ATTENTION`` without any ATA layer: packed
     rows (as :func:`enable_ata` with ``packed=True`` takes them) through ``ata_attention_varlen`` with
     the column sums off, padded batches through ``ata_attention`` (for poolings other than ATA over
-    packed rows). Returns the implementation it replaced (None if already set); set it back on
-    ``model.config._attn_implementation`` to undo. Idempotent."""
+    packed rows). Returns the implementation it replaced (None if already set); set it back with
+    ``hf_private.set_attn_implementation(model.config, previous)`` to undo. Idempotent."""
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(
             f"model: expected a transformers decoder with attention layers (modules with layer_idx), "
             f"got {type(model).__name__}"
         )
-    config = layers[0].config
-    config = getattr(config, "model_config", config)
-    if config._attn_implementation == VARLEN_ATTENTION:
+    config = hf_private.model_config(layers[0].config)
+    previous = hf_private.attn_implementation(config)
+    if previous == VARLEN_ATTENTION:
         return None
     _register()
-    previous = config._attn_implementation
-    config._attn_implementation = VARLEN_ATTENTION
+    hf_private.set_attn_implementation(config, VARLEN_ATTENTION)
     return previous

@@ -38,7 +38,8 @@ import torch
 
 from .data import Example, NoDuplicatesBatcher, negatives_for, stage_at
 from .interrupts import quiet_worker
-from .model import DEFAULT_INSTRUCTION, pad, token_ids
+from .model.options import DEFAULT_INSTRUCTION
+from .model.tokens import pad, token_ids
 
 PAD_MULTIPLE = 8  # a bucket's length rounds up to this
 COMPILE_PAD_MULTIPLE = 64  # under --compile: fewer distinct lengths, fewer recompiles

@@ -89,7 +89,7 @@ class TrainConfig(EmbedderOptions):
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: none)", group="loop")
     tau: float = _opt(0.05, "InfoNCE temperature", group="loop")
     negatives: str = _opt("global", "InfoNCE candidates: global (in-batch + all hard) or own", group="loop")
-    loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (the reference)", group="loop")
+    loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (mgh_kernels.eager_infonce, plain PyTorch ops)", group="loop")
     # scale (torchrun): see mgh_train/distributed.py and mgh_train/gradcache.py
     parallel: Optional[str] = _opt(None, "under torchrun: replicate (a full copy per process, one all-reduce of the "
                                          "trainable gradients per step; the default) or fsdp (FSDP2: every weight "

@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from mgh_kernels import ata_attention, ata_pool, ata_weights, attention, mean_pool, reference
+from mgh_kernels import ata_attention, ata_pool, ata_weights, attention, infonce_loss, mean_pool
 
 EMBEDDED_PAIRS = (
     (
@@ -122,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
         ("mean", mean_pool(hq, mq), mean_pool(hidden, mask)),
         ("ata", ata_pool(hq, mq, colsum=cq), ata_pool(hidden, mask, colsum=colsum)),
     ):
-        loss = reference.infonce(q_emb, p_emb, tau=args.tau)
+        loss = infonce_loss(q_emb, p_emb, tau=args.tau)
         print(f"  {name:>4s} pooling: loss {loss.item():.4f}")
     return 0

@@ -31,11 +31,10 @@ import itertools
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from mgh_kernels import enable_ata, packed_pool
 
 from .batches import Collate, MicroBatch, Plan, chunks
+from .model.packed import packed_embeddings, use_packed_attention
 
 
 def is_packed(features: dict) -> bool:
@@ -162,36 +161,6 @@ def describe(cfg, device: torch.device) -> str:
         "PyTorch's path: SDPA per text, the ATA layer's column sums by ata_attention per text"
     return (f"packing: texts packed without padding into {rows}; every layer attends within its texts through "
             f"ata_attention_varlen ({path})")
-
-
-def use_packed_attention(embedder) -> None:
-    """Make the embedder's attention layers take packed rows: ATA pooling's capture re-enabled with
-    ``packed=True``; other poolings ``VARLEN_ATTENTION`` in every layer (idempotent)."""
-    from mgh_kernels.transformers import enable_varlen
-
-    if embedder.capture is not None:
-        if not embedder.capture.packed:
-            embedder.capture.remove()
-            embedder.capture = enable_ata(embedder.model, embedder.config.ata_layer, packed=True)
-    else:
-        enable_varlen(embedder.model)
-
-
-def packed_embeddings(embedder, features: dict) -> torch.Tensor:
-    """[n, H] float32 embeddings (unit length if ``normalize``) of a packed row's n texts: one forward
-    of the [1, T] row with flash-attention's varlen arguments, then ``packed_pool``.
-    What :meth:`~mgh_train.model.Embedder.forward` gives for the same texts padded."""
-    use_packed_attention(embedder)
-    device = embedder.device
-    cu = features["cu_seqlens"].to(device, non_blocking=True)
-    longest = int(features["max_seqlen"])
-    out = embedder.model(input_ids=features["input_ids"].to(device), position_ids=features["position_ids"].to(device),
-                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    hidden = out.last_hidden_state[0]
-    cfg = embedder.config
-    extra = {"colsum": embedder.capture.colsum[0], "mix": cfg.ata_mix} if cfg.pooling == "ata" else {}
-    emb = packed_pool(hidden.float(), cu, cfg.pooling, pool_mask=features["pool_mask"].to(device), **extra)
-    return F.normalize(emb, dim=-1) if cfg.normalize else emb
 
 
 __all__ = ["PackingCollate", "check_options", "collate_for", "describe", "from_padded", "is_packed", "pack",

@@ -88,7 +88,7 @@ def check_scale_options(cfg: TrainConfig, ranks: Ranks) -> bool:
                          "(own candidates are per query)")
     gather = cfg.gather is not False and cfg.negatives == "global"
     if gather and cfg.loss != "fused":
-        raise ValueError("loss: the eager reference loss has no cross-process gather; use --loss fused, or "
+        raise ValueError("loss: the eager loss has no cross-process gather; use --loss fused, or "
                          "--no-gather (each process's queries then score its own batch only)")
     check_chunk_tokens(cfg.chunk_tokens, collective=cfg.parallel == "fsdp")
     if cfg.parallel == "fsdp" and cfg.fp16:

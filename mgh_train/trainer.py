@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from mgh_kernels import infonce_loss, reference
+from mgh_kernels import eager_infonce, infonce_loss
 
 from . import disk_space, distributed, interrupts, packing, peers, run_lock
 from .batches import COMPILE_PAD_MULTIPLE, PAD_MULTIPLE, Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
@@ -302,15 +302,11 @@ def set_up(cfg: TrainConfig, ranks: Ranks, run: Prepared, log: Callable[[str], N
 
 def loss_function(cfg: TrainConfig, gather: bool) -> Callable:
     """The InfoNCE loss ``--loss`` names: the fused kernels (``mgh_kernels.infonce_loss``, every
-    rank's candidates gathered where ``gather``), or the eager loss (:func:`_eager_loss`)."""
+    rank's candidates gathered where ``gather``), or ``mgh_kernels.eager_infonce`` (plain PyTorch ops,
+    the fused kernels' peer)."""
     if cfg.loss == "fused":
         return gathered_infonce if gather else infonce_loss
-    return _eager_loss()
-
-
-def _eager_loss() -> Callable:
-    """``--loss eager``: InfoNCE in plain PyTorch ops, the fused kernels' peer."""
-    return reference.infonce
+    return eager_infonce
 
 
 def gathered_infonce(q, pos, neg=None, *, tau: float, negatives: str):

@@ -10,6 +10,7 @@ from mgh_kernels import (
     POOLING_METHODS,
     ata_pool,
     ata_weights,
+    colsum_from_attentions,
     first_token_pool,
     last_token_pool,
     mean_pool,
@@ -196,3 +197,33 @@ def test_empty_length_is_named_not_a_column_sum_error():
                  lambda: mean_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool))):
         with pytest.raises(ValueError, match=r"expected at least one token \(L >= 1\), got shape \[2, 0"):
             call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+def test_colsum_from_attentions_matches_its_oracle(dtype, side, gen):
+    """The production reduction of output_attentions (one sum over heads and queries) against
+    ``reference.colsum_from_attentions``, with garbage where padded queries and keys lie."""
+    batch, heads, length = 3, 4, 9
+    mask = padding_mask(batch, length, side, gen)
+    probs = torch.softmax(torch.randn(batch, heads, length, length, generator=gen, dtype=torch.float64), dim=-1)
+    probs = torch.where(mask[:, None, :, None], probs, float("nan"))  # padded query rows: anything, NaN too
+    probs = torch.where(mask[:, None, None, :], probs, torch.rand(probs.shape, generator=gen, dtype=torch.float64))
+    probs = probs.to(dtype)
+    got = colsum_from_attentions(probs, mask)
+    want = reference.colsum_from_attentions(probs, mask)
+    assert got.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # NaN in padded key columns stays out too (the oracle's "* mask" would not zero it)
+    nan_keys = torch.where(mask[:, None, None, :], probs, torch.tensor(float("nan"), dtype=dtype))
+    torch.testing.assert_close(colsum_from_attentions(nan_keys, mask.long()), got, rtol=0, atol=0)
+
+
+def test_colsum_from_attentions_names_bad_arguments(gen):
+    with pytest.raises(ValueError, match=r"attentions: expected square self-attention probabilities"):
+        colsum_from_attentions(torch.rand(1, 2, 3, 4), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attentions: expected 4 dimensions"):
+        colsum_from_attentions(torch.rand(2, 3, 3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \[1, 3\]"):
+        colsum_from_attentions(torch.rand(1, 2, 3, 3), torch.ones(1, 4, dtype=torch.bool))

@@ -7,8 +7,10 @@ probabilities from the forward's log-sum-exp (log2 units, [B, Hq, L]):
 
 * ``_bwd_delta_kernel``: delta per query (the second term re-streams the keys, only when ``dc``
   is given);
-* ``_bwd_dkdv_kernel``: dK and dV of one key block, summed over the query heads that share it;
-* ``_bwd_dq_kernel``: dQ of one query block.
+* ``_bwd_dkdv_kernel``: dK and dV of one key block, summed over the query heads that share it
+  (``_dkdv_step`` per query tile, shared with the varlen kernel);
+* ``_bwd_dq_kernel``: dQ of one query block (``_dq_step`` per key tile, shared with the varlen
+  kernel).
 
 Deterministic: each program owns its outputs, no atomics. Conventions in ``masking.py``.
 """
@@ -37,10 +39,10 @@ def _key_tile(k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK
 
 
 @triton.jit
-def _column_gradient(DC, b, L, offs_n, col_in, inv_heads):
-    """g_j = dc_j / Hq for keys offs_n of sequence b (DC [B, L] float32); 0 where ``col_in`` is
-    False (padded keys: the column sums' gradient there may hold anything)."""
-    return tl.load(DC + b * L + offs_n, mask=col_in, other=0.0) * inv_heads
+def _column_gradient(dc_ptr, offs_n, col_in, inv_heads):
+    """g_j = dc_j / Hq for keys offs_n of one sequence (``dc_ptr``: its row of the float32 column
+    sums' gradient); 0 where ``col_in`` is False (padded keys: the gradient there may hold anything)."""
+    return tl.load(dc_ptr + offs_n, mask=col_in, other=0.0) * inv_heads
 
 
 @triton.jit
@@ -66,6 +68,55 @@ def _query_block(X, sxb, sxh, sxm, sxd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn
 
 
 @triton.jit
+def _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC: tl.constexpr,
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile's share of a key block's gradients: the probabilities re-computed transposed,
+    P^T [BLOCK_N, BLOCK_M] from the rows' ``lse`` and the keys' ``bias``; dV += P^T dO; dK += dS^T Q
+    with dS^T = P^T (V dO^T + g - delta), unscaled. Returns (dk, dv) [BLOCK_N, BLOCK_D] float32."""
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
+    pt = tl.exp2(st - lse[None, :])
+    if CAUSAL:
+        pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if HAS_DC:
+        dpt += g[:, None]
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _column_gradient_term(q, lse, k_ptr, mask_ptr, smn, skn, skd, dc_ptr, inv_heads, offs_m, offs_d, d_in, L,
+                          qk_scale, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """delta's second term, sum_j P_ij g_j over the keys the query block sees (``k_ptr``,
+    ``mask_ptr`` and ``dc_ptr`` offset to one sequence and kv head), re-computing P from ``lse``:
+    [BLOCK_M] float32."""
+    pg = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n, col_in, bias, kt = _key_tile(k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK,
+                                             BLOCK_N)
+        p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
+        pg += tl.sum(p * _column_gradient(dc_ptr, offs_n, col_in, inv_heads)[None, :], 1)
+    return pg
+
+
+@triton.jit
+def _dq_step(q, do, kt, vt, bias, lse, delta, dc_ptr, inv_heads, offs_m, offs_n, col_in, qk_scale, dq,
+             HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile's share of a query block's dQ: the probabilities P re-computed from the rows'
+    ``lse`` and the keys' ``bias``; dQ += dS K with dS = P (dO V^T + g - delta), unscaled (g from
+    ``dc_ptr`` when HAS_DC). Returns dq [BLOCK_M, BLOCK_D] float32."""
+    p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    if HAS_DC:
+        dp += _column_gradient(dc_ptr, offs_n, col_in, inv_heads)[None, :]
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+
+
+@triton.jit
 def _bwd_delta_kernel(
     Q, K, OUT, DOUT, MASK, LSE, DC, DELTA,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, sob, soh, som, sod, sdb, sdh, sdm, sdd, smb, smn,
@@ -81,13 +132,9 @@ def _bwd_delta_kernel(
     if HAS_DC:
         q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, q_valid, d_in)
         lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_in, other=float("inf"))
-        pg = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-            offs_n, col_in, bias, kt = _key_tile(K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, start_n,
-                                                 offs_d, d_in, L, HAS_MASK, BLOCK_N)
-            p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
-            pg += tl.sum(p * _column_gradient(DC, b, L, offs_n, col_in, inv_heads)[None, :], 1)
-        delta += pg
+        delta += _column_gradient_term(q, lse, K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, DC + b * L,
+                                       inv_heads, offs_m, offs_d, d_in, L, qk_scale, HAS_MASK, CAUSAL, PRECISION,
+                                       BLOCK_M, BLOCK_N)
     tl.store(DELTA + pid_bh * L + offs_m, tl.where(q_valid, delta, 0.0), mask=row_in)
 
 
@@ -109,7 +156,7 @@ def _bwd_dkdv_kernel(
     v = load_rows(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, col_ok, d_in)
     g = tl.zeros([BLOCK_N], tl.float32)
     if HAS_DC:
-        g = _column_gradient(DC, b, L, offs_n, col_ok, inv_heads)
+        g = _column_gradient(DC + b * L, offs_n, col_ok, inv_heads)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -124,16 +171,8 @@ def _bwd_dkdv_kernel(
             row_ok = row_in & (lse < float("inf"))  # padded queries (lse +inf) load as zeros
             q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_ok, d_in)
             do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, row_ok, d_in)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
-            pt = tl.exp2(st - lse[None, :])
-            if CAUSAL:
-                pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if HAS_DC:
-                dpt += g[:, None]
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC, CAUSAL,
+                                PRECISION)
     store_rows(DK + pid_bk * L * D, dk * scale, offs_n, offs_d, D, col_in, d_in)
     store_rows(DV + pid_bk * L * D, dv, offs_n, offs_d, D, col_in, d_in)
 
@@ -156,12 +195,8 @@ def _bwd_dq_kernel(
         offs_n, col_in, bias, kt = _key_tile(K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, start_n,
                                              offs_d, d_in, L, HAS_MASK, BLOCK_N)
         vt = load_transposed(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, col_in, d_in)
-        p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        if HAS_DC:
-            dp += _column_gradient(DC, b, L, offs_n, col_in, inv_heads)[None, :]
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        dq = _dq_step(q, do, kt, vt, bias, lse, delta, DC + b * L, inv_heads, offs_m, offs_n, col_in, qk_scale, dq,
+                      HAS_DC, CAUSAL, PRECISION)
     store_rows(DQ + pid_bh * L * D, dq * scale, offs_m, offs_d, D, row_in, d_in)
 
 

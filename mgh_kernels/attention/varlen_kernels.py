@@ -9,8 +9,11 @@ are [Hq, total] float32 (log2 units); the column sums come as one partial per kv
 summed afterwards in a fixed order (deterministic, no atomics).
 
 The kernels are siblings of the padded ones (``forward.py``, ``colsum.py``, ``backward.py``) and
-share their per-tile steps (``_online_softmax_step``, ``_colsum_tile``, ``masking.py``): within a
-sequence they are the padded kernels without a key padding mask, at the sequence's offset.
+share their per-tile steps (``_online_softmax_step``, ``_colsum_tile``, ``_key_tile``,
+``_column_gradient``, ``_column_gradient_term``, ``_dkdv_step``, ``_dq_step``, ``masking.py``):
+within a sequence they are the padded kernels without a key padding mask, at the sequence's offset.
+Each program starts with ``_query_block`` or ``_key_block``: its sequence's place in the packed
+rows, and its block within it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import triton.language as tl
 
 from .._launch import LOG2E, cdiv, new_output, run
 from .._precision import dot_precision
-from .backward import _key_tile
+from .backward import _column_gradient, _column_gradient_term, _dkdv_step, _dq_step, _key_tile
 from .colsum import _colsum_tile
 from .forward import _online_softmax_step
-from .masking import key_bias, keys_seen, load_rows, recomputed_probabilities
+from .masking import key_bias, keys_seen, load_rows, load_transposed
 
 
 @triton.jit
@@ -32,6 +35,38 @@ def _sequence(CU, s):
     """(start, length) of sequence ``s``."""
     start = tl.load(CU + s)
     return start, tl.load(CU + s + 1) - start
+
+
+@triton.jit
+def _query_block(X, sxt, sxh, sxd, CU, H, GROUP, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program over query block ``program_id(0)`` of sequence and head ``program_id(1)`` (s * H + h):
+    (the sequence's start in the packed rows, its length L, h, the kv head, offs_m within the
+    sequence, offs_m < L, offs_d, offs_d < D, x: the block's rows of X [total, H, D] (Q or O) at
+    head h, zero past L). The program has work while ``program_id(0) * BLOCK_M < L``."""
+    s, h = tl.program_id(1) // H, tl.program_id(1) % H
+    start, L = _sequence(CU, s)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in, d_in = offs_m < L, offs_d < D
+    x = load_rows(X + start * sxt + h * sxh, offs_m, offs_d, sxt, sxd, row_in, d_in)
+    return start, L, h, h // GROUP, offs_m, row_in, offs_d, d_in, x
+
+
+@triton.jit
+def _key_block(CU, HKV, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """A program over key block ``program_id(0)`` of sequence and kv head ``program_id(1)``
+    (s * HKV + hk): (the sequence's start, its length L, hk, offs_n within the sequence, offs_n < L,
+    offs_d, offs_d < D, the first query block that sees a key of the block: 0, or causal, the one
+    holding its first key). The program has work while ``program_id(0) * BLOCK_N < L``."""
+    s, hk = tl.program_id(1) // HKV, tl.program_id(1) % HKV
+    start, L = _sequence(CU, s)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    lo = 0
+    if CAUSAL:
+        lo = (tl.program_id(0) * BLOCK_N // BLOCK_M) * BLOCK_M
+    return start, L, hk, offs_n, offs_n < L, offs_d, offs_d < D, lo
 
 
 @triton.jit
@@ -49,23 +84,16 @@ def _varlen_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Flash attention of one query block of one sequence and head: out and the log-sum-exp."""
-    pid_m = tl.program_id(0)
-    s, h = tl.program_id(1) // H, tl.program_id(1) % H
-    start, L = _sequence(CU, s)
-    if pid_m * BLOCK_M < L:
-        hk = h // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_in = offs_m < L
-        d_in = offs_d < D
-        q = load_rows(Q + start * sqt + h * sqh, offs_m, offs_d, sqt, sqd, row_in, d_in)
+    start, L, h, hk, offs_m, row_in, offs_d, d_in, q = _query_block(Q, sqt, sqh, sqd, CU, H, GROUP, D, BLOCK_M,
+                                                                    BLOCK_D)
+    if tl.program_id(0) * BLOCK_M < L:
         k_ptr, v_ptr = K + start * skt + hk * skh, V + start * svt + hk * svh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         inner = (L // BLOCK_N) * BLOCK_N  # key tiles before it: within L and (causal) below the diagonal
         if CAUSAL:
-            inner = (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N
+            inner = (tl.program_id(0) * BLOCK_M // BLOCK_N) * BLOCK_N
         for start_n in range(0, inner, BLOCK_N):
             _, m_i, l_i, acc = _online_softmax_step(
                 q, offs_m, k_ptr, v_ptr, k_ptr, skt, skd, svt, svd, 0, start_n, L, D, qk_scale, m_i, l_i, acc,
@@ -91,19 +119,10 @@ def _varlen_colsum_kernel(
 ):
     """Column sums of one key block of one sequence and kv head over the queries of that sequence
     and of every query head sharing the kv head, from the log-sum-exp; PART [Hkv, total]."""
-    pid_n = tl.program_id(0)
-    s, hk = tl.program_id(1) // HKV, tl.program_id(1) % HKV
-    start, L = _sequence(CU, s)
-    if pid_n * BLOCK_N < L:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        col_in = offs_n < L
-        kt = tl.load(K + start * skt + hk * skh + offs_n[None, :] * skt + offs_d[:, None] * skd,
-                     mask=col_in[None, :] & (offs_d < D)[:, None], other=0.0)
+    start, L, hk, offs_n, col_in, offs_d, d_in, lo = _key_block(CU, HKV, D, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D)
+    if tl.program_id(0) * BLOCK_N < L:
+        kt = load_transposed(K + start * skt + hk * skh, offs_n, offs_d, skt, skd, col_in, d_in)
         col = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        lo = 0
-        if CAUSAL:
-            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
         for g in range(0, GROUP):
             h = hk * GROUP + g
             q_ptr, lse_ptr = Q + start * sqt + h * sqh, LSE + h * TOTAL + start
@@ -122,29 +141,17 @@ def _varlen_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = dO_i . O_i (+ sum_j P_ij dc_j / Hq over the keys of i's sequence)."""
-    pid_m = tl.program_id(0)
-    s, h = tl.program_id(1) // H, tl.program_id(1) % H
-    start, L = _sequence(CU, s)
-    if pid_m * BLOCK_M < L:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_in = offs_m < L
-        d_in = offs_d < D
-        o = load_rows(OUT + start * sot + h * soh, offs_m, offs_d, sot, sod, row_in, d_in)
+    start, L, h, hk, offs_m, row_in, offs_d, d_in, o = _query_block(OUT, sot, soh, sod, CU, H, GROUP, D, BLOCK_M,
+                                                                    BLOCK_D)
+    if tl.program_id(0) * BLOCK_M < L:
         do = load_rows(DOUT + start * sdt + h * sdh, offs_m, offs_d, sdt, sdd, row_in, d_in)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         if HAS_DC:
-            k_ptr = K + start * skt + (h // GROUP) * skh
+            k_ptr = K + start * skt + hk * skh
             q = load_rows(Q + start * sqt + h * sqh, offs_m, offs_d, sqt, sqd, row_in, d_in)
             lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
-            pg = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-                offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
-                                                     BLOCK_N)
-                p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
-                g = tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads
-                pg += tl.sum(p * g[None, :], 1)
-            delta += pg
+            delta += _column_gradient_term(q, lse, k_ptr, k_ptr, 0, skt, skd, DC + start, inv_heads, offs_m, offs_d,
+                                           d_in, L, qk_scale, False, CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
         tl.store(DELTA + h * TOTAL + start + offs_m, delta, mask=row_in)
 
 
@@ -158,25 +165,16 @@ def _varlen_dkdv_kernel(
 ):
     """dK, dV of one key block of one sequence and kv head, summed over the query heads sharing it
     (DK, DV contiguous [total, Hkv, D]: row stride ``sgt``, head stride ``sgh``)."""
-    pid_n = tl.program_id(0)
-    s, hk = tl.program_id(1) // HKV, tl.program_id(1) % HKV
-    start, L = _sequence(CU, s)
-    if pid_n * BLOCK_N < L:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        col_in = offs_n < L
-        d_in = offs_d < D
+    start, L, hk, offs_n, col_in, offs_d, d_in, lo = _key_block(CU, HKV, D, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D)
+    if tl.program_id(0) * BLOCK_N < L:
         k = load_rows(K + start * skt + hk * skh, offs_n, offs_d, skt, skd, col_in, d_in)
         v = load_rows(V + start * svt + hk * svh, offs_n, offs_d, svt, svd, col_in, d_in)
         bias = key_bias(K, 0, offs_n, L, False, True)
         g = tl.zeros([BLOCK_N], tl.float32)
         if HAS_DC:
-            g = tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads
+            g = _column_gradient(DC + start, offs_n, col_in, inv_heads)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        lo = 0
-        if CAUSAL:
-            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
         for gi in range(0, GROUP):
             h = hk * GROUP + gi
             for start_m in range(lo, L, BLOCK_M):
@@ -186,16 +184,8 @@ def _varlen_dkdv_kernel(
                 do = load_rows(DOUT + start * sdt + h * sdh, offs_m, offs_d, sdt, sdd, row_in, d_in)
                 lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
                 delta = tl.load(DELTA + h * TOTAL + start + offs_m, mask=row_in, other=0.0)
-                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]
-                pt = tl.exp2(st - lse[None, :])
-                if CAUSAL:
-                    pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                if HAS_DC:
-                    dpt += g[:, None]
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+                dk, dv = _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC,
+                                    CAUSAL, PRECISION)
         _store_tile(DK + start * sgt + hk * sgh, dk * scale, offs_n, offs_d, sgt, 1, col_in, d_in)
         _store_tile(DV + start * sgt + hk * sgh, dv, offs_n, offs_d, sgt, 1, col_in, d_in)
 
@@ -209,16 +199,9 @@ def _varlen_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one sequence and head (DQ contiguous [total, Hq, D])."""
-    pid_m = tl.program_id(0)
-    s, h = tl.program_id(1) // H, tl.program_id(1) % H
-    start, L = _sequence(CU, s)
-    if pid_m * BLOCK_M < L:
-        hk = h // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_in = offs_m < L
-        d_in = offs_d < D
-        q = load_rows(Q + start * sqt + h * sqh, offs_m, offs_d, sqt, sqd, row_in, d_in)
+    start, L, h, hk, offs_m, row_in, offs_d, d_in, q = _query_block(Q, sqt, sqh, sqd, CU, H, GROUP, D, BLOCK_M,
+                                                                    BLOCK_D)
+    if tl.program_id(0) * BLOCK_M < L:
         do = load_rows(DOUT + start * sdt + h * sdh, offs_m, offs_d, sdt, sdd, row_in, d_in)
         lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
         delta = tl.load(DELTA + h * TOTAL + start + offs_m, mask=row_in, other=0.0)
@@ -227,14 +210,9 @@ def _varlen_dq_kernel(
         for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
             offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
                                                  BLOCK_N)
-            vt = tl.load(v_ptr + offs_n[None, :] * svt + offs_d[:, None] * svd,
-                         mask=col_in[None, :] & d_in[:, None], other=0.0)
-            p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
-            dp = tl.dot(do, vt, input_precision=PRECISION)
-            if HAS_DC:
-                dp += (tl.load(DC + start + offs_n, mask=col_in, other=0.0) * inv_heads)[None, :]
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+            vt = load_transposed(v_ptr, offs_n, offs_d, svt, svd, col_in, d_in)
+            dq = _dq_step(q, do, kt, vt, bias, lse, delta, DC + start, inv_heads, offs_m, offs_n, col_in, qk_scale,
+                          dq, HAS_DC, CAUSAL, PRECISION)
         _store_tile(DQ + start * H * D + h * D, dq * scale, offs_m, offs_d, H * D, 1, row_in, d_in)
 
 

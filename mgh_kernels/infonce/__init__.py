@@ -22,7 +22,8 @@ Where each concept lives:
 * ``planner.py``: candidate splits and the backward's chunking within its budget (pure Python);
 * ``tiles.py``: the kernels' tiles (documented, overridable);
 * ``gather.py``: the cross-rank gather (functional collectives);
-* ``torch_path.py``: the PyTorch path.
+* ``torch_path.py``: the PyTorch path;
+* ``eager.py``: ``eager_infonce``, the same loss with its logits in memory (the eager baseline).
 
 Only the Triton files import triton; without it ``infonce_loss`` runs its PyTorch path.
 """
@@ -30,6 +31,7 @@ Only the Triton files import triton; without it ``infonce_loss`` runs its PyTorc
 from __future__ import annotations
 
 from . import gather, planner, tiles
+from .eager import eager_infonce
 from .loss import InfoNCELoss, infonce_loss, last_backend
 
-__all__ = ["InfoNCELoss", "gather", "infonce_loss", "last_backend", "planner", "tiles"]
+__all__ = ["InfoNCELoss", "eager_infonce", "gather", "infonce_loss", "last_backend", "planner", "tiles"]

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from mgh_kernels import hf_private
+
 from ..precision import DTYPES
 from .options import ALL_LINEAR, SMOLLM2, SMOLLM2_FILE, EmbedderConfig
 
@@ -185,18 +187,16 @@ def builds_sdpa_masks(model, length: int) -> bool:
 def mask_function_of(config):
     """The mask-building function transformers registered for ``config``'s attention implementation
     (None for one it does not know, such as an attention registered without a mask function)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(config._attn_implementation)
+    return hf_private.registered_mask(hf_private.attn_implementation(config))
 
 
 @contextlib.contextmanager
 def public_attention_name(config):
     """``config`` names transformers' own "sdpa" attention inside the block (restored after), so a
     ``save_pretrained`` never writes our private attention implementation's name to disk."""
-    attn = config._attn_implementation
-    config._attn_implementation = "sdpa"
+    attn = hf_private.attn_implementation(config)
+    hf_private.set_attn_implementation(config, "sdpa")
     try:
         yield config
     finally:
-        config._attn_implementation = attn
+        hf_private.set_attn_implementation(config, attn)

@@ -23,6 +23,7 @@ from ..precision import Precision, resolve
 from . import saved
 from .base import add_lora, base_of, builds_sdpa_masks, load_base, sdpa_mask_of, set_bidirectional
 from .options import EmbedderConfig
+from .packed import packed_embeddings
 from .tokens import pad, token_ids
 
 
@@ -168,8 +169,6 @@ class Embedder(torch.nn.Module):
         ``padded`` as in :meth:`token_states`. A packed row (:mod:`mgh_train.packing`) gives its
         texts' embeddings [n, H] the same way."""
         if "cu_seqlens" in features:
-            from ..packing import packed_embeddings
-
             return packed_embeddings(self, features)
         features = {k: v.to(self.device) for k, v in features.items()}
         hidden, colsum = self.token_states(features, padded=padded)
