@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -147,18 +147,15 @@ def _corpus_vectors(encoder: Encoder, corpus: list[str], options: MineOptions, p
     return vectors
 
 
-def _cross_encoder(name: str, queries: list[str], corpus: list[str]):
+def _cross_encoder(name: str) -> Callable[[list[tuple[str, str]]], Sequence[float]]:
+    """The cross-encoder ``name`` as ``pairs of (query text, corpus text) -> scores``."""
     from sentence_transformers import CrossEncoder
 
     try:
         model = CrossEncoder(name, device="cpu")
     except OSError as error:
         raise ValueError(f"cross_encoder: cannot load {name!r}: {error}") from None
-
-    def scores(pairs):
-        return model.predict([(queries[r], corpus[i]) for r, i in pairs], show_progress_bar=False)
-
-    return scores
+    return lambda pairs: model.predict(list(pairs), show_progress_bar=False)
 
 
 def mine(options: MineOptions, *, encoder: Optional[Encoder] = None, cross_encoder=None) -> MineSummary:
@@ -195,7 +192,7 @@ def mine(options: MineOptions, *, encoder: Optional[Encoder] = None, cross_encod
         corpus_vectors = _corpus_vectors(encoder, corpus, options, progress)
         topk = (lambda q, c, k: faiss_topk(q, c, k)) if options.use_faiss else chunked_topk
         if cross_encoder is None and options.cross_encoder:
-            cross_encoder = _cross_encoder(options.cross_encoder, queries, corpus)
+            cross_encoder = _cross_encoder(options.cross_encoder)
         filters = options.filters()
         bar = None
         if progress:
