@@ -227,8 +227,10 @@ def test_cross_encoder_scores_query_and_corpus_texts(tmp_path, monkeypatch):
 
     class TopicEncoder:  # query i and positive i near one direction, the rest spread around
         def encode(self, texts, instruction=None, progress=False):
-            rows = [torch.randn(8, generator=torch.Generator().manual_seed(int(t.split()[1]))) +
-                    0.5 * torch.randn(8, generator=torch.Generator().manual_seed(1000 + i)) for i, t in enumerate(texts)]
+            def draw(seed):
+                return torch.randn(8, generator=torch.Generator().manual_seed(seed))
+
+            rows = [draw(int(t.split()[1])) + 0.5 * draw(1000 + i) for i, t in enumerate(texts)]
             return torch.nn.functional.normalize(torch.stack(rows), dim=-1) if rows else torch.empty(0)
 
     monkeypatch.setattr(sentence_transformers, "CrossEncoder", FakeCrossEncoder)
