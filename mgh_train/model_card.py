@@ -226,70 +226,99 @@ def card_metadata(**options) -> dict:
 
 
 def _body(name: str, data, embedder: dict, needs_mgh: bool, results: Optional[list], notes=()) -> str:
-    pooling = embedder.get("pooling", "ata")
-    base = data.base_model or "a decoder LLM"
+    """The card's text below the metadata: usage, MTEB scores, notes, training, versions."""
     mgh = data.get("mgh") or {}
-    lines = [f"# {name}", "",
-             f"A text embedder trained with mgh from `{base}`: "
-             f"{pooling.replace('_', '-')} pooling over the last hidden states"
-             + (", unit-length vectors" if embedder.get("normalize", True) else "") + ".", ""]
+    sections = [
+        _intro(name, data.base_model, embedder),
+        _usage(name, embedder, needs_mgh),
+        _mteb_table(results),
+        ["## Notes", ""] + [f"- {note}" for note in notes] + [""] if notes else [],
+        ["## Training", ""] + _training(mgh.get("training") or {}, mgh.get("data") or [], embedder),
+        _log_table(mgh.get("training_log") or []),
+        _final_evaluation(mgh.get("evaluation") or {}),
+        ["### Framework versions", ""] + [f"- {k}: {v}" for k, v in versions().items()] + [""],
+        ["The embedder's and the run's options are in this card's metadata under `mgh`.", ""],
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _intro(name: str, base_model: Optional[str], embedder: dict) -> list[str]:
+    pooling = embedder.get("pooling", "ata")
+    return [f"# {name}", "",
+            f"A text embedder trained with mgh from `{base_model or 'a decoder LLM'}`: "
+            f"{pooling.replace('_', '-')} pooling over the last hidden states"
+            + (", unit-length vectors" if embedder.get("normalize", True) else "") + ".", ""]
+
+
+def _usage(name: str, embedder: dict, needs_mgh: bool) -> list[str]:
     template = embedder.get("query_template", "Instruct: {instruction}\nQuery: ")
-    load = (["```python", "from sentence_transformers import SentenceTransformer", "",
+    lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f"model = SentenceTransformer({json.dumps(name)}" + (", trust_remote_code=True)" if needs_mgh else ")"),
              'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
              'documents = model.encode(["Vaccines train the immune system."])',
-             "print(model.similarity(queries, documents))", "```", ""])
-    lines += ["## Usage", ""] + load
-    lines += [f"Queries take the prefix `{json.dumps(template)[1:-1]}` with the task's instruction "
-              "(the saved prompt `query` holds a generic one); documents take none.", ""]
+             "print(model.similarity(queries, documents))", "```", "",
+             f"Queries take the prefix `{json.dumps(template)[1:-1]}` with the task's instruction "
+             "(the saved prompt `query` holds a generic one); documents take none.", ""]
     if needs_mgh:
-        lines += ["Loading needs mgh installed (with its `eval` extra) and `trust_remote_code=True`: mgh's "
-                  "modules run the model (ATA pooling: the fused attention kernel inside it).", ""]
-    else:
-        lines += ["Stock sentence-transformers modules only: loading needs neither mgh nor "
-                  "`trust_remote_code`.", ""]
-    if results:
-        lines += ["## MTEB", "", "Scores of this model (the result folder's `model_meta.json` names it), in the "
-                  "metadata's `model-index`.", "", "| task | split | main metric | score |", "|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r['split']} | {r.get('main_metric') or 'main_score'} | "
-                  f"{100.0 * r['main_score']:.2f} |" for r in results]
-        lines.append("")
-    if notes:
-        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-    lines += ["## Training", ""]
-    training = mgh.get("training") or {}
-    if training:
-        hyper = [f"{label} {training[key]}" for key, label in (
-            ("steps", "steps"), ("epochs", "epochs"), ("batch_size", "batch size"), ("grad_accum", "gradient accumulation"),
-            ("lr", "learning rate"), ("warmup", "warm-up share"), ("weight_decay", "weight decay"),
-            ("max_grad_norm", "max grad norm"), ("schedule", "schedule"), ("max_length", "max length"),
-            ("seed", "seed")) if training.get(key) is not None]
-        lines += [f"- Loss: InfoNCE (MultipleNegativesRankingLoss, scale {1 / training.get('tau', 0.05):g}, "
-                  f"{training.get('negatives', 'global')} candidates), {training.get('loss', 'fused')} kernel",
-                  f"- Pooling: {pooling}; LoRA rank {embedder.get('lora_r')}, alpha {embedder.get('lora_alpha')}",
-                  "- Hyper-parameters: " + ", ".join(hyper) + " (AdamW; linear warm-up and decay)"]
-        sizes = mgh.get("data") or []
-        seed = "the seed MGH set shipped with mgh" + (f" ({training['train_examples']} training examples)"
+        return lines + ["Loading needs mgh installed (with its `eval` extra) and `trust_remote_code=True`: mgh's "
+                        "modules run the model (ATA pooling: the fused attention kernel inside it).", ""]
+    return lines + ["Stock sentence-transformers modules only: loading needs neither mgh nor "
+                    "`trust_remote_code`.", ""]
+
+
+def _mteb_table(results: Optional[list]) -> list[str]:
+    if not results:
+        return []
+    return (["## MTEB", "", "Scores of this model (the result folder's `model_meta.json` names it), in the "
+             "metadata's `model-index`.", "", "| task | split | main metric | score |", "|---|---|---|---|"]
+            + [f"| {r['task']} | {r['split']} | {r.get('main_metric') or 'main_score'} | "
+               f"{100.0 * r['main_score']:.2f} |" for r in results] + [""])
+
+
+_HYPER_PARAMETERS = (("steps", "steps"), ("epochs", "epochs"), ("batch_size", "batch size"),
+                     ("grad_accum", "gradient accumulation"), ("lr", "learning rate"), ("warmup", "warm-up share"),
+                     ("weight_decay", "weight decay"), ("max_grad_norm", "max grad norm"), ("schedule", "schedule"),
+                     ("max_length", "max length"), ("seed", "seed"))  # (TrainConfig field, the card's label)
+
+
+def _training(training: dict, sizes: list[dict], embedder: dict) -> list[str]:
+    """Loss, pooling, hyper-parameters and data of the run (nothing when the run's options are unknown)."""
+    if not training:
+        return []
+    hyper = [f"{label} {training[key]}" for key, label in _HYPER_PARAMETERS if training.get(key) is not None]
+    return [f"- Loss: InfoNCE (MultipleNegativesRankingLoss, scale {1 / training.get('tau', 0.05):g}, "
+            f"{training.get('negatives', 'global')} candidates), {training.get('loss', 'fused')} kernel",
+            f"- Pooling: {embedder.get('pooling', 'ata')}; LoRA rank {embedder.get('lora_r')}, "
+            f"alpha {embedder.get('lora_alpha')}",
+            "- Hyper-parameters: " + ", ".join(hyper) + " (AdamW; linear warm-up and decay)",
+            "- Data: " + _data_line(training, sizes), ""]
+
+
+def _data_line(training: dict, sizes: list[dict]) -> str:
+    if not sizes:
+        return "the seed MGH set shipped with mgh" + (f" ({training['train_examples']} training examples)"
                                                       if training.get("train_examples") else "")
-        lines += ["- Data: " + (", ".join(f"{d['rows']} examples in memory (`mgh_train.fit`)" if d["path"] is None
-                                          else f"`{d['path']}` ({d['rows']} rows)" if d["rows"] is not None
-                                          else f"`{d['path']}`" for d in sizes) if sizes else seed)]
-        lines.append("")
-    log = mgh.get("training_log") or []
-    if log:
-        keys = ["step", "loss", "lr"] + sorted({k for r in log for k in r if k.startswith(("eval_", "stsb"))})
-        lines += ["### Training log", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for row in log:
-            lines.append("| " + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
-                                           for k in keys) + " |")
-        lines.append("")
-    final = mgh.get("evaluation") or {}
-    if final:
-        lines += ["### Evaluation at the end of training", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in final.items()] + [""]
-    lines += ["### Framework versions", ""] + [f"- {k}: {v}" for k, v in versions().items()] + [""]
-    lines += ["The embedder's and the run's options are in this card's metadata under `mgh`.", ""]
-    return "\n".join(lines)
+    return ", ".join(f"{d['rows']} examples in memory (`mgh_train.fit`)" if d["path"] is None
+                     else f"`{d['path']}` ({d['rows']} rows)" if d["rows"] is not None
+                     else f"`{d['path']}`" for d in sizes)
+
+
+def _log_table(log: list[dict]) -> list[str]:
+    if not log:
+        return []
+    keys = ["step", "loss", "lr"] + sorted({k for r in log for k in r if k.startswith(("eval_", "stsb"))})
+    lines = ["### Training log", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in log:
+        lines.append("| " + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
+                                       for k in keys) + " |")
+    return lines + [""]
+
+
+def _final_evaluation(final: dict) -> list[str]:
+    if not final:
+        return []
+    return (["### Evaluation at the end of training", "", "| metric | value |", "|---|---|"]
+            + [f"| {k} | {v:.4f} |" for k, v in final.items()] + [""])
 
 
 def run_records(folder: Path, training: Optional[dict]) -> dict:

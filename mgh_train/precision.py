@@ -101,12 +101,7 @@ def resolve(device: torch.device, *, bf16: Optional[bool] = None, fp16: bool = F
         raise ValueError("fp16: expected at most one of --bf16 and --fp16, got both")
     if bf16 and not bf16_supported(device):
         raise ValueError(f"bf16: this {device.type} device has no bfloat16 support; use --fp16 instead")
-    if fp16:
-        amp = torch.float16
-    elif bf16 is None and device.type == "cuda":
-        amp = torch.bfloat16 if bf16_supported(device) else torch.float16
-    else:
-        amp = torch.bfloat16 if bf16 else None
+    amp = _autocast_dtype(device, bf16, fp16)
     if amp is not None and device.type not in ("cuda", "cpu"):
         raise ValueError(f"bf16: autocast runs on cuda and cpu only, got device {device.type}")
     if dtype is not None:
@@ -115,6 +110,16 @@ def resolve(device: torch.device, *, bf16: Optional[bool] = None, fp16: bool = F
         weights = amp if (amp is not None and device.type == "cuda") else torch.float32
     # float16's narrow range needs the scaler on gradients; CPU autocast has one too
     return Precision(device=device, weights=weights, autocast=amp, scaler=amp == torch.float16)
+
+
+
+def _autocast_dtype(device: torch.device, bf16: Optional[bool], fp16: bool) -> Optional[torch.dtype]:
+    """float16 when asked; on CUDA by default bfloat16 where it has it, else float16; None: no autocast."""
+    if fp16:
+        return torch.float16
+    if bf16 is None and device.type == "cuda":
+        return torch.bfloat16 if bf16_supported(device) else torch.float16
+    return torch.bfloat16 if bf16 else None
 
 
 __all__ = ["DTYPES", "Precision", "bf16_supported", "resolve"]

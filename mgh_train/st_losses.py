@@ -90,6 +90,11 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
+def _check_positive_int(name: str, value, also: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer{also}, got {value!r}")
+
+
 def _gathering(requested: bool) -> bool:
     """Whether to gather across ranks: as asked, when a process group is initialised."""
     if not requested:
@@ -114,6 +119,73 @@ def _columns_loss(anchors: Tensor, candidates: list[Tensor], *, scale: float, no
 
 
 class FusedMultipleNegativesRankingLoss(nn.Module):
+    """:class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss`
+    computed by mgh's fused InfoNCE kernel, which never materialises the similarity matrix.
+
+    For each anchor in the batch, the loss is the cross-entropy of its positive against every
+    candidate of the batch: all positives and all negatives (every column after the first two),
+    with similarities multiplied by ``scale``. This is the InfoNCE loss with in-batch and hard
+    negatives, ``mgh_kernels.infonce_loss(anchor, positive, negatives, tau=1/scale)``. The
+    loss and its gradients equal ``MultipleNegativesRankingLoss``'s with the default
+    ``directions=("query_to_doc",)`` and ``partition_mode="joint"`` up to float rounding; the
+    memory it needs beyond the embeddings is O(batch x candidates) statistics, not the
+    ``B x B(1+n)`` logits. On CUDA it runs the Triton kernels, on the CPU a chunked PyTorch path.
+
+    Args:
+        model: SentenceTransformer model.
+        scale: the similarities are multiplied by it (``scale = 1 / temperature``; 20 is
+            temperature 0.05).
+        similarity_fct: ``sentence_transformers.util.cos_sim`` (default) or ``dot_score``
+            (raw dot products, no normalisation; then a scale near 1 is usual). Any other
+            function is refused with a ValueError: the kernel computes only these two.
+        gather_across_devices: gather the positives and negatives of every rank, with
+            gradients, so that each anchor is scored against the global batch (each rank's loss
+            is over its own anchors). Needs an initialised ``torch.distributed`` group; without
+            one the local batch is used, as in sentence-transformers.
+
+    Requirements:
+        1. (anchor, positive) pairs, (anchor, positive, negative) triplets, or (anchor, positive,
+           negative_1, ..., negative_n) n-tuples
+
+    Inputs:
+        +-------------------------------------------------+--------+
+        | Inputs                                          | Labels |
+        +=================================================+========+
+        | (anchor, positive) pairs                        | none   |
+        +-------------------------------------------------+--------+
+        | (anchor, positive, negative) triplets           | none   |
+        +-------------------------------------------------+--------+
+        | (anchor, positive, negative_1, ..., negative_n) | none   |
+        +-------------------------------------------------+--------+
+
+    Recommendations:
+        - Use ``BatchSamplers.NO_DUPLICATES`` so that no in-batch negative duplicates an anchor's
+          own positive.
+
+    Relations:
+        - Equals ``MultipleNegativesRankingLoss(model, scale, similarity_fct,
+          gather_across_devices)``. That class's ``directions``, ``partition_mode``,
+          ``hardness_mode`` and ``hardness_strength`` are accepted at their defaults only;
+          other values are a ValueError naming the argument (the kernel does not compute them).
+        - :class:`FusedCachedMultipleNegativesRankingLoss` is this loss with GradCache.
+
+    Example:
+        ::
+
+            from datasets import Dataset
+            from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+            from mgh_train.st_losses import FusedMultipleNegativesRankingLoss
+
+            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+            train_dataset = Dataset.from_dict({
+                "anchor": ["It's nice weather outside today.", "He drove to work."],
+                "positive": ["It's so sunny.", "He took the car to the office."],
+            })
+            loss = FusedMultipleNegativesRankingLoss(model)
+            trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+            trainer.train()
+    """
+
     def __init__(
         self,
         model,
@@ -125,73 +197,6 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         hardness_mode: Optional[str] = None,
         hardness_strength: float = 0.0,
     ) -> None:
-        """
-        :class:`~sentence_transformers.sentence_transformer.losses.MultipleNegativesRankingLoss`
-        computed by mgh's fused InfoNCE kernel, which never materialises the similarity matrix.
-
-        For each anchor in the batch, the loss is the cross-entropy of its positive against every
-        candidate of the batch: all positives and all negatives (every column after the first two),
-        with similarities multiplied by ``scale``. This is the InfoNCE loss with in-batch and hard
-        negatives, ``mgh_kernels.infonce_loss(anchor, positive, negatives, tau=1/scale)``. The
-        loss and its gradients equal ``MultipleNegativesRankingLoss``'s with the default
-        ``directions=("query_to_doc",)`` and ``partition_mode="joint"`` up to float rounding; the
-        memory it needs beyond the embeddings is O(batch x candidates) statistics, not the
-        ``B x B(1+n)`` logits. On CUDA it runs the Triton kernels, on the CPU a chunked PyTorch path.
-
-        Args:
-            model: SentenceTransformer model.
-            scale: the similarities are multiplied by it (``scale = 1 / temperature``; 20 is
-                temperature 0.05).
-            similarity_fct: ``sentence_transformers.util.cos_sim`` (default) or ``dot_score``
-                (raw dot products, no normalisation; then a scale near 1 is usual). Any other
-                function is refused with a ValueError: the kernel computes only these two.
-            gather_across_devices: gather the positives and negatives of every rank, with
-                gradients, so that each anchor is scored against the global batch (each rank's loss
-                is over its own anchors). Needs an initialised ``torch.distributed`` group; without
-                one the local batch is used, as in sentence-transformers.
-
-        Requirements:
-            1. (anchor, positive) pairs, (anchor, positive, negative) triplets, or (anchor, positive,
-               negative_1, ..., negative_n) n-tuples
-
-        Inputs:
-            +-------------------------------------------------+--------+
-            | Inputs                                          | Labels |
-            +=================================================+========+
-            | (anchor, positive) pairs                        | none   |
-            +-------------------------------------------------+--------+
-            | (anchor, positive, negative) triplets           | none   |
-            +-------------------------------------------------+--------+
-            | (anchor, positive, negative_1, ..., negative_n) | none   |
-            +-------------------------------------------------+--------+
-
-        Recommendations:
-            - Use ``BatchSamplers.NO_DUPLICATES`` so that no in-batch negative duplicates an anchor's
-              own positive.
-
-        Relations:
-            - Equals ``MultipleNegativesRankingLoss(model, scale, similarity_fct,
-              gather_across_devices)``. That class's ``directions``, ``partition_mode``,
-              ``hardness_mode`` and ``hardness_strength`` are accepted at their defaults only;
-              other values are a ValueError naming the argument (the kernel does not compute them).
-            - :class:`FusedCachedMultipleNegativesRankingLoss` is this loss with GradCache.
-
-        Example:
-            ::
-
-                from datasets import Dataset
-                from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-                from mgh_train.st_losses import FusedMultipleNegativesRankingLoss
-
-                model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-                train_dataset = Dataset.from_dict({
-                    "anchor": ["It's nice weather outside today.", "He drove to work."],
-                    "positive": ["It's so sunny.", "He took the car to the office."],
-                })
-                loss = FusedMultipleNegativesRankingLoss(model)
-                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
-                trainer.train()
-        """
         super().__init__()
         check_mnrl_extras(directions, partition_mode, hardness_mode, hardness_strength)
         self.model = model
@@ -227,6 +232,38 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
 
 
 class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
+    """:class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`
+    (GradCache) with the loss stage computed by mgh's fused InfoNCE kernel.
+
+    GradCache embeds the batch in mini-batches of ``mini_batch_size`` without a graph, computes
+    the loss and its gradients with respect to the cached embeddings, then re-embeds each
+    mini-batch with gradients (its RNG state replayed) and back-propagates those cached
+    gradients. The embedding stages are sentence-transformers' own (``CachedLossMixin``); the
+    loss stage is :class:`FusedMultipleNegativesRankingLoss`'s over the whole batch at once:
+    the fused kernel never stores the logits, so it needs no chunking of the similarity matrix.
+    Loss and gradients equal ``CachedMultipleNegativesRankingLoss``'s up to float rounding.
+
+    Args:
+        model: SentenceTransformer model.
+        scale: the similarities are multiplied by it (``scale = 1 / temperature``).
+        similarity_fct: ``cos_sim`` (default) or ``dot_score``; anything else is a ValueError.
+        mini_batch_size: texts embedded at once; it bounds the activation memory.
+        mini_batch_num_tokens: if set, mini-batches are packed by non-padding token count.
+        gather_across_devices: as in :class:`FusedMultipleNegativesRankingLoss`.
+        show_progress_bar: show the mini-batches' progress.
+
+    Requirements and inputs: as :class:`FusedMultipleNegativesRankingLoss`; GradCache pays off with a
+    large ``per_device_train_batch_size`` and a small ``mini_batch_size``.
+
+    Relations:
+        - Equals ``CachedMultipleNegativesRankingLoss(model, scale, similarity_fct,
+          mini_batch_size, mini_batch_num_tokens, gather_across_devices)``, and
+          :class:`FusedMultipleNegativesRankingLoss` computed in mini-batches.
+
+    Example: :class:`FusedMultipleNegativesRankingLoss`'s, with
+    ``loss = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=32)``.
+    """
+
     def __init__(
         self,
         model,
@@ -237,70 +274,15 @@ class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         gather_across_devices: bool = False,
         show_progress_bar: bool = False,
     ) -> None:
-        """
-        :class:`~sentence_transformers.sentence_transformer.losses.CachedMultipleNegativesRankingLoss`
-        (GradCache) with the loss stage computed by mgh's fused InfoNCE kernel.
-
-        GradCache embeds the batch in mini-batches of ``mini_batch_size`` without a graph, computes
-        the loss and its gradients with respect to the cached embeddings, then re-embeds each
-        mini-batch with gradients (its RNG state replayed) and back-propagates those cached
-        gradients. The embedding stages are sentence-transformers' own (``CachedLossMixin``); the
-        loss stage is :class:`FusedMultipleNegativesRankingLoss`'s over the whole batch at once:
-        the fused kernel never stores the logits, so it needs no chunking of the similarity matrix.
-        Loss and gradients equal ``CachedMultipleNegativesRankingLoss``'s up to float rounding.
-
-        Args:
-            model: SentenceTransformer model.
-            scale: the similarities are multiplied by it (``scale = 1 / temperature``).
-            similarity_fct: ``cos_sim`` (default) or ``dot_score``; anything else is a ValueError.
-            mini_batch_size: texts embedded at once; it bounds the activation memory.
-            mini_batch_num_tokens: if set, mini-batches are packed by non-padding token count.
-            gather_across_devices: as in :class:`FusedMultipleNegativesRankingLoss`.
-            show_progress_bar: show the mini-batches' progress.
-
-        Requirements:
-            1. (anchor, positive) pairs, (anchor, positive, negative) triplets, or (anchor, positive,
-               negative_1, ..., negative_n) n-tuples
-            2. Large ``per_device_train_batch_size`` with a small ``mini_batch_size``.
-
-        Inputs:
-            +-------------------------------------------------+--------+
-            | Inputs                                          | Labels |
-            +=================================================+========+
-            | (anchor, positive) pairs                        | none   |
-            +-------------------------------------------------+--------+
-            | (anchor, positive, negative) triplets           | none   |
-            +-------------------------------------------------+--------+
-            | (anchor, positive, negative_1, ..., negative_n) | none   |
-            +-------------------------------------------------+--------+
-
-        Relations:
-            - Equals ``CachedMultipleNegativesRankingLoss(model, scale, similarity_fct,
-              mini_batch_size, mini_batch_num_tokens, gather_across_devices)``, and
-              :class:`FusedMultipleNegativesRankingLoss` computed in mini-batches.
-
-        Example:
-            ::
-
-                from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-                from mgh_train.st_losses import FusedCachedMultipleNegativesRankingLoss
-
-                model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-                loss = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=32)
-                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
-                trainer.train()
-        """
         super().__init__()
         from sentence_transformers.base.losses.gradcache import has_static_embedding_input
 
         if has_static_embedding_input(model):
             raise ValueError("model: a StaticEmbedding model's inputs cannot be split into mini-batches; "
                              "use FusedMultipleNegativesRankingLoss")
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size: expected a positive integer, got {mini_batch_size!r}")
-        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool) or
-                                                  not isinstance(mini_batch_num_tokens, int) or mini_batch_num_tokens < 1):
-            raise ValueError(f"mini_batch_num_tokens: expected a positive integer or None, got {mini_batch_num_tokens!r}")
+        _check_positive_int("mini_batch_size", mini_batch_size)
+        if mini_batch_num_tokens is not None:
+            _check_positive_int("mini_batch_num_tokens", mini_batch_num_tokens, " or None")
         self.model = model
         self.loss = FusedMultipleNegativesRankingLoss(model, scale=scale, similarity_fct=similarity_fct,
                                                       gather_across_devices=gather_across_devices)

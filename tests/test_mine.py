@@ -200,3 +200,50 @@ def test_bad_options_are_one_line_errors(tmp_path):
     pairs.write_text('{"query": "a", "positive": "b"}\n')
     result = run_cli("--pairs", str(pairs), "--output", str(tmp_path / "o.jsonl"), "--bands", "0,1,2")
     assert result.returncode == 2 and result.stderr.startswith("error: bands: expected five bounds")
+
+
+def test_cross_encoder_scores_query_and_corpus_texts(tmp_path, monkeypatch):
+    """``--cross-encoder``: the loaded CrossEncoder is asked for (query text, corpus text) pairs, and
+    exactly the candidates it scores above ``cross_encoder_max_score`` are removed."""
+    import hashlib
+
+    import sentence_transformers
+
+    from mgh_train.mining.bands import Bands
+    from mgh_train.mining.run import MineOptions, mine
+
+    asked = []
+
+    def score(query, text):
+        return int(hashlib.sha256(f"{query}\x1f{text}".encode()).hexdigest()[:4], 16) / 0xFFFF
+
+    class FakeCrossEncoder:
+        def __init__(self, name, device=None):
+            assert name == "fake-reranker" and device == "cpu"
+
+        def predict(self, pairs, show_progress_bar=False):
+            asked.extend(pairs)
+            return [score(q, t) for q, t in pairs]
+
+    class TopicEncoder:  # query i and positive i near one direction, the rest spread around
+        def encode(self, texts, instruction=None, progress=False):
+            def draw(seed):
+                return torch.randn(8, generator=torch.Generator().manual_seed(seed))
+
+            rows = [draw(int(t.split()[1])) + 0.5 * draw(1000 + i) for i, t in enumerate(texts)]
+            return torch.nn.functional.normalize(torch.stack(rows), dim=-1) if rows else torch.empty(0)
+
+    monkeypatch.setattr(sentence_transformers, "CrossEncoder", FakeCrossEncoder)
+    queries = [f"query {i} text" for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(
+        json.dumps({"query": q, "positive": f"positive {i} text"}) + "\n" for i, q in enumerate(queries)))
+    (tmp_path / "corpus.txt").write_text("".join(f"doc {i} text\n" for i in range(40)))
+    options = MineOptions(pairs=[str(tmp_path / "pairs.jsonl")], corpus=[str(tmp_path / "corpus.txt")],
+                          output=str(tmp_path / "mined.jsonl"), bands=Bands(rank=(0, 1, 2, 3, 4), pick="top"),
+                          relative_margin=None, cross_encoder="fake-reranker", cross_encoder_max_score=0.5,
+                          query_chunk=5, progress=False)
+    summary = mine(options, encoder=TopicEncoder())
+    assert asked and all(q in queries and t.startswith(("doc ", "positive ")) for q, t in asked)
+    assert summary.removed["cross_encoder"] == sum(score(q, t) > 0.5 for q, t in asked)
+    rows = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
+    assert rows and all(score(r["query"], n["text"]) <= 0.5 for r in rows for n in r["negatives"])

@@ -80,19 +80,36 @@ def mine_window(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence
         raise ValueError("positives/query_in_corpus: expected one entry per query")
     if any(len(p) == 0 for p in positives):
         raise ValueError("positives: every query needs at least one positive")
-    n_queries = queries.shape[0]
     max_positives = max((len(p) for p in positives), default=1)
     scores, indices = topk(queries, corpus, filters.range_max + max_positives + 1)
-    scores = scores.clone()
-    removed = {}
+    scores = _without_query_and_positives(scores.clone(), indices, positives, query_in_corpus)
+    positive_scores = torch.stack([
+        (queries[row].float() @ corpus[list(own)].float().T).min() for row, own in enumerate(positives)
+    ]) if queries.shape[0] else torch.empty(0)
+    removed = _drop_false_negatives(scores, indices, positive_scores.unsqueeze(1), filters, cross_encoder_scores)
+    k = min(filters.range_max, scores.shape[1])
+    top, local = torch.topk(scores, k, dim=1)
+    picked = torch.gather(indices, 1, local)
+    top, picked = top[:, filters.range_min:], picked[:, filters.range_min:]
+    picked = torch.where(torch.isfinite(top), picked, torch.full_like(picked, -1))
+    return Window(top, picked, positive_scores, removed)
+
+
+def _without_query_and_positives(scores: torch.Tensor, indices: torch.Tensor, positives: Sequence[Sequence[int]],
+                                 query_in_corpus: Sequence[int]) -> torch.Tensor:
+    """``scores`` with ``-inf`` at empty slots (index -1), at the query itself and at its positives (step 2)."""
     scores[indices == -1] = float("-inf")
     scores[indices == torch.tensor(list(query_in_corpus)).unsqueeze(1)] = float("-inf")
     for row, own in enumerate(positives):
         scores[row, torch.isin(indices[row], torch.tensor(list(own)))] = float("-inf")
-    positive_scores = torch.stack([
-        (queries[row].float() @ corpus[list(own)].float().T).min() for row, own in enumerate(positives)
-    ]) if n_queries else torch.empty(0)
-    threshold = positive_scores.unsqueeze(1)
+    return scores
+
+
+def _drop_false_negatives(scores: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor, filters: Filters,
+                          cross_encoder_scores) -> dict:
+    """Set to ``-inf`` the candidates the filters drop (steps 3 and 4), in place; filter name -> how many
+    it dropped. ``threshold`` [Q, 1]: each query's hardest positive score."""
+    removed = {}
 
     def drop(name: str, mask: torch.Tensor) -> None:
         mask = mask & torch.isfinite(scores)
@@ -117,9 +134,4 @@ def mine_window(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence
             rows, cols = torch.tensor(alive).T
             mask[rows, cols] = judged > filters.cross_encoder_max_score
             drop("cross_encoder", mask)
-    k = min(filters.range_max, scores.shape[1])
-    top, local = torch.topk(scores, k, dim=1)
-    picked = torch.gather(indices, 1, local)
-    top, picked = top[:, filters.range_min:], picked[:, filters.range_min:]
-    picked = torch.where(torch.isfinite(top), picked, torch.full_like(picked, -1))
-    return Window(top, picked, positive_scores, removed)
+    return removed

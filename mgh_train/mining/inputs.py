@@ -59,35 +59,42 @@ def _string(row: dict, key: str, where: str) -> str:
     return value
 
 
+def _sts(path: Path) -> tuple[list[str], list[str], list[float]]:
+    """An STS file's first sentences, second sentences and scores; bad rows are a DataError."""
+    try:
+        return read_sts_pairs(path)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
 def read_pairs(paths: Sequence[str], *, min_score: Optional[float] = None) -> list[tuple[str, str]]:
     """Every (query, positive) of ``paths``, in order."""
     pairs = []
     for name in paths:
         path = Path(name)
         if _is_sts(path):
-            try:
-                first, second, scores = read_sts_pairs(path)
-            except ValueError as error:
-                raise DataError(str(error)) from None
+            first, second, scores = _sts(path)
             pairs += [(a, b) for a, b, s in zip(first, second, scores) if min_score is None or s >= min_score]
             continue
         if min_score is not None:
             raise ValueError(f"pair_min_score: applies to STS files (.csv/.tsv) only, not {path}")
-        for where, row in _rows(path):
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "positive" in row and ("query" in row or "anchor" in row) and "negatives" not in row:
-                query = _string(row, "query" if "query" in row else "anchor", where)
-                pairs.append((query, _string(row, "positive", where)))
-                continue
-            try:
-                example = parse_row(row)
-            except (ValueError, TypeError) as error:
-                raise DataError(f"{where}: {error}") from None
-            pairs.append((example.query, example.positive))
+        pairs += [_pair(row, where) for where, row in _rows(path)]
     if not pairs:
         raise ValueError(f"pairs: no (query, positive) pairs in {', '.join(map(str, paths))}")
     return pairs
+
+
+def _pair(row, where: str) -> tuple[str, str]:
+    """The (query, positive) of a ``{"query"/"anchor", "positive"}`` row or of any row the trainer reads."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "positive" in row and ("query" in row or "anchor" in row) and "negatives" not in row:
+        return _string(row, "query" if "query" in row else "anchor", where), _string(row, "positive", where)
+    try:
+        example = parse_row(row)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{where}: {error}") from None
+    return example.query, example.positive
 
 
 def read_corpus(paths: Sequence[str]) -> list[str]:
@@ -96,29 +103,37 @@ def read_corpus(paths: Sequence[str]) -> list[str]:
     for name in paths:
         path = Path(name)
         if _is_sts(path):
-            try:
-                first, second, _ = read_sts_pairs(path)
-            except ValueError as error:
-                raise DataError(str(error)) from None
+            first, second, _ = _sts(path)
             texts += [t for pair in zip(first, second) for t in pair]
         elif path.suffix == ".txt":
-            if not path.is_file():
-                raise DataError(f"{path}: no such file")
-            with path.open("rb") as handle:
-                for number, raw in enumerate(handle, start=1):
-                    try:
-                        line = decode_line(raw, number == 1).rstrip("\r\n")
-                    except ValueError as error:
-                        raise DataError(f"{path}:{number}: {error}") from None
-                    if line.strip():
-                        texts.append(line)
+            texts += _text_lines(path)
         else:
-            for where, row in _rows(path):
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object with 'text', got {type(row).__name__}")
-                text = _string(row, "text", where)
-                title = row.get("title")
-                texts.append(f"{title} {text}" if isinstance(title, str) and title.strip() else text)
+            texts += [_corpus_text(row, where) for where, row in _rows(path)]
     if not texts:
         raise ValueError(f"corpus: no texts in {', '.join(map(str, paths))}")
     return texts
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a ``.txt`` corpus file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    lines = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = decode_line(raw, number == 1).rstrip("\r\n")
+            except ValueError as error:
+                raise DataError(f"{path}:{number}: {error}") from None
+            if line.strip():
+                lines.append(line)
+    return lines
+
+
+def _corpus_text(row, where: str) -> str:
+    """A corpus row's ``text``, after its ``title`` where it has one (as BEIR corpora are embedded)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with 'text', got {type(row).__name__}")
+    text = _string(row, "text", where)
+    title = row.get("title")
+    return f"{title} {text}" if isinstance(title, str) and title.strip() else text

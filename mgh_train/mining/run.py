@@ -24,14 +24,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..synth.verify import DEFAULT_JUDGE, Judge
 from ..synth.writer import RowWriter, beside, row_key
 from .bands import LEVELS_HARD_FIRST, Bands
-from .candidates import Filters, mine_window
+from .candidates import Filters, Window, mine_window
 from .inputs import read_corpus, read_pairs
 from .topk import chunked_topk, faiss_topk
 
@@ -93,6 +93,9 @@ class MineOptions:
 
 @dataclass
 class MineSummary:
+    """What a ``mine`` run did (``done_before``: pairs in the output or rejects file before it), the
+    sizes of its inputs, and what the filters removed; :meth:`lines` for the console."""
+
     written: int = 0
     rejected: int = 0
     done_before: int = 0
@@ -130,6 +133,97 @@ class Encoder(Judge):
                                   convert_to_tensor=True, show_progress_bar=progress).float().cpu()
 
 
+def mine(options: MineOptions, *, encoder: Optional[Encoder] = None, cross_encoder=None) -> MineSummary:
+    """Run ``mine`` (see the module docstring). ``encoder``/``cross_encoder`` replace the loaded ones
+    (tests); ``cross_encoder`` is ``pairs of (query text, corpus text) -> scores``."""
+    from tqdm.auto import tqdm
+
+    started = time.monotonic()
+    inputs = _read_inputs(options)
+    summary = MineSummary(pairs=len(inputs.pairs), corpus=len(inputs.corpus))
+    files = _Files(options, summary)
+    try:
+        queries = list(dict.fromkeys(q for q, p in inputs.pairs if not files.done(_key(q, p))))
+        if queries:
+            progress = sys.stderr.isatty() if options.progress is None else options.progress
+            encoder = encoder or Encoder(options.model, batch_size=options.batch_size)
+            corpus_vectors = _corpus_vectors(encoder, inputs.corpus, options, progress)
+            if cross_encoder is None and options.cross_encoder:
+                cross_encoder = _cross_encoder(options.cross_encoder)
+            bar = tqdm(total=len(queries), unit="query", desc="mine", dynamic_ncols=True, disable=not progress)
+            for start in range(0, len(queries), options.query_chunk):
+                chunk = queries[start:start + options.query_chunk]
+                window = _window(chunk, inputs, corpus_vectors, encoder, cross_encoder, options)
+                for name, count in window.removed.items():
+                    summary.removed[name] = summary.removed.get(name, 0) + count
+                _write_rows(chunk, window, inputs, files, options)
+                bar.update(len(chunk))
+            bar.close()
+    finally:
+        files.close()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+@dataclass
+class _Inputs:
+    """The pairs of a run and the corpus their negatives come from."""
+
+    pairs: list[tuple[str, str]]
+    positives_of: dict[str, list[str]]  # query -> its positives, in order, each once
+    corpus: list[str]  # the corpus texts, then the positives; exact duplicates are one text
+    where: dict[str, int]  # corpus text -> its index
+
+
+def _read_inputs(options: MineOptions) -> _Inputs:
+    pairs = read_pairs(options.pairs, min_score=options.pair_min_score)
+    if options.limit:
+        pairs = pairs[:options.limit]
+    positives_of: dict[str, list[str]] = {}
+    for query, positive in pairs:
+        positives_of.setdefault(query, [])
+        if positive not in positives_of[query]:
+            positives_of[query].append(positive)
+    corpus_texts = read_corpus(options.corpus) if options.corpus else []
+    corpus = list(dict.fromkeys(corpus_texts + [p for _, p in pairs]))
+    return _Inputs(pairs, positives_of, corpus, {text: i for i, text in enumerate(corpus)})
+
+
+class _Files:
+    """The output and rejects files of a run; what they take is counted in the run's summary."""
+
+    def __init__(self, options: MineOptions, summary: MineSummary):
+        self.summary = summary
+        self.output = RowWriter(options.output)
+        self.rejects = RowWriter(options.rejects_path)
+        summary.done_before = self.output.rows + self.rejects.rows
+        summary.dropped_torn_lines = [x for x in (self.output.dropped_torn_line, self.rejects.dropped_torn_line) if x]
+
+    def done(self, key: str) -> bool:
+        return key in self.output.seen or key in self.rejects.seen
+
+    def write(self, record: dict, chosen: dict) -> None:
+        self.output.write(record)
+        self.summary.written += 1
+        for level in LEVELS_HARD_FIRST:
+            total = self.summary.level_scores.setdefault(level, [0.0, 0])
+            total[0] += chosen[level][2]
+            total[1] += 1
+
+    def reject(self, pair: dict, banded: dict) -> None:
+        empty = [level for level in LEVELS_HARD_FIRST if not banded[level]]
+        self.rejects.write({**pair, "reason": "no candidate left in the band of level " + ", ".join(map(str, empty))})
+        self.summary.rejected += 1
+
+    def close(self) -> None:
+        self.output.close()
+        self.rejects.close()
+
+
+def _key(query: str, positive: str) -> str:
+    return row_key({"query": query, "positive": positive})
+
+
 def _corpus_vectors(encoder: Encoder, corpus: list[str], options: MineOptions, progress: bool) -> torch.Tensor:
     digest = hashlib.sha256(repr((options.model, corpus)).encode()).hexdigest()
     path = options.cache_path
@@ -147,108 +241,55 @@ def _corpus_vectors(encoder: Encoder, corpus: list[str], options: MineOptions, p
     return vectors
 
 
-def _cross_encoder(name: str, queries: list[str], corpus: list[str]):
+def _cross_encoder(name: str) -> Callable[[list[tuple[str, str]]], Sequence[float]]:
+    """The cross-encoder ``name`` as ``pairs of (query text, corpus text) -> scores``."""
     from sentence_transformers import CrossEncoder
 
     try:
         model = CrossEncoder(name, device="cpu")
     except OSError as error:
         raise ValueError(f"cross_encoder: cannot load {name!r}: {error}") from None
-
-    def scores(pairs):
-        return model.predict([(queries[r], corpus[i]) for r, i in pairs], show_progress_bar=False)
-
-    return scores
+    return lambda pairs: model.predict(list(pairs), show_progress_bar=False)
 
 
-def mine(options: MineOptions, *, encoder: Optional[Encoder] = None, cross_encoder=None) -> MineSummary:
-    """Run ``mine`` (see the module docstring). ``encoder``/``cross_encoder`` replace the loaded ones
-    (tests); ``cross_encoder`` is ``pairs of (query text, corpus text) -> scores``."""
-    started = time.monotonic()
-    summary = MineSummary()
-    pairs = read_pairs(options.pairs, min_score=options.pair_min_score)
-    if options.limit:
-        pairs = pairs[:options.limit]
-    positives_of: dict[str, list[str]] = {}
-    for query, positive in pairs:
-        positives_of.setdefault(query, [])
-        if positive not in positives_of[query]:
-            positives_of[query].append(positive)
-    corpus_texts = read_corpus(options.corpus) if options.corpus else []
-    corpus = list(dict.fromkeys(corpus_texts + [p for _, p in pairs]))  # exact duplicates are one text
-    where = {text: i for i, text in enumerate(corpus)}
-    summary.pairs, summary.corpus = len(pairs), len(corpus)
+def _window(chunk: list[str], inputs: _Inputs, corpus_vectors: torch.Tensor, encoder: Encoder, cross_encoder,
+            options: MineOptions) -> Window:
+    """Embed a chunk of queries and keep the candidate window of each (:func:`mine_window`)."""
+    rescore = None
+    if cross_encoder is not None:
+        def rescore(rows):  # (row in the chunk, corpus index) pairs -> cross-encoder scores
+            return cross_encoder([(chunk[r], inputs.corpus[i]) for r, i in rows])
+    return mine_window(encoder.encode(chunk, instruction=options.instruction), corpus_vectors,
+                       [[inputs.where[p] for p in inputs.positives_of[q]] for q in chunk],
+                       [inputs.where.get(q, -1) for q in chunk], options.filters(),
+                       topk=faiss_topk if options.use_faiss else chunked_topk, cross_encoder_scores=rescore)
 
-    output = RowWriter(options.output)
-    rejects = RowWriter(options.rejects_path)
-    try:
-        summary.done_before = output.rows + rejects.rows
-        summary.dropped_torn_lines = [x for x in (output.dropped_torn_line, rejects.dropped_torn_line) if x]
-        todo = [(q, p) for q, p in pairs if row_key({"query": q, "positive": p}) not in output.seen
-                and row_key({"query": q, "positive": p}) not in rejects.seen]
-        queries = list(dict.fromkeys(q for q, _ in todo))
-        if not queries:
-            summary.seconds = time.monotonic() - started
-            return summary
-        progress = sys.stderr.isatty() if options.progress is None else options.progress
-        encoder = encoder or Encoder(options.model, batch_size=options.batch_size)
-        corpus_vectors = _corpus_vectors(encoder, corpus, options, progress)
-        topk = (lambda q, c, k: faiss_topk(q, c, k)) if options.use_faiss else chunked_topk
-        if cross_encoder is None and options.cross_encoder:
-            cross_encoder = _cross_encoder(options.cross_encoder, queries, corpus)
-        filters = options.filters()
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(queries), unit="query", desc="mine", dynamic_ncols=True)
-        for start in range(0, len(queries), options.query_chunk):
-            chunk = queries[start:start + options.query_chunk]
-            vectors = encoder.encode(chunk, instruction=options.instruction)
-            ce = None
-            if cross_encoder is not None:
-                ce = (lambda offset: lambda rows: cross_encoder(
-                    [(queries[offset + r], corpus[i]) for r, i in rows]))(start)
-            window = mine_window(vectors, corpus_vectors, [[where[p] for p in positives_of[q]] for q in chunk],
-                                 [where.get(q, -1) for q in chunk], filters, topk=topk, cross_encoder_scores=ce)
-            for name, count in window.removed.items():
-                summary.removed[name] = summary.removed.get(name, 0) + count
-            for row, query in enumerate(chunk):
-                banded = options.bands.split(window.scores[row].tolist(), window.indices[row].tolist())
-                for positive in positives_of[query]:
-                    base = {"query": query, "positive": positive}
-                    key = row_key(base)
-                    if key in output.seen or key in rejects.seen:
-                        continue
-                    rng = random.Random(f"{options.seed}/{key}")
-                    chosen = options.bands.choose(banded, rng)
-                    if chosen is None:
-                        empty = [level for level in LEVELS_HARD_FIRST if not banded[level]]
-                        rejects.write({**base, "reason": "no candidate left in the band of level "
-                                       + ", ".join(map(str, empty))})
-                        summary.rejected += 1
-                        continue
-                    negatives = []
-                    for level in LEVELS_HARD_FIRST:
-                        rank, index, score = chosen[level]
-                        negatives.append({"text": corpus[index], "level": level, "score": round(score, 6),
-                                          "rank": rank})
-                        total = summary.level_scores.setdefault(level, [0.0, 0])
-                        total[0] += score
-                        total[1] += 1
-                    record = {**base, "negatives": negatives,
-                              "positive_score": round(float(window.positive_scores[row]), 6),
-                              "task": options.task, "task_type": options.task_type, "miner": options.model}
-                    if options.instruction:
-                        record["instruction"] = options.instruction
-                    output.write(record)
-                    summary.written += 1
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-    finally:
-        output.close()
-        rejects.close()
-    summary.seconds = time.monotonic() - started
-    return summary
+def _write_rows(chunk: list[str], window: Window, inputs: _Inputs, files: _Files, options: MineOptions) -> None:
+    """A row, or a reject, for each pair of the chunk's queries not done before; which negative a band
+    gives is drawn from ``(seed, row key)``."""
+    for row, query in enumerate(chunk):
+        banded = options.bands.split(window.scores[row].tolist(), window.indices[row].tolist())
+        for positive in inputs.positives_of[query]:
+            key = _key(query, positive)
+            if files.done(key):
+                continue
+            pair = {"query": query, "positive": positive}
+            chosen = options.bands.choose(banded, random.Random(f"{options.seed}/{key}"))
+            if chosen is None:
+                files.reject(pair, banded)
+            else:
+                files.write(_record(pair, chosen, float(window.positive_scores[row]), inputs.corpus, options), chosen)
+
+
+def _record(pair: dict, chosen: dict, positive_score: float, corpus: list[str], options: MineOptions) -> dict:
+    """The MGH row of ``pair`` (query and positive) with the negatives ``chosen`` (level -> (rank, index, score))."""
+    negatives = []
+    for level in LEVELS_HARD_FIRST:
+        rank, index, score = chosen[level]
+        negatives.append({"text": corpus[index], "level": level, "score": round(score, 6), "rank": rank})
+    record = {**pair, "negatives": negatives, "positive_score": round(positive_score, 6),
+              "task": options.task, "task_type": options.task_type, "miner": options.model}
+    if options.instruction:
+        record["instruction"] = options.instruction
+    return record

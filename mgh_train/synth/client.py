@@ -183,22 +183,8 @@ class ChatClient:
                  log: Optional[Callable[[str], None]] = None):
         import openai
 
-        if not isinstance(model, str) or not model.strip():
-            raise ValueError("model: expected the model name the server serves")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens: expected a positive number, got {max_tokens}")
-        if response_format != "auto":
-            response_format_for(response_format, {}, "check")  # raises on an unknown name
-        if not (api_key or os.environ.get("OPENAI_API_KEY")) and not (base_url or os.environ.get("OPENAI_BASE_URL")):
-            raise ValueError("api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; export OPENAI_API_KEY=..., "
-                             "or pass --base-url for a server that needs no key")
-        key = api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER
-        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
-            # It goes into an HTTP header; say what is wrong without showing it.
-            raise ValueError("api key: OPENAI_API_KEY must be printable ASCII without spaces "
-                             f"({len(key)} characters, not shown)")
+        _check_settings(model, timeout, max_tokens, response_format)
+        key = _api_key(api_key, base_url)
         self._secrets = [key] if key != NO_KEY_PLACEHOLDER else []
         self._openai = openai
         self._client = openai.AsyncOpenAI(base_url=base_url, timeout=timeout, max_retries=0, api_key=key)
@@ -238,14 +224,7 @@ class ChatClient:
         attempt, lowered, renamed = 0, False, False
         while True:
             mode = self.format_index
-            arguments = dict(model=self.model, messages=messages, **self.sampling)
-            if self.tokens_parameter != "max_tokens":
-                arguments[self.tokens_parameter] = arguments.pop("max_tokens")
-            response_format = response_format_for(RESPONSE_FORMATS[mode], schema, name)
-            if response_format is not None:
-                arguments["response_format"] = response_format
-            if seed is not None:
-                arguments["seed"] = seed
+            arguments = self._arguments(RESPONSE_FORMATS[mode], messages, schema, name, seed)
             self.usage.requests += 1
             server_wait = None
             try:
@@ -254,30 +233,19 @@ class ChatClient:
                 return self._reply(completion, RESPONSE_FORMATS[mode])
             except openai.APIStatusError as error:
                 self.answered = True
-                status = error.status_code
                 # Before the fatal statuses: some gateways answer an unservable format with a 404.
                 if not lowered and mode < len(RESPONSE_FORMATS) - 1 and _refuses_format(error):
                     lowered = True  # one step per request, so one odd error cannot drop every format
                     self._lower_format(mode, error)
                     continue  # not a retry: the request was never served
-                if not renamed and status == 400 and self._wants_max_completion_tokens(error):
+                if not renamed and error.status_code == 400 and self._wants_max_completion_tokens(error):
                     renamed = True
                     continue  # not a retry: the request was never served
-                if status in FATAL_STATUS:
-                    raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
-                                        f"({self._clean(error.message, 160)})") from None
-                if status not in RETRYABLE_STATUS and status < 500:
-                    raise RequestFailed(f"HTTP {status}: {self._clean(error.message)}", transient=False) from None
-                reason = f"HTTP {status}: {self._clean(error.message)}"
-                server_wait = retry_after_seconds(error.response.headers)
+                reason, server_wait = self._retryable_status(error)
             except openai.APITimeoutError:
                 reason = "timed out"
             except openai.APIConnectionError as error:
-                cause = error.__cause__
-                if not self.answered and _cannot_connect(cause):
-                    raise ServerRefused(f"cannot connect to {self.base_url} ({self._clean(cause, 160)}): "
-                                        "nothing answers there; start the server, or check --base-url") from None
-                reason = f"connection failed ({type(cause).__name__ if cause else 'no response'})"
+                reason = self._retryable_connection(error)
             except (json.JSONDecodeError, _MalformedReply) as error:  # a 200 whose body is no chat completion
                 reason = f"malformed response body ({self._clean(error, 100)})"
             if attempt >= self.retry.max_retries:
@@ -286,6 +254,36 @@ class ChatClient:
             attempt += 1
             self.usage.retries += 1
             await self._sleep(delay)
+
+    def _arguments(self, mode: str, messages: list[dict], schema: dict, name: str, seed: Optional[int]) -> dict:
+        """The keyword arguments of one ``chat.completions.create`` asking for ``mode``."""
+        arguments = dict(model=self.model, messages=messages, **self.sampling)
+        if self.tokens_parameter != "max_tokens":
+            arguments[self.tokens_parameter] = arguments.pop("max_tokens")
+        response_format = response_format_for(mode, schema, name)
+        if response_format is not None:
+            arguments["response_format"] = response_format
+        if seed is not None:
+            arguments["seed"] = seed
+        return arguments
+
+    def _retryable_status(self, error) -> tuple[str, Optional[float]]:
+        """The reason and the server's wait for an HTTP error worth retrying; raises for any other."""
+        status = error.status_code
+        if status in FATAL_STATUS:
+            raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
+                                f"({self._clean(error.message, 160)})") from None
+        if status not in RETRYABLE_STATUS and status < 500:
+            raise RequestFailed(f"HTTP {status}: {self._clean(error.message)}", transient=False) from None
+        return f"HTTP {status}: {self._clean(error.message)}", retry_after_seconds(error.response.headers)
+
+    def _retryable_connection(self, error) -> str:
+        """The reason for a failed connection; ServerRefused when nothing has ever answered at the URL."""
+        cause = error.__cause__
+        if not self.answered and _cannot_connect(cause):
+            raise ServerRefused(f"cannot connect to {self.base_url} ({self._clean(cause, 160)}): "
+                                "nothing answers there; start the server, or check --base-url") from None
+        return f"connection failed ({type(cause).__name__ if cause else 'no response'})"
 
     def _reply(self, completion, mode: str) -> Reply:
         choices = getattr(completion, "choices", None)
@@ -321,6 +319,32 @@ class ChatClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _check_settings(model, timeout, max_tokens, response_format) -> None:
+    """ValueError naming the first of :class:`ChatClient`'s settings that is not usable."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("model: expected the model name the server serves")
+    if not timeout or timeout <= 0:
+        raise ValueError(f"timeout: expected a positive number of seconds, got {timeout}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens: expected a positive number, got {max_tokens}")
+    if response_format != "auto":
+        response_format_for(response_format, {}, "check")  # raises on an unknown name
+
+
+def _api_key(api_key: Optional[str], base_url: Optional[str]) -> str:
+    """The key to send: ``api_key``, else ``OPENAI_API_KEY``, else a placeholder (a local server needs
+    none); ValueError for OpenAI's own API without a key, and for a key no HTTP header can carry."""
+    if not (api_key or os.environ.get("OPENAI_API_KEY")) and not (base_url or os.environ.get("OPENAI_BASE_URL")):
+        raise ValueError("api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; export OPENAI_API_KEY=..., "
+                         "or pass --base-url for a server that needs no key")
+    key = api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        # It goes into an HTTP header; say what is wrong without showing it.
+        raise ValueError("api key: OPENAI_API_KEY must be printable ASCII without spaces "
+                         f"({len(key)} characters, not shown)")
+    return key
 
 
 _KEY_LIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-]{8,}")

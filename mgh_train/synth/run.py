@@ -75,12 +75,21 @@ class SynthOptions:
 
     def __post_init__(self):
         self.task_types = tuple(self.task_types)
+        self._check_task_types()
+        self._check_numbers()
+        if not self.dry_run and not self.model.strip():
+            raise ValueError("model: expected the name of the model the server serves (--model)")
+        self._check_paths()
+
+    def _check_task_types(self) -> None:
         if not self.task_types:
             raise ValueError("task_types: expected at least one of " + ", ".join(prompts.TASK_TYPES))
         for task_type in self.task_types:
             prompts.check_task_type(task_type)
         if len(set(self.task_types)) != len(self.task_types):
             raise ValueError(f"task_types: listed twice in {', '.join(self.task_types)}")
+
+    def _check_numbers(self) -> None:
         for name in ("tasks_per_type", "examples_per_task", "brainstorm_size", "concurrency", "max_tokens",
                      "max_failures_in_a_row"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -97,8 +106,8 @@ class SynthOptions:
             raise ValueError(f"temperature: expected 0 to 2, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected more than 0 and at most 1, got {self.top_p}")
-        if not self.dry_run and not self.model.strip():
-            raise ValueError("model: expected the name of the model the server serves (--model)")
+
+    def _check_paths(self) -> None:
         out = Path(self.output)
         if out.is_dir():
             raise ValueError(f"output: {out} is a folder; expected a .jsonl file path")

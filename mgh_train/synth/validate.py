@@ -83,33 +83,42 @@ def check_example(obj, *, bounds: LengthBounds = LengthBounds()) -> dict:
         raise Rejected("field 'negatives' missing or not a list")
     if len(negatives) != len(LEVELS):
         raise Rejected(f"expected {len(LEVELS)} negatives, got {len(negatives)}")
-    clean = []
-    for i, negative in enumerate(negatives):
-        if not isinstance(negative, dict):
-            raise Rejected(f"negative {i} is not an object with text and level")
-        text = _field(negative, "text")
-        level = negative.get("level")
-        if isinstance(level, str) and level.strip().isdigit():
-            level = int(level)
-        if not isinstance(level, int) or isinstance(level, bool) or level not in LEVELS:
-            raise Rejected(f"negative {i} has level {negative.get('level')!r}, expected 1-4")
-        clean.append({"text": text, "level": level})
+    clean = [_negative(i, negative) for i, negative in enumerate(negatives)]
     if sorted(n["level"] for n in clean) != list(LEVELS):
         raise Rejected(f"levels must be 1, 2, 3 and 4 once each, got {sorted(n['level'] for n in clean)}")
-    seen = {normalize_text(query): "the query", normalize_text(positive): "the positive"}
-    if normalize_text(query) == normalize_text(positive):
-        raise Rejected("the positive equals the query")
-    for n in sorted(clean, key=lambda n: n["level"]):
-        key = normalize_text(n["text"])
-        if key in seen:
-            raise Rejected(f"the level-{n['level']} negative equals {seen[key]}")
-        seen[key] = f"the level-{n['level']} negative"
+    by_level = sorted(clean, key=lambda n: n["level"])
+    _check_distinct(query, positive, by_level)
     for name, text, (low, high) in [("query", query, bounds.query), ("positive", positive, bounds.positive),
                                     *[(f"level-{n['level']} negative", n["text"], bounds.negative) for n in clean]]:
         words = _words(text)
         if not low <= words <= high:
             raise Rejected(f"the {name} has {words} words, expected {low}-{high}")
-    return {"query": query, "positive": positive, "negatives": sorted(clean, key=lambda n: n["level"])}
+    return {"query": query, "positive": positive, "negatives": by_level}
+
+
+def _negative(i: int, negative) -> dict:
+    """``{"text", "level"}`` of the ``i``-th negative; a level may come as a digit string."""
+    if not isinstance(negative, dict):
+        raise Rejected(f"negative {i} is not an object with text and level")
+    text = _field(negative, "text")
+    level = negative.get("level")
+    if isinstance(level, str) and level.strip().isdigit():
+        level = int(level)
+    if not isinstance(level, int) or isinstance(level, bool) or level not in LEVELS:
+        raise Rejected(f"negative {i} has level {negative.get('level')!r}, expected 1-4")
+    return {"text": text, "level": level}
+
+
+def _check_distinct(query: str, positive: str, negatives: list[dict]) -> None:
+    """No two of the texts equal, case and whitespace aside; ``negatives`` in level order."""
+    seen = {normalize_text(query): "the query", normalize_text(positive): "the positive"}
+    if normalize_text(query) == normalize_text(positive):
+        raise Rejected("the positive equals the query")
+    for n in negatives:
+        key = normalize_text(n["text"])
+        if key in seen:
+            raise Rejected(f"the level-{n['level']} negative equals {seen[key]}")
+        seen[key] = f"the level-{n['level']} negative"
 
 
 def parse_and_check(text: str, *, bounds: LengthBounds = LengthBounds()) -> dict:
