@@ -74,12 +74,15 @@ def _per_sequence(q, k, v, bounds, causal: bool, scale: float, return_colsum: bo
     """The PyTorch path: each text through ``torch_path.attention`` as a batch of one, [1, H, L, D]
     views of the packed tensors; the results concatenated back into the packed layout. Without
     column sums each text goes through PyTorch's SDPA instead (its fused CPU flash kernels; the
-    fastest route measured for the layers other than the ATA one, see benchmarks/RESULTS.md)."""
+    fastest route measured for the layers other than the ATA one, see benchmarks/RESULTS.md).
+    The texts are ``torch.split`` pieces, whose backward is one concatenation per tensor, where
+    slicing would give every text's gradient as a zero-filled [total, H, D] tensor summed by autograd."""
     outs, sums = [], []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        if stop == start:
+    lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
+    for text in zip(*(torch.split(t, lengths) for t in (q, k, v))):
+        if text[0].shape[0] == 0:
             continue
-        view = [t[start:stop].transpose(0, 1)[None] for t in (q, k, v)]
+        view = [t.transpose(0, 1)[None] for t in text]
         if not return_colsum:
             out = torch.nn.functional.scaled_dot_product_attention(*view, is_causal=causal, scale=scale,
                                                                    enable_gqa=view[0].shape[1] != view[1].shape[1])
