@@ -66,7 +66,7 @@ def read_config(path) -> dict:
         raise ValueError(f"config: {path}: seeds must be a list of integers")
     from mgh_train.config import TrainConfig
 
-    for arm, overrides in config["arms"].items():
+    for overrides in config["arms"].values():
         options = {**config["train"], **{k: v for k, v in (overrides or {}).items() if k != "trainer"}}
         TrainConfig(**{k.replace("-", "_"): v for k, v in options.items()})  # names the bad option now
     return config
@@ -405,7 +405,7 @@ def table(output, plot=None) -> str:
         lines.append(f"- {name}: " + ", ".join(row["runs"]))
     lines += ["", "Commands behind each figure (train.yaml: the config's train options, the arm's switch, "
               "the seed and the run folder):", "", "```bash"]
-    for name, row in rows.items():
+    for row in rows.values():
         for run in row["runs"]:
             for done_name in ("done.json", "transfer.json"):
                 path = Path(run) / done_name

@@ -102,7 +102,7 @@ def _warm(chunk):
     for job in chunk:
         try:
             run_variant(*job)
-        except Exception as e:  # reported again, with context, by the timed process
+        except Exception as e:  # noqa: BLE001 - reported again, with context, by the timed process
             print(f"warm-up failed for {job}: {type(e).__name__}: {e}", flush=True)
     torch.cuda.synchronize()
 
@@ -159,7 +159,7 @@ def main():
                 raise AssertionError(f"differs from the default tiles' result by {err:.3g} (relative)")
             del got
             ms = bench(call)
-        except Exception as e:  # a tile set that does not compile or launch (e.g. shared memory)
+        except Exception as e:  # noqa: BLE001 - a tile set that does not compile or launch (e.g. shared memory)
             print(f"{kind:6s} {shape} causal={causal} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         base = baseline[(shape, causal, kind == "bwd")]

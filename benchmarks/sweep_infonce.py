@@ -121,7 +121,7 @@ def _warm(args):
     for kind, shape, variant in chunk:
         try:
             kernel_call(kind, shape, variant, device, defaults)[0]()
-        except Exception as e:  # reported again, with context, by the timed process
+        except Exception as e:  # noqa: BLE001 - reported again, with context, by the timed process
             print(f"warm-up failed for {(kind, shape, variant)}: {type(e).__name__}: {e}", flush=True)
     torch.cuda.synchronize()
 
@@ -185,7 +185,7 @@ def main():
                 raise AssertionError(f"differs from the default tiles' result by {err:.3g} (relative)")
             del got
             ms = bench(call, device)
-        except Exception as e:  # a tile set that does not compile or launch (e.g. shared memory)
+        except Exception as e:  # noqa: BLE001 - a tile set that does not compile or launch (e.g. shared memory)
             print(f"{kind:7s} {shape} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         base = baseline[key]

@@ -26,7 +26,8 @@ files import triton: without it (macOS, Windows) everything runs on the PyTorch 
 never imports the trainer (``mgh_train``).
 """
 
-from . import backend, reference
+from . import backend as backend  # the module itself is public API: mgh_kernels.backend
+from . import reference as reference  # the eager oracles, public as FlagAttention's testing module
 from ._validation import NonFiniteError, trusted_inputs
 from .attention import ata_attention, ata_attention_varlen
 from .backend import use_backend

@@ -44,7 +44,7 @@ def _parquet_rows(path: Path) -> Iterator[dict]:
     parquet = _need("pyarrow.parquet", "Parquet", path)
     try:
         table = parquet.ParquetFile(path)
-    except Exception as error:  # pyarrow raises its own ArrowInvalid / OSError kinds
+    except Exception as error:  # noqa: BLE001 - pyarrow raises its own ArrowInvalid / OSError kinds
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
     for batch in table.iter_batches(batch_size=1024):
         yield from batch.to_pylist()
@@ -54,7 +54,7 @@ def _dataset(path: Path):
     datasets = _need("datasets", "a Hugging Face datasets folder", path)
     try:
         loaded = datasets.load_from_disk(str(path))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - datasets raises several kinds for a folder it cannot read
         raise ValueError(f"{path}: not a readable datasets folder ({error})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" in loaded:

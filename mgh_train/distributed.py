@@ -181,7 +181,7 @@ def setup(device_name: Optional[str], log: Callable[[str], None] = print, timeou
         else:
             dist.init_process_group("gloo", timeout=wait)
         peers.register(ranks)
-    except Exception as error:  # noqa: BLE001 - a rank that never joins fails the rendezvous in several ways
+    except Exception as error:  # a rank that never joins fails the rendezvous in several ways
         lost = peers.explain(error, ranks, timeout=wait.total_seconds(), before_start=True)
         if lost is None:
             raise

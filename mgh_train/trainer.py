@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
     try:  # the run folder's lock and the SIGINT/SIGTERM handlers last as long as the run
         with run_lock.holding(), interrupts.handling(log):
             return _train(cfg, ranks, embedder, ranks.main_only(log), report_accuracy, examples, evaluator)
-    except Exception as error:  # noqa: BLE001 - a lost or stalled peer: one line naming its rank
+    except Exception as error:  # a lost or stalled peer: one line naming its rank
         lost = peers.explain(error, ranks, timeout=cfg.dist_timeout) if ranks.distributed else None
         if lost is None:
             raise

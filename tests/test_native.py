@@ -182,7 +182,7 @@ def test_concurrent_builds_agree(fresh):
     def build():
         try:
             paths.append(_native._build())
-        except Exception as error:  # reported below
+        except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
     workers = [threading.Thread(target=build) for _ in range(3)]

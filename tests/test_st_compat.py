@@ -140,7 +140,7 @@ def test_a_model_folder_loads_from_another_directory_and_from_a_copy(tmp_path, m
     tiny_decoder("llama").save_pretrained(work / "tiny")
     tiny_tokenizer().save_pretrained(work / "tiny")
     monkeypatch.chdir(work)
-    data = write_jsonl(work / "pairs.jsonl", pair_rows())
+    write_jsonl(work / "pairs.jsonl", pair_rows())
     cfg = config(work, model="tiny", data=["pairs.jsonl"], steps=1, lora_r=4, output="run")
     trainer.train(cfg, log=lambda _: None, report_accuracy=False)
     saved = json.loads((work / "run" / "model" / "mgh_config.json").read_text())

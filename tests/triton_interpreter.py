@@ -30,8 +30,9 @@ def install() -> bool:
         return False
     if _STOCK:
         return True
-    grid_call = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
-    device_call = getattr(getattr(interpreter, "InterpretedFunction", None), "__call__", None)
+    # the classes' own __call__ functions are what gets wrapped, not a callable check
+    grid_call = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)  # noqa: B004
+    device_call = getattr(getattr(interpreter, "InterpretedFunction", None), "__call__", None)  # noqa: B004
     if grid_call is None or device_call is None or not hasattr(interpreter, "_patch_lang"):
         return False
     langs = (tl, tl.core)  # the modules _patch_lang looks for in a function's globals

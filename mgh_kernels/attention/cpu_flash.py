@@ -65,8 +65,8 @@ def _heads(t: torch.Tensor, group: int) -> torch.Tensor:
     """[B, Hkv, L, D] -> [B, Hkv * group, L, D]: query head h reads kv head h // group (GQA)."""
     if group == 1:
         return t
-    b, h, l, d = t.shape
-    return t[:, :, None].expand(b, h, group, l, d).reshape(b, h * group, l, d)
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
 
 
 def _key_bias(valid, dtype: torch.dtype):
@@ -105,18 +105,18 @@ class _Sweep:
     once)."""
 
     def __init__(self, q, k, bias, causal: bool, scale: float):
-        b, h, l, _ = q.shape
+        b, h, n, _ = q.shape
         self.qf, self.kt = q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)  # kt a view: the GEMMs read k transposed
-        self.bias = None if bias is None else bias.expand(b, h, 1, l).reshape(b * h, 1, l)
+        self.bias = None if bias is None else bias.expand(b, h, 1, n).reshape(b * h, 1, n)
         self.causal, self.scale = causal, scale
         self.slots = _tasks.threads()
-        self.tasks, self.groups = _split(b * h, l, causal, self.slots)
+        self.tasks, self.groups = _split(b * h, n, causal, self.slots)
         size = max((heads.stop - heads.start) * (rows.stop - rows.start) * keys
                    for heads, _, blocks in self.tasks for rows, keys in blocks)
         # scratch of the calling thread (``_scratch``): the tasks' threads only borrow it
         self.buffers = [scratch(f"attention.scores.{slot}", (size,), q.dtype, q.device) for slot in range(self.slots)]
         # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
-        rows = min(ROWS, l)
+        rows = min(ROWS, n)
         self.later = torch.full((rows, rows), float("-inf"), dtype=q.dtype, device=q.device).triu_(1) \
             if causal and rows > 1 else None
 
@@ -140,14 +140,14 @@ def _forward(q, k, v, valid, causal: bool, scale: float):
     (sum over real queries, mean over heads, zero at padded keys); q, k, v in one compute dtype, k
     and v per query head. Each task (``_split``) writes its own rows of out and lse, and the column
     sums of its heads and group."""
-    b, h, l, d = q.shape
+    b, h, n, d = q.shape
     vf = v.flatten(0, 1)
     floor = exp_floor(q.dtype)
-    keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
-    out = torch.empty(b * h, l, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
+    keep = None if valid is None else valid.to(q.dtype)[:, None, :, None].expand(b, h, n, 1).reshape(b * h, n, 1)
+    out = torch.empty(b * h, n, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b * h, n, 1, dtype=q.dtype, device=q.device)
     sweep = _Sweep(q, k, _key_bias(valid, q.dtype), causal, scale)
-    cols = torch.zeros(sweep.groups, b * h, 1, l, dtype=q.dtype, device=q.device)
+    cols = torch.zeros(sweep.groups, b * h, 1, n, dtype=q.dtype, device=q.device)
 
     def task(index: int, slot: int) -> None:
         heads, group, blocks = sweep.tasks[index]
@@ -165,19 +165,19 @@ def _forward(q, k, v, valid, causal: bool, scale: float):
             cols[group, heads, :, :keys].add_(torch.bmm(weight.transpose(1, 2), p))
 
     _tasks.run(len(sweep.tasks), task, sweep.slots)
-    colsum = (cols[0] if sweep.groups == 1 else cols.sum(0)).view(b, h, l).mean(dim=1)
+    colsum = (cols[0] if sweep.groups == 1 else cols.sum(0)).view(b, h, n).mean(dim=1)
     if valid is not None:
         colsum.mul_(valid)
-    return out.view(b, h, l, d), lse.view(b, h, l), colsum
+    return out.view(b, h, n, d), lse.view(b, h, n), colsum
 
 
 def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torch.Tensor:
     """[B, H, L]: P g, P the attention probabilities, g [B, L] one value per key."""
-    b, h, l, _ = q.shape
-    lse = lse.reshape(b * h, l, 1)
-    gf = g[:, None, :, None].expand(b, h, l, 1).reshape(b * h, l, 1)
+    b, h, n, _ = q.shape
+    lse = lse.reshape(b * h, n, 1)
+    gf = g[:, None, :, None].expand(b, h, n, 1).reshape(b * h, n, 1)
     floor = exp_floor(q.dtype)
-    pg = torch.empty(b * h, l, 1, dtype=q.dtype, device=q.device)
+    pg = torch.empty(b * h, n, 1, dtype=q.dtype, device=q.device)
     sweep = _Sweep(q, k, bias, causal, scale)
 
     def task(index: int, slot: int) -> None:
@@ -187,13 +187,13 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
             torch.bmm(cpu_rows.exp_shifted_(s, lse[heads, rows], floor), gf[heads, :keys], out=pg[heads, rows])
 
     _tasks.run(len(sweep.tasks), task, sweep.slots)
-    return pg.view(b, h, l)
+    return pg.view(b, h, n)
 
 
 def _backward(q, k, v, out, lse, valid, causal: bool, scale: float, dout, dcolsum):
-    b, h, l, d = q.shape
+    b, h, n, d = q.shape
     bias = _key_bias(valid, q.dtype)
-    keep = torch.ones(b, 1, l, 1, dtype=q.dtype, device=q.device) if valid is None else \
+    keep = torch.ones(b, 1, n, 1, dtype=q.dtype, device=q.device) if valid is None else \
         valid.to(q.dtype)[:, None, :, None]
     # where, not a product: the gradients at padded positions may hold anything (NaN, inf)
     dout = torch.zeros_like(out) if dout is None else torch.where(keep > 0, dout.to(q.dtype), 0.0)
@@ -203,12 +203,12 @@ def _backward(q, k, v, out, lse, valid, causal: bool, scale: float, dout, dcolsu
     if valid is not None:
         g = torch.where(valid, g, 0.0)
     pg = _probabilities_times(q, k, lse, bias, causal, scale, g)
-    zero = q.new_zeros(b, h, l, 1)
+    zero = q.new_zeros(b, h, n, 1)
     dq, dk, dv = _FLASH_BACKWARD(
-        torch.cat([dout, keep.expand(b, h, l, 1)], dim=-1),
+        torch.cat([dout, keep.expand(b, h, n, 1)], dim=-1),
         torch.cat([q, zero], dim=-1),
         torch.cat([k, zero], dim=-1),
-        torch.cat([v, g[:, None, :, None].expand(b, h, l, 1)], dim=-1),
+        torch.cat([v, g[:, None, :, None].expand(b, h, n, 1)], dim=-1),
         torch.cat([out, pg[..., None]], dim=-1),
         lse, 0.0, causal, attn_mask=bias, scale=scale)
     return dq[..., :d], dk[..., :d], dv[..., :d]
@@ -232,9 +232,9 @@ class CPUAttentionFunction(torch.autograd.Function):
         qc, kc, vc, out, lse, valid = ctx.saved_tensors
         dq, dk, dv = _backward(qc, kc, vc, out, lse, valid, ctx.causal, ctx.scale, dout, dcolsum)
         if ctx.group > 1:
-            b, h, l, d = dk.shape
-            dk = dk.reshape(b, h // ctx.group, ctx.group, l, d).sum(2)
-            dv = dv.reshape(b, h // ctx.group, ctx.group, l, d).sum(2)
+            b, h, n, d = dk.shape
+            dk = dk.reshape(b, h // ctx.group, ctx.group, n, d).sum(2)
+            dv = dv.reshape(b, h // ctx.group, ctx.group, n, d).sum(2)
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None
 

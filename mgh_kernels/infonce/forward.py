@@ -236,15 +236,15 @@ def global_forward(q, pos, neg, rq, rp, rn, tau: float, pos_offset: int, cfg: di
     batch, dim = q.shape
     candidates = pos.shape[0] + neg.shape[0]
     splits, per_split = planner.forward_splits(batch, candidates, dim, q.element_size(), cfg)
-    m, l, o, pos_logit = (new_output((splits, batch), torch.float32, q.device) for _ in range(4))
+    m, sums, o, pos_logit = (new_output((splits, batch), torch.float32, q.device) for _ in range(4))
     run(_global_fwd_kernel, (cdiv(batch, cfg["BLOCK_M"]) * splits,),
-        q, pos, neg, rq, rp, rn, m, l, o, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
+        q, pos, neg, rq, rp, rn, m, sums, o, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
         batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, per_split, splits,
         PRECISION=dot_precision(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_FWD"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     lse, tail, losses = _statistics(batch, q.device)
     run(_combine_splits_kernel, (cdiv(batch, cfg["BLOCK_ROWS"]),),
-        m, l, o, pos_logit, lse, tail, losses, batch, splits, BLOCK=cfg["BLOCK_ROWS"], num_warps=4)
+        m, sums, o, pos_logit, lse, tail, losses, batch, splits, BLOCK=cfg["BLOCK_ROWS"], num_warps=4)
     return lse, tail, losses
 
 

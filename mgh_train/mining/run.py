@@ -232,7 +232,7 @@ def _corpus_vectors(encoder: Encoder, corpus: list[str], options: MineOptions, p
             cached = torch.load(path, weights_only=True)
             if cached.get("key") == digest:
                 return cached["vectors"]
-        except Exception:  # a cache torn by a kill: embed again
+        except Exception:  # noqa: BLE001 - a cache torn by a kill: embed again
             pass
     vectors = encoder.encode(corpus, progress=progress)
     tmp = path.with_name(path.name + ".tmp")
