@@ -125,8 +125,7 @@ def make_inputs(shape: Shape, device, *, blhd: bool, requires_grad: bool) -> lis
     gen = torch.Generator(device=device).manual_seed(0)
     heads = (shape.q_heads, shape.kv_heads, shape.kv_heads)
     tensors = [
-        torch.randn(shape.batch, h, shape.length, shape.dim, generator=gen, device=device, dtype=DTYPE)
-        for h in heads
+        torch.randn(shape.batch, h, shape.length, shape.dim, generator=gen, device=device, dtype=DTYPE) for h in heads
     ]
     if blhd:
         tensors = [t.transpose(1, 2).contiguous() for t in tensors]

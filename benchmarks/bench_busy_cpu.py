@@ -34,20 +34,39 @@ ATTENTION = (2, 8, 512, 64)
 INFONCE = (512, 3, 256)
 
 PAIRS = {
-    "attention fwd": ("ata_attention (out + colsum)", "SDPA (out only)", "fused",
-                      lambda impl, shape: attention_step(impl, "fwd", shape, True), ("ours", "sdpa"), ATTENTION),
-    "attention fwd+bwd": ("ata_attention (out + colsum)", "SDPA (out only)", "fused",
-                          lambda impl, shape: attention_step(impl, "fwd+bwd", shape, True), ("ours", "sdpa"), ATTENTION),
-    "infonce fwd+bwd": ("infonce_loss", "eager, as MultipleNegativesRankingLoss", "eager",
-                        lambda impl, shape: infonce_step(impl, "fwd+bwd", shape), ("ours", "eager"), INFONCE),
+    "attention fwd": (
+        "ata_attention (out + colsum)",
+        "SDPA (out only)",
+        "fused",
+        lambda impl, shape: attention_step(impl, "fwd", shape, True),
+        ("ours", "sdpa"),
+        ATTENTION,
+    ),
+    "attention fwd+bwd": (
+        "ata_attention (out + colsum)",
+        "SDPA (out only)",
+        "fused",
+        lambda impl, shape: attention_step(impl, "fwd+bwd", shape, True),
+        ("ours", "sdpa"),
+        ATTENTION,
+    ),
+    "infonce fwd+bwd": (
+        "infonce_loss",
+        "eager, as MultipleNegativesRankingLoss",
+        "eager",
+        lambda impl, shape: infonce_step(impl, "fwd+bwd", shape),
+        ("ours", "eager"),
+        INFONCE,
+    ),
 }
 
 
 def start_load(count: int) -> list:
     """``count`` processes, each spinning on a core in pure Python (no threads of its own) until
     ``stop_load``."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
-            for _ in range(count)]
+    return [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL) for _ in range(count)
+    ]
 
 
 def stop_load(processes: list) -> None:
@@ -57,8 +76,9 @@ def stop_load(processes: list) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="module", params=[0, LOAD_PER_CPU * (os.cpu_count() or 1)],
-                ids=lambda n: "quiet" if n == 0 else f"load{n}")
+@pytest.fixture(
+    scope="module", params=[0, LOAD_PER_CPU * (os.cpu_count() or 1)], ids=lambda n: "quiet" if n == 0 else f"load{n}"
+)
 def background_load(request):
     """The phase's name ("quiet" or "load N"); under load, N spinning processes for its life."""
     count = request.param
@@ -77,7 +97,14 @@ def bench_busy_cpu(measure, note, background_load, pair, impl):
     ours_name, peer_name, peer_role, make, impls, shape = PAIRS[pair]
     group = "busy cpu {} {} {}".format(pair, "x".join(map(str, shape)), background_load)
     if impl == 0:
-        note(f"{group}: load average {os.getloadavg()[0]:.1f} before ours, {torch.get_num_threads()} torch "
-             f"threads, {os.cpu_count()} CPUs")
-    measure(make(impls[impl], shape), group=group, name=(ours_name, peer_name)[impl],
-            role=("ours", peer_role)[impl], rounds=15)
+        note(
+            f"{group}: load average {os.getloadavg()[0]:.1f} before ours, {torch.get_num_threads()} torch "
+            f"threads, {os.cpu_count()} CPUs"
+        )
+    measure(
+        make(impls[impl], shape),
+        group=group,
+        name=(ours_name, peer_name)[impl],
+        role=("ours", peer_role)[impl],
+        rounds=15,
+    )

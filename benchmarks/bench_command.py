@@ -74,8 +74,9 @@ def seed_triplets() -> list[tuple[str, str, str]]:
                 if line.strip():
                     r = json.loads(line)
                     hardest = max(r["negatives"], key=lambda n: n.get("level") or 0)["text"]
-                    rows.append((DEFAULT_QUERY_TEMPLATE.format(instruction=r["task"]) + r["query"], r["positive"],
-                                 hardest))
+                    rows.append(
+                        (DEFAULT_QUERY_TEMPLATE.format(instruction=r["task"]) + r["query"], r["positive"], hardest)
+                    )
     return rows
 
 
@@ -84,14 +85,39 @@ def seed_triplets() -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def mgh_config(model: str, output: Path, *, steps: int, batch_size: int, max_length: int, log_every: int,
-               lora_last: int, packing: bool) -> dict:
+def mgh_config(
+    model: str,
+    output: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    max_length: int,
+    log_every: int,
+    lora_last: int,
+    packing: bool,
+) -> dict:
     """The ``train --config`` options of an mgh entry."""
-    return {"model": model, "output": str(output), "steps": steps, "batch_size": batch_size,
-            "max_length": max_length, "lr": LR, "warmup": WARMUP, "max_grad_norm": MAX_GRAD_NORM, "tau": TAU,
-            **LORA, "lora_layers": list(range(-lora_last, 0)), "exclude_instruction": True, "schedule": "level:4",
-            "log_every": log_every, "progress": False, "report_to": ["none"], "overwrite": True, "seed": SEED,
-            "packing": packing}
+    return {
+        "model": model,
+        "output": str(output),
+        "steps": steps,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "lr": LR,
+        "warmup": WARMUP,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "tau": TAU,
+        **LORA,
+        "lora_layers": list(range(-lora_last, 0)),
+        "exclude_instruction": True,
+        "schedule": "level:4",
+        "log_every": log_every,
+        "progress": False,
+        "report_to": ["none"],
+        "overwrite": True,
+        "seed": SEED,
+        "packing": packing,
+    }
 
 
 def mgh_rows(output: Path) -> list[tuple[int, int, float]]:
@@ -146,11 +172,17 @@ def st_model(base: str, max_length: int, lora_last: int, workdir: Path):
     transformer = Transformer(_without_chat_template(base, workdir / "base"), max_seq_length=max_length)
     if transformer.tokenizer.pad_token is None:  # as mgh does for decoders without one
         transformer.tokenizer.pad_token = transformer.tokenizer.eos_token
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                                device="cpu")
+    model = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device="cpu"
+    )
     torch.manual_seed(SEED)
-    lora = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-                      target_modules=_lora_targets(transformer.model, list(range(-lora_last, 0))), bias="none")
+    lora = LoraConfig(
+        r=LORA["lora_r"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_dropout=LORA["lora_dropout"],
+        target_modules=_lora_targets(transformer.model, list(range(-lora_last, 0))),
+        bias="none",
+    )
     transformer.model = get_peft_model(transformer.model, lora)
     return model
 
@@ -167,8 +199,9 @@ class _Tokens:
         self.total += int(features["attention_mask"].sum())
 
 
-def st_run(kind: str, base: str, output: Path, *, steps: int, batch_size: int, max_length: int,
-           log_every: int, lora_last: int) -> None:
+def st_run(
+    kind: str, base: str, output: Path, *, steps: int, batch_size: int, max_length: int, log_every: int, lora_last: int
+) -> None:
     """Train ``kind`` ("st-trainer" or "st-loop") and write ``steps.jsonl``: one row per step with
     the real tokens so far and the seconds since the loop began."""
     import torch
@@ -182,8 +215,7 @@ def st_run(kind: str, base: str, output: Path, *, steps: int, batch_size: int, m
     rows, began = [], [None]
 
     def record(step: int, value) -> None:
-        rows.append({"step": step, "tokens": tokens.total, "elapsed_s": time.perf_counter() - began[0],
-                     "loss": value})
+        rows.append({"step": step, "tokens": tokens.total, "elapsed_s": time.perf_counter() - began[0], "loss": value})
 
     if kind == "st-trainer":
         from datasets import Dataset
@@ -199,12 +231,26 @@ def st_run(kind: str, base: str, output: Path, *, steps: int, batch_size: int, m
 
         columns = dict(zip(("anchor", "positive", "negative"), map(list, zip(*triplets))))
         args = SentenceTransformerTrainingArguments(
-            output_dir=str(output / "st"), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=LR,
-            warmup_ratio=WARMUP, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="linear",
-            seed=SEED, data_seed=SEED, logging_steps=log_every, report_to="none", save_strategy="no", use_cpu=True,
-            disable_tqdm=True, batch_sampler="no_duplicates")
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),
-                                             loss=loss, callbacks=[Clock()])
+            output_dir=str(output / "st"),
+            per_device_train_batch_size=batch_size,
+            max_steps=steps,
+            learning_rate=LR,
+            warmup_ratio=WARMUP,
+            weight_decay=0.0,
+            max_grad_norm=MAX_GRAD_NORM,
+            lr_scheduler_type="linear",
+            seed=SEED,
+            data_seed=SEED,
+            logging_steps=log_every,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            batch_sampler="no_duplicates",
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss, callbacks=[Clock()]
+        )
         trainer.train()
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         for r in rows:
@@ -232,7 +278,7 @@ def st_run(kind: str, base: str, output: Path, *, steps: int, batch_size: int, m
             pending.append(value.detach())
             record(step + 1, None)
             if (step + 1) % log_every == 0 or step + 1 == steps:  # the loss read, as a logging step does
-                for r, v in zip(rows[-len(pending):], torch.stack(pending).tolist()):
+                for r, v in zip(rows[-len(pending) :], torch.stack(pending).tolist()):
                     r["loss"] = v
                 pending = []
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -259,8 +305,13 @@ def steady(rows: list, warmup: int) -> dict:
         raise ValueError(f"warmup: {warmup} steps leave none of the run's {len(rows)} to time")
     first, last = (rows[warmup - 1] if warmup else (0, 0, 0.0, None)), rows[-1]
     tokens, seconds = last[1] - first[1], last[2] - first[2]
-    return {"steps": last[0] - first[0], "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "first_loss": rows[0][3]}
+    return {
+        "steps": last[0] - first[0],
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "first_loss": rows[0][3],
+    }
 
 
 def _loadavg() -> float:
@@ -273,21 +324,55 @@ def _env() -> dict:
     return env
 
 
-def run_entry(name: str, model: str, folder: Path, *, steps: int, batch_size: int, max_length: int,
-              log_every: int, lora_last: int, warmup: int) -> dict:
+def run_entry(
+    name: str,
+    model: str,
+    folder: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    max_length: int,
+    log_every: int,
+    lora_last: int,
+    warmup: int,
+) -> dict:
     """Run one entry in its own process; its steady-state figures, wall time and load averages."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     if name in ("buckets", "packed"):
-        config = mgh_config(model, folder / "run", steps=steps, batch_size=batch_size, max_length=max_length,
-                            log_every=log_every, lora_last=lora_last, packing=name == "packed")
+        config = mgh_config(
+            model,
+            folder / "run",
+            steps=steps,
+            batch_size=batch_size,
+            max_length=max_length,
+            log_every=log_every,
+            lora_last=lora_last,
+            packing=name == "packed",
+        )
         (folder / "train.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
         command = [sys.executable, "-m", "mgh_train", "train", "--config", str(folder / "train.yaml")]
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), name, "--model", model, "--output",
-                   str(folder / "run"), "--steps", str(steps), "--batch-size", str(batch_size), "--max-length",
-                   str(max_length), "--log-every", str(log_every), "--lora-last", str(lora_last)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            name,
+            "--model",
+            model,
+            "--output",
+            str(folder / "run"),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(batch_size),
+            "--max-length",
+            str(max_length),
+            "--log-every",
+            str(log_every),
+            "--lora-last",
+            str(lora_last),
+        ]
     load_before = _loadavg()
     started = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
@@ -297,12 +382,30 @@ def run_entry(name: str, model: str, folder: Path, *, steps: int, batch_size: in
         tail = (folder / "log.txt").read_text()[-3000:]
         raise RuntimeError(f"{name}: exit status {done.returncode}: {tail}")
     rows = mgh_rows(folder / "run") if name in ("buckets", "packed") else st_rows(folder / "run")
-    return {"entry": name, **steady(rows, warmup), "wall_s": wall, "load_before": load_before,
-            "load_after": _loadavg(), "command": command}
+    return {
+        "entry": name,
+        **steady(rows, warmup),
+        "wall_s": wall,
+        "load_before": load_before,
+        "load_after": _loadavg(),
+        "command": command,
+    }
 
 
-def run(model: str, output: Path, *, entries: list, rounds: int, steps: int, warmup: int, batch_size: int,
-        max_length: int, log_every: int, lora_last: int = LORA_LAST, report=print) -> list[dict]:
+def run(
+    model: str,
+    output: Path,
+    *,
+    entries: list,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    max_length: int,
+    log_every: int,
+    lora_last: int = LORA_LAST,
+    report=print,
+) -> list[dict]:
     """Every entry ``rounds`` times, interleaved (round r runs the entries in a rotated order);
     ``results.jsonl`` in ``output`` and the table printed."""
     import torch
@@ -312,23 +415,35 @@ def run(model: str, output: Path, *, entries: list, rounds: int, steps: int, war
     results = []
     with open(output / "results.jsonl", "a") as handle:
         for r in range(rounds):
-            order = entries[r % len(entries):] + entries[:r % len(entries)]
+            order = entries[r % len(entries) :] + entries[: r % len(entries)]
             for name in order:
-                result = run_entry(name, model, output / f"round{r}" / name, steps=steps, batch_size=batch_size,
-                                   max_length=max_length, log_every=log_every, lora_last=lora_last,
-                                   warmup=warmup)
+                result = run_entry(
+                    name,
+                    model,
+                    output / f"round{r}" / name,
+                    steps=steps,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    log_every=log_every,
+                    lora_last=lora_last,
+                    warmup=warmup,
+                )
                 result["round"] = r
                 results.append(result)
                 handle.write(json.dumps(result) + "\n")
                 handle.flush()
-                report(f"round {r} {name:10s} {result['tokens_per_s']:8.1f} real tokens/s over {result['steps']} "
-                       f"steps ({result['tokens']} tokens, {result['seconds']:.1f} s; whole command "
-                       f"{result['wall_s']:.1f} s), load {result['load_before']:.1f} -> {result['load_after']:.1f}")
+                report(
+                    f"round {r} {name:10s} {result['tokens_per_s']:8.1f} real tokens/s over {result['steps']} "
+                    f"steps ({result['tokens']} tokens, {result['seconds']:.1f} s; whole command "
+                    f"{result['wall_s']:.1f} s), load {result['load_before']:.1f} -> {result['load_after']:.1f}"
+                )
     import sentence_transformers
 
-    report(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-           f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-           f"sentence-transformers {sentence_transformers.__version__}")
+    report(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"sentence-transformers {sentence_transformers.__version__}"
+    )
     report(table(results))
     return results
 
@@ -341,12 +456,17 @@ def table(results: list) -> str:
     names = list(dict.fromkeys(r["entry"] for r in results))
     rates = {n: [r["tokens_per_s"] for r in results if r["entry"] == n] for n in names}
     median = {n: statistics.median(v) for n, v in rates.items()}
-    lines = ["| entry | real tokens/s per round | median | / buckets | / st-trainer | / st-loop |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| entry | real tokens/s per round | median | / buckets | / st-trainer | / st-loop |",
+        "|---|---|---|---|---|---|",
+    ]
     for n in names:
         ratio = [f"{median[n] / median[b]:.2f}x" if b in median else "-" for b in ("buckets", "st-trainer", "st-loop")]
-        lines.append(f"| {ENTRIES[n]} | {', '.join(f'{v:.1f}' for v in rates[n])} | {median[n]:.1f} | "
-                     + " | ".join(ratio) + " |")
+        lines.append(
+            f"| {ENTRIES[n]} | {', '.join(f'{v:.1f}' for v in rates[n])} | {median[n]:.1f} | "
+            + " | ".join(ratio)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -360,8 +480,9 @@ def cut_base(source: str, dest: str, layers: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/bench_command.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/bench_command.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "st-trainer", "st-loop"):
         p = commands.add_parser(name)
@@ -384,8 +505,13 @@ def main(argv=None) -> int:
     if args.command == "cut-base":
         cut_base(args.source, args.dest, args.layers)
         return 0
-    common = dict(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, log_every=args.log_every,
-                  lora_last=args.lora_last)
+    common = dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        log_every=args.log_every,
+        lora_last=args.lora_last,
+    )
     if args.command == "run":
         entries = args.entries.split(",")
         unknown = [e for e in entries if e not in ENTRIES]

@@ -23,8 +23,16 @@ from mgh_kernels import ata_attention, infonce_loss, reference, use_backend
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU paths: run on a machine without CUDA")
 
 ATTENTION = [(2, 8, 256, 64), (1, 8, 1024, 64), (1, 8, 4096, 64)]
-INFONCE = [(512, 3, 256), (512, 7, 256), (512, 3, 1024), (512, 7, 1024),
-           (4096, 3, 256), (4096, 7, 256), (4096, 3, 1024), (4096, 7, 1024)]
+INFONCE = [
+    (512, 3, 256),
+    (512, 7, 256),
+    (512, 3, 1024),
+    (512, 7, 1024),
+    (4096, 3, 256),
+    (4096, 7, 256),
+    (4096, 3, 1024),
+    (4096, 7, 1024),
+]
 TAU = 0.05
 
 
@@ -32,8 +40,7 @@ def attention_step(impl: str, part: str, shape, causal: bool):
     """A no-argument callable: one forward (or forward and backward) of ``impl`` at ``shape``."""
     batch, heads, length, dim = shape
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen, requires_grad=part == "fwd+bwd")
-               for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen, requires_grad=part == "fwd+bwd") for _ in range(3))
     dout = torch.randn(batch, heads, length, dim, generator=gen)
     dcol = torch.randn(batch, length, generator=gen)
 
@@ -46,6 +53,7 @@ def attention_step(impl: str, part: str, shape, causal: bool):
         "sdpa": lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=causal), None),
         "eager": lambda: reference.attention_with_colsum(q, k, v, causal=causal),
     }[impl]
+
     def backward():
         out, colsum = attend()
         outputs, grads = [out], [dout]
@@ -91,8 +99,11 @@ def infonce_step(impl: str, part: str, shape):
     return _step(part, loss, lambda: loss().backward())
 
 
-ATTENTION_NAMES = {"ours": ("ata_attention (out + colsum)", "ours"), "sdpa": ("SDPA (out only)", "fused"),
-                   "eager": ("eager reference (out + colsum)", "eager")}
+ATTENTION_NAMES = {
+    "ours": ("ata_attention (out + colsum)", "ours"),
+    "sdpa": ("SDPA (out only)", "fused"),
+    "eager": ("eager reference (out + colsum)", "eager"),
+}
 
 
 @pytest.mark.parametrize("impl", list(ATTENTION_NAMES))
@@ -104,8 +115,13 @@ def bench_cpu_attention(measure, part, shape, causal, impl):
         pytest.skip("the eager reference's B x H x L x L probabilities at L = 4096: minutes per call")
     name, role = ATTENTION_NAMES[impl]
     group = "cpu attention {} B{} H{} L{} D{} {}".format(part, *shape, "causal" if causal else "bidir")
-    measure(attention_step(impl, part, shape, causal), group=group, name=name, role=role,
-            rounds=10 if shape[2] > 1024 else 30)  # many rounds: this shared CPU's bursts move medians
+    measure(
+        attention_step(impl, part, shape, causal),
+        group=group,
+        name=name,
+        role=role,
+        rounds=10 if shape[2] > 1024 else 30,
+    )  # many rounds: this shared CPU's bursts move medians
 
 
 INFONCE_NAMES = {"ours": ("infonce_loss", "ours"), "eager": ("eager, as MultipleNegativesRankingLoss", "eager")}
@@ -117,5 +133,4 @@ INFONCE_NAMES = {"ours": ("infonce_loss", "ours"), "eager": ("eager, as Multiple
 def bench_cpu_infonce(measure, part, shape, impl):
     name, role = INFONCE_NAMES[impl]
     group = "cpu infonce {} B{} K{} D{}".format(part, *shape)
-    measure(infonce_step(impl, part, shape), group=group, name=name, role=role,
-            rounds=5 if shape[0] > 512 else 30)
+    measure(infonce_step(impl, part, shape), group=group, name=name, role=role, rounds=5 if shape[0] > 512 else 30)

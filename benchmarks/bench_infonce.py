@@ -62,8 +62,9 @@ def bench_infonce_fwd_bwd(measure, device, case, impl):
     if input_bytes(batch, k, dim) > 0.8 * free:
         pytest.skip(f"inputs and gradients alone need {input_bytes(batch, k, dim) / 1e9:.0f} GB")
     if impl == "eager" and eager_bytes(batch, k) + input_bytes(batch, k, dim) > 0.9 * free:
-        pytest.skip(f"eager needs ~{eager_bytes(batch, k) / 1e9:.0f} GB of logit-sized matrices; "
-                    f"{free / 1e9:.0f} GB free")
+        pytest.skip(
+            f"eager needs ~{eager_bytes(batch, k) / 1e9:.0f} GB of logit-sized matrices; {free / 1e9:.0f} GB free"
+        )
     gen = torch.Generator(device=device).manual_seed(0)
     q, pos = (torch.randn(batch, dim, generator=gen, device=device, dtype=DTYPE).requires_grad_() for _ in range(2))
     neg = torch.randn(batch, k, dim, generator=gen, device=device, dtype=DTYPE).requires_grad_()
@@ -75,8 +76,13 @@ def bench_infonce_fwd_bwd(measure, device, case, impl):
             t.grad = None
 
     name, role = ("infonce_loss (fused)", "ours") if impl == "ours" else ("eager (bf16 matmul, fp32 CE)", "eager")
-    measure(step, group=f"infonce fwd+bwd B{batch} K{k} D{dim}", name=name, role=role,
-            exclude_bytes=grad_bytes(batch, k, dim))
+    measure(
+        step,
+        group=f"infonce fwd+bwd B{batch} K{k} D{dim}",
+        name=name,
+        role=role,
+        exclude_bytes=grad_bytes(batch, k, dim),
+    )
 
 
 def largest_batch(runs, start: int, limit: int, steps: int = 4) -> int:
@@ -135,7 +141,13 @@ def bench_infonce_largest_batch(device, impl, note):
 
     best = largest_batch(runs, 4096, PROBE_LIMIT)
     total = torch.cuda.get_device_properties(device).total_memory
-    note(f"largest batch, infonce fwd+bwd K{PROBE_K} D{PROBE_D} bf16, {total / 2**30:.0f} GiB device: "
-                f"{'infonce_loss (fused)' if impl == 'ours' else 'eager (bf16 matmul, fp32 CE)'} B={best}"
-                + (f" (the probe's limit; inputs and gradients alone would fit up to B~"
-                   f"{int(0.9 * total / input_bytes(1, PROBE_K, PROBE_D))})" if best == PROBE_LIMIT else ""))
+    note(
+        f"largest batch, infonce fwd+bwd K{PROBE_K} D{PROBE_D} bf16, {total / 2**30:.0f} GiB device: "
+        f"{'infonce_loss (fused)' if impl == 'ours' else 'eager (bf16 matmul, fp32 CE)'} B={best}"
+        + (
+            f" (the probe's limit; inputs and gradients alone would fit up to B~"
+            f"{int(0.9 * total / input_bytes(1, PROBE_K, PROBE_D))})"
+            if best == PROBE_LIMIT
+            else ""
+        )
+    )

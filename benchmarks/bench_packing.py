@@ -30,9 +30,17 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SEED_LENGTHS = HERE / "seed_lengths.json"
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 # MGH_BENCH_LAYERS=N: the first N of its 30 layers (every layer the same work, so the same ratios in a
 # third of the time on a loaded CPU; RESULTS.md says which ran)
 LAYERS = int(os.environ.get("MGH_BENCH_LAYERS", SMOLLM2_135M["num_hidden_layers"]))
@@ -69,12 +77,26 @@ def _tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
-def make_step(mode: str, dims: dict, lengths: list, *, triplets: int, negatives: int, device, precision=None,
-              pooling: str = "ata", seed: int = 0):
+def make_step(
+    mode: str,
+    dims: dict,
+    lengths: list,
+    *,
+    triplets: int,
+    negatives: int,
+    device,
+    precision=None,
+    pooling: str = "ata",
+    seed: int = 0,
+):
     """A no-argument callable running one trainer step of ``mode`` ("packed" or "buckets") on texts of
     these token ``lengths`` (queries, positives, negatives; random ids, the same for every mode);
     returns the loss (a device scalar). Also returns the real tokens per step."""
@@ -92,20 +114,28 @@ def make_step(mode: str, dims: dict, lengths: list, *, triplets: int, negatives:
     hf_private.set_attn_implementation(config, "sdpa")
     torch.manual_seed(seed)
     base = LlamaModel(config).to(precision.weights)
-    options = EmbedderConfig(base_model=None, pooling=pooling, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                             max_length=max(lengths) + 1)
+    options = EmbedderConfig(
+        base_model=None, pooling=pooling, lora_r=16, lora_alpha=32, lora_dropout=0.0, max_length=max(lengths) + 1
+    )
     embedder = Embedder.build(options, model=base, tokenizer=_tokenizer())
     embedder.to(device).set_precision(precision)
     embedder.train()
     gen = torch.Generator().manual_seed(seed + 1)
     rows = [torch.randint(3, dims["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
     flags = [[True] * n for n in lengths]
-    collate = (PackingCollate(embedder.tokenizer, options) if mode == "packed"
-               else Collate(embedder.tokenizer, options))
+    collate = PackingCollate(embedder.tokenizer, options) if mode == "packed" else Collate(embedder.tokenizer, options)
     batch = collate.assemble(rows, flags, queries=triplets, k=negatives).to(device)
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    train_step = TrainStep(embedder, optimizer, infonce_loss, tau=0.05, negatives="global", max_grad_norm=1.0,
-                           precision=precision, scaler=precision.grad_scaler())
+    train_step = TrainStep(
+        embedder,
+        optimizer,
+        infonce_loss,
+        tau=0.05,
+        negatives="global",
+        max_grad_norm=1.0,
+        precision=precision,
+        scaler=precision.grad_scaler(),
+    )
 
     def step():
         return train_step([batch]).loss
@@ -130,10 +160,16 @@ def bench_packed_step(measure, device, note, workload, mode):
     step, tokens = make_step(mode, dims, lengths, triplets=triplets, negatives=negatives, device=device)
     note(f"{workload} {name}: {step.forwards} forward(s), {step.padded_tokens} tokens computed for {tokens} real")
     arch = "SmolLM2-135M" + ("" if LAYERS == SMOLLM2_135M["num_hidden_layers"] else f" (first {LAYERS} layers)")
-    measure(step, group=f"{arch} LoRA train step, {workload}: {triplets} triplets x {negatives} negatives, "
-                        f"{len(lengths)} texts, {tokens} real tokens", name=name, role=role,
-            work={"real tokens": tokens}, rounds=10 if device.type == "cuda" else 3,
-            warmup_rounds=1 if device.type == "cuda" else 0)  # the CPU: measure's own first call warms up
+    measure(
+        step,
+        group=f"{arch} LoRA train step, {workload}: {triplets} triplets x {negatives} negatives, "
+        f"{len(lengths)} texts, {tokens} real tokens",
+        name=name,
+        role=role,
+        work={"real tokens": tokens},
+        rounds=10 if device.type == "cuda" else 3,
+        warmup_rounds=1 if device.type == "cuda" else 0,
+    )  # the CPU: measure's own first call warms up
 
 
 def _rss_kib(field: str) -> int:
@@ -148,8 +184,14 @@ def first_step_peak(workload: str, mode: str) -> float:
     order-dependent for that reason)."""
     triplets, negatives = CASES["cpu"][workload]
     dims = {**SMOLLM2_135M, "num_hidden_layers": LAYERS}
-    step, _ = make_step(mode, dims, lengths_of(workload, triplets, negatives), triplets=triplets,
-                        negatives=negatives, device=torch.device("cpu"))
+    step, _ = make_step(
+        mode,
+        dims,
+        lengths_of(workload, triplets, negatives),
+        triplets=triplets,
+        negatives=negatives,
+        device=torch.device("cpu"),
+    )
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # the peak so far (the model's build) forgotten
     base = _rss_kib("VmRSS")

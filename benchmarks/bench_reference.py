@@ -29,16 +29,15 @@ def bench_attention_forward(measure, device, index, causal, impl):
     batch, heads, length, dim = attention_shapes(device)[index]
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (
-        torch.randn(batch, heads, length, dim, generator=gen, device=device, dtype=dtype_for(device))
-        for _ in range(3)
+        torch.randn(batch, heads, length, dim, generator=gen, device=device, dtype=dtype_for(device)) for _ in range(3)
     )
     # Not "attention fwd ...": bench_attention.py owns those groups (with cuDNN as the baseline).
     group = f"reference attention fwd B{batch} H{heads} L{length} D{dim} {'causal' if causal else 'bidir'}"
     if impl == "eager_colsum":
-        fn = lambda: reference.attention_with_colsum(q, k, v, causal=causal)  # noqa: E731
+        fn = lambda: reference.attention_with_colsum(q, k, v, causal=causal)
         measure(fn, group=group, name="eager reference (out + colsum)", role="eager")
     else:
-        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         measure(fn, group=group, name="SDPA, default backend (out only)", role="fused")
 
 
@@ -52,10 +51,10 @@ def bench_infonce(measure, device, k_neg, part):
     neg = torch.randn(batch, k_neg, dim, generator=gen, device=device, dtype=dtype)
     group = f"infonce {part} B{batch} K{k_neg} D{dim}"
     if part == "forward":
-        fn = lambda: reference.infonce(q, pos, neg)  # noqa: E731
+        fn = lambda: reference.infonce(q, pos, neg)
     else:
         leaves = [t.detach().requires_grad_() for t in (q, pos, neg)]
-        fn = lambda: reference.infonce(*leaves).backward()  # noqa: E731
+        fn = lambda: reference.infonce(*leaves).backward()
     measure(fn, group=group, name="eager reference", role="eager")
 
 
@@ -77,5 +76,7 @@ def bench_pooling(measure, device, method):
         probs = torch.rand(batch, heads, length, length, generator=gen, device=device, dtype=dtype)
         measure(
             lambda: ata_pool(states, mask, attentions=(probs,)),
-            group=group, name="ata_pool(attentions=) eager", role="eager",
+            group=group,
+            name="ata_pool(attentions=) eager",
+            role="eager",
         )

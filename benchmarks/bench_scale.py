@@ -36,9 +36,17 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 CPU_DIMS = {**SMOLLM2_135M, "num_hidden_layers": 4}  # its shape, fewer layers: a CPU step in seconds
 MODES = {"plain": ("plain step (length buckets)", "fused"), "gradcache": ("GradCache (--chunk-size)", "ours")}
 
@@ -56,8 +64,13 @@ def seed_rows(count: int, max_length: int, vocab_size: int, seed: int = 0) -> li
     lengths = json.loads((HERE / "seed_lengths.json").read_text())["rows"]
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=gen).tolist()
-    return [[torch.randint(3, vocab_size, (min(n, max_length),), generator=gen).tolist()
-             for n in lengths[order[i % len(order)]]] for i in range(count)]
+    return [
+        [
+            torch.randint(3, vocab_size, (min(n, max_length),), generator=gen).tolist()
+            for n in lengths[order[i % len(order)]]
+        ]
+        for i in range(count)
+    ]
 
 
 def _tokenizer():
@@ -65,8 +78,12 @@ def _tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def make_embedder(device, dims: dict, precision, *, checkpointing: bool = False, seed: int = 0):
@@ -97,8 +114,17 @@ def make_step(mode: str, embedder, rows: list, device, precision, chunk_size: in
     collate = Collate(embedder.tokenizer, embedder.config, chunk_size=chunk_size if chunked else 0)
     batch = collate.assemble(ids, [[True] * len(r) for r in ids], queries=len(rows), k=1).to(device)
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    step = TrainStep(embedder, optimizer, infonce_loss, tau=0.05, negatives="global", max_grad_norm=1.0,
-                     precision=precision, scaler=precision.grad_scaler(), gradcache=chunked)
+    step = TrainStep(
+        embedder,
+        optimizer,
+        infonce_loss,
+        tau=0.05,
+        negatives="global",
+        max_grad_norm=1.0,
+        precision=precision,
+        scaler=precision.grad_scaler(),
+        gradcache=chunked,
+    )
 
     def run():
         return step([batch]).loss
@@ -147,8 +173,9 @@ def peak_bytes(fn, device) -> int:
     return _rss("VmHWM") - base
 
 
-def fits(mode: str, embedder, batch: int, *, device, dims, precision, length: int, chunk_size: int,
-         budget: int) -> bool:
+def fits(
+    mode: str, embedder, batch: int, *, device, dims, precision, length: int, chunk_size: int, budget: int
+) -> bool:
     """Whether a step of ``mode`` at ``batch`` queries fits ``budget`` bytes on ``device``."""
     rows = seed_rows(batch, length, dims["vocab_size"], seed=batch)
     try:
@@ -164,8 +191,9 @@ def fits(mode: str, embedder, batch: int, *, device, dims, precision, length: in
     return used <= budget
 
 
-def largest_batch(mode: str, embedder, *, device, dims, precision, length: int, chunk_size: int, budget: int,
-                  start: int, limit: int) -> int:
+def largest_batch(
+    mode: str, embedder, *, device, dims, precision, length: int, chunk_size: int, budget: int, start: int, limit: int
+) -> int:
     """The largest batch (queries) whose ``mode`` step fits ``budget`` bytes, searched in [start, limit]."""
     fraction = None
     if device.type == "cuda":  # beyond the budget (and what the model holds) CUDA runs out of memory
@@ -174,8 +202,21 @@ def largest_batch(mode: str, embedder, *, device, dims, precision, length: int, 
         torch.cuda.set_per_process_memory_fraction(fraction, device)
     try:
         probe = _sibling("bench_infonce").largest_batch
-        return probe(lambda b: fits(mode, embedder, b, device=device, dims=dims, precision=precision, length=length,
-                                    chunk_size=chunk_size, budget=budget), start, limit)
+        return probe(
+            lambda b: fits(
+                mode,
+                embedder,
+                b,
+                device=device,
+                dims=dims,
+                precision=precision,
+                length=length,
+                chunk_size=chunk_size,
+                budget=budget,
+            ),
+            start,
+            limit,
+        )
     finally:
         if fraction is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -213,8 +254,18 @@ def interleaved_seconds(fns: dict, device, rounds: int) -> dict:
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def measure_case(device, dims: dict, *, batch: int, length: int, chunk_size: int, checkpointing: bool, rounds: int,
-            budget: int, limit: int) -> dict:
+def measure_case(
+    device,
+    dims: dict,
+    *,
+    batch: int,
+    length: int,
+    chunk_size: int,
+    checkpointing: bool,
+    rounds: int,
+    budget: int,
+    limit: int,
+) -> dict:
     """Step time and peak memory of both modes at ``batch``, and each one's largest batch within
     ``budget`` (searched up to ``limit``)."""
     from mgh_train.precision import resolve
@@ -222,9 +273,15 @@ def measure_case(device, dims: dict, *, batch: int, length: int, chunk_size: int
     precision = resolve(device)
     embedder = make_embedder(device, dims, precision, checkpointing=checkpointing)
     rows = seed_rows(batch, length, dims["vocab_size"])
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "precision": precision.describe(), "batch": batch, "length": length, "chunk_size": chunk_size,
-           "checkpointing": checkpointing, "tokens": sum(len(t) for r in rows for t in r)}
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision.describe(),
+        "batch": batch,
+        "length": length,
+        "chunk_size": chunk_size,
+        "checkpointing": checkpointing,
+        "tokens": sum(len(t) for r in rows for t in r),
+    }
     start = {n: p.detach().clone() for n, p in embedder.named_parameters() if p.requires_grad}
     steps = {}
     for mode in MODES:
@@ -242,9 +299,18 @@ def measure_case(device, dims: dict, *, batch: int, length: int, chunk_size: int
     embedder.zero_grad(set_to_none=True)
     out["ratio"] = out["gradcache_s"] / out["plain_s"]
     for mode in MODES:
-        out[f"{mode}_largest"] = largest_batch(mode, embedder, device=device, dims=dims, precision=precision,
-                                               length=length, chunk_size=chunk_size, budget=budget,
-                                               start=max(1, chunk_size // 2), limit=limit)
+        out[f"{mode}_largest"] = largest_batch(
+            mode,
+            embedder,
+            device=device,
+            dims=dims,
+            precision=precision,
+            length=length,
+            chunk_size=chunk_size,
+            budget=budget,
+            start=max(1, chunk_size // 2),
+            limit=limit,
+        )
     out["budget"], out["limit"] = budget, limit
     return out
 
@@ -267,35 +333,60 @@ def measure_sync(device, dims: dict, *, batch: int, length: int, rounds: int) ->
     engine = distributed.make_engine("replicate", ranks, embedder, precision)
     rows = seed_rows(batch, length, dims["vocab_size"], seed=ranks.rank)
     ids = [r[0] for r in rows] + [r[1] for r in rows] + [r[2] for r in rows]
-    micro = Collate(embedder.tokenizer, embedder.config).assemble(ids, [[True] * len(r) for r in ids],
-                                                                  queries=batch, k=1).to(ranks.device)
+    micro = (
+        Collate(embedder.tokenizer, embedder.config)
+        .assemble(ids, [[True] * len(r) for r in ids], queries=batch, k=1)
+        .to(ranks.device)
+    )
     params = [p for p in embedder.parameters() if p.requires_grad]
-    step = TrainStep(embedder, make_optimizer(params, lr=1e-5, weight_decay=0.0),
-                     lambda *a, **k: infonce_loss(*a, **k, gather=True), tau=0.05, negatives="global",
-                     max_grad_norm=1.0, precision=precision, engine=engine)
+    step = TrainStep(
+        embedder,
+        make_optimizer(params, lr=1e-5, weight_decay=0.0),
+        lambda *a, **k: infonce_loss(*a, **k, gather=True),
+        tau=0.05,
+        negatives="global",
+        max_grad_norm=1.0,
+        precision=precision,
+        engine=engine,
+    )
     step_s = median_seconds(lambda: step([micro]).loss, ranks.device, rounds)
     sync_s = median_seconds(engine.finish_gradients, ranks.device, rounds)
-    out = {"world": ranks.world, "device": str(ranks.device), "batch_per_process": batch,
-           "gradient_mib": sum(p.numel() * p.element_size() for p in params) / 2**20,
-           "step_s": step_s, "sync_s": sync_s, "share": sync_s / step_s}
+    out = {
+        "world": ranks.world,
+        "device": str(ranks.device),
+        "batch_per_process": batch,
+        "gradient_mib": sum(p.numel() * p.element_size() for p in params) / 2**20,
+        "step_s": step_s,
+        "sync_s": sync_s,
+        "share": sync_s / step_s,
+    }
     dist.barrier()
     ranks.close()
     return out
 
 
 def table(results: list) -> str:
-    lines = ["| device | checkpointing | batch x tokens/text | plain step | GradCache step | ratio | peak plain | "
-             "peak GradCache | largest batch plain | largest batch GradCache |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| device | checkpointing | batch x tokens/text | plain step | GradCache step | ratio | peak plain | "
+        "peak GradCache | largest batch plain | largest batch GradCache |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         budget = f" (within {r['budget'] / 2**30:.1f} GiB)"
-        largest = {mode: (f">={r[f'{mode}_largest']} (the limit searched)" if r[f"{mode}_largest"] == r.get("limit")
-                          else str(r[f"{mode}_largest"])) for mode in MODES}
+        largest = {
+            mode: (
+                f">={r[f'{mode}_largest']} (the limit searched)"
+                if r[f"{mode}_largest"] == r.get("limit")
+                else str(r[f"{mode}_largest"])
+            )
+            for mode in MODES
+        }
         lines.append(
             f"| {r['device']} | {'on' if r['checkpointing'] else 'off'} | {r['batch']} x <={r['length']} "
             f"(chunks of {r['chunk_size']}) | {r['plain_s'] * 1e3:.0f} ms | {r['gradcache_s'] * 1e3:.0f} ms | "
             f"x{r['ratio']:.2f} | {r['plain_peak'] / 2**20:.0f} MiB | {r['gradcache_peak'] / 2**20:.0f} MiB | "
-            f"{largest['plain']}{budget} | {largest['gradcache']}{budget} |")
+            f"{largest['plain']}{budget} | {largest['gradcache']}{budget} |"
+        )
     return "\n".join(lines)
 
 
@@ -309,8 +400,9 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-gib", type=float, default=None, help="memory per device for the largest batch")
     parser.add_argument("--limit", type=int, default=None, help="largest batch searched")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--sync", action="store_true", help="under torchrun: time replicate's all-reduce against "
-                                                            "the step instead")
+    parser.add_argument(
+        "--sync", action="store_true", help="under torchrun: time replicate's all-reduce against the step instead"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -321,17 +413,29 @@ def main(argv=None) -> None:
         result = measure_sync(device, dims, batch=batch, length=length, rounds=args.rounds or 5)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
-            print(f"{result['world']} processes on {result['device']}: the flat all-reduce of "
-                  f"{result['gradient_mib']:.1f} MiB of LoRA gradients takes {result['sync_s'] * 1e3:.1f} ms, "
-                  f"{result['share']:.1%} of a {result['step_s'] * 1e3:.0f} ms step")
+            print(
+                f"{result['world']} processes on {result['device']}: the flat all-reduce of "
+                f"{result['gradient_mib']:.1f} MiB of LoRA gradients takes {result['sync_s'] * 1e3:.1f} ms, "
+                f"{result['share']:.1%} of a {result['step_s'] * 1e3:.0f} ms step"
+            )
         return
     chunk = args.chunk_size or max(1, batch // 2)
     budget = int((args.budget_gib or (8.0 if cuda else 1.0)) * 2**30)
     results = []
     for checkpointing in (False, True):
-        results.append(measure_case(device, dims, batch=batch, length=length, chunk_size=chunk,
-                                    checkpointing=checkpointing, rounds=args.rounds or (10 if cuda else 3),
-                                    budget=budget, limit=args.limit or (1 << 16 if cuda else 1024)))
+        results.append(
+            measure_case(
+                device,
+                dims,
+                batch=batch,
+                length=length,
+                chunk_size=chunk,
+                checkpointing=checkpointing,
+                rounds=args.rounds or (10 if cuda else 3),
+                budget=budget,
+                limit=args.limit or (1 << 16 if cuda else 1024),
+            )
+        )
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
     if args.json:
@@ -346,8 +450,9 @@ CASES = {"cpu": [(32, 64, 16)], "cuda": [(128, 256, 64), (512, 256, 128)]}  # (b
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("case", [c for cases in CASES.values() for c in cases],
-                         ids=lambda c: "B{}-L{}-chunk{}".format(*c))
+@pytest.mark.parametrize(
+    "case", [c for cases in CASES.values() for c in cases], ids=lambda c: "B{}-L{}-chunk{}".format(*c)
+)
 def bench_gradcache_step(measure, device, case, mode):
     pytest.importorskip("peft")
     if case not in CASES[device.type]:
@@ -361,8 +466,14 @@ def bench_gradcache_step(measure, device, case, mode):
     rows = seed_rows(batch, length, dims["vocab_size"])
     step = make_step(mode, embedder, rows, device, precision, chunk)
     name, role = MODES[mode]
-    measure(step, group=f"LoRA step, ATA + fused loss, B{batch} L<={length}, GradCache chunks of {chunk}",
-            name=name, role=role, work={"examples": batch}, rounds=10 if device.type == "cuda" else 3)
+    measure(
+        step,
+        group=f"LoRA step, ATA + fused loss, B{batch} L<={length}, GradCache chunks of {chunk}",
+        name=name,
+        role=role,
+        work={"examples": batch},
+        rounds=10 if device.type == "cuda" else 3,
+    )
 
 
 if __name__ == "__main__":

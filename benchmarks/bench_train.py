@@ -32,9 +32,17 @@ import torch
 
 from mgh_kernels import ata_pool, eager_infonce, enable_ata, hf_private, infonce_loss, mean_pool
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 VARIANTS = {
     "ours": ("ATA fused + fused loss", "ours"),
     "ata_eager_loss": ("ATA fused + eager loss", "other"),
@@ -129,9 +137,18 @@ def bench_train_step(measure, device, case, variant):
 # mgh's training step against sentence-transformers' own, on the same token ids
 # --------------------------------------------------------------------------------------------
 
-QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-                 rope_theta=1000000.0, tie_word_embeddings=True)
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+)
 SEED_LENGTHS = Path(__file__).resolve().parent / "seed_lengths.json"
 TAU = 0.05
 
@@ -157,8 +174,8 @@ def _st_features(ids: list, pad_id: int = 0) -> dict:
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     for i, r in enumerate(ids):
-        input_ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -172,8 +189,12 @@ def _save_base(dims: dict, folder: Path, precision) -> None:
     torch.manual_seed(0)
     AutoModel.from_config(config).to(precision.weights).save_pretrained(folder)
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                        pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     tokenizer.save_pretrained(folder)
 
 
@@ -185,21 +206,33 @@ def make_st_step(folder: Path, rows: list, device, precision, compile: bool = Fa
     MultipleNegativesRankingLoss forward and backward, then clipping and the fused AdamW step, as its
     training loop runs them) on a mean-pooling model with the same LoRA, over ``rows``."""
     from peft import LoraConfig, get_peft_model
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.losses import MultipleNegativesRankingLoss
     from sentence_transformers.models import Pooling, Transformer
 
     transformer = Transformer(str(folder), model_kwargs={"dtype": precision.weights})
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
-                                device=str(device))
+    model = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device=str(device)
+    )
     torch.manual_seed(0)
     transformer.model = get_peft_model(transformer.model, LoraConfig(**LORA))  # as Embedder.build does
     loss = MultipleNegativesRankingLoss(model, scale=1 / TAU)
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(folder / "st-run"), per_device_train_batch_size=len(rows), learning_rate=1e-5,
-        optim="adamw_torch_fused" if _fused_adamw_available(device) else "adamw_torch", report_to=[],
-        bf16=precision.autocast == torch.bfloat16, fp16=precision.autocast == torch.float16,
-        use_cpu=device.type == "cpu", torch_compile=compile, max_grad_norm=1.0, disable_tqdm=True,
+        output_dir=str(folder / "st-run"),
+        per_device_train_batch_size=len(rows),
+        learning_rate=1e-5,
+        optim="adamw_torch_fused" if _fused_adamw_available(device) else "adamw_torch",
+        report_to=[],
+        bf16=precision.autocast == torch.bfloat16,
+        fp16=precision.autocast == torch.float16,
+        use_cpu=device.type == "cpu",
+        torch_compile=compile,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, loss=loss)
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
@@ -232,20 +265,36 @@ def make_mgh_step(folder: Path, rows: list, device, precision, pooling: str = "m
     from mgh_train.model import Embedder, EmbedderConfig
     from mgh_train.step import TrainStep, make_optimizer
 
-    config = EmbedderConfig(base_model=None, pooling=pooling, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
-                            lora_dropout=LORA["lora_dropout"])
+    config = EmbedderConfig(
+        base_model=None,
+        pooling=pooling,
+        lora_r=LORA["r"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_dropout=LORA["lora_dropout"],
+    )
     base = AutoModel.from_pretrained(folder, dtype=precision.weights)
     torch.manual_seed(0)
     embedder = Embedder.build(config, model=base, tokenizer=AutoTokenizer.from_pretrained(folder))
     embedder.to(device).set_precision(precision)
     embedder.train()
     ids = [r[0] for r in rows] + [r[1] for r in rows] + [r[2] for r in rows]
-    batch = Collate(embedder.tokenizer, config, multiple=64 if compile else 8).assemble(
-        ids, [[True] * len(r) for r in ids], queries=len(rows), k=1).to(device)
+    batch = (
+        Collate(embedder.tokenizer, config, multiple=64 if compile else 8)
+        .assemble(ids, [[True] * len(r) for r in ids], queries=len(rows), k=1)
+        .to(device)
+    )
     optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    train_step = TrainStep(embedder, optimizer, infonce_loss, tau=TAU, negatives="global", max_grad_norm=1.0,
-                           precision=precision, scaler=precision.grad_scaler(),
-                           compile=compile)
+    train_step = TrainStep(
+        embedder,
+        optimizer,
+        infonce_loss,
+        tau=TAU,
+        negatives="global",
+        max_grad_norm=1.0,
+        precision=precision,
+        scaler=precision.grad_scaler(),
+        compile=compile,
+    )
 
     def step():
         return train_step([batch]).loss
@@ -270,14 +319,18 @@ PEER_VARIANTS = {
 }
 PEER_CASES = {  # (architecture, dims, rows per batch, max tokens per text) by device type
     "cpu": [("SmolLM2-135M", SMOLLM2_135M, 16, 128)],
-    "cuda": [("SmolLM2-135M", SMOLLM2_135M, 32, 128), ("SmolLM2-135M", SMOLLM2_135M, 128, 256),
-             ("Qwen3-0.6B", QWEN3_06B, 32, 256)],
+    "cuda": [
+        ("SmolLM2-135M", SMOLLM2_135M, 32, 128),
+        ("SmolLM2-135M", SMOLLM2_135M, 128, 256),
+        ("Qwen3-0.6B", QWEN3_06B, 32, 256),
+    ],
 }
 
 
 @pytest.mark.parametrize("variant", list(PEER_VARIANTS))
-@pytest.mark.parametrize("case", [c for cases in PEER_CASES.values() for c in cases],
-                         ids=lambda c: f"{c[0]}-B{c[2]}-L{c[3]}")
+@pytest.mark.parametrize(
+    "case", [c for cases in PEER_CASES.values() for c in cases], ids=lambda c: f"{c[0]}-B{c[2]}-L{c[3]}"
+)
 def bench_step_against_sentence_transformers(measure, device, case, variant, tmp_path_factory):
     pytest.importorskip("sentence_transformers")
     if case not in PEER_CASES[device.type]:
@@ -293,6 +346,12 @@ def bench_step_against_sentence_transformers(measure, device, case, variant, tmp
     tokens = sum(len(t) for row in rows for t in row)
     gc.collect()
     step = make(folder, rows, device, precision, **options)
-    measure(step, group=f"{arch} LoRA step vs sentence-transformers B{batch} L<={length} ({tokens} real tokens, "
-                        f"{precision.describe()})", name=name, role=role, work={"tokens": tokens, "examples": batch},
-            rounds=10 if device.type == "cuda" else 3)
+    measure(
+        step,
+        group=f"{arch} LoRA step vs sentence-transformers B{batch} L<={length} ({tokens} real tokens, "
+        f"{precision.describe()})",
+        name=name,
+        role=role,
+        work={"tokens": tokens, "examples": batch},
+        rounds=10 if device.type == "cuda" else 3,
+    )

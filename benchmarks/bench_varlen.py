@@ -27,8 +27,9 @@ TRIPLETS, NEGATIVES = 8, 3
 BUCKETS = 4
 
 
-def long_tailed_lengths(seed: int = 0, triplets: int = TRIPLETS, negatives: int = NEGATIVES,
-                        query=(8, 32), document=(64, 512)) -> list:
+def long_tailed_lengths(
+    seed: int = 0, triplets: int = TRIPLETS, negatives: int = NEGATIVES, query=(8, 32), document=(64, 512)
+) -> list:
     """Queries uniform in ``query``, documents log-uniform in ``document`` (a long tail)."""
     gen = torch.Generator().manual_seed(seed)
     queries = torch.randint(query[0], query[1] + 1, (triplets,), generator=gen).tolist()
@@ -50,11 +51,20 @@ def _buckets(lengths, count):
     """Indices of the texts in ``count`` buckets of equal size, by length."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     size = math.ceil(len(order) / count)
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def attention_step(impl: str, part: str, lengths, device="cpu", dtype=torch.float32, heads=HEADS,
-                   kv_heads=KV_HEADS, dim=DIM, causal=True):
+def attention_step(
+    impl: str,
+    part: str,
+    lengths,
+    device="cpu",
+    dtype=torch.float32,
+    heads=HEADS,
+    kv_heads=KV_HEADS,
+    dim=DIM,
+    causal=True,
+):
     """A no-argument callable: one forward (or forward and backward) of ``impl`` ("varlen",
     "padded", "bucketed") over the texts of ``lengths``; it returns the column sums in the packed
     order (so the entries can be checked equal)."""
@@ -96,8 +106,11 @@ def attention_step(impl: str, part: str, lengths, device="cpu", dtype=torch.floa
     return step
 
 
-NAMES = {"varlen": ("ata_attention_varlen (packed)", "ours"), "padded": ("ata_attention (padded)", "peer"),
-         "bucketed": (f"ata_attention ({BUCKETS} length buckets)", "other")}
+NAMES = {
+    "varlen": ("ata_attention_varlen (packed)", "ours"),
+    "padded": ("ata_attention (padded)", "peer"),
+    "bucketed": (f"ata_attention ({BUCKETS} length buckets)", "other"),
+}
 
 
 @pytest.mark.parametrize("impl", list(NAMES))
@@ -106,6 +119,13 @@ def bench_varlen_attention(measure, device, part, impl):
     lengths = long_tailed_lengths()
     name, role = NAMES[impl]
     group = f"varlen attention {part} {len(lengths)} texts, {sum(lengths)} tokens, H{HEADS}/{KV_HEADS} D{DIM} causal"
-    measure(attention_step(impl, part, lengths, device=str(device), dtype=torch.float32 if device.type == "cpu"
-                           else torch.bfloat16),
-            group=group, name=name, role=role, work={"real tokens": sum(lengths)}, rounds=10)
+    measure(
+        attention_step(
+            impl, part, lengths, device=str(device), dtype=torch.float32 if device.type == "cpu" else torch.bfloat16
+        ),
+        group=group,
+        name=name,
+        role=role,
+        work={"real tokens": sum(lengths)},
+        rounds=10,
+    )

@@ -8,10 +8,9 @@ every group prints each entry's median time and its ratio to the group's "fused"
 their ``work`` (e.g. real tokens and examples per call) also print it per second.
 """
 
+import platform
 import re
 from pathlib import Path
-
-import platform
 
 import pytest
 import torch
@@ -65,8 +64,17 @@ def measure(benchmark, device):
     produces), then under pytest-benchmark with a device synchronisation inside the timed call.
     """
 
-    def run(fn, *, group: str, name: str, role: str, exclude_bytes: int = 0, work: dict | None = None,
-            rounds: int = 10, warmup_rounds: int = 1):
+    def run(
+        fn,
+        *,
+        group: str,
+        name: str,
+        role: str,
+        exclude_bytes: int = 0,
+        work: dict | None = None,
+        rounds: int = 10,
+        warmup_rounds: int = 1,
+    ):
         benchmark.group = group
         fn()
         synchronize(device)
@@ -105,8 +113,10 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     tr.section(f"ratios (median time / baseline median), device: {dev}, torch {torch.__version__}")
-    tr.write_line("peak extra: CUDA's max allocated beyond the call's start, or on the CPU the peak "
-                  "resident set size (VmHWM) beyond it")
+    tr.write_line(
+        "peak extra: CUDA's max allocated beyond the call's start, or on the CPU the peak "
+        "resident set size (VmHWM) beyond it"
+    )
     for group, entries in _RESULTS.items():
         base = {e["role"]: e["median"] for e in entries.values() if e["role"] in BASELINES}
         tr.write_line(f"{group}")

@@ -34,7 +34,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_packing  # noqa: E402
+import bench_packing
 
 
 def _op_name(node) -> str:
@@ -67,7 +67,7 @@ def allocator_account(step) -> dict:
     start_total = events[0][3] - events[0][2]
     peak_at = max(range(len(events)), key=lambda i: events[i][3])
     live = {}
-    for _, ptr, size, _, op in events[:peak_at + 1]:
+    for _, ptr, size, _, op in events[: peak_at + 1]:
         if size > 0:
             live[ptr] = (size, op)
         else:
@@ -80,17 +80,26 @@ def allocator_account(step) -> dict:
     for e in events:
         if e[2] > 0:
             churn[(e[4], e[2])] += e[2]
-    return {"peak_live_bytes_beyond_start": events[peak_at][3] - start_total,
-            "live_at_peak_made_in_step": sum(by_op.values()), "allocations": sum(1 for e in events if e[2] > 0),
-            "allocated_bytes": allocated, "at_peak_by_op": dict(by_op.most_common(12)),
-            "allocated_by_op_and_size": [[op, size, total // size] for (op, size), total in churn.most_common(10)]}
+    return {
+        "peak_live_bytes_beyond_start": events[peak_at][3] - start_total,
+        "live_at_peak_made_in_step": sum(by_op.values()),
+        "allocations": sum(1 for e in events if e[2] > 0),
+        "allocated_bytes": allocated,
+        "at_peak_by_op": dict(by_op.most_common(12)),
+        "allocated_by_op_and_size": [[op, size, total // size] for (op, size), total in churn.most_common(10)],
+    }
 
 
 def _module_kind(name: str) -> str:
     for part in ("lora_", "self_attn", "mlp", "norm", "embed_tokens"):
         if part in name:
-            return {"lora_": "LoRA A/B", "self_attn": "attention (projections, rotary, attention)",
-                    "mlp": "MLP", "norm": "RMSNorm", "embed_tokens": "embedding"}[part]
+            return {
+                "lora_": "LoRA A/B",
+                "self_attn": "attention (projections, rotary, attention)",
+                "mlp": "MLP",
+                "norm": "RMSNorm",
+                "embed_tokens": "embedding",
+            }[part]
     return "other (pooling, loss, model top)"
 
 
@@ -98,9 +107,11 @@ def saved_account(step, model) -> dict:
     """Bytes saved for backward in one step, each storage once, by the kind of module saving them."""
     current = ["(none)"]
     handles = []
+
     def enter(name):
         def hook(module, args):
             current.append(name)
+
         return hook
 
     def leave(module, args, output):
@@ -146,10 +157,17 @@ def measure(workload: str, mode: str) -> dict:
     triplets, negatives = bench_packing.CASES["cpu"][workload]
     lengths = bench_packing.lengths_of(workload, triplets, negatives)
     dims = {**bench_packing.SMOLLM2_135M, "num_hidden_layers": bench_packing.LAYERS}
-    step, tokens = bench_packing.make_step(mode, dims, lengths, triplets=triplets, negatives=negatives,
-                                           device=torch.device("cpu"))
-    result = {"workload": workload, "mode": mode, "layers": bench_packing.LAYERS, "real_tokens": tokens,
-              "computed_tokens": step.padded_tokens, "forwards": step.forwards}
+    step, tokens = bench_packing.make_step(
+        mode, dims, lengths, triplets=triplets, negatives=negatives, device=torch.device("cpu")
+    )
+    result = {
+        "workload": workload,
+        "mode": mode,
+        "layers": bench_packing.LAYERS,
+        "real_tokens": tokens,
+        "computed_tokens": step.padded_tokens,
+        "forwards": step.forwards,
+    }
     gc.collect()
     reset = _reset_peak_rss()
     base = _rss_bytes("VmRSS")
@@ -166,8 +184,9 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     for workload in bench_packing.CASES["cpu"]:
         for mode in bench_packing.MODES:
-            out = subprocess.run([sys.executable, __file__, workload, mode], capture_output=True, text=True,
-                                 check=True, env=env)
+            out = subprocess.run(
+                [sys.executable, __file__, workload, mode], capture_output=True, text=True, check=True, env=env
+            )
             print(out.stdout.strip().splitlines()[-1], flush=True)
     return 0
 

@@ -7,14 +7,15 @@ bit-identical outputs and gradients.
 Run from the repository root: ``MGH_BENCH_LAYERS=2 python benchmarks/memory_split_fix.py split``
 (or ``slice``: the code as it is); ``... split rss``: the packed step's first-step RSS growth
 (``bench_packing.first_step_peak``) instead of the allocation account."""
+
 import json
 import sys
 
 import torch
 
 sys.path.insert(0, "benchmarks")
-import memory_packing  # noqa: E402
-from mgh_kernels.attention import torch_path, varlen  # noqa: E402
+import memory_packing
+from mgh_kernels.attention import torch_path, varlen
 
 
 def _per_sequence_split(q, k, v, bounds, causal, scale, return_colsum):
@@ -25,8 +26,9 @@ def _per_sequence_split(q, k, v, bounds, causal, scale, return_colsum):
             continue
         view = [t.transpose(0, 1)[None] for t in (qs, ks, vs)]
         if not return_colsum:
-            out = torch.nn.functional.scaled_dot_product_attention(*view, is_causal=causal, scale=scale,
-                                                                   enable_gqa=view[0].shape[1] != view[1].shape[1])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                *view, is_causal=causal, scale=scale, enable_gqa=view[0].shape[1] != view[1].shape[1]
+            )
             outs.append(out[0].transpose(0, 1))
             continue
         out, colsum = torch_path.attention(*view, None, causal, scale, return_colsum)
@@ -52,7 +54,9 @@ bounds = [0, 5, 22, 23, 40]
 for colsum in (False, True):
     grads = []
     for fn in (_ORIG, _per_sequence_split):
-        q, k, v = (torch.randn(40, h, 16, generator=gen.manual_seed(i)).requires_grad_() for i, h in enumerate((6, 2, 2)))
+        q, k, v = (
+            torch.randn(40, h, 16, generator=gen.manual_seed(i)).requires_grad_() for i, h in enumerate((6, 2, 2))
+        )
         out, sums = fn(q, k, v, bounds, True, 0.25, colsum)
         (out.square().sum() + (sums.square().sum() if colsum else 0)).backward()
         grads.append([out.detach(), q.grad, k.grad, v.grad])

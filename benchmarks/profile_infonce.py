@@ -24,8 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgh_kernels import infonce_loss  # noqa: E402
-from mgh_kernels.infonce import planner  # noqa: E402
+from mgh_kernels import infonce_loss
+from mgh_kernels.infonce import planner
 
 SHAPES = [(16384, 3, 4096), (4096, 7, 4096), (4096, 3, 1024)]
 
@@ -82,8 +82,10 @@ def profile_shape(shape, steps, device):
             per_kernel[row.key] = row.self_cpu_time_total / steps / 1e3
             launches[row.key] = row.count
     total = sum(per_kernel.values())
-    print(f"\nB{batch} K{k} D{dim} {dtype}, plan {plan.mode} (columns {plan.columns}, rows {plan.rows}), "
-          f"{steps} steps, {device}:")
+    print(
+        f"\nB{batch} K{k} D{dim} {dtype}, plan {plan.mode} (columns {plan.columns}, rows {plan.rows}), "
+        f"{steps} steps, {device}:"
+    )
     cublas = 0.0
     for name, ms in sorted(per_kernel.items(), key=lambda item: -item[1])[:25]:
         flops = dot_kernel_flops(name, batch, k, dim, plan)

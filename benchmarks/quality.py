@@ -97,8 +97,21 @@ def _run(command: list[str], log) -> None:
 
 
 def _eval_command(model: Path, out: Path, ev: dict) -> list[str]:
-    command = [*_python(), "-m", "mgh_train", "eval", "--model", str(model), "--tasks", ev["tasks"],
-               "--output", str(out), "--no-progress", "--batch-size", str(ev.get("batch_size", 32))]
+    command = [
+        *_python(),
+        "-m",
+        "mgh_train",
+        "eval",
+        "--model",
+        str(model),
+        "--tasks",
+        ev["tasks"],
+        "--output",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        str(ev.get("batch_size", 32)),
+    ]
     if ev.get("data_dir"):
         command += ["--data-dir", str(ev["data_dir"])]
     return command
@@ -198,8 +211,13 @@ def run_one(config: dict, arm: str, seed: int, output: Path, log_to=sys.stdout) 
             _run(evaluate, log)
     done = _finish(folder, folder / "eval", [shlex.join(train), shlex.join(evaluate)], started)
     (folder / _LOCK).unlink(missing_ok=True)
-    print(f"{arm} seed {seed}: " + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items())
-          + f" ({done['seconds']:.0f} s)", file=log_to, flush=True)
+    print(
+        f"{arm} seed {seed}: "
+        + ", ".join(f"{t} {s:.2f}" for t, s in done["scores"].items())
+        + f" ({done['seconds']:.0f} s)",
+        file=log_to,
+        flush=True,
+    )
     return done
 
 
@@ -218,8 +236,7 @@ def run_base(config: dict, output: Path) -> dict:
     for stale in [p for p in folder.iterdir() if p.name not in keep]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     (folder / "train.yaml").write_text(yaml.safe_dump(dict(config["train"]), sort_keys=True))
-    save = [*_python(), str(Path(__file__).resolve()), "save-base", str(folder / "train.yaml"),
-            str(folder / "model")]
+    save = [*_python(), str(Path(__file__).resolve()), "save-base", str(folder / "train.yaml"), str(folder / "model")]
     evaluate = _eval_command(folder / "model", folder / "eval", config["eval"])
     (folder / "commands.txt").write_text(shlex.join(save) + "\n" + shlex.join(evaluate) + "\n")
     started = time.monotonic()
@@ -252,7 +269,10 @@ def run_transfer(config: dict, folder: Path, model: Path) -> dict:
     done = {"scores": scores, "seconds": round(time.monotonic() - started, 1), "commands": [shlex.join(evaluate)]}
     done_path.write_text(json.dumps(done, indent=1))
     (folder / (_LOCK + "-transfer")).unlink(missing_ok=True)
-    print(f"transfer {folder}: " + ", ".join(f"{t} {s:.2f}" for t, s in scores.items()) + f" ({done['seconds']:.0f} s)", flush=True)
+    print(
+        f"transfer {folder}: " + ", ".join(f"{t} {s:.2f}" for t, s in scores.items()) + f" ({done['seconds']:.0f} s)",
+        flush=True,
+    )
     return done
 
 
@@ -289,8 +309,12 @@ def transfer(config: dict, output: Path, only=None) -> None:
     names, ``base`` among them; the rest are left for a later call)."""
     arms = config["transfer"].get("arms", "best")
     names = (["base"] if config.get("base", True) else []) + (
-        [best_arm(config, output)] if arms == "best" and (only is None or set(only) - {"base"}) else
-        [] if arms == "best" else list(arms))
+        [best_arm(config, output)]
+        if arms == "best" and (only is None or set(only) - {"base"})
+        else []
+        if arms == "best"
+        else list(arms)
+    )
     names = [n for n in names if only is None or n in only]
     print(f"transfer tasks {config['transfer']['tasks']} on: {', '.join(names)}", flush=True)
     jobs = []
@@ -319,14 +343,21 @@ def run(config_path, output, only=None) -> int:
     for group in (first, [a for a in config["arms"] if a not in first]):
         for seed in config["seeds"]:  # seed-major: a stopped run has every arm at the same depth
             for arm in group:
-                jobs.append((output / arm / f"seed{seed}", lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output)))
+                jobs.append(
+                    (output / arm / f"seed{seed}", lambda arm=arm, seed=seed: run_one(config, arm, int(seed), output))
+                )
     if only is not None:
         names = {f"{f.parent.name}:{f.name[4:]}" if f.name.startswith("seed") else f.name for f, _ in jobs}
         unknown = set(only) - names
         if unknown:
-            raise ValueError(f"only: no run {', '.join(sorted(unknown))} in {config_path} (runs: {', '.join(sorted(names))})")
-        jobs = [(f, job) for f, job in jobs
-                if (f"{f.parent.name}:{f.name[4:]}" if f.name.startswith("seed") else f.name) in only]
+            raise ValueError(
+                f"only: no run {', '.join(sorted(unknown))} in {config_path} (runs: {', '.join(sorted(names))})"
+            )
+        jobs = [
+            (f, job)
+            for f, job in jobs
+            if (f"{f.parent.name}:{f.name[4:]}" if f.name.startswith("seed") else f.name) in only
+        ]
     _parallel([job for _, job in jobs], int(config.get("parallel", 1)))
     if only is not None:
         return 0
@@ -392,8 +423,7 @@ def table(output, plot=None) -> str:
                 cells.append("")
                 continue
             mean, std = _mean_std(values)
-            summary[name]["tasks"][task] = {"mean": mean, "std": None if math.isnan(std) else std,
-                                            "values": values}
+            summary[name]["tasks"][task] = {"mean": mean, "std": None if math.isnan(std) else std, "values": values}
             cell = f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
             if len(values) != len(row["runs"]):  # e.g. a transfer task scored on one seed only
                 cell += f" (n={len(values)})"
@@ -403,8 +433,13 @@ def table(output, plot=None) -> str:
     lines.append("Runs (each has commands.txt with its exact train and eval commands):")
     for name, row in rows.items():
         lines.append(f"- {name}: " + ", ".join(row["runs"]))
-    lines += ["", "Commands behind each figure (train.yaml: the config's train options, the arm's switch, "
-              "the seed and the run folder):", "", "```bash"]
+    lines += [
+        "",
+        "Commands behind each figure (train.yaml: the config's train options, the arm's switch, "
+        "the seed and the run folder):",
+        "",
+        "```bash",
+    ]
     for row in rows.values():
         for run in row["runs"]:
             for done_name in ("done.json", "transfer.json"):
@@ -431,8 +466,13 @@ def _plot(output: Path, rows: dict, tasks: list, path) -> str:
     width = 0.8 / max(1, len(rows))
     for i, (name, row) in enumerate(rows.items()):
         stats = [_mean_std(row["scores"][t]) if row["scores"].get(t) else (0.0, 0.0) for t in tasks]
-        bars.bar([j + i * width for j in range(len(tasks))], [m for m, _ in stats], width,
-                 yerr=[0 if math.isnan(s) else s for _, s in stats], label=name)
+        bars.bar(
+            [j + i * width for j in range(len(tasks))],
+            [m for m, _ in stats],
+            width,
+            yerr=[0 if math.isnan(s) else s for _, s in stats],
+            label=name,
+        )
         losses = {}
         for run in row["runs"]:
             metrics = Path(run) / "run" / "metrics.jsonl"
@@ -513,7 +553,9 @@ def subsample_beir(source, dest, docs: int, seed: int = 0) -> int:
     others = [i for i in ids if i not in relevant]
     keep = relevant | set(random.Random(seed).sample(others, min(len(others), docs - len(relevant & set(ids)))))
     (dest / "qrels").mkdir(parents=True, exist_ok=True)
-    (dest / "corpus.jsonl").write_text("".join(line + "\n" for line, i in zip(lines, ids) if i in keep), encoding="utf-8")
+    (dest / "corpus.jsonl").write_text(
+        "".join(line + "\n" for line, i in zip(lines, ids) if i in keep), encoding="utf-8"
+    )
     shutil.copy(source / "queries.jsonl", dest / "queries.jsonl")
     shutil.copy(source / "qrels" / "test.tsv", dest / "qrels" / "test.tsv")
     print(f"{dest}: {len(keep)} of {len(ids)} documents ({len(relevant & set(ids))} relevant to a test query)")
@@ -524,8 +566,11 @@ def st_train(config_path) -> int:
     """The sentence-transformers baseline for the options in ``config_path`` (see the module docstring)."""
     import torch
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Normalize
 
@@ -539,20 +584,35 @@ def st_train(config_path) -> int:
     embedder = Embedder.build(EmbedderConfig(**options))
     examples = [e for path in cfg.data for e in read_examples(path).examples]
     k = min(len(e.negatives) for e in examples)
-    columns = {"anchor": [embedder.prefix(e.instruction) + e.query for e in examples],
-               "positive": [e.positive for e in examples]}
+    columns = {
+        "anchor": [embedder.prefix(e.instruction) + e.query for e in examples],
+        "positive": [e.positive for e in examples],
+    }
     for i in range(k):  # every negative, hardest level first
-        columns[f"negative_{i + 1}"] = [sorted(e.negatives, key=lambda n: -(n.level or 0))[i].text
-                                        for e in examples]
-    model = SentenceTransformer(modules=[MGHTransformer("", embedder=embedder), MGHPooling("mean"), Normalize()],
-                                device="cpu" if (cfg.device or "cpu") == "cpu" else cfg.device)
+        columns[f"negative_{i + 1}"] = [sorted(e.negatives, key=lambda n: -(n.level or 0))[i].text for e in examples]
+    model = SentenceTransformer(
+        modules=[MGHTransformer("", embedder=embedder), MGHPooling("mean"), Normalize()],
+        device="cpu" if (cfg.device or "cpu") == "cpu" else cfg.device,
+    )
     out = Path(cfg.output)
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "st"), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.steps,
-        learning_rate=cfg.lr, warmup_ratio=cfg.warmup, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm or 1e9, lr_scheduler_type="linear", seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=1, report_to="none", save_strategy="no", use_cpu=(cfg.device or "cpu") == "cpu",
-        disable_tqdm=True, batch_sampler="no_duplicates", gradient_accumulation_steps=cfg.grad_accum,
+        output_dir=str(out / "st"),
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        learning_rate=cfg.lr,
+        warmup_ratio=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm or 1e9,
+        lr_scheduler_type="linear",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=(cfg.device or "cpu") == "cpu",
+        disable_tqdm=True,
+        batch_sampler="no_duplicates",
+        gradient_accumulation_steps=cfg.grad_accum,
     )
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.tau)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
@@ -569,14 +629,18 @@ def st_train(config_path) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("run", help="train and evaluate every arm and seed (skips finished ones)")
     p.add_argument("config")
     p.add_argument("--output", required=True)
-    p.add_argument("--only", help="comma-separated arm:seed names and/or base: only these runs (no transfer, "
-                                  "no table); a runner on the same output waits for them instead of redoing them")
+    p.add_argument(
+        "--only",
+        help="comma-separated arm:seed names and/or base: only these runs (no transfer, "
+        "no table); a runner on the same output waits for them instead of redoing them",
+    )
     p = commands.add_parser("transfer", help="only the transfer evaluations of finished runs (skips done ones)")
     p.add_argument("config")
     p.add_argument("--output", required=True)

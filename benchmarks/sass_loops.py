@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import gpu_compile  # noqa: E402
+import gpu_compile
 
 SHOWN = ["HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "F2FP", "LDGSTS", "SHFL"]
 
@@ -36,8 +36,10 @@ def describe(result: dict) -> list[str]:
     head = f"{result['kernel']:24s} "
     if "error" in result:
         return [head + "FAILED " + result["error"].splitlines()[0]]
-    lines = [head + f"registers={result['registers']} spills={result['spill_stores']}/{result['spill_loads']} bytes "
-             f"shared={result['shared']} {result['constants']}"]
+    lines = [
+        head + f"registers={result['registers']} spills={result['spill_stores']}/{result['spill_loads']} bytes "
+        f"shared={result['shared']} {result['constants']}"
+    ]
     for i, loop in enumerate(result.get("loops", [])):
         counts = loop["opcodes"]
         other = loop["instructions"] - sum(counts.get(op, 0) for op in SHOWN)
@@ -57,9 +59,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-padding", action="store_true", help="attention: no key padding mask")
     parser.add_argument("--dim", type=int, default=1024, help="infonce: embedding dim D")
     parser.add_argument("--negatives", default="global", choices=["global", "own"], help="infonce: candidate mode")
-    parser.add_argument("--tile", action="append", default=[], metavar="KEY=VALUE",
-                        help="compile a variant: KEY (e.g. BLOCK_N, num_warps) set to the integer VALUE in every "
-                             "tile config that has it")
+    parser.add_argument(
+        "--tile",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compile a variant: KEY (e.g. BLOCK_N, num_warps) set to the integer VALUE in every "
+        "tile config that has it",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the summaries here")
     args = parser.parse_args(argv)
     reason = gpu_compile.unavailable_reason()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgh_kernels.attention import backward, colsum, forward  # noqa: E402
+from mgh_kernels.attention import backward, colsum, forward
 
 SHAPES = [(32, 32, 512, 128), (8, 32, 2048, 128), (2, 32, 8192, 128), (32, 32, 512, 64)]  # B, H, L, D
 
@@ -57,16 +57,18 @@ BWD = {
 
 def tiles(variant: tuple, dim: int, kind: str = "fwd") -> dict:
     """The launch settings of ``variant`` for kernel ``kind``."""
-    return dict(BLOCK_M=variant[0], BLOCK_N=variant[1], BLOCK_D=max(16, dim), num_warps=variant[2],
-                num_stages=variant[3])
+    return dict(
+        BLOCK_M=variant[0], BLOCK_N=variant[1], BLOCK_D=max(16, dim), num_warps=variant[2], num_stages=variant[3]
+    )
 
 
 def inputs(shape):
     """q, k, v [B, H, L, D] bf16, dout like them, dc [B, L] float32: the same on every call."""
     batch, heads, length, dim = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(batch, heads, length, dim, generator=gen, device="cuda", dtype=torch.bfloat16)
-                     for _ in range(4))
+    q, k, v, dout = (
+        torch.randn(batch, heads, length, dim, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(4)
+    )
     return q, k, v, dout, torch.randn(batch, length, generator=gen, device="cuda")
 
 
@@ -109,7 +111,9 @@ def _warm(chunk):
 
 def warm_cache(all_jobs, workers):
     """Compile every variant in parallel processes (Triton's on-disk cache serves the timed run)."""
-    unique = {(kind, shape[3], causal, variant): (kind, shape, causal, variant) for kind, shape, causal, variant in all_jobs}
+    unique = {
+        (kind, shape[3], causal, variant): (kind, shape, causal, variant) for kind, shape, causal, variant in all_jobs
+    }
     todo = list(unique.values())
     chunks = [todo[i::workers] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -141,11 +145,14 @@ def main():
             q, k, v = (t.requires_grad_(kind == "bwd") for t in inputs(shape)[:3])
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 if kind == "bwd":
+
                     def step():
                         F.scaled_dot_product_attention(q, k, v, is_causal=causal).float().sum().backward()
                 else:
+
                     def step():
                         F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
                 baseline[(shape, causal, kind == "bwd")] = bench(step)
         try:
             call = kernel_call(kind, shape, causal, variant)
@@ -153,8 +160,10 @@ def main():
                 default = {"fwd": FWD, "colsum": COLSUM, "bwd": BWD}[kind][shape[3]][0]
                 reference = {key: run_variant(kind, shape, causal, default)}  # one key's tensors at a time
             got = call()
-            err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                      for a, b in zip(got, reference[key]))
+            err = max(
+                ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                for a, b in zip(got, reference[key])
+            )
             if not err < 2e-2:  # bf16 outputs; accumulation order differs between tiles
                 raise AssertionError(f"differs from the default tiles' result by {err:.3g} (relative)")
             del got
@@ -163,19 +172,26 @@ def main():
             print(f"{kind:6s} {shape} causal={causal} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         base = baseline[(shape, causal, kind == "bwd")]
-        row = dict(kind=kind, shape=shape, causal=causal, variant=variant, ms=ms, cudnn_ms=base, ratio=ms / base, max_diff=err)
+        row = dict(
+            kind=kind, shape=shape, causal=causal, variant=variant, ms=ms, cudnn_ms=base, ratio=ms / base, max_diff=err
+        )
         rows.append(row)
-        print(f"{kind:6s} B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]} {'causal' if causal else 'bidir '} "
-              f"{str(variant):28s} {ms:8.3f} ms  x{ms / base:5.2f} of cuDNN {'fwd+bwd' if kind == 'bwd' else 'fwd'}"
-              f"  rel. diff vs default {err:.1e}", flush=True)
+        print(
+            f"{kind:6s} B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]} {'causal' if causal else 'bidir '} "
+            f"{str(variant):28s} {ms:8.3f} ms  x{ms / base:5.2f} of cuDNN {'fwd+bwd' if kind == 'bwd' else 'fwd'}"
+            f"  rel. diff vs default {err:.1e}",
+            flush=True,
+        )
         if key not in best or ms < best[key]["ms"]:
             best[key] = row
     print("\nbest per kernel and shape (default first in each list):")
     for (kind, shape, causal), row in best.items():
         default = next(r for r in rows if (r["kind"], r["shape"], r["causal"]) == (kind, shape, causal))
-        print(f"  {kind:6s} B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]} {'causal' if causal else 'bidir '} "
-              f"best {str(row['variant']):28s} {row['ms']:8.3f} ms (x{row['ratio']:.2f} cuDNN)  "
-              f"default {default['ms']:8.3f} ms")
+        print(
+            f"  {kind:6s} B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]} {'causal' if causal else 'bidir '} "
+            f"best {str(row['variant']):28s} {row['ms']:8.3f} ms (x{row['ratio']:.2f} cuDNN)  "
+            f"default {default['ms']:8.3f} ms"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
 

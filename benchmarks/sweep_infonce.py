@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgh_kernels.infonce import backward, forward, tiles as infonce_tiles  # noqa: E402
+from mgh_kernels.infonce import backward, forward
+from mgh_kernels.infonce import tiles as infonce_tiles
 
 SHAPES = [(16384, 3, 4096), (16384, 3, 1024), (4096, 7, 4096), (4096, 7, 1024)]  # B, K, D
 SMOKE_SHAPES = [(40, 3, 48)]
@@ -49,15 +50,37 @@ CHUNK = 4096  # candidate columns of the dlogits chunk (the backward's accumulat
 # row-block-fastest order).
 NO_LOCALITY_FWD = {"cache_bytes": 1 << 40}
 ROW_ORDER = {"GROUP_M": 65536}
-FWD = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 8, 3, NO_LOCALITY_FWD),
-       (128, 64, 64, 8, 3, {"cache_bytes": 25 << 20}), (128, 128, 64, 8, 3, NO_LOCALITY_FWD), (128, 64, 64, 4, 4),
-       (128, 64, 32, 8, 4),
-       (64, 128, 64, 4, 3), (128, 128, 32, 8, 4), (128, 64, 128, 8, 2), (64, 64, 64, 4, 4), (256, 64, 64, 8, 3),
-       (128, 128, 64, 8, 4)]
-DLOGITS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 3, ROW_ORDER), (128, 128, 64, 8, 3, {"GROUP_M": 4}),
-           (128, 128, 64, 8, 3, {"GROUP_M": 16}), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-           (128, 256, 64, 8, 3, ROW_ORDER), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-           (64, 128, 64, 4, 4), (128, 128, 128, 8, 2), (256, 128, 32, 8, 4), (128, 256, 32, 8, 4)]
+FWD = [
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+    (128, 64, 64, 8, 3, NO_LOCALITY_FWD),
+    (128, 64, 64, 8, 3, {"cache_bytes": 25 << 20}),
+    (128, 128, 64, 8, 3, NO_LOCALITY_FWD),
+    (128, 64, 64, 4, 4),
+    (128, 64, 32, 8, 4),
+    (64, 128, 64, 4, 3),
+    (128, 128, 32, 8, 4),
+    (128, 64, 128, 8, 2),
+    (64, 64, 64, 4, 4),
+    (256, 64, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+]
+DLOGITS = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3, ROW_ORDER),
+    (128, 128, 64, 8, 3, {"GROUP_M": 4}),
+    (128, 128, 64, 8, 3, {"GROUP_M": 16}),
+    (128, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 3, ROW_ORDER),
+    (256, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 128, 8, 2),
+    (256, 128, 32, 8, 4),
+    (128, 256, 32, 8, 4),
+]
 SMOKE_TILES = [(16, 16, 16, 4, 1), (32, 16, 16, 4, 1), (16, 16, 16, 4, 1, {"GROUP_M": 65536, "cache_bytes": 1 << 40})]
 
 
@@ -91,8 +114,11 @@ def kernel_call(kind, shape, variant, device, defaults):
     cfg = tiles(variant, kind, dim, device)
     if kind == "fwd":
         candidates = torch.cat([pos, neg])  # the baseline's one matrix (ours reads pos and neg where they are)
-        return (lambda: forward.global_forward(q, pos, neg, rq, rp, rn, TAU, 0, cfg),
-                lambda: torch.mm(q, candidates.t()), 2 * batch * candidates.shape[0] * dim)
+        return (
+            lambda: forward.global_forward(q, pos, neg, rq, rp, rn, TAU, 0, cfg),
+            lambda: torch.mm(q, candidates.t()),
+            2 * batch * candidates.shape[0] * dim,
+        )
     lse, tail, _ = forward.global_forward(q, pos, neg, rq, rp, rn, TAU, 0, tiles(defaults["fwd"], "fwd", dim, device))
     w = torch.full((batch,), 1.0 / batch, device=device)
     sigma = backward.gradient_scale(w, rq, rp, rn, TAU)
@@ -150,8 +176,9 @@ def bench(fn, device):
 
 
 def relative_diff(got, want):
-    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-               for a, b in zip(got, want))
+    return max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want)
+    )
 
 
 def main():
@@ -189,20 +216,34 @@ def main():
             print(f"{kind:7s} {shape} {variant}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         base = baseline[key]
-        row = dict(kind=kind, shape=shape, variant=variant, ms=ms, cublas_ms=base, ratio=ms / base,
-                   tflops=flops / ms / 1e9, cublas_tflops=flops / base / 1e9, max_diff=err)
+        row = dict(
+            kind=kind,
+            shape=shape,
+            variant=variant,
+            ms=ms,
+            cublas_ms=base,
+            ratio=ms / base,
+            tflops=flops / ms / 1e9,
+            cublas_tflops=flops / base / 1e9,
+            max_diff=err,
+        )
         rows.append(row)
-        print(f"{kind:7s} B{shape[0]} K{shape[1]} D{shape[2]} {str(variant):24s} {ms:8.3f} ms "
-              f"{row['tflops']:6.1f} TFLOP/s  x{row['ratio']:5.2f} of cuBLAS ({row['cublas_tflops']:.0f} TFLOP/s)"
-              f"  rel. diff vs default {err:.1e}", flush=True)
+        print(
+            f"{kind:7s} B{shape[0]} K{shape[1]} D{shape[2]} {str(variant):24s} {ms:8.3f} ms "
+            f"{row['tflops']:6.1f} TFLOP/s  x{row['ratio']:5.2f} of cuBLAS ({row['cublas_tflops']:.0f} TFLOP/s)"
+            f"  rel. diff vs default {err:.1e}",
+            flush=True,
+        )
         if key not in best or ms < best[key]["ms"]:
             best[key] = row
     print("\nbest per kernel and shape (default first in each list):")
     for (kind, shape), row in best.items():
         default = next(r for r in rows if (r["kind"], r["shape"]) == (kind, shape))
-        print(f"  {kind:7s} B{shape[0]} K{shape[1]} D{shape[2]} best {str(row['variant']):24s} {row['ms']:8.3f} ms "
-              f"({row['tflops']:.0f} TFLOP/s, x{row['ratio']:.2f} cuBLAS)  default {default['ms']:8.3f} ms "
-              f"({default['tflops']:.0f} TFLOP/s)")
+        print(
+            f"  {kind:7s} B{shape[0]} K{shape[1]} D{shape[2]} best {str(row['variant']):24s} {row['ms']:8.3f} ms "
+            f"({row['tflops']:.0f} TFLOP/s, x{row['ratio']:.2f} cuBLAS)  default {default['ms']:8.3f} ms "
+            f"({default['tflops']:.0f} TFLOP/s)"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     return 0 if rows else 1

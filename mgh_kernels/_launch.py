@@ -9,10 +9,10 @@ lets :mod:`mgh_kernels.testing` poison the outputs with NaN and record the launc
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
-
 
 LOG2E = 1.4426950408889634
 """log2(e): the attention kernels keep scores and log-sum-exps in log2 units (exp2 is the GPU's
@@ -53,7 +53,7 @@ class Launch(NamedTuple):
 
 # Set by mgh_kernels.testing: a function (shape, dtype, device) -> tensor replacing torch.empty, and
 # (records, run) pairs that receive every launch (run False: record it, do not launch it).
-allocator: Optional[Callable] = None
+allocator: Callable | None = None
 recorders: list = []
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,13 +35,13 @@ def exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
-def dot_precision(dtype: torch.dtype) -> Optional[str]:
+def dot_precision(dtype: torch.dtype) -> str | None:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``: true float32 products ("ieee", not
     TF32) for float32, Triton's default for half precision."""
     return "ieee" if dtype == torch.float32 else None
 
 
-def autocast_dtype(t) -> Optional[torch.dtype]:
+def autocast_dtype(t) -> torch.dtype | None:
     """The dtype autocast gives lower-precision ops on the device of the tensor ``t``, or None where
     it is off (and for anything not a tensor, which the argument checks then refuse)."""
     kind = t.device.type if isinstance(t, torch.Tensor) else None
@@ -52,16 +52,20 @@ def autocast_dtype(t) -> Optional[torch.dtype]:
 
 def _castable(t, device_type: str) -> bool:
     # autocast's own rule: floating-point tensors on its device, float64 excepted
-    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
-            and t.dtype != torch.float64)
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.device.type == device_type
+        and t.dtype != torch.float64
+    )
 
 
-def cast_dtype(t: torch.Tensor, amp: Optional[torch.dtype]) -> torch.dtype:
+def cast_dtype(t: torch.Tensor, amp: torch.dtype | None) -> torch.dtype:
     """The dtype ``t`` computes in: ``amp`` (an autocast dtype) where autocast casts ``t``, else its own."""
     return amp if amp is not None and _castable(t, t.device.type) else t.dtype
 
 
-def autocast_inputs(amp: Optional[torch.dtype], *tensors):
+def autocast_inputs(amp: torch.dtype | None, *tensors):
     """``tensors`` cast to ``amp`` as autocast casts the inputs of its lower-precision ops (None
     and non-tensors pass through; ``amp`` None returns them unchanged)."""
     if amp is None:

@@ -24,7 +24,7 @@ on the calling thread, slot 0.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -34,9 +34,11 @@ try:
     from torch.overrides import _get_current_function_mode_stack
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 except ImportError:  # a torch without them: tasks run on the calling thread
+
     def _modes_active() -> bool:
         return True
 else:
+
     def _modes_active() -> bool:
         return _get_current_dispatch_mode() is not None or bool(_get_current_function_mode_stack())
 
@@ -49,7 +51,7 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-def run(count: int, fn: Callable[[int, int], None], slots: Optional[int] = None) -> None:
+def run(count: int, fn: Callable[[int, int], None], slots: int | None = None) -> None:
     """``fn(task, slot)`` for each task in range(count), in parallel as the module docstring says;
     ``slots`` (default ``threads()``) the most threads, fixed by the caller when it sized per-slot
     buffers. The first exception of any task is raised here (later tasks are skipped)."""

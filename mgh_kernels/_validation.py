@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -92,8 +92,9 @@ def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.
         raise ValueError(f"{name}: expected to be on {ref.device} like {ref_name}, got {value.device}")
 
 
-def check_same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor,
-                     amp: Optional[torch.dtype] = None) -> None:
+def check_same_dtype(
+    name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor, amp: torch.dtype | None = None
+) -> None:
     """Require ``value``'s dtype to be ``ref``'s; under autocast (``amp``, the autocast dtype), the
     dtypes they compute in after autocast's cast (so float32 and bfloat16 agree under bf16 autocast)."""
     if cast_dtype(value, amp) != cast_dtype(ref, amp):
@@ -102,9 +103,7 @@ def check_same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.T
 
 def check_dim(name: str, value: torch.Tensor, dim: int, size: int, what: str) -> None:
     if value.shape[dim] != size:
-        raise ValueError(
-            f"{name}: expected size {size} in dimension {dim} ({what}), got shape {_shape(value)}"
-        )
+        raise ValueError(f"{name}: expected size {size} in dimension {dim} ({what}), got shape {_shape(value)}")
 
 
 def check_mask(
@@ -179,7 +178,7 @@ def check_fraction(name: str, value) -> float:
     return float(value)
 
 
-def check_positive(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+def check_positive(name: str, value, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0.0:
@@ -215,9 +214,7 @@ def check_attention_args(q, k, v, *, causal, key_padding_mask, scale, amp=None):
     check_dim("k", k, 2, length, "sequence length L of q")
     check_dim("k", k, 3, dim, "head dim D of q")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}"
-        )
+        raise ValueError(f"k: expected a number of kv heads Hkv that divides the query heads Hq={hq}, got Hkv={hkv}")
     check_bool("causal", causal)
     scale = check_positive("scale", scale, allow_none=True)
     if scale is None:
@@ -244,7 +241,9 @@ def check_infonce_args(q, pos, neg, *, tau, negatives, reduction, amp=None) -> f
         raise ValueError(f"pos: expected the shape of q {list(q.shape)}, got {list(pos.shape)}")
     batch, dim = q.shape
     if batch == 0 or dim == 0:
-        raise ValueError(f"q: expected at least one query (B >= 1) of at least one dimension, got shape {list(q.shape)}")
+        raise ValueError(
+            f"q: expected at least one query (B >= 1) of at least one dimension, got shape {list(q.shape)}"
+        )
     if neg is not None:
         check_tensor("neg", neg, ndim=3, layout="[B, K, D]")
         check_same_dtype("neg", neg, "q", q, amp)
@@ -256,8 +255,9 @@ def check_infonce_args(q, pos, neg, *, tau, negatives, reduction, amp=None) -> f
     return check_positive("tau", tau)
 
 
-def check_cu_seqlens(name: str, cu_seqlens, *, total: int, device: torch.device,
-                     max_seqlen=None) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[int]]:
+def check_cu_seqlens(
+    name: str, cu_seqlens, *, total: int, device: torch.device, max_seqlen=None
+) -> tuple[torch.Tensor | None, torch.Tensor, int | None]:
     """Validate flash-attention's varlen ``cu_seqlens`` (int32 [n + 1]: 0, then non-decreasing, ending at
     ``total``) and, when given, ``max_seqlen`` (an int at least the longest length).
 
@@ -267,11 +267,13 @@ def check_cu_seqlens(name: str, cu_seqlens, *, total: int, device: torch.device,
     """
     check_tensor(name, cu_seqlens, ndim=1, layout="[n + 1] (cumulative sequence lengths)")
     if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{name}: expected dtype torch.int32 (flash-attention's varlen convention), "
-                         f"got {cu_seqlens.dtype}")
+        raise ValueError(
+            f"{name}: expected dtype torch.int32 (flash-attention's varlen convention), got {cu_seqlens.dtype}"
+        )
     if cu_seqlens.numel() < 2:
-        raise ValueError(f"{name}: expected at least two entries [0, ..., total] (one sequence), got "
-                         f"shape {_shape(cu_seqlens)}")
+        raise ValueError(
+            f"{name}: expected at least two entries [0, ..., total] (one sequence), got shape {_shape(cu_seqlens)}"
+        )
     if cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"{name}: expected to be on the CPU or on {device}, got {cu_seqlens.device}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
@@ -286,11 +288,13 @@ def check_cu_seqlens(name: str, cu_seqlens, *, total: int, device: torch.device,
             raise ValueError(f"{name}: expected to end at total = {total} (the tokens of q), got {values[-1]}")
         bad = [i for i, n in enumerate(lengths) if n < 0]
         if bad:
-            raise ValueError(f"{name}: expected non-decreasing values; it decreases after entries "
-                             f"{', '.join(map(str, bad[:8]))}")
+            raise ValueError(
+                f"{name}: expected non-decreasing values; it decreases after entries {', '.join(map(str, bad[:8]))}"
+            )
         if max_seqlen is not None and max(lengths) > max_seqlen:
-            raise ValueError(f"max_seqlen: expected at least the longest sequence's length {max(lengths)}, "
-                             f"got {max_seqlen}")
+            raise ValueError(
+                f"max_seqlen: expected at least the longest sequence's length {max(lengths)}, got {max_seqlen}"
+            )
     on_device = cu_seqlens if cu_seqlens.device == device else cu_seqlens.to(device, non_blocking=True)
     return host, on_device, max_seqlen
 
@@ -316,6 +320,7 @@ def check_varlen_args(q, k, v, cu_seqlens, max_seqlen, *, causal, scale, amp=Non
         scale = 1.0 / math.sqrt(dim)
     if max_seqlen is None:
         raise ValueError("max_seqlen: expected a positive int (the longest sequence's length), got None")
-    host, cu, max_seqlen = check_cu_seqlens("cu_seqlens", cu_seqlens, total=total, device=q.device,
-                                            max_seqlen=max_seqlen)
+    host, cu, max_seqlen = check_cu_seqlens(
+        "cu_seqlens", cu_seqlens, total=total, device=q.device, max_seqlen=max_seqlen
+    )
     return host, cu, max_seqlen, scale

@@ -23,7 +23,8 @@ import contextlib
 import importlib.util
 import logging
 import os
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -50,12 +51,12 @@ INTERPRETED = TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK_ELEMENTS = 1 << 22
 """The PyTorch path's default chunk: scores (attention) or logits (InfoNCE) per chunk, 16 MiB in float32."""
 
-_forced: Optional[str] = None
+_forced: str | None = None
 _chunk_elements = CHUNK_ELEMENTS
 
 
 @contextlib.contextmanager
-def use_backend(name: str = "auto", *, chunk_elements: Optional[int] = None):
+def use_backend(name: str = "auto", *, chunk_elements: int | None = None):
     """Choose the path of every fused op called inside the ``with`` block.
 
     Args:
@@ -79,8 +80,9 @@ def use_backend(name: str = "auto", *, chunk_elements: Optional[int] = None):
         raise ValueError(f"name: expected 'auto', 'torch' or 'triton', got {name!r}")
     if name == "triton" and not TRITON_AVAILABLE:
         raise ValueError("name: 'triton' needs the triton package, which is not installed here")
-    if chunk_elements is not None and (isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int)
-                                       or chunk_elements < 1):
+    if chunk_elements is not None and (
+        isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1
+    ):
         raise ValueError(f"chunk_elements: expected a positive integer, got {chunk_elements!r}")
     saved = _forced, _chunk_elements
     _forced = None if name == "auto" else name
@@ -106,7 +108,7 @@ def _natural(t: torch.Tensor, dtype: torch.dtype) -> str:
     return TORCH
 
 
-def select(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
+def select(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
     """The path for an op whose main input is ``t``, computing in ``dtype`` (default ``t.dtype``):
     ``TRITON``, ``INTERPRETER`` or ``TORCH``, as the module docstring and :func:`use_backend` say."""
     dtype = dtype or t.dtype
@@ -128,8 +130,8 @@ class LastPath:
     ran). Read through the op's ``last_backend()`` / ``last_forward()``."""
 
     def __init__(self) -> None:
-        self.backend: Optional[str] = None
-        self.forward: Optional[str] = None
+        self.backend: str | None = None
+        self.forward: str | None = None
 
 
 class Dispatch(NamedTuple):
@@ -140,8 +142,14 @@ class Dispatch(NamedTuple):
     compiling: bool  # torch.compile is tracing the call: the kernels run behind custom ops
 
 
-def dispatch(op: str, q: torch.Tensor, amp: Optional[torch.dtype], record: LastPath, log: logging.Logger,
-             describe: Callable[[], str]) -> Dispatch:
+def dispatch(
+    op: str,
+    q: torch.Tensor,
+    amp: torch.dtype | None,
+    record: LastPath,
+    log: logging.Logger,
+    describe: Callable[[], str],
+) -> Dispatch:
     """The preamble every fused op runs after checking its arguments: the compute dtype under
     autocast (``amp``), the path, a check that the path takes that dtype, the record of the path,
     and a debug log line naming the shapes (``describe()``), not while torch.compile traces (a

@@ -10,8 +10,6 @@ block per op. Shifted values are clamped at ``floor`` (``_precision.exp_floor``)
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _native
@@ -24,8 +22,15 @@ def _native_for(*tensors: torch.Tensor):
     return _native.library()
 
 
-def softmax_(s: torch.Tensor, floor: float, top: torch.Tensor, total: torch.Tensor,
-             scale: Optional[torch.Tensor] = None, shift: Optional[float] = None, store: bool = True) -> torch.Tensor:
+def softmax_(
+    s: torch.Tensor,
+    floor: float,
+    top: torch.Tensor,
+    total: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: float | None = None,
+    store: bool = True,
+) -> torch.Tensor:
     """In place over the rows of s [..., cols]: x = s * scale (``scale`` [cols], one per column, or
     None), top = ``shift`` if given else each row's max of x, s = exp(max(x - top, floor)), total =
     the row sums of the new s; ``top`` and ``total`` [..., 1] are written, s is returned. As
@@ -35,10 +40,19 @@ def softmax_(s: torch.Tensor, floor: float, top: torch.Tensor, total: torch.Tens
     extra = () if scale is None else (scale,)
     lib = _native_for(s, top, total, *extra)
     if lib is not None:
-        lib.mgh_softmax_rows_f32(s.data_ptr(), s.numel() // s.shape[-1], s.shape[-1],
-                                 None if scale is None else scale.data_ptr(), shift is not None,
-                                 0.0 if shift is None else shift, floor, store, top.data_ptr(), total.data_ptr(),
-                                 torch.get_num_threads())
+        lib.mgh_softmax_rows_f32(
+            s.data_ptr(),
+            s.numel() // s.shape[-1],
+            s.shape[-1],
+            None if scale is None else scale.data_ptr(),
+            shift is not None,
+            0.0 if shift is None else shift,
+            floor,
+            store,
+            top.data_ptr(),
+            total.data_ptr(),
+            torch.get_num_threads(),
+        )
         return s
     if shift is None:
         if scale is not None:
@@ -62,7 +76,8 @@ def exp_shifted_(s: torch.Tensor, shift: torch.Tensor, floor: float) -> torch.Te
     shift = shift.contiguous()
     lib = _native_for(s, shift)
     if lib is not None:
-        lib.mgh_exp_shifted_rows_f32(s.data_ptr(), s.numel() // s.shape[-1], s.shape[-1], shift.data_ptr(), floor,
-                                     torch.get_num_threads())
+        lib.mgh_exp_shifted_rows_f32(
+            s.data_ptr(), s.numel() // s.shape[-1], s.shape[-1], shift.data_ptr(), floor, torch.get_num_threads()
+        )
         return s
     return s.sub_(shift).clamp_min_(floor).exp_()

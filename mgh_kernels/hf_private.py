@@ -20,10 +20,18 @@ here runs (or ``moved``).
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
-__all__ = ["ATTN_IMPLEMENTATION", "REQUIRED", "ConfigView", "attn_implementation", "model_config", "moved",
-           "registered_mask", "set_attn_implementation"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "REQUIRED",
+    "ConfigView",
+    "attn_implementation",
+    "model_config",
+    "moved",
+    "registered_mask",
+    "set_attn_implementation",
+]
 
 ATTN_IMPLEMENTATION = "_attn_implementation"
 """The config attribute transformers' attention modules and mask builders look their function up by."""
@@ -40,20 +48,20 @@ REQUIRED = (
 """(module, name, attribute or None): every transformers name ``mgh_kernels`` reaches."""
 
 
-def attn_implementation(config) -> Optional[str]:
+def attn_implementation(config) -> str | None:
     """The attention implementation a config (or a :class:`ConfigView`) names, e.g. "sdpa"; None if
     it names none. ``config._attn_implementation`` in transformers 5."""
     return getattr(config, ATTN_IMPLEMENTATION, None)
 
 
-def set_attn_implementation(config, name: Optional[str]) -> None:
+def set_attn_implementation(config, name: str | None) -> None:
     """Make ``config``'s attention modules (and, on the model's config, its masks) use the
     implementation registered as ``name``, from their next call on. Unlike
     ``PreTrainedModel.set_attn_implementation`` it neither checks the name nor touches other configs."""
     setattr(config, ATTN_IMPLEMENTATION, name)
 
 
-def registered_mask(name) -> Optional[Callable]:
+def registered_mask(name) -> Callable | None:
     """The function transformers builds implementation ``name``'s attention masks with (e.g.
     ``masking_utils.sdpa_mask`` for "sdpa"), or None for a name without one."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS

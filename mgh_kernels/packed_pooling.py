@@ -12,13 +12,20 @@ for float64 inputs); dtypes as the padded poolings.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._precision import autocast_off, compute_dtype
-from ._validation import (NonFiniteError, check_choice, check_cu_seqlens, check_float, check_fraction,
-                          check_same_device, check_tensor, checks_values, rows_where)
+from ._validation import (
+    NonFiniteError,
+    check_choice,
+    check_cu_seqlens,
+    check_float,
+    check_fraction,
+    check_same_device,
+    check_tensor,
+    checks_values,
+    rows_where,
+)
 from .pooling import POOLING_METHODS, _pooled_dtype
 
 __all__ = ["packed_pool"]
@@ -39,8 +46,8 @@ def packed_pool(
     cu_seqlens: torch.Tensor,
     method: str = "mean",
     *,
-    pool_mask: Optional[torch.Tensor] = None,
-    colsum: Optional[torch.Tensor] = None,
+    pool_mask: torch.Tensor | None = None,
+    colsum: torch.Tensor | None = None,
     mix: float = 0.0,
 ) -> torch.Tensor:
     """Pool packed hidden states [total, H] to one embedding per text, [n, H].
@@ -97,10 +104,12 @@ def packed_pool(
         position = torch.arange(total, device=device)
         if method == "last_token":
             index = torch.full((n,), -1, dtype=torch.long, device=device).scatter_reduce_(
-                0, segment, torch.where(keep, position, -1), reduce="amax")
+                0, segment, torch.where(keep, position, -1), reduce="amax"
+            )
         else:
             index = torch.full((n,), total, dtype=torch.long, device=device).scatter_reduce_(
-                0, segment, torch.where(keep, position, total), reduce="amin")
+                0, segment, torch.where(keep, position, total), reduce="amin"
+            )
         return hidden_states[index.clamp(0, max(total - 1, 0))].to(_pooled_dtype(hidden_states))
     if method == "mean":
         weights = kept / count[segment]
@@ -120,8 +129,10 @@ def packed_pool(
         if mix < 1.0 and checks_values():
             bad = rows_where(~(sums > 0))
             if bad:
-                raise NonFiniteError(f"colsum: expected a positive total over the pooled tokens of every text; "
-                                     f"texts {bad} have none (all zero, negative or NaN)")
+                raise NonFiniteError(
+                    f"colsum: expected a positive total over the pooled tokens of every text; "
+                    f"texts {bad} have none (all zero, negative or NaN)"
+                )
         weights = c / sums.clamp_min(torch.finfo(c.dtype).tiny)[segment]
         if mix > 0.0:
             weights = (1.0 - mix) * weights + mix * kept.to(c.dtype) / count[segment].to(c.dtype)

@@ -18,13 +18,23 @@ not inside :func:`~mgh_kernels.trusted_inputs`, which skips every check that rea
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ._precision import autocast_dtype, autocast_off, compute_dtype
-from ._validation import (NonFiniteError, check_attentions, check_choice, check_float, check_fraction, check_mask,
-                          check_same_device, check_tensor, checks_values, rows_where)
+from ._validation import (
+    NonFiniteError,
+    check_attentions,
+    check_choice,
+    check_float,
+    check_fraction,
+    check_mask,
+    check_same_device,
+    check_tensor,
+    checks_values,
+    rows_where,
+)
 
 __all__ = [
     "POOLING_METHODS",
@@ -46,8 +56,8 @@ def ata_pool(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
-    attentions: Optional[Sequence[torch.Tensor]] = None,
-    colsum: Optional[torch.Tensor] = None,
+    attentions: Sequence[torch.Tensor] | None = None,
+    colsum: torch.Tensor | None = None,
     mix: float = 0.0,
 ) -> torch.Tensor:
     """Anchor-token-aware pooling: each token weighted by the attention it receives.
@@ -197,8 +207,8 @@ def pool(
     attention_mask: torch.Tensor,
     method: str = "mean",
     *,
-    attentions: Optional[Sequence[torch.Tensor]] = None,
-    colsum: Optional[torch.Tensor] = None,
+    attentions: Sequence[torch.Tensor] | None = None,
+    colsum: torch.Tensor | None = None,
     mix: float = 0.0,
 ) -> torch.Tensor:
     """Pool [B, L, H] hidden states to [B, H] by ``method``, one of ``POOLING_METHODS``: "mean",
@@ -215,8 +225,11 @@ def pool(
     check_choice("method", method, POOLING_METHODS)
     if method == "ata":
         return ata_pool(hidden_states, attention_mask, attentions=attentions, colsum=colsum, mix=mix)
-    extra = [name for name, given in (("attentions", attentions is not None), ("colsum", colsum is not None),
-                                      ("mix", mix != 0.0)) if given]
+    extra = [
+        name
+        for name, given in (("attentions", attentions is not None), ("colsum", colsum is not None), ("mix", mix != 0.0))
+        if given
+    ]
     if extra:
         raise ValueError(f"{', '.join(extra)}: only used by method='ata', got method={method!r}")
     simple = {

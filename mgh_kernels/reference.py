@@ -19,8 +19,6 @@ The poolings and ``ata_weights`` live in :mod:`mgh_kernels.pooling`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +39,8 @@ def attention_with_colsum(
     v: torch.Tensor,
     *,
     causal: bool,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product self-attention that also returns each key's received attention.
 
@@ -73,8 +71,9 @@ def attention_with_colsum(
     over heads, of the probabilities transformers' eager attention returns with
     ``output_attentions=True``.
     """
-    valid, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                                        amp=autocast_dtype(q))
+    valid, scale = check_attention_args(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, amp=autocast_dtype(q)
+    )
     batch, hq, length, _ = q.shape
     hkv = k.shape[1]
     if valid is None:
@@ -110,7 +109,7 @@ def attention_varlen_with_colsum(
     max_seqlen: int,
     *,
     causal: bool,
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention_with_colsum` over packed sequences, one sequence at a time.
 
@@ -133,14 +132,16 @@ def attention_varlen_with_colsum(
     Per sequence, ``attention_with_colsum(q[None, a:b].transpose(1, 2), ...)``; what
     flash-attention's ``flash_attn_varlen_func`` gives for ``out``.
     """
-    cu_host, cu, max_seqlen, scale = check_varlen_args(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
-                                                       amp=autocast_dtype(q))
+    cu_host, cu, max_seqlen, scale = check_varlen_args(
+        q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, amp=autocast_dtype(q)
+    )
     bounds = (cu_host if cu_host is not None else cu).tolist()
     outs, sums = [], []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if stop > start:
-            out, colsum = attention_with_colsum(*(t[None, start:stop].transpose(1, 2) for t in (q, k, v)),
-                                                causal=causal, scale=scale)
+            out, colsum = attention_with_colsum(
+                *(t[None, start:stop].transpose(1, 2) for t in (q, k, v)), causal=causal, scale=scale
+            )
             outs.append(out[0].transpose(0, 1))
             sums.append(colsum[0])
     return torch.cat(outs), torch.cat(sums)
@@ -177,8 +178,15 @@ def colsum_from_attentions(attentions: torch.Tensor, attention_mask: torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def infonce(q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = None, *, tau: float = 0.05,
-            negatives: str = "global", reduction: str = "mean") -> torch.Tensor:
+def infonce(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None = None,
+    *,
+    tau: float = 0.05,
+    negatives: str = "global",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """InfoNCE over cosine similarities with in-batch and hard negatives.
 
     Args:
@@ -202,8 +210,7 @@ def infonce(q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = No
     With "global": ``F.cross_entropy(normalize(q) @ normalize([pos; neg]).T / tau, arange(B))``,
     sentence-transformers' ``MultipleNegativesRankingLoss(scale=1 / tau)`` on the embeddings.
     """
-    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction,
-                             amp=autocast_dtype(q))
+    tau = check_infonce_args(q, pos, neg, tau=tau, negatives=negatives, reduction=reduction, amp=autocast_dtype(q))
     batch, dim = q.shape
 
     compute = compute_dtype(q.dtype)

@@ -20,8 +20,6 @@ with column sums. transformers is imported only when ``enable_ata`` runs.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import hf_private
@@ -70,7 +68,7 @@ class ATACapture:
     """
 
     @staticmethod
-    def of(model) -> Optional["ATACapture"]:
+    def of(model) -> ATACapture | None:
         """The capture active on ``model`` (a model ``enable_ata`` was called on, or a copy of one),
         or None."""
         for module in model.modules():
@@ -79,14 +77,14 @@ class ATACapture:
                 return capture
         return None
 
-    def __init__(self, model, module, layer: int, previous: Optional[str], replaced_by: Optional[str] = None):
+    def __init__(self, model, module, layer: int, previous: str | None, replaced_by: str | None = None):
         """``previous``: the attention implementation of the layers' config before; ``replaced_by``:
         the one ``enable_ata`` set there for the other layers, or None where it kept ``previous``."""
         self.model, self.module, self.layer = model, module, layer
         self._previous, self._replaced_by = previous, replaced_by
-        self.colsum: Optional[torch.Tensor] = None
+        self.colsum: torch.Tensor | None = None
         self.packed = replaced_by == VARLEN_ATTENTION
-        self.cu_seqlens: Optional[torch.Tensor] = None
+        self.cu_seqlens: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         # colsum belongs to the latest forward's autograd graph, which deepcopy and pickle refuse
@@ -108,7 +106,7 @@ class ATACapture:
             if self._replaced_by is not None and hf_private.attn_implementation(config) == self._replaced_by:
                 hf_private.set_attn_implementation(config, self._previous)
 
-    def __enter__(self) -> "ATACapture":
+    def __enter__(self) -> ATACapture:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,9 +138,7 @@ class ATACapture:
                 return out, None
         _check_not_packed(module, attention_mask, query.shape[0], kwargs)
         key_padding_mask = _key_padding_mask(attention_mask, causal, length)
-        out, colsum = ata_attention(
-            query, key, value, causal=causal, key_padding_mask=key_padding_mask, scale=scaling
-        )
+        out, colsum = ata_attention(query, key, value, causal=causal, key_padding_mask=key_padding_mask, scale=scaling)
         self.colsum = colsum
         return out.transpose(1, 2).contiguous(), None
 
@@ -224,8 +220,15 @@ def _varlen_dispatch(module, query, key, value, attention_mask, dropout=0.0, sca
     varlen = _varlen_arguments(attention_mask, query.shape[0], kwargs)
     if varlen is not None:
         return _attend_packed(query, key, value, varlen, causal, scaling, False)[0], None
-    out, _ = ata_attention(query, key, value, causal=causal, key_padding_mask=_key_padding_mask(
-        attention_mask, causal, query.shape[2]), scale=scaling, return_colsum=False)
+    out, _ = ata_attention(
+        query,
+        key,
+        value,
+        causal=causal,
+        key_padding_mask=_key_padding_mask(attention_mask, causal, query.shape[2]),
+        scale=scaling,
+        return_colsum=False,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -238,7 +241,7 @@ def _builds_flash_masks(module) -> bool:
     return hf_private.registered_mask(hf_private.attn_implementation(config)) is flash_attention_mask
 
 
-def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[torch.Tensor]:
+def _key_padding_mask(attention_mask, causal: bool, length: int) -> torch.Tensor | None:
     """[B, L] key padding from the mask transformers hands an attention function.
 
     transformers builds [B, 1, L, L] masks (bool: True = attend; float: 0 = attend); padding masks
@@ -264,7 +267,9 @@ def _key_padding_mask(attention_mask, causal: bool, length: int) -> Optional[tor
     expected = keys[:, None, :].expand(-1, length, -1)
     if causal:
         expected = expected & torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
-    if checks_values() and not torch.equal(allowed.expand(-1, -1, length, length), expected[:, None].expand_as(allowed)):
+    if checks_values() and not torch.equal(
+        allowed.expand(-1, -1, length, length), expected[:, None].expand_as(allowed)
+    ):
         raise ValueError(
             "attention_mask: the ATA layer supports padding with causal or bidirectional attention "
             f"only (causal={causal}); got a mask of another pattern (packed sequences, sliding window?)"
@@ -287,9 +292,7 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from transformers.masking_utils import flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
     AttentionInterface.register(ATA_ATTENTION, _dispatch)
     AttentionMaskInterface.register(ATA_ATTENTION, sdpa_mask)  # for a model set to mgh_ata by hand
@@ -297,7 +300,7 @@ def _register() -> None:
     AttentionMaskInterface.register(VARLEN_ATTENTION, flash_attention_mask)  # [B, L] padding or None
 
 
-def _other_layers_implementation(name: Optional[str]) -> str:
+def _other_layers_implementation(name: str | None) -> str:
     """The attention the layers other than the ATA one run: the model's own where the masks it
     builds are ones the ATA layer reads (SDPA's boolean [B, 1, L, L] masks, flash-attention's
     [B, L] padding masks, and implementations registered with those), else SDPA: eager attention
@@ -387,7 +390,7 @@ def enable_ata(model, layer: int = -1, *, packed: bool = False) -> ATACapture:
     return capture
 
 
-def enable_varlen(model) -> Optional[str]:
+def enable_varlen(model) -> str | None:
     """Run every attention layer of ``model`` through ``VARLEN_ATTENTION`` without any ATA layer: packed
     rows (as :func:`enable_ata` with ``packed=True`` takes them) through ``ata_attention_varlen`` with
     the column sums off, padded batches through ``ata_attention`` (for poolings other than ATA over

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import config as train_config
 from . import demo, kernel_demo
@@ -28,30 +28,56 @@ DEFAULT_SUBCOMMAND = "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Over 60 lines on purpose: the subcommands' argparse declarations, read as a table, with no logic.
     parser = argparse.ArgumentParser(
         prog="python -m mgh_train",
         description="mgh: LLM text embedders with hard negatives and anchor-token-aware pooling.",
     )
     commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    demo.add_arguments(commands.add_parser(
-        "demo", help="train SmolLM2-135M on the seed set on the CPU (default)", description=demo.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-    train_config.add_arguments(commands.add_parser(
-        "train", help="train an embedder", description=train_config.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-    export = commands.add_parser("export", help="re-save a model folder: merged, or as stock sentence-transformers",
-                                 description=_export_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(
+        commands.add_parser(
+            "demo",
+            help="train SmolLM2-135M on the seed set on the CPU (default)",
+            description=demo.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    train_config.add_arguments(
+        commands.add_parser(
+            "train",
+            help="train an embedder",
+            description=train_config.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    export = commands.add_parser(
+        "export",
+        help="re-save a model folder: merged, or as stock sentence-transformers",
+        description=_export_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     export.add_argument("--model", required=True, help="a model folder written by training (run/model)")
     export.add_argument("--output", required=True, help="the folder to write")
-    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights (--format mgh; "
-                                                            "sentence-transformers exports are always merged)")
-    export.add_argument("--format", default="mgh", choices=("mgh", "sentence-transformers"),
-                        help="mgh: our folder (needs mgh to load); sentence-transformers: stock modules, merged "
-                             "weights, loads without mgh (except ATA pooling) (default: %(default)s)")
-    export.add_argument("--eval", metavar="RESULTS", help="an mteb result folder (eval --output): its scores go "
-                                                          "into the model card as model-index")
-    evaluation = commands.add_parser("eval", help="run MTEB tasks", description=_evaluate_doc(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into the base weights (--format mgh; sentence-transformers exports are always merged)",
+    )
+    export.add_argument(
+        "--format",
+        default="mgh",
+        choices=("mgh", "sentence-transformers"),
+        help="mgh: our folder (needs mgh to load); sentence-transformers: stock modules, merged "
+        "weights, loads without mgh (except ATA pooling) (default: %(default)s)",
+    )
+    export.add_argument(
+        "--eval",
+        metavar="RESULTS",
+        help="an mteb result folder (eval --output): its scores go into the model card as model-index",
+    )
+    evaluation = commands.add_parser(
+        "eval", help="run MTEB tasks", description=_evaluate_doc(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     evaluation.add_argument("--model", required=True, help="an mgh model folder, or a sentence-transformers name/path")
     evaluation.add_argument("--tasks", required=True, help="comma-separated MTEB task names, e.g. STSBenchmark,SciFact")
     evaluation.add_argument("--data-dir", help="read the tasks from local files here (offline)")
@@ -62,17 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
     comparison = commands.add_parser("compare", help="result folders side by side")
     comparison.add_argument("runs", nargs="+", help="folders holding mteb result JSON (eval --output)")
     comparison.add_argument("--plot", help="also write a PNG bar chart here")
-    synth_cli.add_synth_arguments(commands.add_parser(
-        "synth", help="write MGH training data through an OpenAI-compatible endpoint",
-        description=synth_cli.SYNTH_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
-    synth_cli.add_verify_arguments(commands.add_parser(
-        "verify", help="check MGH data with a real encoder", description=_verify_doc(),
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-    mine_cli.add_arguments(commands.add_parser(
-        "mine", help="graded hard negatives mined with an embedder", description=mine_cli.DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-    kernel_demo.add_arguments(commands.add_parser(
-        "kernel-demo", help="ATA pooling and InfoNCE on a toy batch", description=kernel_demo.__doc__))
+    synth_cli.add_synth_arguments(
+        commands.add_parser(
+            "synth",
+            help="write MGH training data through an OpenAI-compatible endpoint",
+            description=synth_cli.SYNTH_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    synth_cli.add_verify_arguments(
+        commands.add_parser(
+            "verify",
+            help="check MGH data with a real encoder",
+            description=_verify_doc(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    mine_cli.add_arguments(
+        commands.add_parser(
+            "mine",
+            help="graded hard negatives mined with an embedder",
+            description=mine_cli.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    kernel_demo.add_arguments(
+        commands.add_parser(
+            "kernel-demo", help="ATA pooling and InfoNCE on a toy batch", description=kernel_demo.__doc__
+        )
+    )
     return parser
 
 
@@ -112,9 +156,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("tasks: expected at least one MTEB task name")
-    summary = evaluate.evaluate(args.model, tasks, data_dir=args.data_dir, output=args.output,
-                                instructions=instructions, batch_size=args.batch_size,
-                                show_progress=not args.no_progress)
+    summary = evaluate.evaluate(
+        args.model,
+        tasks,
+        data_dir=args.data_dir,
+        output=args.output,
+        instructions=instructions,
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+    )
     rows = {task: (s["metric"], [s["score"]]) for task, s in summary.items()}
     print(evaluate.format_table(rows, [args.model]))
     if args.output:
@@ -140,8 +190,11 @@ def _export(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     if args.format != "mgh":
-        how = "SentenceTransformer(path, trust_remote_code=True) where mgh is installed" if result.needs_mgh \
+        how = (
+            "SentenceTransformer(path, trust_remote_code=True) where mgh is installed"
+            if result.needs_mgh
             else "SentenceTransformer(path), no mgh needed"
+        )
         print(f"load with {how}")
     return 0
 
@@ -153,13 +206,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-RUNNERS = {"demo": demo.run, "train": _train, "export": _export, "eval": _evaluate, "compare": _compare,
-           "synth": synth_cli.run_synth, "verify": synth_cli.run_verify, "mine": mine_cli.run,
-           "kernel-demo": kernel_demo.run}
+RUNNERS = {
+    "demo": demo.run,
+    "train": _train,
+    "export": _export,
+    "eval": _evaluate,
+    "compare": _compare,
+    "synth": synth_cli.run_synth,
+    "verify": synth_cli.run_verify,
+    "mine": mine_cli.run,
+    "kernel-demo": kernel_demo.run,
+}
 """The function each subcommand runs on its parsed arguments; it returns the exit status."""
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):

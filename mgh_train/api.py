@@ -18,7 +18,7 @@ option (``steps``, ``lr``, ``pooling``, ``lora_r``, ...); this calls :func:`mgh_
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .config import TrainConfig
 from .data import Example, needs_of, parse_row
@@ -38,8 +38,10 @@ def examples_of(train_dataset, *, schedule: str = "random", steps: int = 200, st
     elif isinstance(train_dataset, (list, tuple)):
         rows = train_dataset
     else:
-        raise ValueError(f"train_dataset: expected a datasets.Dataset, a list of row dicts or a dict of columns, "
-                         f"got {type(train_dataset).__name__}")
+        raise ValueError(
+            f"train_dataset: expected a datasets.Dataset, a list of row dicts or a dict of columns, "
+            f"got {type(train_dataset).__name__}"
+        )
     needs = needs_of(schedule, steps, stage_steps)
     out = []
     for index, row in enumerate(rows):
@@ -54,8 +56,16 @@ def examples_of(train_dataset, *, schedule: str = "random", steps: int = 200, st
     return out
 
 
-def fit(model_or_name, train_dataset, *, evaluator=None, output: str = "runs/fit", epochs: Optional[float] = None,
-        log: Callable[[str], None] = print, **options):
+def fit(
+    model_or_name,
+    train_dataset,
+    *,
+    evaluator=None,
+    output: str = "runs/fit",
+    epochs: float | None = None,
+    log: Callable[[str], None] = print,
+    **options,
+):
     """Train an embedder on ``train_dataset`` and return :class:`~mgh_train.trainer.TrainResult`
     (``.embedder`` the trained model, ``.model_path`` its saved folder, ``.evaluation`` the last
     metrics, ``.losses``).
@@ -80,8 +90,9 @@ def fit(model_or_name, train_dataset, *, evaluator=None, output: str = "runs/fit
 
     embedder = model_or_name if isinstance(model_or_name, Embedder) else None
     if embedder is None and not isinstance(model_or_name, str):
-        raise ValueError(f"model_or_name: expected a model name or path, or an Embedder, got "
-                         f"{type(model_or_name).__name__}")
+        raise ValueError(
+            f"model_or_name: expected a model name or path, or an Embedder, got {type(model_or_name).__name__}"
+        )
     if embedder is not None:
         options.setdefault("model", embedder.config.base_model or "in-memory")
     else:
@@ -90,8 +101,14 @@ def fit(model_or_name, train_dataset, *, evaluator=None, output: str = "runs/fit
     options.setdefault("progress", True)
     cfg = TrainConfig(output=output, epochs=epochs, **options)
     examples = examples_of(train_dataset, schedule=cfg.schedule, steps=cfg.steps, stage_steps=cfg.stage_steps)
-    return train(cfg, embedder=embedder, log=log, examples=examples, evaluator=evaluator,
-                 report_accuracy=options.get("holdout", 0) > 0)
+    return train(
+        cfg,
+        embedder=embedder,
+        log=log,
+        examples=examples,
+        evaluator=evaluator,
+        report_accuracy=options.get("holdout", 0) > 0,
+    )
 
 
 __all__ = ["examples_of", "fit"]

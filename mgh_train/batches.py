@@ -13,26 +13,27 @@ and the negatives' RNG (whose state every plan carries, so a checkpoint taken af
 resumes exactly). With W processes it plans the global micro-batch of W x ``batch_size`` examples,
 identically on every rank (the same sampler, seed and RNG), and :class:`RankPlans` hands each rank
 its slice: rank r takes rows r b ... r b + b - 1 with their negatives, so the gathered candidates
-are in the order one process holding the whole batch has them. The collate runs in DataLoader workers: it tokenizes the plan's queries (with
-their instruction prefix) and documents in one batched tokenizer call and splits them, sorted by
-length, into as few padded buckets as keep the padding small (:func:`length_buckets`): each bucket
-is one encoder forward. Queries and documents share the buckets, so a micro-batch of similar
-lengths is one forward, and a batch of short queries beside long documents does not pad every
-query to the longest document. Under GradCache (``chunk_size``, ``chunk_tokens``) the texts, sorted
-by length, are cut into chunks of at most that many texts and padded tokens instead, each padded to
-its own longest text: the chunks are GradCache's encoder forwards. Where every forward is a
-collective (FSDP2, ``one_forward``), a plain micro-batch is one padded forward: every rank then runs
-as many forwards as the others, and FSDP2, which reduce-scatters a layer's gradients once per
-forward it back-propagates, syncs once per step (GradCache's chunks, counted in texts only, are
-as many on every rank and each one forward per backward).
+are in the order one process holding the whole batch has them. The collate runs in DataLoader
+workers: it tokenizes the plan's queries (with their instruction prefix) and documents in one
+batched tokenizer call and splits them, sorted by length, into as few padded buckets as keep the
+padding small (:func:`length_buckets`): each bucket is one encoder forward. Queries and documents
+share the buckets, so a micro-batch of similar lengths is one forward, and a batch of short queries
+beside long documents does not pad every query to the longest document. Under GradCache
+(``chunk_size``, ``chunk_tokens``) the texts, sorted by length, are cut into chunks of at most that
+many texts and padded tokens instead, each padded to its own longest text: the chunks are
+GradCache's encoder forwards. Where every forward is a collective (FSDP2, ``one_forward``), a plain
+micro-batch is one padded forward: every rank then runs as many forwards as the others, and FSDP2,
+which reduce-scatters a layer's gradients once per forward it back-propagates, syncs once per step
+(GradCache's chunks, counted in texts only, are as many on every rank and each one forward per
+backward).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -76,7 +77,7 @@ class Plan:
     examples: list
     negatives: list
     state: dict
-    whole: Optional[list] = field(default=None, repr=False)
+    whole: list | None = field(default=None, repr=False)
 
     @property
     def k(self) -> int:
@@ -87,15 +88,16 @@ class Plan:
         """Every example of the global micro-batch (on every rank the same)."""
         return self.whole if self.whole is not None else self.examples
 
-    def part(self, rank: int, world: int) -> "Plan":
+    def part(self, rank: int, world: int) -> Plan:
         """Rank ``rank``'s slice of ``world`` equal ones: its examples with their negatives (K is the
         global micro-batch's)."""
         if world == 1:
             return self
         b, rest = divmod(len(self.examples), world)
         if rest:
-            raise ValueError(f"batch_size: a global micro-batch of {len(self.examples)} does not split over "
-                             f"{world} ranks")
+            raise ValueError(
+                f"batch_size: a global micro-batch of {len(self.examples)} does not split over {world} ranks"
+            )
         rows = slice(rank * b, (rank + 1) * b)
         return Plan(self.step, self.stage, self.examples[rows], self.negatives[rows], self.state, self.examples)
 
@@ -104,9 +106,18 @@ class MicroBatchPlanner:
     """The micro-batches of a run, in order, from ``start_step`` to its last step: ``grad_accum`` per
     step, each a no-duplicates batch of examples with the negatives its curriculum stage trains with."""
 
-    def __init__(self, examples: Sequence[Example], batcher: NoDuplicatesBatcher, rng: random.Random, *,
-                 schedule: str, steps: int, stage_steps: Optional[Sequence[int]], grad_accum: int,
-                 start_step: int = 0):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        batcher: NoDuplicatesBatcher,
+        rng: random.Random,
+        *,
+        schedule: str,
+        steps: int,
+        stage_steps: Sequence[int] | None,
+        grad_accum: int,
+        start_step: int = 0,
+    ):
         self.examples, self.batcher, self.rng = examples, batcher, rng
         self.schedule, self.steps, self.stage_steps = schedule, steps, stage_steps
         self.grad_accum, self.start_step = grad_accum, start_step
@@ -145,8 +156,9 @@ def round_up(length: int, multiple: int) -> int:
     return -(-max(1, length) // multiple) * multiple
 
 
-def length_buckets(lengths: Sequence[int], *, multiple: int = PAD_MULTIPLE, max_buckets: int = 4,
-                   slack: float = PADDING_SLACK) -> list[list[int]]:
+def length_buckets(
+    lengths: Sequence[int], *, multiple: int = PAD_MULTIPLE, max_buckets: int = 4, slack: float = PADDING_SLACK
+) -> list[list[int]]:
     """Split texts of these token ``lengths`` into padded buckets, one encoder forward each.
 
     The texts are sorted longest first and cut into contiguous groups, each padded to its longest
@@ -197,8 +209,10 @@ def check_chunk_tokens(chunk_tokens: int, *, collective: bool) -> None:
     collective (FSDP2): every rank must then run as many forwards, which a budget in tokens, cut
     from each rank's own texts, does not promise (a budget in texts, ``chunk_size``, does)."""
     if collective and chunk_tokens:
-        raise ValueError("chunk_tokens: under --parallel fsdp every forward is collective, so every process must run "
-                         "as many: bound GradCache's chunks by --chunk-size only")
+        raise ValueError(
+            "chunk_tokens: under --parallel fsdp every forward is collective, so every process must run "
+            "as many: bound GradCache's chunks by --chunk-size only"
+        )
 
 
 def chunks(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, multiple: int = 8) -> list[list[int]]:
@@ -214,7 +228,7 @@ def chunks(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, multiple: 
         if tokens:
             longest = round_up(lengths[order[start]], multiple)
             n = min(n, max(1, tokens // longest))
-        out.append(order[start:start + n])
+        out.append(order[start : start + n])
         start += n
     return out
 
@@ -245,20 +259,21 @@ class MicroBatch:
     queries: int
     k: int
     tokens: int
-    plan: Optional[Plan] = field(default=None, repr=False)
-    padded: Optional[list] = None
+    plan: Plan | None = field(default=None, repr=False)
+    padded: list | None = None
 
-    def pin_memory(self) -> "MicroBatch":
+    def pin_memory(self) -> MicroBatch:
         """Page-locked copies, so that :meth:`to` copies to a GPU asynchronously (DataLoader's hook)."""
         return self._map(lambda t: t.pin_memory())
 
-    def to(self, device, non_blocking: bool = True) -> "MicroBatch":
+    def to(self, device, non_blocking: bool = True) -> MicroBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def _map(self, fn) -> "MicroBatch":
+    def _map(self, fn) -> MicroBatch:
         # a packed row's max_seqlen is a host int (mgh_train/packing.py): left as it is
-        buckets = [{name: fn(t) if isinstance(t, torch.Tensor) else t for name, t in bucket.items()}
-                   for bucket in self.buckets]
+        buckets = [
+            {name: fn(t) if isinstance(t, torch.Tensor) else t for name, t in bucket.items()} for bucket in self.buckets
+        ]
         return MicroBatch(buckets, fn(self.inverse), self.queries, self.k, self.tokens, self.plan, self.padded)
 
 
@@ -275,9 +290,18 @@ class Collate:
         one_forward: a plain micro-batch is one bucket (FSDP2, whose forwards are collective).
     """
 
-    def __init__(self, tokenizer, config, *, multiple: int = PAD_MULTIPLE, max_buckets: int = 4,
-                 slack: float = PADDING_SLACK,
-                 chunk_size: int = 0, chunk_tokens: int = 0, one_forward: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        *,
+        multiple: int = PAD_MULTIPLE,
+        max_buckets: int = 4,
+        slack: float = PADDING_SLACK,
+        chunk_size: int = 0,
+        chunk_tokens: int = 0,
+        one_forward: bool = False,
+    ):
         self.tokenizer, self.config = tokenizer, config
         self.multiple, self.max_buckets, self.slack = multiple, 1 if one_forward else max_buckets, slack
         self.chunk_size, self.chunk_tokens = chunk_size, chunk_tokens
@@ -290,8 +314,15 @@ class Collate:
         rows, flags = token_ids(self.tokenizer, self.config, queries + docs, heads + [""] * len(docs))
         return self.assemble(rows, flags, queries=len(queries), k=plan.k, plan=plan)
 
-    def assemble(self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *, queries: int, k: int,
-                 plan: Optional[Plan] = None) -> MicroBatch:
+    def assemble(
+        self,
+        rows: Sequence[Sequence[int]],
+        flags: Sequence[Sequence[bool]],
+        *,
+        queries: int,
+        k: int,
+        plan: Plan | None = None,
+    ) -> MicroBatch:
         """The :class:`MicroBatch` of tokenized texts (B queries, B positives, B * k negatives; ids and
         pooled flags as :func:`mgh_train.model.token_ids` gives them), in length buckets."""
         lengths = [len(r) for r in rows]
@@ -304,8 +335,14 @@ class Collate:
             for i, text in enumerate(bucket):
                 position[text] = offset + i
             offset += len(bucket)
-            features.append(pad(self.tokenizer, [rows[i] for i in bucket], [flags[i] for i in bucket],
-                                pad_to_multiple_of=self.multiple))
+            features.append(
+                pad(
+                    self.tokenizer,
+                    [rows[i] for i in bucket],
+                    [flags[i] for i in bucket],
+                    pad_to_multiple_of=self.multiple,
+                )
+            )
         padded = [not bool(f["attention_mask"].all()) for f in features]  # host tensors: no sync
         return MicroBatch(features, torch.tensor(position), queries, k, sum(lengths), plan, padded)
 
@@ -321,13 +358,19 @@ class _Planned(torch.utils.data.Dataset):
         return self.collate(plan)
 
 
-def micro_batch_loader(planner: MicroBatchPlanner, collate: Collate, *, workers: int,
-                       pin_memory: bool) -> torch.utils.data.DataLoader:
+def micro_batch_loader(
+    planner: MicroBatchPlanner, collate: Collate, *, workers: int, pin_memory: bool
+) -> torch.utils.data.DataLoader:
     """A DataLoader of :class:`MicroBatch` in the planner's order, collated in ``workers`` processes
     (0: in the loop itself) and page-locked with ``pin_memory``."""
     return torch.utils.data.DataLoader(
-        _Planned(collate), sampler=planner, batch_size=None, collate_fn=_identity, num_workers=workers,
-        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+        _Planned(collate),
+        sampler=planner,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
         generator=torch.Generator(),  # its workers' seeds must not draw on the global RNG (dropout's)
         worker_init_fn=quiet_worker if workers else None,  # Ctrl-C: the main process stops them
     )
@@ -337,5 +380,16 @@ def _identity(batch):
     return batch
 
 
-__all__ = ["Collate", "MicroBatch", "MicroBatchPlanner", "Plan", "RankPlans", "check_chunk_tokens", "chunks",
-           "instruction_of", "length_buckets", "micro_batch_loader", "round_up"]
+__all__ = [
+    "Collate",
+    "MicroBatch",
+    "MicroBatchPlanner",
+    "Plan",
+    "RankPlans",
+    "check_chunk_tokens",
+    "chunks",
+    "instruction_of",
+    "length_buckets",
+    "micro_batch_loader",
+    "round_up",
+]

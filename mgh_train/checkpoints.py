@@ -39,9 +39,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -50,14 +50,36 @@ CHECKPOINT_FILES = ("trainable.pt", "state.pt", "config.json", "run.json")  # ru
 SHARDED = "sharded"  # FSDP2's checkpoints: torch.distributed.checkpoint's folder instead of trainable.pt
 RUN_STATE = ("checkpoints", "metrics.jsonl", "model", "tensorboard")  # what a run writes in its folder
 
-MAY_CHANGE = frozenset({
-    "steps", "lr", "warmup", "max_grad_norm", "log_every", "save_every", "keep_checkpoints", "eval_every",
-    "eval_data_dir", "eval_limit", "progress", "device", "gradient_checkpointing",
-    "workers", "max_buckets", "dist_timeout", "compile", "compile_mode", "profile",  # how it runs, not what it computes
-    "parallel", "chunk_size", "chunk_tokens",  # the engines and GradCache compute the same step
-    "packing", "max_tokens_per_forward",  # packed rows: the same step as the padded buckets
-    "data", "public_data",  # file names: their content is compared through the examples' fingerprint
-})
+MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "lr",
+        "warmup",
+        "max_grad_norm",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "eval_data_dir",
+        "eval_limit",
+        "progress",
+        "device",
+        "gradient_checkpointing",
+        "workers",
+        "max_buckets",
+        "dist_timeout",
+        "compile",
+        "compile_mode",
+        "profile",  # how it runs, not what it computes
+        "parallel",
+        "chunk_size",
+        "chunk_tokens",  # the engines and GradCache compute the same step
+        "packing",
+        "max_tokens_per_forward",  # packed rows: the same step as the padded buckets
+        "data",
+        "public_data",  # file names: their content is compared through the examples' fingerprint
+    }
+)
 """Options a resumed run may change; every other option must equal the checkpoint's."""
 NOT_COMPARED = frozenset({"output", "resume", "overwrite"})
 PER_WORLD = frozenset({"batch_size", "gather"})  # compared as the global batch and its candidate pool
@@ -90,7 +112,7 @@ class RunPlan:
     """What a run does with its folder: the checkpoint it resumes, and the state it replaces."""
 
     output: Path
-    checkpoint: Optional[Checkpoint] = None
+    checkpoint: Checkpoint | None = None
     changed: list = field(default_factory=list)  # options changed since the checkpoint, applied
     remove: list = field(default_factory=list)  # paths deleted before the first write (--overwrite)
     set_aside: list = field(default_factory=list)  # damaged checkpoints moved to step-N.damaged
@@ -144,8 +166,9 @@ def check_output(output: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"output: cannot write to {output} ({error.strerror or error}); "
-                         "expected a folder this user may write to") from None
+        raise ValueError(
+            f"output: cannot write to {output} ({error.strerror or error}); expected a folder this user may write to"
+        ) from None
 
 
 def list_checkpoints(output: Path) -> list[Path]:
@@ -203,8 +226,10 @@ def plan_run(cfg, log: Callable[[str], None], world: int = 1) -> RunPlan:
     checkpoint, damaged = find_checkpoint(cfg.resume, output, log)
     changes = compare_options(checkpoint, cfg, world)
     if cfg.steps < checkpoint.step:
-        raise ValueError(f"steps: expected at least the checkpoint's step {checkpoint.step} to resume "
-                         f"{checkpoint.path}, got {cfg.steps}")
+        raise ValueError(
+            f"steps: expected at least the checkpoint's step {checkpoint.step} to resume "
+            f"{checkpoint.path}, got {cfg.steps}"
+        )
     plan.checkpoint, plan.changed = checkpoint, list(changes)
     ours = checkpoint.path.resolve().parent == (output / "checkpoints").resolve()
     if ours:
@@ -226,13 +251,17 @@ def plan_run(cfg, log: Callable[[str], None], world: int = 1) -> RunPlan:
             )
         plan.remove = state
     if changes:
-        plan.notes.append(f"resume: options changed since {checkpoint.path.name}, applied from step {checkpoint.step + 1}: "
-            + "; ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in changes.items()))
+        plan.notes.append(
+            f"resume: options changed since {checkpoint.path.name}, applied from step {checkpoint.step + 1}: "
+            + "; ".join(f"{name} {before!r} -> {now!r}" for name, (before, now) in changes.items())
+        )
     if world != checkpoint.world:
-        log(f"resume: {checkpoint.path.name} was written by {checkpoint.world} process(es) of batch "
+        log(
+            f"resume: {checkpoint.path.name} was written by {checkpoint.world} process(es) of batch "
             f"{checkpoint.config.get('batch_size')}, this run is {world} of batch {cfg.batch_size}: the global batch "
             f"({cfg.batch_size * world}) is unchanged, so the data, the negatives and the losses continue; "
-            "dropout's random state restarts from the seed on the ranks the checkpoint holds none for")
+            "dropout's random state restarts from the seed on the ranks the checkpoint holds none for"
+        )
     return plan
 
 
@@ -247,13 +276,16 @@ def find_checkpoint(resume: str, output: Path, log: Callable[[str], None]) -> tu
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir():
-            raise ValueError(f"resume: {path} is not a checkpoint folder (expected 'latest' or a "
-                             f"checkpoints/step-N folder holding {', '.join(CHECKPOINT_FILES)})")
+            raise ValueError(
+                f"resume: {path} is not a checkpoint folder (expected 'latest' or a "
+                f"checkpoints/step-N folder holding {', '.join(CHECKPOINT_FILES)})"
+            )
         try:
             return read_checkpoint(path), []
         except DamagedCheckpoint as error:
-            raise DamagedCheckpoint(f"{error}; resume from another checkpoint (--resume latest takes the "
-                                    "newest intact one)") from None
+            raise DamagedCheckpoint(
+                f"{error}; resume from another checkpoint (--resume latest takes the newest intact one)"
+            ) from None
     found = list_checkpoints(output)
     if not found:
         raise ValueError(f"resume: no checkpoint in {output / 'checkpoints'} to resume from")
@@ -268,48 +300,58 @@ def find_checkpoint(resume: str, output: Path, log: Callable[[str], None]) -> tu
         if damaged:
             log(f"resume: falling back to {path}, the newest intact checkpoint")
         return checkpoint, damaged
-    raise ValueError(f"resume: every checkpoint in {output / 'checkpoints'} is damaged "
-                     f"({', '.join(p.name for p in found)}); start a new run (--overwrite)")
+    raise ValueError(
+        f"resume: every checkpoint in {output / 'checkpoints'} is damaged "
+        f"({', '.join(p.name for p in found)}); start a new run (--overwrite)"
+    )
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read and check one checkpoint folder; :class:`DamagedCheckpoint` says what is wrong with it."""
     sharded = (path / SHARDED).is_dir()
-    wanted = [n for n in CHECKPOINT_FILES if n != "trainable.pt"] + [f"{SHARDED}/.metadata"] if sharded \
-        else CHECKPOINT_FILES
+    wanted = (
+        [n for n in CHECKPOINT_FILES if n != "trainable.pt"] + [f"{SHARDED}/.metadata"] if sharded else CHECKPOINT_FILES
+    )
     missing = [name for name in wanted if not (path / name).is_file()]
     if missing:
         raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: {', '.join(missing)} missing")
     manifest = _read_json(path / "run.json", path)
     if not isinstance(manifest.get("data_fingerprint"), str) or not isinstance(manifest.get("sizes"), dict):
-        raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: run.json lacks the data fingerprint or "
-                                "the files' sizes")
+        raise DamagedCheckpoint(
+            f"resume: checkpoint {path} is damaged: run.json lacks the data fingerprint or the files' sizes"
+        )
     for name, size in manifest["sizes"].items():
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != size:
-            raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: {name} has {actual} bytes, "
-                                    f"{size} were written")
+            raise DamagedCheckpoint(
+                f"resume: checkpoint {path} is damaged: {name} has {actual} bytes, {size} were written"
+            )
     config = _read_json(path / "config.json", path)
     try:
         trainable = None if sharded else torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - a torn or foreign file fails in many ways; all mean damaged
-        raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: cannot read it "
-                                f"({type(error).__name__}: {_first_line(error)})") from None
+        raise DamagedCheckpoint(
+            f"resume: checkpoint {path} is damaged: cannot read it ({type(error).__name__}: {_first_line(error)})"
+        ) from None
     expected = {"step", "optimizer", "scheduler", "sampler", "negatives_rng", "rng", "world_size"}
     if not (sharded or isinstance(trainable, dict)) or not isinstance(state, dict) or not expected <= set(state):
-        raise DamagedCheckpoint(f"resume: checkpoint {path} is damaged: its state lacks "
-                                f"{', '.join(sorted(expected - set(state if isinstance(state, dict) else ())))}")
-    return Checkpoint(path, int(state["step"]), trainable, state, config, manifest["data_fingerprint"],
-                      int(state["world_size"]))
+        raise DamagedCheckpoint(
+            f"resume: checkpoint {path} is damaged: its state lacks "
+            f"{', '.join(sorted(expected - set(state if isinstance(state, dict) else ())))}"
+        )
+    return Checkpoint(
+        path, int(state["step"]), trainable, state, config, manifest["data_fingerprint"], int(state["world_size"])
+    )
 
 
 def _read_json(file: Path, checkpoint: Path) -> dict:
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DamagedCheckpoint(f"resume: checkpoint {checkpoint} is damaged: {file.name} cannot be read "
-                                f"({_first_line(error)})") from None
+        raise DamagedCheckpoint(
+            f"resume: checkpoint {checkpoint} is damaged: {file.name} cannot be read ({_first_line(error)})"
+        ) from None
     if not isinstance(value, dict):
         raise DamagedCheckpoint(f"resume: checkpoint {checkpoint} is damaged: {file.name} is not a JSON object")
     return value
@@ -355,15 +397,17 @@ def _per_world_changes(saved: dict, saved_world: int, cfg, world: int) -> list:
     if before_batch != now_batch and saved_world == world:
         refused.append(f"batch_size {saved['batch_size']!r} -> {cfg.batch_size!r}")
     elif before_batch != now_batch:
-        refused.append(f"the global batch (batch_size x processes) {saved['batch_size']} x {saved_world} "
-                       f"= {before_batch} -> {cfg.batch_size} x {world} = {now_batch}")
+        refused.append(
+            f"the global batch (batch_size x processes) {saved['batch_size']} x {saved_world} "
+            f"= {before_batch} -> {cfg.batch_size} x {world} = {now_batch}"
+        )
     before_pool, now_pool = _pool(saved["gather"], saved_world), _pool(cfg.gather, world)
     if before_pool != now_pool:
         refused.append(f"gather: each query's candidates {before_pool} -> {now_pool}")
     return refused
 
 
-def _pool(gather: Optional[bool], world: int) -> str:
+def _pool(gather: bool | None, world: int) -> str:
     return "the whole global batch" if world == 1 or gather is not False else "the process's own batch"
 
 
@@ -377,6 +421,7 @@ def _default(f):
 
 def _same(before, now) -> bool:
     """Equal as JSON sees them (a tuple and a list with the same items are the same option)."""
+
     def plain(value):
         return list(value) if isinstance(value, tuple) else value
 
@@ -415,7 +460,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def rank_rng_state(checkpoint: Checkpoint, rank: int, world: int) -> Optional[dict]:
+def rank_rng_state(checkpoint: Checkpoint, rank: int, world: int) -> dict | None:
     """Rank ``rank``'s RNG state in ``checkpoint`` (rank 0's is in ``state.pt``), or None where it
     holds none for it or was written by another world size."""
     if rank == 0:
@@ -440,36 +485,40 @@ def load_weights_and_optimizer(embedder, optimizer, checkpoint: Checkpoint, *, s
 
     names = [n for n, p in embedder.named_parameters() if p.requires_grad]  # the optimizer's order
     state = checkpoint.state["optimizer"]
-    by_name = {"state": {names[i]: value for i, value in state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    by_name = {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
     set_optimizer_state_dict(embedder, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _load_sharded(embedder, optimizer, checkpoint: Checkpoint) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     state = _sharded_state(embedder, optimizer)
     try:
         dcp.load(state, checkpoint_id=checkpoint.path / SHARDED)
     except Exception as error:  # noqa: BLE001 - DCP reports a mismatch in several exception types
-        raise ValueError(f"resume: {checkpoint.path} does not match this model ({type(error).__name__}: "
-                         f"{_first_line(error)})") from None
+        raise ValueError(
+            f"resume: {checkpoint.path} does not match this model ({type(error).__name__}: {_first_line(error)})"
+        ) from None
     set_model_state_dict(embedder, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    set_optimizer_state_dict(embedder, optimizer, state["optimizer"],
-                             options=StateDictOptions(ignore_frozen_params=True))
+    set_optimizer_state_dict(
+        embedder, optimizer, state["optimizer"], options=StateDictOptions(ignore_frozen_params=True)
+    )
 
 
 def _sharded_state(embedder, optimizer) -> dict:
     """FSDP2's checkpoint state: the trainable weights' and the optimizer's shards of this rank, as
     ``torch.distributed.checkpoint`` saves them and loads into them in place."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(ignore_frozen_params=True)
-    return {"model": get_model_state_dict(embedder, options=options),
-            "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options)}
+    return {
+        "model": get_model_state_dict(embedder, options=options),
+        "optimizer": get_optimizer_state_dict(embedder, optimizer, options=options),
+    }
 
 
 def load_trainable(embedder, checkpoint: Checkpoint) -> None:
@@ -480,21 +529,38 @@ def load_trainable(embedder, checkpoint: Checkpoint) -> None:
         raise ValueError(f"resume: {checkpoint.path} does not match this model (missing {missing[:3]})")
     wrong = [n for n, p in params.items() if tuple(checkpoint.trainable[n].shape) != tuple(p.shape)]
     if wrong:
-        raise ValueError(f"resume: {checkpoint.path} does not match this model ({wrong[0]} has shape "
-                         f"{list(checkpoint.trainable[wrong[0]].shape)}, the model's is {list(params[wrong[0]].shape)})")
+        raise ValueError(
+            f"resume: {checkpoint.path} does not match this model ({wrong[0]} has shape "
+            f"{list(checkpoint.trainable[wrong[0]].shape)}, the model's is {list(params[wrong[0]].shape)})"
+        )
     if any(type(p).__name__ == "DTensor" for p in params.values()):  # FSDP2: each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(embedder, {n: checkpoint.trainable[n] for n in params},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        set_model_state_dict(
+            embedder,
+            {n: checkpoint.trainable[n] for n in params},
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
         return
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(checkpoint.trainable[name])
 
 
-def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, sampler: dict, cfg,
-                    scaler=None, data_fingerprint: Optional[str] = None, ranks=None, sharded: bool = False) -> Path:
+def save_checkpoint(
+    folder: Path,
+    *,
+    step: int,
+    embedder,
+    optimizer,
+    scheduler,
+    sampler: dict,
+    cfg,
+    scaler=None,
+    data_fingerprint: str | None = None,
+    ranks=None,
+    sharded: bool = False,
+) -> Path:
     """Write ``folder/checkpoints/step-N`` atomically (a temporary folder renamed into place), then
     delete the oldest checkpoints beyond ``cfg.keep_checkpoints`` (never the one just written).
 
@@ -519,27 +585,48 @@ def save_checkpoint(folder: Path, *, step: int, embedder, optimizer, scheduler, 
     if rank > 0:
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     else:
-        if not sharded:
-            torch.save(trainable_state(embedder), tmp / "trainable.pt")
-        torch.save(
-            {"step": step, "optimizer": None if sharded else optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "sampler": sampler["sampler"],
-             "negatives_rng": sampler["negatives_rng"], "rng": rng_state(), "world_size": world,
-             "scaler": scaler.state_dict() if scaler is not None else None},  # float16's gradient scaler
-            tmp / "state.pt",
-        )
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _write_run_state(tmp, step, embedder, optimizer, scheduler, sampler, cfg, scaler, world, sharded)
     barrier()  # every rank's files are written
     if rank == 0:
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {"format": CHECKPOINT_FORMAT, "step": step, "data_fingerprint": data_fingerprint,
-                    "world_size": world, "sizes": {str(p.relative_to(tmp)): p.stat().st_size for p in files}}
-        (tmp / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        _publish(tmp, final, step, data_fingerprint, world)
         apply_retention(folder, step, cfg.keep_checkpoints)
     barrier()  # no rank goes on (or reads the folder) before the rename
     return final
+
+
+def _write_run_state(tmp: Path, step, embedder, optimizer, scheduler, sampler, cfg, scaler, world, sharded) -> None:
+    """Rank 0's share of a checkpoint: the trainable weights (unless FSDP2 wrote them sharded), the
+    optimizer, schedule, sampler and RNG state, and the run's options."""
+    if not sharded:
+        torch.save(trainable_state(embedder), tmp / "trainable.pt")
+    state = {
+        "step": step,
+        "optimizer": None if sharded else optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler["sampler"],
+        "negatives_rng": sampler["negatives_rng"],
+        "rng": rng_state(),
+        "world_size": world,
+        "scaler": scaler.state_dict() if scaler is not None else None,  # float16's gradient scaler
+    }
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def _publish(tmp: Path, final: Path, step: int, data_fingerprint, world: int) -> None:
+    """The manifest (every file's size, for the damage check on resume) written last, then the
+    temporary folder renamed into place."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "data_fingerprint": data_fingerprint,
+        "world_size": world,
+        "sizes": {str(p.relative_to(tmp)): p.stat().st_size for p in files},
+    }
+    (tmp / "run.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def apply_retention(folder: Path, step: int, keep: int) -> None:
@@ -551,6 +638,22 @@ def apply_retention(folder: Path, step: int, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["Checkpoint", "DamagedCheckpoint", "MAY_CHANGE", "RunPlan", "apply_retention", "check_output",
-           "compare_options", "find_checkpoint", "list_checkpoints", "load_trainable", "load_weights_and_optimizer",
-           "plan_run", "rank_rng_state", "read_checkpoint", "restore_schedule", "run_state", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "DamagedCheckpoint",
+    "MAY_CHANGE",
+    "RunPlan",
+    "apply_retention",
+    "check_output",
+    "compare_options",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_trainable",
+    "load_weights_and_optimizer",
+    "plan_run",
+    "rank_rng_state",
+    "read_checkpoint",
+    "restore_schedule",
+    "run_state",
+    "save_checkpoint",
+]

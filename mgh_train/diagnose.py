@@ -10,12 +10,12 @@ or else the first module output, that is not finite.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 
-def non_finite_parameter(model: torch.nn.Module) -> Optional[str]:
+def non_finite_parameter(model: torch.nn.Module) -> str | None:
     """The name of the first trainable parameter holding NaN or infinity, or None."""
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
@@ -23,7 +23,7 @@ def non_finite_parameter(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def _first_tensor(value) -> Optional[torch.Tensor]:
+def _first_tensor(value) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
@@ -33,7 +33,7 @@ def _first_tensor(value) -> Optional[torch.Tensor]:
     return None
 
 
-def non_finite_module(model: torch.nn.Module, run) -> Optional[str]:
+def non_finite_module(model: torch.nn.Module, run) -> str | None:
     """The name of the first module whose output is not finite while ``run()`` runs ``model``."""
     found: list[str] = []
     handles = []
@@ -43,6 +43,7 @@ def non_finite_module(model: torch.nn.Module, run) -> Optional[str]:
             tensor = _first_tensor(output)
             if not found and tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 found.append(name)
+
         return check
 
     for name, module in model.named_modules():
@@ -57,8 +58,13 @@ def non_finite_module(model: torch.nn.Module, run) -> Optional[str]:
     return found[0] if found else None
 
 
-def first_non_finite(embedder, texts: Sequence[str], instructions: Optional[Sequence[str]] = None, *,
-                     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> str:
+def first_non_finite(
+    embedder,
+    texts: Sequence[str],
+    instructions: Sequence[str] | None = None,
+    *,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> str:
     """A phrase naming where the first non-finite value of ``embedder`` on ``texts`` appears;
     ``context()`` wraps the forward pass (the training step's autocast)."""
     parameter = non_finite_parameter(embedder)
@@ -77,9 +83,13 @@ def first_non_finite(embedder, texts: Sequence[str], instructions: Optional[Sequ
 
 
 @torch.no_grad()
-def non_finite_colsum(embedder, texts: Sequence[str], instructions: Optional[Sequence[str]] = None, *,
-                      context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                      ) -> Optional[str]:
+def non_finite_colsum(
+    embedder,
+    texts: Sequence[str],
+    instructions: Sequence[str] | None = None,
+    *,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> str | None:
     """Under ATA, what is wrong when the fused layer's column sums of ``texts`` are not finite (the
     pooling weights, and so every embedding, are then NaN); None otherwise, or without ATA.
     ``context()`` wraps the forward pass."""
@@ -93,7 +103,7 @@ def non_finite_colsum(embedder, texts: Sequence[str], instructions: Optional[Seq
     return "colsum: the ATA layer's column sums are not finite"
 
 
-def _features(embedder, texts: Sequence[str], instructions: Optional[Sequence[str]]) -> dict:
+def _features(embedder, texts: Sequence[str], instructions: Sequence[str] | None) -> dict:
     """``texts`` tokenized as queries of ``instructions``, on the embedder's device."""
     features = embedder.tokenize(list(texts), instruction=list(instructions) if instructions else None)
     return {k: v.to(embedder.device) for k, v in features.items()}

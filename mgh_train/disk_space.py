@@ -19,7 +19,6 @@ import contextlib
 import errno
 import shutil
 from pathlib import Path
-from typing import Optional
 
 BLOCK = 4096
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -29,7 +28,7 @@ class DiskFull(RuntimeError):
     """No room for a checkpoint; ``step``: the one not written, ``last_good``: the newest intact
     checkpoint folder (None: there is none)."""
 
-    def __init__(self, message: str, *, step: int, last_good: Optional[Path]):
+    def __init__(self, message: str, *, step: int, last_good: Path | None):
         super().__init__(message)
         self.step, self.last_good = step, last_good
 
@@ -55,14 +54,17 @@ def estimate(output: Path, embedder=None) -> int:
     return 3 * trainable
 
 
-def message(output: Path, step: int, need: Optional[int] = None) -> DiskFull:
+def message(output: Path, step: int, need: int | None = None) -> DiskFull:
     """The :class:`DiskFull` of a save of ``step`` into ``output``."""
     found = _checkpoints(output)
     last = found[-1] if found else None
     from .checkpoints import step_of
 
-    kept = (f"the last good checkpoint is step {step_of(last)} ({last}); free some space and resume with "
-            "--resume latest") if last is not None else "no checkpoint was written before it; free some space"
+    kept = (
+        (f"the last good checkpoint is step {step_of(last)} ({last}); free some space and resume with --resume latest")
+        if last is not None
+        else "no checkpoint was written before it; free some space"
+    )
     free = shutil.disk_usage(output).free
     room = f" ({_mb(free)} free in {output}, about {_mb(need)} needed)" if need else f" ({_mb(free)} free in {output})"
     return DiskFull(f"no space left on device while saving step {step}; {kept}{room}", step=step, last_good=last)

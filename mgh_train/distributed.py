@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -125,9 +125,12 @@ class Ranks:
         if differ:
             what = "; ".join(
                 f"{name} (" + ", ".join(f"rank {r}: {values.get(name)!r}" for r, values in enumerate(everyone)) + ")"
-                for name in differ)
-            raise ValueError(f"world: the {self.world} processes disagree on {what}; every process must run the "
-                             "same command on the same data and base model")
+                for name in differ
+            )
+            raise ValueError(
+                f"world: the {self.world} processes disagree on {what}; every process must run the "
+                "same command on the same data and base model"
+            )
 
 
 def launched() -> bool:
@@ -138,7 +141,7 @@ def launched() -> bool:
         raise ValueError(f"WORLD_SIZE: expected a number of processes, got {os.environ['WORLD_SIZE']!r}") from None
 
 
-def setup(device_name: Optional[str], log: Callable[[str], None] = print, timeout: Optional[float] = None) -> Ranks:
+def setup(device_name: str | None, log: Callable[[str], None] = print, timeout: float | None = None) -> Ranks:
     """This process's :class:`Ranks`, the process group initialised where a launcher asked for one.
 
     Under a launcher (``WORLD_SIZE`` > 1) the device is ``cuda:LOCAL_RANK`` with CUDA (``device_name``
@@ -156,15 +159,19 @@ def setup(device_name: Optional[str], log: Callable[[str], None] = print, timeou
         device = check_device(device_name)
         visible = torch.cuda.device_count() if device.type == "cuda" else 0
         if visible > 1:
-            log(f"note: {visible} GPUs are visible but this is one process, on {device}; to train on all of them "
+            log(
+                f"note: {visible} GPUs are visible but this is one process, on {device}; to train on all of them "
                 f"run the same command as torchrun --nproc-per-node {visible} -m mgh_train train ... "
-                "(--batch-size is per process; see README, Training on many GPUs)")
+                "(--batch-size is per process; see README, Training on many GPUs)"
+            )
         return Ranks(device=device)
     missing = [name for name in LAUNCH_VARIABLES if name != "LOCAL_RANK" and not os.environ.get(name)]
     if missing:
-        raise ValueError(f"WORLD_SIZE: {os.environ['WORLD_SIZE']} processes asked for, but {', '.join(missing)} "
-                         "unset; start the run with torchrun (or another launcher that sets "
-                         f"{', '.join(LAUNCH_VARIABLES)})")
+        raise ValueError(
+            f"WORLD_SIZE: {os.environ['WORLD_SIZE']} processes asked for, but {', '.join(missing)} "
+            "unset; start the run with torchrun (or another launcher that sets "
+            f"{', '.join(LAUNCH_VARIABLES)})"
+        )
     if not dist.is_available():
         raise ValueError("WORLD_SIZE: this torch build has no torch.distributed; run one process")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -189,7 +196,7 @@ def setup(device_name: Optional[str], log: Callable[[str], None] = print, timeou
     return ranks
 
 
-def _rank_device(device_name: Optional[str], local: int, world: int) -> torch.device:
+def _rank_device(device_name: str | None, local: int, world: int) -> torch.device:
     from .checks import check_device
 
     device = check_device(device_name)
@@ -197,11 +204,15 @@ def _rank_device(device_name: Optional[str], local: int, world: int) -> torch.de
         return device
     if device.type == "cuda":
         if device_name is not None and device.index is not None:
-            raise ValueError(f"device: {device_name!r} names one GPU, but with {world} processes process "
-                             "LOCAL_RANK takes cuda:LOCAL_RANK; pass --device cuda (or leave it unset)")
+            raise ValueError(
+                f"device: {device_name!r} names one GPU, but with {world} processes process "
+                "LOCAL_RANK takes cuda:LOCAL_RANK; pass --device cuda (or leave it unset)"
+            )
         if local >= torch.cuda.device_count():
-            raise ValueError(f"device: LOCAL_RANK {local} has no GPU here ({torch.cuda.device_count()} visible); "
-                             "start at most one process per GPU (torchrun --nproc-per-node)")
+            raise ValueError(
+                f"device: LOCAL_RANK {local} has no GPU here ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
         return torch.device("cuda", local)
     if device.type != "cpu":
         raise ValueError(f"device: {device.type} has no process-group backend here; train on cuda (NCCL) or cpu (gloo)")
@@ -304,7 +315,7 @@ class FSDP(Single):
         return _reduce_outcome(self.ranks, loss, finite, tokens)
 
 
-def make_engine(kind: Optional[str], ranks: Ranks, embedder, precision) -> Single:
+def make_engine(kind: str | None, ranks: Ranks, embedder, precision) -> Single:
     """The engine ``--parallel`` names (None: replicate) for a run of ``ranks.world`` processes;
     one process runs :class:`Single` whatever it says."""
     if not ranks.distributed:
@@ -321,8 +332,10 @@ def decoder_layers(model) -> list:
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"parallel: fsdp shards a model per decoder layer, but {type(base).__name__} names none "
-                         "(_no_split_modules); use --parallel replicate")
+        raise ValueError(
+            f"parallel: fsdp shards a model per decoder layer, but {type(base).__name__} names none "
+            "(_no_split_modules); use --parallel replicate"
+        )
     return layers
 
 
@@ -347,8 +360,13 @@ def _reduce_outcome(ranks: Ranks, loss: torch.Tensor, finite: torch.Tensor, toke
     """One float64 all-reduce on the device: the loss summed (then averaged), the non-finite ranks
     counted, the real tokens summed. ``tokens`` (this rank's, a host int) enters as a fill value,
     so nothing is copied from the host."""
-    values = torch.stack([loss.detach().double(), (~finite).double(),
-                          torch.full((), float(tokens), dtype=torch.float64, device=loss.device)])
+    values = torch.stack(
+        [
+            loss.detach().double(),
+            (~finite).double(),
+            torch.full((), float(tokens), dtype=torch.float64, device=loss.device),
+        ]
+    )
     dist.all_reduce(values)
     return (values[0] / ranks.world).float(), values[1] == 0, values[2]
 
@@ -367,5 +385,16 @@ def full_state(embedder, *, trainable_only: bool) -> dict:
     return get_model_state_dict(embedder, options=options)
 
 
-__all__ = ["ENGINES", "FSDP", "LAUNCH_VARIABLES", "Ranks", "Replicate", "Single", "decoder_layers", "full_state",
-           "launched", "make_engine", "setup"]
+__all__ = [
+    "ENGINES",
+    "FSDP",
+    "LAUNCH_VARIABLES",
+    "Ranks",
+    "Replicate",
+    "Single",
+    "decoder_layers",
+    "full_state",
+    "launched",
+    "make_engine",
+    "setup",
+]

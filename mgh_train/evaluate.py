@@ -26,8 +26,8 @@ import csv
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,8 +57,9 @@ def retrieval_accuracy(embedder: Embedder, examples: list, batch_size: int = 32)
     pool = sorted({t for e in examples for t in [e.positive, *(n.text for n in e.negatives)]})
     where = {t: i for i, t in enumerate(pool)}
     docs = embedder.encode(pool, batch_size=batch_size)
-    queries = embedder.encode([e.query for e in examples], instruction=[instruction_of(e) for e in examples],
-                              batch_size=batch_size)
+    queries = embedder.encode(
+        [e.query for e in examples], instruction=[instruction_of(e) for e in examples], batch_size=batch_size
+    )
     scores = queries @ docs.T
     target = torch.tensor([where[e.positive] for e in examples])
     own = scores[torch.arange(len(examples)), target]
@@ -94,8 +95,16 @@ def sts_dev_spearman(embedder: Embedder, data_dir, limit: int = 0, batch_size: i
 class MTEBEncoder:
     """An mteb encoder over an mgh model folder or a sentence-transformers model (name or path)."""
 
-    def __init__(self, model: str, *, instructions: Optional[dict] = None, batch_size: int = 32,
-                 device: Optional[str] = None, name: Optional[str] = None, show_progress: bool = True):
+    def __init__(
+        self,
+        model: str,
+        *,
+        instructions: dict | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+        name: str | None = None,
+        show_progress: bool = True,
+    ):
         from mteb.models.model_meta import ModelMeta, ScoringFunction
 
         self.instructions = dict(instructions or {})
@@ -124,17 +133,20 @@ class MTEBEncoder:
         self.kind = kind
         resolved = path.resolve()
         generic = resolved.name in ("model", "merged", "final")  # e.g. runs/demo/model -> demo-model
-        label = name or ((f"{resolved.parent.name}-{resolved.name}" if generic else resolved.name)
-                         if path.exists() else str(model))
-        self.mteb_model_meta = ModelMeta.create_empty({
-            "name": f"local/{label}" if "/" not in label else label,
-            "revision": _revision(path) if path.exists() else "hub",
-            "similarity_fn_name": ScoringFunction.COSINE,
-            "modalities": ["text"],
-            "framework": ["PyTorch"],
-        })
+        label = name or (
+            (f"{resolved.parent.name}-{resolved.name}" if generic else resolved.name) if path.exists() else str(model)
+        )
+        self.mteb_model_meta = ModelMeta.create_empty(
+            {
+                "name": f"local/{label}" if "/" not in label else label,
+                "revision": _revision(path) if path.exists() else "hub",
+                "similarity_fn_name": ScoringFunction.COSINE,
+                "modalities": ["text"],
+                "framework": ["PyTorch"],
+            }
+        )
 
-    def instruction_for(self, task_name: str, prompt_type, task_type: str) -> Optional[str]:
+    def instruction_for(self, task_name: str, prompt_type, task_type: str) -> str | None:
         """The instruction of ``task_name``'s side ``prompt_type`` (None: no instruction)."""
         is_query = prompt_type is not None and getattr(prompt_type, "value", prompt_type) == "query"
         symmetric = task_type in ("STS", "PairClassification", "Clustering", "Classification")
@@ -153,12 +165,28 @@ class MTEBEncoder:
         side = getattr(prompt_type, "value", prompt_type)
         label = f"{task_metadata.name} {side + 's' if side else 'texts'}"
         if self.embedder is not None:
-            return _in_blocks(texts, batch_size, label, self.show_progress, lambda block: self.embedder.encode(
-                block, instruction=instruction, batch_size=batch_size).numpy())
+            return _in_blocks(
+                texts,
+                batch_size,
+                label,
+                self.show_progress,
+                lambda block: self.embedder.encode(block, instruction=instruction, batch_size=batch_size).numpy(),
+            )
         with resolve(self.st.device).autocast_context():  # bf16 on CUDA; sentence-transformers sorts by length
-            return _in_blocks(texts, batch_size, label, self.show_progress, lambda block: self.st.encode(
-                block, batch_size=batch_size, prompt=instruction, convert_to_numpy=True, show_progress_bar=False,
-                normalize_embeddings=True))
+            return _in_blocks(
+                texts,
+                batch_size,
+                label,
+                self.show_progress,
+                lambda block: self.st.encode(
+                    block,
+                    batch_size=batch_size,
+                    prompt=instruction,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                    normalize_embeddings=True,
+                ),
+            )
 
     @staticmethod
     def similarity(a, b):
@@ -181,7 +209,7 @@ def _in_blocks(texts: list, batch_size: int, label: str, show: bool, encode) -> 
     out, block = [None] * len(texts), 16 * batch_size
     with tqdm(total=len(texts), desc=label, unit="text", leave=False, disable=not show) as bar:
         for start in range(0, len(order), block):
-            chunk = order[start:start + block]
+            chunk = order[start : start + block]
             for i, vector in zip(chunk, encode([texts[i] for i in chunk])):
                 out[i] = vector
             bar.update(len(chunk))
@@ -248,11 +276,15 @@ def load_beir(folder: Path, split: str = "test") -> dict:
 
     corpus = rows(needed[0], lambda r: {"id": str(r["_id"]), "title": r.get("title") or "", "text": r["text"]})
     queries = rows(needed[1], lambda r: {"id": str(r["_id"]), "text": r["text"]} if str(r["_id"]) in qrels else None)
-    return {"corpus": Dataset.from_list(corpus), "queries": Dataset.from_list(queries),
-            "relevant_docs": dict(qrels), "top_ranked": None}
+    return {
+        "corpus": Dataset.from_list(corpus),
+        "queries": Dataset.from_list(queries),
+        "relevant_docs": dict(qrels),
+        "top_ranked": None,
+    }
 
 
-def get_tasks(names: Sequence[str], data_dir: Optional[str] = None) -> list:
+def get_tasks(names: Sequence[str], data_dir: str | None = None) -> list:
     """mteb tasks by name; with ``data_dir`` each is filled from local files (no hub access)."""
     import mteb
 
@@ -284,8 +316,16 @@ def get_tasks(names: Sequence[str], data_dir: Optional[str] = None) -> list:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate(model: str, tasks: Sequence[str], *, data_dir: Optional[str] = None, output: Optional[str] = None,
-             instructions: Optional[dict] = None, batch_size: int = 32, show_progress: bool = True) -> dict:
+def evaluate(
+    model: str,
+    tasks: Sequence[str],
+    *,
+    data_dir: str | None = None,
+    output: str | None = None,
+    instructions: dict | None = None,
+    batch_size: int = 32,
+    show_progress: bool = True,
+) -> dict:
     """Run ``tasks`` on ``model``; returns {task: {"metric": name, "score": main score x 100}}."""
     import mteb
 
@@ -295,14 +335,18 @@ def evaluate(model: str, tasks: Sequence[str], *, data_dir: Optional[str] = None
     task_objects = get_tasks(tasks, data_dir)
     encoder = MTEBEncoder(model, instructions=instructions, batch_size=batch_size, show_progress=show_progress)
     cache = mteb.ResultCache(output) if output else None
-    result = mteb.evaluate(encoder, task_objects, cache=cache, overwrite_strategy="always",
-                           encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress},
-                           raise_error=True)
+    result = mteb.evaluate(
+        encoder,
+        task_objects,
+        cache=cache,
+        overwrite_strategy="always",
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress},
+        raise_error=True,
+    )
     summary = {}
     for task_result in result.task_results:
         task = next(t for t in task_objects if t.metadata.name == task_result.task_name)
-        summary[task_result.task_name] = {"metric": task.metadata.main_score,
-                                          "score": 100.0 * task_result.get_score()}
+        summary[task_result.task_name] = {"metric": task.metadata.main_score, "score": 100.0 * task_result.get_score()}
     check_scores(summary, output)  # a NaN score: one line naming the task; the JSON stays valid
     return summary
 
@@ -333,12 +377,11 @@ def read_run(folder) -> dict:
     return {r["task"]: (r["main_metric"] or "main_score", 100.0 * r["main_score"]) for r in results}
 
 
-def compare(runs: Sequence[str], plot: Optional[str] = None) -> str:
+def compare(runs: Sequence[str], plot: str | None = None) -> str:
     """Tasks side by side over ``runs`` (result folders); with ``plot`` also a PNG bar chart."""
     scores = [read_run(r) for r in runs]
     tasks = sorted({t for s in scores for t in s})
-    rows = {t: (next(s[t][0] for s in scores if t in s), [s[t][1] if t in s else None for s in scores])
-            for t in tasks}
+    rows = {t: (next(s[t][0] for s in scores if t in s), [s[t][1] if t in s else None for s in scores]) for t in tasks}
     if plot:
         import matplotlib
 
@@ -348,8 +391,12 @@ def compare(runs: Sequence[str], plot: Optional[str] = None) -> str:
         fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(tasks) * len(runs)), 4))
         width = 0.8 / len(runs)
         for i, (run, s) in enumerate(zip(runs, scores)):
-            ax.bar([j + i * width for j in range(len(tasks))], [s.get(t, (None, 0))[1] for t in tasks], width,
-                   label=Path(run).name)
+            ax.bar(
+                [j + i * width for j in range(len(tasks))],
+                [s.get(t, (None, 0))[1] for t in tasks],
+                width,
+                label=Path(run).name,
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
         ax.set_ylabel("main score x 100")
         ax.legend()

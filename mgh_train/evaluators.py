@@ -14,7 +14,7 @@ same vectors as :meth:`Embedder.encode` without an instruction).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,11 +28,21 @@ class EmbeddingSimilarityEvaluator:
     ``EmbeddingSimilarityEvaluator`` with its default cosine similarity); the correlations come from
     scipy, as there."""
 
-    def __init__(self, sentences1: Sequence[str], sentences2: Sequence[str], scores: Sequence[float], *,
-                 name: str = "", instruction: Optional[str] = None, batch_size: int = 32):
+    def __init__(
+        self,
+        sentences1: Sequence[str],
+        sentences2: Sequence[str],
+        scores: Sequence[float],
+        *,
+        name: str = "",
+        instruction: str | None = None,
+        batch_size: int = 32,
+    ):
         if not (len(sentences1) == len(sentences2) == len(scores)) or not scores:
-            raise ValueError(f"sentences1, sentences2, scores: expected equally many (at least one), got "
-                             f"{len(sentences1)}, {len(sentences2)}, {len(scores)}")
+            raise ValueError(
+                f"sentences1, sentences2, scores: expected equally many (at least one), got "
+                f"{len(sentences1)}, {len(sentences2)}, {len(scores)}"
+            )
         self.sentences1, self.sentences2, self.scores = list(sentences1), list(sentences2), list(scores)
         self.name, self.instruction, self.batch_size = name, instruction, batch_size
         self.primary_metric = _prefix(name) + "spearman_cosine"
@@ -45,19 +55,31 @@ class EmbeddingSimilarityEvaluator:
         b = embedder.encode(self.sentences2, instruction=self.instruction, batch_size=self.batch_size)
         cosine = torch.nn.functional.cosine_similarity(a.double(), b.double()).numpy()
         p = _prefix(self.name)
-        return {p + "pearson_cosine": float(pearsonr(self.scores, cosine)[0]),
-                p + "spearman_cosine": float(spearmanr(self.scores, cosine)[0])}
+        return {
+            p + "pearson_cosine": float(pearsonr(self.scores, cosine)[0]),
+            p + "spearman_cosine": float(spearmanr(self.scores, cosine)[0]),
+        }
 
 
 class TripletEvaluator:
     """Share of (anchor, positive, negative) triplets whose anchor is closer (cosine) to the positive
     than to the negative (sentence-transformers' ``TripletEvaluator``, ``margin`` 0)."""
 
-    def __init__(self, anchors: Sequence[str], positives: Sequence[str], negatives: Sequence[str], *,
-                 name: str = "", instruction: Optional[str] = None, batch_size: int = 32):
+    def __init__(
+        self,
+        anchors: Sequence[str],
+        positives: Sequence[str],
+        negatives: Sequence[str],
+        *,
+        name: str = "",
+        instruction: str | None = None,
+        batch_size: int = 32,
+    ):
         if not (len(anchors) == len(positives) == len(negatives)) or not anchors:
-            raise ValueError(f"anchors, positives, negatives: expected equally many (at least one), got "
-                             f"{len(anchors)}, {len(positives)}, {len(negatives)}")
+            raise ValueError(
+                f"anchors, positives, negatives: expected equally many (at least one), got "
+                f"{len(anchors)}, {len(positives)}, {len(negatives)}"
+            )
         self.anchors, self.positives, self.negatives = list(anchors), list(positives), list(negatives)
         self.name, self.instruction, self.batch_size = name, instruction, batch_size
         self.primary_metric = _prefix(name) + "cosine_accuracy"
@@ -80,12 +102,23 @@ class InformationRetrievalEvaluator:
             of doc ids}`` (queries without a relevant document are left out, as there).
     """
 
-    def __init__(self, queries: dict, corpus: dict, relevant_docs: dict, *, name: str = "",
-                 instruction: Optional[str] = None, batch_size: int = 32, accuracy_at_k: Sequence[int] = (1, 3, 5, 10)):
+    def __init__(
+        self,
+        queries: dict,
+        corpus: dict,
+        relevant_docs: dict,
+        *,
+        name: str = "",
+        instruction: str | None = None,
+        batch_size: int = 32,
+        accuracy_at_k: Sequence[int] = (1, 3, 5, 10),
+    ):
         self.query_ids = [q for q in queries if relevant_docs.get(q)]
         if not self.query_ids or not corpus:
-            raise ValueError("queries, corpus, relevant_docs: expected at least one query with a relevant document "
-                             "and a non-empty corpus")
+            raise ValueError(
+                "queries, corpus, relevant_docs: expected at least one query with a relevant document "
+                "and a non-empty corpus"
+            )
         self.queries, self.corpus, self.relevant = queries, corpus, {q: set(relevant_docs[q]) for q in self.query_ids}
         self.doc_ids = list(corpus)
         self.name, self.instruction, self.batch_size = name, instruction, batch_size
@@ -96,8 +129,9 @@ class InformationRetrievalEvaluator:
     def __call__(self, embedder) -> dict:
         import math
 
-        q = embedder.encode([self.queries[i] for i in self.query_ids], instruction=self.instruction,
-                            batch_size=self.batch_size).double()
+        q = embedder.encode(
+            [self.queries[i] for i in self.query_ids], instruction=self.instruction, batch_size=self.batch_size
+        ).double()
         d = embedder.encode([self.corpus[i] for i in self.doc_ids], batch_size=self.batch_size).double()
         scores = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
         depth = min(max(10, *self.accuracy_at_k), len(self.doc_ids))
@@ -127,8 +161,7 @@ def as_sentence_transformer(embedder):
 
     from .st_modules import MGHPooling, MGHTransformer
 
-    modules = [MGHTransformer("", embedder=embedder),
-               MGHPooling(embedder.config.pooling, embedder.config.ata_mix)]
+    modules = [MGHTransformer("", embedder=embedder), MGHPooling(embedder.config.pooling, embedder.config.ata_mix)]
     if embedder.config.normalize:
         modules.append(Normalize())
     return SentenceTransformer(modules=modules, device=str(embedder.device))
@@ -174,13 +207,17 @@ def run_evaluator(evaluator, embedder) -> tuple[dict, str]:
 def check_best_model_options(cfg, evaluator) -> None:
     """``load_best_model_at_end``, ``metric_for_best_model`` and ``greater_is_better`` need an
     evaluator (``mgh_train.fit(..., evaluator=...)``): a ValueError naming the option, before training."""
-    given = {"load_best_model_at_end": bool(cfg.load_best_model_at_end),
-             "metric_for_best_model": cfg.metric_for_best_model is not None,
-             "greater_is_better": cfg.greater_is_better is not None}
+    given = {
+        "load_best_model_at_end": bool(cfg.load_best_model_at_end),
+        "metric_for_best_model": cfg.metric_for_best_model is not None,
+        "greater_is_better": cfg.greater_is_better is not None,
+    }
     for name, set_ in given.items():
         if evaluator is None and set_:
-            raise ValueError(f"{name}: needs an evaluator to compare evaluations (mgh_train.fit(..., evaluator=...)); "
-                             "the command line's --eval-data-dir only reports STS-B dev")
+            raise ValueError(
+                f"{name}: needs an evaluator to compare evaluations (mgh_train.fit(..., evaluator=...)); "
+                "the command line's --eval-data-dir only reports STS-B dev"
+            )
 
 
 def first_evaluator(evaluator):
@@ -199,22 +236,31 @@ class BestKeeper:
     unless the metric's name ends in ``loss``.
     """
 
-    def __init__(self, evaluator, embedder, log: Callable[[str], None] = print, *, metric: Optional[str] = None,
-                 greater_is_better: Optional[bool] = None):
+    def __init__(
+        self,
+        evaluator,
+        embedder,
+        log: Callable[[str], None] = print,
+        *,
+        metric: str | None = None,
+        greater_is_better: bool | None = None,
+    ):
         self.evaluator, self.embedder, self.log = evaluator, embedder, log
-        self.metric = metric[len("eval_"):] if metric and metric.startswith("eval_") else metric
+        self.metric = metric[len("eval_") :] if metric and metric.startswith("eval_") else metric
         self.greater = greater_is_better
-        self.best: Optional[float] = None
-        self.best_step: Optional[int] = None
-        self.best_state: Optional[dict] = None
-        self.primary: Optional[str] = None
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict | None = None
+        self.primary: str | None = None
         self.history: list = []
 
     def _compared(self, metrics: dict, primary: str) -> str:
         key = self.metric or primary
         if key not in metrics:
-            raise ValueError(f"metric_for_best_model: {self.metric!r} is not one of the evaluator's metrics "
-                             f"({', '.join(sorted(metrics))})")
+            raise ValueError(
+                f"metric_for_best_model: {self.metric!r} is not one of the evaluator's metrics "
+                f"({', '.join(sorted(metrics))})"
+            )
         if self.greater is None:
             own = getattr(first_evaluator(self.evaluator), "greater_is_better", None)
             self.greater = bool(own) if own is not None and key == primary else not key.endswith("loss")
@@ -227,8 +273,9 @@ class BestKeeper:
         self.history.append({"step": step, **metrics})
         if self.best is None or (value > self.best if self.greater else value < self.best):
             self.best, self.best_step = value, step
-            self.best_state = {n: p.detach().to("cpu", copy=True) for n, p in self.embedder.named_parameters()
-                               if p.requires_grad}
+            self.best_state = {
+                n: p.detach().to("cpu", copy=True) for n, p in self.embedder.named_parameters() if p.requires_grad
+            }
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     def restore_best(self) -> None:
@@ -239,9 +286,18 @@ class BestKeeper:
         with torch.no_grad():
             for name, value in self.best_state.items():
                 params[name].copy_(value)
-        self.log(f"best evaluation: {self.primary} {self.best:.4f} at step {self.best_step} "
-                 f"({'higher' if self.greater else 'lower'} is better); the saved model has those weights")
+        self.log(
+            f"best evaluation: {self.primary} {self.best:.4f} at step {self.best_step} "
+            f"({'higher' if self.greater else 'lower'} is better); the saved model has those weights"
+        )
 
 
-__all__ = ["BestKeeper", "check_best_model_options", "EmbeddingSimilarityEvaluator", "InformationRetrievalEvaluator", "TripletEvaluator",
-           "as_sentence_transformer", "run_evaluator"]
+__all__ = [
+    "BestKeeper",
+    "check_best_model_options",
+    "EmbeddingSimilarityEvaluator",
+    "InformationRetrievalEvaluator",
+    "TripletEvaluator",
+    "as_sentence_transformer",
+    "run_evaluator",
+]

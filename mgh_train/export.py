@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from .files import atomic_folder
 from .model import DEFAULT_INSTRUCTION, Embedder
@@ -61,8 +61,10 @@ def check_export_source(model) -> None:
 
     path = Path(model)
     if not (path / CONFIG_NAME).is_file():
-        raise ValueError(f"model: {path} is not an mgh model folder (no {CONFIG_NAME}); export reads folders "
-                         "written by training (run/model)")
+        raise ValueError(
+            f"model: {path} is not an mgh model folder (no {CONFIG_NAME}); export reads folders "
+            "written by training (run/model)"
+        )
     try:
         saved = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -71,8 +73,15 @@ def check_export_source(model) -> None:
         check_model_folder(path, saved, argument="model")
 
 
-def export(model: str, output: str, *, format: str = "mgh", merge: bool = False, eval_results=None,
-           log: Callable[[str], None] = print) -> Exported:
+def export(
+    model: str,
+    output: str,
+    *,
+    format: str = "mgh",
+    merge: bool = False,
+    eval_results=None,
+    log: Callable[[str], None] = print,
+) -> Exported:
     """Export the mgh model folder ``model`` to ``output`` (see the module's docstring)."""
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
@@ -94,7 +103,9 @@ def mteb_label(model) -> str:
     if not path.exists():
         return str(model)
     resolved = path.resolve()
-    label = f"{resolved.parent.name}-{resolved.name}" if resolved.name in ("model", "merged", "final") else resolved.name
+    label = (
+        f"{resolved.parent.name}-{resolved.name}" if resolved.name in ("model", "merged", "final") else resolved.name
+    )
     return f"local/{label}" if "/" not in label else label
 
 
@@ -105,8 +116,10 @@ def check_results_model(eval_results, model) -> None:
 
     metas = sorted(Path(eval_results).rglob("model_meta.json"))
     if not metas:
-        raise ValueError(f"eval: {eval_results} has no model_meta.json, so which model these scores are of is "
-                         f"unknown; pass the folder `eval --model {model} --output ...` wrote")
+        raise ValueError(
+            f"eval: {eval_results} has no model_meta.json, so which model these scores are of is "
+            f"unknown; pass the folder `eval --model {model} --output ...` wrote"
+        )
     expected = mteb_label(model)
     for meta in metas:
         try:
@@ -114,15 +127,19 @@ def check_results_model(eval_results, model) -> None:
         except (OSError, ValueError, AttributeError):
             name = None
         if name != expected:
-            raise ValueError(f"eval: {meta} names the model {name!r}, not this one ({expected!r}); pass the result "
-                             f"folder of `eval --model {model}`")
+            raise ValueError(
+                f"eval: {meta} names the model {name!r}, not this one ({expected!r}); pass the result "
+                f"folder of `eval --model {model}`"
+            )
 
 
 def _check_exportable(embedder: Embedder) -> None:
     if embedder.config.bidirectional:
-        raise ValueError("format: a bidirectional model cannot be written as stock sentence-transformers modules "
-                         "(a stock decoder config attends causally where no padding mask is built); "
-                         "use --format mgh")
+        raise ValueError(
+            "format: a bidirectional model cannot be written as stock sentence-transformers modules "
+            "(a stock decoder config attends causally where no padding mask is built); "
+            "use --format mgh"
+        )
 
 
 def _prompt_notes(embedder: Embedder) -> list:
@@ -133,13 +150,15 @@ def _prompt_notes(embedder: Embedder) -> list:
     boundary = _boundary_note(embedder)
     notes = [] if boundary is None else [boundary]
     if cfg.pooling == "weighted_mean":
-        notes.append("queries: sentence-transformers' weightedmean weighs a token by its position in the whole "
-                     "text, prompt included, where mgh counts the pooled tokens only: query vectors differ, "
-                     "documents' are identical")
+        notes.append(
+            "queries: sentence-transformers' weightedmean weighs a token by its position in the whole "
+            "text, prompt included, where mgh counts the pooled tokens only: query vectors differ, "
+            "documents' are identical"
+        )
     return notes
 
 
-def _boundary_note(embedder: Embedder) -> Optional[str]:
+def _boundary_note(embedder: Embedder) -> str | None:
     cfg, tok = embedder.config, embedder.tokenizer
     prefix = cfg.query_template.format(instruction=DEFAULT_INSTRUCTION)
     ids = tok(prefix, add_special_tokens=True)["input_ids"]
@@ -148,9 +167,11 @@ def _boundary_note(embedder: Embedder) -> Optional[str]:
     excluded = int((features["attention_mask"] - features["pool_mask"]).sum())  # mgh's, for a query "word"
     if alone == excluded:
         return None
-    return ("queries: sentence-transformers excludes the prompt's tokens counted on their own; the query "
-            "template's last token merges with the text's first word, so that first token is left out of "
-            "queries' pooling too (mgh keeps it): query vectors differ slightly, documents' are identical")
+    return (
+        "queries: sentence-transformers excludes the prompt's tokens counted on their own; the query "
+        "template's last token merges with the text's first word, so that first token is left out of "
+        "queries' pooling too (mgh keeps it): query vectors differ slightly, documents' are identical"
+    )
 
 
 def export_sentence_transformers(embedder: Embedder, output, *, eval_results=None) -> Exported:
@@ -172,26 +193,39 @@ def export_sentence_transformers(embedder: Embedder, output, *, eval_results=Non
             tokenizer.add_eos_token = True  # the tokenizer's post-processor appends EOS, as mgh's tokenize does
         tokenizer.model_max_length = cfg.max_length
         tokenizer.save_pretrained(tmp)
-        transformer = Transformer(str(tmp), modality_config=TEXT_ONLY, module_output_name="token_embeddings",
-                                  max_seq_length=cfg.max_length)
+        transformer = Transformer(
+            str(tmp), modality_config=TEXT_ONLY, module_output_name="token_embeddings", max_seq_length=cfg.max_length
+        )
         include_prompt = not cfg.exclude_instruction
         if cfg.pooling == "ata":
             from .st_modules import ATAPooling
 
             pooling = ATAPooling(ata_layer=cfg.ata_layer, ata_mix=cfg.ata_mix, include_prompt=include_prompt)
-            notes.append("ATA pooling keeps mgh's ATAPooling module (the fused attention kernel): loading needs mgh "
-                         "installed and SentenceTransformer(path, trust_remote_code=True)")
+            notes.append(
+                "ATA pooling keeps mgh's ATAPooling module (the fused attention kernel): loading needs mgh "
+                "installed and SentenceTransformer(path, trust_remote_code=True)"
+            )
         else:
-            pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=ST_POOLING_MODES[cfg.pooling],
-                              include_prompt=include_prompt)
+            pooling = Pooling(
+                transformer.get_embedding_dimension(),
+                pooling_mode=ST_POOLING_MODES[cfg.pooling],
+                include_prompt=include_prompt,
+            )
         modules = [transformer, pooling] + ([Normalize()] if cfg.normalize else [])
         prompts = {"query": cfg.query_template.format(instruction=DEFAULT_INSTRUCTION), "document": ""}
         model = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
         model.save(str(tmp), create_model_card=False)
         notes += _prompt_notes(embedder)
-        write_model_card(tmp, embedder=dataclasses.asdict(cfg), base_model=embedder.origin,
-                         training=embedder.run_options, results=eval_results, name=card_name(output),
-                         needs_mgh=cfg.pooling == "ata", notes=notes)
+        write_model_card(
+            tmp,
+            embedder=dataclasses.asdict(cfg),
+            base_model=embedder.origin,
+            training=embedder.run_options,
+            results=eval_results,
+            name=card_name(output),
+            needs_mgh=cfg.pooling == "ata",
+            notes=notes,
+        )
     return Exported(output, cfg.pooling == "ata", notes)
 
 

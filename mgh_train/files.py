@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -21,8 +21,10 @@ def atomic_folder(path, markers=()) -> Iterator[Path]:
     path = Path(path)
     if path.exists():
         if not path.is_dir() or (any(path.iterdir()) and not any((path / m).is_file() for m in markers)):
-            raise ValueError(f"output: {path} exists and is not a model folder written before; "
-                             "choose a new folder (nothing was written)")
+            raise ValueError(
+                f"output: {path} exists and is not a model folder written before; "
+                "choose a new folder (nothing was written)"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 
 def _finite(value):
@@ -45,7 +44,7 @@ def sanitize_json(folder) -> list:
     return fixed
 
 
-def check_scores(summary: dict, output: Optional[str] = None) -> None:
+def check_scores(summary: dict, output: str | None = None) -> None:
     """Raise ValueError if a task's score (``summary``: {task: {"metric", "score"}}) is not finite,
     after making the JSON under ``output`` valid."""
     bad = [(task, s) for task, s in summary.items() if not math.isfinite(s["score"])]
@@ -56,9 +55,11 @@ def check_scores(summary: dict, output: Optional[str] = None) -> None:
     task, s = bad[0]
     written = f"; {output} holds null for it" if output else ""
     others = f" (also: {', '.join(t for t, _ in bad[1:])})" if len(bad) > 1 else ""
-    raise ValueError(f"eval: {task} scored {s['score']} on {s['metric']}{others}: the model's similarity scores "
-                     "have no spread or are not finite (does it give every text the same embedding?), so the score "
-                     f"is undefined{written}")
+    raise ValueError(
+        f"eval: {task} scored {s['score']} on {s['metric']}{others}: the model's similarity scores "
+        "have no spread or are not finite (does it give every text the same embedding?), so the score "
+        f"is undefined{written}"
+    )
 
 
 __all__ = ["check_scores", "sanitize_json"]

@@ -24,7 +24,7 @@ gradient sync however many chunks and micro-batches it has (:mod:`mgh_train.dist
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

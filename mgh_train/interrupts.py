@@ -25,7 +25,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -34,7 +34,7 @@ class Interrupted(KeyboardInterrupt):
     """The run stopped on SIGINT or SIGTERM; ``checkpoint``: what it wrote (or None), ``step``: the
     last step done (None: before training began)."""
 
-    def __init__(self, message: str, *, signum: int, step: Optional[int] = None, checkpoint=None):
+    def __init__(self, message: str, *, signum: int, step: int | None = None, checkpoint=None):
         super().__init__(message)
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
@@ -60,11 +60,16 @@ class _Handler:
         name = signal.Signals(signum).name
         if self.phase == "loop" and not self.received:
             self.received = signum
-            _write_stderr(f"{name} received: finishing the current step, then saving a checkpoint "
-                          f"({name} again stops at once, losing the work since the last checkpoint)\n")
+            _write_stderr(
+                f"{name} received: finishing the current step, then saving a checkpoint "
+                f"({name} again stops at once, losing the work since the last checkpoint)\n"
+            )
             return
-        kept = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None else \
-            "no checkpoint was written"
+        kept = (
+            f"the last checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written"
+        )
         if self.phase == "before":
             what = f"interrupted by {name} before training began; nothing was lost"
         elif self.phase == "loop":
@@ -145,8 +150,12 @@ def requested(ranks=None) -> int:
 def stopped(signum: int, step: int, checkpoint, resume_hint: str) -> Interrupted:
     """The :class:`Interrupted` a run raises after saving ``checkpoint`` at ``step`` on ``signum``."""
     name = signal.Signals(signum).name
-    return Interrupted(f"interrupted by {name} after step {step}: checkpoint saved to {checkpoint}; {resume_hint}",
-                       signum=signum, step=step, checkpoint=checkpoint)
+    return Interrupted(
+        f"interrupted by {name} after step {step}: checkpoint saved to {checkpoint}; {resume_hint}",
+        signum=signum,
+        step=step,
+        checkpoint=checkpoint,
+    )
 
 
 def quiet_worker(worker_id: int) -> None:

@@ -1,9 +1,10 @@
-"""Kernel demo (`python -m mgh_train kernel-demo`): ATA pooling and InfoNCE on a toy batch, in about a second.
+"""Kernel demo (`python -m mgh_train kernel-demo`): ATA pooling and InfoNCE on a toy batch, in about a
+second.
 
 A toy encoder (seeded token embeddings and one grouped-query self-attention layer run by
-``ata_attention``; no download, no training) encodes a few query/passage pairs. The demo prints which tokens ATA pooling weights
-most, shows that left and right padding give the same embeddings, and reports the InfoNCE loss
-of the batch under mean and ATA pooling.
+``ata_attention``; no download, no training) encodes a few query/passage pairs. The demo prints
+which tokens ATA pooling weights most, shows that left and right padding give the same embeddings,
+and reports the InfoNCE loss of the batch under mean and ATA pooling.
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ class ToyEncoder:
             return (x @ w).view(b, length, n, head_dim).transpose(1, 2)
 
         out, colsum = ata_attention(
-            heads(self.wq, HEADS), heads(self.wk, KV_HEADS), heads(self.wv, KV_HEADS),
-            causal=self.causal, key_padding_mask=mask,
+            heads(self.wq, HEADS),
+            heads(self.wk, KV_HEADS),
+            heads(self.wv, KV_HEADS),
+            causal=self.causal,
+            key_padding_mask=mask,
         )
         hidden = x + out.transpose(1, 2).reshape(b, length, HIDDEN)
         return hidden, colsum
@@ -96,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
     queries = [q for q, _ in EMBEDDED_PAIRS]
     passages = [p for _, p in EMBEDDED_PAIRS]
     mode = "causal" if args.causal else "bidirectional"
-    print(f"mgh demo: toy encoder (hidden {HIDDEN}, {HEADS} query / {KV_HEADS} kv heads, {mode}), "
-          f"{len(EMBEDDED_PAIRS)} query/passage pairs\n")
+    print(
+        f"mgh demo: toy encoder (hidden {HIDDEN}, {HEADS} query / {KV_HEADS} kv heads, {mode}), "
+        f"{len(EMBEDDED_PAIRS)} query/passage pairs\n"
+    )
 
     tokens, x, mask = encoder.batch(passages, "right")
     hidden, colsum = encoder.forward(x, mask)

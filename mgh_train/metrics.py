@@ -15,7 +15,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -40,7 +39,7 @@ class RunLog:
         trackers: an object with ``log(row, step)`` (TensorBoard and the like), or None.
     """
 
-    def __init__(self, path: Optional[Path], start: int, trackers=None):
+    def __init__(self, path: Path | None, start: int, trackers=None):
         if path is not None and start and path.is_file():
             rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= start]
             path.write_text("".join(r + "\n" for r in rows))
@@ -59,13 +58,14 @@ class RunLog:
         host = {"lr": lr, "stage": stage, "examples_per_s": self.examples / elapsed, "elapsed_s": elapsed}
         self.pending.append(_Pending(step, outcome.loss, outcome.finite, outcome.tokens, host, plans))
 
-    def flush(self, extra: Optional[dict] = None) -> tuple[list[dict], Optional[_Pending]]:
+    def flush(self, extra: dict | None = None) -> tuple[list[dict], _Pending | None]:
         """Write the pending steps' rows (``extra`` joins the last); return the rows and the first
         pending step whose loss was not finite (None if all were). One device read for all."""
         if not self.pending:
             return [], None
-        values = torch.stack([torch.stack([p.loss.double(), p.finite.double(), _tokens(p.tokens, p.loss)])
-                              for p in self.pending]).tolist()
+        values = torch.stack(
+            [torch.stack([p.loss.double(), p.finite.double(), _tokens(p.tokens, p.loss)]) for p in self.pending]
+        ).tolist()
         rows, bad = [], None
         for p, (loss, finite, tokens) in zip(self.pending, values):
             if not finite and bad is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 CARD_NAME = "README.md"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -37,7 +36,7 @@ _HUB_TASK_TYPES = {
 }
 
 
-def hub_base_model(base_model: Optional[str]) -> Optional[str]:
+def hub_base_model(base_model: str | None) -> str | None:
     """The ``base_model`` the hub understands: a hub id where one is known (the name itself, the
     ``_name_or_path`` a saved hub model's ``config.json`` keeps, a hub cache snapshot's folder),
     else the base's resolved absolute path."""
@@ -57,7 +56,7 @@ def hub_base_model(base_model: Optional[str]) -> Optional[str]:
         return named
     for part in path.resolve().parts:  # ~/.cache/huggingface/hub/models--org--name/snapshots/<rev>
         if part.startswith("models--") and part.count("--") >= 2:
-            return part[len("models--"):].replace("--", "/", 1)
+            return part[len("models--") :].replace("--", "/", 1)
     return str(path.resolve())
 
 
@@ -75,7 +74,7 @@ def versions() -> dict:
     return out
 
 
-def data_sizes(training: Optional[dict]) -> list[dict]:
+def data_sizes(training: dict | None) -> list[dict]:
     """``{"path", "rows"}`` per training file of a run (JSON Lines: non-blank lines; Parquet and
     ``save_to_disk`` folders: their row count, where pyarrow is installed; else None); the
     in-memory data of :func:`mgh_train.fit` as one ``{"path": None, "rows": N}``."""
@@ -88,7 +87,7 @@ def data_sizes(training: Optional[dict]) -> list[dict]:
     return out
 
 
-def _rows(path: Path) -> Optional[int]:
+def _rows(path: Path) -> int | None:
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         with path.open("rb") as handle:
             return sum(1 for line in handle if line.strip())
@@ -121,8 +120,11 @@ def training_log(run_folder: Path, every: int = 0) -> list[dict]:
             continue
     losses = [r for r in rows if "loss" in r]
     step = every or max(1, len(losses) // 20)
-    kept = [r for i, r in enumerate(losses) if (i + 1) % step == 0 or i + 1 == len(losses)
-            or any(k.startswith(("eval_", "stsb")) for k in r)]
+    kept = [
+        r
+        for i, r in enumerate(losses)
+        if (i + 1) % step == 0 or i + 1 == len(losses) or any(k.startswith(("eval_", "stsb")) for k in r)
+    ]
     return kept
 
 
@@ -149,7 +151,7 @@ def read_mteb_results(folder) -> list[dict]:
     return [found[t] for t in sorted(found)]
 
 
-def _read_task_result(path: Path) -> Optional[dict]:
+def _read_task_result(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -160,15 +162,25 @@ def _read_task_result(path: Path) -> Optional[dict]:
     split = "test" if "test" in scores else next(iter(scores), None)
     if split is None or not scores[split]:
         return None
-    entry = {"task": data["task_name"], "split": split, "revision": data.get("dataset_revision"), "type": None,
-             "dataset": None, "main_metric": None}
+    entry = {
+        "task": data["task_name"],
+        "split": split,
+        "revision": data.get("dataset_revision"),
+        "type": None,
+        "dataset": None,
+        "main_metric": None,
+    }
     try:  # mteb's own reader: validates the file and averages the subsets as mteb scores a task
         from mteb import TaskResult
 
         result = TaskResult.from_disk(path)
         meta = result.task.metadata
-        entry.update(main_score=float(result.get_score(splits=[split])), type=meta.type,
-                     dataset=meta.dataset.get("path"), main_metric=meta.main_score)
+        entry.update(
+            main_score=float(result.get_score(splits=[split])),
+            type=meta.type,
+            dataset=meta.dataset.get("path"),
+            main_metric=meta.main_score,
+        )
     except Exception:  # noqa: BLE001 - mteb missing (a card is text), or a task it does not know
         entry["main_score"] = float(scores[split][0]["main_score"])
     return entry
@@ -184,23 +196,44 @@ def eval_results(results: list[dict]) -> list:
     for r in results:
         metrics = ["main_score"] + ([r["main_metric"]] if r.get("main_metric") else [])
         for metric in metrics:
-            out.append(EvalResult(
-                task_type=_HUB_TASK_TYPES.get(r["type"], r["type"] or "Other"), dataset_type=r["dataset"] or r["task"],
-                dataset_name=f"MTEB {r['task']}", dataset_config="default", dataset_split=r["split"],
-                dataset_revision=r["revision"], metric_type=metric, metric_value=round(100.0 * r["main_score"], 4),
-                source_name="MTEB", source_url="https://github.com/embeddings-benchmark/mteb"))
+            out.append(
+                EvalResult(
+                    task_type=_HUB_TASK_TYPES.get(r["type"], r["type"] or "Other"),
+                    dataset_type=r["dataset"] or r["task"],
+                    dataset_name=f"MTEB {r['task']}",
+                    dataset_config="default",
+                    dataset_split=r["split"],
+                    dataset_revision=r["revision"],
+                    metric_type=metric,
+                    metric_value=round(100.0 * r["main_score"], 4),
+                    source_name="MTEB",
+                    source_url="https://github.com/embeddings-benchmark/mteb",
+                )
+            )
     return out
 
 
-def card_data(*, embedder: dict, base_model: Optional[str], training: Optional[dict] = None,
-              results: Optional[list] = None, name: str = "mgh-embedder", needs_mgh: bool = False,
-              run: Optional[dict] = None):
+def card_data(
+    *,
+    embedder: dict,
+    base_model: str | None,
+    training: dict | None = None,
+    results: list | None = None,
+    name: str = "mgh-embedder",
+    needs_mgh: bool = False,
+    run: dict | None = None,
+):
     """The card's :class:`huggingface_hub.ModelCardData` (see :func:`write_model_card`); ``run``:
     ``{"training_log": rows, "evaluation": final metrics}`` of the run that saved the folder."""
     from huggingface_hub import ModelCardData
 
-    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "mgh",
-            f"{embedder.get('pooling', 'ata').replace('_', '-')}-pooling"]
+    tags = [
+        "sentence-transformers",
+        "sentence-similarity",
+        "feature-extraction",
+        "mgh",
+        f"{embedder.get('pooling', 'ata').replace('_', '-')}-pooling",
+    ]
     if embedder.get("lora_r"):
         tags.append("lora")
     if needs_mgh:
@@ -213,11 +246,15 @@ def card_data(*, embedder: dict, base_model: Optional[str], training: Optional[d
             mgh["data"] = sizes
     mgh.update({k: v for k, v in (run or {}).items() if v})
     return ModelCardData(
-        library_name="sentence-transformers", pipeline_tag="sentence-similarity", tags=tags,
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        tags=tags,
         base_model=hub_base_model(base_model),
         datasets=[d["path"] for d in sizes if d["path"]] or None,
-        model_name=name if results else None, eval_results=eval_results(results) if results else None,
-        mgh=mgh)
+        model_name=name if results else None,
+        eval_results=eval_results(results) if results else None,
+        mgh=mgh,
+    )
 
 
 def card_metadata(**options) -> dict:
@@ -225,7 +262,7 @@ def card_metadata(**options) -> dict:
     return card_data(**options).to_dict()
 
 
-def _body(name: str, data, embedder: dict, needs_mgh: bool, results: Optional[list], notes=()) -> str:
+def _body(name: str, data, embedder: dict, needs_mgh: bool, results: list | None, notes=()) -> str:
     """The card's text below the metadata: usage, MTEB scores, notes, training, versions."""
     mgh = data.get("mgh") or {}
     sections = [
@@ -242,43 +279,79 @@ def _body(name: str, data, embedder: dict, needs_mgh: bool, results: Optional[li
     return "\n".join(line for section in sections for line in section)
 
 
-def _intro(name: str, base_model: Optional[str], embedder: dict) -> list[str]:
+def _intro(name: str, base_model: str | None, embedder: dict) -> list[str]:
     pooling = embedder.get("pooling", "ata")
-    return [f"# {name}", "",
-            f"A text embedder trained with mgh from `{base_model or 'a decoder LLM'}`: "
-            f"{pooling.replace('_', '-')} pooling over the last hidden states"
-            + (", unit-length vectors" if embedder.get("normalize", True) else "") + ".", ""]
+    return [
+        f"# {name}",
+        "",
+        f"A text embedder trained with mgh from `{base_model or 'a decoder LLM'}`: "
+        f"{pooling.replace('_', '-')} pooling over the last hidden states"
+        + (", unit-length vectors" if embedder.get("normalize", True) else "")
+        + ".",
+        "",
+    ]
 
 
 def _usage(name: str, embedder: dict, needs_mgh: bool) -> list[str]:
     template = embedder.get("query_template", "Instruct: {instruction}\nQuery: ")
-    lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
-             f"model = SentenceTransformer({json.dumps(name)}" + (", trust_remote_code=True)" if needs_mgh else ")"),
-             'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
-             'documents = model.encode(["Vaccines train the immune system."])',
-             "print(model.similarity(queries, documents))", "```", "",
-             f"Queries take the prefix `{json.dumps(template)[1:-1]}` with the task's instruction "
-             "(the saved prompt `query` holds a generic one); documents take none.", ""]
+    lines = [
+        "## Usage",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f"model = SentenceTransformer({json.dumps(name)}" + (", trust_remote_code=True)" if needs_mgh else ")"),
+        'queries = model.encode(["how do vaccines work?"], prompt_name="query")',
+        'documents = model.encode(["Vaccines train the immune system."])',
+        "print(model.similarity(queries, documents))",
+        "```",
+        "",
+        f"Queries take the prefix `{json.dumps(template)[1:-1]}` with the task's instruction "
+        "(the saved prompt `query` holds a generic one); documents take none.",
+        "",
+    ]
     if needs_mgh:
-        return lines + ["Loading needs mgh installed (with its `eval` extra) and `trust_remote_code=True`: mgh's "
-                        "modules run the model (ATA pooling: the fused attention kernel inside it).", ""]
-    return lines + ["Stock sentence-transformers modules only: loading needs neither mgh nor "
-                    "`trust_remote_code`.", ""]
+        return lines + [
+            "Loading needs mgh installed (with its `eval` extra) and `trust_remote_code=True`: mgh's "
+            "modules run the model (ATA pooling: the fused attention kernel inside it).",
+            "",
+        ]
+    return lines + ["Stock sentence-transformers modules only: loading needs neither mgh nor `trust_remote_code`.", ""]
 
 
-def _mteb_table(results: Optional[list]) -> list[str]:
+def _mteb_table(results: list | None) -> list[str]:
     if not results:
         return []
-    return (["## MTEB", "", "Scores of this model (the result folder's `model_meta.json` names it), in the "
-             "metadata's `model-index`.", "", "| task | split | main metric | score |", "|---|---|---|---|"]
-            + [f"| {r['task']} | {r['split']} | {r.get('main_metric') or 'main_score'} | "
-               f"{100.0 * r['main_score']:.2f} |" for r in results] + [""])
+    return (
+        [
+            "## MTEB",
+            "",
+            "Scores of this model (the result folder's `model_meta.json` names it), in the metadata's `model-index`.",
+            "",
+            "| task | split | main metric | score |",
+            "|---|---|---|---|",
+        ]
+        + [
+            f"| {r['task']} | {r['split']} | {r.get('main_metric') or 'main_score'} | {100.0 * r['main_score']:.2f} |"
+            for r in results
+        ]
+        + [""]
+    )
 
 
-_HYPER_PARAMETERS = (("steps", "steps"), ("epochs", "epochs"), ("batch_size", "batch size"),
-                     ("grad_accum", "gradient accumulation"), ("lr", "learning rate"), ("warmup", "warm-up share"),
-                     ("weight_decay", "weight decay"), ("max_grad_norm", "max grad norm"), ("schedule", "schedule"),
-                     ("max_length", "max length"), ("seed", "seed"))  # (TrainConfig field, the card's label)
+_HYPER_PARAMETERS = (
+    ("steps", "steps"),
+    ("epochs", "epochs"),
+    ("batch_size", "batch size"),
+    ("grad_accum", "gradient accumulation"),
+    ("lr", "learning rate"),
+    ("warmup", "warm-up share"),
+    ("weight_decay", "weight decay"),
+    ("max_grad_norm", "max grad norm"),
+    ("schedule", "schedule"),
+    ("max_length", "max length"),
+    ("seed", "seed"),
+)  # (TrainConfig field, the card's label)
 
 
 def _training(training: dict, sizes: list[dict], embedder: dict) -> list[str]:
@@ -286,21 +359,30 @@ def _training(training: dict, sizes: list[dict], embedder: dict) -> list[str]:
     if not training:
         return []
     hyper = [f"{label} {training[key]}" for key, label in _HYPER_PARAMETERS if training.get(key) is not None]
-    return [f"- Loss: InfoNCE (MultipleNegativesRankingLoss, scale {1 / training.get('tau', 0.05):g}, "
-            f"{training.get('negatives', 'global')} candidates), {training.get('loss', 'fused')} kernel",
-            f"- Pooling: {embedder.get('pooling', 'ata')}; LoRA rank {embedder.get('lora_r')}, "
-            f"alpha {embedder.get('lora_alpha')}",
-            "- Hyper-parameters: " + ", ".join(hyper) + " (AdamW; linear warm-up and decay)",
-            "- Data: " + _data_line(training, sizes), ""]
+    return [
+        f"- Loss: InfoNCE (MultipleNegativesRankingLoss, scale {1 / training.get('tau', 0.05):g}, "
+        f"{training.get('negatives', 'global')} candidates), {training.get('loss', 'fused')} kernel",
+        f"- Pooling: {embedder.get('pooling', 'ata')}; LoRA rank {embedder.get('lora_r')}, "
+        f"alpha {embedder.get('lora_alpha')}",
+        "- Hyper-parameters: " + ", ".join(hyper) + " (AdamW; linear warm-up and decay)",
+        "- Data: " + _data_line(training, sizes),
+        "",
+    ]
 
 
 def _data_line(training: dict, sizes: list[dict]) -> str:
     if not sizes:
-        return "the seed MGH set shipped with mgh" + (f" ({training['train_examples']} training examples)"
-                                                      if training.get("train_examples") else "")
-    return ", ".join(f"{d['rows']} examples in memory (`mgh_train.fit`)" if d["path"] is None
-                     else f"`{d['path']}` ({d['rows']} rows)" if d["rows"] is not None
-                     else f"`{d['path']}`" for d in sizes)
+        return "the seed MGH set shipped with mgh" + (
+            f" ({training['train_examples']} training examples)" if training.get("train_examples") else ""
+        )
+    return ", ".join(
+        f"{d['rows']} examples in memory (`mgh_train.fit`)"
+        if d["path"] is None
+        else f"`{d['path']}` ({d['rows']} rows)"
+        if d["rows"] is not None
+        else f"`{d['path']}`"
+        for d in sizes
+    )
 
 
 def _log_table(log: list[dict]) -> list[str]:
@@ -309,19 +391,25 @@ def _log_table(log: list[dict]) -> list[str]:
     keys = ["step", "loss", "lr"] + sorted({k for r in log for k in r if k.startswith(("eval_", "stsb"))})
     lines = ["### Training log", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in log:
-        lines.append("| " + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, ""))
-                                       for k in keys) + " |")
+        lines.append(
+            "| "
+            + " | ".join(f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys)
+            + " |"
+        )
     return lines + [""]
 
 
 def _final_evaluation(final: dict) -> list[str]:
     if not final:
         return []
-    return (["### Evaluation at the end of training", "", "| metric | value |", "|---|---|"]
-            + [f"| {k} | {v:.4f} |" for k, v in final.items()] + [""])
+    return (
+        ["### Evaluation at the end of training", "", "| metric | value |", "|---|---|"]
+        + [f"| {k} | {v:.4f} |" for k, v in final.items()]
+        + [""]
+    )
 
 
-def run_records(folder: Path, training: Optional[dict]) -> dict:
+def run_records(folder: Path, training: dict | None) -> dict:
     """The training log and final evaluations of the run whose ``model/`` is ``folder`` (its
     ``metrics.jsonl`` beside it), only when that log ends at the run's last step."""
     if not training:
@@ -336,8 +424,13 @@ def run_records(folder: Path, training: Optional[dict]) -> dict:
         except ValueError:
             continue
         if row.get("step") == training.get("steps"):
-            final.update({k[len("final_"):]: v for k, v in row.items() if k.startswith("final_")
-                          and isinstance(v, (int, float))})
+            final.update(
+                {
+                    k[len("final_") :]: v
+                    for k, v in row.items()
+                    if k.startswith("final_") and isinstance(v, (int, float))
+                }
+            )
     return {"training_log": log, "evaluation": final}
 
 
@@ -348,8 +441,17 @@ def card_name(folder) -> str:
     return f"{resolved.parent.name}-{resolved.name}" if resolved.name in ("model", "merged", "final") else resolved.name
 
 
-def write_model_card(folder, *, embedder: dict, base_model: Optional[str], training: Optional[dict] = None,
-                     results=None, name: Optional[str] = None, needs_mgh: bool = False, notes=()) -> Path:
+def write_model_card(
+    folder,
+    *,
+    embedder: dict,
+    base_model: str | None,
+    training: dict | None = None,
+    results=None,
+    name: str | None = None,
+    needs_mgh: bool = False,
+    notes=(),
+) -> Path:
     """Write ``folder/README.md`` (a :class:`huggingface_hub.ModelCard`).
 
     Args:
@@ -370,8 +472,15 @@ def write_model_card(folder, *, embedder: dict, base_model: Optional[str], train
     folder = Path(folder)
     name = name or card_name(folder)
     scores = read_mteb_results(results) if results is not None else None
-    data = card_data(embedder=embedder, base_model=base_model, training=training, results=scores, name=name,
-                     needs_mgh=needs_mgh, run=run_records(folder, training))
+    data = card_data(
+        embedder=embedder,
+        base_model=base_model,
+        training=training,
+        results=scores,
+        name=name,
+        needs_mgh=needs_mgh,
+        run=run_records(folder, training),
+    )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(name, data, embedder, needs_mgh, scores, notes)}")
     path = folder / CARD_NAME
     card.save(path)
@@ -388,7 +497,15 @@ def read_card_metadata(path) -> dict:
     text = path.read_text(encoding="utf-8")
     if not text.startswith("---\n"):
         raise ValueError(f"{path}: no YAML metadata block")
-    return yaml.safe_load(text[4:text.index("\n---\n", 4)])
+    return yaml.safe_load(text[4 : text.index("\n---\n", 4)])
 
 
-__all__ = ["CARD_NAME", "card_data", "card_metadata", "eval_results", "read_card_metadata", "read_mteb_results", "write_model_card"]
+__all__ = [
+    "CARD_NAME",
+    "card_data",
+    "card_metadata",
+    "eval_results",
+    "read_card_metadata",
+    "read_mteb_results",
+    "write_model_card",
+]

@@ -28,10 +28,9 @@ to ``max_buckets`` padded ones.
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
-
 
 from .batches import Collate, MicroBatch, Plan, chunks
 from .model.packed import packed_embeddings, use_packed_attention
@@ -110,12 +109,21 @@ class PackingCollate(Collate):
     def __init__(self, tokenizer, config, *, max_tokens: int = 0, chunk_size: int = 0, one_forward: bool = False):
         super().__init__(tokenizer, config, chunk_size=chunk_size, one_forward=one_forward)
         if one_forward and max_tokens:
-            raise ValueError("max_tokens_per_forward: ranks whose forwards are collective (FSDP2) must run as many "
-                             "each; under --packing bound the rows by --chunk-size only")
+            raise ValueError(
+                "max_tokens_per_forward: ranks whose forwards are collective (FSDP2) must run as many "
+                "each; under --packing bound the rows by --chunk-size only"
+            )
         self.max_tokens = max_tokens
 
-    def assemble(self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *, queries: int, k: int,
-                 plan: Optional[Plan] = None) -> MicroBatch:
+    def assemble(
+        self,
+        rows: Sequence[Sequence[int]],
+        flags: Sequence[Sequence[bool]],
+        *,
+        queries: int,
+        k: int,
+        plan: Plan | None = None,
+    ) -> MicroBatch:
         """The :class:`MicroBatch` of tokenized texts (B queries, B positives, B * k negatives) in
         packed rows; ``inverse`` maps text t to its row of the rows' embeddings, concatenated."""
         lengths = [len(r) for r in rows]
@@ -133,8 +141,9 @@ def collate_for(cfg, tokenizer, config, *, one_forward: bool) -> PackingCollate:
     """The trainer's :class:`PackingCollate` for a ``TrainConfig`` with ``packing``: rows of at most
     ``max_tokens_per_forward`` real tokens, or ``chunk_tokens`` (GradCache's chunks), the smaller."""
     budgets = [b for b in (cfg.max_tokens_per_forward, cfg.chunk_tokens) if b]
-    return PackingCollate(tokenizer, config, max_tokens=min(budgets) if budgets else 0, chunk_size=cfg.chunk_size,
-                          one_forward=one_forward)
+    return PackingCollate(
+        tokenizer, config, max_tokens=min(budgets) if budgets else 0, chunk_size=cfg.chunk_size, one_forward=one_forward
+    )
 
 
 def check_options(cfg) -> None:
@@ -142,11 +151,15 @@ def check_options(cfg) -> None:
     if not cfg.packing:
         return
     if cfg.compile:
-        raise ValueError("packing: --compile is not supported with --packing (the varlen attention kernels run "
-                         "eagerly, a graph break per layer); drop one of them")
+        raise ValueError(
+            "packing: --compile is not supported with --packing (the varlen attention kernels run "
+            "eagerly, a graph break per layer); drop one of them"
+        )
     if cfg.parallel == "fsdp" and cfg.max_tokens_per_forward:
-        raise ValueError("max_tokens_per_forward: under --parallel fsdp every forward is collective, so every "
-                         "process must run as many: bound the packed rows by --chunk-size only")
+        raise ValueError(
+            "max_tokens_per_forward: under --parallel fsdp every forward is collective, so every "
+            "process must run as many: bound the packed rows by --chunk-size only"
+        )
 
 
 def describe(cfg, device: torch.device) -> str:
@@ -155,13 +168,32 @@ def describe(cfg, device: torch.device) -> str:
     from mgh_kernels import backend
 
     budget = [b for b in (cfg.max_tokens_per_forward, cfg.chunk_tokens) if b]
-    rows = f"rows of at most {min(budget)} real tokens" if budget else (
-        f"rows of at most {cfg.chunk_size} texts" if cfg.chunk_size else "one row per micro-batch")
-    path = "Triton's varlen kernels" if backend.TRITON_AVAILABLE and device.type == "cuda" else \
-        "PyTorch's path: SDPA per text, the ATA layer's column sums by ata_attention per text"
-    return (f"packing: texts packed without padding into {rows}; every layer attends within its texts through "
-            f"ata_attention_varlen ({path})")
+    rows = (
+        f"rows of at most {min(budget)} real tokens"
+        if budget
+        else (f"rows of at most {cfg.chunk_size} texts" if cfg.chunk_size else "one row per micro-batch")
+    )
+    path = (
+        "Triton's varlen kernels"
+        if backend.TRITON_AVAILABLE and device.type == "cuda"
+        else "PyTorch's path: SDPA per text, the ATA layer's column sums by ata_attention per text"
+    )
+    return (
+        f"packing: texts packed without padding into {rows}; every layer attends within its texts through "
+        f"ata_attention_varlen ({path})"
+    )
 
 
-__all__ = ["PackingCollate", "check_options", "collate_for", "describe", "from_padded", "is_packed", "pack",
-           "pack_bins", "packed_embeddings", "texts_in", "use_packed_attention"]
+__all__ = [
+    "PackingCollate",
+    "check_options",
+    "collate_for",
+    "describe",
+    "from_padded",
+    "is_packed",
+    "pack",
+    "pack_bins",
+    "packed_embeddings",
+    "texts_in",
+    "use_packed_attention",
+]

@@ -18,12 +18,21 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Optional
 
 DEFAULT_TIMEOUT = 600  # seconds: --dist-timeout's default
-_FAILURE_WORDS = ("connection reset by peer", "connection closed by peer", "timed out", "timeout",
-                  "broken pipe", "connection refused", "clients joined", "socket", "nccl error",
-                  "process group", "wait for")
+_FAILURE_WORDS = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "connection refused",
+    "clients joined",
+    "socket",
+    "nccl error",
+    "process group",
+    "wait for",
+)
 
 _peers: list = []  # [(host, pid)] by rank, for this process's group
 
@@ -31,7 +40,7 @@ _peers: list = []  # [(host, pid)] by rank, for this process's group
 class PeerLost(RuntimeError):
     """Another process of the run died, stalled or never started; ``rank``: which, when known."""
 
-    def __init__(self, message: str, *, rank: Optional[int] = None):
+    def __init__(self, message: str, *, rank: int | None = None):
         super().__init__(message)
         self.rank = rank
 
@@ -52,7 +61,7 @@ def register(ranks) -> None:
     _peers.extend(everyone)
 
 
-def _state(pid: int) -> Optional[str]:
+def _state(pid: int) -> str | None:
     """'dead', 'stopped' or None (running, or unknown) for a process of this host."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
@@ -79,8 +88,9 @@ def is_peer_failure(error: BaseException) -> bool:
     return type(error) is RuntimeError and any(word in text for word in _FAILURE_WORDS)
 
 
-def explain(error: BaseException, ranks, *, timeout: Optional[float] = None,
-            before_start: bool = False) -> Optional[PeerLost]:
+def explain(
+    error: BaseException, ranks, *, timeout: float | None = None, before_start: bool = False
+) -> PeerLost | None:
     """A :class:`PeerLost` for ``error`` if another process caused it (None otherwise)."""
     if not is_peer_failure(error):
         return None
@@ -94,18 +104,26 @@ def explain(error: BaseException, ranks, *, timeout: Optional[float] = None,
         if peer_host == host:
             state = _state(pid)
             if state:
-                culprit, what = rank, f"rank {rank} (pid {pid}) {'died' if state == 'dead' else 'is stopped (SIGSTOP?)'}"
+                culprit, what = (
+                    rank,
+                    f"rank {rank} (pid {pid}) {'died' if state == 'dead' else 'is stopped (SIGSTOP?)'}",
+                )
                 break
     if what is None:
         if before_start or not _peers:
-            what = "not every process joined the run within --dist-timeout (one never started or cannot reach " \
-                   "MASTER_ADDR:MASTER_PORT)"
+            what = (
+                "not every process joined the run within --dist-timeout (one never started or cannot reach "
+                "MASTER_ADDR:MASTER_PORT)"
+            )
         else:
             others = ", ".join(f"rank {r} on {h}" for r, (h, _) in enumerate(_peers) if r != rank_self)
             what = f"another process stopped answering ({others}; not on this host, or its state is unknown)"
     waited = f" within {timeout:g} s (--dist-timeout)" if timeout and "timed out" in first.lower() else ""
-    return PeerLost(f"world: {what}{waited}; this process (rank {rank_self}) cannot go on alone ({first}). Stop every "
-                    "process of the run, then start them all again with --resume latest", rank=culprit)
+    return PeerLost(
+        f"world: {what}{waited}; this process (rank {rank_self}) cannot go on alone ({first}). Stop every "
+        "process of the run, then start them all again with --resume latest",
+        rank=culprit,
+    )
 
 
 __all__ = ["DEFAULT_TIMEOUT", "PeerLost", "explain", "group_timeout", "is_peer_failure", "register"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ class Precision:
 
     device: torch.device
     weights: torch.dtype
-    autocast: Optional[torch.dtype] = None
+    autocast: torch.dtype | None = None
     scaler: bool = False
 
     def autocast_context(self):
@@ -52,7 +51,7 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def grad_scaler(self) -> Optional["torch.amp.GradScaler"]:
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A fresh gradient scaler when this precision needs one, else None."""
         return torch.amp.GradScaler(self.device.type) if self.scaler else None
 
@@ -78,8 +77,9 @@ def bf16_supported(device: torch.device) -> bool:
     return True
 
 
-def resolve(device: torch.device, *, bf16: Optional[bool] = None, fp16: bool = False,
-            dtype: Optional[str] = None) -> Precision:
+def resolve(
+    device: torch.device, *, bf16: bool | None = None, fp16: bool = False, dtype: str | None = None
+) -> Precision:
     """The precision for ``device`` from the user's choices (None: the device's default).
 
     Args:
@@ -112,8 +112,7 @@ def resolve(device: torch.device, *, bf16: Optional[bool] = None, fp16: bool = F
     return Precision(device=device, weights=weights, autocast=amp, scaler=amp == torch.float16)
 
 
-
-def _autocast_dtype(device: torch.device, bf16: Optional[bool], fp16: bool) -> Optional[torch.dtype]:
+def _autocast_dtype(device: torch.device, bf16: bool | None, fp16: bool) -> torch.dtype | None:
     """float16 when asked; on CUDA by default bfloat16 where it has it, else float16; None: no autocast."""
     if fp16:
         return torch.float16

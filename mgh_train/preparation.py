@@ -11,9 +11,9 @@ what they loaded (:func:`run_facts`) before the first collective of the training
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -42,8 +42,9 @@ class Prepared:
     gather: bool  # whether the loss gathers every rank's candidates
 
 
-def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None],
-            examples: Optional[list] = None) -> Prepared:
+def prepare(
+    cfg: TrainConfig, ranks: Ranks, embedder: Embedder | None, log: Callable[[str], None], examples: list | None = None
+) -> Prepared:
     """Check the options, the output folder, the checkpoint and the data, then load the model: a
     ValueError on any rank is raised on every rank; then the ranks check that they agree."""
     with ranks.same_outcome():  # no collective inside: what one rank refuses, every rank refuses
@@ -63,8 +64,9 @@ def prepare(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: C
             cfg.steps = cfg.steps_for_epochs(len(train_set), ranks.world)
             log(f"epochs: {cfg.epochs} x {len(train_set)} examples = {cfg.steps} steps")
         if len(train_set) < cfg.batch_size * ranks.world:
-            raise ValueError(f"batch_size: {cfg.batch_size}{_times(ranks)} is more than the {len(train_set)} "
-                             "training examples")
+            raise ValueError(
+                f"batch_size: {cfg.batch_size}{_times(ranks)} is more than the {len(train_set)} training examples"
+            )
         data_fingerprint = fingerprint(train_set)
         plan.check_data(data_fingerprint, log)
         log(f"data: {len(train_set)} training examples, {len(held)} held out; schedule {cfg.schedule}")
@@ -84,16 +86,22 @@ def check_scale_options(cfg: TrainConfig, ranks: Ranks) -> bool:
     if not ranks.distributed:
         return False
     if cfg.gather and cfg.negatives != "global":
-        raise ValueError("gather: candidates are gathered from every process only with --negatives global "
-                         "(own candidates are per query)")
+        raise ValueError(
+            "gather: candidates are gathered from every process only with --negatives global "
+            "(own candidates are per query)"
+        )
     gather = cfg.gather is not False and cfg.negatives == "global"
     if gather and cfg.loss != "fused":
-        raise ValueError("loss: the eager loss has no cross-process gather; use --loss fused, or "
-                         "--no-gather (each process's queries then score its own batch only)")
+        raise ValueError(
+            "loss: the eager loss has no cross-process gather; use --loss fused, or "
+            "--no-gather (each process's queries then score its own batch only)"
+        )
     check_chunk_tokens(cfg.chunk_tokens, collective=cfg.parallel == "fsdp")
     if cfg.parallel == "fsdp" and cfg.fp16:
-        raise ValueError("fp16: --parallel fsdp runs in bfloat16 (its MixedPrecisionPolicy); float16's gradient "
-                         "scaler is not sharded here: use --bf16 or --parallel replicate")
+        raise ValueError(
+            "fp16: --parallel fsdp runs in bfloat16 (its MixedPrecisionPolicy); float16's gradient "
+            "scaler is not sharded here: use --bf16 or --parallel replicate"
+        )
     return gather
 
 

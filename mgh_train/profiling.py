@@ -11,8 +11,8 @@ was busy (the rest it waited for the host: launches, syncs, the input pipeline).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -26,9 +26,13 @@ class StepProfiler:
     def __init__(self, folder: Path, steps: int, log: Callable[[str], None] = print):
         self.folder, self.steps, self.log = Path(folder), steps, log
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        self.profile = profile(activities=activities, record_shapes=False, with_stack=False,
-                               schedule=schedule(skip_first=WARMUP_STEPS, wait=0, warmup=1, active=steps, repeat=1),
-                               on_trace_ready=self._ready)
+        self.profile = profile(
+            activities=activities,
+            record_shapes=False,
+            with_stack=False,
+            schedule=schedule(skip_first=WARMUP_STEPS, wait=0, warmup=1, active=steps, repeat=1),
+            on_trace_ready=self._ready,
+        )
         self.profile.__enter__()
         self.done = False
 
@@ -69,14 +73,19 @@ def overlap_summary(events, steps: int) -> str:
     if not step_spans:
         return "profile: no complete step was recorded"
     wall = max(end for _, end in step_spans) - min(start for start, _ in step_spans)
-    kernels = [(e.time_range.start, e.time_range.end) for e in events
-               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    kernels = [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+    ]
     per_step = wall / max(steps, 1) / 1e3
     if not kernels:
         return f"profile: {per_step:.1f} ms per step on the host; no device kernels (a CPU run)"
     busy = _union_length(kernels)
-    return (f"profile: {per_step:.1f} ms per step; the device was busy {busy / max(steps, 1) / 1e3:.1f} ms per step "
-            f"({100 * busy / wall:.0f}% of the wall time; the rest it waited for the host)")
+    return (
+        f"profile: {per_step:.1f} ms per step; the device was busy {busy / max(steps, 1) / 1e3:.1f} ms per step "
+        f"({100 * busy / wall:.0f}% of the wall time; the rest it waited for the host)"
+    )
 
 
 __all__ = ["StepProfiler", "WARMUP_STEPS", "overlap_summary"]

@@ -10,7 +10,6 @@ The stage and examples/s come from the logging steps' rows.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
 
 import torch
 
@@ -23,7 +22,7 @@ class TrainBar:
 
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
         self.copies: deque = deque()  # (host loss, event or None), oldest first
-        self.loss: Optional[float] = None
+        self.loss: float | None = None
         self.extra: dict = {}
 
     def step(self, loss: torch.Tensor) -> None:

@@ -19,7 +19,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
 
 try:
     import fcntl
@@ -43,7 +42,7 @@ class RunFolderLock:
     def held(self) -> bool:
         return self._file is not None
 
-    def acquire(self) -> "RunFolderLock":
+    def acquire(self) -> RunFolderLock:
         """Take the lock without waiting; ValueError naming the holder if another process has it."""
         if fcntl is None or self.held:
             return self
@@ -56,15 +55,21 @@ class RunFolderLock:
                 handle.seek(0)
                 holder = describe_holder(handle.read())
                 handle.close()
-                raise ValueError(f"output: {self.output} is in use by another run ({holder}); wait for it to end, "
-                                 "or choose another --output") from None
+                raise ValueError(
+                    f"output: {self.output} is in use by another run ({holder}); wait for it to end, "
+                    "or choose another --output"
+                ) from None
             if _same_file(handle, self.path):
                 break
             handle.close()  # the holder removed the file as we opened it: lock the one there now
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+        handle.write(
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            )
+            + "\n"
+        )
         handle.flush()
         self._file = handle
         return self
@@ -92,7 +97,7 @@ def _same_file(handle, path: Path) -> bool:
 
 
 def describe_holder(text: str) -> str:
-    """"pid N on host H, started T" from the lock file's text (what a holder wrote)."""
+    """ "pid N on host H, started T" from the lock file's text (what a holder wrote)."""
     try:
         info = json.loads(text)
         return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
@@ -113,7 +118,7 @@ def holding():
             lock.release()
 
 
-def take(output) -> Optional[RunFolderLock]:
+def take(output) -> RunFolderLock | None:
     """Lock ``output`` for the innermost :func:`holding` block (ValueError if another run holds it).
     Taking a folder this process already holds in that block again is a no-op."""
     if not _held:

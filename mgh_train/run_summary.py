@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def run_summary(seconds: float, *, steps: int, examples: int, losses: Sequence[float]) -> str:
@@ -11,8 +11,12 @@ def run_summary(seconds: float, *, steps: int, examples: int, losses: Sequence[f
     processes), the last step's loss and the mean loss over the run's steps (HF's ``train_loss``)."""
     seconds = max(seconds, 1e-9)
     minutes, rest = divmod(seconds, 60)
-    parts = [f"runtime {int(minutes)}m{rest:04.1f}s", f"{steps} steps", f"{examples / seconds:.1f} samples/s",
-             f"{steps / seconds:.2f} steps/s"]
+    parts = [
+        f"runtime {int(minutes)}m{rest:04.1f}s",
+        f"{steps} steps",
+        f"{examples / seconds:.1f} samples/s",
+        f"{steps / seconds:.2f} steps/s",
+    ]
     if losses:
         parts += [f"final loss {losses[-1]:.4f}", f"mean loss {sum(losses) / len(losses):.4f}"]
     return "train summary: " + ", ".join(parts)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
@@ -74,14 +74,18 @@ def check_mnrl_extras(directions, partition_mode, hardness_mode, hardness_streng
     queries against documents in one joint softmax, without hardness weights): a ValueError naming
     the argument, instead of a TypeError or a silently different loss. Their defaults are accepted."""
     if tuple(directions) != ("query_to_doc",):
-        raise ValueError(f"directions: the fused loss computes ('query_to_doc',) only, got {tuple(directions)!r}; "
-                         "use sentence-transformers' MultipleNegativesRankingLoss for symmetric directions")
+        raise ValueError(
+            f"directions: the fused loss computes ('query_to_doc',) only, got {tuple(directions)!r}; "
+            "use sentence-transformers' MultipleNegativesRankingLoss for symmetric directions"
+        )
     if partition_mode != "joint":
         raise ValueError(f"partition_mode: the fused loss computes 'joint' only, got {partition_mode!r}")
     if hardness_mode is not None or hardness_strength != 0.0:
-        raise ValueError(f"hardness_mode, hardness_strength: the fused loss has no hardness weighting (got "
-                         f"{hardness_mode!r}, {hardness_strength!r}); leave them unset or use "
-                         "MultipleNegativesRankingLoss")
+        raise ValueError(
+            f"hardness_mode, hardness_strength: the fused loss has no hardness weighting (got "
+            f"{hardness_mode!r}, {hardness_strength!r}); leave them unset or use "
+            "MultipleNegativesRankingLoss"
+        )
 
 
 def _check_scale(scale) -> float:
@@ -103,19 +107,21 @@ def _gathering(requested: bool) -> bool:
 
     if dist.is_available() and dist.is_initialized():
         return True
-    logger.warning("gather_across_devices=True without an initialised torch.distributed group: using this "
-                   "process's batch only (expected with one device)")
+    logger.warning(
+        "gather_across_devices=True without an initialised torch.distributed group: using this "
+        "process's batch only (expected with one device)"
+    )
     return False
 
 
-def _columns_loss(anchors: Tensor, candidates: list[Tensor], *, scale: float, normalize: bool,
-                  gather: bool) -> Tensor:
+def _columns_loss(anchors: Tensor, candidates: list[Tensor], *, scale: float, normalize: bool, gather: bool) -> Tensor:
     """MNRL's loss from the anchor column [B, D] and the candidate columns ([B, D] each)."""
     if not candidates:
         raise ValueError("sentence_features: expected at least 2 columns (anchor, positive, negative_1..n)")
     negatives = torch.stack(candidates[1:], dim=1) if len(candidates) > 1 else None
-    return infonce_loss(anchors, candidates[0], negatives, tau=1.0 / scale, negatives="global",
-                        normalize=normalize, gather=gather)
+    return infonce_loss(
+        anchors, candidates[0], negatives, tau=1.0 / scale, negatives="global", normalize=normalize, gather=gather
+    )
 
 
 class FusedMultipleNegativesRankingLoss(nn.Module):
@@ -194,7 +200,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         gather_across_devices: bool = False,
         directions: tuple = ("query_to_doc",),
         partition_mode: str = "joint",
-        hardness_mode: Optional[str] = None,
+        hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
     ) -> None:
         super().__init__()
@@ -207,20 +213,28 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             raise ValueError(f"gather_across_devices: expected True or False, got {gather_across_devices!r}")
         self.gather_across_devices = gather_across_devices
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         embeddings = _embed_columns(self.model, sentence_features)
         return self.compute_loss_from_embeddings(embeddings, labels)
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         """The loss from one [B, D] embedding per column (anchor, positive, negative_1..n)."""
         if len(embeddings) < 2:
             raise ValueError(f"sentence_features: expected at least 2 columns, got {len(embeddings)}")
-        return _columns_loss(embeddings[0], list(embeddings[1:]), scale=self.scale, normalize=self._normalize,
-                             gather=_gathering(self.gather_across_devices))
+        return _columns_loss(
+            embeddings[0],
+            list(embeddings[1:]),
+            scale=self.scale,
+            normalize=self._normalize,
+            gather=_gathering(self.gather_across_devices),
+        )
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "similarity_fct": similarity_fct_name(self.similarity_fct),
-                "gather_across_devices": self.gather_across_devices}
+        return {
+            "scale": self.scale,
+            "similarity_fct": similarity_fct_name(self.similarity_fct),
+            "gather_across_devices": self.gather_across_devices,
+        }
 
     @property
     def temperature(self) -> float:
@@ -270,7 +284,7 @@ class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         scale: float = 20.0,
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
         mini_batch_size: int = 32,
-        mini_batch_num_tokens: Optional[int] = None,
+        mini_batch_num_tokens: int | None = None,
         gather_across_devices: bool = False,
         show_progress_bar: bool = False,
     ) -> None:
@@ -278,14 +292,17 @@ class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
         from sentence_transformers.base.losses.gradcache import has_static_embedding_input
 
         if has_static_embedding_input(model):
-            raise ValueError("model: a StaticEmbedding model's inputs cannot be split into mini-batches; "
-                             "use FusedMultipleNegativesRankingLoss")
+            raise ValueError(
+                "model: a StaticEmbedding model's inputs cannot be split into mini-batches; "
+                "use FusedMultipleNegativesRankingLoss"
+            )
         _check_positive_int("mini_batch_size", mini_batch_size)
         if mini_batch_num_tokens is not None:
             _check_positive_int("mini_batch_num_tokens", mini_batch_num_tokens, " or None")
         self.model = model
-        self.loss = FusedMultipleNegativesRankingLoss(model, scale=scale, similarity_fct=similarity_fct,
-                                                      gather_across_devices=gather_across_devices)
+        self.loss = FusedMultipleNegativesRankingLoss(
+            model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices
+        )
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar
@@ -302,8 +319,9 @@ class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
     def gather_across_devices(self) -> bool:
         return self.loss.gather_across_devices
 
-    def calculate_loss(self, reps: list[list[Tensor]], labels: Optional[Tensor] = None, *,
-                       with_backward: bool = False) -> Tensor:
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
         """The loss over the whole batch from the per-mini-batch embeddings (GradCache's step 2)."""
         loss = self.loss.compute_loss_from_embeddings([torch.cat(column) for column in reps], labels)
         if with_backward:
@@ -311,15 +329,18 @@ class FusedCachedMultipleNegativesRankingLoss(CachedLossMixin, nn.Module):
             loss = loss.detach()
         return loss
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
         if len(sentence_features) < 2:
             raise ValueError(f"sentence_features: expected at least 2 columns, got {len(sentence_features)}")
         return self.forward_cached(sentence_features, labels)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**self.loss.get_config_dict(), "mini_batch_size": self.mini_batch_size,
-                "mini_batch_num_tokens": self.mini_batch_num_tokens}
+        return {
+            **self.loss.get_config_dict(),
+            "mini_batch_size": self.mini_batch_size,
+            "mini_batch_num_tokens": self.mini_batch_num_tokens,
+        }
 
     @property
     def temperature(self) -> float:

@@ -17,8 +17,6 @@ Importing this module needs sentence-transformers (``pip install mgh[eval]``).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from sentence_transformers.base.modules import InputModule, Module
 
@@ -30,16 +28,16 @@ class MGHTransformer(InputModule):
 
     save_in_root = True
 
-    def __init__(self, model_name_or_path: str, embedder: Optional[Embedder] = None):
+    def __init__(self, model_name_or_path: str, embedder: Embedder | None = None):
         super().__init__()
         self.embedder = embedder if embedder is not None else Embedder.load(model_name_or_path)
         self.tokenizer = self.embedder.tokenizer
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> "MGHTransformer":
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> MGHTransformer:
         return cls(model_name_or_path)
 
-    def preprocess(self, inputs, prompt: Optional[str] = None, **kwargs) -> dict:
+    def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict:
         """Tokenize texts; ``prompt`` is the query prefix (excluded from pooling if so configured)."""
         return self.embedder.tokenize(list(inputs), prefix=prompt or "")
 
@@ -150,20 +148,25 @@ class ATAPooling(Module):
         self.capture = enable_ata(target, self.ata_layer)
 
     def forward(self, features: dict, **kwargs) -> dict:
-        from mgh_kernels import ata_pool
         from sentence_transformers.sentence_transformer.modules import Pooling
 
+        from mgh_kernels import ata_pool
+
         if self.capture is None:
-            raise ValueError("ATAPooling: not attached to a model; build it inside SentenceTransformer(modules=[...]) "
-                             "or call attach(model)")
+            raise ValueError(
+                "ATAPooling: not attached to a model; build it inside SentenceTransformer(modules=[...]) "
+                "or call attach(model)"
+            )
         colsum = self.capture.colsum
         hidden = features["token_embeddings"]
         mask = features.get("attention_mask")
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         if colsum is None or colsum.shape != hidden.shape[:2]:
-            raise ValueError("colsum: the fused ATA layer did not run for these token embeddings (was the "
-                             "Transformer's attention layer replaced, or its inputs packed?)")
+            raise ValueError(
+                "colsum: the fused ATA layer did not run for these token embeddings (was the "
+                "Transformer's attention layer replaced, or its inputs packed?)"
+            )
         if not self.include_prompt and features.get("prompt_length"):
             length = features["prompt_length"]
             length = int(length[0]) if isinstance(length, torch.Tensor) else int(length)

@@ -20,8 +20,8 @@ Under GradCache (``gradcache=True``) each micro-batch runs :func:`mgh_train.grad
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -42,13 +42,14 @@ def embed(embedder, batch: MicroBatch) -> torch.Tensor:
     return torch.cat(outputs)[batch.inverse]
 
 
-def embedding_loss(emb: torch.Tensor, batch: MicroBatch, loss_fn: Callable, *, tau: float,
-                   negatives: str) -> torch.Tensor:
+def embedding_loss(
+    emb: torch.Tensor, batch: MicroBatch, loss_fn: Callable, *, tau: float, negatives: str
+) -> torch.Tensor:
     """The InfoNCE loss (a float32 device scalar) of a micro-batch's embeddings ``emb`` (as
     :func:`embed` orders them): B queries against the positives and ``k`` hard negatives per query."""
     b, k = batch.queries, batch.k
-    neg = emb[2 * b:].view(b, k, -1) if k else None
-    return loss_fn(emb[:b], emb[b:2 * b], neg, tau=tau, negatives=negatives)
+    neg = emb[2 * b :].view(b, k, -1) if k else None
+    return loss_fn(emb[:b], emb[b : 2 * b], neg, tau=tau, negatives=negatives)
 
 
 def micro_batch_loss(embedder, batch: MicroBatch, loss_fn: Callable, *, tau: float, negatives: str) -> torch.Tensor:
@@ -66,7 +67,7 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], *, lr: float, weight_de
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def compile_for_training(embedder, loss_fn: Callable, mode: Optional[str] = None) -> Callable:
+def compile_for_training(embedder, loss_fn: Callable, mode: str | None = None) -> Callable:
     """``--compile``: the encoder compiled in place (its parameters keep their names, so checkpoints
     match the eager run's) with the fused ATA layer inside its graph; returns ``loss_fn`` compiled
     around the fused InfoNCE op. Dynamic shapes (bucket lengths are rounded to 64); ``mode``:
@@ -106,10 +107,22 @@ class TrainStep:
         gradcache: run each micro-batch as GradCache (its buckets are the chunks).
     """
 
-    def __init__(self, embedder, optimizer: torch.optim.Optimizer, loss_fn: Callable, *, tau: float, negatives: str,
-                 max_grad_norm: float, precision: Precision, scaler: Optional["torch.amp.GradScaler"] = None,
-                 compile: bool = False, compile_mode: Optional[str] = None, engine: Optional[Single] = None,
-                 gradcache: bool = False):
+    def __init__(
+        self,
+        embedder,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        *,
+        tau: float,
+        negatives: str,
+        max_grad_norm: float,
+        precision: Precision,
+        scaler: torch.amp.GradScaler | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        engine: Single | None = None,
+        gradcache: bool = False,
+    ):
         self.embedder, self.optimizer, self.loss_fn = embedder, optimizer, loss_fn
         self.tau, self.negatives, self.max_grad_norm = tau, negatives, max_grad_norm
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -119,7 +132,7 @@ class TrainStep:
         self.engine = engine if engine is not None else Single(Ranks())
         self.gradcache = gradcache
 
-    def backward(self, output: torch.Tensor, grad: Optional[torch.Tensor] = None, *, sync: bool) -> None:
+    def backward(self, output: torch.Tensor, grad: torch.Tensor | None = None, *, sync: bool) -> None:
         """Back-propagate ``output`` (a loss, scaled by float16's gradient scaler; or embeddings with
         their cached ``grad``); ``sync``: the step's last backward, which syncs the gradients."""
         if grad is None and self.scaler is not None:
@@ -145,8 +158,9 @@ class TrainStep:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             if self.gradcache:
-                loss = gradcache_step(self.embedder, batch, self.embedding_loss, scale=1 / len(batches),
-                                      backward=self.backward, last=last)
+                loss = gradcache_step(
+                    self.embedder, batch, self.embedding_loss, scale=1 / len(batches), backward=self.backward, last=last
+                )
                 scaled = loss / len(batches)
             else:
                 loss = self.micro_batch_loss(batch)
@@ -172,5 +186,12 @@ class TrainStep:
         return StepOutcome(total, finite, examples, tokens)
 
 
-__all__ = ["StepOutcome", "TrainStep", "compile_for_training", "embed", "embedding_loss", "make_optimizer",
-           "micro_batch_loss"]
+__all__ = [
+    "StepOutcome",
+    "TrainStep",
+    "compile_for_training",
+    "embed",
+    "embedding_loss",
+    "make_optimizer",
+    "micro_batch_loss",
+]

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def check_report_to(report_to: Optional[Sequence[str]]) -> Optional[list]:
+def check_report_to(report_to: Sequence[str] | None) -> list | None:
     """Validate ``report_to`` (None, or names from TRACKERS, or ["none"]); returns it as a list."""
     if report_to is None:
         return None
@@ -48,7 +48,7 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(_PACKAGES[name]) is not None
 
 
-def resolve(report_to: Optional[Sequence[str]]) -> list:
+def resolve(report_to: Sequence[str] | None) -> list:
     """The trackers a run opens: the default (TensorBoard if installed) or exactly those asked for."""
     names = check_report_to(report_to)
     if names is None:
@@ -58,8 +58,10 @@ def resolve(report_to: Optional[Sequence[str]]) -> list:
     missing = [n for n in names if not _installed(n)]
     if missing:
         extras = ", ".join(f"mgh[{n}]" if n != "tensorboard" else "tensorboard" for n in missing)
-        raise ValueError(f"report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
-                         f"(pip install {extras})")
+        raise ValueError(
+            f"report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+            f"(pip install {extras})"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -93,8 +95,13 @@ class _WandB:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mgh"), name=name, dir=str(folder),
-                              config=config, reinit="finish_previous")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mgh"),
+            name=name,
+            dir=str(folder),
+            config=config,
+            reinit="finish_previous",
+        )
 
     def log(self, row: dict, step: int) -> None:
         self.run.log(row, step=step)
@@ -137,7 +144,7 @@ _CLASSES = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
 class Trackers:
     """The open trackers of a run: ``log(row, step)`` to each, ``close()`` at the end."""
 
-    def __init__(self, names: Sequence[str], folder, config: dict, name: Optional[str] = None):
+    def __init__(self, names: Sequence[str], folder, config: dict, name: str | None = None):
         folder = Path(folder)
         self.names = list(names)
         self._open = []
@@ -158,7 +165,7 @@ class Trackers:
             self._open.pop().close()
 
 
-def open_trackers(report_to: Optional[Sequence[str]], folder, config: dict) -> Trackers:
+def open_trackers(report_to: Sequence[str] | None, folder, config: dict) -> Trackers:
     """Open the trackers ``report_to`` names (see the module's docstring) for a run in ``folder``."""
     return Trackers(resolve(report_to), folder, config)
 

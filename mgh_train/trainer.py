@@ -37,17 +37,25 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 
 from mgh_kernels import eager_infonce, infonce_loss
 
 from . import disk_space, distributed, interrupts, packing, peers, run_lock
-from .batches import COMPILE_PAD_MULTIPLE, PAD_MULTIPLE, Collate, MicroBatchPlanner, RankPlans, instruction_of, micro_batch_loader
+from .batches import (
+    COMPILE_PAD_MULTIPLE,
+    PAD_MULTIPLE,
+    Collate,
+    MicroBatchPlanner,
+    RankPlans,
+    instruction_of,
+    micro_batch_loader,
+)
 from .checkpoints import load_weights_and_optimizer, rank_rng_state, restore_schedule, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import NoDuplicatesBatcher
@@ -80,15 +88,15 @@ class TrainResult:
     """What a run produced."""
 
     output: Path
-    model_path: Optional[Path]
+    model_path: Path | None
     losses: list = field(default_factory=list)  # per optimizer step of this process, in order
     start_step: int = 0
-    accuracy_before: Optional[dict] = None
-    accuracy_after: Optional[dict] = None
-    sts_spearman: Optional[float] = None
-    evaluation: Optional[dict] = None  # the evaluator's last metrics (``evaluator=``)
-    best_step: Optional[int] = None  # the step whose weights were kept (``load_best_model_at_end``)
-    embedder: Optional[Embedder] = field(default=None, repr=False)  # the trained embedder (rank 0)
+    accuracy_before: dict | None = None
+    accuracy_after: dict | None = None
+    sts_spearman: float | None = None
+    evaluation: dict | None = None  # the evaluator's last metrics (``evaluator=``)
+    best_step: int | None = None  # the step whose weights were kept (``load_best_model_at_end``)
+    embedder: Embedder | None = field(default=None, repr=False)  # the trained embedder (rank 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,8 +104,15 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callable[[str], None] = print,
-          report_accuracy: bool = True, examples: Optional[list] = None, evaluator=None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    embedder: Embedder | None = None,
+    log: Callable[[str], None] = print,
+    report_accuracy: bool = True,
+    examples: list | None = None,
+    evaluator=None,
+) -> TrainResult:
     """Run ``cfg``; ``embedder`` replaces the one ``cfg`` describes (tests pass tiny models),
     ``examples`` (:class:`Example` list) replace ``cfg.data``, and ``evaluator`` (see
     :mod:`mgh_train.evaluators`) runs every ``eval_every`` steps and at the end. :func:`mgh_train.fit`
@@ -121,20 +136,32 @@ def train(cfg: TrainConfig, *, embedder: Optional[Embedder] = None, log: Callabl
         ranks.close()
 
 
-def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Callable[[str], None],
-           report_accuracy: bool, examples: Optional[list] = None, evaluator=None) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    ranks: Ranks,
+    embedder: Embedder | None,
+    log: Callable[[str], None],
+    report_accuracy: bool,
+    examples: list | None = None,
+    evaluator=None,
+) -> TrainResult:
     """The run: check and load, measure the held-out retrieval, set up, train, evaluate, save."""
     started = time.perf_counter()
     run = prepare(cfg, ranks, embedder, log, examples)
     embedder = place_model(cfg, ranks, run, log)
     result = TrainResult(output=Path(cfg.output), model_path=None)
-    keeper = BestKeeper(evaluator, embedder, log, metric=cfg.metric_for_best_model,
-                        greater_is_better=cfg.greater_is_better) if evaluator is not None else None
+    keeper = (
+        BestKeeper(evaluator, embedder, log, metric=cfg.metric_for_best_model, greater_is_better=cfg.greater_is_better)
+        if evaluator is not None
+        else None
+    )
     held = run.held if report_accuracy else []
     if held and ranks.main:  # the whole model is on every rank until the engine
         result.accuracy_before = retrieval_accuracy(embedder, held)
-        log(f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
-            f"MRR {result.accuracy_before['mrr']:.3f} ({len(held)} queries)")
+        log(
+            f"held-out retrieval before training: accuracy {result.accuracy_before['accuracy']:.1%}, "
+            f"MRR {result.accuracy_before['mrr']:.3f} ({len(held)} queries)"
+        )
 
     training = set_up(cfg, ranks, run, log)
     result.start_step = training.start
@@ -142,14 +169,21 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
     final_evaluation(cfg, training, keeper, held, result)
 
     card = {"train_examples": len(run.train_set), **({"in_memory": True} if examples is not None else {})}
-    result.model_path = save_model(embedder, training.engine, result.output / "model",
-                                   training={**cfg.to_dict(), **card})
+    result.model_path = save_model(
+        embedder, training.engine, result.output / "model", training={**cfg.to_dict(), **card}
+    )
     result.embedder = embedder if ranks.main else None
     log(f"model saved to {result.model_path}")
     if ranks.main:
         steps = cfg.steps - result.start_step
-        log(run_summary(time.perf_counter() - started, steps=steps, losses=result.losses,
-                        examples=steps * cfg.grad_accum * cfg.batch_size * ranks.world))
+        log(
+            run_summary(
+                time.perf_counter() - started,
+                steps=steps,
+                losses=result.losses,
+                examples=steps * cfg.grad_accum * cfg.batch_size * ranks.world,
+            )
+        )
     return result
 
 
@@ -158,7 +192,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, embedder: Optional[Embedder], log: Ca
 # --------------------------------------------------------------------------------------------
 
 
-def train_loop(cfg: TrainConfig, t: "Training", keeper: Optional[BestKeeper]) -> list[float]:
+def train_loop(cfg: TrainConfig, t: Training, keeper: BestKeeper | None) -> list[float]:
     """Optimizer steps ``t.start + 1`` .. ``cfg.steps``; the losses of the steps run, in order.
 
     Each step trains on ``grad_accum`` micro-batches and records its outcome without reading the
@@ -209,7 +243,7 @@ class Due:
     log: bool
 
     @classmethod
-    def at(cls, cfg: TrainConfig, step: int, *, evaluators: bool, stop: int) -> "Due":
+    def at(cls, cfg: TrainConfig, step: int, *, evaluators: bool, stop: int) -> Due:
         done = step == cfg.steps
         evaluate = bool(evaluators and cfg.eval_every and step % cfg.eval_every == 0)
         save = bool(cfg.save_every and step % cfg.save_every == 0) or done or bool(stop)
@@ -231,7 +265,7 @@ class Training:
     embedder: Embedder
     optimizer: torch.optim.Optimizer
     scheduler: object  # a LambdaLR (lr_schedule)
-    scaler: Optional["torch.amp.GradScaler"]
+    scaler: torch.amp.GradScaler | None
     train_step: TrainStep
     loader: object  # DataLoader of this rank's micro-batches (micro_batch_loader_for)
     start: int
@@ -243,10 +277,19 @@ class Training:
         micro-batch. A full disk ends the run in one line, leaving no partial files."""
         output = Path(cfg.output)
         with disk_space.saving(output, step, self.embedder):
-            return save_checkpoint(output, step=step, embedder=self.embedder, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, sampler=sampler, cfg=cfg, scaler=self.scaler,
-                                   data_fingerprint=self.data_fingerprint, ranks=self.ranks,
-                                   sharded=self.engine.sharded)
+            return save_checkpoint(
+                output,
+                step=step,
+                embedder=self.embedder,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                sampler=sampler,
+                cfg=cfg,
+                scaler=self.scaler,
+                data_fingerprint=self.data_fingerprint,
+                ranks=self.ranks,
+                sharded=self.engine.sharded,
+            )
 
 
 def place_model(cfg: TrainConfig, ranks: Ranks, run: Prepared, log: Callable[[str], None]) -> Embedder:
@@ -258,12 +301,16 @@ def place_model(cfg: TrainConfig, ranks: Ranks, run: Prepared, log: Callable[[st
     params = [p for p in embedder.parameters() if p.requires_grad]
     if not params:
         raise ValueError("lora_r: the model has no trainable parameters (set lora_r > 0)")
-    log(f"model: {sum(p.numel() for p in params):,} trainable parameters, pooling {embedder.config.pooling}, "
-        f"{'bidirectional' if embedder.config.bidirectional else 'causal'}, loss {cfg.loss}, device {device}")
+    log(
+        f"model: {sum(p.numel() for p in params):,} trainable parameters, pooling {embedder.config.pooling}, "
+        f"{'bidirectional' if embedder.config.bidirectional else 'causal'}, loss {cfg.loss}, device {device}"
+    )
     if ranks.distributed:
-        log(f"world: {ranks.world} processes, --parallel {cfg.parallel or 'replicate'}, global batch "
+        log(
+            f"world: {ranks.world} processes, --parallel {cfg.parallel or 'replicate'}, global batch "
             f"{cfg.batch_size * ranks.world} ({cfg.batch_size} per process), candidates "
-            f"{'gathered from every process' if run.gather else 'of each process alone'}")
+            f"{'gathered from every process' if run.gather else 'of each process alone'}"
+        )
     return embedder
 
 
@@ -275,8 +322,11 @@ def set_up(cfg: TrainConfig, ranks: Ranks, run: Prepared, log: Callable[[str], N
         packing.use_packed_attention(embedder)
         log(packing.describe(cfg, ranks.device))
     engine = distributed.make_engine(cfg.parallel, ranks, embedder, run.precision)
-    optimizer = make_optimizer([p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
-                               lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(
+        [p for p in embedder.parameters() if p.requires_grad],  # FSDP2's DTensors
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     warmup = math.ceil(cfg.warmup * cfg.steps)  # transformers' TrainingArguments.get_warmup_steps
     scheduler, scaler = lr_schedule(optimizer, cfg.steps, warmup), run.precision.grad_scaler()
     batcher = NoDuplicatesBatcher(run.train_set, cfg.batch_size * ranks.world, seed=cfg.seed)  # the global batch
@@ -285,19 +335,41 @@ def set_up(cfg: TrainConfig, ranks: Ranks, run: Prepared, log: Callable[[str], N
         torch.manual_seed(cfg.seed + ranks.rank)  # dropout differs between ranks (the weights do not)
     start = 0
     if run.plan.checkpoint is not None:
-        start = resume(run.plan.checkpoint, cfg, ranks, engine, embedder=embedder, optimizer=optimizer,
-                       scheduler=scheduler, batcher=batcher, rng=rng, scaler=scaler, changed=run.plan.changed,
-                       log=log)
+        start = resume(
+            run.plan.checkpoint,
+            cfg,
+            ranks,
+            engine,
+            embedder=embedder,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            batcher=batcher,
+            rng=rng,
+            scaler=scaler,
+            changed=run.plan.changed,
+            log=log,
+        )
     if ranks.main:
         run.plan.clear(log)  # --overwrite: the old run's state goes now, just before the first write
     ranks.barrier()
-    train_step = TrainStep(embedder, optimizer, loss_function(cfg, run.gather), tau=cfg.tau,
-                           negatives=cfg.negatives, max_grad_norm=cfg.max_grad_norm, precision=run.precision,
-                           scaler=scaler, compile=cfg.compile, compile_mode=cfg.compile_mode, engine=engine,
-                           gradcache=cfg.gradcache)
+    train_step = TrainStep(
+        embedder,
+        optimizer,
+        loss_function(cfg, run.gather),
+        tau=cfg.tau,
+        negatives=cfg.negatives,
+        max_grad_norm=cfg.max_grad_norm,
+        precision=run.precision,
+        scaler=scaler,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+        engine=engine,
+        gradcache=cfg.gradcache,
+    )
     loader = micro_batch_loader_for(cfg, run.train_set, batcher, rng, embedder, engine, start)
-    return Training(ranks, engine, embedder, optimizer, scheduler, scaler, train_step, loader, start,
-                    run.data_fingerprint, log)
+    return Training(
+        ranks, engine, embedder, optimizer, scheduler, scaler, train_step, loader, start, run.data_fingerprint, log
+    )
 
 
 def loss_function(cfg: TrainConfig, gather: bool) -> Callable:
@@ -323,27 +395,54 @@ def lr_schedule(optimizer, steps: int, warmup: int):
     return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-def micro_batch_loader_for(cfg: TrainConfig, train_set: list, batcher, rng, embedder: Embedder, engine,
-                           start: int):
+def micro_batch_loader_for(cfg: TrainConfig, train_set: list, batcher, rng, embedder: Embedder, engine, start: int):
     """The DataLoader of this rank's micro-batches from step ``start``: the global plan (sampler,
     stage, negatives) cut to its slice, tokenized in ``--workers`` processes."""
     ranks = engine.ranks
-    planner = MicroBatchPlanner(train_set, batcher, rng, schedule=cfg.schedule, steps=cfg.steps,
-                                stage_steps=cfg.stage_steps, grad_accum=cfg.grad_accum, start_step=start)
+    planner = MicroBatchPlanner(
+        train_set,
+        batcher,
+        rng,
+        schedule=cfg.schedule,
+        steps=cfg.steps,
+        stage_steps=cfg.stage_steps,
+        grad_accum=cfg.grad_accum,
+        start_step=start,
+    )
     workers = cfg.workers if cfg.workers is not None else (2 if ranks.device.type == "cuda" else 1)
     if cfg.packing:  # padded buckets -> packed rows (mgh_train/packing.py)
         collate = packing.collate_for(cfg, embedder.tokenizer, embedder.config, one_forward=engine.collective_forward)
     else:
-        collate = Collate(embedder.tokenizer, embedder.config, multiple=COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE,
-                          max_buckets=cfg.max_buckets, chunk_size=cfg.chunk_size, chunk_tokens=cfg.chunk_tokens,
-                          one_forward=engine.collective_forward)
+        collate = Collate(
+            embedder.tokenizer,
+            embedder.config,
+            multiple=COMPILE_PAD_MULTIPLE if cfg.compile else PAD_MULTIPLE,
+            max_buckets=cfg.max_buckets,
+            chunk_size=cfg.chunk_size,
+            chunk_tokens=cfg.chunk_tokens,
+            one_forward=engine.collective_forward,
+        )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
-    return micro_batch_loader(RankPlans(planner, ranks.rank, ranks.world), collate, workers=workers,
-                              pin_memory=ranks.device.type == "cuda")
+    return micro_batch_loader(
+        RankPlans(planner, ranks.rank, ranks.world), collate, workers=workers, pin_memory=ranks.device.type == "cuda"
+    )
 
 
-def resume(checkpoint, cfg: TrainConfig, ranks: Ranks, engine, *, embedder, optimizer, scheduler, batcher, rng,
-           scaler, changed: list, log: Callable[[str], None]) -> int:
+def resume(
+    checkpoint,
+    cfg: TrainConfig,
+    ranks: Ranks,
+    engine,
+    *,
+    embedder,
+    optimizer,
+    scheduler,
+    batcher,
+    rng,
+    scaler,
+    changed: list,
+    log: Callable[[str], None],
+) -> int:
     """Restore a checkpoint's weights, optimizer, schedule, sampler and RNG states; its step."""
     state = checkpoint.state
     load_weights_and_optimizer(embedder, optimizer, checkpoint, sharded=engine.sharded)
@@ -366,7 +465,7 @@ def resume(checkpoint, cfg: TrainConfig, ranks: Ranks, engine, *, embedder, opti
 # --------------------------------------------------------------------------------------------
 
 
-def evaluations(cfg: TrainConfig, t: Training, keeper: Optional[BestKeeper], step: int) -> Optional[dict]:
+def evaluations(cfg: TrainConfig, t: Training, keeper: BestKeeper | None, step: int) -> dict | None:
     """An evaluation step's measurements, to join its row: STS-B dev (``eval_data_dir``) and the
     evaluator's (``evaluator=``); rank 0's, None on the others."""
     extra = None
@@ -380,22 +479,24 @@ def evaluations(cfg: TrainConfig, t: Training, keeper: Optional[BestKeeper], ste
     return extra
 
 
-def final_evaluation(cfg: TrainConfig, t: Training, keeper: Optional[BestKeeper], held: list,
-                     result: TrainResult) -> None:
+def final_evaluation(cfg: TrainConfig, t: Training, keeper: BestKeeper | None, held: list, result: TrainResult) -> None:
     """After the last step: STS-B dev (``eval_data_dir``), the ``held`` examples' retrieval and the
     evaluator, into ``result`` and the log (and ``metrics.jsonl``'s final rows)."""
     t.embedder.eval()
     if cfg.eval_data_dir:
-        result.sts_spearman = evaluated(t.engine, lambda: sts_dev_spearman(t.embedder, cfg.eval_data_dir,
-                                                                           cfg.eval_limit))
+        result.sts_spearman = evaluated(
+            t.engine, lambda: sts_dev_spearman(t.embedder, cfg.eval_data_dir, cfg.eval_limit)
+        )
         if t.ranks.main:
             t.log(f"STS-B dev Spearman: {result.sts_spearman:.2f}")
             append_row(result.output, {"step": cfg.steps, "final_stsb_dev_spearman": result.sts_spearman})
     if held:
         result.accuracy_after = evaluated(t.engine, lambda: retrieval_accuracy(t.embedder, held))
         if t.ranks.main:
-            t.log(f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
-                  f"MRR {result.accuracy_after['mrr']:.3f}")
+            t.log(
+                f"held-out retrieval after training: accuracy {result.accuracy_after['accuracy']:.1%}, "
+                f"MRR {result.accuracy_after['mrr']:.3f}"
+            )
     if keeper is not None:
         final_evaluator(cfg, t, keeper, result)
 
@@ -432,7 +533,7 @@ def evaluated(engine, evaluate: Callable):
     return None
 
 
-def save_model(embedder: Embedder, engine, path: Path, *, training: dict) -> Optional[Path]:
+def save_model(embedder: Embedder, engine, path: Path, *, training: dict) -> Path | None:
     """Rank 0 writes ``model/`` (FSDP2's shards gathered to it first: every rank calls this); the
     path on rank 0, None elsewhere."""
     ranks = engine.ranks
@@ -444,7 +545,7 @@ def save_model(embedder: Embedder, engine, path: Path, *, training: dict) -> Opt
     return saved
 
 
-def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpoint) -> "NonFiniteTraining":
+def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpoint) -> NonFiniteTraining:
     """The error that stops a run at ``step``, whose micro-batches (``plans``) gave a non-finite loss
     (named as non-finite activations where ATA's column sums are): its update never reached the
     weights (skipped on the device, or never made). Every rank diagnoses the whole global
@@ -458,7 +559,10 @@ def _non_finite(embedder: Embedder, engine, step: int, plans: list, last_checkpo
     where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
     return NonFiniteTraining(
         f"step {step}: {what}: {culprit}; so training stopped before its update reached the weights{where}. "
-        "Lower --lr, raise --tau, or check the data.", step=step, where=culprit)
+        "Lower --lr, raise --tau, or check the data.",
+        step=step,
+        where=culprit,
+    )
 
 
 __all__ = ["NonFiniteTraining", "TrainResult", "TrainingStopped", "train", "train_loop"]

@@ -14,8 +14,8 @@ finite flag are reduced over the ranks on the device), so every rank sees the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from .distributed import Ranks
 from .metrics import RunLog
@@ -30,8 +30,11 @@ class Watchers:
 
     def __init__(self, cfg, ranks: Ranks, start: int, log: Callable[[str], None]):
         output, main = Path(cfg.output), ranks.main
-        self.run_log = RunLog(output / "metrics.jsonl" if main else None, start,
-                          open_trackers(cfg.report_to, output, cfg.to_dict()) if main else None)
+        self.run_log = RunLog(
+            output / "metrics.jsonl" if main else None,
+            start,
+            open_trackers(cfg.report_to, output, cfg.to_dict()) if main else None,
+        )
         self.profiler = StepProfiler(output / "profile", cfg.profile, log) if cfg.profile and main else None
         self.bar = TrainBar(cfg.steps, start) if cfg.progress and main else None
 
@@ -44,7 +47,7 @@ class Watchers:
         if self.profiler is not None:
             self.profiler.step()
 
-    def flush(self, extra: Optional[dict] = None):
+    def flush(self, extra: dict | None = None):
         """:meth:`RunLog.flush <mgh_train.metrics.RunLog.flush>`: the pending steps' rows (``extra``
         joins the last) and the first non-finite step (None if none); the bar shows the last row."""
         rows, bad = self.run_log.flush(extra)
@@ -59,7 +62,7 @@ class Watchers:
             self.bar.close()
         self.run_log.close()
 
-    def __enter__(self) -> "Watchers":
+    def __enter__(self) -> Watchers:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -54,9 +54,24 @@ def check(log_path: Path) -> str | None:
     url = f"http://127.0.0.1:{port}/v1"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", "1024", "--n_threads", "2"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(gguf_path()),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "1024",
+                "--n_threads",
+                "2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while server.poll() is None and time.monotonic() < deadline:
@@ -69,8 +84,10 @@ def check(log_path: Path) -> str | None:
             if server.poll() is None:
                 return f"the server did not answer on {url} within {START_TIMEOUT_S:.0f} s"
         if server.poll() is None:
-            messages = [{"role": "system", "content": "You are a helpful assistant who answers briefly."},
-                        {"role": "user", "content": "Name three colours of the rainbow, one per line."}]
+            messages = [
+                {"role": "system", "content": "You are a helpful assistant who answers briefly."},
+                {"role": "user", "content": "Name three colours of the rainbow, one per line."},
+            ]
             try:
                 reply = post_json(f"{url}/chat/completions", {"messages": messages, "max_tokens": 8}, ANSWER_TIMEOUT_S)
                 if reply["choices"][0]["message"]["content"] is not None:

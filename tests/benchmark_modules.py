@@ -18,5 +18,12 @@ def load(name: str):
 def tiny(architecture: dict) -> dict:
     """A 2-layer, 48-wide model config of ``architecture``'s family: the benchmark's code paths in
     seconds on a CPU."""
-    return {**architecture, "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2}
+    return {
+        **architecture,
+        "vocab_size": 97,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+    }

@@ -22,11 +22,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mgh_kernels import use_backend  # noqa: E402
-from dist_cases import CASES, GradientTap, config, tiny_embedder  # noqa: E402
-
-from mgh_train import trainer  # noqa: E402
-from mgh_train.step import TrainStep  # noqa: E402
+from dist_cases import CASES, GradientTap, config, tiny_embedder
+from mgh_kernels import use_backend
+from mgh_train import trainer
+from mgh_train.step import TrainStep
 
 
 def trainable(embedder) -> dict:
@@ -82,12 +81,20 @@ def equalities(folder: Path, rank: int) -> dict:
         counter = SyncCount()
         try:
             with GradientTap() as tap:
-                result = trainer.train(config(folder / name, **case["train"], **case["world"]), embedder=embedder,
-                                       log=lambda _: None, report_accuracy=False)
+                result = trainer.train(
+                    config(folder / name, **case["train"], **case["world"]),
+                    embedder=embedder,
+                    log=lambda _: None,
+                    report_accuracy=False,
+                )
         finally:
             counter.close()
-        out[name] = {"losses": result.losses, "weights": trainable(embedder), "syncs": counter.per_step,
-                     "grads": tap.grads}
+        out[name] = {
+            "losses": result.losses,
+            "weights": trainable(embedder),
+            "syncs": counter.per_step,
+            "grads": tap.grads,
+        }
     return out
 
 
@@ -103,8 +110,12 @@ def checkpoints(folder: Path, rank: int) -> dict:
     real_save = module.save_checkpoint
     for name, extra in (("replicate", {}), ("fsdp", {"parallel": "fsdp"}), ("gradcache", {"chunk_size": 3})):
         options = dict(steps=4, save_every=2, keep_checkpoints=0, batch_size=3, schedule="random", **extra)
-        whole = trainer.train(config(folder / f"{name}-whole", **options), embedder=tiny_embedder(),
-                              log=lambda _: None, report_accuracy=False)
+        whole = trainer.train(
+            config(folder / f"{name}-whole", **options),
+            embedder=tiny_embedder(),
+            log=lambda _: None,
+            report_accuracy=False,
+        )
 
         def save_then_die(*args, **kwargs):
             path = real_save(*args, **kwargs)
@@ -114,20 +125,36 @@ def checkpoints(folder: Path, rank: int) -> dict:
 
         module.save_checkpoint = save_then_die
         try:
-            trainer.train(config(folder / f"{name}-killed", **options), embedder=tiny_embedder(),
-                          log=lambda _: None, report_accuracy=False)
+            trainer.train(
+                config(folder / f"{name}-killed", **options),
+                embedder=tiny_embedder(),
+                log=lambda _: None,
+                report_accuracy=False,
+            )
             raise AssertionError("the run was not killed")
         except Killed:
             pass
         finally:
             module.save_checkpoint = real_save
         lines = []
-        resumed = trainer.train(config(folder / f"{name}-killed", resume="latest", **options),
-                                embedder=tiny_embedder(lora_seed=7), log=lines.append, report_accuracy=False)
-        rows = [json.loads(r) for r in (folder / f"{name}-killed" / "metrics.jsonl").read_text().splitlines()] \
-            if rank == 0 else []
-        out[name] = {"whole": whole.losses, "resumed": resumed.losses, "start": resumed.start_step,
-                     "rows": rows, "log": lines}
+        resumed = trainer.train(
+            config(folder / f"{name}-killed", resume="latest", **options),
+            embedder=tiny_embedder(lora_seed=7),
+            log=lines.append,
+            report_accuracy=False,
+        )
+        rows = (
+            [json.loads(r) for r in (folder / f"{name}-killed" / "metrics.jsonl").read_text().splitlines()]
+            if rank == 0
+            else []
+        )
+        out[name] = {
+            "whole": whole.losses,
+            "resumed": resumed.losses,
+            "start": resumed.start_step,
+            "rows": rows,
+            "log": lines,
+        }
     return out
 
 
@@ -136,15 +163,23 @@ def failures(folder: Path, rank: int) -> dict:
     out = {}
     # D: rank 1's base model is wider
     try:
-        trainer.train(config(folder / "width"), embedder=tiny_embedder(hidden=48 if rank == 1 else 32),
-                      log=lambda _: None, report_accuracy=False)
+        trainer.train(
+            config(folder / "width"),
+            embedder=tiny_embedder(hidden=48 if rank == 1 else 32),
+            log=lambda _: None,
+            report_accuracy=False,
+        )
         out["width"] = None
     except ValueError as error:
         out["width"] = str(error)
     # K: rank 1 trains with all four negatives per query, rank 0 with one
     try:
-        trainer.train(config(folder / "negatives", schedule="all" if rank == 1 else "level:1"),
-                      embedder=tiny_embedder(), log=lambda _: None, report_accuracy=False)
+        trainer.train(
+            config(folder / "negatives", schedule="all" if rank == 1 else "level:1"),
+            embedder=tiny_embedder(),
+            log=lambda _: None,
+            report_accuracy=False,
+        )
         out["negatives"] = None
     except ValueError as error:
         out["negatives"] = str(error)
@@ -169,14 +204,21 @@ def failures(folder: Path, rank: int) -> dict:
 
         TrainStep.__call__ = step
         try:
-            trainer.train(config(folder / f"nan-{engine}", steps=3, log_every=1, parallel=engine), embedder=embedder,
-                          log=lambda _: None, report_accuracy=False)
+            trainer.train(
+                config(folder / f"nan-{engine}", steps=3, log_every=1, parallel=engine),
+                embedder=embedder,
+                log=lambda _: None,
+                report_accuracy=False,
+            )
             out[engine] = {"error": None}
         except trainer.NonFiniteTraining as error:
             after = trainable(embedder)
-            out[engine] = {"error": str(error), "step": error.step,
-                           "unchanged": all(torch.equal(after[n], snapshots[1][n]) for n in after),
-                           "steps_run": len(snapshots)}
+            out[engine] = {
+                "error": str(error),
+                "step": error.step,
+                "unchanged": all(torch.equal(after[n], snapshots[1][n]) for n in after),
+                "steps_run": len(snapshots),
+            }
         finally:
             trainer.gathered_infonce = real
             TrainStep.__call__ = real_call

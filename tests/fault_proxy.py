@@ -24,16 +24,21 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 FAULTS = ("pass", "429", "500", "401", "400-max-tokens", "drop", "truncate", "nonjson")
-MAX_TOKENS_REFUSAL = {"error": {
-    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
-               "Use 'max_completion_tokens' instead.",
-    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
+MAX_TOKENS_REFUSAL = {
+    "error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+}
 
 
 @dataclass
@@ -42,12 +47,12 @@ class Exchange:
     fault: str
     started: float
     request: dict
-    authorization: Optional[str]
-    status: Optional[int] = None
-    body: Optional[bytes] = None  # relayed to the client (pass only)
+    authorization: str | None
+    status: int | None = None
+    body: bytes | None = None  # relayed to the client (pass only)
 
     @property
-    def content(self) -> Optional[str]:
+    def content(self) -> str | None:
         """The assistant message of a relayed chat completion."""
         if self.fault != "pass" or self.status != 200 or self.body is None:
             return None
@@ -55,8 +60,12 @@ class Exchange:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, plan: Callable[[int, dict], str] = lambda number, body: "pass",
-                 rewrite: Optional[Callable[[dict], dict]] = None):
+    def __init__(
+        self,
+        upstream: str,
+        plan: Callable[[int, dict], str] = lambda number, body: "pass",
+        rewrite: Callable[[dict], dict] | None = None,
+    ):
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.plan, self.rewrite = plan, rewrite
@@ -93,13 +102,19 @@ class FaultProxy:
                     exchange.status = 400
                     self._answer(400, {"Content-Type": "application/json"}, json.dumps(MAX_TOKENS_REFUSAL).encode())
                 elif fault in ("429", "500", "401"):
-                    message = {"429": "rate limited, slow down", "500": "injected server error",
-                               # as some servers do: the refused key echoed back
-                               "401": f"invalid api key: {self.headers.get('Authorization')}"}[fault]
+                    message = {
+                        "429": "rate limited, slow down",
+                        "500": "injected server error",
+                        # as some servers do: the refused key echoed back
+                        "401": f"invalid api key: {self.headers.get('Authorization')}",
+                    }[fault]
                     exchange.status = int(fault)
                     extra = {"Retry-After": "1"} if fault == "429" else {}
-                    self._answer(int(fault), {"Content-Type": "application/json", **extra},
-                                 json.dumps({"error": {"message": message, "type": "injected"}}).encode())
+                    self._answer(
+                        int(fault),
+                        {"Content-Type": "application/json", **extra},
+                        json.dumps({"error": {"message": message, "type": "injected"}}).encode(),
+                    )
                 elif fault == "nonjson":
                     exchange.status = 200
                     self._answer(200, {"Content-Type": "application/json"}, b"<html><body>502 Bad Gateway</body>")
@@ -153,7 +168,7 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.thread.start()
         return self
 

@@ -59,6 +59,7 @@ def unavailable_reason():
     try:
         import triton
         from triton.backends import backends
+
         if "nvidia" not in backends:
             return f"triton {triton.__version__} has no NVIDIA backend"
         path = triton.knobs.nvidia.ptxas.path
@@ -97,8 +98,13 @@ def compile_many(cases: list[dict], timeout: float = 600) -> list[list[dict]]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every kernel is really compiled
         env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(cases)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), json.dumps(cases)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"capturing the launches of {cases} failed:\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -109,8 +115,19 @@ def compile_many(cases: list[dict], timeout: float = 600) -> list[list[dict]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True, dim=1024, negatives="global",
-             batch=100, tiles=None):
+def _capture(
+    op,
+    dtype,
+    *,
+    head_dim=64,
+    causal=False,
+    length=1000,
+    padding=True,
+    dim=1024,
+    negatives="global",
+    batch=100,
+    tiles=None,
+):
     """[(kernel, args, kwargs)] of one CUDA forward + backward, run on meta tensors."""
     import torch
 
@@ -135,6 +152,7 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True,
                 cfg.update({key: value for key, value in (tiles or {}).items() if key in cfg})
                 applied.update(key for key in tiles or {} if key in cfg)
             return cfg
+
         return cuda_tiles
 
     def empty(*shape, dt=dtype, grad=False):
@@ -159,11 +177,16 @@ def _capture(op, dtype, *, head_dim=64, causal=False, length=1000, padding=True,
                 q = empty(2 * length, hkv * group, head_dim, grad=True)
                 k, v = empty(2 * length, hkv, head_dim, grad=True), empty(2 * length, hkv, head_dim, grad=True)
                 cu = empty(3, dt=torch.int32)
-                out, colsum = varlen_ops.VarlenAttentionFunction.apply(q, k, v, cu, length, causal, head_dim**-0.5,
-                                                                       True)
+                out, colsum = varlen_ops.VarlenAttentionFunction.apply(
+                    q, k, v, cu, length, causal, head_dim**-0.5, True
+                )
                 torch.autograd.grad((out, colsum), (q, k, v), (torch.empty_like(out), torch.empty_like(colsum)))
             else:
-                q, pos, neg = empty(batch, dim, grad=True), empty(batch, dim, grad=True), empty(batch * 3, dim, grad=True)
+                q, pos, neg = (
+                    empty(batch, dim, grad=True),
+                    empty(batch, dim, grad=True),
+                    empty(batch * 3, dim, grad=True),
+                )
                 own = {"global": False, "own": True}[negatives]
                 losses = infonce_ops.InfoNCEFunction.apply(q, pos, neg, 0.05, True, own, 0)  # neg flattened
                 torch.autograd.grad(losses, (q, pos, neg), torch.empty_like(losses))
@@ -203,8 +226,9 @@ def _compile(kernel, args, kwargs, arch, sass=False):
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constants, attrs), target=target, options=options.__dict__
+            )
     except Exception as e:  # noqa: BLE001 - the error is the result
         # Triton's CompilationError points at the call site; the reason is in its chained causes.
         chain = [e]
@@ -218,8 +242,12 @@ def _compile(kernel, args, kwargs, arch, sass=False):
             found = re.search(pattern, text)
             return int(found.group(1)) if found else None
 
-        result.update(shared=compiled.metadata.shared, registers=number(r"Used (\d+) registers"),
-                      spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"))
+        result.update(
+            shared=compiled.metadata.shared,
+            registers=number(r"Used (\d+) registers"),
+            spill_stores=number(r"(\d+) bytes spill stores"),
+            spill_loads=number(r"(\d+) bytes spill loads"),
+        )
         if sass:
             result["loops"] = hot_loops(_disassemble(compiled.asm["cubin"]))
     result["seconds"] = round(time.perf_counter() - start, 2)
@@ -263,6 +291,7 @@ def hot_loops(sass: str) -> list[dict]:
         target = re.search(r"(\.L_x_\d+)", instruction) if _opcode(instruction) == "BRA" else None
         if target and labels.get(target.group(1), end + 1) <= end:
             spans.append((labels[target.group(1)], end))
+
     def opcodes(start, end):
         counts = {}
         for instruction in instructions[start : end + 1]:
@@ -270,8 +299,11 @@ def hot_loops(sass: str) -> list[dict]:
         return counts
 
     tensor_core = [(start, end) for start, end in spans if {"HGMMA", "HMMA"} & set(opcodes(start, end))]
-    return [dict(instructions=end - start + 1, opcodes=opcodes(start, end)) for start, end in tensor_core
-            if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in tensor_core)]
+    return [
+        dict(instructions=end - start + 1, opcodes=opcodes(start, end))
+        for start, end in tensor_core
+        if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in tensor_core)
+    ]
 
 
 def _main(cases):

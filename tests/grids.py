@@ -36,7 +36,7 @@ PAIRWISE_GRIDS = {
 def pairs_of(params: dict) -> set:
     """The (name, value) pairs one case sets: every value alone, and every two together."""
     values = sorted((name, repr(value)) for name, value in params.items())
-    return set(((v,) for v in values)) | set(combinations(values, 2))
+    return set((v,) for v in values) | set(combinations(values, 2))
 
 
 def pairwise_cover(cases: list[dict]) -> list[int]:

@@ -55,8 +55,9 @@ class LlamaServer:
     stands in for a server that dies, to test the watcher.
     """
 
-    def __init__(self, log_path: Path, *, n_ctx: int = 4096, start_timeout: float = 180.0,
-                 command: list[str] | None = None):
+    def __init__(
+        self, log_path: Path, *, n_ctx: int = 4096, start_timeout: float = 180.0, command: list[str] | None = None
+    ):
         self.port = free_port()
         self.log_path, self.n_ctx, self.start_timeout = Path(log_path), n_ctx, start_timeout
         self.command = command
@@ -66,13 +67,29 @@ class LlamaServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         if self.command is None:
             if importlib.util.find_spec("llama_cpp") is None:
                 raise RuntimeError("llama-cpp-python is not installed: run scripts/setup.sh --dev, which builds it")
-            command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias",
-                       MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-                       "--n_threads", "2", "--verbose", "False"]
+            command = [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(gguf_path()),
+                "--model_alias",
+                MODEL_ALIAS,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--n_ctx",
+                str(self.n_ctx),
+                "--n_threads",
+                "2",
+                "--verbose",
+                "False",
+            ]
         else:
             command = [part.replace("{port}", str(self.port)) for part in self.command]
         self._log = open(self.log_path, "wb")

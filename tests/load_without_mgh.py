@@ -24,8 +24,8 @@ class BlockMgh(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, BlockMgh())
 
-import torch  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
+import torch
+from sentence_transformers import SentenceTransformer
 
 jobs = json.loads(open(sys.argv[1], encoding="utf-8").read())
 out = []

@@ -58,7 +58,8 @@ counts = {"native": _native.library() is not None, "threads": torch.get_num_thre
 for length in (256, 1024):
     for backward in (False, True):
         for ours in (True, False):
-            counts[f"{'ours' if ours else 'sdpa'} {'fwd+bwd' if backward else 'fwd'} L{length}"] = \
-                counted(attention(length, backward, ours))
+            counts[f"{'ours' if ours else 'sdpa'} {'fwd+bwd' if backward else 'fwd'} L{length}"] = counted(
+                attention(length, backward, ours)
+            )
 counts["infonce ours"], counts["infonce eager"] = counted(infonce(True)), counted(infonce(False))
 print(json.dumps(counts))

@@ -38,8 +38,9 @@ def triplets(rows: int = ROWS):
         data = list(csv.reader(handle))
     loose = [r for r in data if 1.0 <= float(r[2]) <= 3.0][:rows]
     close = [r for r in data if float(r[2]) >= 4.0][:rows]
-    return Dataset.from_dict({"anchor": [r[0] for r in loose], "positive": [r[1] for r in loose],
-                              "negative": [r[1] for r in close]})
+    return Dataset.from_dict(
+        {"anchor": [r[0] for r in loose], "positive": [r[1] for r in loose], "negative": [r[1] for r in close]}
+    )
 
 
 def make_loss(name: str, model, gather: bool = False):
@@ -62,15 +63,26 @@ def make_loss(name: str, model, gather: bool = False):
     raise ValueError(name)
 
 
-def train(loss_name: str, dtype=torch.float32, *, output: str, steps: int = 3, batch_size: int = 8,
-          gather: bool = False, distributed: bool = False) -> dict:
+def train(
+    loss_name: str,
+    dtype=torch.float32,
+    *,
+    output: str,
+    steps: int = 3,
+    batch_size: int = 8,
+    gather: bool = False,
+    distributed: bool = False,
+) -> dict:
     """Train a fresh MiniLM (dropout off, so every run draws nothing random) for ``steps`` steps.
 
     Returns ``losses`` (what the loss returned at each step), ``logged`` (the trainer's logged
     losses), ``grad_norms`` (logged) and ``weights`` (float64 copies of the final state dict).
     """
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
 
     model = SentenceTransformer(minilm_path(), device="cpu").to(dtype)
     for module in model.modules():
@@ -81,9 +93,19 @@ def train(loss_name: str, dtype=torch.float32, *, output: str, steps: int = 3, b
     loss.register_forward_hook(lambda module, inputs, output: seen.append(float(output.detach())))
     extra = {"ddp_backend": "gloo"} if distributed else {}
     args = SentenceTransformerTrainingArguments(
-        output_dir=output, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-4,
-        seed=7, data_seed=7, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        disable_tqdm=True, batch_sampler="no_duplicates", **extra,
+        output_dir=output,
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=1e-4,
+        seed=7,
+        data_seed=7,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        batch_sampler="no_duplicates",
+        **extra,
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=triplets(), loss=loss)
     trainer.train()
@@ -106,8 +128,14 @@ if __name__ == "__main__":
     results = {}
     for name in names:
         dtype = torch.float64 if name.endswith("64") else torch.float32
-        results[name] = train(name.removesuffix("64"), dtype, output=str(Path(out).parent / f"run-{name}"),
-                              batch_size=4, gather=True, distributed=True)
+        results[name] = train(
+            name.removesuffix("64"),
+            dtype,
+            output=str(Path(out).parent / f"run-{name}"),
+            batch_size=4,
+            gather=True,
+            distributed=True,
+        )
     torch.save(results, out)
     import torch.distributed as dist
 

@@ -15,15 +15,21 @@ frame outside torch itself.
 
 from __future__ import annotations
 
-import sys
 import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNC_OPS = {
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::unique_consecutive", "aten::_unique2", "aten::unique_dim",
-    "aten::masked_select", "aten::equal", "aten::is_nonzero", "aten::repeat_interleave",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::unique_consecutive",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::masked_select",
+    "aten::equal",
+    "aten::is_nonzero",
+    "aten::repeat_interleave",
 }
 OURS = ("/mgh_train/", "/mgh_kernels/")
 
@@ -54,8 +60,11 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
-        if name in SYNC_OPS and not (name == "aten::repeat_interleave" and (kwargs or {}).get("output_size")) \
-                or _is_bool_index(func, args):
+        if (
+            name in SYNC_OPS
+            and not (name == "aten::repeat_interleave" and (kwargs or {}).get("output_size"))
+            or _is_bool_index(func, args)
+        ):
             where = _caller()
             (self.ours if any(part in where for part in OURS) else self.others).append((name, where))
         return func(*args, **(kwargs or {}))
@@ -63,7 +72,7 @@ class SyncCounter(TorchDispatchMode):
     def report(self) -> str:
         lines = [f"{len(self.ours)} from mgh, {len(self.others)} from libraries"]
         for label, found in (("mgh", self.ours), ("libraries", self.others)):
-            for (op, where) in sorted(set(found)):
+            for op, where in sorted(set(found)):
                 lines.append(f"  {label}: {op} at {where} x{found.count((op, where))}")
         return "\n".join(lines)
 

@@ -273,9 +273,16 @@ def test_unequal_query_and_key_tiles(blocks, path, causal, gen, monkeypatch):
     flash_tiles, one_sweep_tiles = tiles.flash_tiles, tiles.one_sweep_tiles
     monkeypatch.setattr(tiles, "flash_tiles", lambda *args: dict(flash_tiles(*args), BLOCK_M=block_m, BLOCK_N=block_n))
     if path == "one-sweep":
-        monkeypatch.setattr(tiles, "one_sweep_tiles", lambda device, dim, dtype, length, causal=True: dict(
-            one_sweep_tiles(device, dim, dtype, length, causal), BLOCK_M=block_m, BLOCK_N=block_n,
-            CHUNKS=triton.cdiv(length, block_n)))
+        monkeypatch.setattr(
+            tiles,
+            "one_sweep_tiles",
+            lambda device, dim, dtype, length, causal=True: dict(
+                one_sweep_tiles(device, dim, dtype, length, causal),
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                CHUNKS=triton.cdiv(length, block_n),
+            ),
+        )
     (q, k, v), truth = make_inputs((2, 4, 2, length, 24), torch.float32, gen, requires_grad=True)
     assert_matches_reference(q, k, v, truth, causal, padding_mask(2, length, "left", gen).to(DEVICE), gen)
     assert attention.last_forward() == ("one-sweep" if path == "one-sweep" else "triton-flash")
@@ -324,6 +331,7 @@ def cudnn_pass(monkeypatch):
     monkeypatch.setattr(cudnn, "REFUSED", set())
     calls = []
     if not CUDA:
+
         def fake(*args):
             calls.append(args)
             return fake_cudnn_attention(*args)
@@ -456,7 +464,8 @@ def test_forward_choice_by_length():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     short = tiles.one_sweep_tiles
     assert short(cuda, 128, torch.bfloat16, 200) == dict(
-        BLOCK_M=64, BLOCK_N=128, CHUNKS=2, BLOCK_D=128, num_warps=4, num_stages=1)
+        BLOCK_M=64, BLOCK_N=128, CHUNKS=2, BLOCK_D=128, num_warps=4, num_stages=1
+    )
     assert short(cuda, 64, torch.float16, 100)["CHUNKS"] == 1
     assert short(cuda, 128, torch.bfloat16, 257) is None  # beyond SHORT_MAX_LENGTH["half"]
     assert short(cuda, 128, torch.bfloat16, 200, causal=False) is None  # bidirectional: two passes above 128

@@ -4,11 +4,11 @@ eager attention in the same precision, plus a small absolute term)."""
 
 import pytest
 import torch
-from random_inputs import padding_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mgh_kernels import _scratch, _tasks, ata_attention, attention, reference, use_backend
 from mgh_kernels.attention import cpu_flash
+from random_inputs import padding_mask
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
@@ -76,12 +76,18 @@ def check_against_float64(q, k, v, mask, causal, gen):
     (batch, hq, length, dim), dtype = q.shape, q.dtype
     w = torch.randn(batch, hq, length, dim, generator=gen, dtype=torch.float64)
     c = torch.randn(batch, length, generator=gen, dtype=torch.float64)
-    scale = dim ** -0.5
+    scale = dim**-0.5
     with use_backend("torch"):
         ours = run(lambda *a: ata_attention(*a, causal=causal, key_padding_mask=mask), q, k, v, w, c)
     assert attention.last_backend() == "torch-chunked"
-    truth = run(lambda *a: reference.attention_with_colsum(*a, causal=causal, key_padding_mask=mask),
-                q.double(), k.double(), v.double(), w, c)
+    truth = run(
+        lambda *a: reference.attention_with_colsum(*a, causal=causal, key_padding_mask=mask),
+        q.double(),
+        k.double(),
+        v.double(),
+        w,
+        c,
+    )
     base = run(lambda *a: eager(*a, causal, mask, scale), q, k, v, w, c)
     for name, got, want, own in zip(["out", "colsum", "dq", "dk", "dv"], ours, truth, base):
         err, own_err = (got - want).abs().max().item(), (own - want).abs().max().item()
@@ -99,11 +105,16 @@ def test_gradients_when_only_one_output_is_used(use, gen):
         out, colsum = ata_attention(q, k, v, causal=True, key_padding_mask=mask)
     want_out, want_colsum = reference.attention_with_colsum(q, k, v, causal=True, key_padding_mask=mask)
     got = torch.autograd.grad((out if use == "out" else colsum).square().sum(), (q, k, v), allow_unused=True)
-    want = torch.autograd.grad((want_out if use == "out" else want_colsum).square().sum(), (q, k, v),
-                               allow_unused=True)  # the column sums do not depend on v
+    want = torch.autograd.grad(
+        (want_out if use == "out" else want_colsum).square().sum(), (q, k, v), allow_unused=True
+    )  # the column sums do not depend on v
     for g, w, t in zip(got, want, (q, k, v)):
-        torch.testing.assert_close(g if g is not None else torch.zeros_like(t),
-                                   w if w is not None else torch.zeros_like(t), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(
+            g if g is not None else torch.zeros_like(t),
+            w if w is not None else torch.zeros_like(t),
+            rtol=1e-9,
+            atol=1e-10,
+        )
 
 
 class LargestTensor(TorchDispatchMode):
@@ -154,7 +165,8 @@ def test_does_not_read_stale_scratch(causal, side, gen):
     kept = [t.clone() for t in clean]
     for slot in range(_tasks.threads()):  # one score buffer per thread of the sweep
         _scratch.scratch(f"attention.scores.{slot}", (cpu_flash.BLOCK_ELEMENTS,), torch.float32, "cpu").fill_(
-            float("nan"))
+            float("nan")
+        )
     stale = run()
     for a, b, c in zip(clean, stale, kept):
         assert torch.equal(a, b) and torch.equal(a, c)

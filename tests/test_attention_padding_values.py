@@ -16,9 +16,13 @@ from mgh_kernels.attention import cpu_flash, cudnn, tiles
 
 PATHS = ["one-sweep", "two-pass", "cpu-native", "cpu-torch-ops", "torch-chunked"]
 VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
-CASES = [pytest.param(name, value, id=f"{name}-{value}",
-                      marks=[pytest.mark.slow] if value == "-inf" and name in PATHS[:2] else [])
-         for name in PATHS for value in VALUES]  # the interpreter's -inf cases: slow
+CASES = [
+    pytest.param(
+        name, value, id=f"{name}-{value}", marks=[pytest.mark.slow] if value == "-inf" and name in PATHS[:2] else []
+    )
+    for name in PATHS
+    for value in VALUES
+]  # the interpreter's -inf cases: slow
 
 
 @pytest.fixture

@@ -17,12 +17,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from random_inputs import padding_mask  # noqa: E402
-from tiny_models import FAMILIES  # noqa: E402
-
-from mgh_kernels import (ata_attention, ata_pool, attention, enable_ata, infonce, infonce_loss, pool,  # noqa: E402
-                         reference)
-from mgh_kernels import transformers as model_patching  # noqa: E402
+from mgh_kernels import ata_attention, ata_pool, attention, enable_ata, infonce, infonce_loss, pool, reference
+from mgh_kernels import transformers as model_patching
+from random_inputs import padding_mask
+from tiny_models import FAMILIES
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -153,8 +151,9 @@ def test_custom_ops_cast_under_autocast(amp, gen):
     e = torch.randn(5, 16, generator=gen).to(DEVICE)
     with autocast(amp):
         losses = torch.ops.mgh.infonce_forward(e, e.to(amp), e[:0], 0.05, True, False, 0)[0]
-    assert torch.equal(losses, torch.ops.mgh.infonce_forward(e.to(amp), e.to(amp), e[:0].to(amp), 0.05, True,
-                                                              False, 0)[0])
+    assert torch.equal(
+        losses, torch.ops.mgh.infonce_forward(e.to(amp), e.to(amp), e[:0].to(amp), 0.05, True, False, 0)[0]
+    )
 
     mask = bias == 0
 
@@ -188,8 +187,15 @@ def lora_model(family, causal, weights, seed=0):
     from peft import LoraConfig, get_peft_model
 
     config = FAMILIES[family][0](
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, attention_dropout=0.0,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
     )
     torch.manual_seed(seed)
     base = FAMILIES[family][1](config)
@@ -215,7 +221,7 @@ def embed_and_grads(model, ids, mask, target, *, fused, amp):
         if fused:
             with enable_ata(model) as capture, contextlib.ExitStack() as stack:
                 if fused == "eager":
-                    eager = lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)  # noqa: E731
+                    eager = lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)
                     stack.enter_context(mock.patch.object(model_patching, "ata_attention", eager))
                 out = model(input_ids=ids, attention_mask=mask)
                 emb = ata_pool(out.last_hidden_state, mask, colsum=capture.colsum)
@@ -303,18 +309,30 @@ POOLINGS = ["mean", "weighted_mean", "last_token", "first_token", "ata"]
 
 
 def train_tiny(tmp_path, name, pooling, **options):
-    from tiny_models import tiny_decoder, tiny_tokenizer
-
     from mgh_train import trainer
     from mgh_train.config import TrainConfig
     from mgh_train.model import Embedder, EmbedderConfig
+    from tiny_models import tiny_decoder, tiny_tokenizer
 
     lines = []
     torch.manual_seed(0)
-    embedder = Embedder.build(EmbedderConfig(base_model=None, pooling=pooling, lora_r=4, lora_alpha=8, max_length=48),
-                              model=tiny_decoder("llama", seed=0), tokenizer=tiny_tokenizer())
-    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup=0.0, output=str(tmp_path / name), progress=False,
-                      max_length=48, schedule="level:4", device=DEVICE, **options)
+    embedder = Embedder.build(
+        EmbedderConfig(base_model=None, pooling=pooling, lora_r=4, lora_alpha=8, max_length=48),
+        model=tiny_decoder("llama", seed=0),
+        tokenizer=tiny_tokenizer(),
+    )
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        warmup=0.0,
+        output=str(tmp_path / name),
+        progress=False,
+        max_length=48,
+        schedule="level:4",
+        device=DEVICE,
+        **options,
+    )
     result = trainer.train(cfg, embedder=embedder, log=lines.append, report_accuracy=False)
     return result, embedder, lines
 
@@ -340,7 +358,9 @@ def test_training_step_under_autocast_with_every_pooling(tmp_path, pooling):
 def test_fp16_trains_with_a_gradient_scaler(tmp_path):
     """--fp16: float16 autocast with a gradient scaler, whose state the checkpoint keeps."""
     result, embedder, lines = train_tiny(tmp_path, "fp16", "ata", fp16=True)
-    assert f"precision: base weights float32, LoRA float32, autocast float16 with a gradient scaler on {DEVICE}" in lines
+    assert (
+        f"precision: base weights float32, LoRA float32, autocast float16 with a gradient scaler on {DEVICE}" in lines
+    )
     assert all(math.isfinite(x) for x in result.losses)
     state = torch.load(tmp_path / "fp16" / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)
     assert state["scaler"]["scale"] > 0

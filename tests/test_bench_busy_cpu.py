@@ -5,8 +5,9 @@ import os
 import sys
 import time
 
-import benchmark_modules
 import pytest
+
+import benchmark_modules
 
 sys.path.insert(0, str(benchmark_modules.BENCHMARKS))  # it imports bench_cpu_paths' steps
 bench = benchmark_modules.load("bench_busy_cpu")

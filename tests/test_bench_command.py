@@ -5,9 +5,10 @@ on the same triplets; and its pieces (rows, LoRA targets, the steady-state rate)
 
 import json
 
-import benchmark_modules
 import pytest
 import torch
+
+import benchmark_modules
 from tiny_models import save_tiny_llama, tiny_decoder, tiny_tokenizer
 
 pytest.importorskip("peft")
@@ -18,8 +19,13 @@ bench = benchmark_modules.load("bench_command")
 def test_seed_triplets_are_the_seed_sets_rows_with_their_level_4_negative():
     from importlib import resources
 
-    rows = [json.loads(line) for path in sorted((resources.files("mgh_train") / "seed").iterdir())
-            if path.name.endswith(".jsonl") for line in path.read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for path in sorted((resources.files("mgh_train") / "seed").iterdir())
+        if path.name.endswith(".jsonl")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
     triplets = bench.seed_triplets()
     assert len(triplets) == len(rows) > 100
     for (anchor, positive, negative), row in zip(triplets, rows):
@@ -32,12 +38,15 @@ def test_sentence_transformers_lora_trains_what_the_embedder_trains(tmp_path):
     from mgh_train.model import Embedder, EmbedderConfig
 
     folder = save_tiny_llama(tmp_path / "base")
-    embedder = Embedder.build(EmbedderConfig(base_model=None, lora_layers=[-1], **bench.LORA),
-                              model=tiny_decoder("llama"), tokenizer=tiny_tokenizer())
+    embedder = Embedder.build(
+        EmbedderConfig(base_model=None, lora_layers=[-1], **bench.LORA),
+        model=tiny_decoder("llama"),
+        tokenizer=tiny_tokenizer(),
+    )
     ours = {n.split("base_model.model.")[-1]: p.numel() for n, p in embedder.named_parameters() if p.requires_grad}
     model = bench.st_model(str(folder), 32, lora_last=1, workdir=tmp_path / "st")
     theirs = {n.split("base_model.model.")[-1]: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    strip = lambda names: {n.split(".layers.", 1)[-1]: v for n, v in names.items()}  # noqa: E731
+    strip = lambda names: {n.split(".layers.", 1)[-1]: v for n, v in names.items()}
     assert strip(ours) == strip(theirs) and len(ours) == 14  # q k v o gate up down, A and B, in the last layer
 
 
@@ -54,8 +63,19 @@ def test_steady_rate_leaves_out_the_warmup_steps():
 def test_every_entry_runs_on_the_tiny_llama(tmp_path):
     folder = save_tiny_llama(tmp_path / "base")
     lines = []
-    results = bench.run(str(folder), tmp_path / "out", entries=list(bench.ENTRIES), rounds=1, steps=3, warmup=1,
-                        batch_size=4, max_length=32, log_every=2, lora_last=1, report=lines.append)
+    results = bench.run(
+        str(folder),
+        tmp_path / "out",
+        entries=list(bench.ENTRIES),
+        rounds=1,
+        steps=3,
+        warmup=1,
+        batch_size=4,
+        max_length=32,
+        log_every=2,
+        lora_last=1,
+        report=lines.append,
+    )
     by = {r["entry"]: r for r in results}
     assert set(by) == set(bench.ENTRIES)
     for r in results:

@@ -2,9 +2,10 @@
 train, compute the same first loss on the same token ids (packed rows against length buckets), and
 the packed entry computes no padding; the workloads have the lengths the benchmark promises."""
 
-import benchmark_modules
 import pytest
 import torch
+
+import benchmark_modules
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -16,8 +17,14 @@ def test_both_modes_step_and_agree():
     lengths = bench.long_tailed_lengths(3, 2, query=(2, 9), document=(10, 40))
     first = {}
     for mode in bench.MODES:
-        step, tokens = bench.make_step(mode, benchmark_modules.tiny(bench.SMOLLM2_135M), lengths, triplets=3,
-                                       negatives=2, device=torch.device("cpu"))
+        step, tokens = bench.make_step(
+            mode,
+            benchmark_modules.tiny(bench.SMOLLM2_135M),
+            lengths,
+            triplets=3,
+            negatives=2,
+            device=torch.device("cpu"),
+        )
         assert tokens == sum(lengths)
         first[mode] = float(step())
         assert torch.isfinite(step())

@@ -1,10 +1,10 @@
 """benchmarks/bench_infonce.py on the CPU: its largest-batch probe, on a fake device whose memory
 ends at a known B, and its eager baseline against the reference."""
 
-import benchmark_modules
 import pytest
 import torch
 
+import benchmark_modules
 from mgh_kernels import reference
 
 bench_infonce = benchmark_modules.load("bench_infonce")

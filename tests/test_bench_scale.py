@@ -2,9 +2,10 @@
 run (and compute the same loss: GradCache is the plain step's arithmetic), the memory probe
 brackets a budget, and the table comes out."""
 
-import benchmark_modules
 import pytest
 import torch
+
+import benchmark_modules
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -29,8 +30,17 @@ def test_both_steps_run_and_agree():
 
 @pytest.mark.slow  # a dozen optimizer steps and the memory probe
 def test_the_measurement_and_its_table():
-    result = bench_scale.measure_case(torch.device("cpu"), TINY, batch=4, length=12, chunk_size=3, checkpointing=True,
-                                      rounds=1, budget=1 << 40, limit=4)
+    result = bench_scale.measure_case(
+        torch.device("cpu"),
+        TINY,
+        batch=4,
+        length=12,
+        chunk_size=3,
+        checkpointing=True,
+        rounds=1,
+        budget=1 << 40,
+        limit=4,
+    )
     assert result["plain_largest"] == result["gradcache_largest"] == 4  # everything fits a terabyte
     assert result["ratio"] > 0 and result["plain_loss"] == pytest.approx(result["gradcache_loss"], rel=1e-5)
     text = bench_scale.table([result])
@@ -39,5 +49,6 @@ def test_the_measurement_and_its_table():
 
     cpu = torch.device("cpu")
     embedder = bench_scale.make_embedder(cpu, TINY, resolve(cpu))
-    assert not bench_scale.fits("plain", embedder, 4, device=cpu, dims=TINY, precision=resolve(cpu), length=12,
-                                chunk_size=3, budget=-1)  # nothing fits a negative budget
+    assert not bench_scale.fits(
+        "plain", embedder, 4, device=cpu, dims=TINY, precision=resolve(cpu), length=12, chunk_size=3, budget=-1
+    )  # nothing fits a negative budget

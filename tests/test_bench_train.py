@@ -7,9 +7,10 @@ float16 autocast with its gradient scaler."""
 import json
 import math
 
-import benchmark_modules
 import pytest
 import torch
+
+import benchmark_modules
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -31,8 +32,9 @@ def test_every_variant_steps_and_ata_matches_eager():
     assert first["sdpa_mean"] != pytest.approx(first["ours"], rel=1e-3)  # mean pooling is another model
 
 
-@pytest.mark.parametrize("precision", [("bfloat16", dict(bf16=True, dtype="bfloat16")), ("float16", dict(fp16=True))],
-                         ids=lambda p: p[0])
+@pytest.mark.parametrize(
+    "precision", [("bfloat16", dict(bf16=True, dtype="bfloat16")), ("float16", dict(fp16=True))], ids=lambda p: p[0]
+)
 def test_every_variant_steps_under_the_gpu_defaults_autocast(precision):
     from mgh_train.precision import resolve
 

@@ -1,9 +1,10 @@
 """``benchmarks/bench_varlen.py``'s step functions run once here, at small shapes, and give the same
 column sums (so the benchmark compares like with like)."""
 
-import benchmark_modules
 import pytest
 import torch
+
+import benchmark_modules
 
 bench = benchmark_modules.load("bench_varlen")
 
@@ -20,6 +21,6 @@ def test_steps_run_and_agree(part):
 
 def test_long_tailed_mix():
     lengths = bench.long_tailed_lengths()
-    queries, docs = lengths[:bench.TRIPLETS], lengths[bench.TRIPLETS:]
+    queries, docs = lengths[: bench.TRIPLETS], lengths[bench.TRIPLETS :]
     assert len(docs) == bench.TRIPLETS * (1 + bench.NEGATIVES)
     assert all(8 <= n <= 32 for n in queries) and all(64 <= n <= 512 for n in docs)

@@ -12,9 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("args", [["kernel-demo"], ["kernel-demo", "--causal", "--seed", "3"]])

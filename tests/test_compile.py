@@ -15,10 +15,10 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from random_inputs import padding_mask
-
 from mgh_kernels import ata_attention, attention, infonce, infonce_loss, testing
-from mgh_kernels.attention import ops as attention_ops, tiles
+from mgh_kernels.attention import ops as attention_ops
+from mgh_kernels.attention import tiles
+from random_inputs import padding_mask
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -73,8 +73,12 @@ def assert_compiles_to(op, fn, inputs, weights, compiled_graphs):
 
 @pytest.mark.parametrize(
     "shape,causal,side",
-    [((2, 4, 2, 37, 16), True, "left"), ((1, 2, 2, 20, 24), False, "right"), ((2, 2, 1, 19, 16), False, None),
-     ((2, 2, 1, 70, 16), True, "right")],
+    [
+        ((2, 4, 2, 37, 16), True, "left"),
+        ((1, 2, 2, 20, 24), False, "right"),
+        ((2, 2, 1, 19, 16), False, None),
+        ((2, 2, 1, 70, 16), True, "right"),
+    ],
     ids=["gqa-causal-left", "bidir-right", "gqa-bidir-unpadded", "two-pass"],
 )
 def test_ata_attention_in_a_full_graph(compiled_graphs, shape, causal, side, gen):
@@ -94,7 +98,9 @@ def test_ata_attention_in_a_full_graph(compiled_graphs, shape, causal, side, gen
 def test_ata_attention_without_colsum_compiles(compiled_graphs, gen):
     backend, graphs = compiled_graphs
     q, k, v = leaves(gen, (1, 2, 21, 16), (1, 2, 21, 16), (1, 2, 21, 16))
-    out, colsum = torch.compile(lambda *t: ata_attention(*t, return_colsum=False), backend=backend, fullgraph=True)(q, k, v)
+    out, colsum = torch.compile(lambda *t: ata_attention(*t, return_colsum=False), backend=backend, fullgraph=True)(
+        q, k, v
+    )
     assert colsum is None
     torch.testing.assert_close(out, ata_attention(q, k, v, return_colsum=False)[0], rtol=0, atol=0)
     out.sum().backward()
@@ -198,9 +204,20 @@ def test_custom_ops_pass_opcheck(gen):
         torch.library.opcheck(ops.infonce_forward.default, (a, p, n, 0.1, True, own, 0))
         statistics = [t.detach() for t in ops.infonce_forward(a, p, n, 0.1, True, own, 0)[1:]]
         for needs in ([True, True, True], [True, False, False]):
-            torch.library.opcheck(ops.infonce_backward.default, (a.detach(), p.detach(), n.detach(), statistics,
-                                                         torch.rand(8, generator=gen).to(DEVICE), 0.1, True, 0,
-                                                         needs))
+            torch.library.opcheck(
+                ops.infonce_backward.default,
+                (
+                    a.detach(),
+                    p.detach(),
+                    n.detach(),
+                    statistics,
+                    torch.rand(8, generator=gen).to(DEVICE),
+                    0.1,
+                    True,
+                    0,
+                    needs,
+                ),
+            )
 
 
 def test_compiled_model_with_enable_ata_matches_eager(compiled_graphs, gen):
@@ -208,9 +225,8 @@ def test_compiled_model_with_enable_ata_matches_eager(compiled_graphs, gen):
     forward and backward graphs (the mask's pattern check is a graph break, fine without
     fullgraph), and the pooled embeddings and every parameter's gradient equal the eager ones."""
     pytest.importorskip("transformers")
-    from tiny_models import tiny_decoder
-
     from mgh_kernels import enable_ata
+    from tiny_models import tiny_decoder
 
     backend, graphs = compiled_graphs
     model = tiny_decoder("qwen3", vocab_size=128, layers=3).to(DEVICE).train()
@@ -235,7 +251,9 @@ def test_compiled_model_with_enable_ata_matches_eager(compiled_graphs, gen):
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.skipif(not (CUDA or shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.skipif(
+    not (CUDA or shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler on CPU"
+)
 def test_inductor_compiles_around_the_ops(gen):
     """The default backend (inductor) generates code for the PyTorch ops around ours."""
     torch._dynamo.reset()

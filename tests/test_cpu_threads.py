@@ -29,12 +29,20 @@ def region_counts(tmp_path_factory):
     if COMPILER is None or not sys.platform.startswith("linux"):
         pytest.skip("counting OpenMP regions needs a C compiler and Linux's LD_PRELOAD")
     shim = tmp_path_factory.mktemp("shim") / "omp_regions.so"
-    subprocess.run([COMPILER, "-O2", "-shared", "-fPIC", str(TESTS / "omp_regions.c"), "-o", str(shim), "-ldl"],
-                   check=True, capture_output=True, timeout=120)
-    env = {**os.environ, "LD_PRELOAD": str(shim), "PYTHONPATH": os.pathsep.join(
-        [str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(TESTS / "omp_regions_worker.py")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    subprocess.run(
+        [COMPILER, "-O2", "-shared", "-fPIC", str(TESTS / "omp_regions.c"), "-o", str(shim), "-ldl"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    env = {
+        **os.environ,
+        "LD_PRELOAD": str(shim),
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "omp_regions_worker.py")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     if not counts.pop("native"):
@@ -160,8 +168,11 @@ def test_results_do_not_depend_on_which_thread_ran_what(parallel, gen):
     from mgh_kernels import ata_attention, infonce_loss, use_backend
 
     q, k, v = (torch.randn(3, 4, 300, 16, generator=gen) for _ in range(3))
-    queries, pos, neg = torch.randn(200, 16, generator=gen), torch.randn(200, 16, generator=gen), \
-        torch.randn(200, 2, 16, generator=gen)
+    queries, pos, neg = (
+        torch.randn(200, 16, generator=gen),
+        torch.randn(200, 16, generator=gen),
+        torch.randn(200, 2, 16, generator=gen),
+    )
     with use_backend("torch"):
         first = [*ata_attention(q, k, v, causal=True), infonce_loss(queries, pos, neg, tau=0.05)]
         for _ in range(3):

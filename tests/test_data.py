@@ -88,18 +88,38 @@ def negatives(*levels):
     return [{"text": f"negative {i} at level {level}", "level": level} for i, level in enumerate(levels)]
 
 
-@pytest.mark.parametrize("row, schedule, steps, reason", [
-    ({**MGH_ROW, "negatives": negatives(1, 2, 3)}, "curriculum", 8,
-     "no level-4 negative, but schedule 'curriculum' trains with levels 1, 2, 3, 4; the row has levels 1, 2, 3"),
-    ({**MGH_ROW, "negatives": negatives(2, 3, 4)}, "all", 8, "no level-1 negative, but schedule 'all'"),
-    ({**MGH_ROW, "negatives": negatives(1, 2, 3)}, "reverse", 8, "no level-4 negative, but schedule 'reverse'"),
-    ({**MGH_ROW, "negatives": negatives(1, 3)}, "level:2", 8, "no level-2 negative, but schedule 'level:2' trains "
-                                                             "with level 2; the row has levels 1, 3"),
-    ({**MGH_ROW, "negatives": negatives(1, 1, 2, 3)}, "random", 8, "negatives[1].level 1 repeats negatives[0].level"),
-    ({**MGH_ROW, "negatives": negatives(1, 2, 3, 4, 4)}, "curriculum", 8, "must hold at most 4 negatives"),
-    ({**MGH_ROW, "negatives": negatives(1, 2.0, 3, 4)}, "curriculum", 8,
-     "negatives[1].level must be one of 1, 2, 3, 4, got 2.0"),
-])
+@pytest.mark.parametrize(
+    "row, schedule, steps, reason",
+    [
+        (
+            {**MGH_ROW, "negatives": negatives(1, 2, 3)},
+            "curriculum",
+            8,
+            "no level-4 negative, but schedule 'curriculum' trains with levels 1, 2, 3, 4; the row has levels 1, 2, 3",
+        ),
+        ({**MGH_ROW, "negatives": negatives(2, 3, 4)}, "all", 8, "no level-1 negative, but schedule 'all'"),
+        ({**MGH_ROW, "negatives": negatives(1, 2, 3)}, "reverse", 8, "no level-4 negative, but schedule 'reverse'"),
+        (
+            {**MGH_ROW, "negatives": negatives(1, 3)},
+            "level:2",
+            8,
+            "no level-2 negative, but schedule 'level:2' trains with level 2; the row has levels 1, 3",
+        ),
+        (
+            {**MGH_ROW, "negatives": negatives(1, 1, 2, 3)},
+            "random",
+            8,
+            "negatives[1].level 1 repeats negatives[0].level",
+        ),
+        ({**MGH_ROW, "negatives": negatives(1, 2, 3, 4, 4)}, "curriculum", 8, "must hold at most 4 negatives"),
+        (
+            {**MGH_ROW, "negatives": negatives(1, 2.0, 3, 4)},
+            "curriculum",
+            8,
+            "negatives[1].level must be one of 1, 2, 3, 4, got 2.0",
+        ),
+    ],
+)
 def test_rows_are_checked_against_what_the_schedule_trains_with(tmp_path, row, schedule, steps, reason):
     path = write(tmp_path, [MGH_ROW, row, MGH_ROW])
     with pytest.raises(DataError) as info:
@@ -111,15 +131,22 @@ def test_rows_are_checked_against_what_the_schedule_trains_with(tmp_path, row, s
 
 def test_rows_with_the_levels_a_schedule_uses_are_enough(tmp_path):
     three = {**MGH_ROW, "negatives": negatives(1, 2, 3)}
-    for schedule, steps, stage_steps in [("curriculum", 3, None), ("level:2", 8, None), ("random", 8, None),
-                                         ("reverse", 8, [0, 4, 4, 0]), ("curriculum", 8, [2, 2, 4, 0])]:
+    for schedule, steps, stage_steps in [
+        ("curriculum", 3, None),
+        ("level:2", 8, None),
+        ("random", 8, None),
+        ("reverse", 8, [0, 4, 4, 0]),
+        ("curriculum", 8, [2, 2, 4, 0]),
+    ]:
         report = read_examples(write(tmp_path, [three]), needs=needs_of(schedule, steps, stage_steps))
         assert len(report.examples) == 1, (schedule, steps, stage_steps)
     public = write(tmp_path, [{"anchor": "a", "positive": "p", "negative": "n"}])
     assert len(read_examples(public, needs=needs_of("all", 8)).examples) == 1
     # pairs (no hard negative) train with in-batch negatives under every schedule
-    pairs = write(tmp_path, [{**MGH_ROW, "negatives": []}, {"anchor": "a", "positive": "p"},
-                             {"query": "q", "pos": ["p"], "neg": []}])
+    pairs = write(
+        tmp_path,
+        [{**MGH_ROW, "negatives": []}, {"anchor": "a", "positive": "p"}, {"query": "q", "pos": ["p"], "neg": []}],
+    )
     for schedule in ("random", "curriculum", "level:1", "all"):
         assert [e.negatives for e in read_examples(pairs, needs=needs_of(schedule, 8)).examples] == [()] * 3
 
@@ -144,12 +171,15 @@ def test_a_line_that_is_not_utf8_is_named_and_skippable(tmp_path):
     assert len(report.examples) == 2 and [line for line, _ in report.skipped] == [2]
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("", "expected sentence1,sentence2,score rows, found none"),
-    ("a,b,1.0\nc,d,nan\n", ":2: score 'nan' is not a finite number"),
-    ("a,b,inf\n", ":1: score 'inf' is not a finite number"),
-    ("a,b,1.0\nc,d\n", ":2: expected sentence1, sentence2, score; got 2 fields"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("", "expected sentence1,sentence2,score rows, found none"),
+        ("a,b,1.0\nc,d,nan\n", ":2: score 'nan' is not a finite number"),
+        ("a,b,inf\n", ":1: score 'inf' is not a finite number"),
+        ("a,b,1.0\nc,d\n", ":2: expected sentence1, sentence2, score; got 2 fields"),
+    ],
+)
 def test_sts_files_need_finite_scores_and_rows(tmp_path, content, reason):
     path = tmp_path / "sts-test.csv"
     path.write_text(content)

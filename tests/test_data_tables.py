@@ -12,18 +12,34 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets")
 
-MGH = [{"query": f"how do vaccines work {i}", "positive": f"Vaccines train the immune system {i}.",
+MGH = [
+    {
+        "query": f"how do vaccines work {i}",
+        "positive": f"Vaccines train the immune system {i}.",
         "negatives": [{"text": f"negative {i} level {level}", "level": level} for level in (1, 2, 3, 4)],
-        "task": "answer health questions", "task_type": "short-long",
-        "instruction": None if i % 2 else "Retrieve a passage that answers the question"} for i in range(8)]
+        "task": "answer health questions",
+        "task_type": "short-long",
+        "instruction": None if i % 2 else "Retrieve a passage that answers the question",
+    }
+    for i in range(8)
+]
 FORMATS = {
     "mgh": MGH,
-    "sentence-transformers": [{"anchor": f"a{i}", "positive": f"p{i}", "negative_1": f"n{i}",
-                               "negative_2": None if i == 1 else f"m{i}"} for i in range(8)],
-    "flag-embedding": [{"query": f"q{i}", "pos": [f"p{i}", "extra"], "neg": [f"n{i}"], "prompt": "Represent this"}
-                       for i in range(8)],
-    "tevatron": [{"query": f"q{i}", "positive_passages": [{"title": "T", "text": f"p{i}"}],
-                  "negative_passages": [{"title": None, "text": f"n{i}"}]} for i in range(8)],
+    "sentence-transformers": [
+        {"anchor": f"a{i}", "positive": f"p{i}", "negative_1": f"n{i}", "negative_2": None if i == 1 else f"m{i}"}
+        for i in range(8)
+    ],
+    "flag-embedding": [
+        {"query": f"q{i}", "pos": [f"p{i}", "extra"], "neg": [f"n{i}"], "prompt": "Represent this"} for i in range(8)
+    ],
+    "tevatron": [
+        {
+            "query": f"q{i}",
+            "positive_passages": [{"title": "T", "text": f"p{i}"}],
+            "negative_passages": [{"title": None, "text": f"n{i}"}],
+        }
+        for i in range(8)
+    ],
 }
 
 
@@ -52,8 +68,9 @@ def test_tables_read_like_json_lines(tmp_path, fmt):
     assert len(want) == 8
     assert read_examples(parquet(tmp_path, rows)).examples == want
     assert read_examples(dataset_folder(tmp_path, rows)).examples == want
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                                   "test": datasets.Dataset.from_list(rows[:2])})
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}
+    )
     splits.save_to_disk(str(tmp_path / "dict"))
     assert read_examples(tmp_path / "dict").examples == want  # a DatasetDict gives its train split
 
@@ -89,15 +106,24 @@ def test_unreadable_tables_and_missing_packages_say_so(tmp_path, monkeypatch):
 
 def test_training_reads_a_parquet_file(tmp_path):
     pytest.importorskip("peft")
-    from tiny_models import tiny_decoder, tiny_tokenizer
-
     from mgh_train import trainer
     from mgh_train.config import TrainConfig
     from mgh_train.model import Embedder, EmbedderConfig
+    from tiny_models import tiny_decoder, tiny_tokenizer
 
-    embedder = Embedder.build(EmbedderConfig(base_model=None, lora_r=4, max_length=32, pooling="mean"),
-                              model=tiny_decoder("llama"), tokenizer=tiny_tokenizer())
-    cfg = TrainConfig(data=[str(parquet(tmp_path, MGH))], steps=2, batch_size=4, output=str(tmp_path / "run"),
-                      progress=False, max_length=32, report_to=["none"])
+    embedder = Embedder.build(
+        EmbedderConfig(base_model=None, lora_r=4, max_length=32, pooling="mean"),
+        model=tiny_decoder("llama"),
+        tokenizer=tiny_tokenizer(),
+    )
+    cfg = TrainConfig(
+        data=[str(parquet(tmp_path, MGH))],
+        steps=2,
+        batch_size=4,
+        output=str(tmp_path / "run"),
+        progress=False,
+        max_length=32,
+        report_to=["none"],
+    )
     result = trainer.train(cfg, embedder=embedder, log=lambda _: None)
     assert len(result.losses) == 2

@@ -19,9 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_on_smollm2_with_a_small_budget(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the user's CPU path
     result = subprocess.run(
-        [sys.executable, "-m", "mgh_train", "--steps", "2", "--batch-size", "4", "--holdout", "0.04",
-         "--output", str(tmp_path / "demo")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mgh_train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--holdout",
+            "0.04",
+            "--output",
+            str(tmp_path / "demo"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

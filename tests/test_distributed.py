@@ -27,10 +27,9 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from dist_cases import B, CASES, GradientTap, config, tiny_embedder  # noqa: E402
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train import trainer  # noqa: E402
+from dist_cases import CASES, B, GradientTap, config, tiny_embedder
+from mgh_train import trainer
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -58,10 +57,24 @@ def launch(scenarios: str, folder: Path, world: int = 2, timeout: int = 600) -> 
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**user_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenarios, str(folder)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **user_env(),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), scenarios, str(folder)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -77,7 +90,7 @@ def launch(scenarios: str, folder: Path, world: int = 2, timeout: int = 600) -> 
 
 def relative_error(got: list, want: list) -> float:
     error = sum(float(((g - w) ** 2).sum()) for g, w in zip(got, want)) ** 0.5
-    return error / sum(float((w ** 2).sum()) for w in want) ** 0.5
+    return error / sum(float((w**2).sum()) for w in want) ** 0.5
 
 
 def quiet(_):
@@ -144,8 +157,12 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(equalities, case, tm
     spec = CASES[case]
     embedder = tiny_embedder(**spec["model"])
     with GradientTap() as tap:
-        one = trainer.train(config(tmp_path / "one", batch_size=2 * B, **spec["train"]), embedder=embedder,
-                            log=quiet, report_accuracy=False)
+        one = trainer.train(
+            config(tmp_path / "one", batch_size=2 * B, **spec["train"]),
+            embedder=embedder,
+            log=quiet,
+            report_accuracy=False,
+        )
     weights = {n: p.detach() for n, p in embedder.named_parameters() if p.requires_grad}
     for rank, result in enumerate(equalities):
         got = result[case]
@@ -193,8 +210,9 @@ def test_one_gradient_sync_per_optimizer_step(equalities):
             for syncs in steps:
                 # besides: the step's float64 statistics, and the host-side int64 stop flag that
                 # tells every rank of a SIGINT/SIGTERM on any of them (mgh_train/interrupts.py)
-                gradients = [call for call in syncs["all_reduce"]
-                             if call not in ((3, "torch.float64"), (1, "torch.int64"))]
+                gradients = [
+                    call for call in syncs["all_reduce"] if call not in ((3, "torch.float64"), (1, "torch.int64"))
+                ]
                 assert syncs["all_reduce"].count((3, "torch.float64")) == 1, (case, syncs)
                 assert syncs["all_reduce"].count((1, "torch.int64")) == 1, (case, syncs)
                 if spec["world"].get("parallel") == "fsdp":
@@ -245,8 +263,12 @@ def test_a_world_two_checkpoint_resumes_in_one_process(checkpoints, engine, tmp_
     shutil.copytree(folder / f"{engine}-killed" / "checkpoints" / "step-0000002", checkpoint)
     lines = []
     options = dict(steps=4, save_every=2, keep_checkpoints=0, schedule="random")
-    resumed = trainer.train(config(tmp_path / "one", batch_size=2 * B, resume=str(checkpoint), **options),
-                            embedder=tiny_embedder(lora_seed=3), log=lines.append, report_accuracy=False)
+    resumed = trainer.train(
+        config(tmp_path / "one", batch_size=2 * B, resume=str(checkpoint), **options),
+        embedder=tiny_embedder(lora_seed=3),
+        log=lines.append,
+        report_accuracy=False,
+    )
     assert resumed.losses == pytest.approx(ranks[0][engine]["whole"][2:], rel=1e-5)
     said = "\n".join(lines)
     assert "written by 2 process(es) of batch 3, this run is 1 of batch 6: the global batch (6) is unchanged" in said
@@ -294,11 +316,17 @@ def test_a_nan_on_one_rank_stops_both(failures, engine):
 def public_rows(count: int) -> list:
     """FlagEmbedding rows with two hard negatives (the MGH rows have four)."""
     topics = ["rivers", "compilers", "bread", "comets", "tax law", "violins", "glaciers", "chess"]
-    return [{"query": f"what do we know about {topics[i % 8]} number {i}?",
-             "pos": [f"A short note on {topics[i % 8]}, item {i}, with a fact or two."],
-             "neg": [f"Unrelated remark {i} about {topics[(i + 3) % 8]}.",
-                     f"Another aside {i} on {topics[(i + 5) % 8]}."]}
-            for i in range(count)]
+    return [
+        {
+            "query": f"what do we know about {topics[i % 8]} number {i}?",
+            "pos": [f"A short note on {topics[i % 8]}, item {i}, with a fact or two."],
+            "neg": [
+                f"Unrelated remark {i} about {topics[(i + 3) % 8]}.",
+                f"Another aside {i} on {topics[(i + 5) % 8]}.",
+            ],
+        }
+        for i in range(count)
+    ]
 
 
 def test_torchrun_writes_the_losses_of_one_process_with_the_global_batch(tmp_path):
@@ -312,20 +340,68 @@ def test_torchrun_writes_the_losses_of_one_process_with_the_global_batch(tmp_pat
     tiny_tokenizer().save_pretrained(base)
     public = tmp_path / "public.jsonl"
     public.write_text("".join(json.dumps(row) + "\n" for row in public_rows(80)))
-    common = ["--model", str(base), "--max-length", "32", "--lora-r", "4", "--lora-dropout", "0", "--steps", "3",
-              "--log-every", "1", "--schedule", "all", "--public-data", str(public), "--public-ratio", "0.3",
-              "--lr", "5e-3", "--no-progress", "--report-to", "none"]
-    one = subprocess.run([sys.executable, "-m", "mgh_train", "train", "--output", str(tmp_path / "one"),
-                          "--batch-size", "8", *common], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env=user_env())
+    common = [
+        "--model",
+        str(base),
+        "--max-length",
+        "32",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--steps",
+        "3",
+        "--log-every",
+        "1",
+        "--schedule",
+        "all",
+        "--public-data",
+        str(public),
+        "--public-ratio",
+        "0.3",
+        "--lr",
+        "5e-3",
+        "--no-progress",
+        "--report-to",
+        "none",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "mgh_train", "train", "--output", str(tmp_path / "one"), "--batch-size", "8", *common],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=user_env(),
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "mgh_train",
-                          "train", "--output", str(tmp_path / "two"), "--batch-size", "4", *common],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=user_env())
+    two = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "mgh_train",
+            "train",
+            "--output",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "4",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=user_env(),
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("one", "two")}
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
     assert [r["step"] for r in rows["two"]] == [1, 2, 3]
     assert [r["loss"] for r in rows["two"]] == pytest.approx([r["loss"] for r in rows["one"]], rel=1e-5)
     assert "world: 2 processes, --parallel replicate, global batch 8 (4 per process)" in two.stdout
@@ -340,6 +416,16 @@ def test_torchrun_writes_the_losses_of_one_process_with_the_global_batch(tmp_pat
     examples = load_training_data(cfg, quiet)[0]
     import random
 
-    ks = [plan.k for plan in MicroBatchPlanner(examples, NoDuplicatesBatcher(examples, 8, seed=0), random.Random(0),
-                                               schedule="all", steps=3, stage_steps=None, grad_accum=1)]
+    ks = [
+        plan.k
+        for plan in MicroBatchPlanner(
+            examples,
+            NoDuplicatesBatcher(examples, 8, seed=0),
+            random.Random(0),
+            schedule="all",
+            steps=3,
+            stage_steps=None,
+            grad_accum=1,
+        )
+    ]
     assert 2 in ks, ks

@@ -44,8 +44,12 @@ def test_without_negatives_and_under_autocast(negatives, gen):
     q, pos, neg = embeddings(6, 2, 8, gen, torch.float32)
     for fn in (eager_infonce, reference.infonce):
         torch.testing.assert_close(fn(q, pos, None, negatives=negatives), fn(q, pos, neg[:, :0], negatives=negatives))
-    torch.testing.assert_close(eager_infonce(q, pos, None, negatives=negatives),
-                               reference.infonce(q, pos, None, negatives=negatives), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        eager_infonce(q, pos, None, negatives=negatives),
+        reference.infonce(q, pos, None, negatives=negatives),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = eager_infonce(q, pos, neg, negatives=negatives)
         want = reference.infonce(q, pos, neg, negatives=negatives)

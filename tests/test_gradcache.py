@@ -10,16 +10,15 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_kernels import infonce_loss  # noqa: E402
-from mgh_train import trainer  # noqa: E402
-from mgh_train.batches import Collate, MicroBatchPlanner, chunks  # noqa: E402
-from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.data import NoDuplicatesBatcher, load_training_data  # noqa: E402
-from mgh_train.gradcache import gradcache_step  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
-from mgh_train.step import embedding_loss, micro_batch_loss  # noqa: E402
+from mgh_kernels import infonce_loss
+from mgh_train import trainer
+from mgh_train.batches import Collate, MicroBatchPlanner, chunks
+from mgh_train.config import TrainConfig
+from mgh_train.data import NoDuplicatesBatcher, load_training_data
+from mgh_train.gradcache import gradcache_step
+from mgh_train.model import Embedder, EmbedderConfig
+from mgh_train.step import embedding_loss, micro_batch_loss
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -31,8 +30,9 @@ def tiny_embedder(**options):
     every A gradient is zero and dropout on the adapter's input changes nothing)."""
     options = {"lora_r": 4, "lora_alpha": 8, "max_length": 64, **options}
     torch.manual_seed(0)
-    embedder = Embedder.build(EmbedderConfig(base_model=None, **options), model=tiny_decoder("llama", seed=0),
-                              tokenizer=tiny_tokenizer())
+    embedder = Embedder.build(
+        EmbedderConfig(base_model=None, **options), model=tiny_decoder("llama", seed=0), tokenizer=tiny_tokenizer()
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in embedder.named_parameters():
@@ -46,8 +46,13 @@ def plan():
     cfg = TrainConfig(output="/unused", progress=False)
     examples = load_training_data(cfg, lambda _: None)[0]
     batcher = NoDuplicatesBatcher(examples, B, seed=3)
-    return next(iter(MicroBatchPlanner(examples, batcher, random.Random(3), schedule="level:4", steps=1,
-                                       stage_steps=None, grad_accum=1)))
+    return next(
+        iter(
+            MicroBatchPlanner(
+                examples, batcher, random.Random(3), schedule="level:4", steps=1, stage_steps=None, grad_accum=1
+            )
+        )
+    )
 
 
 def lora_grads(embedder) -> dict:
@@ -86,7 +91,7 @@ def test_gradcache_equals_the_unchunked_batch(plan, pooling, bidirectional):
         torch.testing.assert_close(got, loss.detach(), rtol=1e-5, atol=0)
         grads = lora_grads(embedder)
         error = sum(((grads[n] - want[n]) ** 2).sum() for n in want).sqrt()
-        assert error <= 1e-5 * sum((g ** 2).sum() for g in want.values()).sqrt(), (size, float(error))
+        assert error <= 1e-5 * sum((g**2).sum() for g in want.values()).sqrt(), (size, float(error))
         for name in want:  # each tensor to 1e-4 of its largest element
             worst = float((grads[name] - want[name]).abs().max())
             assert worst <= 1e-4 * float(want[name].abs().max()), (name, size, worst)
@@ -148,13 +153,27 @@ def test_chunks_follow_the_size_and_the_token_budget():
 def test_a_gradcache_run_trains_as_the_plain_one(tmp_path):
     """The trainer with --chunk-size 2 and --grad-accum 2: the losses and final weights of the plain
     run (float32 rounding: 1e-5 on the losses; weights after AdamW's normalised steps within 2e-5)."""
-    options = dict(steps=3, batch_size=4, grad_accum=2, lr=5e-3, warmup=0.0, progress=False, max_length=64,
-                   schedule="random", workers=0, report_to=["none"])
+    options = dict(
+        steps=3,
+        batch_size=4,
+        grad_accum=2,
+        lr=5e-3,
+        warmup=0.0,
+        progress=False,
+        max_length=64,
+        schedule="random",
+        workers=0,
+        report_to=["none"],
+    )
     runs = {}
     for name, extra in (("plain", {}), ("gradcache", {"chunk_size": 2})):
         embedder = tiny_embedder(pooling="ata")
-        result = trainer.train(TrainConfig(output=str(tmp_path / name), **options, **extra), embedder=embedder,
-                               log=lambda _: None, report_accuracy=False)
+        result = trainer.train(
+            TrainConfig(output=str(tmp_path / name), **options, **extra),
+            embedder=embedder,
+            log=lambda _: None,
+            report_accuracy=False,
+        )
         runs[name] = (result.losses, {n: p.detach().clone() for n, p in embedder.named_parameters() if p.requires_grad})
     assert runs["gradcache"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
     for name, value in runs["plain"][1].items():

@@ -9,9 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import tiny_decoder  # noqa: E402
-
-from mgh_kernels import hf_private  # noqa: E402
+from mgh_kernels import hf_private
+from tiny_models import tiny_decoder
 
 VERSION = transformers.__version__
 
@@ -26,11 +25,21 @@ def test_every_required_name_is_where_mgh_reaches_it():
 
 def test_moved_reports_a_missing_name(monkeypatch):
     """The check above can fail: a name that is not there is reported, with its module."""
-    monkeypatch.setattr(hf_private, "REQUIRED", hf_private.REQUIRED + (
-        ("transformers.masking_utils", "no_such_mask", None), ("transformers", "PretrainedConfig", "_no_such"),
-        ("transformers.no_such_module", "x", None)))
-    assert hf_private.moved() == ["transformers.masking_utils.no_such_mask", "transformers.PretrainedConfig._no_such",
-                                  "transformers.no_such_module.x"]
+    monkeypatch.setattr(
+        hf_private,
+        "REQUIRED",
+        hf_private.REQUIRED
+        + (
+            ("transformers.masking_utils", "no_such_mask", None),
+            ("transformers", "PretrainedConfig", "_no_such"),
+            ("transformers.no_such_module", "x", None),
+        ),
+    )
+    assert hf_private.moved() == [
+        "transformers.masking_utils.no_such_mask",
+        "transformers.PretrainedConfig._no_such",
+        "transformers.no_such_module.x",
+    ]
 
 
 def _calls_of(model, name):
@@ -61,12 +70,14 @@ def test_transformers_reads_the_implementation_set_on_the_config():
     hf_private.set_attn_implementation(config, "mgh_spy_all")
     assert hf_private.attn_implementation(config) == "mgh_spy_all"
     assert _calls_of(model, "mgh_spy_all") == [0, 1, 2], (
-        f"transformers {VERSION} no longer picks attention by config.{hf_private.ATTN_IMPLEMENTATION}")
+        f"transformers {VERSION} no longer picks attention by config.{hf_private.ATTN_IMPLEMENTATION}"
+    )
     hf_private.set_attn_implementation(config, "sdpa")
     layer = model.layers[1].self_attn
     layer.config = hf_private.ConfigView(config, "mgh_spy_one")
     assert _calls_of(model, "mgh_spy_one") == [1], (
-        f"transformers {VERSION} no longer reads {hf_private.ATTN_IMPLEMENTATION} from each module's own config")
+        f"transformers {VERSION} no longer reads {hf_private.ATTN_IMPLEMENTATION} from each module's own config"
+    )
     assert hf_private.attn_implementation(layer.config) == "mgh_spy_one"
     assert hf_private.attn_implementation(config) == "sdpa"
     assert layer.config.hidden_size == config.hidden_size  # read through

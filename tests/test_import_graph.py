@@ -109,8 +109,9 @@ def test_the_graph_is_read():
 def test_no_production_module_imports_the_oracles():
     """``mgh_kernels.reference`` is for tests and benchmarks: no module of mgh_kernels or mgh_train
     other than the front door and the testing helpers may import it (not even lazily)."""
-    offenders = sorted(name for name, targets in _graph().items()
-                       if ORACLES in targets and name not in MAY_IMPORT_ORACLES)
+    offenders = sorted(
+        name for name, targets in _graph().items() if ORACLES in targets and name not in MAY_IMPORT_ORACLES
+    )
     assert offenders == [], f"these modules import the oracles {ORACLES}: {offenders}"
 
 

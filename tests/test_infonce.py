@@ -105,8 +105,9 @@ def logit_chunks():
     """A function giving [rows, columns] of every chunk of logit gradients E the global backward
     has computed so far, in order (one launch of its logit-gradient kernel per chunk)."""
     with testing.recorded_launches() as launches:
-        yield lambda: [tuple(launch.arguments["E"].shape) for launch in launches
-                       if launch.name == "_global_dlogits_kernel"]
+        yield lambda: [
+            tuple(launch.arguments["E"].shape) for launch in launches if launch.name == "_global_dlogits_kernel"
+        ]
 
 
 def expected_chunks(plan, batch, n_pos, n_neg, needs=(True, True, True)):
@@ -139,9 +140,16 @@ def force_plan(monkeypatch, mode, columns, rows, partial):
 
 
 # (mode, columns, rows, partial_rows); 7 and 13 straddle tiles, 1000 is one chunk per source
-FORCED_PLANS = [("accumulate", 1, 0, 29), ("accumulate", 7, 0, 5), ("accumulate", 16, 0, 29),
-                ("accumulate", 1000, 0, 1), ("sweeps", 1, 1, 0), ("sweeps", 7, 5, 0),
-                ("sweeps", 16, 13, 0), ("sweeps", 1000, 29, 0)]
+FORCED_PLANS = [
+    ("accumulate", 1, 0, 29),
+    ("accumulate", 7, 0, 5),
+    ("accumulate", 16, 0, 29),
+    ("accumulate", 1000, 0, 1),
+    ("sweeps", 1, 1, 0),
+    ("sweeps", 7, 5, 0),
+    ("sweeps", 16, 13, 0),
+    ("sweeps", 1000, 29, 0),
+]
 
 
 @pytest.mark.parametrize("forced", FORCED_PLANS, ids=lambda p: "{}-c{}-r{}-p{}".format(*p))
@@ -228,10 +236,17 @@ def test_backward_plan_keeps_its_scratch_within_budget(batch, k, dim, elem, need
         assert plan.mode != "accumulate"
 
 
-@pytest.mark.parametrize("case, mode", [
-    ((1024, 3, 1024), "sweeps"), ((1024, 7, 1024), "accumulate"), ((4096, 3, 4096), "sweeps"),
-    ((4096, 7, 4096), "accumulate"), ((16384, 3, 4096), "accumulate"), ((64, 7, 256), "one-pass"),
-])
+@pytest.mark.parametrize(
+    "case, mode",
+    [
+        ((1024, 3, 1024), "sweeps"),
+        ((1024, 7, 1024), "accumulate"),
+        ((4096, 3, 4096), "sweeps"),
+        ((4096, 7, 4096), "accumulate"),
+        ((16384, 3, 4096), "accumulate"),
+        ((64, 7, 256), "one-pass"),
+    ],
+)
 def test_backward_plan_at_the_benchmark_shapes(case, mode):
     """bf16 at the benchmark's shapes: accumulate where the float32 [B, D] buffer is small beside
     the logits, two sweeps where it is not (B4096 K3 D4096: it alone is 4 B D = B N bytes)."""
@@ -251,15 +266,17 @@ def test_backward_plan_at_its_boundaries():
 
 
 @pytest.mark.skipif(not CUDA, reason="peak memory is measured on CUDA")
-@pytest.mark.parametrize("case", [(1024, 3, 1024), (1024, 7, 4096), (4096, 7, 1024), (4096, 3, 4096)],
-                         ids=lambda c: "B{}-K{}-D{}".format(*c))
+@pytest.mark.parametrize(
+    "case", [(1024, 3, 1024), (1024, 7, 4096), (4096, 7, 1024), (4096, 3, 4096)], ids=lambda c: "B{}-K{}-D{}".format(*c)
+)
 def test_peak_memory_is_the_plans_scratch(case):
     """bf16 forward + backward hold, beyond inputs and gradients, the plan's scratch and O(B(1+K))
     statistics only (no float32 copy of the inputs, no logit-sized matrix)."""
     batch, k, dim = case
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, pos = (torch.randn(batch, dim, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
-              for _ in range(2))
+    q, pos = (
+        torch.randn(batch, dim, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2)
+    )
     neg = torch.randn(batch, k, dim, generator=gen, device="cuda", dtype=torch.bfloat16).requires_grad_()
 
     def step():
@@ -294,12 +311,15 @@ def test_forward_over_candidate_splits(monkeypatch, splits, gen):
 H100 = dict(sms=132, cache_bytes=50 << 20)  # its SM count and L2 size (torch.cuda.get_device_properties)
 
 
-@pytest.mark.parametrize("batch, candidates, dim, expected", [
-    (16384, 65536, 4096, 11),  # 1 MiB query blocks: 12 fit in a quarter of the L2, 132 / 12 splits
-    (16384, 65536, 1024, 3),  # 256 KiB query blocks: the occupancy rule (2 waves of 132 SMs) decides
-    (1024, 4096, 4096, 8),  # occupancy asks 33; 4096 candidates make 8 splits of four 128-wide tiles
-    (7, 100, 64, 1),  # fewer than four tiles of candidates: one split
-])
+@pytest.mark.parametrize(
+    "batch, candidates, dim, expected",
+    [
+        (16384, 65536, 4096, 11),  # 1 MiB query blocks: 12 fit in a quarter of the L2, 132 / 12 splits
+        (16384, 65536, 1024, 3),  # 256 KiB query blocks: the occupancy rule (2 waves of 132 SMs) decides
+        (1024, 4096, 4096, 8),  # occupancy asks 33; 4096 candidates make 8 splits of four 128-wide tiles
+        (7, 100, 64, 1),  # fewer than four tiles of candidates: one split
+    ],
+)
 def test_candidate_splits_at_h100_shapes(batch, candidates, dim, expected):
     """At the bf16 forward's default tiles and an H100's figures."""
     cfg = dict(tiles.kernel_tiles(torch.device("cuda"), dim, torch.bfloat16), **H100)
@@ -579,7 +599,7 @@ def test_torch_path_reduced_loss_makes_its_gradients_in_forward(reduction, k, no
     torch.testing.assert_close(loss.double(), want.detach(), rtol=tol, atol=tol)
     (loss * 0.5).backward()
     (want * 0.5).backward()
-    for got, wanted in zip(leaves[:3 if k else 2], truth):  # K = 0: no negative takes part
+    for got, wanted in zip(leaves[: 3 if k else 2], truth):  # K = 0: no negative takes part
         torch.testing.assert_close(got.grad.double(), wanted.grad, rtol=tol * 10, atol=tol)
     with torch.no_grad(), use_backend("torch", chunk_elements=60):
         assert infonce_loss(*leaves, reduction=reduction, normalize=normalize).item() == loss.item()
@@ -594,8 +614,7 @@ def test_torch_path_spread_logits(reduction, row_passes, gen):
     q, pos, neg = (3 * torch.randn(*shape, generator=gen) for shape in ((7, 16), (7, 16), (7, 2, 16)))
 
     def eager(q, pos, neg):
-        return F.cross_entropy(q @ torch.cat([pos, neg.reshape(-1, 16)]).T / 0.05, torch.arange(7),
-                               reduction=reduction)
+        return F.cross_entropy(q @ torch.cat([pos, neg.reshape(-1, 16)]).T / 0.05, torch.arange(7), reduction=reduction)
 
     def run(fn, *tensors):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -659,7 +678,11 @@ def test_torch_path_does_not_read_stale_scratch(row_passes, gen):
 def test_torch_path_zero_candidates_follow_normalize(row_passes, gen):
     """A zero candidate (e.g. an all-padding text's embedding) has F.normalize's value and gradient
     on the PyTorch path, whose normalisation is a scale of the logits' columns."""
-    q, pos, neg = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    q, pos, neg = (
+        torch.randn(5, 8, generator=gen),
+        torch.randn(5, 8, generator=gen),
+        torch.randn(5, 2, 8, generator=gen),
+    )
     pos[1], neg[3, 0] = 0.0, 0.0
     leaves = [t.clone().requires_grad_() for t in (q, pos, neg)]
     truth = [t.double().requires_grad_() for t in (q, pos, neg)]
@@ -705,7 +728,8 @@ rank, world, store, inputs, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3
 compiled = sys.argv[6] == "compiled"  # AOTAutograd, graphs run eagerly: no C++ compiler's minutes
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
 q, pos, neg = (t.chunk(world)[rank].clone().requires_grad_() for t in torch.load(inputs))
-loss = (torch.compile(infonce_loss, backend="aot_eager") if compiled else infonce_loss)(q, pos, neg, tau=0.05, gather=True)
+loss_fn = torch.compile(infonce_loss, backend="aot_eager") if compiled else infonce_loss
+loss = loss_fn(q, pos, neg, tau=0.05, gather=True)
 loss.backward()
 torch.save({"loss": loss.detach(), "backend": infonce.last_backend(),
             "grads": [t.grad for t in (q, pos, neg)]}, out)
@@ -725,9 +749,21 @@ def test_gather_two_ranks_equal_one_process(tmp_path, mode, gen):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(r), "2", str(tmp_path / "store"), str(tmp_path / "inputs.pt"),
-             str(tmp_path / f"rank{r}.pt"), mode],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(r),
+                "2",
+                str(tmp_path / "store"),
+                str(tmp_path / "inputs.pt"),
+                str(tmp_path / f"rank{r}.pt"),
+                mode,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for r in range(2)
     ]

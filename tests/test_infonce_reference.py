@@ -50,7 +50,9 @@ def test_matches_direct_float64(k, negatives, tau, batch, gen):
     )
     torch.testing.assert_close(
         reference.infonce(q, pos, neg, tau=tau, negatives=negatives, reduction="sum").double(),
-        want.sum(), rtol=2e-5, atol=2e-4,
+        want.sum(),
+        rtol=2e-5,
+        atol=2e-4,
     )
 
 

@@ -23,8 +23,22 @@ def crashing(tmp_path):
 
 
 def synth_args(url, output):
-    return ["synth", "--base-url", url, "--model", MODEL_ALIAS, "--output", str(output), "--task-types", "symmetric",
-            "--tasks-per-type", "1", "--brainstorm-size", "5", "--no-progress"]
+    return [
+        "synth",
+        "--base-url",
+        url,
+        "--model",
+        MODEL_ALIAS,
+        "--output",
+        str(output),
+        "--task-types",
+        "symmetric",
+        "--tasks-per-type",
+        "1",
+        "--brainstorm-size",
+        "5",
+        "--no-progress",
+    ]
 
 
 def test_a_server_dying_in_process_fails_the_test_at_once_with_status_and_log(tmp_path):
@@ -43,8 +57,12 @@ def test_a_server_dying_under_a_subprocess_interrupts_the_wait(tmp_path):
     with crashing(tmp_path) as server:
         started = time.monotonic()
         with pytest.raises(ServerDied), server.watched():
-            subprocess.run([sys.executable, "-m", "mgh_train", *synth_args(server.url, tmp_path / "mgh.jsonl")],
-                           cwd=ROOT, capture_output=True, timeout=300)
+            subprocess.run(
+                [sys.executable, "-m", "mgh_train", *synth_args(server.url, tmp_path / "mgh.jsonl")],
+                cwd=ROOT,
+                capture_output=True,
+                timeout=300,
+            )
         assert time.monotonic() - started < 30
 
 

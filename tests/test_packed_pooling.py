@@ -5,8 +5,16 @@ attention's column sums equal to those of the padded attention."""
 import pytest
 import torch
 
-from mgh_kernels import (POOLING_METHODS, NonFiniteError, ata_attention, ata_attention_varlen, packed_pool, pool,
-                         trusted_inputs, use_backend)
+from mgh_kernels import (
+    POOLING_METHODS,
+    NonFiniteError,
+    ata_attention,
+    ata_attention_varlen,
+    packed_pool,
+    pool,
+    trusted_inputs,
+    use_backend,
+)
 
 LENGTHS = [5, 1, 12, 3, 9]
 
@@ -69,8 +77,9 @@ def test_ata_from_varlen_attention_equals_padded(causal, gen):
         mask = padded(hidden, LENGTHS, "right")[1]
         _, p_colsum = ata_attention(*boxes, causal=causal, key_padding_mask=mask)
     got = packed_pool(hidden, cu_of(LENGTHS), "ata", pool_mask=keep, colsum=colsum)
-    want = pool(padded(hidden, LENGTHS, "right")[0], padded(keep, LENGTHS, "right", fill=False)[0], "ata",
-                colsum=p_colsum)
+    want = pool(
+        padded(hidden, LENGTHS, "right")[0], padded(keep, LENGTHS, "right", fill=False)[0], "ata", colsum=p_colsum
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -19,16 +19,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_kernels import infonce_loss  # noqa: E402
-from mgh_train import packing, trainer  # noqa: E402
-from mgh_train.batches import Collate, MicroBatchPlanner  # noqa: E402
-from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.data import NoDuplicatesBatcher, load_training_data  # noqa: E402
-from mgh_train.gradcache import gradcache_step  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
-from mgh_train.step import embed, embedding_loss  # noqa: E402
+from mgh_kernels import infonce_loss
+from mgh_train import packing, trainer
+from mgh_train.batches import Collate, MicroBatchPlanner
+from mgh_train.config import TrainConfig
+from mgh_train.data import NoDuplicatesBatcher, load_training_data
+from mgh_train.gradcache import gradcache_step
+from mgh_train.model import Embedder, EmbedderConfig
+from mgh_train.step import embed, embedding_loss
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -47,8 +46,11 @@ def tiny_embedder(family="llama", dtype=torch.float32, padding_side="right", **o
     gradient), the same weights on every call; ``dtype`` float64 gives the reference."""
     options = {"lora_r": 4, "lora_alpha": 8, "max_length": 64, **options}
     torch.manual_seed(0)
-    embedder = Embedder.build(EmbedderConfig(base_model=None, **options), model=tiny_decoder(family, seed=0),
-                              tokenizer=tiny_tokenizer(padding_side=padding_side))
+    embedder = Embedder.build(
+        EmbedderConfig(base_model=None, **options),
+        model=tiny_decoder(family, seed=0),
+        tokenizer=tiny_tokenizer(padding_side=padding_side),
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in embedder.named_parameters():
@@ -62,8 +64,13 @@ def plan():
     cfg = TrainConfig(output="/unused", progress=False)
     examples = load_training_data(cfg, quiet)[0]
     batcher = NoDuplicatesBatcher(examples, B, seed=3)
-    return next(iter(MicroBatchPlanner(examples, batcher, random.Random(3), schedule="level:4", steps=1,
-                                       stage_steps=None, grad_accum=1)))
+    return next(
+        iter(
+            MicroBatchPlanner(
+                examples, batcher, random.Random(3), schedule="level:4", steps=1, stage_steps=None, grad_accum=1
+            )
+        )
+    )
 
 
 def step_values(embedder, batch):
@@ -82,15 +89,19 @@ def max_err(a, b):
 
 def assert_rule(got, baseline, truth, what):
     err, ref_err = max_err(got, truth), max_err(baseline, truth)
-    assert err <= 2 * ref_err + ATOL * max(1.0, float(truth.abs().max())), \
+    assert err <= 2 * ref_err + ATOL * max(1.0, float(truth.abs().max())), (
         f"{what}: packed error {err:.3g} vs padded float32's {ref_err:.3g}"
+    )
 
 
 def assert_packed_within_rule(make, plan, max_tokens):
     """Packed float32 vs padded float32 vs padded float64, on ``plan``'s micro-batch."""
     values = {}
-    for name, dtype, collate in [("padded", torch.float32, Collate), ("truth", torch.float64, Collate),
-                                 ("packed", torch.float32, packing.PackingCollate)]:
+    for name, dtype, collate in [
+        ("padded", torch.float32, Collate),
+        ("truth", torch.float64, Collate),
+        ("packed", torch.float32, packing.PackingCollate),
+    ]:
         embedder = make(dtype)
         options = {"max_tokens": max_tokens} if collate is packing.PackingCollate else {}
         batch = collate(embedder.tokenizer, embedder.config, **options)(plan)
@@ -99,7 +110,10 @@ def assert_packed_within_rule(make, plan, max_tokens):
             assert all(f["input_ids"].shape[1] <= max_tokens or packing.texts_in(f) == 1 for f in batch.buckets)
         values[name] = step_values(embedder, batch)
     (emb, loss, grads), (emb0, loss0, grads0), (emb64, loss64, grads64) = (
-        values["packed"], values["padded"], values["truth"])
+        values["packed"],
+        values["padded"],
+        values["truth"],
+    )
     assert float(loss64) > 0.1  # a loss of order one: the gradients are real
     assert_rule(emb, emb0, emb64, "embeddings")
     assert_rule(loss, loss0, loss64, "loss")
@@ -109,12 +123,14 @@ def assert_packed_within_rule(make, plan, max_tokens):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("pooling, bidirectional", [("ata", False), ("mean", True), ("last_token", False),
-                                                    ("weighted_mean", True)])
+@pytest.mark.parametrize(
+    "pooling, bidirectional", [("ata", False), ("mean", True), ("last_token", False), ("weighted_mean", True)]
+)
 def test_packed_step_equals_padded_within_the_float_rule(plan, family, pooling, bidirectional):
     """Embeddings, loss and every LoRA gradient; rows of at most 96 tokens (several rows)."""
-    make = lambda dtype: tiny_embedder(family, dtype, pooling=pooling, bidirectional=bidirectional,  # noqa: E731
-                                       exclude_instruction=pooling == "ata")
+    make = lambda dtype: tiny_embedder(
+        family, dtype, pooling=pooling, bidirectional=bidirectional, exclude_instruction=pooling == "ata"
+    )
     assert_packed_within_rule(make, plan, max_tokens=96)
 
 
@@ -126,8 +142,11 @@ def test_smollm2_packed_step_equals_padded_within_the_float_rule(smollm2_plain, 
     def make(dtype):
         torch.manual_seed(0)
         config = EmbedderConfig(base_model=None, lora_r=4, lora_alpha=8, max_length=64)
-        embedder = Embedder.build(config, model=AutoModel.from_pretrained(smollm2_plain),
-                                  tokenizer=AutoTokenizer.from_pretrained(smollm2_plain))
+        embedder = Embedder.build(
+            config,
+            model=AutoModel.from_pretrained(smollm2_plain),
+            tokenizer=AutoTokenizer.from_pretrained(smollm2_plain),
+        )
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in embedder.named_parameters():
@@ -143,8 +162,9 @@ def test_left_and_right_padding_pack_to_the_same_row(plan):
     rows = {}
     for side in ("left", "right"):
         embedder = tiny_embedder(padding_side=side, exclude_instruction=True)
-        features = embedder.tokenize([e.query for e in plan.examples] + [e.positive for e in plan.examples],
-                                     instruction="Find the passage")
+        features = embedder.tokenize(
+            [e.query for e in plan.examples] + [e.positive for e in plan.examples], instruction="Find the passage"
+        )
         assert bool((features["attention_mask"][:, 0 if side == "left" else -1] == 0).any())  # padding on that side
         rows[side] = packing.from_padded(features)
         with torch.no_grad():
@@ -223,13 +243,18 @@ def test_gradcache_chunks_cut_by_tokens_equal_the_plain_step(plan):
     def backward(output, grad=None, *, sync):
         torch.autograd.backward(output, grad)
 
-    loss = gradcache_step(embedder, batch, lambda e, b: embedding_loss(e, b, infonce_loss, tau=0.05,
-                                                                      negatives="global"),
-                          scale=1.0, backward=backward, last=True)
+    loss = gradcache_step(
+        embedder,
+        batch,
+        lambda e, b: embedding_loss(e, b, infonce_loss, tau=0.05, negatives="global"),
+        scale=1.0,
+        backward=backward,
+        last=True,
+    )
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
     grads = {n: p.grad.double() for n, p in embedder.named_parameters() if p.requires_grad}
     error = sum(((grads[n] - want[n]) ** 2).sum() for n in want).sqrt()
-    assert error <= 1e-5 * sum((g ** 2).sum() for g in want.values()).sqrt()
+    assert error <= 1e-5 * sum((g**2).sum() for g in want.values()).sqrt()
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,59 +269,103 @@ def scifact_rows(path: Path, count: int = 24) -> Path:
     for line in (DATA / "scifact" / "corpus.jsonl").read_text().splitlines():
         doc = json.loads(line)
         corpus[doc["_id"]] = (doc["title"] + " " + doc["text"])[: 40 + 37 * (len(corpus) % 11)]
-    queries = {q["_id"]: q["text"] for q in map(json.loads, (DATA / "scifact" / "queries.jsonl").read_text().splitlines())}
+    queries = {
+        q["_id"]: q["text"] for q in map(json.loads, (DATA / "scifact" / "queries.jsonl").read_text().splitlines())
+    }
     ids = list(corpus)
     rows = []
-    for line in (DATA / "scifact" / "qrels" / "test.tsv").read_text().splitlines()[1:count + 1]:
+    for line in (DATA / "scifact" / "qrels" / "test.tsv").read_text().splitlines()[1 : count + 1]:
         query, doc, _ = line.split("\t")
-        rows.append({"query": queries[query], "pos": [corpus[doc]],
-                     "neg": [corpus[ids[(len(rows) * 7 + j) % len(ids)]] for j in (1, 2)]})
+        rows.append(
+            {
+                "query": queries[query],
+                "pos": [corpus[doc]],
+                "neg": [corpus[ids[(len(rows) * 7 + j) % len(ids)]] for j in (1, 2)],
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def run_config(tmp_path, name, **options):
-    base = dict(steps=3, batch_size=4, lr=5e-3, warmup=0.0, output=str(tmp_path / name), progress=False,
-                max_length=64, workers=0, log_every=1, report_to=["none"], schedule="all")
+    base = dict(
+        steps=3,
+        batch_size=4,
+        lr=5e-3,
+        warmup=0.0,
+        output=str(tmp_path / name),
+        progress=False,
+        max_length=64,
+        workers=0,
+        log_every=1,
+        report_to=["none"],
+        schedule="all",
+    )
     return TrainConfig(**{**base, **options})
 
 
 @pytest.mark.skipif(not (DATA / "scifact").is_dir(), reason=f"no SciFact data at {DATA}")
 def test_a_packed_run_trains_as_the_padded_one_on_unseen_data(tmp_path):
     data = [str(scifact_rows(tmp_path / "scifact.jsonl"))]
-    padded = trainer.train(run_config(tmp_path, "padded", data=data), embedder=tiny_embedder(pooling="ata"),
-                           log=quiet, report_accuracy=False)
+    padded = trainer.train(
+        run_config(tmp_path, "padded", data=data),
+        embedder=tiny_embedder(pooling="ata"),
+        log=quiet,
+        report_accuracy=False,
+    )
     said = []
-    packed = trainer.train(run_config(tmp_path, "packed", data=data, packing=True, max_tokens_per_forward=128),
-                           embedder=tiny_embedder(pooling="ata"), log=said.append, report_accuracy=False)
+    packed = trainer.train(
+        run_config(tmp_path, "packed", data=data, packing=True, max_tokens_per_forward=128),
+        embedder=tiny_embedder(pooling="ata"),
+        log=said.append,
+        report_accuracy=False,
+    )
     assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
-    assert any(line.startswith("packing: texts packed without padding into rows of at most 128 real tokens")
-               for line in said), said
+    assert any(
+        line.startswith("packing: texts packed without padding into rows of at most 128 real tokens") for line in said
+    ), said
     options = json.loads((tmp_path / "packed" / "model" / "mgh_config.json").read_text())["training"]
     assert options["packing"] is True and options["max_tokens_per_forward"] == 128
 
 
 def test_a_packed_run_resumes_exactly_and_says_a_changed_packing(tmp_path):
     options = dict(steps=4, save_every=2, keep_checkpoints=0, packing=True, max_tokens_per_forward=100)
-    full = trainer.train(run_config(tmp_path, "full", **options), embedder=tiny_embedder(lora_dropout=0.2),
-                         log=quiet, report_accuracy=False)
+    full = trainer.train(
+        run_config(tmp_path, "full", **options),
+        embedder=tiny_embedder(lora_dropout=0.2),
+        log=quiet,
+        report_accuracy=False,
+    )
     checkpoint = tmp_path / "full" / "checkpoints" / "step-0000002"
-    resumed = trainer.train(run_config(tmp_path, "resumed", resume=str(checkpoint), **options),
-                            embedder=tiny_embedder(lora_dropout=0.2), log=quiet, report_accuracy=False)
+    resumed = trainer.train(
+        run_config(tmp_path, "resumed", resume=str(checkpoint), **options),
+        embedder=tiny_embedder(lora_dropout=0.2),
+        log=quiet,
+        report_accuracy=False,
+    )
     assert resumed.losses == full.losses[2:]
     said = []
-    padded = trainer.train(run_config(tmp_path, "padded", resume=str(checkpoint), steps=4),
-                           embedder=tiny_embedder(lora_dropout=0.2), log=said.append, report_accuracy=False)
+    padded = trainer.train(
+        run_config(tmp_path, "padded", resume=str(checkpoint), steps=4),
+        embedder=tiny_embedder(lora_dropout=0.2),
+        log=said.append,
+        report_accuracy=False,
+    )
     assert any("packing True -> False" in line and "max_tokens_per_forward 100 -> 0" in line for line in said), said
     assert len(padded.losses) == 2  # LoRA dropout draws its masks by shape: packed and padded differ there
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(packing=True, compile=True), r"^packing: --compile is not supported with --packing"),
-    (dict(packing=True, parallel="fsdp", max_tokens_per_forward=512),
-     r"^max_tokens_per_forward: under --parallel fsdp every forward is collective"),
-    (dict(max_tokens_per_forward=-1), r"^max_tokens_per_forward: expected an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(packing=True, compile=True), r"^packing: --compile is not supported with --packing"),
+        (
+            dict(packing=True, parallel="fsdp", max_tokens_per_forward=512),
+            r"^max_tokens_per_forward: under --parallel fsdp every forward is collective",
+        ),
+        (dict(max_tokens_per_forward=-1), r"^max_tokens_per_forward: expected an integer >= 0"),
+    ],
+)
 def test_options_that_cannot_run_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(output="/unused", **options)

@@ -5,7 +5,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from random_inputs import padding_mask
 from mgh_kernels import (
     POOLING_METHODS,
     ata_pool,
@@ -18,6 +17,7 @@ from mgh_kernels import (
     reference,
     weighted_mean_pool,
 )
+from random_inputs import padding_mask
 
 
 def direct_pool(hidden, mask, method, colsum=None, mix=0.0):
@@ -77,9 +77,7 @@ def colsum_and_mask(draw):
     pos = torch.arange(length)[None, :]
     n = torch.tensor(lengths)[:, None]
     mask = pos < n if side == "right" else pos >= length - n
-    values = draw(
-        st.lists(st.floats(1e-3, 1e3, allow_nan=False), min_size=batch * length, max_size=batch * length)
-    )
+    values = draw(st.lists(st.floats(1e-3, 1e3, allow_nan=False), min_size=batch * length, max_size=batch * length))
     return torch.tensor(values, dtype=torch.float64).view(batch, length), mask
 
 
@@ -192,9 +190,11 @@ def test_ata_pool_refuses_a_row_without_a_positive_finite_total(fill, gen):
 
 
 def test_empty_length_is_named_not_a_column_sum_error():
-    for call in (lambda: ata_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool), colsum=torch.zeros(2, 0)),
-                 lambda: ata_weights(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool)),
-                 lambda: mean_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool))):
+    for call in (
+        lambda: ata_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool), colsum=torch.zeros(2, 0)),
+        lambda: ata_weights(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool)),
+        lambda: mean_pool(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool)),
+    ):
         with pytest.raises(ValueError, match=r"expected at least one token \(L >= 1\), got shape \[2, 0"):
             call()
 

@@ -36,9 +36,8 @@ def test_a_run_feeds_the_bar_every_steps_loss(tmp_path, monkeypatch, cpu_kernels
     pytest.importorskip("peft")
     import json
 
-    from test_st_compat import config, pair_rows, tiny_embedder, write_jsonl
-
     from mgh_train import trainer
+    from test_st_compat import config, pair_rows, tiny_embedder, write_jsonl
 
     seen = []
     original = TrainBar.step

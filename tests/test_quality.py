@@ -23,6 +23,7 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("mteb")
     import yaml
+
     from tiny_models import tiny_decoder, tiny_tokenizer
 
     base = tmp_path / "tiny"
@@ -33,20 +34,38 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
     (tmp_path / "data" / "stsb" / "stsb-en-test.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     seed_data = str(resources.files("mgh_train") / "seed" / "short_short.jsonl")
     config = {
-        "train": {"model": str(base), "data": [seed_data], "steps": 2, "batch_size": 4, "lora_r": 4,
-                  "max_length": 64, "pooling": "mean", "workers": 0, "report_to": ["none"]},
+        "train": {
+            "model": str(base),
+            "data": [seed_data],
+            "steps": 2,
+            "batch_size": 4,
+            "lora_r": 4,
+            "max_length": 64,
+            "pooling": "mean",
+            "workers": 0,
+            "report_to": ["none"],
+        },
         "arms": {"curriculum": {}, "st-mnrl": {"trainer": "sentence-transformers"}},
         "seeds": [0, 1],
         "eval": {"tasks": "STSBenchmark", "data_dir": str(tmp_path / "data"), "batch_size": 16},
         "transfer": {"tasks": "SciFact", "data_dir": str(tmp_path / "beir"), "arms": "best", "seeds": [0]},
-        "base": True, "threads": 1, "parallel": 2, "priority": ["st-mnrl"],
+        "base": True,
+        "threads": 1,
+        "parallel": 2,
+        "priority": ["st-mnrl"],
     }
     quality = _quality()  # the transfer task: the real SciFact queries over a 300-document subsample
     quality.subsample_beir(SCIFACT, tmp_path / "beir" / "scifact", docs=300)
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", str(tmp_path / "q.yaml"),
-               "--output", str(out)]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "quality.py"),
+        "run",
+        str(tmp_path / "q.yaml"),
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "table.json").read_text())
@@ -64,7 +83,8 @@ def test_runner_end_to_end_and_table_traces_to_runs(tmp_path):
         assert "SciFact" in transfer["scores"] and "mgh_train eval" in transfer["commands"][0]
     assert not (out / "curriculum" / "seed1" / "transfer.json").exists()
     assert summary["curriculum"]["tasks"]["SciFact"]["values"] == [
-        json.loads((out / "curriculum" / "seed0" / "transfer.json").read_text())["scores"]["SciFact"]]
+        json.loads((out / "curriculum" / "seed0" / "transfer.json").read_text())["scores"]["SciFact"]
+    ]
     assert not list(out.rglob(".running*"))  # every lock released
     table = (out / "table.md").read_text()
     assert "| curriculum | 2 |" in table and "±" in table and "(n=1)" in table
@@ -93,8 +113,9 @@ def test_subsample_beir_keeps_queries_qrels_and_every_relevant_document(tmp_path
     quality = _quality()
     source = tmp_path / "src"
     (source / "qrels").mkdir(parents=True)
-    (source / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n"
-                                                 for i in range(50)))
+    (source / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n" for i in range(50))
+    )
     (source / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "q"}) + "\n")
     (source / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td7\t1\nq1\td42\t1\n")
     assert quality.subsample_beir(source, tmp_path / "a", docs=10, seed=3) == 0
@@ -110,9 +131,10 @@ def test_subsample_beir_keeps_queries_qrels_and_every_relevant_document(tmp_path
 
 def test_best_arm_skips_the_baseline_and_table_adds_transfer_scores(tmp_path):
     quality = _quality()
-    config = {"arms": {"curriculum": {}, "random": {"schedule": "random"},
-                       "st-mnrl": {"trainer": "sentence-transformers"}},
-              "eval": {"tasks": "STSBenchmark"}}
+    config = {
+        "arms": {"curriculum": {}, "random": {"schedule": "random"}, "st-mnrl": {"trainer": "sentence-transformers"}},
+        "eval": {"tasks": "STSBenchmark"},
+    }
     for arm, values in {"curriculum": [50.0, 52.0], "random": [51.0, 53.0], "st-mnrl": [70.0, 71.0]}.items():
         for seed, value in enumerate(values):
             _done(tmp_path / arm / f"seed{seed}", {"STSBenchmark": value})
@@ -148,13 +170,30 @@ def test_claim_takes_a_dead_runners_lock_and_waits_for_a_live_one(tmp_path):
 
 
 def test_run_only_names_an_unknown_run_in_one_line(tmp_path):
-    config = {"train": {"model": "tiny", "steps": 1}, "arms": {"curriculum": {}}, "seeds": [0],
-              "eval": {"tasks": "STSBenchmark"}}
+    config = {
+        "train": {"model": "tiny", "steps": 1},
+        "arms": {"curriculum": {}},
+        "seeds": [0],
+        "eval": {"tasks": "STSBenchmark"},
+    }
     import yaml
 
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", str(tmp_path / "q.yaml"),
-                           "--output", str(tmp_path / "out"), "--only", "random:0"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "quality.py"),
+            "run",
+            str(tmp_path / "q.yaml"),
+            "--output",
+            str(tmp_path / "out"),
+            "--only",
+            "random:0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == ("error: only: no run random:0 in " + str(tmp_path / "q.yaml")
-                                   + " (runs: base, curriculum:0)")
+    assert done.stderr.strip() == (
+        "error: only: no run random:0 in " + str(tmp_path / "q.yaml") + " (runs: base, curriculum:0)"
+    )

@@ -34,8 +34,12 @@ def test_every_mgh_train_command_in_the_readme_parses():
 
     from mgh_train.__main__ import build_parser
 
-    commands = [line.split("python -m mgh_train", 1)[1].split("#")[0].strip()
-                for block in BASH_BLOCKS for line in block.splitlines() if "python -m mgh_train " in line]
+    commands = [
+        line.split("python -m mgh_train", 1)[1].split("#")[0].strip()
+        for block in BASH_BLOCKS
+        for line in block.splitlines()
+        if "python -m mgh_train " in line
+    ]
     assert any(c.startswith("synth ") for c in commands) and any(c.startswith("verify ") for c in commands)
     assert any("--base-url http://127.0.0.1" in c for c in commands)  # a local server
     assert any(c.startswith("synth ") and "--base-url" not in c for c in commands)  # a hosted endpoint

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from random_inputs import padding_mask
 from mgh_kernels import reference
+from random_inputs import padding_mask
 
 
 def direct_attention(q, k, v, causal, mask, scale):

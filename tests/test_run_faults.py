@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("peft")
-from tiny_models import save_tiny_llama  # noqa: E402
+from tiny_models import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +40,36 @@ def cli(*args, timeout=300):
 
 def start(*args, **kwargs) -> subprocess.Popen:
     """A CLI process in its own session (a terminal's job: Ctrl-C reaches its whole process group)."""
-    return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=user_env(), start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=user_env(),
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def train_args(base, output, *extra):
-    return ("train", "--model", base, "--output", output, "--max-length", "32", "--batch-size", "2", "--lora-r", "4",
-            "--no-progress", "--report-to", "none", *extra)
+    return (
+        "train",
+        "--model",
+        base,
+        "--output",
+        output,
+        "--max-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "4",
+        "--no-progress",
+        "--report-to",
+        "none",
+        *extra,
+    )
 
 
 def lines(text: str) -> list:
@@ -54,8 +77,11 @@ def lines(text: str) -> list:
 
 
 def metric_steps(output: Path) -> list:
-    return [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["step"]
+        for line in (output / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def checkpoints(output: Path) -> list:
@@ -97,15 +123,19 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(base, tmp_p
     output = tmp_path / "run"
     # long enough that the second process (a fresh interpreter importing torch) starts while it runs
     first = start(*train_args(base, output, "--steps", "400", "--log-every", "1", "--save-every", "200"))
-    wait_for(lambda: (output / ".lock").is_file() and (output / ".lock").read_text().strip(), first,
-             what="the first run's lock")
+    wait_for(
+        lambda: (output / ".lock").is_file() and (output / ".lock").read_text().strip(),
+        first,
+        what="the first run's lock",
+    )
     second = cli(*train_args(base, output, "--steps", "8", "--log-every", "1", "--save-every", "4"))
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
     (line,) = lines(second.stderr)
-    assert line.startswith(f"error: output: {output} is in use by another run (pid {first.pid} on host "
-                           f"{socket.gethostname()}, started "), line
+    assert line.startswith(
+        f"error: output: {output} is in use by another run (pid {first.pid} on host {socket.gethostname()}, started "
+    ), line
     assert metric_steps(output) == list(range(1, 401))  # the first run's rows, once
     assert checkpoints(output) == ["step-0000200", "step-0000400"]
     assert not (output / ".lock").exists()  # released and removed when the run ended
@@ -128,10 +158,10 @@ def test_a_killed_runs_lock_does_not_block_the_next(base, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum, status, whole_group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
-                         ids=["ctrl-c", "sigterm"])
-def test_a_signal_saves_the_step_says_how_to_resume_and_resume_continues(base, tmp_path, signum, status,
-                                                                           whole_group):
+@pytest.mark.parametrize(
+    "signum, status, whole_group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)], ids=["ctrl-c", "sigterm"]
+)
+def test_a_signal_saves_the_step_says_how_to_resume_and_resume_continues(base, tmp_path, signum, status, whole_group):
     """Ctrl-C reaches the job's whole process group (DataLoader workers included); a scheduler's
     SIGTERM the main process. Either way: the step finishes, its checkpoint is written, one line says
     where and how to resume, and the exit status is the shell's 128 + signal."""
@@ -148,9 +178,11 @@ def test_a_signal_saves_the_step_says_how_to_resume_and_resume_continues(base, t
     step = done[-1]
     assert checkpoints(output) == [f"step-{step:07d}"]
     printed = lines(err)
-    assert printed[-1] == (f"stopped: interrupted by {name} after step {step}: checkpoint saved to "
-                           f"{output / 'checkpoints' / f'step-{step:07d}'}; resume with the same command and "
-                           f"--resume latest (in {output})"), err[-3000:]
+    assert printed[-1] == (
+        f"stopped: interrupted by {name} after step {step}: checkpoint saved to "
+        f"{output / 'checkpoints' / f'step-{step:07d}'}; resume with the same command and "
+        f"--resume latest (in {output})"
+    ), err[-3000:]
     assert any(line.startswith(f"{name} received: finishing the current step") for line in printed)
     assert not (output / ".lock").exists()
 
@@ -182,8 +214,7 @@ def test_ctrl_c_before_training_begins_is_one_line(base, tmp_path):
 def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
     return probe.returncode == 0
 
 
@@ -207,14 +238,21 @@ def on_small_disk(tmp_path: Path, size_kib: int, steps: list) -> list:
         script.append(f"{quoted} >{logs}/{i}.out 2>{logs}/{i}.err; echo $? >{logs}/{i}.rc")
     script.append(f"cp -a {disk}/. {tmp_path}/after/ 2>/dev/null || mkdir -p {tmp_path}/after")
     (tmp_path / "after").mkdir()
-    done = subprocess.run(["unshare", "-rm", "bash", "-c", "\n".join(script)], cwd=ROOT, env=user_env(),
-                          timeout=600, capture_output=True, text=True)
+    done = subprocess.run(
+        ["unshare", "-rm", "bash", "-c", "\n".join(script)],
+        cwd=ROOT,
+        env=user_env(),
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 99, done.stderr
     results = []
     for i, step in enumerate(steps):
         if step != "grow":
-            results.append((int((logs / f"{i}.rc").read_text()), (logs / f"{i}.out").read_text(),
-                            (logs / f"{i}.err").read_text()))
+            results.append(
+                (int((logs / f"{i}.rc").read_text()), (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+            )
     return results
 
 
@@ -228,9 +266,11 @@ def test_a_full_disk_stops_before_writing_and_resume_takes_the_last_good_checkpo
     status, _, err = full
     assert status == 1, err[-3000:]
     (line,) = [x for x in lines(err) if "Traceback" in x or x.startswith(("stopped:", "error:"))]
-    assert line.startswith(f"stopped: no space left on device while saving step 4; the last good checkpoint is "
-                           f"step 2 ({output / 'checkpoints' / 'step-0000002'}); free some space and resume with "
-                           "--resume latest ("), line
+    assert line.startswith(
+        f"stopped: no space left on device while saving step 4; the last good checkpoint is "
+        f"step 2 ({output / 'checkpoints' / 'step-0000002'}); free some space and resume with "
+        "--resume latest ("
+    ), line
     status, out, err = resumed
     assert status == 0, err[-3000:]
     assert "resume: continuing after step 2" in out
@@ -249,8 +289,9 @@ def test_a_write_that_fails_for_want_of_space_leaves_no_partial_checkpoint(base,
     status, _, err = full
     assert status == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    assert lines(err)[-1].startswith("stopped: no space left on device while saving step 2; no checkpoint was "
-                                     "written before it; free some space ("), err[-3000:]
+    assert lines(err)[-1].startswith(
+        "stopped: no space left on device while saving step 2; no checkpoint was written before it; free some space ("
+    ), err[-3000:]
     after = tmp_path / "after" / "run"
     assert checkpoints(after) == []  # no step-0000002.tmp
     assert metric_steps(after) == [1, 2]
@@ -271,8 +312,10 @@ def test_a_datasets_folder_holding_only_a_test_split_is_refused_and_its_folder_t
     refused = cli(*train_args(base, tmp_path / "run", "--steps", "1", "--data", folder, "--schedule", "all"))
     assert refused.returncode == 2, refused.stderr[-3000:]
     (line,) = lines(refused.stderr)
-    assert line == (f"error: {folder}: a DatasetDict without a 'train' split (splits found: test); to train on "
-                    f"another split pass its folder, e.g. --data {folder / 'test'}"), line
+    assert line == (
+        f"error: {folder}: a DatasetDict without a 'train' split (splits found: test); to train on "
+        f"another split pass its folder, e.g. --data {folder / 'test'}"
+    ), line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     taken = cli(*train_args(base, tmp_path / "run", "--steps", "1", "--data", folder / "test", "--schedule", "all"))
     assert taken.returncode == 0, taken.stderr[-3000:]
@@ -298,18 +341,29 @@ def test_eval_of_a_model_with_constant_embeddings_fails_naming_the_task_and_writ
         dense.linear.weight.zero_()
         dense.linear.bias.fill_(1.0)
     folder = tmp_path / "constant"
-    SentenceTransformer(modules=[encoder, models.Pooling(encoder.get_embedding_dimension()), dense]).save(
-        str(folder))
+    SentenceTransformer(modules=[encoder, models.Pooling(encoder.get_embedding_dimension()), dense]).save(str(folder))
     (tmp_path / "data" / "stsb").mkdir(parents=True)
     (tmp_path / "data" / "stsb" / "stsb-en-test.csv").write_text(
-        "a cat sits,a dog runs,2.5\nrain falls,snow falls,3.0\nthe sun,the moon,1.0\nbread,butter,4.0\n")
+        "a cat sits,a dog runs,2.5\nrain falls,snow falls,3.0\nthe sun,the moon,1.0\nbread,butter,4.0\n"
+    )
     results = tmp_path / "results"
-    result = cli("eval", "--model", folder, "--tasks", "STSBenchmark", "--data-dir", tmp_path / "data",
-                 "--output", results, "--no-progress")
+    result = cli(
+        "eval",
+        "--model",
+        folder,
+        "--tasks",
+        "STSBenchmark",
+        "--data-dir",
+        tmp_path / "data",
+        "--output",
+        results,
+        "--no-progress",
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [x for x in lines(result.stderr) if x.startswith(("error:", "stopped:", "Traceback"))]
-    assert line.startswith("error: eval: STSBenchmark scored nan on cosine_spearman: the model's similarity "
-                           "scores have no spread"), line
+    assert line.startswith(
+        "error: eval: STSBenchmark scored nan on cosine_spearman: the model's similarity scores have no spread"
+    ), line
     written = list(results.rglob("STSBenchmark.json"))
     assert written
     for path in written:
@@ -329,8 +383,10 @@ def test_verify_on_a_parquet_file_names_the_formats_it_reads(tmp_path):
     result = cli("verify", path)
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = lines(result.stderr)
-    assert line.startswith(f"error: data: {path} is a Parquet file; verify reads MGH rows from JSON Lines files "
-                           "(.jsonl, UTF-8, one row per line) only"), line
+    assert line.startswith(
+        f"error: data: {path} is a Parquet file; verify reads MGH rows from JSON Lines files "
+        "(.jsonl, UTF-8, one row per line) only"
+    ), line
 
 
 def test_export_of_a_folder_missing_its_adapter_names_model(base, tmp_path):
@@ -351,14 +407,17 @@ def test_resume_with_other_data_refuses_without_first_saying_applied(base, tmp_p
     first = cli(*train_args(base, output, "--steps", "2", "--save-every", "2"))
     assert first.returncode == 0, first.stderr[-3000:]
     data = tmp_path / "other.jsonl"
-    data.write_text("".join(json.dumps({"anchor": f"q {i}", "positive": f"p {i}", "negative": f"n {i}"}) + "\n"
-                            for i in range(8)))
-    result = cli(*train_args(base, output, "--steps", "4", "--resume", "latest", "--data", data, "--schedule",
-                             "curriculum"))
+    data.write_text(
+        "".join(json.dumps({"anchor": f"q {i}", "positive": f"p {i}", "negative": f"n {i}"}) + "\n" for i in range(8))
+    )
+    result = cli(
+        *train_args(base, output, "--steps", "4", "--resume", "latest", "--data", data, "--schedule", "curriculum")
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = lines(result.stderr)
-    assert line.startswith(f"error: resume: {output / 'checkpoints' / 'step-0000002'} was trained on other "
-                           "examples"), line
+    assert line.startswith(f"error: resume: {output / 'checkpoints' / 'step-0000002'} was trained on other examples"), (
+        line
+    )
     assert "applied" not in result.stdout, result.stdout
 
 
@@ -375,12 +434,30 @@ def start_ranks(base, output, ranks, world=2, timeout=15):
         port = s.getsockname()[1]
     procs = []
     for rank in ranks:
-        env = {**user_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            command(*train_args(base, output, "--steps", "500", "--log-every", "1", "--workers", "0",
-                                "--dist-timeout", timeout)),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True))
+        env = {
+            **user_env(),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                command(
+                    *train_args(
+                        base, output, "--steps", "500", "--log-every", "1", "--workers", "0", "--dist-timeout", timeout
+                    )
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+            )
+        )
     return procs
 
 

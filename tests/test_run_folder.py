@@ -14,20 +14,39 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("peft")
-from tiny_models import save_tiny_llama  # noqa: E402
+from tiny_models import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a user's CPU path
-    return subprocess.run([sys.executable, "-m", "mgh_train", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mgh_train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def train_args(base, output, *extra):
-    return ("train", "--model", base, "--output", output, "--max-length", "32", "--batch-size", "2", "--lora-r", "4",
-            "--no-progress", *extra)
+    return (
+        "train",
+        "--model",
+        base,
+        "--output",
+        output,
+        "--max-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "4",
+        "--no-progress",
+        *extra,
+    )
 
 
 def error_line(result) -> str:
@@ -39,8 +58,11 @@ def error_line(result) -> str:
 
 def snapshot(folder: Path) -> dict:
     """Every file under ``folder`` and a hash of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def checkpoints(output: Path) -> list:
@@ -82,8 +104,9 @@ def test_a_new_run_into_a_run_folder_is_refused_and_overwrite_replaces_it(base, 
     line = error_line(again)
     board = ", tensorboard/" if (output / "tensorboard").is_dir() else ""  # written where tensorboard is installed
     state = f"checkpoints/ (step-0000002, step-0000004), metrics.jsonl (4 rows), model/{board}"
-    assert line.startswith(f"error: output: {output} holds another run ({state}); pass --resume latest to "
-                           "continue it, or --overwrite"), line
+    assert line.startswith(
+        f"error: output: {output} holds another run ({state}); pass --resume latest to continue it, or --overwrite"
+    ), line
     assert snapshot(output) == before  # nothing mixed, nothing deleted
     replaced = cli(*train_args(base, output, "--steps", "2", "--save-every", "1", "--overwrite"))
     assert replaced.returncode == 0, replaced.stderr[-3000:]
@@ -96,8 +119,22 @@ def test_a_new_run_into_a_run_folder_is_refused_and_overwrite_replaces_it(base, 
 def test_resume_refuses_changes_to_the_model_or_data_and_applies_the_rest(base, finished_run, tmp_path):
     output = copy_of(finished_run, tmp_path)
     before = snapshot(output)
-    changed = cli(*train_args(base, output, "--steps", "4", "--resume", "latest", "--pooling", "mean",
-                              "--lora-r", "8", "--batch-size", "4"))
+    changed = cli(
+        *train_args(
+            base,
+            output,
+            "--steps",
+            "4",
+            "--resume",
+            "latest",
+            "--pooling",
+            "mean",
+            "--lora-r",
+            "8",
+            "--batch-size",
+            "4",
+        )
+    )
     assert changed.returncode == 2
     line = error_line(changed)
     assert f"error: resume: {output / 'checkpoints' / 'step-0000004'} was trained with other options" in line, line
@@ -111,8 +148,10 @@ def test_resume_refuses_changes_to_the_model_or_data_and_applies_the_rest(base, 
     # --steps and --lr may change: applied, said, and the schedule continues at the new rate.
     longer = cli(*train_args(base, output, "--steps", "6", "--resume", "latest", "--lr", "2e-4"))
     assert longer.returncode == 0, longer.stderr[-3000:]
-    assert ("resume: options changed since step-0000004, applied from step 5: steps 4 -> 6; lr 0.0001 -> 0.0002"
-            in longer.stdout), longer.stdout
+    assert (
+        "resume: options changed since step-0000004, applied from step 5: steps 4 -> 6; lr 0.0001 -> 0.0002"
+        in longer.stdout
+    ), longer.stdout
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[4]["lr"] == pytest.approx(2e-4 * (6 - 5) / (6 - 1))  # warmup 1 step, linear decay to step 6
@@ -125,8 +164,10 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(base, finished_run,
     (newest / "trainable.pt").write_bytes(weights[: len(weights) // 2])  # a copy cut short
     named = cli(*train_args(base, output, "--steps", "4", "--resume", newest))
     assert named.returncode == 2
-    assert error_line(named).startswith(f"error: resume: checkpoint {newest} is damaged: trainable.pt has "
-                                        f"{len(weights) // 2} bytes, {len(weights)} were written")
+    assert error_line(named).startswith(
+        f"error: resume: checkpoint {newest} is damaged: trainable.pt has "
+        f"{len(weights) // 2} bytes, {len(weights)} were written"
+    )
     latest = cli(*train_args(base, output, "--steps", "4", "--resume", "latest"))
     assert latest.returncode == 0, latest.stderr[-3000:]
     assert f"checkpoint {newest} is damaged" in latest.stdout
@@ -139,12 +180,18 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(base, finished_run,
 def test_a_bad_row_is_found_before_the_model_loads(base, tmp_path):
     row = {"query": "q", "positive": "p", "negatives": [{"text": f"n{level}", "level": level} for level in (1, 2, 3)]}
     data = tmp_path / "three.jsonl"
-    data.write_text(json.dumps({**row, "negatives": row["negatives"] + [{"text": "n4", "level": 4}]}) + "\n"
-                    + json.dumps(row) + "\n")
+    data.write_text(
+        json.dumps({**row, "negatives": row["negatives"] + [{"text": "n4", "level": 4}]})
+        + "\n"
+        + json.dumps(row)
+        + "\n"
+    )
     result = cli(*train_args(base, tmp_path / "run", "--steps", "4", "--data", data))
     assert result.returncode == 2
-    assert error_line(result) == (f"error: {data}:2: no level-4 negative, but schedule 'curriculum' trains with "
-                                  "levels 1, 2, 3, 4; the row has levels 1, 2, 3")
+    assert error_line(result) == (
+        f"error: {data}:2: no level-4 negative, but schedule 'curriculum' trains with "
+        "levels 1, 2, 3, 4; the row has levels 1, 2, 3"
+    )
     assert "model: loading" not in result.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -160,21 +207,45 @@ def _mistakes(base: Path, tmp_path: Path):
     (no_tokenizer / "config.json").write_text((base / "config.json").read_text())
     return {
         "output is a file": (train_args(base, a_file), f"error: output: {a_file} is a file; expected a run folder"),
-        "output cannot be written": (train_args(base, a_file / "run"), f"error: output: cannot write to {a_file / 'run'}"),
-        "no such model": (train_args(tmp_path / "nope", tmp_path / "r1"), f"error: model: {tmp_path / 'nope'} does not exist"),
-        "model is a data file": (train_args(data_file, tmp_path / "r2"),
-                                 f"error: model: {data_file} is a file but not a .gguf model"),
-        "model without tokenizer": (train_args(no_tokenizer, tmp_path / "r3"),
-                                    f"error: model: {no_tokenizer} has no tokenizer file"),
-        "no CUDA": (train_args(base, tmp_path / "r4", "--device", "cuda"),
-                    "error: device: 'cuda' needs CUDA, which this torch does not see here"),
-        "no such device": (train_args(base, tmp_path / "r5", "--device", "gpu"),
-                           "error: device: expected cpu, cuda, cuda:N or another torch device, got 'gpu'"),
+        "output cannot be written": (
+            train_args(base, a_file / "run"),
+            f"error: output: cannot write to {a_file / 'run'}",
+        ),
+        "no such model": (
+            train_args(tmp_path / "nope", tmp_path / "r1"),
+            f"error: model: {tmp_path / 'nope'} does not exist",
+        ),
+        "model is a data file": (
+            train_args(data_file, tmp_path / "r2"),
+            f"error: model: {data_file} is a file but not a .gguf model",
+        ),
+        "model without tokenizer": (
+            train_args(no_tokenizer, tmp_path / "r3"),
+            f"error: model: {no_tokenizer} has no tokenizer file",
+        ),
+        "no CUDA": (
+            train_args(base, tmp_path / "r4", "--device", "cuda"),
+            "error: device: 'cuda' needs CUDA, which this torch does not see here",
+        ),
+        "no such device": (
+            train_args(base, tmp_path / "r5", "--device", "gpu"),
+            "error: device: expected cpu, cuda, cuda:N or another torch device, got 'gpu'",
+        ),
     }
 
 
-@pytest.mark.parametrize("mistake", ["output is a file", "output cannot be written", "no such model",
-                                     "model is a data file", "model without tokenizer", "no CUDA", "no such device"])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        "output is a file",
+        "output cannot be written",
+        "no such model",
+        "model is a data file",
+        "model without tokenizer",
+        "no CUDA",
+        "no such device",
+    ],
+)
 def test_common_mistakes_are_one_line_before_the_model_loads(base, tmp_path, mistake):
     import torch
 
@@ -198,10 +269,13 @@ def saved_model(base, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("remove,expected", [
-    ("adapter", "is missing or incomplete (no adapter_config.json)"),
-    ("tokenizer.json", "has no tokenizer file"),
-])
+@pytest.mark.parametrize(
+    "remove,expected",
+    [
+        ("adapter", "is missing or incomplete (no adapter_config.json)"),
+        ("tokenizer.json", "has no tokenizer file"),
+    ],
+)
 def test_a_model_folder_missing_a_part_is_named(saved_model, tmp_path, remove, expected):
     import shutil
 
@@ -221,5 +295,6 @@ def test_eval_refuses_a_nan_gold_score_with_its_line(saved_model, tmp_path):
     (tmp_path / "stsb" / "stsb-en-test.csv").write_text("a cat,a dog,2.5\nrain,snow,nan\n")
     result = cli("eval", "--model", saved_model, "--tasks", "STSBenchmark", "--data-dir", tmp_path, "--no-progress")
     assert result.returncode == 2
-    assert error_line(result) == (f"error: {tmp_path / 'stsb' / 'stsb-en-test.csv'}:2: score 'nan' is not a "
-                                  "finite number")
+    assert error_line(result) == (
+        f"error: {tmp_path / 'stsb' / 'stsb-en-test.csv'}:2: score 'nan' is not a finite number"
+    )

@@ -42,7 +42,9 @@ def test_each_thread_has_its_own_buffers():
     _scratch.release()
     mine = scratch("test.thread", (8,), torch.float32, "cpu").data_ptr()
     theirs = []
-    worker = threading.Thread(target=lambda: theirs.append(scratch("test.thread", (8,), torch.float32, "cpu").data_ptr()))
+    worker = threading.Thread(
+        target=lambda: theirs.append(scratch("test.thread", (8,), torch.float32, "cpu").data_ptr())
+    )
     worker.start()
     worker.join()
     assert theirs[0] != mine

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train import trainer  # noqa: E402
-from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.data import needs_of, parse_row, read_examples, schedule_notes  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
+from mgh_train import trainer
+from mgh_train.config import TrainConfig
+from mgh_train.data import needs_of, parse_row, read_examples, schedule_notes
+from mgh_train.model import Embedder, EmbedderConfig
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -25,19 +24,21 @@ pytestmark = pytest.mark.usefixtures("cpu_kernels")
 def tiny_embedder(**options):
     options = {"lora_r": 4, "lora_alpha": 8, "max_length": 64, **options}
     torch.manual_seed(0)
-    return Embedder.build(EmbedderConfig(base_model=None, **options), model=tiny_decoder("llama", seed=0),
-                          tokenizer=tiny_tokenizer())
+    return Embedder.build(
+        EmbedderConfig(base_model=None, **options), model=tiny_decoder("llama", seed=0), tokenizer=tiny_tokenizer()
+    )
 
 
 def config(tmp_path, name="run", **options):
-    base = dict(steps=4, batch_size=4, lr=5e-3, warmup=0.0, output=str(tmp_path / name), progress=False,
-                max_length=64)
+    base = dict(steps=4, batch_size=4, lr=5e-3, warmup=0.0, output=str(tmp_path / name), progress=False, max_length=64)
     return TrainConfig(**{**base, **options})
 
 
 def pair_rows(n=24):
-    return [{"anchor": f"question number {i} about topic {i % 7}", "positive": f"the answer to {i} is {i * 3}"}
-            for i in range(n)]
+    return [
+        {"anchor": f"question number {i} about topic {i % 7}", "positive": f"the answer to {i} is {i * 3}"}
+        for i in range(n)
+    ]
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -62,24 +63,36 @@ def test_the_fused_loss_on_pairs_equals_mnrl(gen):
         ours = infonce_loss(q, p, neg, tau=0.05)
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
         oq, op = torch.autograd.grad(ours, (q, p))
-        assert torch.allclose(oq.double(), gq, rtol=1e-4, atol=1e-7) and torch.allclose(op.double(), gp, rtol=1e-4,
-                                                                                          atol=1e-7)
+        assert torch.allclose(oq.double(), gq, rtol=1e-4, atol=1e-7) and torch.allclose(
+            op.double(), gp, rtol=1e-4, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize("loss", ["fused", "eager"])
 def test_pairs_train_with_in_batch_negatives(tmp_path, loss):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
     logged = []
-    result = trainer.train(config(tmp_path, loss=loss, data=[str(data)]), embedder=tiny_embedder(),
-                           log=logged.append, report_accuracy=False)
+    result = trainer.train(
+        config(tmp_path, loss=loss, data=[str(data)]),
+        embedder=tiny_embedder(),
+        log=logged.append,
+        report_accuracy=False,
+    )
     assert len(result.losses) == 4 and all(math.isfinite(x) for x in result.losses)
     assert any("every example is a pair" in line and "in-batch negatives only" in line for line in logged), logged
 
 
 def test_fused_and_eager_agree_on_pairs(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
-    runs = [trainer.train(config(tmp_path, name=loss, loss=loss, data=[str(data)], steps=2), embedder=tiny_embedder(),
-                          log=lambda _: None, report_accuracy=False).losses for loss in ("fused", "eager")]
+    runs = [
+        trainer.train(
+            config(tmp_path, name=loss, loss=loss, data=[str(data)], steps=2),
+            embedder=tiny_embedder(),
+            log=lambda _: None,
+            report_accuracy=False,
+        ).losses
+        for loss in ("fused", "eager")
+    ]
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)
 
 
@@ -91,7 +104,10 @@ def test_columns_bind_by_order_as_in_sentence_transformers(tmp_path):
     anchor, positive, negative = table.column_names
     example = parse_row(rows[0])
     assert (example.query, example.positive, [n.text for n in example.negatives]) == (
-        rows[0][anchor], rows[0][positive], [rows[0][negative]])
+        rows[0][anchor],
+        rows[0][positive],
+        [rows[0][negative]],
+    )
     pair = parse_row({"sentence1": "s one", "sentence2": "s two"})
     assert (pair.query, pair.positive, pair.negatives) == ("s one", "s two", ())
     table.save_to_disk(str(tmp_path / "folder"))
@@ -118,11 +134,13 @@ def test_a_schedule_over_data_without_levels_is_explained_or_refused():
 
 
 def test_a_level_schedule_over_triplets_without_levels_stops_in_one_line(tmp_path):
-    data = write_jsonl(tmp_path / "t.jsonl", [{"query": f"q{i}", "answer": f"a{i}", "negative": f"n{i}"}
-                                              for i in range(12)])
+    data = write_jsonl(
+        tmp_path / "t.jsonl", [{"query": f"q{i}", "answer": f"a{i}", "negative": f"n{i}"} for i in range(12)]
+    )
     with pytest.raises(ValueError, match="picks negatives by level"):
-        trainer.train(config(tmp_path, data=[str(data)], schedule="level:4"), embedder=tiny_embedder(),
-                      log=lambda _: None)
+        trainer.train(
+            config(tmp_path, data=[str(data)], schedule="level:4"), embedder=tiny_embedder(), log=lambda _: None
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +178,14 @@ def test_a_model_folder_loads_from_another_directory_and_from_a_copy(tmp_path, m
     config_file.write_text(json.dumps(saved))
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    result = subprocess.run([sys.executable, "-m", "mgh_train", "export", "--model", "copy", "--output", "out"],
-                            capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mgh_train", "export", "--model", "copy", "--output", "out"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "names the base model 'tiny'" in result.stderr, result.stderr
 
@@ -213,11 +237,15 @@ def test_evaluators_equal_sentence_transformers(minilm):
     corpus = {f"d{i}": t for i, t in enumerate(s2 + neg)}
     relevant = {f"q{i}": {f"d{i}"} for i in range(5)}
     pairs = [
-        (ours.EmbeddingSimilarityEvaluator(s1, s2, gold, name="sts"),
-         st_eval.EmbeddingSimilarityEvaluator(s1, s2, gold, name="sts")),
+        (
+            ours.EmbeddingSimilarityEvaluator(s1, s2, gold, name="sts"),
+            st_eval.EmbeddingSimilarityEvaluator(s1, s2, gold, name="sts"),
+        ),
         (ours.TripletEvaluator(s1, s2, neg, name="tri"), st_eval.TripletEvaluator(s1, s2, neg, name="tri")),
-        (ours.InformationRetrievalEvaluator(queries, corpus, relevant, name="ir"),
-         st_eval.InformationRetrievalEvaluator(queries, corpus, relevant, name="ir", show_progress_bar=False)),
+        (
+            ours.InformationRetrievalEvaluator(queries, corpus, relevant, name="ir"),
+            st_eval.InformationRetrievalEvaluator(queries, corpus, relevant, name="ir", show_progress_bar=False),
+        ),
     ]
     for mine, theirs in pairs:
         got, reference = mine(STEncoder(minilm)), theirs(minilm)
@@ -291,14 +319,32 @@ def test_fit_on_a_dataset_with_an_evaluator_epochs_and_the_best_weights(tmp_path
     from mgh_train import fit
     from mgh_train.evaluators import TripletEvaluator
 
-    rows = {"query": [f"question number {i} about topic {i % 7}" for i in range(24)],
-            "answer": [f"the answer to {i} is {i * 3}" for i in range(24)]}
-    dev = TripletEvaluator([f"question number {i}" for i in range(6)], [f"the answer to {i}" for i in range(6)],
-                           [f"topic {i} elsewhere" for i in range(6)], name="dev")
+    rows = {
+        "query": [f"question number {i} about topic {i % 7}" for i in range(24)],
+        "answer": [f"the answer to {i} is {i * 3}" for i in range(24)],
+    }
+    dev = TripletEvaluator(
+        [f"question number {i}" for i in range(6)],
+        [f"the answer to {i}" for i in range(6)],
+        [f"topic {i} elsewhere" for i in range(6)],
+        name="dev",
+    )
     logged = []
-    result = fit(tiny_embedder(), datasets.Dataset.from_dict(rows), evaluator=dev, epochs=1.5, batch_size=4,
-                 eval_every=3, lr=5e-3, warmup=0.0, max_length=64, load_best_model_at_end=True,
-                 output=str(tmp_path / "fit"), log=logged.append, progress=False)
+    result = fit(
+        tiny_embedder(),
+        datasets.Dataset.from_dict(rows),
+        evaluator=dev,
+        epochs=1.5,
+        batch_size=4,
+        eval_every=3,
+        lr=5e-3,
+        warmup=0.0,
+        max_length=64,
+        load_best_model_at_end=True,
+        output=str(tmp_path / "fit"),
+        log=logged.append,
+        progress=False,
+    )
     assert len(result.losses) == 9  # 1.5 x 24 / 4
     assert set(result.evaluation) == {"step", "dev_cosine_accuracy"} and result.best_step in (3, 6, 9)
     rows_logged = [json.loads(r) for r in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
@@ -321,11 +367,26 @@ def _mteb_result_folder(folder: Path, model_label: str) -> Path:
     """An mteb result folder as ``eval --output`` writes it (one STSBenchmark score) for ``model_label``."""
     target = folder / model_label.replace("/", "__") / "abc123"
     target.mkdir(parents=True)
-    (target / "STSBenchmark.json").write_text(json.dumps({
-        "dataset_revision": "b0fddb56ed78048fa8b90373c8a3cfc37b684831", "task_name": "STSBenchmark",
-        "mteb_version": "2.0", "evaluation_time": 1.0,
-        "scores": {"test": [{"main_score": 0.8203, "cosine_spearman": 0.8203, "hf_subset": "default",
-                             "languages": ["eng-Latn"]}]}}))
+    (target / "STSBenchmark.json").write_text(
+        json.dumps(
+            {
+                "dataset_revision": "b0fddb56ed78048fa8b90373c8a3cfc37b684831",
+                "task_name": "STSBenchmark",
+                "mteb_version": "2.0",
+                "evaluation_time": 1.0,
+                "scores": {
+                    "test": [
+                        {
+                            "main_score": 0.8203,
+                            "cosine_spearman": 0.8203,
+                            "hf_subset": "default",
+                            "languages": ["eng-Latn"],
+                        }
+                    ]
+                },
+            }
+        )
+    )
     (target / "model_meta.json").write_text(json.dumps({"name": model_label}))
     return folder
 
@@ -356,13 +417,18 @@ def test_the_model_card_parses_with_huggingface_hub_and_names_the_real_base(tmp_
     results = _mteb_result_folder(tmp_path / "results", "local/run-model")
     expected = eval_results(read_mteb_results(results))
     saved = json.loads((folder / "mgh_config.json").read_text())
-    write_model_card(folder, embedder=saved["embedder"], base_model=str(base), training=saved["training"],
-                     results=results)
+    write_model_card(
+        folder, embedder=saved["embedder"], base_model=str(base), training=saved["training"], results=results
+    )
     card = hub.ModelCard.load(folder / "README.md")
     assert card.data.eval_results == expected and card.data.model_name == "run-model"
     main = next(r for r in card.data.eval_results if r.metric_type == "main_score")
     assert (main.task_type, main.dataset_name, main.dataset_split, main.metric_value) == (
-        "STS", "MTEB STSBenchmark", "test", 82.03)
+        "STS",
+        "MTEB STSBenchmark",
+        "test",
+        82.03,
+    )
     assert "| STSBenchmark | test | " in card.text and " | 82.03 |" in card.text
 
 
@@ -399,11 +465,11 @@ def test_yaml_exponents_help_defaults_and_flag_suggestions(tmp_path, capsys):
 
 def test_mnrl_63_arguments_defaults_accepted_others_refused():
     pytest.importorskip("sentence_transformers")
-    from mgh_train.st_losses import FusedMultipleNegativesRankingLoss as Fused
-
     import inspect
 
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from mgh_train.st_losses import FusedMultipleNegativesRankingLoss as Fused
 
     theirs = inspect.signature(MultipleNegativesRankingLoss).parameters
     ours = inspect.signature(Fused).parameters
@@ -411,8 +477,10 @@ def test_mnrl_63_arguments_defaults_accepted_others_refused():
         assert ours[name].default == theirs[name].default, name
     Fused(None, directions=("query_to_doc",), partition_mode="joint", hardness_mode=None, hardness_strength=0.0)
     Fused(None, directions=["query_to_doc"])  # a list, as a YAML or JSON config gives it
-    for kwargs, name in [({"directions": ("query_to_doc", "doc_to_query")}, "directions"),
-                         ({"partition_mode": "per_direction"}, "partition_mode"),
-                         ({"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, "hardness_mode")]:
+    for kwargs, name in [
+        ({"directions": ("query_to_doc", "doc_to_query")}, "directions"),
+        ({"partition_mode": "per_direction"}, "partition_mode"),
+        ({"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, "hardness_mode"),
+    ]:
         with pytest.raises(ValueError, match=f"^{name}"):
             Fused(None, **kwargs)

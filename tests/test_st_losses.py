@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("datasets")
-from st_training import ROOT, STSB, distance, make_loss, minilm_path, train  # noqa: E402
+from st_training import ROOT, STSB, distance, make_loss, minilm_path, train
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -72,13 +72,32 @@ def test_two_gloo_ranks_gather_like_sentence_transformers(tmp_path):
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "st_training.py"), str(tmp_path / f"rank{rank}.pt"),
-             "mnrl", "fused", "mnrl64"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "tests" / "st_training.py"),
+                    str(tmp_path / f"rank{rank}.pt"),
+                    "mnrl",
+                    "fused",
+                    "mnrl64",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in procs:
         output, _ = p.communicate(timeout=600)
         assert p.returncode == 0, output[-4000:]
@@ -113,8 +132,11 @@ def test_loss_and_gradients_equal_mnrl_for_both_similarities(similarity, negativ
     scale = 20.0 if similarity == "cos_sim" else 1.0
     columns = [torch.randn(6, 16, generator=gen, dtype=torch.float64) for _ in range(2 + negatives)]
     results = []
-    for cls, dtype in ((MultipleNegativesRankingLoss, torch.float64), (MultipleNegativesRankingLoss, torch.float32),
-                       (FusedMultipleNegativesRankingLoss, torch.float32)):
+    for cls, dtype in (
+        (MultipleNegativesRankingLoss, torch.float64),
+        (MultipleNegativesRankingLoss, torch.float32),
+        (FusedMultipleNegativesRankingLoss, torch.float32),
+    ):
         leaves = [c.detach().clone().to(dtype).requires_grad_() for c in columns]
         loss = cls(_embedding_model(), scale=scale, similarity_fct=fct)([{"embedding": x} for x in leaves], None)
         loss.backward()

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("peft")
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers.base.modules import Normalize, Transformer  # noqa: E402
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
+from sentence_transformers.base.modules import Normalize, Transformer
 
-from mgh_train import ATAPooling  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
+from mgh_train import ATAPooling
+from mgh_train.model import Embedder, EmbedderConfig
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # kernels: see conftest.cpu_kernels
 
@@ -33,8 +33,11 @@ def reference(folder, **options):
     import transformers
 
     config = EmbedderConfig(base_model=None, pooling="ata", lora_r=0, **options)
-    return Embedder.build(config, model=transformers.AutoModel.from_pretrained(folder),
-                          tokenizer=transformers.AutoTokenizer.from_pretrained(folder)).eval()
+    return Embedder.build(
+        config,
+        model=transformers.AutoModel.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
+    ).eval()
 
 
 def tiny_folder(tmp_path):
@@ -64,16 +67,16 @@ def test_ata_pooling_equals_embedder_and_reloads(tmp_path, include_prompt):
     assert config == {"ata_layer": -1, "ata_mix": 0.0, "include_prompt": include_prompt}
     again = st.SentenceTransformer(str(tmp_path / "saved"), trust_remote_code=True, device="cpu")
     assert isinstance(again[1], ATAPooling)
-    torch.testing.assert_close(again.encode(TEXTS, prompt=prefix, convert_to_tensor=True), want_q,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again.encode(TEXTS, prompt=prefix, convert_to_tensor=True), want_q, atol=1e-5, rtol=1e-4)
 
 
 def test_ata_mix_and_layer_reach_the_pooling(tmp_path):
     folder = tiny_folder(tmp_path)
     embedder = reference(folder, ata_mix=0.3, ata_layer=0)
     model = stock_model(folder, ATAPooling(ata_layer=0, ata_mix=0.3))
-    torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), embedder.encode(TEXTS),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model.encode(TEXTS, convert_to_tensor=True), embedder.encode(TEXTS), atol=1e-5, rtol=1e-4
+    )
     plain = stock_model(folder, ATAPooling())
     assert (plain.encode(TEXTS, convert_to_tensor=True) - embedder.encode(TEXTS)).abs().max() > 1e-3
 
@@ -93,7 +96,12 @@ def test_ata_pooling_over_smollm2_through_the_stock_transformer(smollm2_plain):
     model = stock_model(smollm2_plain, ATAPooling())
     assert "message" not in model[0].modality_config  # no chat template around the text
     prefix = embedder.prefix(TASK)
-    torch.testing.assert_close(model.encode(TEXTS, prompt=prefix, convert_to_tensor=True),
-                               embedder.encode(TEXTS, instruction=TASK), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), embedder.encode(TEXTS),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model.encode(TEXTS, prompt=prefix, convert_to_tensor=True),
+        embedder.encode(TEXTS, instruction=TASK),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    torch.testing.assert_close(
+        model.encode(TEXTS, convert_to_tensor=True), embedder.encode(TEXTS), atol=1e-5, rtol=1e-4
+    )

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from sync_counter import SyncCounter  # noqa: E402
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train import step as step_module  # noqa: E402
-from mgh_train import trainer  # noqa: E402
-from mgh_train.batches import Collate, MicroBatchPlanner, instruction_of, length_buckets  # noqa: E402
-from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.data import NoDuplicatesBatcher, load_training_data  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
+from mgh_train import step as step_module
+from mgh_train import trainer
+from mgh_train.batches import Collate, MicroBatchPlanner, instruction_of, length_buckets
+from mgh_train.config import TrainConfig
+from mgh_train.data import NoDuplicatesBatcher, load_training_data
+from mgh_train.model import Embedder, EmbedderConfig
+from sync_counter import SyncCounter
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -27,13 +26,24 @@ pytestmark = pytest.mark.usefixtures("cpu_kernels")
 def tiny_embedder(padding_side="right", **options):
     options = {"lora_r": 4, "lora_alpha": 8, "max_length": 64, **options}
     torch.manual_seed(0)
-    return Embedder.build(EmbedderConfig(base_model=None, **options), model=tiny_decoder("llama", seed=0),
-                          tokenizer=tiny_tokenizer(padding_side=padding_side))
+    return Embedder.build(
+        EmbedderConfig(base_model=None, **options),
+        model=tiny_decoder("llama", seed=0),
+        tokenizer=tiny_tokenizer(padding_side=padding_side),
+    )
 
 
 def config(tmp_path, name="run", **options):
-    base = dict(steps=4, batch_size=4, lr=5e-3, warmup=0.0, output=str(tmp_path / name), progress=False,
-                max_length=64, schedule="level:4")
+    base = dict(
+        steps=4,
+        batch_size=4,
+        lr=5e-3,
+        warmup=0.0,
+        output=str(tmp_path / name),
+        progress=False,
+        max_length=64,
+        schedule="level:4",
+    )
     return TrainConfig(**{**base, **options})
 
 
@@ -65,8 +75,9 @@ def test_buckets_cover_every_text_once_and_pad_least(seed):
     assert all(lengths[b[j]] >= lengths[b[j + 1]] for b in buckets for j in range(len(b) - 1))
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
-    best = min(padded(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
-               for k in range(3) for cuts in _cuts(n, k))
+    best = min(
+        padded(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))]) for k in range(3) for cuts in _cuts(n, k)
+    )
     assert padded(lengths, buckets) == best
 
 
@@ -87,19 +98,26 @@ def _cuts(n, k):
 def test_bucketed_micro_batch_equals_encoding_queries_and_documents_apart(pooling, side, bidirectional):
     """One micro-batch, its texts in length buckets (queries and documents mixed, padded to a
     multiple of 8), gives the embeddings of encoding the queries and the documents apart."""
-    embedder = tiny_embedder(side, pooling=pooling, bidirectional=bidirectional, exclude_instruction=True,
-                             max_length=256)
+    embedder = tiny_embedder(
+        side, pooling=pooling, bidirectional=bidirectional, exclude_instruction=True, max_length=256
+    )
     examples = load_training_data(config(Path("/unused")), lambda _: None)[0][:6]
     batcher = NoDuplicatesBatcher(examples, 6, seed=0)
-    plan = next(iter(MicroBatchPlanner(examples, batcher, random.Random(0), schedule="all", steps=1,
-                                       stage_steps=None, grad_accum=1)))
+    plan = next(
+        iter(
+            MicroBatchPlanner(
+                examples, batcher, random.Random(0), schedule="all", steps=1, stage_steps=None, grad_accum=1
+            )
+        )
+    )
     batch = Collate(embedder.tokenizer, embedder.config, max_buckets=3, slack=0.0)(plan)
     assert len(batch.buckets) > 1 and batch.k == 4
     assert all(f["input_ids"].shape[1] % 8 == 0 for f in batch.buckets)
     with torch.no_grad():
         got = step_module.embed(embedder.eval(), batch)
-        queries = embedder(embedder.tokenize([e.query for e in plan.examples],
-                                             instruction=[instruction_of(e) for e in plan.examples]))
+        queries = embedder(
+            embedder.tokenize([e.query for e in plan.examples], instruction=[instruction_of(e) for e in plan.examples])
+        )
         docs = embedder(embedder.tokenize([e.positive for e in plan.examples] + [t for n in plan.negatives for t in n]))
     torch.testing.assert_close(got, torch.cat([queries, docs]), rtol=1e-4, atol=1e-5)
     assert batch.tokens == sum(int(f["attention_mask"].sum()) for f in batch.buckets)
@@ -127,8 +145,12 @@ def test_no_sync_from_our_code_in_a_step(tmp_path, monkeypatch, pooling):
         return outcome
 
     monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
-    trainer.train(config(tmp_path, steps=3, log_every=3), embedder=tiny_embedder(pooling=pooling),
-                  log=lambda _: None, report_accuracy=False)
+    trainer.train(
+        config(tmp_path, steps=3, log_every=3),
+        embedder=tiny_embedder(pooling=pooling),
+        log=lambda _: None,
+        report_accuracy=False,
+    )
     assert len(counters) == 3 and any(padded)
     for syncs in counters:
         assert syncs.ours == [], syncs.report()
@@ -165,8 +187,9 @@ def test_adamw_is_fused_where_the_device_has_it():
 
 def test_profile_writes_a_trace_and_a_summary(tmp_path):
     lines = []
-    trainer.train(config(tmp_path, steps=5, profile=2), embedder=tiny_embedder(), log=lines.append,
-                  report_accuracy=False)
+    trainer.train(
+        config(tmp_path, steps=5, profile=2), embedder=tiny_embedder(), log=lines.append, report_accuracy=False
+    )
     trace = tmp_path / "run" / "profile" / "trace.json"
     assert json.loads(trace.read_text())["traceEvents"]
     text = "\n".join(lines)
@@ -192,13 +215,27 @@ def test_compiled_run_resumes_an_eager_checkpoint_and_back(tmp_path):
     """--compile trains with the eager run's losses (same arithmetic, compiled), and its checkpoints
     and the eager run's are interchangeable (the compiled encoder keeps its parameter names)."""
     options = dict(steps=3, save_every=1, keep_checkpoints=0, schedule="random", log_every=1)
-    eager = trainer.train(config(tmp_path, "eager", **options), embedder=tiny_embedder(), log=lambda _: None,
-                          report_accuracy=False)
-    compiled = trainer.train(config(tmp_path, "compiled", compile=True,
-                                    resume=str(tmp_path / "eager" / "checkpoints" / "step-0000001"), **options),
-                             embedder=tiny_embedder(), log=lambda _: None, report_accuracy=False)
+    eager = trainer.train(
+        config(tmp_path, "eager", **options), embedder=tiny_embedder(), log=lambda _: None, report_accuracy=False
+    )
+    compiled = trainer.train(
+        config(
+            tmp_path,
+            "compiled",
+            compile=True,
+            resume=str(tmp_path / "eager" / "checkpoints" / "step-0000001"),
+            **options,
+        ),
+        embedder=tiny_embedder(),
+        log=lambda _: None,
+        report_accuracy=False,
+    )
     assert compiled.losses == pytest.approx(eager.losses[1:], rel=1e-4)
-    back = trainer.train(config(tmp_path, "eager-again", resume=str(tmp_path / "compiled" / "checkpoints" / "step-0000002"),
-                                **options), embedder=tiny_embedder(), log=lambda _: None, report_accuracy=False)
+    back = trainer.train(
+        config(tmp_path, "eager-again", resume=str(tmp_path / "compiled" / "checkpoints" / "step-0000002"), **options),
+        embedder=tiny_embedder(),
+        log=lambda _: None,
+        report_accuracy=False,
+    )
     assert back.losses == pytest.approx(eager.losses[2:], rel=1e-4)
     assert all(math.isfinite(x) for x in eager.losses)

@@ -16,7 +16,8 @@ import triton_interpreter
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MGH_STOCK_INTERPRETER") == "1",
-    reason="the shortcut is for Triton's interpreter (CPU runs)")
+    reason="the shortcut is for Triton's interpreter (CPU runs)",
+)
 
 
 def kernel_outputs(seed):
@@ -41,8 +42,9 @@ def counted_run(monkeypatch, seed):
     patchings, launches = [], []
     patch_lang, run = interpreter._patch_lang, interpreter.InterpretedFunction.run
     monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: patchings.append(fn) or patch_lang(fn))
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run",
-                        lambda self, *a, **kw: launches.append(self) or run(self, *a, **kw))
+    monkeypatch.setattr(
+        interpreter.InterpretedFunction, "run", lambda self, *a, **kw: launches.append(self) or run(self, *a, **kw)
+    )
     outputs = kernel_outputs(seed)
     monkeypatch.undo()
     return outputs, len(launches), len(patchings)
@@ -71,7 +73,7 @@ def test_pairwise_cover_holds_every_pair_and_is_smaller(sizes):
     cases = [dict(zip(names, values)) for values in itertools.product(*(range(n) for n in sizes))]
     kept = grids.pairwise_cover(cases)
     assert kept == sorted(set(kept)) and kept == grids.pairwise_cover(cases)  # the same in every process
-    for (a, b) in itertools.combinations(range(len(names)), 2):
+    for a, b in itertools.combinations(range(len(names)), 2):
         seen = {(cases[i][names[a]], cases[i][names[b]]) for i in kept}
         assert seen == set(itertools.product(range(sizes[a]), range(sizes[b]))), (a, b)
     assert {cases[i][names[0]] for i in kept} == set(range(sizes[0]))

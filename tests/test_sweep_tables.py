@@ -21,8 +21,11 @@ CUDA = torch.device("cuda")  # the configs are plain functions of the device typ
 @pytest.mark.parametrize("kind", ["fwd", "colsum", "bwd"])
 def test_attention_sweep_starts_from_the_defaults(kind, dim):
     table = {"fwd": sweep_attention.FWD, "colsum": sweep_attention.COLSUM, "bwd": sweep_attention.BWD}[kind]
-    config = {"fwd": attention_tiles.flash_tiles, "colsum": attention_tiles.colsum_tiles,
-              "bwd": attention_tiles.backward_tiles}[kind]
+    config = {
+        "fwd": attention_tiles.flash_tiles,
+        "colsum": attention_tiles.colsum_tiles,
+        "bwd": attention_tiles.backward_tiles,
+    }[kind]
     default = config(CUDA, dim, torch.bfloat16)
     first = sweep_attention.tiles(table[dim][0], dim, kind)
     assert first == {key: default[key] for key in first}

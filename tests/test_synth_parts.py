@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def example(**changes):
-    row = {"query": "how to keep guacamole green", "positive": "Press plastic wrap onto its surface and add lime.",
-           "negatives": [{"text": f"negative text number {level}", "level": level} for level in (1, 2, 3, 4)]}
+    row = {
+        "query": "how to keep guacamole green",
+        "positive": "Press plastic wrap onto its surface and add lime.",
+        "negatives": [{"text": f"negative text number {level}", "level": level} for level in (1, 2, 3, 4)],
+    }
     row.update(changes)
     return row
 
@@ -30,21 +33,37 @@ def test_a_good_example_passes_and_comes_back_sorted():
     assert check_example(example(negatives=[{"text": f"n {i}", "level": str(i)} for i in (1, 2, 3, 4)]))
 
 
-@pytest.mark.parametrize("bad,reason", [
-    ({"query": ""}, "field 'query' missing or empty"),
-    ({"positive": None}, "field 'positive' missing or empty"),
-    ({"negatives": "none"}, "field 'negatives' missing or not a list"),
-    ({"negatives": [{"text": "a", "level": 1}] * 3}, "expected 4 negatives, got 3"),
-    ({"negatives": [{"text": f"t{i}", "level": 1} for i in range(4)]}, "levels must be 1, 2, 3 and 4 once each"),
-    ({"negatives": [{"text": f"t{i}", "level": i} for i in (0, 1, 2, 3)]}, "level 0, expected 1-4"),
-    ({"negatives": ["a", "b", "c", "d"]}, "negative 0 is not an object"),
-    ({"positive": "  HOW to keep   guacamole green "}, "the positive equals the query"),
-    ({"negatives": [{"text": "How to keep guacamole GREEN", "level": 4}] + [{"text": f"t{i}", "level": i}
-                                                                           for i in (1, 2, 3)]},
-     "the level-4 negative equals the query"),
-    ({"negatives": [{"text": "same", "level": 1}, {"text": "SAME", "level": 2}, {"text": "x", "level": 3},
-                    {"text": "y", "level": 4}]}, "the level-2 negative equals the level-1 negative"),
-])
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        ({"query": ""}, "field 'query' missing or empty"),
+        ({"positive": None}, "field 'positive' missing or empty"),
+        ({"negatives": "none"}, "field 'negatives' missing or not a list"),
+        ({"negatives": [{"text": "a", "level": 1}] * 3}, "expected 4 negatives, got 3"),
+        ({"negatives": [{"text": f"t{i}", "level": 1} for i in range(4)]}, "levels must be 1, 2, 3 and 4 once each"),
+        ({"negatives": [{"text": f"t{i}", "level": i} for i in (0, 1, 2, 3)]}, "level 0, expected 1-4"),
+        ({"negatives": ["a", "b", "c", "d"]}, "negative 0 is not an object"),
+        ({"positive": "  HOW to keep   guacamole green "}, "the positive equals the query"),
+        (
+            {
+                "negatives": [{"text": "How to keep guacamole GREEN", "level": 4}]
+                + [{"text": f"t{i}", "level": i} for i in (1, 2, 3)]
+            },
+            "the level-4 negative equals the query",
+        ),
+        (
+            {
+                "negatives": [
+                    {"text": "same", "level": 1},
+                    {"text": "SAME", "level": 2},
+                    {"text": "x", "level": 3},
+                    {"text": "y", "level": 4},
+                ]
+            },
+            "the level-2 negative equals the level-1 negative",
+        ),
+    ],
+)
 def test_bad_examples_are_rejected_with_the_reason(bad, reason):
     with pytest.raises(Rejected, match=reason):
         check_example(example(**bad))
@@ -61,7 +80,7 @@ def test_json_is_recovered_from_plain_text_and_garbage_is_rejected():
     row = example()
     assert extract_json(json.dumps(row)) == row
     assert extract_json("Sure! Here it is:\n```json\n" + json.dumps(row) + "\n```\nHope it helps {not json}") == row
-    assert parse_and_check("noise {\"a\": [1, 2} " + json.dumps(row))["query"] == row["query"]
+    assert parse_and_check('noise {"a": [1, 2} ' + json.dumps(row))["query"] == row["query"]
     for text in ("", "   ", "no braces at all", '{"truncated": "bo', "[1, 2, 3]", None):
         with pytest.raises(Rejected):
             parse_and_check(text)
@@ -107,8 +126,9 @@ for i in range(int(sys.argv[2])):
 
 def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
     path, total = tmp_path / "out.jsonl", 400
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(total)], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), str(total)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     acknowledged = []
     for line in child.stdout:
         acknowledged.append(int(line))
@@ -121,8 +141,9 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
         on_disk = writer.rows
     assert on_disk >= len(acknowledged)  # every row the child reported is on disk
     assert on_disk < total, "the child finished before the kill; the test proved nothing"
-    resumed = subprocess.run([sys.executable, "-c", CHILD, str(path), str(total)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(total)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert resumed.returncode == 0, resumed.stderr
     queries = [json.loads(line)["query"] for line in path.read_text().splitlines()]
     assert sorted(queries) == sorted(f"query {i}" for i in range(total))
@@ -133,7 +154,7 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
 # prompts
 # --------------------------------------------------------------------------------------------
 
-from mgh_train.synth import prompts  # noqa: E402
+from mgh_train.synth import prompts
 
 
 @pytest.mark.parametrize("task_type", prompts.TASK_TYPES)
@@ -178,8 +199,8 @@ def test_prompt_arguments_are_checked():
 # tests/test_synth_server.py)
 # --------------------------------------------------------------------------------------------
 
-from mgh_train.synth import client as synth_client  # noqa: E402
-from mgh_train.synth.run import SynthOptions, Synthesizer, _reason_class, unit_seed  # noqa: E402
+from mgh_train.synth import client as synth_client
+from mgh_train.synth.run import Synthesizer, SynthOptions, _reason_class, unit_seed
 
 
 def test_retry_after_is_read_in_every_form():
@@ -201,7 +222,7 @@ def test_backoff_grows_is_capped_and_honours_the_server():
     policy = synth_client.RetryPolicy(base=1.0, cap=8.0, max_server_wait=60.0, rng=random.Random(0))
     delays = [policy.delay(attempt, None) for attempt in range(8)]
     for attempt, delay in enumerate(delays):
-        assert 0.5 * min(8.0, 2 ** attempt) <= delay <= min(8.0, 2 ** attempt)
+        assert 0.5 * min(8.0, 2**attempt) <= delay <= min(8.0, 2**attempt)
     assert policy.delay(0, 7.0) == 7.0 and policy.delay(3, 3600.0) == 60.0
 
 
@@ -209,30 +230,37 @@ def test_response_formats_in_fallback_order():
     schema = {"type": "object"}
     assert synth_client.RESPONSE_FORMATS == ("json_schema", "json_object_schema", "json_object", "text")
     assert synth_client.response_format_for("json_schema", schema, "x") == {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": False}}
-    assert synth_client.response_format_for("json_object_schema", schema, "x") == {"type": "json_object",
-                                                                                  "schema": schema}
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": schema, "strict": False},
+    }
+    assert synth_client.response_format_for("json_object_schema", schema, "x") == {
+        "type": "json_object",
+        "schema": schema,
+    }
     assert synth_client.response_format_for("json_object", schema, "x") == {"type": "json_object"}
     assert synth_client.response_format_for("text", schema, "x") is None
     with pytest.raises(ValueError, match="response_format: expected auto or one of"):
         synth_client.response_format_for("yaml", schema, "x")
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"task_types": ()}, "task_types: expected at least one"),
-    ({"task_types": ("short-short", "medium")}, "task_type: expected one of"),
-    ({"task_types": ("symmetric", "symmetric")}, "task_types: listed twice"),
-    ({"tasks_per_type": 0}, "tasks_per_type: expected a positive integer"),
-    ({"concurrency": -1}, "concurrency: expected a positive integer"),
-    ({"token_budget": -5}, "token_budget: expected a non-negative integer"),
-    ({"timeout": 0}, "timeout: expected a positive number"),
-    ({"response_format": "xml"}, "response_format: expected auto or one of"),
-    ({"temperature": 3.0}, "temperature: expected 0 to 2"),
-    ({"top_p": 0.0}, "top_p: expected more than 0"),
-    ({"model": " "}, r"model: expected the name of the model .*--model"),
-    ({"rejects": "OUT"}, "rejects/tasks: must be files other than the output"),
-    ({"tasks": "OUT-RESOLVED"}, "rejects/tasks: must be files other than the output"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"task_types": ()}, "task_types: expected at least one"),
+        ({"task_types": ("short-short", "medium")}, "task_type: expected one of"),
+        ({"task_types": ("symmetric", "symmetric")}, "task_types: listed twice"),
+        ({"tasks_per_type": 0}, "tasks_per_type: expected a positive integer"),
+        ({"concurrency": -1}, "concurrency: expected a positive integer"),
+        ({"token_budget": -5}, "token_budget: expected a non-negative integer"),
+        ({"timeout": 0}, "timeout: expected a positive number"),
+        ({"response_format": "xml"}, "response_format: expected auto or one of"),
+        ({"temperature": 3.0}, "temperature: expected 0 to 2"),
+        ({"top_p": 0.0}, "top_p: expected more than 0"),
+        ({"model": " "}, r"model: expected the name of the model .*--model"),
+        ({"rejects": "OUT"}, "rejects/tasks: must be files other than the output"),
+        ({"tasks": "OUT-RESOLVED"}, "rejects/tasks: must be files other than the output"),
+    ],
+)
 def test_synth_options_are_checked(tmp_path, change, message):
     values = {"output": str(tmp_path / "d.jsonl"), "model": "m", **change}
     if values.get("rejects") == "OUT":
@@ -267,7 +295,7 @@ def test_dry_run_prints_every_prompt_and_writes_nothing(tmp_path, capsys):
 
 def test_the_same_unit_draws_the_same_request(tmp_path):
     assert unit_seed(0, "short-short/3/0") == unit_seed(0, "short-short/3/0") != unit_seed(1, "short-short/3/0")
-    assert 0 <= unit_seed(7, "x") < 2 ** 31
+    assert 0 <= unit_seed(7, "x") < 2**31
     assert _reason_class("the query has 3 words, expected 1-40") == "the query has N words"
     assert _reason_class("HTTP 500: boom; gave up after 3 attempts") == "HTTP N: boom"
 
@@ -305,7 +333,9 @@ def test_verify_names_the_file_and_line_of_a_bad_row(tmp_path):
     path.write_text(json.dumps(example()) + "\n{not json\n")
     with pytest.raises(DataError, match=r"d.jsonl:2: "):
         verify([str(path)])
-    path.write_bytes(json.dumps(example()).encode() + b"\n" + json.dumps(example()).encode().replace(b"guac", b"\xe9") + b"\n")
+    path.write_bytes(
+        json.dumps(example()).encode() + b"\n" + json.dumps(example()).encode().replace(b"guac", b"\xe9") + b"\n"
+    )
     with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8: byte 0xe9 at byte \d+ of the line"):
         verify([str(path)])
     with pytest.raises(ValueError, match=r"data: cannot read .*missing.jsonl"):
@@ -328,18 +358,40 @@ def _api_error(status, message, body=None, param=None):
     return SimpleNamespace(status_code=status, message=message, body=body, param=param)
 
 
-@pytest.mark.parametrize("error,refuses", [
-    (_api_error(500, "1 validation error: {'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be "
-                     "'text' or 'json_object'\"}"), True),  # llama-cpp-python 0.3.36, seen for real
-    (_api_error(400, "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
-                param="response_format"), True),
-    (_api_error(404, "No endpoints found that support the requested parameters: response_format"), True),
-    (_api_error(400, "Error code: 400", body=None), True),  # a bare 400: worth one step down
-    (_api_error(400, "Could not parse the JSON body of your request", body={"error": "Could not parse the JSON body"}),
-     False),
-    (_api_error(400, "This model's maximum context length is 2048 tokens", body={"error": "context length"}), False),
-    (_api_error(500, "internal error", body={"error": "boom"}), False),
-])
+@pytest.mark.parametrize(
+    "error,refuses",
+    [
+        (
+            _api_error(
+                500,
+                "1 validation error: {'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be "
+                "'text' or 'json_object'\"}",
+            ),
+            True,
+        ),  # llama-cpp-python 0.3.36, seen for real
+        (
+            _api_error(
+                400,
+                "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                param="response_format",
+            ),
+            True,
+        ),
+        (_api_error(404, "No endpoints found that support the requested parameters: response_format"), True),
+        (_api_error(400, "Error code: 400", body=None), True),  # a bare 400: worth one step down
+        (
+            _api_error(
+                400, "Could not parse the JSON body of your request", body={"error": "Could not parse the JSON body"}
+            ),
+            False,
+        ),
+        (
+            _api_error(400, "This model's maximum context length is 2048 tokens", body={"error": "context length"}),
+            False,
+        ),
+        (_api_error(500, "internal error", body={"error": "boom"}), False),
+    ],
+)
 def test_which_errors_lower_the_response_format(error, refuses):
     assert synth_client._refuses_format(error) is refuses
 
@@ -370,14 +422,39 @@ def test_nothing_listening_stops_at_the_first_request_and_a_rerun_asks_again(tmp
 
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     out = tmp_path / "d.jsonl"
-    argv = ["synth", "--base-url", url, "--model", "m", "--output", str(out), "--task-types", "symmetric",
-            "--tasks-per-type", "2", "--max-retries", "2", "--max-failures-in-a-row", "3", "--no-progress"]
+    argv = [
+        "synth",
+        "--base-url",
+        url,
+        "--model",
+        "m",
+        "--output",
+        str(out),
+        "--task-types",
+        "symmetric",
+        "--tasks-per-type",
+        "2",
+        "--max-retries",
+        "2",
+        "--max-failures-in-a-row",
+        "3",
+        "--no-progress",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot connect to {url} (") and "start the server, or check --base-url" in err
     assert not out.read_text() and not (tmp_path / "d.rejects.jsonl").read_text()
-    options = SynthOptions(output=str(out), model="m", base_url=url, task_types=("symmetric",), tasks_per_type=2,
-                           max_retries=2, max_failures_in_a_row=3, concurrency=1, progress=False)
+    options = SynthOptions(
+        output=str(out),
+        model="m",
+        base_url=url,
+        task_types=("symmetric",),
+        tasks_per_type=2,
+        max_retries=2,
+        max_failures_in_a_row=3,
+        concurrency=1,
+        progress=False,
+    )
     synthesizer = Synthesizer(options, log=lambda message: None)
     with pytest.raises(ServerRefused, match="cannot connect to"):
         synthesizer.run()  # the rerun asks again, and stops as fast
@@ -389,11 +466,23 @@ def test_openai_without_a_key_stops_before_sending_or_writing(tmp_path, monkeypa
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    argv = ["synth", "--model", "gpt-4o-mini", "--output", str(tmp_path / "d.jsonl"), "--max-retries", "0",
-            "--max-failures-in-a-row", "1", "--no-progress"]
+    argv = [
+        "synth",
+        "--model",
+        "gpt-4o-mini",
+        "--output",
+        str(tmp_path / "d.jsonl"),
+        "--max-retries",
+        "0",
+        "--max-failures-in-a-row",
+        "1",
+        "--no-progress",
+    ]
     assert main(argv) == 2
-    assert capsys.readouterr().err == ("error: api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; "
-                                       "export OPENAI_API_KEY=..., or pass --base-url for a server that needs no key\n")
+    assert capsys.readouterr().err == (
+        "error: api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; "
+        "export OPENAI_API_KEY=..., or pass --base-url for a server that needs no key\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -409,8 +498,15 @@ class _DownClient:
 
 
 def test_an_outage_stops_the_run_and_the_summary_counts_agree(tmp_path):
-    options = SynthOptions(output=str(tmp_path / "d.jsonl"), model="m", task_types=("symmetric",), tasks_per_type=2,
-                           max_failures_in_a_row=3, concurrency=1, progress=False)
+    options = SynthOptions(
+        output=str(tmp_path / "d.jsonl"),
+        model="m",
+        task_types=("symmetric",),
+        tasks_per_type=2,
+        max_failures_in_a_row=3,
+        concurrency=1,
+        progress=False,
+    )
     summary = Synthesizer(options, client=_DownClient(), log=lambda message: None).run()
     assert summary.outage and summary.failed == 3
     lines = summary.lines()
@@ -431,14 +527,24 @@ class _FakeClient:
         self.calls += 1
         self.usage.requests += 1
         if name == "tasks":
-            return synth_client.Reply('{"tasks": ["Given a question, retrieve its answer", '
-                                      '"Given a title, retrieve the abstract"]}', "text", "stop", 5)
+            return synth_client.Reply(
+                '{"tasks": ["Given a question, retrieve its answer", "Given a title, retrieve the abstract"]}',
+                "text",
+                "stop",
+                5,
+            )
         raise KeyError("a bug in a unit")
 
 
 def test_an_unexpected_error_in_a_unit_stops_the_run_instead_of_vanishing(tmp_path):
-    options = SynthOptions(output=str(tmp_path / "d.jsonl"), model="m", task_types=("short-short",),
-                           tasks_per_type=2, concurrency=1, progress=False)
+    options = SynthOptions(
+        output=str(tmp_path / "d.jsonl"),
+        model="m",
+        task_types=("short-short",),
+        tasks_per_type=2,
+        concurrency=1,
+        progress=False,
+    )
     client = _FakeClient()
     with pytest.raises(KeyError, match="a bug in a unit"):
         Synthesizer(options, client=client, log=lambda message: None).run()

@@ -25,7 +25,7 @@ from llama_server import MODEL_ALIAS, LlamaServer
 from mgh_train.__main__ import main
 from mgh_train.data import read_examples
 from mgh_train.synth import prompts
-from mgh_train.synth.run import SynthOptions, Synthesizer, unit_seed
+from mgh_train.synth.run import Synthesizer, SynthOptions, unit_seed
 from mgh_train.synth.validate import Rejected, check_example, extract_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,22 @@ def fail_fast_if_the_server_dies(server):
 
 
 def synth_args(url, output, *extra):
-    return ["synth", "--base-url", url, "--model", MODEL_ALIAS, "--output", str(output), "--brainstorm-size", "5",
-            "--max-tokens", "400", "--temperature", "0.7", *extra]
+    return [
+        "synth",
+        "--base-url",
+        url,
+        "--model",
+        MODEL_ALIAS,
+        "--output",
+        str(output),
+        "--brainstorm-size",
+        "5",
+        "--max-tokens",
+        "400",
+        "--temperature",
+        "0.7",
+        *extra,
+    ]
 
 
 def read_jsonl(path):
@@ -65,14 +79,26 @@ def read_jsonl_bytes(data: bytes):
 
 def example_units(path):
     """The stage-2 units that are done in ``path`` (output rows, or final rejects)."""
-    return [r["unit"] for r in read_jsonl(path)
-            if not str(r["unit"]).startswith("brainstorm/") and r.get("final", True)]
+    return [
+        r["unit"] for r in read_jsonl(path) if not str(r["unit"]).startswith("brainstorm/") and r.get("final", True)
+    ]
 
 
 def test_end_to_end_two_stages_with_structured_output(server, tmp_path, capsys):
     out = tmp_path / "mgh.jsonl"
-    code = main(synth_args(server.url, out, "--task-types", "short-short,symmetric", "--tasks-per-type", "3",
-                           "--concurrency", "2", "--progress"))
+    code = main(
+        synth_args(
+            server.url,
+            out,
+            "--task-types",
+            "short-short,symmetric",
+            "--tasks-per-type",
+            "3",
+            "--concurrency",
+            "2",
+            "--progress",
+        )
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     # The server refused json_schema, and every later request used its grammar-constrained JSON mode.
@@ -100,8 +126,14 @@ def test_end_to_end_two_stages_with_structured_output(server, tmp_path, capsys):
     assert f"accepted {len(rows)} and rejected {len(example_rejects)} examples in this run" in captured.out
     # Rerunning the finished command sends nothing and writes nothing.
     before = out.read_bytes()
-    assert main(synth_args(server.url, out, "--task-types", "short-short,symmetric", "--tasks-per-type", "3",
-                           "--no-progress")) == 0
+    assert (
+        main(
+            synth_args(
+                server.url, out, "--task-types", "short-short,symmetric", "--tasks-per-type", "3", "--no-progress"
+            )
+        )
+        == 0
+    )
     assert "requests 0 (0 retries)" in capsys.readouterr().out and out.read_bytes() == before
 
 
@@ -110,8 +142,7 @@ def test_faults_are_retried_counted_and_nothing_is_lost(server, tmp_path):
     whose every attempt fails: the counts are what the delivered replies say they must be."""
     units = [f"short-short/{i}/0" for i in range(4)]
     seeds = {unit_seed(0, unit): unit for unit in units}
-    script = {units[0]: ["500", "nonjson"], units[1]: ["drop"], units[2]: ["truncate"],
-              units[3]: ["500", "500", "500"]}
+    script = {units[0]: ["500", "nonjson"], units[1]: ["drop"], units[2]: ["truncate"], units[3]: ["500", "500", "500"]}
     attempts = {}
 
     def plan(number, body):
@@ -125,17 +156,32 @@ def test_faults_are_retried_counted_and_nothing_is_lost(server, tmp_path):
 
     out = tmp_path / "mgh.jsonl"
     with FaultProxy(server.url.removesuffix("/v1"), plan) as proxy:
-        options = SynthOptions(output=str(out), model=MODEL_ALIAS, base_url=proxy.url, task_types=("short-short",),
-                               tasks_per_type=4, brainstorm_size=5, max_retries=2, max_tokens=400, temperature=0.7,
-                               concurrency=2, response_format="json_object_schema", progress=False)
+        options = SynthOptions(
+            output=str(out),
+            model=MODEL_ALIAS,
+            base_url=proxy.url,
+            task_types=("short-short",),
+            tasks_per_type=4,
+            brainstorm_size=5,
+            max_retries=2,
+            max_tokens=400,
+            temperature=0.7,
+            concurrency=2,
+            response_format="json_object_schema",
+            progress=False,
+        )
         summary = Synthesizer(options, log=lambda message: None).run()
     assert summary.stopped is None
     brainstorm = [e for e in proxy.exchanges if "Brainstorm" in e.request["messages"][-1]["content"]]
     assert [e.fault for e in brainstorm[:2]] == ["429", "pass"]
     assert brainstorm[1].started - brainstorm[0].started >= 1.0, "the client did not wait for retry-after: 1"
     per_unit = {u: [e.fault for e in proxy.exchanges if e.request.get("seed") == unit_seed(0, u)] for u in units}
-    assert per_unit == {units[0]: ["500", "nonjson", "pass"], units[1]: ["drop", "pass"],
-                        units[2]: ["truncate", "pass"], units[3]: ["500", "500", "500"]}
+    assert per_unit == {
+        units[0]: ["500", "nonjson", "pass"],
+        units[1]: ["drop", "pass"],
+        units[2]: ["truncate", "pass"],
+        units[3]: ["500", "500", "500"],
+    }
     rows = {r["unit"]: r for r in read_jsonl(out)}
     every_reject = [r for r in read_jsonl(tmp_path / "mgh.rejects.jsonl") if r["stage"] == "example"]
     rejects = {r["unit"]: r for r in every_reject if r.get("final", True)}
@@ -147,7 +193,9 @@ def test_faults_are_retried_counted_and_nothing_is_lost(server, tmp_path):
     # Each unit whose reply got through is accepted exactly when that reply passes the checks.
     expected_accepted = 0
     for unit in units[:3]:
-        delivered = next(e for e in proxy.exchanges if e.request.get("seed") == unit_seed(0, unit) and e.fault == "pass")
+        delivered = next(
+            e for e in proxy.exchanges if e.request.get("seed") == unit_seed(0, unit) and e.fault == "pass"
+        )
         try:
             example = check_example(extract_json(delivered.content), bounds=prompts.length_bounds("short-short"))
         except Rejected as error:
@@ -162,8 +210,11 @@ def test_faults_are_retried_counted_and_nothing_is_lost(server, tmp_path):
     options.base_url = server.url
     again = Synthesizer(options, log=lambda message: None).run()
     assert again.requests == 1 and again.accepted + again.rejected == 1 and again.failed == 0
-    final = example_units(out) + [r["unit"] for r in read_jsonl(tmp_path / "mgh.rejects.jsonl")
-                                  if r["stage"] == "example" and r.get("final", True)]
+    final = example_units(out) + [
+        r["unit"]
+        for r in read_jsonl(tmp_path / "mgh.rejects.jsonl")
+        if r["stage"] == "example" and r.get("final", True)
+    ]
     assert sorted(final) == units
 
 
@@ -171,9 +222,21 @@ def test_token_budget_stops_cleanly_and_counts_earlier_runs(server, tmp_path):
     out = tmp_path / "mgh.jsonl"
 
     def run(budget):
-        options = SynthOptions(output=str(out), model=MODEL_ALIAS, base_url=server.url, task_types=("symmetric",),
-                               tasks_per_type=2, examples_per_task=2, brainstorm_size=5, max_tokens=400,
-                               temperature=0.7, concurrency=2, token_budget=budget, response_format="json_object_schema", progress=False)
+        options = SynthOptions(
+            output=str(out),
+            model=MODEL_ALIAS,
+            base_url=server.url,
+            task_types=("symmetric",),
+            tasks_per_type=2,
+            examples_per_task=2,
+            brainstorm_size=5,
+            max_tokens=400,
+            temperature=0.7,
+            concurrency=2,
+            token_budget=budget,
+            response_format="json_object_schema",
+            progress=False,
+        )
         return Synthesizer(options, log=lambda message: None).run()
 
     first = run(1)  # the first request spends more than the budget: nothing after it starts
@@ -190,7 +253,8 @@ def test_token_budget_stops_cleanly_and_counts_earlier_runs(server, tmp_path):
     done = run(0)
     assert done.stopped is None and done.requests == 2 and done.accepted + done.rejected == 2
     assert sorted(example_units(out) + example_units(tmp_path / "mgh.rejects.jsonl")) == [
-        f"symmetric/{i}/{k}" for i in range(2) for k in range(2)]
+        f"symmetric/{i}/{k}" for i in range(2) for k in range(2)
+    ]
 
 
 def test_the_api_key_is_used_but_never_shown_and_a_refused_key_stops_the_run(server, tmp_path):
@@ -204,10 +268,28 @@ def test_the_api_key_is_used_but_never_shown_and_a_refused_key_stops_the_run(ser
     out = tmp_path / "mgh.jsonl"
     with FaultProxy(server.url.removesuffix("/v1"), plan) as proxy:
         result = subprocess.run(
-            [sys.executable, "-m", "mgh_train", *synth_args(proxy.url, out, "--task-types", "symmetric",
-                                                            "--tasks-per-type", "1", "--response-format",
-                                                            "json_object_schema", "--no-progress")],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OPENAI_API_KEY": secret})
+            [
+                sys.executable,
+                "-m",
+                "mgh_train",
+                *synth_args(
+                    proxy.url,
+                    out,
+                    "--task-types",
+                    "symmetric",
+                    "--tasks-per-type",
+                    "1",
+                    "--response-format",
+                    "json_object_schema",
+                    "--no-progress",
+                ),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OPENAI_API_KEY": secret},
+        )
     assert result.returncode == 1, result.stderr
     assert "HTTP 401 from the server: the API key was refused" in result.stderr
     assert "rerun the same command" in result.stderr
@@ -235,23 +317,49 @@ def test_a_server_that_wants_max_completion_tokens_gets_it(server, tmp_path):
 
     notices = []
     with FaultProxy(server.url.removesuffix("/v1"), plan, rewrite) as proxy:
-        options = SynthOptions(output=str(tmp_path / "mgh.jsonl"), model=MODEL_ALIAS, base_url=proxy.url,
-                               task_types=("symmetric",), tasks_per_type=1, brainstorm_size=5, max_tokens=300,
-                               temperature=0.7, response_format="json_object_schema", progress=False)
+        options = SynthOptions(
+            output=str(tmp_path / "mgh.jsonl"),
+            model=MODEL_ALIAS,
+            base_url=proxy.url,
+            task_types=("symmetric",),
+            tasks_per_type=1,
+            brainstorm_size=5,
+            max_tokens=300,
+            temperature=0.7,
+            response_format="json_object_schema",
+            progress=False,
+        )
         summary = Synthesizer(options, log=notices.append).run()
     assert [e.fault for e in proxy.exchanges][0] == "400-max-tokens"
     assert len(proxy.exchanges) >= 3  # the refusal, then the brainstorm and the example, served
-    assert all(e.fault == "pass" and e.request["max_completion_tokens"] == 300 and "max_tokens" not in e.request
-               for e in proxy.exchanges[1:])
+    assert all(
+        e.fault == "pass" and e.request["max_completion_tokens"] == 300 and "max_tokens" not in e.request
+        for e in proxy.exchanges[1:]
+    )
     assert any("wants max_completion_tokens" in n for n in notices)
     assert summary.retries == 0 and summary.stopped is None and summary.accepted + summary.rejected == 1
 
 
 def test_sigkill_mid_run_then_the_same_command_resumes_without_loss_or_repeat(server, tmp_path):
     out = tmp_path / "mgh.jsonl"
-    command = [sys.executable, "-m", "mgh_train",
-               *synth_args(server.url, out, "--task-types", "short-short", "--tasks-per-type", "2",
-                           "--examples-per-task", "2", "--concurrency", "2", "--no-progress")]
+    command = [
+        sys.executable,
+        "-m",
+        "mgh_train",
+        *synth_args(
+            server.url,
+            out,
+            "--task-types",
+            "short-short",
+            "--tasks-per-type",
+            "2",
+            "--examples-per-task",
+            "2",
+            "--concurrency",
+            "2",
+            "--no-progress",
+        ),
+    ]
     rejects, tasks = tmp_path / "mgh.rejects.jsonl", tmp_path / "mgh.tasks.jsonl"
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -276,8 +384,10 @@ def test_sigkill_mid_run_then_the_same_command_resumes_without_loss_or_repeat(se
     assert "torn by the kill" not in out.read_text()
     task_rows = read_jsonl(tasks)
     assert len({(t["task_type"], t["task"]) for t in task_rows}) == len(task_rows)
-    accepted_before, rejected_before = len(read_jsonl_bytes(before[out])), len(
-        [r for r in read_jsonl_bytes(before[rejects]) if r["stage"] == "example"])
+    accepted_before, rejected_before = (
+        len(read_jsonl_bytes(before[out])),
+        len([r for r in read_jsonl_bytes(before[rejects]) if r["stage"] == "example"]),
+    )
     assert f"({accepted_before} and {rejected_before} before it)" in resumed.stdout
     rows = read_jsonl(out)
     assert len({(r["query"].casefold(), r["positive"].casefold()) for r in rows}) == len(rows)

@@ -9,20 +9,30 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train import trackers, trainer  # noqa: E402
-from mgh_train.config import TrainConfig  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
+from mgh_train import trackers, trainer
+from mgh_train.config import TrainConfig
+from mgh_train.model import Embedder, EmbedderConfig
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # kernels: see conftest.cpu_kernels
 
 
 def run(tmp_path, report_to, steps=3):
-    embedder = Embedder.build(EmbedderConfig(base_model=None, lora_r=4, max_length=32, pooling="mean"),
-                              model=tiny_decoder("llama"), tokenizer=tiny_tokenizer())
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=5e-3, output=str(tmp_path / "run"), progress=False,
-                      max_length=32, schedule="level:1", report_to=report_to)
+    embedder = Embedder.build(
+        EmbedderConfig(base_model=None, lora_r=4, max_length=32, pooling="mean"),
+        model=tiny_decoder("llama"),
+        tokenizer=tiny_tokenizer(),
+    )
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=4,
+        lr=5e-3,
+        output=str(tmp_path / "run"),
+        progress=False,
+        max_length=32,
+        schedule="level:1",
+        report_to=report_to,
+    )
     return cfg, trainer.train(cfg, embedder=embedder, log=lambda _: None)
 
 
@@ -54,8 +64,9 @@ def test_wandb_offline_run_in_the_run_folder(tmp_path, monkeypatch):
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
         elif kind == "run":
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
     assert [row.get("_step") for row in history] == [1, 2, 3], history
@@ -77,8 +88,8 @@ def wandb_records(path: Path) -> list:
         if room < 7:  # a block's tail too short for a header is padding
             position += room
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        chunk = data[position + 7:position + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 2):
             pending = chunk

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_train import batches, trainer  # noqa: E402
-from mgh_train.config import TrainConfig, read_yaml  # noqa: E402
-from mgh_train.evaluate import spearman  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
+from mgh_train import batches, trainer
+from mgh_train.config import TrainConfig, read_yaml
+from mgh_train.evaluate import spearman
+from mgh_train.model import Embedder, EmbedderConfig
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # kernels: see conftest.cpu_kernels
 
@@ -36,8 +35,7 @@ def tiny_embedder(lora_seed=0, **options):
 
 
 def config(tmp_path, name="run", **options):
-    base = dict(steps=8, batch_size=6, lr=5e-3, warmup=0.0, output=str(tmp_path / name), progress=False,
-                max_length=64)
+    base = dict(steps=8, batch_size=6, lr=5e-3, warmup=0.0, output=str(tmp_path / name), progress=False, max_length=64)
     return TrainConfig(**{**base, **options})
 
 
@@ -68,13 +66,19 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert rates == pytest.approx([5e-3 * (s / 4 if s < 4 else (6 - s) / 2) for s in range(1, 7)])
     checkpoint = tmp_path / "full" / "checkpoints" / "step-0000003"
     assert checkpoint.is_dir()
-    resumed = trainer.train(config(tmp_path, "resumed", resume=str(checkpoint), **options),
-                            embedder=tiny_embedder(lora_seed=5, lora_dropout=0.2), log=quiet)
+    resumed = trainer.train(
+        config(tmp_path, "resumed", resume=str(checkpoint), **options),
+        embedder=tiny_embedder(lora_seed=5, lora_dropout=0.2),
+        log=quiet,
+    )
     assert resumed.start_step == 3
     assert resumed.losses == full.losses[3:]
     # "latest" picks the newest checkpoint of the run folder; the metrics keep one row per step.
-    again = trainer.train(config(tmp_path, "full", resume="latest", **{**options, "steps": 7}),
-                          embedder=tiny_embedder(lora_dropout=0.2), log=quiet)
+    again = trainer.train(
+        config(tmp_path, "full", resume="latest", **{**options, "steps": 7}),
+        embedder=tiny_embedder(lora_dropout=0.2),
+        log=quiet,
+    )
     assert again.start_step == 6 and len(again.losses) == 1
     steps = [json.loads(r)["step"] for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 8))
@@ -84,15 +88,22 @@ def test_resuming_an_older_checkpoint_needs_overwrite_and_then_repeats_the_run(t
     options = dict(steps=4, save_every=1, keep_checkpoints=0, schedule="level:1")
     full = trainer.train(config(tmp_path, "run", **options), embedder=tiny_embedder(), log=quiet, report_accuracy=False)
     older = tmp_path / "run" / "checkpoints" / "step-0000002"
-    with pytest.raises(ValueError, match=r"^resume: .*checkpoints holds checkpoints after step 2 \(step-0000003, "
-                                         r"step-0000004\); resuming from step-0000002 would mix the two"):
+    with pytest.raises(
+        ValueError,
+        match=r"^resume: .*checkpoints holds checkpoints after step 2 \(step-0000003, "
+        r"step-0000004\); resuming from step-0000002 would mix the two",
+    ):
         trainer.train(config(tmp_path, "run", resume=str(older), **options), embedder=tiny_embedder(), log=quiet)
     trainer.train(config(tmp_path, "other", steps=1), embedder=tiny_embedder(), log=quiet, report_accuracy=False)
     with pytest.raises(ValueError, match=r"^output: .*other holds another run .* than the checkpoint"):
         trainer.train(config(tmp_path, "other", resume=str(older), **options), embedder=tiny_embedder(), log=quiet)
     said = []
-    again = trainer.train(config(tmp_path, "run", resume=str(older), overwrite=True, **options),
-                          embedder=tiny_embedder(), log=said.append, report_accuracy=False)
+    again = trainer.train(
+        config(tmp_path, "run", resume=str(older), overwrite=True, **options),
+        embedder=tiny_embedder(),
+        log=said.append,
+        report_accuracy=False,
+    )
     assert again.losses == full.losses[2:]
     assert any(line.startswith("overwrite: deleted step-0000003/, step-0000004/ from") for line in said), said
     steps = [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -116,29 +127,48 @@ def test_the_curriculum_trains_easy_to_hard(tmp_path, monkeypatch):
     assert stages == [1, 1, 2, 2, 3, 3, 4, 4]
     assert all(levels == [stage] for stage, levels in chosen)
     chosen.clear()
-    trainer.train(config(tmp_path, "reverse", steps=4, batch_size=4, schedule="reverse"), embedder=tiny_embedder(),
-                  log=quiet, report_accuracy=False)
+    trainer.train(
+        config(tmp_path, "reverse", steps=4, batch_size=4, schedule="reverse"),
+        embedder=tiny_embedder(),
+        log=quiet,
+        report_accuracy=False,
+    )
     assert [levels[0] for _, levels in chosen[::4]] == [4, 3, 2, 1]
     chosen.clear()
-    trainer.train(config(tmp_path, "all", steps=1, batch_size=4, schedule="all"), embedder=tiny_embedder(),
-                  log=quiet, report_accuracy=False)
+    trainer.train(
+        config(tmp_path, "all", steps=1, batch_size=4, schedule="all"),
+        embedder=tiny_embedder(),
+        log=quiet,
+        report_accuracy=False,
+    )
     assert all(sorted(levels) == [1, 2, 3, 4] for _, levels in chosen)
 
 
 def test_fused_and_eager_losses_agree(tmp_path):
-    fused = trainer.train(config(tmp_path, "fused", steps=3), embedder=tiny_embedder(), log=quiet,
-                          report_accuracy=False)
-    eager = trainer.train(config(tmp_path, "eager", steps=3, loss="eager"), embedder=tiny_embedder(), log=quiet,
-                          report_accuracy=False)
+    fused = trainer.train(
+        config(tmp_path, "fused", steps=3), embedder=tiny_embedder(), log=quiet, report_accuracy=False
+    )
+    eager = trainer.train(
+        config(tmp_path, "eager", steps=3, loss="eager"), embedder=tiny_embedder(), log=quiet, report_accuracy=False
+    )
     assert fused.losses == pytest.approx(eager.losses, rel=1e-4)
 
 
-@pytest.mark.parametrize("pooling,message", [
-    ("mean", r"step 1: the loss is not finite: the trainable parameter \S+lora_A\S+ is not finite; "
-             r".*before its update reached the weights"),
-    ("ata", r"step 1: the model's activations are not finite .*the trainable parameter \S+lora_A\S+ is not "
-            r"finite; .*before its update reached the weights"),
-])
+@pytest.mark.parametrize(
+    "pooling,message",
+    [
+        (
+            "mean",
+            r"step 1: the loss is not finite: the trainable parameter \S+lora_A\S+ is not finite; "
+            r".*before its update reached the weights",
+        ),
+        (
+            "ata",
+            r"step 1: the model's activations are not finite .*the trainable parameter \S+lora_A\S+ is not "
+            r"finite; .*before its update reached the weights",
+        ),
+    ],
+)
 def test_a_nan_stops_the_run_with_a_clear_message(tmp_path, pooling, message):
     embedder = tiny_embedder(pooling=pooling)
     with torch.no_grad():
@@ -185,12 +215,23 @@ def test_a_nan_from_a_layer_is_named_by_that_layer(tmp_path):
 
 
 def test_retention_keeps_the_newest_and_zero_keeps_every_checkpoint(tmp_path):
-    trainer.train(config(tmp_path, "all", steps=3, save_every=1, keep_checkpoints=0), embedder=tiny_embedder(),
-                  log=quiet, report_accuracy=False)
+    trainer.train(
+        config(tmp_path, "all", steps=3, save_every=1, keep_checkpoints=0),
+        embedder=tiny_embedder(),
+        log=quiet,
+        report_accuracy=False,
+    )
     assert sorted(p.name for p in (tmp_path / "all" / "checkpoints").iterdir()) == [
-        "step-0000001", "step-0000002", "step-0000003"]
-    trainer.train(config(tmp_path, "one", steps=3, save_every=1, keep_checkpoints=1), embedder=tiny_embedder(),
-                  log=quiet, report_accuracy=False)
+        "step-0000001",
+        "step-0000002",
+        "step-0000003",
+    ]
+    trainer.train(
+        config(tmp_path, "one", steps=3, save_every=1, keep_checkpoints=1),
+        embedder=tiny_embedder(),
+        log=quiet,
+        report_accuracy=False,
+    )
     assert [p.name for p in (tmp_path / "one" / "checkpoints").iterdir()] == ["step-0000003"]
     from mgh_train.checkpoints import apply_retention
 
@@ -198,15 +239,24 @@ def test_retention_keeps_the_newest_and_zero_keeps_every_checkpoint(tmp_path):
     for step in (1, 2, 3, 5, 9):
         (folder / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
     apply_retention(folder, 5, keep=2)  # step 5 was just written: it and the one before stay; 9 is not older
-    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-0000003", "step-0000005",
-                                                                          "step-0000009"]
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
+        "step-0000003",
+        "step-0000005",
+        "step-0000009",
+    ]
 
 
 def test_gradient_accumulation_and_public_data_mix(tmp_path):
     public = tmp_path / "public.jsonl"
-    public.write_text("".join(
-        json.dumps({"anchor": f"public question {i}", "positive": f"public answer {i}", "negative": f"off topic {i}"})
-        + "\n" for i in range(40)))
+    public.write_text(
+        "".join(
+            json.dumps(
+                {"anchor": f"public question {i}", "positive": f"public answer {i}", "negative": f"off topic {i}"}
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     cfg = config(tmp_path, steps=2, grad_accum=2, public_data=[str(public)], public_ratio=0.2, schedule="level:2")
     result = trainer.train(cfg, embedder=tiny_embedder(), log=quiet, report_accuracy=False)
     assert len(result.losses) == 2
@@ -253,15 +303,29 @@ def test_bad_options_and_bad_data(tmp_path):
 
 def run_cli(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a user's CPU path
-    return subprocess.run([sys.executable, "-m", "mgh_train", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mgh_train", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def test_help_lists_every_option_with_its_default():
     result = run_cli("train", "--help")
     assert result.returncode == 0
-    for flag in ("--config", "--lr", "--lora-r", "--schedule", "--stage-steps", "--resume", "--grad-accum",
-                 "--skip-bad-rows", "--public-ratio", "--loss", "--pooling", "--bidirectional", "--save-every"):
+    for flag in (
+        "--config",
+        "--lr",
+        "--lora-r",
+        "--schedule",
+        "--stage-steps",
+        "--resume",
+        "--grad-accum",
+        "--skip-bad-rows",
+        "--public-ratio",
+        "--loss",
+        "--pooling",
+        "--bidirectional",
+        "--save-every",
+    ):
         assert flag in result.stdout, flag
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default: 0.0001)" in text and "(default: curriculum)" in text and "(default: 16)" in text
@@ -290,13 +354,28 @@ def test_train_command_end_to_end(tmp_path):
     base = tmp_path / "tiny-llama"
     tiny_decoder("llama").save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
-    result = run_cli("train", "--model", str(base), "--steps", "3", "--batch-size", "4", "--output",
-                     str(tmp_path / "run"), "--lora-r", "4", "--no-progress", "--max-length", "64")
+    result = run_cli(
+        "train",
+        "--model",
+        str(base),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--output",
+        str(tmp_path / "run"),
+        "--lora-r",
+        "4",
+        "--no-progress",
+        "--max-length",
+        "64",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model saved to" in result.stdout
     assert Embedder.load(tmp_path / "run" / "model").encode(["hello"]).shape == (1, 32)
     bad = run_cli("train", "--model", str(base), "--lr", "-1", "--output", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "lr: expected a positive learning rate" in bad.stderr
-    missing = run_cli("train", "--data", str(tmp_path / "none.jsonl"), "--model", str(base), "--output",
-                      str(tmp_path / "missing"))
+    missing = run_cli(
+        "train", "--data", str(tmp_path / "none.jsonl"), "--model", str(base), "--output", str(tmp_path / "missing")
+    )
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from tiny_models import tiny_decoder, tiny_tokenizer  # noqa: E402
-
-from mgh_kernels import infonce_loss  # noqa: E402
-from mgh_train import batches, step  # noqa: E402
-from mgh_train.data import read_examples, seed_files  # noqa: E402
-from mgh_train.model import Embedder, EmbedderConfig  # noqa: E402
-from mgh_train.precision import resolve  # noqa: E402
+from mgh_kernels import infonce_loss
+from mgh_train import batches, step
+from mgh_train.data import read_examples, seed_files
+from mgh_train.model import Embedder, EmbedderConfig
+from mgh_train.precision import resolve
+from tiny_models import tiny_decoder, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -24,8 +23,9 @@ def usage(module) -> str:
     """The module docstring's first indented block (its usage example), dedented."""
     lines = module.__doc__.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("    "))
-    end = next((i for i in range(start, len(lines)) if lines[i].strip() and not lines[i].startswith("    ")),
-               len(lines))
+    end = next(
+        (i for i in range(start, len(lines)) if lines[i].strip() and not lines[i].startswith("    ")), len(lines)
+    )
     return textwrap.dedent("\n".join(lines[start:end]))
 
 
@@ -37,8 +37,11 @@ def run_usage(module, **names) -> dict:
 
 def tiny_embedder():
     torch.manual_seed(0)
-    return Embedder.build(EmbedderConfig(base_model=None, lora_r=4, lora_alpha=8, max_length=64),
-                          model=tiny_decoder("llama", seed=0), tokenizer=tiny_tokenizer())
+    return Embedder.build(
+        EmbedderConfig(base_model=None, lora_r=4, lora_alpha=8, max_length=64),
+        model=tiny_decoder("llama", seed=0),
+        tokenizer=tiny_tokenizer(),
+    )
 
 
 def seed_examples():
@@ -54,11 +57,23 @@ def test_the_batches_usage_runs():
 def test_the_step_usage_runs():
     embedder = tiny_embedder()
     examples = seed_examples()
-    planner = batches.MicroBatchPlanner(examples, batches.NoDuplicatesBatcher(examples, 4), random.Random(0),
-                                        schedule="level:4", steps=1, stage_steps=None, grad_accum=2)
+    planner = batches.MicroBatchPlanner(
+        examples,
+        batches.NoDuplicatesBatcher(examples, 4),
+        random.Random(0),
+        schedule="level:4",
+        steps=1,
+        stage_steps=None,
+        grad_accum=2,
+    )
     collate = batches.Collate(embedder.tokenizer, embedder.config)
-    done = run_usage(step, embedder=embedder.train(), precision=resolve(torch.device("cpu")),
-                     device=torch.device("cpu"), micro_batches=[collate(plan) for plan in planner],
-                     infonce_loss=infonce_loss)
+    done = run_usage(
+        step,
+        embedder=embedder.train(),
+        precision=resolve(torch.device("cpu")),
+        device=torch.device("cpu"),
+        micro_batches=[collate(plan) for plan in planner],
+        infonce_loss=infonce_loss,
+    )
     assert math.isfinite(done["loss"]) and done["finite"]
     assert done["outcome"].examples == 8

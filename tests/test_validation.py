@@ -48,7 +48,11 @@ CASES = {
     "mask rank": (attn(key_padding_mask=torch.ones(B * L, dtype=torch.bool)), "key_padding_mask", "2 dimensions"),
     "mask float": (attn(key_padding_mask=torch.ones(B, L)), "key_padding_mask", "bool or integer"),
     "mask values": (attn(key_padding_mask=torch.full((B, L), 2)), "key_padding_mask", "0 and 1"),
-    "mask device": (attn(key_padding_mask=torch.ones(B, L, dtype=torch.bool, device="meta")), "key_padding_mask", "cpu"),
+    "mask device": (
+        attn(key_padding_mask=torch.ones(B, L, dtype=torch.bool, device="meta")),
+        "key_padding_mask",
+        "cpu",
+    ),
     "mask all padding": (attn(key_padding_mask=EMPTY_ROW), "key_padding_mask", "rows 1 are all padding"),
     # poolings
     "hidden rank": (lambda: mean_pool(torch.randn(B, HID), MASK), "hidden_states", "3 dimensions"),
@@ -61,16 +65,36 @@ CASES = {
     "pool extra mix": (lambda: pool(HIDDEN, MASK, "weighted_mean", mix=0.5), "mix", "method='ata'"),
     # ata
     "ata neither": (lambda: ata_pool(HIDDEN, MASK), "attentions, colsum", "exactly one"),
-    "ata both": (lambda: ata_pool(HIDDEN, MASK, colsum=COLSUM, attentions=(torch.rand(B, H, L, L),)), "attentions, colsum", "both"),
+    "ata both": (
+        lambda: ata_pool(HIDDEN, MASK, colsum=COLSUM, attentions=(torch.rand(B, H, L, L),)),
+        "attentions, colsum",
+        "both",
+    ),
     "ata colsum shape": (lambda: ata_pool(HIDDEN, MASK, colsum=COLSUM[:, :-1]), "colsum", "shape"),
     "ata colsum rank": (lambda: ata_pool(HIDDEN, MASK, colsum=COLSUM[0]), "colsum", "2 dimensions"),
     "ata colsum device": (lambda: ata_pool(HIDDEN, MASK, colsum=COLSUM.to("meta")), "colsum", "cpu"),
     "ata attentions empty": (lambda: ata_pool(HIDDEN, MASK, attentions=()), "attentions", "non-empty tuple"),
     "ata attentions None layer": (lambda: ata_pool(HIDDEN, MASK, attentions=(None,)), "attentions", "eager attention"),
-    "ata attentions rank": (lambda: ata_pool(HIDDEN, MASK, attentions=(torch.rand(B, L, L),)), "attentions", "4 dimensions"),
-    "ata attentions square": (lambda: ata_pool(HIDDEN, MASK, attentions=torch.rand(B, H, L, L + 1)), "attentions", "square"),
-    "ata attentions length": (lambda: ata_pool(HIDDEN, MASK, attentions=torch.rand(B, H, L + 1, L + 1)), "attention_mask", "shape"),
-    "ata attentions device": (lambda: ata_pool(HIDDEN, MASK, attentions=torch.rand(B, H, L, L, device="meta")), "attentions", "cpu"),
+    "ata attentions rank": (
+        lambda: ata_pool(HIDDEN, MASK, attentions=(torch.rand(B, L, L),)),
+        "attentions",
+        "4 dimensions",
+    ),
+    "ata attentions square": (
+        lambda: ata_pool(HIDDEN, MASK, attentions=torch.rand(B, H, L, L + 1)),
+        "attentions",
+        "square",
+    ),
+    "ata attentions length": (
+        lambda: ata_pool(HIDDEN, MASK, attentions=torch.rand(B, H, L + 1, L + 1)),
+        "attention_mask",
+        "shape",
+    ),
+    "ata attentions device": (
+        lambda: ata_pool(HIDDEN, MASK, attentions=torch.rand(B, H, L, L, device="meta")),
+        "attentions",
+        "cpu",
+    ),
     "ata mix": (lambda: ata_pool(HIDDEN, MASK, colsum=COLSUM, mix=1.5), "mix", "[0, 1]"),
     "ata all padding": (lambda: ata_pool(HIDDEN, EMPTY_ROW, colsum=COLSUM), "attention_mask", "all padding"),
     "ata weights zero colsum": (lambda: ata_weights(torch.zeros(B, L), MASK), "colsum", "positive total"),
@@ -121,8 +145,14 @@ def test_weights_without_a_positive_total_are_a_typed_error(fill):
     ata_weights(colsum, MASK, mix=1.0)
 
 
-VALUE_CASES = ["mask values", "mask all padding", "pool all padding", "ata all padding", "ata weights zero colsum",
-               "ata weights nan colsum"]
+VALUE_CASES = [
+    "mask values",
+    "mask all padding",
+    "pool all padding",
+    "ata all padding",
+    "ata weights zero colsum",
+    "ata weights nan colsum",
+]
 
 
 @pytest.mark.parametrize("name", VALUE_CASES)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mgh_kernels import ata_attention, ata_attention_varlen, reference, testing, trusted_inputs, use_backend
 from mgh_kernels.attention import varlen
-from test_attention import ATOL, CUDA, DEVICE, DTYPES, assert_within_rule, eager_same_precision
+from test_attention import CUDA, DEVICE, DTYPES, assert_within_rule, eager_same_precision
 
 PATHS = ["kernels", "torch"]
 KERNEL_PATH = "triton" if CUDA else "triton-interpreter"
@@ -51,8 +51,9 @@ def eager_varlen(q, k, v, lengths, causal, scale):
     outs, sums, start = [], [], 0
     for n in lengths:
         if n:
-            out, colsum = eager_same_precision(*(t[None, start:start + n].transpose(1, 2) for t in (q, k, v)),
-                                               causal, None, scale)
+            out, colsum = eager_same_precision(
+                *(t[None, start : start + n].transpose(1, 2) for t in (q, k, v)), causal, None, scale
+            )
             outs.append(out[0].transpose(0, 1))
             sums.append(colsum[0])
         start += n
@@ -85,8 +86,9 @@ def test_forward_matches_reference(case, causal, dtype, path, gen):
     assert_within_rule(colsum, base_colsum, want_colsum, dtype, "colsum")
     # each text's column sums total its number of queries: nothing leaks across texts
     per_text = torch.stack([c.sum() for c in colsum.double().split(lengths)])
-    torch.testing.assert_close(per_text, torch.tensor(lengths, dtype=torch.float64, device=DEVICE),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        per_text, torch.tensor(lengths, dtype=torch.float64, device=DEVICE), rtol=1e-3, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("case", CASES[1:3], ids=lambda c: "L{}-H{}/{}-D{}".format("_".join(map(str, c[0])), *c[1:]))
@@ -227,8 +229,13 @@ def test_cu_seqlens_on_the_device_skips_value_checks_when_trusted(gen):
 
 
 def _args(**change):
-    args = dict(q=torch.randn(8, 2, 16), k=torch.randn(8, 2, 16), v=torch.randn(8, 2, 16),
-                cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32), max_seqlen=5)
+    args = dict(
+        q=torch.randn(8, 2, 16),
+        k=torch.randn(8, 2, 16),
+        v=torch.randn(8, 2, 16),
+        cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32),
+        max_seqlen=5,
+    )
     args.update(change)
     return args
 
@@ -248,8 +255,15 @@ def _args(**change):
         (dict(q=torch.randn(1, 8, 2, 16)), "q", "[total, Hq, D]"),
         (dict(k=torch.randn(8, 3, 16), v=torch.randn(8, 3, 16)), "k", "divides"),
         (dict(k=torch.randn(7, 2, 16), v=torch.randn(7, 2, 16)), "k", "total tokens"),
-        (dict(q=torch.randn(8, 2, 300), k=torch.randn(8, 2, 300), v=torch.randn(8, 2, 300),
-              ), "q", "D <= 256"),
+        (
+            dict(
+                q=torch.randn(8, 2, 300),
+                k=torch.randn(8, 2, 300),
+                v=torch.randn(8, 2, 300),
+            ),
+            "q",
+            "D <= 256",
+        ),
     ],
 )
 def test_bad_input_names_argument(change, argument, expected):

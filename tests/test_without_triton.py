@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r'''
+CHILD = r"""
 import importlib, importlib.abc, pkgutil, sys
 
 class NoTriton(importlib.abc.MetaPathFinder):
@@ -80,7 +80,7 @@ with pytest.raises(ValueError, match="^name: 'triton' needs the triton package")
         pass
 assert "triton" not in sys.modules
 print("ok")
-'''
+"""
 
 
 def test_import_and_the_pytorch_path_without_triton():

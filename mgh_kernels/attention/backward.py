@@ -22,13 +22,24 @@ import triton
 import triton.language as tl
 
 from .._launch import LOG2E, cdiv, new_output, run
-from .masking import (constexprs, key_bias, key_program, keys_seen, load_rows, load_transposed, load_valid, mask_args,
-                      query_program, recomputed_probabilities, store_rows, strides)
+from .masking import (
+    constexprs,
+    key_bias,
+    key_program,
+    keys_seen,
+    load_rows,
+    load_transposed,
+    load_valid,
+    mask_args,
+    query_program,
+    recomputed_probabilities,
+    store_rows,
+    strides,
+)
 
 
 @triton.jit
-def _key_tile(k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _key_tile(k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys start_n .. start_n + BLOCK_N of one sequence and kv head, for a query block's loop:
     (offs_n, real keys within L, their bias, kt [BLOCK_D, BLOCK_N]); padded keys load as zeros, so
     whatever they hold (NaN, inf) cannot reach a real row."""
@@ -53,8 +64,28 @@ def _row_statistics(LSE, DELTA, bh, L, offs_m, row_in):
 
 
 @triton.jit
-def _query_block(X, sxb, sxh, sxm, sxd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D,
-                 HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _query_block(
+    X,
+    sxb,
+    sxh,
+    sxm,
+    sxd,
+    DOUT,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    MASK,
+    smb,
+    smn,
+    H,
+    GROUP,
+    L,
+    D,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The query block of a delta or dQ program, and its rows of X (O or Q) and of dO, zeros at
     padded queries (whatever they hold): (b * H + h, b, h, kv head, offs_m, offs_m < L, the real
     queries among them, offs_d, offs_d < D, x, do)."""
@@ -68,8 +99,24 @@ def _query_block(X, sxb, sxh, sxm, sxd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn
 
 
 @triton.jit
-def _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC: tl.constexpr,
-               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_step(
+    k,
+    v,
+    q,
+    do,
+    lse,
+    delta,
+    bias,
+    g,
+    offs_m,
+    offs_n,
+    qk_scale,
+    dk,
+    dv,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One query tile's share of a key block's gradients: the probabilities re-computed transposed,
     P^T [BLOCK_N, BLOCK_M] from the rows' ``lse`` and the keys' ``bias``; dV += P^T dO; dK += dS^T Q
     with dS^T = P^T (V dO^T + g - delta), unscaled. Returns (dk, dv) [BLOCK_N, BLOCK_D] float32."""
@@ -87,24 +134,60 @@ def _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, d
 
 
 @triton.jit
-def _column_gradient_term(q, lse, k_ptr, mask_ptr, smn, skn, skd, dc_ptr, inv_heads, offs_m, offs_d, d_in, L,
-                          qk_scale, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_gradient_term(
+    q,
+    lse,
+    k_ptr,
+    mask_ptr,
+    smn,
+    skn,
+    skd,
+    dc_ptr,
+    inv_heads,
+    offs_m,
+    offs_d,
+    d_in,
+    L,
+    qk_scale,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """delta's second term, sum_j P_ij g_j over the keys the query block sees (``k_ptr``,
     ``mask_ptr`` and ``dc_ptr`` offset to one sequence and kv head), re-computing P from ``lse``:
     [BLOCK_M] float32."""
     pg = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n, col_in, bias, kt = _key_tile(k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK,
-                                             BLOCK_N)
+        offs_n, col_in, bias, kt = _key_tile(
+            k_ptr, mask_ptr, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK, BLOCK_N
+        )
         p = recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL, PRECISION)
         pg += tl.sum(p * _column_gradient(dc_ptr, offs_n, col_in, inv_heads)[None, :], 1)
     return pg
 
 
 @triton.jit
-def _dq_step(q, do, kt, vt, bias, lse, delta, dc_ptr, inv_heads, offs_m, offs_n, col_in, qk_scale, dq,
-             HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_step(
+    q,
+    do,
+    kt,
+    vt,
+    bias,
+    lse,
+    delta,
+    dc_ptr,
+    inv_heads,
+    offs_m,
+    offs_n,
+    col_in,
+    qk_scale,
+    dq,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One key tile's share of a query block's dQ: the probabilities P re-computed from the rows'
     ``lse`` and the keys' ``bias``; dQ += dS K with dS = P (dO V^T + g - delta), unscaled (g from
     ``dc_ptr`` when HAS_DC). Returns dq [BLOCK_M, BLOCK_D] float32."""
@@ -118,33 +201,123 @@ def _dq_step(q, do, kt, vt, bias, lse, delta, dc_ptr, inv_heads, offs_m, offs_n,
 
 @triton.jit
 def _bwd_delta_kernel(
-    Q, K, OUT, DOUT, MASK, LSE, DC, DELTA,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, sob, soh, som, sod, sdb, sdh, sdm, sdd, smb, smn,
-    H, GROUP, L, D, qk_scale, inv_heads,
-    HAS_MASK: tl.constexpr, HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    OUT,
+    DOUT,
+    MASK,
+    LSE,
+    DC,
+    DELTA,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    sob,
+    soh,
+    som,
+    sod,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    smb,
+    smn,
+    H,
+    GROUP,
+    L,
+    D,
+    qk_scale,
+    inv_heads,
+    HAS_MASK: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta_i = dO_i . O_i (+ sum_j P_ij dc_j / Hq when the column sums have a gradient)."""
     pid_bh, b, h, hk, offs_m, row_in, q_valid, offs_d, d_in, o, do = _query_block(
-        OUT, sob, soh, som, sod, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M,
-        BLOCK_D)
+        OUT, sob, soh, som, sod, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M, BLOCK_D
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DC:
         q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, q_valid, d_in)
         lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_in, other=float("inf"))
-        delta += _column_gradient_term(q, lse, K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, DC + b * L,
-                                       inv_heads, offs_m, offs_d, d_in, L, qk_scale, HAS_MASK, CAUSAL, PRECISION,
-                                       BLOCK_M, BLOCK_N)
+        delta += _column_gradient_term(
+            q,
+            lse,
+            K + b * skb + hk * skh,
+            MASK + b * smb,
+            smn,
+            skn,
+            skd,
+            DC + b * L,
+            inv_heads,
+            offs_m,
+            offs_d,
+            d_in,
+            L,
+            qk_scale,
+            HAS_MASK,
+            CAUSAL,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+        )
     tl.store(DELTA + pid_bh * L + offs_m, tl.where(q_valid, delta, 0.0), mask=row_in)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOUT, MASK, LSE, DELTA, DC, DK, DV,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smn,
-    H, HKV, GROUP, L, D, qk_scale, scale, inv_heads,
-    HAS_MASK: tl.constexpr, HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOUT,
+    MASK,
+    LSE,
+    DELTA,
+    DC,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    smb,
+    smn,
+    H,
+    HKV,
+    GROUP,
+    L,
+    D,
+    qk_scale,
+    scale,
+    inv_heads,
+    HAS_MASK: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads that share it."""
     pid_bk, b, hk, offs_n, col_in = key_program(HKV, L, BLOCK_N)
@@ -171,32 +344,87 @@ def _bwd_dkdv_kernel(
             row_ok = row_in & (lse < float("inf"))  # padded queries (lse +inf) load as zeros
             q = load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd, row_ok, d_in)
             do = load_rows(DOUT + b * sdb + h * sdh, offs_m, offs_d, sdm, sdd, row_ok, d_in)
-            dk, dv = _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC, CAUSAL,
-                                PRECISION)
+            dk, dv = _dkdv_step(
+                k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC, CAUSAL, PRECISION
+            )
     store_rows(DK + pid_bk * L * D, dk * scale, offs_n, offs_d, D, col_in, d_in)
     store_rows(DV + pid_bk * L * D, dv, offs_n, offs_d, D, col_in, d_in)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOUT, MASK, LSE, DELTA, DC, DQ,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, smb, smn,
-    H, GROUP, L, D, qk_scale, scale, inv_heads,
-    HAS_MASK: tl.constexpr, HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOUT,
+    MASK,
+    LSE,
+    DELTA,
+    DC,
+    DQ,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdb,
+    sdh,
+    sdm,
+    sdd,
+    smb,
+    smn,
+    H,
+    GROUP,
+    L,
+    D,
+    qk_scale,
+    scale,
+    inv_heads,
+    HAS_MASK: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one head, summed over key blocks."""
     pid_bh, b, h, hk, offs_m, row_in, _, offs_d, d_in, q, do = _query_block(
-        Q, sqb, sqh, sqm, sqd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M,
-        BLOCK_D)
+        Q, sqb, sqh, sqm, sqd, DOUT, sdb, sdh, sdm, sdd, MASK, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M, BLOCK_D
+    )
     lse, delta = _row_statistics(LSE, DELTA, pid_bh, L, offs_m, row_in)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n, col_in, bias, kt = _key_tile(K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, start_n,
-                                             offs_d, d_in, L, HAS_MASK, BLOCK_N)
+        offs_n, col_in, bias, kt = _key_tile(
+            K + b * skb + hk * skh, MASK + b * smb, smn, skn, skd, start_n, offs_d, d_in, L, HAS_MASK, BLOCK_N
+        )
         vt = load_transposed(V + b * svb + hk * svh, offs_n, offs_d, svn, svd, col_in, d_in)
-        dq = _dq_step(q, do, kt, vt, bias, lse, delta, DC + b * L, inv_heads, offs_m, offs_n, col_in, qk_scale, dq,
-                      HAS_DC, CAUSAL, PRECISION)
+        dq = _dq_step(
+            q,
+            do,
+            kt,
+            vt,
+            bias,
+            lse,
+            delta,
+            DC + b * L,
+            inv_heads,
+            offs_m,
+            offs_n,
+            col_in,
+            qk_scale,
+            dq,
+            HAS_DC,
+            CAUSAL,
+            PRECISION,
+        )
     store_rows(DQ + pid_bh * L * D, dq * scale, offs_m, offs_d, D, row_in, d_in)
 
 
@@ -219,19 +447,88 @@ def backward(q, k, v, out, lse, bias, dout, dcolsum, causal: bool, scale: float,
     options = constexprs(q, bias, causal, cfg, HAS_DC=has_dc)
     delta = new_output((batch, hq, length), torch.float32, q.device)
     grid_m = (cdiv(length, cfg["BLOCK_M"]), batch * hq)
-    run(_bwd_delta_kernel, grid_m,
-        q, k, out, dout, mask_arg, lse, dc, delta,
-        *strides(q), *strides(k), *strides(out), *strides(dout), smb, smn,
-        hq, group, length, dim, qk_scale, 1.0 / hq, **options)
+    run(
+        _bwd_delta_kernel,
+        grid_m,
+        q,
+        k,
+        out,
+        dout,
+        mask_arg,
+        lse,
+        dc,
+        delta,
+        *strides(q),
+        *strides(k),
+        *strides(out),
+        *strides(dout),
+        smb,
+        smn,
+        hq,
+        group,
+        length,
+        dim,
+        qk_scale,
+        1.0 / hq,
+        **options,
+    )
     dk = new_output((batch, hkv, length, dim), k.dtype, k.device)
     dv = new_output((batch, hkv, length, dim), v.dtype, v.device)
-    run(_bwd_dkdv_kernel, (cdiv(length, cfg["BLOCK_N"]), batch * hkv),
-        q, k, v, dout, mask_arg, lse, delta, dc, dk, dv,
-        *strides(q), *strides(k), *strides(v), *strides(dout), smb, smn,
-        hq, hkv, group, length, dim, qk_scale, scale, 1.0 / hq, **options)
+    run(
+        _bwd_dkdv_kernel,
+        (cdiv(length, cfg["BLOCK_N"]), batch * hkv),
+        q,
+        k,
+        v,
+        dout,
+        mask_arg,
+        lse,
+        delta,
+        dc,
+        dk,
+        dv,
+        *strides(q),
+        *strides(k),
+        *strides(v),
+        *strides(dout),
+        smb,
+        smn,
+        hq,
+        hkv,
+        group,
+        length,
+        dim,
+        qk_scale,
+        scale,
+        1.0 / hq,
+        **options,
+    )
     dq = new_output((batch, hq, length, dim), q.dtype, q.device)
-    run(_bwd_dq_kernel, grid_m,
-        q, k, v, dout, mask_arg, lse, delta, dc, dq,
-        *strides(q), *strides(k), *strides(v), *strides(dout), smb, smn,
-        hq, group, length, dim, qk_scale, scale, 1.0 / hq, **options)
+    run(
+        _bwd_dq_kernel,
+        grid_m,
+        q,
+        k,
+        v,
+        dout,
+        mask_arg,
+        lse,
+        delta,
+        dc,
+        dq,
+        *strides(q),
+        *strides(k),
+        *strides(v),
+        *strides(dout),
+        smb,
+        smn,
+        hq,
+        group,
+        length,
+        dim,
+        qk_scale,
+        scale,
+        1.0 / hq,
+        **options,
+    )
     return dq, dk, dv

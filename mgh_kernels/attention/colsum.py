@@ -19,17 +19,44 @@ import triton
 import triton.language as tl
 
 from .._launch import LOG2E, cdiv, new_output, run
-from .masking import (constexprs, key_program, load_rows, load_valid, mask_args, strides, within,
-                      zero_above_diagonal)
+from .masking import constexprs, key_program, load_rows, load_valid, mask_args, strides, within, zero_above_diagonal
 
 
 @triton.jit
 def _colsum_kernel(
-    Q, K, MASK, LSE, PART,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smn, slb, slh, slm,
-    H, HKV, GROUP, L, D, qk_scale, lse_scale, inv_heads,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    MASK,
+    LSE,
+    PART,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    smb,
+    smn,
+    slb,
+    slh,
+    slm,
+    H,
+    HKV,
+    GROUP,
+    L,
+    D,
+    qk_scale,
+    lse_scale,
+    inv_heads,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Column sums of one key block of one kv head over every query of the heads that share it,
     re-computing the probabilities from the log-sum-exp (LSE [B, Hq, L] with strides slb, slh, slm;
@@ -42,7 +69,8 @@ def _colsum_kernel(
     key_valid = load_valid(MASK + b * smb, smn, offs_n, col_in, HAS_MASK)
     kt = tl.load(
         K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-        mask=key_valid[None, :] & d_in[:, None], other=0.0,
+        mask=key_valid[None, :] & d_in[:, None],
+        other=0.0,
     )
     col = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     # Query blocks from ``lo`` may see a key of the block, from ``above`` on they see all of them
@@ -60,14 +88,71 @@ def _colsum_kernel(
         q_ptr, lse_ptr = Q + b * sqb + h * sqh, LSE + b * slb + h * slh
         if CAUSAL:  # the query blocks on the diagonal
             for start_m in range(lo, above, BLOCK_M):
-                col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                    True, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                col += _colsum_tile(
+                    q_ptr,
+                    lse_ptr,
+                    slm,
+                    lse_scale,
+                    kt,
+                    offs_n,
+                    start_m,
+                    sqm,
+                    sqd,
+                    L,
+                    D,
+                    qk_scale,
+                    True,
+                    True,
+                    EVEN_D,
+                    PRECISION,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_D,
+                )
         for start_m in range(above, inner, BLOCK_M):
-            col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                False, False, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            col += _colsum_tile(
+                q_ptr,
+                lse_ptr,
+                slm,
+                lse_scale,
+                kt,
+                offs_n,
+                start_m,
+                sqm,
+                sqd,
+                L,
+                D,
+                qk_scale,
+                False,
+                False,
+                EVEN_D,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
         for start_m in range(inner, L, BLOCK_M):  # the last, partial query block
-            col += _colsum_tile(q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale,
-                                False, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            col += _colsum_tile(
+                q_ptr,
+                lse_ptr,
+                slm,
+                lse_scale,
+                kt,
+                offs_n,
+                start_m,
+                sqm,
+                sqd,
+                L,
+                D,
+                qk_scale,
+                False,
+                True,
+                EVEN_D,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
     # Padded keys: dropped here, once per column, not per score (their scores may exceed the row's
     # log-sum-exp, which covers valid keys only, and sum to inf in their own columns; where, not a
     # product, gives them 0).
@@ -76,8 +161,25 @@ def _colsum_kernel(
 
 @triton.jit
 def _colsum_tile(
-    q_ptr, lse_ptr, slm, lse_scale, kt, offs_n, start_m, sqm, sqd, L, D, qk_scale, CAUSAL: tl.constexpr,
-    BOUNDED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    lse_ptr,
+    slm,
+    lse_scale,
+    kt,
+    offs_n,
+    start_m,
+    sqm,
+    sqd,
+    L,
+    D,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] probabilities of queries start_m .. start_m + BLOCK_M of one head for the
     key block ``kt`` [BLOCK_D, BLOCK_N], from their log-sum-exp. Padded and out-of-range queries
@@ -102,9 +204,27 @@ def column_sums(q, k, bias, lse, causal: bool, scale: float, cfg: dict, lse_scal
     hkv = k.shape[1]
     mask_arg, smb, smn = mask_args(q, bias)
     part = new_output((batch, hkv, length), torch.float32, q.device)
-    run(_colsum_kernel, (cdiv(length, cfg["BLOCK_N"]), batch * hkv),
-        q, k, mask_arg, lse, part,
-        *strides(q), *strides(k), smb, smn, *lse.stride()[:3],
-        hq, hkv, hq // hkv, length, dim, scale * LOG2E, lse_scale, 1.0 / hq,
-        **constexprs(q, bias, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]))
+    run(
+        _colsum_kernel,
+        (cdiv(length, cfg["BLOCK_N"]), batch * hkv),
+        q,
+        k,
+        mask_arg,
+        lse,
+        part,
+        *strides(q),
+        *strides(k),
+        smb,
+        smn,
+        *lse.stride()[:3],
+        hq,
+        hkv,
+        hq // hkv,
+        length,
+        dim,
+        scale * LOG2E,
+        lse_scale,
+        1.0 / hq,
+        **constexprs(q, bias, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]),
+    )
     return part.sum(dim=1)

@@ -88,14 +88,21 @@ def _split(heads: int, length: int, causal: bool, slots: int):
     ``BLOCK_ELEMENTS``. Each task's heads and group are its own: the column sums of a (group,
     heads) accumulate in one task, in row order, so the result does not depend on which thread
     ran what."""
-    blocks = [(slice(start, min(length, start + ROWS)), min(length, start + ROWS) if causal else length)
-              for start in range(0, length, ROWS)]
+    blocks = [
+        (slice(start, min(length, start + ROWS)), min(length, start + ROWS) if causal else length)
+        for start in range(0, length, ROWS)
+    ]
     groups = 1 if slots <= 1 or heads >= 4 * slots else min(len(blocks), -(-4 * slots // heads))
     widest = max(rows.stop - rows.start for rows, _ in blocks)
-    step = min(block_heads(widest, max(keys for _, keys in blocks), heads),
-               heads if slots <= 1 else max(1, -(-heads * groups // (4 * slots))))
-    tasks = [(slice(first, min(heads, first + step)), group, blocks[group::groups])
-             for group in range(groups) for first in range(0, heads, step)]
+    step = min(
+        block_heads(widest, max(keys for _, keys in blocks), heads),
+        heads if slots <= 1 else max(1, -(-heads * groups // (4 * slots))),
+    )
+    tasks = [
+        (slice(first, min(heads, first + step)), group, blocks[group::groups])
+        for group in range(groups)
+        for first in range(0, heads, step)
+    ]
     return tasks, groups
 
 
@@ -111,14 +118,20 @@ class _Sweep:
         self.causal, self.scale = causal, scale
         self.slots = _tasks.threads()
         self.tasks, self.groups = _split(b * h, n, causal, self.slots)
-        size = max((heads.stop - heads.start) * (rows.stop - rows.start) * keys
-                   for heads, _, blocks in self.tasks for rows, keys in blocks)
+        size = max(
+            (heads.stop - heads.start) * (rows.stop - rows.start) * keys
+            for heads, _, blocks in self.tasks
+            for rows, keys in blocks
+        )
         # scratch of the calling thread (``_scratch``): the tasks' threads only borrow it
         self.buffers = [scratch(f"attention.scores.{slot}", (size,), q.dtype, q.device) for slot in range(self.slots)]
         # the causal mask as a bias (-inf above the diagonal): add_ is faster than masked_fill_
         rows = min(ROWS, n)
-        self.later = torch.full((rows, rows), float("-inf"), dtype=q.dtype, device=q.device).triu_(1) \
-            if causal and rows > 1 else None
+        self.later = (
+            torch.full((rows, rows), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+            if causal and rows > 1
+            else None
+        )
 
     def scores(self, heads: slice, rows: slice, keys: int, slot: int) -> torch.Tensor:
         """The block's scores [heads, rows, keys] in the slot's buffer: scaled, with the key bias and
@@ -131,7 +144,7 @@ class _Sweep:
         else:
             torch.baddbmm(self.bias[heads, :, :keys], q, kt, alpha=self.scale, out=s)
         if self.causal and n > 1:
-            s[:, :, rows.start:rows.stop].add_(self.later[:n, :n])
+            s[:, :, rows.start : rows.stop].add_(self.later[:n, :n])
         return s
 
 
@@ -193,8 +206,9 @@ def _probabilities_times(q, k, lse, bias, causal: bool, scale: float, g) -> torc
 def _backward(q, k, v, out, lse, valid, causal: bool, scale: float, dout, dcolsum):
     b, h, n, d = q.shape
     bias = _key_bias(valid, q.dtype)
-    keep = torch.ones(b, 1, n, 1, dtype=q.dtype, device=q.device) if valid is None else \
-        valid.to(q.dtype)[:, None, :, None]
+    keep = (
+        torch.ones(b, 1, n, 1, dtype=q.dtype, device=q.device) if valid is None else valid.to(q.dtype)[:, None, :, None]
+    )
     # where, not a product: the gradients at padded positions may hold anything (NaN, inf)
     dout = torch.zeros_like(out) if dout is None else torch.where(keep > 0, dout.to(q.dtype), 0.0)
     if dcolsum is None:
@@ -210,7 +224,12 @@ def _backward(q, k, v, out, lse, valid, causal: bool, scale: float, dout, dcolsu
         torch.cat([k, zero], dim=-1),
         torch.cat([v, g[:, None, :, None].expand(b, h, n, 1)], dim=-1),
         torch.cat([out, pg[..., None]], dim=-1),
-        lse, 0.0, causal, attn_mask=bias, scale=scale)
+        lse,
+        0.0,
+        causal,
+        attn_mask=bias,
+        scale=scale,
+    )
     return dq[..., :d], dk[..., :d], dv[..., :d]
 
 

@@ -18,7 +18,6 @@ Caveat: the op is private to PyTorch; its signature is the one of torch 2.4-2.13
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,7 @@ REFUSED: set = set()
 """Input signatures (shapes, strides, dtype, device, causal) cuDNN raised on; cleared, it is asked again."""
 
 
-def eligible(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+def eligible(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Our own conditions for cuDNN's flash pass: ``FLASH_PASS``, half precision, no padding."""
     return FLASH_PASS == "cudnn" and bias is None and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -45,8 +44,11 @@ def accepts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
     then hands K and V to cuDNN unrepeated, as SDPA does; older PyTorch refuses them); not under
     ``torch.use_deterministic_algorithms``."""
     cuda = torch.backends.cuda
-    if not (q.is_cuda and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-            and hasattr(cuda, "can_use_cudnn_attention")):
+    if not (
+        q.is_cuda
+        and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+        and hasattr(cuda, "can_use_cudnn_attention")
+    ):
         return False
     gqa = q.shape[1] != k.shape[1]
     try:
@@ -62,7 +64,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     """PyTorch's cuDNN attention forward with its log-sum-exp: out [B, Hq, L, D] in q's dtype (any
     strides) and lse, natural log, float32, [B, Hq, L] (or [B, Hq, L, 1])."""
     result = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, causal, False, scale=scale,
+        q,
+        k,
+        v,
+        None,
+        True,
+        0.0,
+        causal,
+        False,
+        scale=scale,
     )
     return result[0], result[1]
 
@@ -81,6 +91,12 @@ def flash_pass(q, k, v, bias, causal: bool, scale: float):
         raise
     except RuntimeError as err:
         REFUSED.add(signature)
-        logger.warning("ata_attention: cuDNN's attention refused %s %s causal=%s (%s); using the Triton "
-                       "flash pass for these inputs", list(q.shape), q.dtype, causal, " ".join(str(err).split()))
+        logger.warning(
+            "ata_attention: cuDNN's attention refused %s %s causal=%s (%s); using the Triton "
+            "flash pass for these inputs",
+            list(q.shape),
+            q.dtype,
+            causal,
+            " ".join(str(err).split()),
+        )
         return None

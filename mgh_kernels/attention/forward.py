@@ -22,14 +22,37 @@ import triton
 import triton.language as tl
 
 from .._launch import LOG2E, cdiv, new_output, run
-from .masking import (constexprs, key_bias, keys_seen, load_rows, load_transposed, load_valid, mask_args, query_program,
-                      strides, within)
+from .masking import (
+    constexprs,
+    key_bias,
+    keys_seen,
+    load_rows,
+    load_transposed,
+    load_valid,
+    mask_args,
+    query_program,
+    strides,
+    within,
+)
 
 
 @triton.jit
 def _query_block(
-    Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    MASK,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    smb,
+    smn,
+    H,
+    GROUP,
+    L,
+    D,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """The forward programs' query block: (b, h, hk, offs_m, q [BLOCK_M, BLOCK_D], q_valid)."""
     _, b, h, hk, offs_m, row_in = query_program(H, GROUP, L, BLOCK_M)
@@ -42,9 +65,30 @@ def _query_block(
 
 @triton.jit
 def _online_softmax_step(
-    q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, start, L, D, qk_scale, m_i, l_i, acc,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BOUNDED: tl.constexpr, EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q,
+    offs_m,
+    K,
+    V,
+    MASK,
+    skn,
+    skd,
+    svn,
+    svd,
+    smn,
+    start,
+    L,
+    D,
+    qk_scale,
+    m_i,
+    l_i,
+    acc,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One flash-attention step over keys [start, start + BLOCK_N) of one sequence and kv head
     (K, V, MASK already offset to it). CAUSAL: apply the causal mask to this tile (only tiles that
@@ -80,7 +124,23 @@ def _online_softmax_step(
 
 @triton.jit
 def _store_out_lse(
-    OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D: tl.constexpr,
+    OUT,
+    LSE,
+    b,
+    h,
+    offs_m,
+    q_valid,
+    m_i,
+    l_i,
+    acc,
+    sob,
+    soh,
+    som,
+    sod,
+    H,
+    L,
+    D,
+    BLOCK_D: tl.constexpr,
 ):
     """Normalise and store the output (zero for padded rows and rows that saw no key) and the
     log-sum-exp (+inf for those rows); returns 1 / l per row (0 for those rows)."""
@@ -90,7 +150,8 @@ def _store_out_lse(
     inv_l = tl.where(row_ok, 1.0 / tl.where(row_ok, l_i, 1.0), 0.0)
     tl.store(
         OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-        (acc * inv_l[:, None]).to(OUT.dtype.element_ty), mask=row_in[:, None] & (offs_d < D)[None, :],
+        (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+        mask=row_in[:, None] & (offs_d < D)[None, :],
     )
     lse = tl.where(row_ok, m_i + tl.log2(tl.where(row_ok, l_i, 1.0)), float("inf"))
     tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=row_in)
@@ -99,15 +160,60 @@ def _store_out_lse(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, MASK, OUT, LSE,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-    H, GROUP, L, D, qk_scale,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    MASK,
+    OUT,
+    LSE,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    smb,
+    smn,
+    H,
+    GROUP,
+    L,
+    D,
+    qk_scale,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Flash attention of one query block of one head: out and the log-sum-exp."""
     b, h, hk, offs_m, q, q_valid = _query_block(
-        Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M, BLOCK_D,
+        Q,
+        MASK,
+        sqb,
+        sqh,
+        sqm,
+        sqd,
+        smb,
+        smn,
+        H,
+        GROUP,
+        L,
+        D,
+        HAS_MASK,
+        BLOCK_M,
+        BLOCK_D,
     )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -121,22 +227,87 @@ def _fwd_kernel(
     hi = keys_seen(L, BLOCK_M, CAUSAL)
     for start_n in range(0, inner, BLOCK_N):
         _, m_i, l_i, acc = _online_softmax_step(
-            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, start_n, L, D, qk_scale, m_i, l_i, acc,
-            HAS_MASK, False, False, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+            q,
+            offs_m,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            skn,
+            skd,
+            svn,
+            svd,
+            smn,
+            start_n,
+            L,
+            D,
+            qk_scale,
+            m_i,
+            l_i,
+            acc,
+            HAS_MASK,
+            False,
+            False,
+            EVEN_D,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_D,
         )
     for start_n in range(inner, hi, BLOCK_N):
         _, m_i, l_i, acc = _online_softmax_step(
-            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, start_n, L, D, qk_scale, m_i, l_i, acc,
-            HAS_MASK, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+            q,
+            offs_m,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            skn,
+            skd,
+            svn,
+            svd,
+            smn,
+            start_n,
+            L,
+            D,
+            qk_scale,
+            m_i,
+            l_i,
+            acc,
+            HAS_MASK,
+            CAUSAL,
+            True,
+            EVEN_D,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_D,
         )
     _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
 
 
 @triton.jit
 def _chunk_unless_masked(
-    q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, L, D, qk_scale, hi, start, m_i, l_i, acc,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q,
+    offs_m,
+    K,
+    V,
+    MASK,
+    skn,
+    skd,
+    svn,
+    svd,
+    smn,
+    L,
+    D,
+    qk_scale,
+    hi,
+    start,
+    m_i,
+    l_i,
+    acc,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``_online_softmax_step`` over the chunk at ``start`` unless it starts at or past ``hi`` (under
     causal masking, past the block's last query): then its probabilities are zero and its max -inf,
@@ -145,8 +316,30 @@ def _chunk_unless_masked(
     m_chunk = tl.full([q.shape[0]], float("-inf"), tl.float32)
     if start < hi:
         p, m_chunk, l_i, acc = _online_softmax_step(
-            q, offs_m, K, V, MASK, skn, skd, svn, svd, smn, start, L, D, qk_scale, m_i, l_i, acc,
-            HAS_MASK, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+            q,
+            offs_m,
+            K,
+            V,
+            MASK,
+            skn,
+            skd,
+            svn,
+            svd,
+            smn,
+            start,
+            L,
+            D,
+            qk_scale,
+            m_i,
+            l_i,
+            acc,
+            HAS_MASK,
+            CAUSAL,
+            True,
+            EVEN_D,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_D,
         )
         m_i = m_chunk
     return p, m_chunk, m_i, l_i, acc
@@ -165,11 +358,45 @@ def _short_colsum(PART, p, m_chunk, m_final, inv_l, inv_heads, start, L, BLOCK_N
 
 @triton.jit
 def _fwd_short_kernel(
-    Q, K, V, MASK, OUT, LSE,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, smb, smn,
-    H, GROUP, L, D, qk_scale, PART, inv_heads,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    MASK,
+    OUT,
+    LSE,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    smb,
+    smn,
+    H,
+    GROUP,
+    L,
+    D,
+    qk_scale,
+    PART,
+    inv_heads,
+    HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Short sequences (L <= CHUNKS * BLOCK_N): out, lse and column sums in one sweep.
 
@@ -179,7 +406,21 @@ def _fwd_short_kernel(
     PART[b * H + h, pid_m, :] (reduced over query blocks and heads afterwards, in a fixed order).
     """
     b, h, hk, offs_m, q, q_valid = _query_block(
-        Q, MASK, sqb, sqh, sqm, sqd, smb, smn, H, GROUP, L, D, HAS_MASK, BLOCK_M, BLOCK_D,
+        Q,
+        MASK,
+        sqb,
+        sqh,
+        sqm,
+        sqd,
+        smb,
+        smn,
+        H,
+        GROUP,
+        L,
+        D,
+        HAS_MASK,
+        BLOCK_M,
+        BLOCK_D,
     )
     k_ptr = K + b * skb + hk * skh
     v_ptr = V + b * svb + hk * svh
@@ -190,24 +431,112 @@ def _fwd_short_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     p0, m0, l_i, acc = _online_softmax_step(  # every block sees the first chunk
-        q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, 0, L, D, qk_scale, m_i, l_i, acc,
-        HAS_MASK, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+        q,
+        offs_m,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        skn,
+        skd,
+        svn,
+        svd,
+        smn,
+        0,
+        L,
+        D,
+        qk_scale,
+        m_i,
+        l_i,
+        acc,
+        HAS_MASK,
+        CAUSAL,
+        True,
+        EVEN_D,
+        PRECISION,
+        BLOCK_N,
+        BLOCK_D,
     )
     m_i = m0
     if CHUNKS > 1:
         p1, m1, m_i, l_i, acc = _chunk_unless_masked(
-            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, BLOCK_N,
-            m_i, l_i, acc, HAS_MASK, CAUSAL, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+            q,
+            offs_m,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            skn,
+            skd,
+            svn,
+            svd,
+            smn,
+            L,
+            D,
+            qk_scale,
+            hi,
+            BLOCK_N,
+            m_i,
+            l_i,
+            acc,
+            HAS_MASK,
+            CAUSAL,
+            EVEN_D,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_D,
         )
     if CHUNKS > 2:
         p2, m2, m_i, l_i, acc = _chunk_unless_masked(
-            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, 2 * BLOCK_N,
-            m_i, l_i, acc, HAS_MASK, CAUSAL, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+            q,
+            offs_m,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            skn,
+            skd,
+            svn,
+            svd,
+            smn,
+            L,
+            D,
+            qk_scale,
+            hi,
+            2 * BLOCK_N,
+            m_i,
+            l_i,
+            acc,
+            HAS_MASK,
+            CAUSAL,
+            EVEN_D,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_D,
         )
     if CHUNKS > 3:
         p3, m3, m_i, l_i, acc = _chunk_unless_masked(
-            q, offs_m, k_ptr, v_ptr, mask_ptr, skn, skd, svn, svd, smn, L, D, qk_scale, hi, 3 * BLOCK_N,
-            m_i, l_i, acc, HAS_MASK, CAUSAL, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+            q,
+            offs_m,
+            k_ptr,
+            v_ptr,
+            mask_ptr,
+            skn,
+            skd,
+            svn,
+            svd,
+            smn,
+            L,
+            D,
+            qk_scale,
+            hi,
+            3 * BLOCK_N,
+            m_i,
+            l_i,
+            acc,
+            HAS_MASK,
+            CAUSAL,
+            EVEN_D,
+            PRECISION,
+            BLOCK_N,
+            BLOCK_D,
         )
 
     inv_l = _store_out_lse(OUT, LSE, b, h, offs_m, q_valid, m_i, l_i, acc, sob, soh, som, sod, H, L, D, BLOCK_D)
@@ -228,8 +557,25 @@ def _launch_args(q, k, v, bias, out, lse, scale):
     """The arguments both forward kernels start with, up to ``qk_scale``."""
     batch, hq, length, dim = q.shape
     mask_arg, smb, smn = mask_args(q, bias)
-    return (q, k, v, mask_arg, out, lse, *strides(q), *strides(k), *strides(v), *strides(out), smb, smn,
-            hq, hq // k.shape[1], length, dim, scale * LOG2E)
+    return (
+        q,
+        k,
+        v,
+        mask_arg,
+        out,
+        lse,
+        *strides(q),
+        *strides(k),
+        *strides(v),
+        *strides(out),
+        smb,
+        smn,
+        hq,
+        hq // k.shape[1],
+        length,
+        dim,
+        scale * LOG2E,
+    )
 
 
 def flash_forward(q, k, v, bias, causal: bool, scale: float, cfg: dict):
@@ -238,8 +584,12 @@ def flash_forward(q, k, v, bias, causal: bool, scale: float, cfg: dict):
     batch, hq, length, dim = q.shape
     out = new_output((batch, hq, length, dim), q.dtype, q.device)
     lse = new_output((batch, hq, length), torch.float32, q.device)
-    run(_fwd_kernel, (cdiv(length, cfg["BLOCK_M"]), batch * hq), *_launch_args(q, k, v, bias, out, lse, scale),
-        **constexprs(q, bias, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]))
+    run(
+        _fwd_kernel,
+        (cdiv(length, cfg["BLOCK_M"]), batch * hq),
+        *_launch_args(q, k, v, bias, out, lse, scale),
+        **constexprs(q, bias, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]),
+    )
     return out, lse
 
 
@@ -251,6 +601,12 @@ def one_sweep_forward(q, k, v, bias, causal: bool, scale: float, cfg: dict):
     lse = new_output((batch, hq, length), torch.float32, q.device)
     n_blocks = cdiv(length, cfg["BLOCK_M"])
     part = new_output((batch * hq, n_blocks, length), torch.float32, q.device)
-    run(_fwd_short_kernel, (n_blocks, batch * hq), *_launch_args(q, k, v, bias, out, lse, scale), part, 1.0 / hq,
-        **constexprs(q, bias, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]))
+    run(
+        _fwd_short_kernel,
+        (n_blocks, batch * hq),
+        *_launch_args(q, k, v, bias, out, lse, scale),
+        part,
+        1.0 / hq,
+        **constexprs(q, bias, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]),
+    )
     return out, lse, part.view(batch, hq * n_blocks, length).sum(dim=1)

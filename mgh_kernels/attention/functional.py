@@ -9,7 +9,6 @@ The path (``mgh_kernels.backend``): the Triton kernels on CUDA, Triton's interpr
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -26,13 +25,13 @@ MAX_HEAD_DIM = 256
 """The largest head dim the kernels take (one tile of the head dim)."""
 
 
-def last_backend() -> Optional[str]:
+def last_backend() -> str | None:
     """Which path the latest ``ata_attention`` call took: "triton", "triton-interpreter" or
     "torch-chunked" (None before the first call)."""
     return ops.LAST.backend
 
 
-def last_forward() -> Optional[str]:
+def last_forward() -> str | None:
     """Which forward the latest kernel call took: "one-sweep" (``forward._fwd_short_kernel``),
     "triton-flash" (``forward._fwd_kernel``) or "cudnn-flash" (PyTorch's cuDNN attention), the two
     flash passes followed by the column-sum pass when the column sums are asked for; None before the
@@ -46,10 +45,10 @@ def ata_attention(
     v: torch.Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
     return_colsum: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-attention that also returns each key's received attention, never storing L x L.
 
     ``out`` is ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
@@ -92,8 +91,7 @@ def ata_attention(
     at a non-finite loss and names the first parameter or layer output that went non-finite.
     """
     amp = autocast_dtype(q)
-    mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                                       amp=amp)
+    mask, scale = check_attention_args(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, amp=amp)
     check_bool("return_colsum", return_colsum)
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"q: expected a head dim D <= {MAX_HEAD_DIM}, got shape {list(q.shape)}")

@@ -87,28 +87,30 @@ def key_bias(mask_ptr, stride_mn, offs_n, L, HAS_MASK: tl.constexpr, BOUNDED: tl
 def load_rows(ptr, offs, offs_d, stride_row, stride_d, rows_in, d_in):
     """[len(offs), BLOCK_D] tile of the [L, D] matrix at ``ptr`` (one sequence and head): rows
     ``offs``, columns ``offs_d``; zero where ``rows_in`` or ``d_in`` is False."""
-    return tl.load(ptr + offs[:, None] * stride_row + offs_d[None, :] * stride_d,
-                   mask=rows_in[:, None] & d_in[None, :], other=0.0)
+    return tl.load(
+        ptr + offs[:, None] * stride_row + offs_d[None, :] * stride_d, mask=rows_in[:, None] & d_in[None, :], other=0.0
+    )
 
 
 @triton.jit
 def load_transposed(ptr, offs, offs_d, stride_row, stride_d, rows_in, d_in):
     """The tile of :func:`load_rows` loaded transposed, [BLOCK_D, len(offs)] (for ``q @ k^T``)."""
-    return tl.load(ptr + offs[None, :] * stride_row + offs_d[:, None] * stride_d,
-                   mask=rows_in[None, :] & d_in[:, None], other=0.0)
+    return tl.load(
+        ptr + offs[None, :] * stride_row + offs_d[:, None] * stride_d, mask=rows_in[None, :] & d_in[:, None], other=0.0
+    )
 
 
 @triton.jit
 def store_rows(ptr, value, offs, offs_d, D, rows_in, d_in):
     """Store the [len(offs), BLOCK_D] tile ``value`` into the contiguous [L, D] matrix at ``ptr``,
     converted to its dtype, where ``rows_in`` and ``d_in``."""
-    tl.store(ptr + offs[:, None] * D + offs_d[None, :], value.to(ptr.dtype.element_ty),
-             mask=rows_in[:, None] & d_in[None, :])
+    tl.store(
+        ptr + offs[:, None] * D + offs_d[None, :], value.to(ptr.dtype.element_ty), mask=rows_in[:, None] & d_in[None, :]
+    )
 
 
 @triton.jit
-def recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL: tl.constexpr,
-                             PRECISION: tl.constexpr):
+def recomputed_probabilities(q, kt, bias, lse, offs_m, offs_n, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_M, BLOCK_N] softmax probabilities of queries ``q`` over the keys ``kt`` (transposed),
     re-computed from the rows' log-sum-exp ``lse`` (log2 units) and the keys' ``bias``."""
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale + bias[None, :]

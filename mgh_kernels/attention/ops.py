@@ -16,8 +16,6 @@ Both take the key padding mask as the kernels read it, ``key_bias(mask)``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import backend
@@ -36,7 +34,7 @@ LAST = backend.LastPath()
 "triton-flash" or "cudnn-flash"."""
 
 
-def key_bias(mask: Optional[torch.Tensor], drop_unpadded: bool) -> Optional[torch.Tensor]:
+def key_bias(mask: torch.Tensor | None, drop_unpadded: bool) -> torch.Tensor | None:
     """The key padding mask as the kernels read it: [B, L] float32, 0 for a real token and -inf for
     padding; None for no mask, and with ``drop_unpadded`` for one that pads nothing (the unmasked
     kernels, and cuDNN's pass, give the same; finding out costs a host sync, so not inside
@@ -111,8 +109,15 @@ class ATAAttentionFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("mgh::ata_attention_forward", mutates_args=())
-def forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor],
-               causal: bool, scale: float, return_colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    return_colsum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, Hq, L, D] contiguous in q's dtype, colsum [B, L] float32 (empty [0] without
     ``return_colsum``), lse [B, Hq, L] float32 in log2 units, for the backward)."""
     out, lse, lse_scale, sums = fused_forward(q, k, v, key_bias, causal, scale, return_colsum)
@@ -131,9 +136,18 @@ def _forward_op_shapes(q, k, v, key_bias, causal, scale, return_colsum):
 
 
 @torch.library.custom_op("mgh::ata_attention_backward", mutates_args=())
-def backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                key_bias: Optional[torch.Tensor], dout: Optional[torch.Tensor], dcolsum: Optional[torch.Tensor],
-                causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    dout: torch.Tensor | None,
+    dcolsum: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the inputs' dtype; lse as ``forward_op`` gives it."""
     return fused_backward(q, k, v, out, lse, key_bias, dout, dcolsum, causal, scale)
 

@@ -27,8 +27,6 @@ The analogue of FlagAttention's overridable ``get_fwd_config``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._launch import next_power_of_2
@@ -72,8 +70,9 @@ def colsum_tiles(device: torch.device, head_dim: int, dtype: torch.dtype) -> dic
     return cfg
 
 
-def one_sweep_tiles(device: torch.device, head_dim: int, dtype: torch.dtype, length: int,
-                    causal: bool = True) -> Optional[dict]:
+def one_sweep_tiles(
+    device: torch.device, head_dim: int, dtype: torch.dtype, length: int, causal: bool = True
+) -> dict | None:
     """Tiles of the one-sweep forward (``forward._fwd_short_kernel``), or None where the sequence is
     too long for it (``SHORT_MAX_LENGTH``) and the two-pass forward runs: up to ``CHUNKS`` = 4
     chunks of BLOCK_N keys. Head dims above 128 and float32 on GPU keep the two-pass forward (a
@@ -83,7 +82,9 @@ def one_sweep_tiles(device: torch.device, head_dim: int, dtype: torch.dtype, len
     if device.type != "cuda":
         block_n = max(16, block_l // 4)
         limit = SHORT_MAX_LENGTH["interpreter"]
-        return dict(BLOCK_M=16, BLOCK_N=block_n, CHUNKS=block_l // block_n, BLOCK_D=block_d) if block_l <= limit else None
+        return (
+            dict(BLOCK_M=16, BLOCK_N=block_n, CHUNKS=block_l // block_n, BLOCK_D=block_d) if block_l <= limit else None
+        )
     limit = SHORT_MAX_LENGTH["float32" if dtype == torch.float32 else "half" if causal else "half-bidirectional"]
     block_n = min(block_l, 128)
     if block_l > limit or block_l > 4 * block_n or block_d > 128:

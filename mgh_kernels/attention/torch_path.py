@@ -54,8 +54,10 @@ def attention(q, k, v, mask, causal: bool, scale: float, return_colsum: bool):
     outs, colsums = [], []
     for b in range(batch):
         q_b = q[b].view(hkv, hq // hkv, length, dim)
-        blocks = [(q_b[:, :, start : start + chunk], k[b], v[b], valid[b], start, causal, scale)
-                  for start in range(0, length, chunk)]
+        blocks = [
+            (q_b[:, :, start : start + chunk], k[b], v[b], valid[b], start, causal, scale)
+            for start in range(0, length, chunk)
+        ]
         results = backend.chunked(_attend_rows, blocks, (q, k, v))
         outs.append(torch.cat([out for out, _ in results], dim=2).reshape(hq, length, dim))
         col = results[0][1]

@@ -14,7 +14,6 @@ Under torch.compile the call runs eagerly (a graph break): the varlen kernels ha
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,7 @@ logger = logging.getLogger(__name__)
 LAST = backend.LastPath()
 
 
-def last_backend() -> Optional[str]:
+def last_backend() -> str | None:
     """Which path the latest ``ata_attention_varlen`` call took: "triton", "triton-interpreter" or
     "torch-chunked" (None before the first call)."""
     return LAST.backend
@@ -48,11 +47,13 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, max_seqlen, causal, scale, return_colsum):
         dim = q.shape[2]
-        out, lse = varlen_kernels.forward(q, k, v, cu, max_seqlen, causal, scale,
-                                          tiles.flash_tiles(q.device, dim, q.dtype))
+        out, lse = varlen_kernels.forward(
+            q, k, v, cu, max_seqlen, causal, scale, tiles.flash_tiles(q.device, dim, q.dtype)
+        )
         if return_colsum:
-            sums = varlen_kernels.column_sums(q, k, cu, max_seqlen, lse, causal, scale,
-                                              tiles.colsum_tiles(q.device, dim, q.dtype))
+            sums = varlen_kernels.column_sums(
+                q, k, cu, max_seqlen, lse, causal, scale, tiles.colsum_tiles(q.device, dim, q.dtype)
+            )
         else:
             sums = torch.zeros(0, device=q.device)
             ctx.mark_non_differentiable(sums)
@@ -65,8 +66,9 @@ class VarlenAttentionFunction(torch.autograd.Function):
         q, k, v, cu, out, lse = ctx.saved_tensors
         dcolsum = dcolsum if ctx.has_colsum else None
         cfg = tiles.backward_tiles(q.device, q.shape[2], q.dtype)
-        dq, dk, dv = varlen_kernels.backward(q, k, v, cu, ctx.max_seqlen, out, lse, dout, dcolsum, ctx.causal,
-                                             ctx.scale, cfg)
+        dq, dk, dv = varlen_kernels.backward(
+            q, k, v, cu, ctx.max_seqlen, out, lse, dout, dcolsum, ctx.causal, ctx.scale, cfg
+        )
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -84,8 +86,9 @@ def _per_sequence(q, k, v, bounds, causal: bool, scale: float, return_colsum: bo
             continue
         view = [t.transpose(0, 1)[None] for t in text]
         if not return_colsum:
-            out = torch.nn.functional.scaled_dot_product_attention(*view, is_causal=causal, scale=scale,
-                                                                   enable_gqa=view[0].shape[1] != view[1].shape[1])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                *view, is_causal=causal, scale=scale, enable_gqa=view[0].shape[1] != view[1].shape[1]
+            )
             outs.append(out[0].transpose(0, 1))
             continue
         out, colsum = torch_path.attention(*view, None, causal, scale, return_colsum)
@@ -105,9 +108,9 @@ def ata_attention_varlen(
     max_seqlen: int,
     *,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_colsum: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Self-attention over packed texts, each attending only to itself, with each token's received
     attention; never a total x total tensor.
 
@@ -142,13 +145,20 @@ def ata_attention_varlen(
         # colsum[0:5].sum() == 5, colsum[5:22].sum() == 17, colsum[22] == 1
     """
     amp = autocast_dtype(q)
-    cu_host, cu, max_seqlen, scale = check_varlen_args(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
-                                                       amp=amp)
+    cu_host, cu, max_seqlen, scale = check_varlen_args(
+        q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, amp=amp
+    )
     check_bool("return_colsum", return_colsum)
     if q.shape[2] > MAX_HEAD_DIM:
         raise ValueError(f"q: expected a head dim D <= {MAX_HEAD_DIM}, got shape {list(q.shape)}")
-    path = backend.dispatch("ata_attention_varlen", q, amp, LAST, logger,
-                            lambda: f"{list(q.shape)}, {cu.numel() - 1} texts, max_seqlen {max_seqlen}")
+    path = backend.dispatch(
+        "ata_attention_varlen",
+        q,
+        amp,
+        LAST,
+        logger,
+        lambda: f"{list(q.shape)}, {cu.numel() - 1} texts, max_seqlen {max_seqlen}",
+    )
     q, k, v = autocast_inputs(amp, q, k, v)
     with autocast_off(q.device):
         if path.backend == backend.TORCH:

@@ -53,8 +53,7 @@ def _query_block(X, sxt, sxh, sxd, CU, H, GROUP, D, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _key_block(CU, HKV, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+def _key_block(CU, HKV, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """A program over key block ``program_id(0)`` of sequence and kv head ``program_id(1)``
     (s * HKV + hk): (the sequence's start, its length L, hk, offs_n within the sequence, offs_n < L,
     offs_d, offs_d < D, the first query block that sees a key of the block: 0, or causal, the one
@@ -71,21 +70,47 @@ def _key_block(CU, HKV, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _store_tile(ptr, value, offs, offs_d, stride_row, stride_d, rows_in, d_in):
-    tl.store(ptr + offs[:, None] * stride_row + offs_d[None, :] * stride_d, value.to(ptr.dtype.element_ty),
-             mask=rows_in[:, None] & d_in[None, :])
+    tl.store(
+        ptr + offs[:, None] * stride_row + offs_d[None, :] * stride_d,
+        value.to(ptr.dtype.element_ty),
+        mask=rows_in[:, None] & d_in[None, :],
+    )
 
 
 @triton.jit
 def _varlen_fwd_kernel(
-    Q, K, V, CU, OUT, LSE,
-    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod,
-    H, GROUP, TOTAL, D, qk_scale,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    CU,
+    OUT,
+    LSE,
+    sqt,
+    sqh,
+    sqd,
+    skt,
+    skh,
+    skd,
+    svt,
+    svh,
+    svd,
+    sot,
+    soh,
+    sod,
+    H,
+    GROUP,
+    TOTAL,
+    D,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Flash attention of one query block of one sequence and head: out and the log-sum-exp."""
-    start, L, h, hk, offs_m, row_in, offs_d, d_in, q = _query_block(Q, sqt, sqh, sqd, CU, H, GROUP, D, BLOCK_M,
-                                                                    BLOCK_D)
+    start, L, h, hk, offs_m, row_in, offs_d, d_in, q = _query_block(Q, sqt, sqh, sqd, CU, H, GROUP, D, BLOCK_M, BLOCK_D)
     if tl.program_id(0) * BLOCK_M < L:
         k_ptr, v_ptr = K + start * skt + hk * skh, V + start * svt + hk * svh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -96,13 +121,57 @@ def _varlen_fwd_kernel(
             inner = (tl.program_id(0) * BLOCK_M // BLOCK_N) * BLOCK_N
         for start_n in range(0, inner, BLOCK_N):
             _, m_i, l_i, acc = _online_softmax_step(
-                q, offs_m, k_ptr, v_ptr, k_ptr, skt, skd, svt, svd, 0, start_n, L, D, qk_scale, m_i, l_i, acc,
-                False, False, False, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+                q,
+                offs_m,
+                k_ptr,
+                v_ptr,
+                k_ptr,
+                skt,
+                skd,
+                svt,
+                svd,
+                0,
+                start_n,
+                L,
+                D,
+                qk_scale,
+                m_i,
+                l_i,
+                acc,
+                False,
+                False,
+                False,
+                EVEN_D,
+                PRECISION,
+                BLOCK_N,
+                BLOCK_D,
             )
         for start_n in range(inner, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
             _, m_i, l_i, acc = _online_softmax_step(
-                q, offs_m, k_ptr, v_ptr, k_ptr, skt, skd, svt, svd, 0, start_n, L, D, qk_scale, m_i, l_i, acc,
-                False, CAUSAL, True, EVEN_D, PRECISION, BLOCK_N, BLOCK_D,
+                q,
+                offs_m,
+                k_ptr,
+                v_ptr,
+                k_ptr,
+                skt,
+                skd,
+                svt,
+                svd,
+                0,
+                start_n,
+                L,
+                D,
+                qk_scale,
+                m_i,
+                l_i,
+                acc,
+                False,
+                CAUSAL,
+                True,
+                EVEN_D,
+                PRECISION,
+                BLOCK_N,
+                BLOCK_D,
             )
         inv_l = 1.0 / tl.where(row_in, l_i, 1.0)  # every real query sees at least itself
         _store_tile(OUT + start * sot + h * soh, acc * inv_l[:, None], offs_m, offs_d, sot, sod, row_in, d_in)
@@ -111,11 +180,30 @@ def _varlen_fwd_kernel(
 
 @triton.jit
 def _varlen_colsum_kernel(
-    Q, K, CU, LSE, PART,
-    sqt, sqh, sqd, skt, skh, skd,
-    H, HKV, GROUP, TOTAL, D, qk_scale, inv_heads,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    CU,
+    LSE,
+    PART,
+    sqt,
+    sqh,
+    sqd,
+    skt,
+    skh,
+    skd,
+    H,
+    HKV,
+    GROUP,
+    TOTAL,
+    D,
+    qk_scale,
+    inv_heads,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Column sums of one key block of one sequence and kv head over the queries of that sequence
     and of every query head sharing the kv head, from the log-sum-exp; PART [Hkv, total]."""
@@ -127,22 +215,69 @@ def _varlen_colsum_kernel(
             h = hk * GROUP + g
             q_ptr, lse_ptr = Q + start * sqt + h * sqh, LSE + h * TOTAL + start
             for start_m in range(lo, L, BLOCK_M):
-                col += _colsum_tile(q_ptr, lse_ptr, 1, 1.0, kt, offs_n, start_m, sqt, sqd, L, D, qk_scale,
-                                    CAUSAL, True, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                col += _colsum_tile(
+                    q_ptr,
+                    lse_ptr,
+                    1,
+                    1.0,
+                    kt,
+                    offs_n,
+                    start_m,
+                    sqt,
+                    sqd,
+                    L,
+                    D,
+                    qk_scale,
+                    CAUSAL,
+                    True,
+                    EVEN_D,
+                    PRECISION,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_D,
+                )
         tl.store(PART + hk * TOTAL + start + offs_n, tl.sum(col, 0) * inv_heads, mask=col_in)
 
 
 @triton.jit
 def _varlen_delta_kernel(
-    Q, K, OUT, DOUT, CU, LSE, DC, DELTA,
-    sqt, sqh, sqd, skt, skh, skd, sot, soh, sod, sdt, sdh, sdd,
-    H, GROUP, TOTAL, D, qk_scale, inv_heads,
-    HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    OUT,
+    DOUT,
+    CU,
+    LSE,
+    DC,
+    DELTA,
+    sqt,
+    sqh,
+    sqd,
+    skt,
+    skh,
+    skd,
+    sot,
+    soh,
+    sod,
+    sdt,
+    sdh,
+    sdd,
+    H,
+    GROUP,
+    TOTAL,
+    D,
+    qk_scale,
+    inv_heads,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta_i = dO_i . O_i (+ sum_j P_ij dc_j / Hq over the keys of i's sequence)."""
-    start, L, h, hk, offs_m, row_in, offs_d, d_in, o = _query_block(OUT, sot, soh, sod, CU, H, GROUP, D, BLOCK_M,
-                                                                    BLOCK_D)
+    start, L, h, hk, offs_m, row_in, offs_d, d_in, o = _query_block(
+        OUT, sot, soh, sod, CU, H, GROUP, D, BLOCK_M, BLOCK_D
+    )
     if tl.program_id(0) * BLOCK_M < L:
         do = load_rows(DOUT + start * sdt + h * sdh, offs_m, offs_d, sdt, sdd, row_in, d_in)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -150,18 +285,70 @@ def _varlen_delta_kernel(
             k_ptr = K + start * skt + hk * skh
             q = load_rows(Q + start * sqt + h * sqh, offs_m, offs_d, sqt, sqd, row_in, d_in)
             lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
-            delta += _column_gradient_term(q, lse, k_ptr, k_ptr, 0, skt, skd, DC + start, inv_heads, offs_m, offs_d,
-                                           d_in, L, qk_scale, False, CAUSAL, PRECISION, BLOCK_M, BLOCK_N)
+            delta += _column_gradient_term(
+                q,
+                lse,
+                k_ptr,
+                k_ptr,
+                0,
+                skt,
+                skd,
+                DC + start,
+                inv_heads,
+                offs_m,
+                offs_d,
+                d_in,
+                L,
+                qk_scale,
+                False,
+                CAUSAL,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_N,
+            )
         tl.store(DELTA + h * TOTAL + start + offs_m, delta, mask=row_in)
 
 
 @triton.jit
 def _varlen_dkdv_kernel(
-    Q, K, V, DOUT, CU, LSE, DELTA, DC, DK, DV,
-    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, sgt, sgh,
-    H, HKV, GROUP, TOTAL, D, qk_scale, scale, inv_heads,
-    HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOUT,
+    CU,
+    LSE,
+    DELTA,
+    DC,
+    DK,
+    DV,
+    sqt,
+    sqh,
+    sqd,
+    skt,
+    skh,
+    skd,
+    svt,
+    svh,
+    svd,
+    sdt,
+    sdh,
+    sdd,
+    sgt,
+    sgh,
+    H,
+    HKV,
+    GROUP,
+    TOTAL,
+    D,
+    qk_scale,
+    scale,
+    inv_heads,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one sequence and kv head, summed over the query heads sharing it
     (DK, DV contiguous [total, Hkv, D]: row stride ``sgt``, head stride ``sgh``)."""
@@ -184,23 +371,52 @@ def _varlen_dkdv_kernel(
                 do = load_rows(DOUT + start * sdt + h * sdh, offs_m, offs_d, sdt, sdd, row_in, d_in)
                 lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
                 delta = tl.load(DELTA + h * TOTAL + start + offs_m, mask=row_in, other=0.0)
-                dk, dv = _dkdv_step(k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC,
-                                    CAUSAL, PRECISION)
+                dk, dv = _dkdv_step(
+                    k, v, q, do, lse, delta, bias, g, offs_m, offs_n, qk_scale, dk, dv, HAS_DC, CAUSAL, PRECISION
+                )
         _store_tile(DK + start * sgt + hk * sgh, dk * scale, offs_n, offs_d, sgt, 1, col_in, d_in)
         _store_tile(DV + start * sgt + hk * sgh, dv, offs_n, offs_d, sgt, 1, col_in, d_in)
 
 
 @triton.jit
 def _varlen_dq_kernel(
-    Q, K, V, DOUT, CU, LSE, DELTA, DC, DQ,
-    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd,
-    H, GROUP, TOTAL, D, qk_scale, scale, inv_heads,
-    HAS_DC: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOUT,
+    CU,
+    LSE,
+    DELTA,
+    DC,
+    DQ,
+    sqt,
+    sqh,
+    sqd,
+    skt,
+    skh,
+    skd,
+    svt,
+    svh,
+    svd,
+    sdt,
+    sdh,
+    sdd,
+    H,
+    GROUP,
+    TOTAL,
+    D,
+    qk_scale,
+    scale,
+    inv_heads,
+    HAS_DC: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one sequence and head (DQ contiguous [total, Hq, D])."""
-    start, L, h, hk, offs_m, row_in, offs_d, d_in, q = _query_block(Q, sqt, sqh, sqd, CU, H, GROUP, D, BLOCK_M,
-                                                                    BLOCK_D)
+    start, L, h, hk, offs_m, row_in, offs_d, d_in, q = _query_block(Q, sqt, sqh, sqd, CU, H, GROUP, D, BLOCK_M, BLOCK_D)
     if tl.program_id(0) * BLOCK_M < L:
         do = load_rows(DOUT + start * sdt + h * sdh, offs_m, offs_d, sdt, sdd, row_in, d_in)
         lse = tl.load(LSE + h * TOTAL + start + offs_m, mask=row_in, other=float("inf"))
@@ -208,21 +424,37 @@ def _varlen_dq_kernel(
         k_ptr, v_ptr = K + start * skt + hk * skh, V + start * svt + hk * svh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, keys_seen(L, BLOCK_M, CAUSAL), BLOCK_N):
-            offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False,
-                                                 BLOCK_N)
+            offs_n, col_in, bias, kt = _key_tile(k_ptr, k_ptr, 0, skt, skd, start_n, offs_d, d_in, L, False, BLOCK_N)
             vt = load_transposed(v_ptr, offs_n, offs_d, svt, svd, col_in, d_in)
-            dq = _dq_step(q, do, kt, vt, bias, lse, delta, DC + start, inv_heads, offs_m, offs_n, col_in, qk_scale,
-                          dq, HAS_DC, CAUSAL, PRECISION)
+            dq = _dq_step(
+                q,
+                do,
+                kt,
+                vt,
+                bias,
+                lse,
+                delta,
+                DC + start,
+                inv_heads,
+                offs_m,
+                offs_n,
+                col_in,
+                qk_scale,
+                dq,
+                HAS_DC,
+                CAUSAL,
+                PRECISION,
+            )
         _store_tile(DQ + start * H * D + h * D, dq * scale, offs_m, offs_d, H * D, 1, row_in, d_in)
 
 
 # ---- launchers --------------------------------------------------------------------------------
 
 
-def _options(q, causal: bool, cfg: dict, keep=("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
-             **more) -> dict:
-    return dict(CAUSAL=causal, PRECISION=dot_precision(q.dtype), **{k: v for k, v in cfg.items() if k in keep},
-                **more)
+def _options(
+    q, causal: bool, cfg: dict, keep=("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"), **more
+) -> dict:
+    return dict(CAUSAL=causal, PRECISION=dot_precision(q.dtype), **{k: v for k, v in cfg.items() if k in keep}, **more)
 
 
 def forward(q, k, v, cu, max_seqlen: int, causal: bool, scale: float, cfg: dict):
@@ -231,10 +463,26 @@ def forward(q, k, v, cu, max_seqlen: int, causal: bool, scale: float, cfg: dict)
     total, hq, dim = q.shape
     out = new_output((total, hq, dim), q.dtype, q.device)
     lse = new_output((hq, total), torch.float32, q.device)
-    run(_varlen_fwd_kernel, (cdiv(max_seqlen, cfg["BLOCK_M"]), (cu.numel() - 1) * hq),
-        q, k, v, cu, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hq // k.shape[1], total, dim, scale * LOG2E,
-        **_options(q, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]))
+    run(
+        _varlen_fwd_kernel,
+        (cdiv(max_seqlen, cfg["BLOCK_M"]), (cu.numel() - 1) * hq),
+        q,
+        k,
+        v,
+        cu,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        hq,
+        hq // k.shape[1],
+        total,
+        dim,
+        scale * LOG2E,
+        **_options(q, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]),
+    )
     return out, lse
 
 
@@ -243,10 +491,25 @@ def column_sums(q, k, cu, max_seqlen: int, lse, causal: bool, scale: float, cfg:
     total, hq, dim = q.shape
     hkv = k.shape[1]
     part = new_output((hkv, total), torch.float32, q.device)
-    run(_varlen_colsum_kernel, (cdiv(max_seqlen, cfg["BLOCK_N"]), (cu.numel() - 1) * hkv),
-        q, k, cu, lse, part, *q.stride(), *k.stride(),
-        hq, hkv, hq // hkv, total, dim, scale * LOG2E, 1.0 / hq,
-        **_options(q, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]))
+    run(
+        _varlen_colsum_kernel,
+        (cdiv(max_seqlen, cfg["BLOCK_N"]), (cu.numel() - 1) * hkv),
+        q,
+        k,
+        cu,
+        lse,
+        part,
+        *q.stride(),
+        *k.stride(),
+        hq,
+        hkv,
+        hq // hkv,
+        total,
+        dim,
+        scale * LOG2E,
+        1.0 / hq,
+        **_options(q, causal, cfg, EVEN_D=dim == cfg["BLOCK_D"]),
+    )
     return part.sum(dim=0)
 
 
@@ -263,17 +526,84 @@ def backward(q, k, v, cu, max_seqlen: int, out, lse, dout, dcolsum, causal: bool
     options = _options(q, causal, cfg, HAS_DC=has_dc)
     delta = new_output((hq, total), torch.float32, q.device)
     grid_m = (cdiv(max_seqlen, cfg["BLOCK_M"]), n * hq)
-    run(_varlen_delta_kernel, grid_m, q, k, out, dout, cu, lse, dc, delta,
-        *q.stride(), *k.stride(), *out.stride(), *dout.stride(),
-        hq, group, total, dim, qk_scale, 1.0 / hq, **options)
+    run(
+        _varlen_delta_kernel,
+        grid_m,
+        q,
+        k,
+        out,
+        dout,
+        cu,
+        lse,
+        dc,
+        delta,
+        *q.stride(),
+        *k.stride(),
+        *out.stride(),
+        *dout.stride(),
+        hq,
+        group,
+        total,
+        dim,
+        qk_scale,
+        1.0 / hq,
+        **options,
+    )
     dk = new_output((total, hkv, dim), k.dtype, k.device)
     dv = new_output((total, hkv, dim), v.dtype, v.device)
-    run(_varlen_dkdv_kernel, (cdiv(max_seqlen, cfg["BLOCK_N"]), n * hkv),
-        q, k, v, dout, cu, lse, delta, dc, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), hkv * dim, dim,
-        hq, hkv, group, total, dim, qk_scale, scale, 1.0 / hq, **options)
+    run(
+        _varlen_dkdv_kernel,
+        (cdiv(max_seqlen, cfg["BLOCK_N"]), n * hkv),
+        q,
+        k,
+        v,
+        dout,
+        cu,
+        lse,
+        delta,
+        dc,
+        dk,
+        dv,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        hkv * dim,
+        dim,
+        hq,
+        hkv,
+        group,
+        total,
+        dim,
+        qk_scale,
+        scale,
+        1.0 / hq,
+        **options,
+    )
     dq = new_output((total, hq, dim), q.dtype, q.device)
-    run(_varlen_dq_kernel, grid_m, q, k, v, dout, cu, lse, delta, dc, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        hq, group, total, dim, qk_scale, scale, 1.0 / hq, **options)
+    run(
+        _varlen_dq_kernel,
+        grid_m,
+        q,
+        k,
+        v,
+        dout,
+        cu,
+        lse,
+        delta,
+        dc,
+        dq,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        hq,
+        group,
+        total,
+        dim,
+        qk_scale,
+        scale,
+        1.0 / hq,
+        **options,
+    )
     return dq, dk, dv

@@ -35,11 +35,30 @@ from .logits import dots, logits, probabilities
 
 @triton.jit
 def _global_dlogits_kernel(
-    Q, C, RQ, RC, LSE, TAIL, W, SIGMA, E,
-    stride_q, stride_c, stride_e,
-    B, NC, D, c0, pos_offset, inv_tau,
-    IS_POS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    Q,
+    C,
+    RQ,
+    RC,
+    LSE,
+    TAIL,
+    W,
+    SIGMA,
+    E,
+    stride_q,
+    stride_c,
+    stride_e,
+    B,
+    NC,
+    D,
+    c0,
+    pos_offset,
+    inv_tau,
+    IS_POS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One tile of E[i, j] = sigma * dz_ij * rq_i * rc_j / tau for candidates c0 .. c0 + NC of one
     source, re-computing the logits from the saved log-sum-exp (dz_ij = w_i (p_ij - [j = pos(i)])).
@@ -73,8 +92,11 @@ def _global_dlogits_kernel(
         minus_tail = -tl.load(TAIL + offs_m, mask=row_in, other=0.0)
         p = tl.where(cols[None, :] == (offs_m + pos_offset)[:, None], minus_tail[:, None], p)
     e = (w * tl.load(SIGMA))[:, None] * p * scale
-    tl.store(E + offs_m[:, None] * stride_e + offs_n[None, :], e.to(E.dtype.element_ty),
-             mask=row_in[:, None] & col_in[None, :])
+    tl.store(
+        E + offs_m[:, None] * stride_e + offs_n[None, :],
+        e.to(E.dtype.element_ty),
+        mask=row_in[:, None] & col_in[None, :],
+    )
 
 
 @triton.jit
@@ -88,8 +110,9 @@ def _max_of(X, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gradient_scale_kernel(W, RQ, RP, RN, QMAX, PMAX, NMAX, SIGMA, B, NP, NN, log2_tau,
-                           HAS_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def _gradient_scale_kernel(
+    W, RQ, RP, RN, QMAX, PMAX, NMAX, SIGMA, B, NP, NN, log2_tau, HAS_MAX: tl.constexpr, BLOCK: tl.constexpr
+):
     """SIGMA[0] = 2^-ceil(log2(max_i |W_i| RQ_i * max_j RC_j / tau)) (1 when every W_i is 0),
     raised with HAS_MAX by 2^s, s = -ceil(log2(max entry of the embeddings)) within [0, 12]
     (QMAX, PMAX, NMAX: each row's largest |entry|); see ``gradient_scale``. One program: the
@@ -111,8 +134,19 @@ def _gradient_scale_kernel(W, RQ, RP, RN, QMAX, PMAX, NMAX, SIGMA, B, NP, NN, lo
 
 @triton.jit
 def _unscale_project_kernel(
-    G, X, RX, SIGMA, OUT, stride_g, stride_x, stride_o, ROWS, D,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    G,
+    X,
+    RX,
+    SIGMA,
+    OUT,
+    stride_g,
+    stride_x,
+    stride_o,
+    ROWS,
+    D,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """OUT[r] = (G[r] - (G[r] . x^_r) x^_r) / sigma with x^_r = X[r] * RX[r] (G[r] / sigma without
     normalisation): from G = sigma * RX[r] * dL/dx^ (RX = 1 / |x|) to dL/dx, the normalisation's
@@ -142,10 +176,30 @@ def _unscale_project_kernel(
 
 @triton.jit
 def _own_bwd_kernel(
-    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL, W, DQ, DP, DN,
-    stride_q, stride_p, stride_n,
-    B, K, D, inv_tau, tau,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DO: tl.constexpr,
+    Q,
+    P,
+    NEG,
+    RQ,
+    RP,
+    RN,
+    Z,
+    LSE,
+    TAIL,
+    W,
+    DQ,
+    DP,
+    DN,
+    stride_q,
+    stride_p,
+    stride_n,
+    B,
+    K,
+    D,
+    inv_tau,
+    tau,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
     """dL/dq, dL/dpos, dL/dneg for one block of rows and of D, in the inputs' dtype.
 
@@ -179,7 +233,9 @@ def _own_bwd_kernel(
         rc = tl.load(RN + rows, mask=row_in, other=0.0)
         z = tl.load(Z + offs_m * (K + 1) + 1 + k, mask=row_in, other=0.0)
         dz = w * probabilities(z, LSE, offs_m, row_in)
-        c_hat = tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rc[:, None]
+        c_hat = (
+            tl.load(NEG + rows[:, None] * stride_n + offs_d[None, :], mask=tile, other=0.0).to(tl.float32) * rc[:, None]
+        )
         g += dz[:, None] * c_hat
         dc = q_hat
         if NORMALIZE:
@@ -205,9 +261,25 @@ def gradient_scale(w, rq, rp, rn, tau: float, maxima=None):
     float16's subnormals; E stays below 2^12, far from float16's overflow."""
     sigma = new_output((1,), torch.float32, w.device)
     q_max, p_max, n_max = maxima if maxima is not None else (rq, rp, rn)
-    run(_gradient_scale_kernel, (1,),
-        w, rq, rp, rn, q_max, p_max, n_max, sigma, w.shape[0], rp.shape[0], rn.shape[0], math.log2(tau),
-        HAS_MAX=maxima is not None, BLOCK=1024, num_warps=8)
+    run(
+        _gradient_scale_kernel,
+        (1,),
+        w,
+        rq,
+        rp,
+        rn,
+        q_max,
+        p_max,
+        n_max,
+        sigma,
+        w.shape[0],
+        rp.shape[0],
+        rn.shape[0],
+        math.log2(tau),
+        HAS_MAX=maxima is not None,
+        BLOCK=1024,
+        num_warps=8,
+    )
     return sigma
 
 
@@ -215,22 +287,63 @@ def project(g, x, rx, sigma, out, normalize: bool, cfg: dict):
     """``out = (g - (g . x^) x^) / sigma`` row-wise (see ``_unscale_project_kernel``)."""
     rows, dim = x.shape
     if rows:
-        run(_unscale_project_kernel, (cdiv(rows, cfg["BLOCK_ROWS"]),),
-            g, x, rx, sigma, out, g.stride(0), x.stride(0), out.stride(0), rows, dim,
-            NORMALIZE=normalize, BLOCK_M=cfg["BLOCK_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=4)
+        run(
+            _unscale_project_kernel,
+            (cdiv(rows, cfg["BLOCK_ROWS"]),),
+            g,
+            x,
+            rx,
+            sigma,
+            out,
+            g.stride(0),
+            x.stride(0),
+            out.stride(0),
+            rows,
+            dim,
+            NORMALIZE=normalize,
+            BLOCK_M=cfg["BLOCK_ROWS"],
+            BLOCK_D=cfg["BLOCK_DO"],
+            num_warps=4,
+        )
     return out
 
 
-def logit_gradients(q, rq, lse, tail, w, sigma, cand, rc, c0: int, e, is_pos: bool, pos_offset: int, tau: float,
-                    cfg: dict):
+def logit_gradients(
+    q, rq, lse, tail, w, sigma, cand, rc, c0: int, e, is_pos: bool, pos_offset: int, tau: float, cfg: dict
+):
     """E [rows, nc] (a view of the workspace) for the queries ``q`` [rows, D] (with their rq, lse,
     tail, w) and candidates c0 .. c0 + nc of one source; see ``_global_dlogits_kernel``."""
     rows, nc = e.shape
-    run(_global_dlogits_kernel, (cdiv(rows, cfg["BLOCK_M"]) * cdiv(nc, cfg["BLOCK_N"]),),
-        q, cand, rq, rc, lse, tail, w, sigma, e, q.stride(0), cand.stride(0), e.stride(0),
-        rows, nc, q.shape[1], c0, pos_offset, 1.0 / tau, IS_POS=is_pos, PRECISION=dot_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    run(
+        _global_dlogits_kernel,
+        (cdiv(rows, cfg["BLOCK_M"]) * cdiv(nc, cfg["BLOCK_N"]),),
+        q,
+        cand,
+        rq,
+        rc,
+        lse,
+        tail,
+        w,
+        sigma,
+        e,
+        q.stride(0),
+        cand.stride(0),
+        e.stride(0),
+        rows,
+        nc,
+        q.shape[1],
+        c0,
+        pos_offset,
+        1.0 / tau,
+        IS_POS=is_pos,
+        PRECISION=dot_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def _query_grads(e, pos, neg, out):
@@ -251,8 +364,23 @@ def _accumulate(acc, e, block, partial_rows: int):
         acc[r0 : r0 + partial_rows].add_(torch.mm(e[r0 : r0 + partial_rows], block))
 
 
-def global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau: float, normalize: bool, pos_offset: int, maxima,
-                    cfg: dict, needs=(True, True, True)):
+def global_backward(
+    q,
+    pos,
+    neg,
+    rq,
+    rp,
+    rn,
+    lse,
+    tail,
+    w,
+    tau: float,
+    normalize: bool,
+    pos_offset: int,
+    maxima,
+    cfg: dict,
+    needs=(True, True, True),
+):
     """(dq, dpos, dneg) in the inputs' dtype, None where ``needs`` (q, pos, neg) is False: E
     re-computed chunk by chunk (``planner.backward_plan``), dC = E^T @ Q and dq = E @ C as GEMMs,
     then the normalisation's gradient."""
@@ -293,8 +421,18 @@ def global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau: float, normalize
             rows = [t[r0:r1] for t in (q, rq, lse, tail, w)]
             for cand, rc, _, is_pos, first in sources:
                 if cand.shape[0]:
-                    logit_gradients(*rows, sigma, cand, rc, 0, e[:, first : first + cand.shape[0]], is_pos,
-                                    pos_offset + r0, tau, cfg)
+                    logit_gradients(
+                        *rows,
+                        sigma,
+                        cand,
+                        rc,
+                        0,
+                        e[:, first : first + cand.shape[0]],
+                        is_pos,
+                        pos_offset + r0,
+                        tau,
+                        cfg,
+                    )
             _query_grads(e, pos, neg, gq[r0:r1])
     dq = project(gq if acc is None else acc, q, rq, sigma, gq, normalize, cfg)
     return dq, dpos, dneg
@@ -308,8 +446,33 @@ def own_backward(q, pos, neg, rq, rp, rn, lse, tail, logits_, w, tau: float, nor
     # Elementwise work on several float32 tiles at once: half the rows of the GEMM-like kernels
     # (at 64 rows it needs more than the 255 registers a thread has on sm_90).
     rows = max(16, cfg["OWN_ROWS"] // 2)
-    run(_own_bwd_kernel, (cdiv(batch, rows), cdiv(dim, cfg["BLOCK_DO"])),
-        q, pos, neg, rq, rp, rn, logits_, lse, tail, w, dq, dpos, dneg, q.stride(0), pos.stride(0), neg.stride(0),
-        batch, logits_.shape[1] - 1, dim, 1.0 / tau, tau, NORMALIZE=normalize, BLOCK_M=rows,
-        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"])
+    run(
+        _own_bwd_kernel,
+        (cdiv(batch, rows), cdiv(dim, cfg["BLOCK_DO"])),
+        q,
+        pos,
+        neg,
+        rq,
+        rp,
+        rn,
+        logits_,
+        lse,
+        tail,
+        w,
+        dq,
+        dpos,
+        dneg,
+        q.stride(0),
+        pos.stride(0),
+        neg.stride(0),
+        batch,
+        logits_.shape[1] - 1,
+        dim,
+        1.0 / tau,
+        tau,
+        NORMALIZE=normalize,
+        BLOCK_M=rows,
+        BLOCK_DO=cfg["BLOCK_DO"],
+        num_warps=cfg["num_warps"],
+    )
     return dq, dpos, dneg

@@ -10,8 +10,6 @@ autocast runs it in sentence-transformers' loss. ``reference.infonce`` is its or
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +19,15 @@ from .._validation import check_infonce_args
 __all__ = ["eager_infonce"]
 
 
-def eager_infonce(q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = None, *, tau: float = 0.05,
-                  negatives: str = "global", reduction: str = "mean") -> torch.Tensor:
+def eager_infonce(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None = None,
+    *,
+    tau: float = 0.05,
+    negatives: str = "global",
+    reduction: str = "mean",
+) -> torch.Tensor:
     """InfoNCE over cosine similarities with the logits in memory.
 
     Args:

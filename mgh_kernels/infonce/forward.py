@@ -32,8 +32,18 @@ from .logits import dots, logits
 
 
 @triton.jit
-def _row_norms_kernel(X, RX, AMAX, stride_x, ROWS, D, NORMALIZE: tl.constexpr, WANT_MAX: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_norms_kernel(
+    X,
+    RX,
+    AMAX,
+    stride_x,
+    ROWS,
+    D,
+    NORMALIZE: tl.constexpr,
+    WANT_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """RX[r] = 1 / max(|X[r]|, 1e-12) (F.normalize's clamp; 1 without normalisation) and, with
     WANT_MAX, AMAX[r] = max_d |X[r, d]|: float32, read in the input's dtype (no float32 copy)."""
     pid = tl.program_id(0)
@@ -44,8 +54,11 @@ def _row_norms_kernel(X, RX, AMAX, stride_x, ROWS, D, NORMALIZE: tl.constexpr, W
     if NORMALIZE or WANT_MAX:
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :],
-                        mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+            x = tl.load(
+                X + offs_m[:, None] * stride_x + offs_d[None, :],
+                mask=row_in[:, None] & (offs_d < D)[None, :],
+                other=0.0,
+            ).to(tl.float32)
             squares += tl.sum(x * x, 1)
             if WANT_MAX:
                 amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
@@ -71,10 +84,31 @@ def _online_logsumexp(m_i, l_i, o_i, z, is_target):
 
 @triton.jit
 def _global_fwd_kernel(
-    Q, P, NEG, RQ, RP, RN, M_PART, L_PART, O_PART, POS_PART,
-    stride_q, stride_p, stride_n,
-    B, NP, NN, D, pos_offset, inv_tau, cols_per_split, SPLITS,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    P,
+    NEG,
+    RQ,
+    RP,
+    RN,
+    M_PART,
+    L_PART,
+    O_PART,
+    POS_PART,
+    stride_q,
+    stride_p,
+    stride_n,
+    B,
+    NP,
+    NN,
+    D,
+    pos_offset,
+    inv_tau,
+    cols_per_split,
+    SPLITS,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Partial statistics of one query block over one split of the candidates (positives, then
     negatives, numbered 0 .. NP + NN): running max, sum of exp, non-target sum, positive logit."""
@@ -176,10 +210,25 @@ def _rowdot(A, stride_a, a_rows, C, stride_c, c_rows, row_in, D, BLOCK_M: tl.con
 
 @triton.jit
 def _own_fwd_kernel(
-    Q, P, NEG, RQ, RP, RN, Z, LSE, TAIL, LOSS,
-    stride_q, stride_p, stride_n,
-    B, K, D, inv_tau,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    P,
+    NEG,
+    RQ,
+    RP,
+    RN,
+    Z,
+    LSE,
+    TAIL,
+    LOSS,
+    stride_q,
+    stride_p,
+    stride_n,
+    B,
+    K,
+    D,
+    inv_tau,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Z[i, 0] = positive logit, Z[i, 1 + k] = k-th own negative's logit, and the row's
     statistics (``_store_statistics``); the tail summed from the negatives' side for precision."""
@@ -218,16 +267,31 @@ def row_norms(x: torch.Tensor, normalize: bool, want_max: bool, cfg: dict):
     rx = new_output((rows,), torch.float32, x.device)
     amax = new_output((rows,), torch.float32, x.device) if want_max else None
     if rows:
-        run(_row_norms_kernel, (cdiv(rows, cfg["BLOCK_ROWS"]),),
-            x, rx, rx if amax is None else amax, x.stride(0), rows, dim, NORMALIZE=normalize, WANT_MAX=want_max,
-            BLOCK_M=cfg["BLOCK_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=4)
+        run(
+            _row_norms_kernel,
+            (cdiv(rows, cfg["BLOCK_ROWS"]),),
+            x,
+            rx,
+            rx if amax is None else amax,
+            x.stride(0),
+            rows,
+            dim,
+            NORMALIZE=normalize,
+            WANT_MAX=want_max,
+            BLOCK_M=cfg["BLOCK_ROWS"],
+            BLOCK_D=cfg["BLOCK_DO"],
+            num_warps=4,
+        )
     return rx, amax
 
 
 def _statistics(batch: int, device):
     """lse [B, 2], tail [B] and losses [B], float32, uninitialised."""
-    return (new_output((batch, 2), torch.float32, device), new_output((batch,), torch.float32, device),
-            new_output((batch,), torch.float32, device))
+    return (
+        new_output((batch, 2), torch.float32, device),
+        new_output((batch,), torch.float32, device),
+        new_output((batch,), torch.float32, device),
+    )
 
 
 def global_forward(q, pos, neg, rq, rp, rn, tau: float, pos_offset: int, cfg: dict):
@@ -237,14 +301,53 @@ def global_forward(q, pos, neg, rq, rp, rn, tau: float, pos_offset: int, cfg: di
     candidates = pos.shape[0] + neg.shape[0]
     splits, per_split = planner.forward_splits(batch, candidates, dim, q.element_size(), cfg)
     m, sums, o, pos_logit = (new_output((splits, batch), torch.float32, q.device) for _ in range(4))
-    run(_global_fwd_kernel, (cdiv(batch, cfg["BLOCK_M"]) * splits,),
-        q, pos, neg, rq, rp, rn, m, sums, o, pos_logit, q.stride(0), pos.stride(0), neg.stride(0),
-        batch, pos.shape[0], neg.shape[0], dim, pos_offset, 1.0 / tau, per_split, splits,
-        PRECISION=dot_precision(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_FWD"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    run(
+        _global_fwd_kernel,
+        (cdiv(batch, cfg["BLOCK_M"]) * splits,),
+        q,
+        pos,
+        neg,
+        rq,
+        rp,
+        rn,
+        m,
+        sums,
+        o,
+        pos_logit,
+        q.stride(0),
+        pos.stride(0),
+        neg.stride(0),
+        batch,
+        pos.shape[0],
+        neg.shape[0],
+        dim,
+        pos_offset,
+        1.0 / tau,
+        per_split,
+        splits,
+        PRECISION=dot_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N_FWD"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     lse, tail, losses = _statistics(batch, q.device)
-    run(_combine_splits_kernel, (cdiv(batch, cfg["BLOCK_ROWS"]),),
-        m, sums, o, pos_logit, lse, tail, losses, batch, splits, BLOCK=cfg["BLOCK_ROWS"], num_warps=4)
+    run(
+        _combine_splits_kernel,
+        (cdiv(batch, cfg["BLOCK_ROWS"]),),
+        m,
+        sums,
+        o,
+        pos_logit,
+        lse,
+        tail,
+        losses,
+        batch,
+        splits,
+        BLOCK=cfg["BLOCK_ROWS"],
+        num_warps=4,
+    )
     return lse, tail, losses
 
 
@@ -255,7 +358,28 @@ def own_forward(q, pos, neg, rq, rp, rn, tau: float, cfg: dict):
     k = neg.shape[0] // max(batch, 1)
     lse, tail, losses = _statistics(batch, q.device)
     z = new_output((batch, k + 1), torch.float32, q.device)
-    run(_own_fwd_kernel, (cdiv(batch, cfg["OWN_ROWS"]),),
-        q, pos, neg, rq, rp, rn, z, lse, tail, losses, q.stride(0), pos.stride(0), neg.stride(0),
-        batch, k, dim, 1.0 / tau, BLOCK_M=cfg["OWN_ROWS"], BLOCK_D=cfg["BLOCK_DO"], num_warps=cfg["num_warps"])
+    run(
+        _own_fwd_kernel,
+        (cdiv(batch, cfg["OWN_ROWS"]),),
+        q,
+        pos,
+        neg,
+        rq,
+        rp,
+        rn,
+        z,
+        lse,
+        tail,
+        losses,
+        q.stride(0),
+        pos.stride(0),
+        neg.stride(0),
+        batch,
+        k,
+        dim,
+        1.0 / tau,
+        BLOCK_M=cfg["OWN_ROWS"],
+        BLOCK_D=cfg["BLOCK_DO"],
+        num_warps=cfg["num_warps"],
+    )
     return lse, tail, losses, z

@@ -17,8 +17,21 @@ import triton.language as tl
 
 
 @triton.jit
-def dots(A, stride_a, offs_a, a_in, C, stride_c, offs_c, c_in, D, PRECISION: tl.constexpr,
-         BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def dots(
+    A,
+    stride_a,
+    offs_a,
+    a_in,
+    C,
+    stride_c,
+    offs_c,
+    c_in,
+    D,
+    PRECISION: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """[BLOCK_A, BLOCK_C] float32 dot products of rows of A with rows of C, over chunks of D."""
     acc = tl.zeros([BLOCK_A, BLOCK_C], tl.float32)
     for d0 in range(0, D, BLOCK_D):

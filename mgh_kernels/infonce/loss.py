@@ -10,7 +10,6 @@ The path (``mgh_kernels.backend``): the Triton kernels on CUDA, Triton's interpr
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -25,7 +24,7 @@ __all__ = ["InfoNCELoss", "infonce_loss", "last_backend"]
 logger = logging.getLogger(__name__)
 
 
-def last_backend() -> Optional[str]:
+def last_backend() -> str | None:
     """Which path the latest ``infonce_loss`` call took: "triton", "triton-interpreter" or
     "torch-chunked" (None before the first call)."""
     return ops.LAST.backend
@@ -34,7 +33,7 @@ def last_backend() -> Optional[str]:
 def infonce_loss(
     q: torch.Tensor,
     pos: torch.Tensor,
-    neg: Optional[torch.Tensor] = None,
+    neg: torch.Tensor | None = None,
     *,
     tau: float = 0.05,
     negatives: str = "global",
@@ -89,8 +88,7 @@ def infonce_loss(
     check_bool("gather", gather)
     if gather and negatives != "global":
         raise ValueError("gather: only meaningful with negatives='global' (own candidates are per query)")
-    path = backend.dispatch("infonce_loss", q, amp, ops.LAST, logger,
-                            lambda: f"B={batch} K={neg.shape[1]} D={dim}")
+    path = backend.dispatch("infonce_loss", q, amp, ops.LAST, logger, lambda: f"B={batch} K={neg.shape[1]} D={dim}")
     kernels_compiled = path.compiling and path.backend != backend.TORCH
     if not kernels_compiled:  # compiled, the op's autocast rule casts
         q, pos, neg = autocast_inputs(amp, q, pos, neg)
@@ -131,18 +129,38 @@ class InfoNCELoss(torch.nn.Module):
         per_query = InfoNCELoss(tau=0.05, negatives="own", reduction="none")(q, pos, neg)   # [64]
     """
 
-    def __init__(self, tau: float = 0.05, negatives: str = "global", normalize: bool = True,
-                 reduction: str = "mean", gather: bool = False):
+    def __init__(
+        self,
+        tau: float = 0.05,
+        negatives: str = "global",
+        normalize: bool = True,
+        reduction: str = "mean",
+        gather: bool = False,
+    ):
         super().__init__()
         check_positive("tau", tau)
         check_choice("negatives", negatives, NEGATIVE_MODES)
         check_choice("reduction", reduction, REDUCTIONS)
-        self.tau, self.negatives, self.normalize, self.reduction, self.gather = tau, negatives, normalize, reduction, gather
+        self.tau, self.negatives, self.normalize, self.reduction, self.gather = (
+            tau,
+            negatives,
+            normalize,
+            reduction,
+            gather,
+        )
 
-    def forward(self, q: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of queries ``q`` against ``pos`` and ``neg``, as ``infonce_loss``."""
-        return infonce_loss(q, pos, neg, tau=self.tau, negatives=self.negatives, normalize=self.normalize,
-                            reduction=self.reduction, gather=self.gather)
+        return infonce_loss(
+            q,
+            pos,
+            neg,
+            tau=self.tau,
+            negatives=self.negatives,
+            normalize=self.normalize,
+            reduction=self.reduction,
+            gather=self.gather,
+        )
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, negatives={self.negatives!r}, normalize={self.normalize}, reduction={self.reduction!r}"

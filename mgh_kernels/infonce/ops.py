@@ -9,7 +9,7 @@ maxima, which only float16 "global" keeps; gradients not asked for) are empty [0
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -40,12 +40,13 @@ class ForwardState(NamedTuple):
     rn: torch.Tensor
     lse: torch.Tensor
     tail: torch.Tensor
-    logits: Optional[torch.Tensor]
-    maxima: Optional[tuple]
+    logits: torch.Tensor | None
+    maxima: tuple | None
 
     def flat(self) -> list:
         """The nine tensors (rq, rp, rn, lse, tail, logits, q_max, p_max, n_max), absent ones as
         empty [0] float32 tensors."""
+
         def empty():
             return self.rq.new_empty(_EMPTY)
 
@@ -53,11 +54,12 @@ class ForwardState(NamedTuple):
         return [*self[:5], empty() if self.logits is None else self.logits, *maxima]
 
     @classmethod
-    def from_flat(cls, tensors) -> "ForwardState":
+    def from_flat(cls, tensors) -> ForwardState:
         """The inverse of :meth:`flat`."""
         rq, rp, rn, lse, tail, logits, *maxima = tensors
-        return cls(rq, rp, rn, lse, tail, logits if logits.numel() else None,
-                   tuple(maxima) if maxima[0].numel() else None)
+        return cls(
+            rq, rp, rn, lse, tail, logits if logits.numel() else None, tuple(maxima) if maxima[0].numel() else None
+        )
 
 
 def wants_maxima(dtype: torch.dtype, own: bool) -> bool:
@@ -80,16 +82,16 @@ def fused_forward(q, pos, neg, tau: float, normalize: bool, own: bool, pos_offse
     return losses, ForwardState(rq, rp, rn, lse, tail, logits, None)
 
 
-def fused_backward(q, pos, neg, state: ForwardState, grad_losses, tau: float, normalize: bool, pos_offset: int,
-                   needs):
+def fused_backward(q, pos, neg, state: ForwardState, grad_losses, tau: float, normalize: bool, pos_offset: int, needs):
     """(dq, dpos, dneg) in the inputs' dtype for the upstream gradient [B] of the per-query losses;
     in global mode None where ``needs`` (q, pos, neg) is False."""
     w = grad_losses.float().contiguous()
     cfg = tiles.kernel_tiles(q.device, q.shape[1], q.dtype)
     rq, rp, rn, lse, tail, logits, maxima = state
     if logits is None:
-        return backward.global_backward(q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, maxima,
-                                        cfg, needs)
+        return backward.global_backward(
+            q, pos, neg, rq, rp, rn, lse, tail, w, tau, normalize, pos_offset, maxima, cfg, needs
+        )
     return backward.own_backward(q, pos, neg, rq, rp, rn, lse, tail, logits, w, tau, normalize, cfg)
 
 
@@ -111,8 +113,9 @@ class InfoNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_losses):
         q, pos, neg, *statistics, logits = ctx.saved_tensors
         state = ForwardState(*statistics, logits, ctx.maxima)
-        grads = fused_backward(q, pos, neg, state, grad_losses, ctx.tau, ctx.normalize, ctx.pos_offset,
-                               ctx.needs_input_grad[:3])
+        grads = fused_backward(
+            q, pos, neg, state, grad_losses, ctx.tau, ctx.normalize, ctx.pos_offset, ctx.needs_input_grad[:3]
+        )
         return (*grads, None, None, None, None)
 
 
@@ -122,8 +125,9 @@ _FORWARD_OUTPUTS = tuple[(torch.Tensor,) * 10]  # the losses and ForwardState's 
 
 
 @torch.library.custom_op("mgh::infonce_forward", mutates_args=())
-def forward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float, normalize: bool, own: bool,
-               pos_offset: int) -> _FORWARD_OUTPUTS:
+def forward_op(
+    q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float, normalize: bool, own: bool, pos_offset: int
+) -> _FORWARD_OUTPUTS:
     """(losses, rq, rp, rn, lse, tail, logits, q_max, p_max, n_max): fused_forward's, flat."""
     losses, state = fused_forward(q, pos, neg, tau, normalize, own, pos_offset)
     return losses, *state.flat()
@@ -139,9 +143,17 @@ def _forward_op_shapes(q, pos, neg, tau, normalize, own, pos_offset):
 
 
 @torch.library.custom_op("mgh::infonce_backward", mutates_args=())
-def backward_op(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, statistics: list[torch.Tensor],
-                grad_losses: torch.Tensor, tau: float, normalize: bool, pos_offset: int, needs: list[bool]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward_op(
+    q: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    statistics: list[torch.Tensor],
+    grad_losses: torch.Tensor,
+    tau: float,
+    normalize: bool,
+    pos_offset: int,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dpos, dneg), each empty [0] where ``needs`` is False; ``statistics``: forward_op's
     outputs after the losses."""
     state = ForwardState.from_flat(statistics)

@@ -18,8 +18,17 @@ from typing import NamedTuple
 
 from .._launch import cdiv
 
-__all__ = ["CHUNK_COLUMNS", "MIN_CHUNK", "SCRATCH_FLOOR", "SCRATCH_PER_LOGIT", "WORKSPACE_BYTES", "BackwardPlan",
-           "backward_plan", "candidate_splits", "forward_splits"]
+__all__ = [
+    "CHUNK_COLUMNS",
+    "MIN_CHUNK",
+    "SCRATCH_FLOOR",
+    "SCRATCH_PER_LOGIT",
+    "WORKSPACE_BYTES",
+    "BackwardPlan",
+    "backward_plan",
+    "candidate_splits",
+    "forward_splits",
+]
 
 SCRATCH_PER_LOGIT = 1
 """Bytes of backward scratch per logit of the B x N matrix (a twelfth of the eager loss's peak)."""
@@ -59,8 +68,9 @@ class BackwardPlan(NamedTuple):
     scratch_bytes: int  # workspace, accumulator and partial product together
 
 
-def backward_plan(batch: int, candidates: int, dim: int, elem: int, need_q: bool = True,
-                  need_c: bool = True) -> BackwardPlan:
+def backward_plan(
+    batch: int, candidates: int, dim: int, elem: int, need_q: bool = True, need_c: bool = True
+) -> BackwardPlan:
     """The cheapest mode whose scratch fits the budget: one pass, else the float32 accumulator with
     chunks as large as fit, else sweeps. ``elem``: bytes per element of the inputs (E's dtype);
     ``need_q`` / ``need_c``: whether dq / the candidates' gradients are wanted (at least one)."""
@@ -78,21 +88,28 @@ def backward_plan(batch: int, candidates: int, dim: int, elem: int, need_q: bool
         # columns first (each chunk is a pass over the accumulator), the partial product the rest
         columns = min(most_columns, (spare - least_partial * dim * elem) // (batch * elem))
         partial = 0 if elem == 4 else min(batch, (spare - batch * columns * elem) // (dim * elem))
-        return BackwardPlan("accumulate", columns, 0, partial, batch * columns,
-                            4 * batch * dim + (batch * columns + partial * dim) * elem)
+        return BackwardPlan(
+            "accumulate",
+            columns,
+            0,
+            partial,
+            batch * columns,
+            4 * batch * dim + (batch * columns + partial * dim) * elem,
+        )
     return _sweeps_plan(batch, candidates, elem, e_budget, need_q, need_c)
 
 
 def _sweeps_plan(batch, candidates, elem, e_budget, need_q, need_c):
-    """"sweeps": the largest chunks of E within ``e_budget`` bytes, by columns (dC) and rows (dq)."""
+    """ "sweeps": the largest chunks of E within ``e_budget`` bytes, by columns (dC) and rows (dq)."""
     columns = max(1, min(candidates, e_budget // (batch * elem))) if need_c else 0
     rows = max(1, min(batch, e_budget // (candidates * elem))) if need_q else 0
     workspace = max(batch * columns, rows * candidates)
     return BackwardPlan("sweeps", columns, rows, 0, workspace, workspace * elem)
 
 
-def candidate_splits(row_blocks: int, candidates: int, block_n: int, sms: int, row_block_bytes: int,
-                     cache_bytes: int) -> int:
+def candidate_splits(
+    row_blocks: int, candidates: int, block_n: int, sms: int, row_block_bytes: int, cache_bytes: int
+) -> int:
     """Programs per query block in the "global" forward (splits of the candidates), the most of:
 
     * occupancy: enough programs for two waves of the device's SMs;
@@ -112,7 +129,8 @@ def forward_splits(batch: int, candidates: int, dim: int, elem: int, cfg: dict):
     """(splits, candidates per split, a multiple of the forward's tile) for the "global" forward
     with tiles ``cfg`` (``tiles.kernel_tiles``: BLOCK_M, BLOCK_N_FWD, sms, cache_bytes)."""
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N_FWD"]
-    splits = candidate_splits(cdiv(batch, block_m), candidates, block_n, cfg["sms"], block_m * dim * elem,
-                              cfg["cache_bytes"])
+    splits = candidate_splits(
+        cdiv(batch, block_m), candidates, block_n, cfg["sms"], block_m * dim * elem, cfg["cache_bytes"]
+    )
     per_split = cdiv(cdiv(candidates, splits), block_n) * block_n
     return cdiv(candidates, per_split), per_split

@@ -42,18 +42,54 @@ def kernel_tiles(device: torch.device, dim: int, dtype: torch.dtype) -> dict:
     GPU), float32 64 x 64 x 32 with 2 stages ("ieee" dots without tensor cores)."""
     if device.type != "cuda":  # cache_bytes: nominal (the split rules are tested at an H100's figures)
         block_do = max(16, min(64, next_power_of_2(dim)))
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, BLOCK_DO=block_do, BLOCK_N_FWD=16, BLOCK_ROWS=16,
-                    OWN_ROWS=16, GROUP_M=2, num_warps=4, num_stages=1, sms=2, cache_bytes=16 << 10)
+        return dict(
+            BLOCK_M=16,
+            BLOCK_N=16,
+            BLOCK_D=16,
+            BLOCK_DO=block_do,
+            BLOCK_N_FWD=16,
+            BLOCK_ROWS=16,
+            OWN_ROWS=16,
+            GROUP_M=2,
+            num_warps=4,
+            num_stages=1,
+            sms=2,
+            cache_bytes=16 << 10,
+        )
     block_do = max(16, min(256, next_power_of_2(dim)))
     figures = dict(H100)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
-        figures = dict(sms=props.multi_processor_count, cache_bytes=getattr(props, "L2_cache_size", H100["cache_bytes"]))
+        figures = dict(
+            sms=props.multi_processor_count, cache_bytes=getattr(props, "L2_cache_size", H100["cache_bytes"])
+        )
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=block_do, BLOCK_N_FWD=64, BLOCK_ROWS=16,
-                    OWN_ROWS=32, GROUP_M=8, num_warps=8, num_stages=2, **figures)
+        return dict(
+            BLOCK_M=64,
+            BLOCK_N=64,
+            BLOCK_D=32,
+            BLOCK_DO=block_do,
+            BLOCK_N_FWD=64,
+            BLOCK_ROWS=16,
+            OWN_ROWS=32,
+            GROUP_M=8,
+            num_warps=8,
+            num_stages=2,
+            **figures,
+        )
     # The forward's 128 x 128 (like the logit gradients'): each warpgroup's wgmma is then m64n128,
     # which leaves the SM's shared-memory bandwidth room for the next stage's copies, and the query
     # block is re-read once per 128 candidates; the spill it costs is outside the loop over D.
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=block_do, BLOCK_N_FWD=128, BLOCK_ROWS=32,
-                OWN_ROWS=64, GROUP_M=8, num_warps=8, num_stages=3, **figures)
+    return dict(
+        BLOCK_M=128,
+        BLOCK_N=128,
+        BLOCK_D=64,
+        BLOCK_DO=block_do,
+        BLOCK_N_FWD=128,
+        BLOCK_ROWS=32,
+        OWN_ROWS=64,
+        GROUP_M=8,
+        num_warps=8,
+        num_stages=3,
+        **figures,
+    )

@@ -26,8 +26,6 @@ which thread ran what.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -60,8 +58,10 @@ def losses(q, pos, neg, tau: float, normalize: bool, own: bool, pos_offset: int)
     ``ops.InfoNCEFunction``'s."""
     candidates = pos.shape[0] + (0 if own else neg.shape[0])
     chunk = max(1, backend.chunk_elements() // max(1, candidates))
-    chunks = [(q[start : start + chunk], pos, neg, tau, normalize, own, start + (0 if own else pos_offset))
-              for start in range(0, q.shape[0], chunk)]
+    chunks = [
+        (q[start : start + chunk], pos, neg, tau, normalize, own, start + (0 if own else pos_offset))
+        for start in range(0, q.shape[0], chunk)
+    ]
     out = torch.cat(backend.chunked(_chunk_losses, chunks, (q, pos, neg)))
     return out if out.dtype == torch.float64 else out.float()
 
@@ -82,7 +82,7 @@ def _column_scales(parts, tau: float, normalize: bool):
     return norms.clamp_min(_EPS).mul_(tau).reciprocal_(), norms
 
 
-def _fixed_shift(tau: float, normalize: bool, dtype: torch.dtype) -> Optional[float]:
+def _fixed_shift(tau: float, normalize: bool, dtype: torch.dtype) -> float | None:
     """The softmax's shift, subtracted from every logit, when one constant serves every row, else
     None (shift by each row's max).
     Cosine logits lie within +-1 / tau (q normalised, |q . c| <= |q| |c|), so 1 / tau is an upper
@@ -147,28 +147,31 @@ class _GlobalLossFunction(torch.autograd.Function):
                     p.div_(sums)
                     p[at, target] -= 1.0
                     p.mul_(scale)  # the gradient of the raw dot products q . c
-                    rows_dq = dq[start + lo_row:start + hi_row]
+                    rows_dq = dq[start + lo_row : start + hi_row]
                     for i, (part, lo, hi) in enumerate(zip(parts, bounds, bounds[1:])):
                         torch.addmm(rows_dq, p[:, lo:hi], part, beta=float(i > 0), out=rows_dq)
 
             def candidate_rows(index: int, slot: int) -> None:  # the candidates' gradients, by rows of them
                 i, lo, hi = column_blocks[index]
-                raw[i][lo - bounds[i]:hi - bounds[i]].addmm_(logits[:, lo:hi].T, chunk)
+                raw[i][lo - bounds[i] : hi - bounds[i]].addmm_(logits[:, lo:hi].T, chunk)
 
             row_blocks = _split(stop - start, slots)
             totals = q.new_empty(len(row_blocks))  # each block's share of the loss, summed in order
             _tasks.run(len(row_blocks), query_rows, slots)
             total = total + totals.sum()
             if grad:
-                column_blocks = [(i, lo + a, lo + b) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
-                                 for a, b in _split(hi - lo, slots)]
+                column_blocks = [
+                    (i, lo + a, lo + b)
+                    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))
+                    for a, b in _split(hi - lo, slots)
+                ]
                 _tasks.run(len(column_blocks), candidate_rows, slots)
         grads = [dq] if grad else []
         if grad:
             for part, part_raw, lo, hi in zip(parts, raw, bounds, bounds[1:]):
                 if normalize:  # through c / |c|: drop the component along c (F.normalize's backward)
                     n = norms[lo:hi, None]
-                    along = torch.linalg.vecdot(part_raw, part)[:, None] / n.square().clamp_min(_EPS ** 2)
+                    along = torch.linalg.vecdot(part_raw, part)[:, None] / n.square().clamp_min(_EPS**2)
                     part_raw.addcmul_(part, torch.where(n > _EPS, along, 0.0), value=-1.0)
                 grads.append(part_raw)
             if not neg.shape[0]:

@@ -15,8 +15,8 @@ seeded per row, so a resumed run picks the same).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 LEVELS_HARD_FIRST = (4, 3, 2, 1)
 PICKS = ("random", "top")
@@ -38,16 +38,19 @@ def parse_bounds(text, kind=int) -> tuple:
 class Bands:
     """``rank`` (5 increasing ranks) or ``score`` (5 decreasing scores); exactly one is set."""
 
-    rank: Optional[tuple] = (0, 4, 16, 48, 128)
-    score: Optional[tuple] = None
+    rank: tuple | None = (0, 4, 16, 48, 128)
+    score: tuple | None = None
     pick: str = "random"
 
     def __post_init__(self):
         if (self.rank is None) == (self.score is None):
             raise ValueError("bands: give rank bands or score bands, not both")
         if self.rank is not None:
-            if any(not isinstance(b, int) for b in self.rank) or self.rank[0] < 0 or \
-                    any(a >= b for a, b in zip(self.rank, self.rank[1:])):
+            if (
+                any(not isinstance(b, int) for b in self.rank)
+                or self.rank[0] < 0
+                or any(a >= b for a, b in zip(self.rank, self.rank[1:]))
+            ):
                 raise ValueError(f"bands: expected five increasing ranks >= 0, got {self.rank}")
         else:
             if any(a <= b for a, b in zip(self.score, self.score[1:])):
@@ -72,7 +75,7 @@ class Bands:
                 out[level].append((rank, int(index), float(score)))
         return out
 
-    def _level(self, rank: int, score: float) -> Optional[int]:
+    def _level(self, rank: int, score: float) -> int | None:
         if self.rank is not None:
             for level, (lo, hi) in zip(LEVELS_HARD_FIRST, zip(self.rank, self.rank[1:])):
                 if lo <= rank < hi:
@@ -83,7 +86,7 @@ class Bands:
                 return level
         return None
 
-    def choose(self, banded: dict, rng: random.Random) -> Optional[dict]:
+    def choose(self, banded: dict, rng: random.Random) -> dict | None:
         """level -> (rank, index, score), one per level; None when a band is empty."""
         if any(not banded[level] for level in LEVELS_HARD_FIRST):
             return None

@@ -18,8 +18,8 @@ Ranks are counted among survivors, as sentence-transformers counts ``range_min``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -32,18 +32,19 @@ class Filters:
 
     range_min: int = 0
     range_max: int = 128
-    absolute_margin: Optional[float] = None
-    relative_margin: Optional[float] = None
-    max_score: Optional[float] = None
-    min_score: Optional[float] = None
-    cross_encoder_max_score: Optional[float] = None
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    max_score: float | None = None
+    min_score: float | None = None
+    cross_encoder_max_score: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.range_min, int) or self.range_min < 0:
             raise ValueError(f"range_min: expected an integer >= 0, got {self.range_min!r}")
         if not isinstance(self.range_max, int) or self.range_max <= self.range_min:
-            raise ValueError(f"range_max: expected an integer above range_min ({self.range_min}), "
-                             f"got {self.range_max!r}")
+            raise ValueError(
+                f"range_max: expected an integer above range_min ({self.range_min}), got {self.range_max!r}"
+            )
         for name in ("absolute_margin", "relative_margin"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -62,10 +63,16 @@ class Window:
     removed: dict
 
 
-def mine_window(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]],
-                query_in_corpus: Sequence[int], filters: Filters, *,
-                topk: Callable = chunked_topk,
-                cross_encoder_scores: Optional[Callable[[list[tuple[int, int]]], Sequence[float]]] = None) -> Window:
+def mine_window(
+    queries: torch.Tensor,
+    corpus: torch.Tensor,
+    positives: Sequence[Sequence[int]],
+    query_in_corpus: Sequence[int],
+    filters: Filters,
+    *,
+    topk: Callable = chunked_topk,
+    cross_encoder_scores: Callable[[list[tuple[int, int]]], Sequence[float]] | None = None,
+) -> Window:
     """The candidate window of each query (see the module docstring).
 
     Args:
@@ -83,20 +90,23 @@ def mine_window(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence
     max_positives = max((len(p) for p in positives), default=1)
     scores, indices = topk(queries, corpus, filters.range_max + max_positives + 1)
     scores = _without_query_and_positives(scores.clone(), indices, positives, query_in_corpus)
-    positive_scores = torch.stack([
-        (queries[row].float() @ corpus[list(own)].float().T).min() for row, own in enumerate(positives)
-    ]) if queries.shape[0] else torch.empty(0)
+    positive_scores = (
+        torch.stack([(queries[row].float() @ corpus[list(own)].float().T).min() for row, own in enumerate(positives)])
+        if queries.shape[0]
+        else torch.empty(0)
+    )
     removed = _drop_false_negatives(scores, indices, positive_scores.unsqueeze(1), filters, cross_encoder_scores)
     k = min(filters.range_max, scores.shape[1])
     top, local = torch.topk(scores, k, dim=1)
     picked = torch.gather(indices, 1, local)
-    top, picked = top[:, filters.range_min:], picked[:, filters.range_min:]
+    top, picked = top[:, filters.range_min :], picked[:, filters.range_min :]
     picked = torch.where(torch.isfinite(top), picked, torch.full_like(picked, -1))
     return Window(top, picked, positive_scores, removed)
 
 
-def _without_query_and_positives(scores: torch.Tensor, indices: torch.Tensor, positives: Sequence[Sequence[int]],
-                                 query_in_corpus: Sequence[int]) -> torch.Tensor:
+def _without_query_and_positives(
+    scores: torch.Tensor, indices: torch.Tensor, positives: Sequence[Sequence[int]], query_in_corpus: Sequence[int]
+) -> torch.Tensor:
     """``scores`` with ``-inf`` at empty slots (index -1), at the query itself and at its positives (step 2)."""
     scores[indices == -1] = float("-inf")
     scores[indices == torch.tensor(list(query_in_corpus)).unsqueeze(1)] = float("-inf")
@@ -105,8 +115,9 @@ def _without_query_and_positives(scores: torch.Tensor, indices: torch.Tensor, po
     return scores
 
 
-def _drop_false_negatives(scores: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor, filters: Filters,
-                          cross_encoder_scores) -> dict:
+def _drop_false_negatives(
+    scores: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor, filters: Filters, cross_encoder_scores
+) -> dict:
     """Set to ``-inf`` the candidates the filters drop (steps 3 and 4), in place; filter name -> how many
     it dropped. ``threshold`` [Q, 1]: each query's hardest positive score."""
     removed = {}
@@ -128,8 +139,7 @@ def _drop_false_negatives(scores: torch.Tensor, indices: torch.Tensor, threshold
     if cross_encoder_scores is not None and filters.cross_encoder_max_score is not None:
         alive = torch.isfinite(scores).nonzero().tolist()
         if alive:
-            judged = torch.tensor([float(s) for s in cross_encoder_scores(
-                [(r, int(indices[r, c])) for r, c in alive])])
+            judged = torch.tensor([float(s) for s in cross_encoder_scores([(r, int(indices[r, c])) for r, c in alive])])
             mask = torch.zeros_like(scores, dtype=torch.bool)
             rows, cols = torch.tensor(alive).T
             mask[rows, cols] = judged > filters.cross_encoder_max_score

@@ -14,8 +14,8 @@ Corpus: JSON Lines / Parquet / datasets rows with ``text`` (and an optional ``ti
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 from ..data import DataError, decode_line, parse_row, read_sts_pairs
 from ..data_tables import is_table
@@ -67,7 +67,7 @@ def _sts(path: Path) -> tuple[list[str], list[str], list[float]]:
         raise DataError(str(error)) from None
 
 
-def read_pairs(paths: Sequence[str], *, min_score: Optional[float] = None) -> list[tuple[str, str]]:
+def read_pairs(paths: Sequence[str], *, min_score: float | None = None) -> list[tuple[str, str]]:
     """Every (query, positive) of ``paths``, in order."""
     pairs = []
     for name in paths:

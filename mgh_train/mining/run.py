@@ -22,9 +22,9 @@ import hashlib
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -42,26 +42,26 @@ class MineOptions:
 
     pairs: Sequence[str]
     output: str
-    corpus: Optional[Sequence[str]] = None  # None: the positives themselves
+    corpus: Sequence[str] | None = None  # None: the positives themselves
     model: str = DEFAULT_JUDGE
-    pair_min_score: Optional[float] = None
+    pair_min_score: float | None = None
     bands: Bands = field(default_factory=Bands)
     range_max: int = 128  # with score bands: candidates considered per query
-    absolute_margin: Optional[float] = None
-    relative_margin: Optional[float] = 0.05
-    max_score: Optional[float] = None
-    min_score: Optional[float] = None
-    cross_encoder: Optional[str] = None
-    cross_encoder_max_score: Optional[float] = None
+    absolute_margin: float | None = None
+    relative_margin: float | None = 0.05
+    max_score: float | None = None
+    min_score: float | None = None
+    cross_encoder: str | None = None
+    cross_encoder_max_score: float | None = None
     batch_size: int = 64
     query_chunk: int = 512
     use_faiss: bool = False
     seed: int = 0
-    instruction: Optional[str] = None
+    instruction: str | None = None
     task: str = "mined"
     task_type: str = "mined"
     limit: int = 0
-    progress: Optional[bool] = None
+    progress: bool | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "query_chunk"):
@@ -70,17 +70,25 @@ class MineOptions:
         if not isinstance(self.limit, int) or self.limit < 0:
             raise ValueError(f"limit: expected an integer >= 0, got {self.limit!r}")
         if (self.cross_encoder is None) != (self.cross_encoder_max_score is None):
-            raise ValueError("cross_encoder_max_score: give it together with --cross-encoder (a threshold on "
-                             "the cross-encoder's score above which a candidate is a false-negative suspect)")
+            raise ValueError(
+                "cross_encoder_max_score: give it together with --cross-encoder (a threshold on "
+                "the cross-encoder's score above which a candidate is a false-negative suspect)"
+            )
         if Path(self.output).is_dir():
             raise ValueError(f"output: {self.output} is a folder; expected a .jsonl file path")
         self.filters()  # validates the range and margins
 
     def filters(self) -> Filters:
         lo, hi = (self.bands.rank[0], self.bands.rank[-1]) if self.bands.rank is not None else (0, self.range_max)
-        return Filters(range_min=lo, range_max=hi, absolute_margin=self.absolute_margin,
-                       relative_margin=self.relative_margin, max_score=self.max_score, min_score=self.min_score,
-                       cross_encoder_max_score=self.cross_encoder_max_score)
+        return Filters(
+            range_min=lo,
+            range_max=hi,
+            absolute_margin=self.absolute_margin,
+            relative_margin=self.relative_margin,
+            max_score=self.max_score,
+            min_score=self.min_score,
+            cross_encoder_max_score=self.cross_encoder_max_score,
+        )
 
     @property
     def rejects_path(self) -> Path:
@@ -107,13 +115,19 @@ class MineSummary:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.written} rows and rejected {self.rejected} pairs in this run ({self.done_before} "
-               f"done before it) from {self.pairs} pairs over a corpus of {self.corpus} texts, {self.seconds:.1f} s"]
+        out = [
+            f"wrote {self.written} rows and rejected {self.rejected} pairs in this run ({self.done_before} "
+            f"done before it) from {self.pairs} pairs over a corpus of {self.corpus} texts, {self.seconds:.1f} s"
+        ]
         for name, count in sorted(self.removed.items()):
             out.append(f"  removed {count} candidates by {name}")
         if self.level_scores:
-            out.append("mean similarity per level: " + ", ".join(
-                f"{level}: {s / n:.3f}" for level, (s, n) in sorted(self.level_scores.items(), reverse=True) if n))
+            out.append(
+                "mean similarity per level: "
+                + ", ".join(
+                    f"{level}: {s / n:.3f}" for level, (s, n) in sorted(self.level_scores.items(), reverse=True) if n
+                )
+            )
         for line in self.dropped_torn_lines:
             out.append(f"dropped a torn last line (the previous run was killed mid-write): {line}")
         return out
@@ -126,14 +140,24 @@ class Encoder(Judge):
         if not texts:
             return torch.empty(0)
         if self._mgh is not None:  # length-sorted batches inside Embedder.encode
-            vectors = self._mgh.encode(list(texts), instruction=instruction, batch_size=self.batch_size,
-                                       show_progress=progress)
+            vectors = self._mgh.encode(
+                list(texts), instruction=instruction, batch_size=self.batch_size, show_progress=progress
+            )
             return torch.nn.functional.normalize(vectors.float(), dim=-1)
-        return self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                  convert_to_tensor=True, show_progress_bar=progress).float().cpu()
+        return (
+            self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_tensor=True,
+                show_progress_bar=progress,
+            )
+            .float()
+            .cpu()
+        )
 
 
-def mine(options: MineOptions, *, encoder: Optional[Encoder] = None, cross_encoder=None) -> MineSummary:
+def mine(options: MineOptions, *, encoder: Encoder | None = None, cross_encoder=None) -> MineSummary:
     """Run ``mine`` (see the module docstring). ``encoder``/``cross_encoder`` replace the loaded ones
     (tests); ``cross_encoder`` is ``pairs of (query text, corpus text) -> scores``."""
     from tqdm.auto import tqdm
@@ -152,7 +176,7 @@ def mine(options: MineOptions, *, encoder: Optional[Encoder] = None, cross_encod
                 cross_encoder = _cross_encoder(options.cross_encoder)
             bar = tqdm(total=len(queries), unit="query", desc="mine", dynamic_ncols=True, disable=not progress)
             for start in range(0, len(queries), options.query_chunk):
-                chunk = queries[start:start + options.query_chunk]
+                chunk = queries[start : start + options.query_chunk]
                 window = _window(chunk, inputs, corpus_vectors, encoder, cross_encoder, options)
                 for name, count in window.removed.items():
                     summary.removed[name] = summary.removed.get(name, 0) + count
@@ -178,7 +202,7 @@ class _Inputs:
 def _read_inputs(options: MineOptions) -> _Inputs:
     pairs = read_pairs(options.pairs, min_score=options.pair_min_score)
     if options.limit:
-        pairs = pairs[:options.limit]
+        pairs = pairs[: options.limit]
     positives_of: dict[str, list[str]] = {}
     for query, positive in pairs:
         positives_of.setdefault(query, [])
@@ -252,17 +276,30 @@ def _cross_encoder(name: str) -> Callable[[list[tuple[str, str]]], Sequence[floa
     return lambda pairs: model.predict(list(pairs), show_progress_bar=False)
 
 
-def _window(chunk: list[str], inputs: _Inputs, corpus_vectors: torch.Tensor, encoder: Encoder, cross_encoder,
-            options: MineOptions) -> Window:
+def _window(
+    chunk: list[str],
+    inputs: _Inputs,
+    corpus_vectors: torch.Tensor,
+    encoder: Encoder,
+    cross_encoder,
+    options: MineOptions,
+) -> Window:
     """Embed a chunk of queries and keep the candidate window of each (:func:`mine_window`)."""
     rescore = None
     if cross_encoder is not None:
+
         def rescore(rows):  # (row in the chunk, corpus index) pairs -> cross-encoder scores
             return cross_encoder([(chunk[r], inputs.corpus[i]) for r, i in rows])
-    return mine_window(encoder.encode(chunk, instruction=options.instruction), corpus_vectors,
-                       [[inputs.where[p] for p in inputs.positives_of[q]] for q in chunk],
-                       [inputs.where.get(q, -1) for q in chunk], options.filters(),
-                       topk=faiss_topk if options.use_faiss else chunked_topk, cross_encoder_scores=rescore)
+
+    return mine_window(
+        encoder.encode(chunk, instruction=options.instruction),
+        corpus_vectors,
+        [[inputs.where[p] for p in inputs.positives_of[q]] for q in chunk],
+        [inputs.where.get(q, -1) for q in chunk],
+        options.filters(),
+        topk=faiss_topk if options.use_faiss else chunked_topk,
+        cross_encoder_scores=rescore,
+    )
 
 
 def _write_rows(chunk: list[str], window: Window, inputs: _Inputs, files: _Files, options: MineOptions) -> None:
@@ -288,8 +325,14 @@ def _record(pair: dict, chosen: dict, positive_score: float, corpus: list[str], 
     for level in LEVELS_HARD_FIRST:
         rank, index, score = chosen[level]
         negatives.append({"text": corpus[index], "level": level, "score": round(score, 6), "rank": rank})
-    record = {**pair, "negatives": negatives, "positive_score": round(positive_score, 6),
-              "task": options.task, "task_type": options.task_type, "miner": options.model}
+    record = {
+        **pair,
+        "negatives": negatives,
+        "positive_score": round(positive_score, 6),
+        "task": options.task,
+        "task_type": options.task_type,
+        "miner": options.model,
+    }
     if options.instruction:
         record["instruction"] = options.instruction
     return record

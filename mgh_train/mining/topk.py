@@ -13,14 +13,17 @@ import torch
 
 def _check(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> None:
     if queries.dim() != 2 or corpus.dim() != 2 or queries.shape[1] != corpus.shape[1]:
-        raise ValueError(f"queries/corpus: expected [Q, D] and [N, D] with the same D, got "
-                         f"{tuple(queries.shape)} and {tuple(corpus.shape)}")
+        raise ValueError(
+            f"queries/corpus: expected [Q, D] and [N, D] with the same D, got "
+            f"{tuple(queries.shape)} and {tuple(corpus.shape)}"
+        )
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
 
 
-def chunked_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, *, query_chunk: int = 1024,
-                 corpus_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_topk(
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, *, query_chunk: int = 1024, corpus_chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` inner products of each query over the corpus.
 
     Args:
@@ -40,10 +43,10 @@ def chunked_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, *, query_c
     out_scores = torch.full((queries.shape[0], k), float("-inf"), dtype=torch.float32)
     out_indices = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
     for q0 in range(0, queries.shape[0], query_chunk):
-        q = queries[q0:q0 + query_chunk]
+        q = queries[q0 : q0 + query_chunk]
         best_s = best_i = None
         for c0 in range(0, n, corpus_chunk):
-            block = (q @ corpus[c0:c0 + corpus_chunk].T).float()  # [q, c]: one block at a time
+            block = (q @ corpus[c0 : c0 + corpus_chunk].T).float()  # [q, c]: one block at a time
             s, i = torch.topk(block, min(kept, block.shape[1]), dim=1)
             i = i + c0
             if best_s is not None:  # merge with the best so far
@@ -51,8 +54,8 @@ def chunked_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, *, query_c
                 i = torch.gather(torch.cat([best_i, i], 1), 1, j)
             best_s, best_i = s, i
         if best_s is not None:
-            out_scores[q0:q0 + q.shape[0], :kept] = best_s
-            out_indices[q0:q0 + q.shape[0], :kept] = best_i
+            out_scores[q0 : q0 + q.shape[0], :kept] = best_s
+            out_indices[q0 : q0 + q.shape[0], :kept] = best_i
     return out_scores, out_indices
 
 
@@ -62,13 +65,16 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, *,
-               query_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def faiss_topk(
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, *, query_chunk: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`chunked_topk` through ``faiss.IndexFlatIP`` (exact); ValueError when faiss is missing."""
     _check(queries, corpus, k)
     if not faiss_available():
-        raise ValueError("use_faiss: faiss is not installed (pip install faiss-cpu), or mine without --faiss "
-                         "(exact chunked top-k with torch)")
+        raise ValueError(
+            "use_faiss: faiss is not installed (pip install faiss-cpu), or mine without --faiss "
+            "(exact chunked top-k with torch)"
+        )
     import faiss
     import numpy as np
 
@@ -76,7 +82,7 @@ def faiss_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int, *,
     index.add(np.ascontiguousarray(corpus.float().numpy()))
     scores, indices = [], []
     for q0 in range(0, queries.shape[0], query_chunk):
-        s, i = index.search(np.ascontiguousarray(queries[q0:q0 + query_chunk].float().numpy()), k)
+        s, i = index.search(np.ascontiguousarray(queries[q0 : q0 + query_chunk].float().numpy()), k)
         scores.append(torch.from_numpy(s))
         indices.append(torch.from_numpy(i).long())
     scores, indices = torch.cat(scores), torch.cat(indices)

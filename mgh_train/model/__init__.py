@@ -28,11 +28,35 @@ One module per job:
 
 from .base import forget_gguf, load_base, resolve_base, sdpa_mask_of, set_bidirectional
 from .embedder import Embedder
-from .options import (DEFAULT_INSTRUCTION, DEFAULT_QUERY_TEMPLATE, SMOLLM2, SMOLLM2_FILE, STS_INSTRUCTION,
-                      EmbedderConfig, EmbedderOptions)
+from .options import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_QUERY_TEMPLATE,
+    SMOLLM2,
+    SMOLLM2_FILE,
+    STS_INSTRUCTION,
+    EmbedderConfig,
+    EmbedderOptions,
+)
 from .saved import CONFIG_NAME, FORMAT, portable_base
 from .tokens import pad, token_ids
 
-__all__ = ["CONFIG_NAME", "DEFAULT_INSTRUCTION", "DEFAULT_QUERY_TEMPLATE", "FORMAT", "SMOLLM2", "SMOLLM2_FILE",
-           "STS_INSTRUCTION", "Embedder", "EmbedderConfig", "EmbedderOptions", "forget_gguf", "load_base", "pad",
-           "portable_base", "resolve_base", "sdpa_mask_of", "set_bidirectional", "token_ids"]
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_QUERY_TEMPLATE",
+    "FORMAT",
+    "SMOLLM2",
+    "SMOLLM2_FILE",
+    "STS_INSTRUCTION",
+    "Embedder",
+    "EmbedderConfig",
+    "EmbedderOptions",
+    "forget_gguf",
+    "load_base",
+    "pad",
+    "portable_base",
+    "resolve_base",
+    "sdpa_mask_of",
+    "set_bidirectional",
+    "token_ids",
+]

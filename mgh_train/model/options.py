@@ -10,8 +10,9 @@ cannot differ between the two.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 from mgh_kernels import POOLING_METHODS
 
@@ -72,7 +73,7 @@ class EmbedderOptions:
         max_length: longest input in tokens (EOS included); longer texts are truncated.
     """
 
-    gguf_file: Optional[str] = option(None, "GGUF file inside --model when it is a folder")
+    gguf_file: str | None = option(None, "GGUF file inside --model when it is a folder")
     pooling: str = option("ata", one_of(POOLING_METHODS))
     ata_layer: int = option(-1, "layer whose attention column sums weight the tokens (ATA)")
     ata_mix: float = option(0.0, "share of mean-pooling weights mixed into ATA's, in [0, 1]")
@@ -80,9 +81,10 @@ class EmbedderOptions:
     lora_r: int = option(16, "LoRA rank (0: no adapter)")
     lora_alpha: int = option(32, "LoRA alpha")
     lora_dropout: float = option(0.0, "LoRA dropout, in [0, 1)")
-    lora_target_modules: Union[str, list] = option(ALL_LINEAR, f"LoRA target modules ({ALL_LINEAR} or names)")
-    lora_layers: Optional[list] = option(None, "only these layer indices get LoRA; negative ones count from the "
-                                               "last (default: all)", item=int)
+    lora_target_modules: str | list = option(ALL_LINEAR, f"LoRA target modules ({ALL_LINEAR} or names)")
+    lora_layers: list | None = option(
+        None, "only these layer indices get LoRA; negative ones count from the last (default: all)", item=int
+    )
     query_template: str = option(DEFAULT_QUERY_TEMPLATE, "query prefix; {instruction} is the task's")
     exclude_instruction: bool = option(False, "pool over the text only, not the instruction's tokens")
     max_length: int = option(512, "longest input in tokens (longer texts are truncated)")
@@ -98,12 +100,26 @@ class EmbedderOptions:
         expect(self.lora_alpha > 0, "lora_alpha", "a positive scale", self.lora_alpha)
         expect(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "a probability in [0, 1)", self.lora_dropout)
         targets = self.lora_target_modules
-        expect(isinstance(targets, str) or (isinstance(targets, (list, tuple)) and len(targets) > 0 and all(
-            isinstance(t, str) for t in targets)), "lora_target_modules", f"{ALL_LINEAR} or module names", targets)
-        expect(self.lora_layers is None or (len(self.lora_layers) > 0 and all(
-            isinstance(i, int) for i in self.lora_layers)), "lora_layers", "layer indices", self.lora_layers)
-        expect("{instruction}" in self.query_template, "query_template", "a '{instruction}' placeholder",
-               self.query_template)
+        expect(
+            isinstance(targets, str)
+            or (isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) for t in targets)),
+            "lora_target_modules",
+            f"{ALL_LINEAR} or module names",
+            targets,
+        )
+        expect(
+            self.lora_layers is None
+            or (len(self.lora_layers) > 0 and all(isinstance(i, int) for i in self.lora_layers)),
+            "lora_layers",
+            "layer indices",
+            self.lora_layers,
+        )
+        expect(
+            "{instruction}" in self.query_template,
+            "query_template",
+            "a '{instruction}' placeholder",
+            self.query_template,
+        )
         expect(is_int(self.max_length, 2), "max_length", "at least 2 tokens", self.max_length)
 
 
@@ -119,7 +135,7 @@ class EmbedderConfig(EmbedderOptions):
         dtype: dtype the base model is loaded in ("float32", "bfloat16", "float16").
     """
 
-    base_model: Optional[str] = SMOLLM2
+    base_model: str | None = SMOLLM2
     add_eos: bool = True
     normalize: bool = True
     dtype: str = "float32"
@@ -129,7 +145,7 @@ class EmbedderConfig(EmbedderOptions):
         expect(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "EmbedderConfig":
+    def from_dict(cls, values: dict, where: str = "config") -> EmbedderConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -137,5 +153,17 @@ class EmbedderConfig(EmbedderOptions):
         return cls(**values)
 
 
-__all__ = ["ALL_LINEAR", "DEFAULT_INSTRUCTION", "DEFAULT_QUERY_TEMPLATE", "EmbedderConfig", "EmbedderOptions",
-           "SMOLLM2", "SMOLLM2_FILE", "STS_INSTRUCTION", "expect", "is_int", "one_of", "option"]
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_QUERY_TEMPLATE",
+    "EmbedderConfig",
+    "EmbedderOptions",
+    "SMOLLM2",
+    "SMOLLM2_FILE",
+    "STS_INSTRUCTION",
+    "expect",
+    "is_int",
+    "one_of",
+    "option",
+]

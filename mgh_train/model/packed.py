@@ -31,8 +31,14 @@ def packed_embeddings(embedder, features: dict) -> torch.Tensor:
     device = embedder.device
     cu = features["cu_seqlens"].to(device, non_blocking=True)
     longest = int(features["max_seqlen"])
-    out = embedder.model(input_ids=features["input_ids"].to(device), position_ids=features["position_ids"].to(device),
-                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    out = embedder.model(
+        input_ids=features["input_ids"].to(device),
+        position_ids=features["position_ids"].to(device),
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=longest,
+        max_length_k=longest,
+    )
     hidden = out.last_hidden_state[0]
     cfg = embedder.config
     extra = {"colsum": embedder.capture.colsum[0], "mix": cfg.ata_mix} if cfg.pooling == "ata" else {}

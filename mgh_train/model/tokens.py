@@ -6,7 +6,7 @@ only the tokenizer (:mod:`mgh_train.batches`); :meth:`Embedder.tokenize` is both
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -21,8 +21,13 @@ def token_ids(tokenizer, config: EmbedderConfig, texts: Sequence[str], heads: Se
     character, so a BPE token merging the prefix's trailing space with the first word counts)."""
     room = config.max_length - (1 if config.add_eos else 0)
     exclude = config.exclude_instruction and any(heads)
-    encoded = tokenizer([h + t for h, t in zip(heads, texts)], add_special_tokens=True, truncation=True,
-                        max_length=room, return_offsets_mapping=exclude and tokenizer.is_fast)
+    encoded = tokenizer(
+        [h + t for h, t in zip(heads, texts)],
+        add_special_tokens=True,
+        truncation=True,
+        max_length=room,
+        return_offsets_mapping=exclude and tokenizer.is_fast,
+    )
     eos = tokenizer.eos_token_id if config.add_eos else None
     rows, flags = [], []
     for i, (ids, head) in enumerate(zip(encoded["input_ids"], heads)):
@@ -45,15 +50,20 @@ def token_ids(tokenizer, config: EmbedderConfig, texts: Sequence[str], heads: Se
     return rows, flags
 
 
-def pad(tokenizer, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *,
-        pad_to_multiple_of: Optional[int] = None) -> dict:
+def pad(
+    tokenizer, rows: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], *, pad_to_multiple_of: int | None = None
+) -> dict:
     """:func:`token_ids`'s output padded into ``input_ids``, ``attention_mask`` and ``pool_mask``
     ([B, L] int64) by the tokenizer's own batched padding (its side, its pad token)."""
-    padded = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
-                           return_attention_mask=True, return_tensors="pt")
+    padded = tokenizer.pad(
+        {"input_ids": [list(r) for r in rows]},
+        padding=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     attention_mask = padded["attention_mask"].long()
     pool_mask = torch.zeros_like(attention_mask)
     # row-major order: each row's real tokens, in order, as its flags list them
     pool_mask[attention_mask.bool()] = torch.tensor([f for row in flags for f in row], dtype=torch.long)
     return {"input_ids": padded["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
-

@@ -46,15 +46,18 @@ import random
 import re
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
 
 RESPONSE_FORMATS = ("json_schema", "json_object_schema", "json_object", "text")
 NO_KEY_PLACEHOLDER = "no-key"  # what a local server sees when OPENAI_API_KEY is unset
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
-FATAL_STATUS = {401: "the API key was refused (set OPENAI_API_KEY)", 403: "the API key may not use this model",
-                404: "no such endpoint or model (check --base-url and --model)"}
+FATAL_STATUS = {
+    401: "the API key was refused (set OPENAI_API_KEY)",
+    403: "the API key may not use this model",
+    404: "no such endpoint or model (check --base-url and --model)",
+}
 
 
 class RequestFailed(Exception):
@@ -94,7 +97,7 @@ class Reply:
 
     text: str
     response_format: str
-    finish_reason: Optional[str]
+    finish_reason: str | None
     tokens: int
 
 
@@ -112,13 +115,13 @@ class RetryPolicy:
     max_server_wait: float = 120.0
     rng: random.Random = field(default_factory=random.Random)
 
-    def delay(self, attempt: int, server_wait: Optional[float]) -> float:
+    def delay(self, attempt: int, server_wait: float | None) -> float:
         if server_wait is not None:
             return min(max(server_wait, 0.0), self.max_server_wait)
-        return min(self.cap, self.base * 2 ** attempt) * (0.5 + 0.5 * self.rng.random())
+        return min(self.cap, self.base * 2**attempt) * (0.5 + 0.5 * self.rng.random())
 
 
-def retry_after_seconds(headers) -> Optional[float]:
+def retry_after_seconds(headers) -> float | None:
     """The wait a response asks for: ``retry-after-ms``, or ``retry-after`` in seconds or as an HTTP date."""
     if headers is None:
         return None
@@ -142,7 +145,7 @@ def retry_after_seconds(headers) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
-def response_format_for(mode: str, schema: dict, name: str) -> Optional[dict]:
+def response_format_for(mode: str, schema: dict, name: str) -> dict | None:
     """The ``response_format`` argument of ``mode`` (None for ``text``)."""
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": False}}
@@ -176,11 +179,21 @@ class ChatClient:
         log: where notices go (a format fallback, say); default: standard error via ``print``.
     """
 
-    def __init__(self, *, base_url: Optional[str], model: str, api_key: Optional[str] = None,
-                 timeout: float = 120.0, retry: Optional[RetryPolicy] = None, response_format: str = "auto",
-                 temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 1024,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 log: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        response_format: str = "auto",
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 1024,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        log: Callable[[str], None] | None = None,
+    ):
         import openai
 
         _check_settings(model, timeout, max_tokens, response_format)
@@ -209,12 +222,14 @@ class ChatClient:
             return False
         if self.format_index == tried:
             self.format_index = tried + 1
-            self._log(f"synth: the server refused response_format {RESPONSE_FORMATS[tried]} "
-                      f"(HTTP {error.status_code}: {self._clean(error.message, 120)}); "
-                      f"using {RESPONSE_FORMATS[tried + 1]} from now on")
+            self._log(
+                f"synth: the server refused response_format {RESPONSE_FORMATS[tried]} "
+                f"(HTTP {error.status_code}: {self._clean(error.message, 120)}); "
+                f"using {RESPONSE_FORMATS[tried + 1]} from now on"
+            )
         return True
 
-    async def complete(self, messages: list[dict], *, schema: dict, name: str, seed: Optional[int] = None) -> Reply:
+    async def complete(self, messages: list[dict], *, schema: dict, name: str, seed: int | None = None) -> Reply:
         """Send one chat request asking for JSON matching ``schema``; the reply text.
 
         Raises :class:`RequestFailed` (with the reason) or :class:`ServerRefused`; nothing else.
@@ -255,7 +270,7 @@ class ChatClient:
             self.usage.retries += 1
             await self._sleep(delay)
 
-    def _arguments(self, mode: str, messages: list[dict], schema: dict, name: str, seed: Optional[int]) -> dict:
+    def _arguments(self, mode: str, messages: list[dict], schema: dict, name: str, seed: int | None) -> dict:
         """The keyword arguments of one ``chat.completions.create`` asking for ``mode``."""
         arguments = dict(model=self.model, messages=messages, **self.sampling)
         if self.tokens_parameter != "max_tokens":
@@ -267,12 +282,13 @@ class ChatClient:
             arguments["seed"] = seed
         return arguments
 
-    def _retryable_status(self, error) -> tuple[str, Optional[float]]:
+    def _retryable_status(self, error) -> tuple[str, float | None]:
         """The reason and the server's wait for an HTTP error worth retrying; raises for any other."""
         status = error.status_code
         if status in FATAL_STATUS:
-            raise ServerRefused(f"HTTP {status} from the server: {FATAL_STATUS[status]} "
-                                f"({self._clean(error.message, 160)})") from None
+            raise ServerRefused(
+                f"HTTP {status} from the server: {FATAL_STATUS[status]} ({self._clean(error.message, 160)})"
+            ) from None
         if status not in RETRYABLE_STATUS and status < 500:
             raise RequestFailed(f"HTTP {status}: {self._clean(error.message)}", transient=False) from None
         return f"HTTP {status}: {self._clean(error.message)}", retry_after_seconds(error.response.headers)
@@ -281,8 +297,10 @@ class ChatClient:
         """The reason for a failed connection; ServerRefused when nothing has ever answered at the URL."""
         cause = error.__cause__
         if not self.answered and _cannot_connect(cause):
-            raise ServerRefused(f"cannot connect to {self.base_url} ({self._clean(cause, 160)}): "
-                                "nothing answers there; start the server, or check --base-url") from None
+            raise ServerRefused(
+                f"cannot connect to {self.base_url} ({self._clean(cause, 160)}): "
+                "nothing answers there; start the server, or check --base-url"
+            ) from None
         return f"connection failed ({type(cause).__name__ if cause else 'no response'})"
 
     def _reply(self, completion, mode: str) -> Reply:
@@ -298,8 +316,12 @@ class ChatClient:
             self.usage.prompt_tokens += prompt
             self.usage.completion_tokens += done
             tokens = prompt + done
-        return Reply(text=text if isinstance(text, str) else "", response_format=mode,
-                     finish_reason=getattr(choices[0], "finish_reason", None), tokens=tokens)
+        return Reply(
+            text=text if isinstance(text, str) else "",
+            response_format=mode,
+            finish_reason=getattr(choices[0], "finish_reason", None),
+            tokens=tokens,
+        )
 
     def _wants_max_completion_tokens(self, error) -> bool:
         """A 400 asking for ``max_completion_tokens`` (OpenAI's reasoning models): switch for the run, once."""
@@ -333,17 +355,20 @@ def _check_settings(model, timeout, max_tokens, response_format) -> None:
         response_format_for(response_format, {}, "check")  # raises on an unknown name
 
 
-def _api_key(api_key: Optional[str], base_url: Optional[str]) -> str:
+def _api_key(api_key: str | None, base_url: str | None) -> str:
     """The key to send: ``api_key``, else ``OPENAI_API_KEY``, else a placeholder (a local server needs
     none); ValueError for OpenAI's own API without a key, and for a key no HTTP header can carry."""
     if not (api_key or os.environ.get("OPENAI_API_KEY")) and not (base_url or os.environ.get("OPENAI_BASE_URL")):
-        raise ValueError("api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; export OPENAI_API_KEY=..., "
-                         "or pass --base-url for a server that needs no key")
+        raise ValueError(
+            "api key: OPENAI_API_KEY is not set, and OpenAI's API needs it; export OPENAI_API_KEY=..., "
+            "or pass --base-url for a server that needs no key"
+        )
     key = api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY_PLACEHOLDER
     if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
         # It goes into an HTTP header; say what is wrong without showing it.
-        raise ValueError("api key: OPENAI_API_KEY must be printable ASCII without spaces "
-                         f"({len(key)} characters, not shown)")
+        raise ValueError(
+            f"api key: OPENAI_API_KEY must be printable ASCII without spaces ({len(key)} characters, not shown)"
+        )
     return key
 
 
@@ -397,5 +422,14 @@ class _MalformedReply(Exception):
     """A successful HTTP reply that is not a chat completion."""
 
 
-__all__ = ["ChatClient", "RESPONSE_FORMATS", "Reply", "RequestFailed", "RetryPolicy", "ServerRefused", "Usage",
-           "response_format_for", "retry_after_seconds"]
+__all__ = [
+    "ChatClient",
+    "RESPONSE_FORMATS",
+    "Reply",
+    "RequestFailed",
+    "RetryPolicy",
+    "ServerRefused",
+    "Usage",
+    "response_format_for",
+    "retry_after_seconds",
+]

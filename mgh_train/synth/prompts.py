@@ -30,8 +30,8 @@ LEVEL_DEFINITIONS = {
     2: "medium: the same sub-topic, but clearly about a different question",
     3: "medium-hard: shares the query's key entities, but answers a neighbouring question",
     4: "hard: shares most of the query's surface content and entities and looks like a match, "
-       "but does not satisfy the query (the opposite condition, a wrong quantity or date, swapped "
-       "roles, or the problem restated without its answer)",
+    "but does not satisfy the query (the opposite condition, a wrong quantity or date, swapped "
+    "roles, or the problem restated without its answer)",
 }
 
 # E5-style knobs, one value of each drawn per stage-2 request.
@@ -49,9 +49,13 @@ BRAINSTORM_SCHEMA = {
     "required": ["tasks"],
 }
 
+
 def _negative_schema(level: int) -> dict:
-    return {"type": "object", "properties": {"text": {"type": "string", "minLength": 1}, "level": {"const": level}},
-            "required": ["text", "level"]}
+    return {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 1}, "level": {"const": level}},
+        "required": ["text", "level"],
+    }
 
 
 # The i-th negative is the level-i one (JSON Schema 2020-12 ``prefixItems``), so a grammar-constrained
@@ -61,8 +65,12 @@ EXAMPLE_SCHEMA = {
     "properties": {
         "query": {"type": "string", "minLength": 1},
         "positive": {"type": "string", "minLength": 1},
-        "negatives": {"type": "array", "prefixItems": [_negative_schema(level) for level in (1, 2, 3, 4)],
-                      "minItems": 4, "maxItems": 4},
+        "negatives": {
+            "type": "array",
+            "prefixItems": [_negative_schema(level) for level in (1, 2, 3, 4)],
+            "minItems": 4,
+            "maxItems": 4,
+        },
     },
     "required": ["query", "positive", "negatives"],
 }
@@ -95,20 +103,22 @@ def brainstorm_messages(task_type: str, count: int = 20) -> list[dict]:
     if count < 1:
         raise ValueError(f"count: expected a positive number of tasks, got {count}")
     if task_type == "symmetric":
-        kind = ("text matching tasks where the query and the matching text mean the same thing in "
-                "different words (paraphrase, duplicate question, semantic similarity)")
+        kind = (
+            "text matching tasks where the query and the matching text mean the same thing in "
+            "different words (paraphrase, duplicate question, semantic similarity)"
+        )
     else:
         query, document = _sides(task_type)
-        kind = (f"text retrieval tasks where the query is {query} and the relevant document is {document} "
-                f"({'a phrase or a sentence' if query == 'short' else 'a paragraph'} retrieves "
-                f"{'a sentence, a title or a label' if document == 'short' else 'a passage'})")
-    return _chat(
-        (
-            f"Brainstorm a list of {count} potentially useful {kind}. Cover many domains and "
-            "audiences; each task is one sentence in the style 'Given a ..., retrieve ...' "
-            "(or 'Retrieve ... that ...' for matching tasks). "
-            'Answer with a JSON object: {"tasks": ["...", ...]}.'
+        kind = (
+            f"text retrieval tasks where the query is {query} and the relevant document is {document} "
+            f"({'a phrase or a sentence' if query == 'short' else 'a paragraph'} retrieves "
+            f"{'a sentence, a title or a label' if document == 'short' else 'a passage'})"
         )
+    return _chat(
+        f"Brainstorm a list of {count} potentially useful {kind}. Cover many domains and "
+        "audiences; each task is one sentence in the style 'Given a ..., retrieve ...' "
+        "(or 'Retrieve ... that ...' for matching tasks). "
+        'Answer with a JSON object: {"tasks": ["...", ...]}.'
     )
 
 
@@ -124,8 +134,12 @@ class Knobs:
 
 def draw_knobs(task_type: str, rng: random.Random) -> Knobs:
     query, document = _sides(check_task_type(task_type))
-    return Knobs(rng.choice(QUERY_LENGTHS[query]), rng.choice(DOCUMENT_LENGTHS[document]), rng.choice(CLARITY),
-                 rng.choice(DIFFICULTY))
+    return Knobs(
+        rng.choice(QUERY_LENGTHS[query]),
+        rng.choice(DOCUMENT_LENGTHS[document]),
+        rng.choice(CLARITY),
+        rng.choice(DIFFICULTY),
+    )
 
 
 def length_bounds(task_type: str) -> LengthBounds:
@@ -139,23 +153,24 @@ def example_messages(task: str, task_type: str, knobs: Knobs) -> list[dict]:
     if not isinstance(task, str) or not task.strip():
         raise ValueError("task: expected a non-empty task description")
     levels = "\n".join(f"  - level {level}: {text}" for level, text in LEVEL_DEFINITIONS.items())
-    pair = ("the query and the positive must mean the same thing in different words"
-            if task_type == "symmetric" else "the positive must fully satisfy the query")
+    pair = (
+        "the query and the positive must mean the same thing in different words"
+        if task_type == "symmetric"
+        else "the positive must fully satisfy the query"
+    )
     return _chat(
-        (
-            f"You have been assigned a task: {task.strip()}\n"
-            "Write one example for it as a JSON object with the keys:\n"
-            '  - "query": a string;\n'
-            f'  - "positive": a string; {pair};\n'
-            '  - "negatives": a list of exactly four objects {"text": string, "level": 1-4}, one per '
-            "level, none of which satisfies the query:\n"
-            f"{levels}\n"
-            "Requirements:\n"
-            f"  - the query is {knobs.query_length} long and {knobs.clarity};\n"
-            f"  - the positive and each negative are {knobs.document_length} long;\n"
-            f"  - the content needs {knobs.difficulty} level knowledge to understand;\n"
-            "  - no text repeats another; do not explain anything outside the JSON object."
-        )
+        f"You have been assigned a task: {task.strip()}\n"
+        "Write one example for it as a JSON object with the keys:\n"
+        '  - "query": a string;\n'
+        f'  - "positive": a string; {pair};\n'
+        '  - "negatives": a list of exactly four objects {"text": string, "level": 1-4}, one per '
+        "level, none of which satisfies the query:\n"
+        f"{levels}\n"
+        "Requirements:\n"
+        f"  - the query is {knobs.query_length} long and {knobs.clarity};\n"
+        f"  - the positive and each negative are {knobs.document_length} long;\n"
+        f"  - the content needs {knobs.difficulty} level knowledge to understand;\n"
+        "  - no text repeats another; do not explain anything outside the JSON object."
     )
 
 

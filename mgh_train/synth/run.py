@@ -33,9 +33,9 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from . import prompts
 from .client import RESPONSE_FORMATS, ChatClient, Reply, RequestFailed, RetryPolicy
@@ -52,7 +52,7 @@ class SynthOptions:
 
     output: str
     model: str = ""
-    base_url: Optional[str] = None
+    base_url: str | None = None
     task_types: tuple[str, ...] = prompts.TASK_TYPES
     tasks_per_type: int = 20
     examples_per_task: int = 1
@@ -68,10 +68,10 @@ class SynthOptions:
     top_p: float = 1.0
     max_tokens: int = 2048
     seed: int = 0
-    rejects: Optional[str] = None
-    tasks: Optional[str] = None
+    rejects: str | None = None
+    tasks: str | None = None
     dry_run: bool = False
-    progress: Optional[bool] = None  # None: when standard error is a terminal
+    progress: bool | None = None  # None: when standard error is a terminal
 
     def __post_init__(self):
         self.task_types = tuple(self.task_types)
@@ -90,8 +90,14 @@ class SynthOptions:
             raise ValueError(f"task_types: listed twice in {', '.join(self.task_types)}")
 
     def _check_numbers(self) -> None:
-        for name in ("tasks_per_type", "examples_per_task", "brainstorm_size", "concurrency", "max_tokens",
-                     "max_failures_in_a_row"):
+        for name in (
+            "tasks_per_type",
+            "examples_per_task",
+            "brainstorm_size",
+            "concurrency",
+            "max_tokens",
+            "max_failures_in_a_row",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ("max_brainstorm_rounds", "token_budget", "max_retries"):
@@ -100,8 +106,9 @@ class SynthOptions:
         if not self.timeout > 0:
             raise ValueError(f"timeout: expected a positive number of seconds, got {self.timeout}")
         if self.response_format != "auto" and self.response_format not in RESPONSE_FORMATS:
-            raise ValueError(f"response_format: expected auto or one of {', '.join(RESPONSE_FORMATS)}, "
-                             f"got {self.response_format!r}")
+            raise ValueError(
+                f"response_format: expected auto or one of {', '.join(RESPONSE_FORMATS)}, got {self.response_format!r}"
+            )
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"temperature: expected 0 to 2, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -147,7 +154,7 @@ class SynthSummary:
     tokens: int = 0  # this run
     tokens_before: int = 0
     response_format: str = ""
-    stopped: Optional[str] = None  # why the run ended before every unit was done, or None
+    stopped: str | None = None  # why the run ended before every unit was done, or None
     outage: bool = False  # stopped because requests kept failing
     dropped_torn_lines: list = field(default_factory=list)
     seconds: float = 0.0
@@ -155,13 +162,15 @@ class SynthSummary:
 
     def lines(self) -> list[str]:
         total = self.tokens + self.tokens_before
-        out = [f"accepted {self.accepted} and rejected {self.rejected} examples in this run "
-               f"({self.accepted_before} and {self.rejected_before} before it); {self.failed} requests failed "
-               "after their retries",
-               "tasks per type: " + ", ".join(f"{k} {v}" for k, v in self.tasks.items()),
-               f"brainstorm rounds {self.brainstorm_rounds} ({self.brainstorm_rejected} without a new task)",
-               f"requests {self.requests} ({self.retries} retries), tokens {self.tokens} this run, {total} in all, "
-               f"response_format {self.response_format}, {self.seconds:.1f} s"]
+        out = [
+            f"accepted {self.accepted} and rejected {self.rejected} examples in this run "
+            f"({self.accepted_before} and {self.rejected_before} before it); {self.failed} requests failed "
+            "after their retries",
+            "tasks per type: " + ", ".join(f"{k} {v}" for k, v in self.tasks.items()),
+            f"brainstorm rounds {self.brainstorm_rounds} ({self.brainstorm_rejected} without a new task)",
+            f"requests {self.requests} ({self.retries} retries), tokens {self.tokens} this run, {total} in all, "
+            f"response_format {self.response_format}, {self.seconds:.1f} s",
+        ]
         for reason, count in sorted(self.reject_reasons.items(), key=lambda kv: -kv[1]):
             out.append(f"  rejected {count:>5d} x {reason}")
         for line in self.dropped_torn_lines:
@@ -169,8 +178,9 @@ class SynthSummary:
         if self.stopped:
             out.append(f"stopped early: {self.stopped}")
         elif self.failed:
-            out.append(f"{self.failed} requests failed (see the rejects file); rerun the same command to ask "
-                       "them again")
+            out.append(
+                f"{self.failed} requests failed (see the rejects file); rerun the same command to ask them again"
+            )
         else:
             out.append("done: every unit has a row")
         return out
@@ -190,7 +200,7 @@ def _reason_class(reason: str) -> str:
 class _Progress:
     """A tqdm bar over stage-2 units with requests/s, tokens, accepted and rejected (or nothing)."""
 
-    def __init__(self, enabled: Optional[bool], total: int, initial: int):
+    def __init__(self, enabled: bool | None, total: int, initial: int):
         self.bar = None
         if enabled is None:
             enabled = sys.stderr.isatty()
@@ -204,8 +214,10 @@ class _Progress:
         if self.bar is None:
             return
         rate = client.usage.requests / max(time.monotonic() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"req/s {rate:.2f} tok {client.usage.total_tokens} ok {summary.accepted} "
-                                 f"rej {summary.rejected}", refresh=False)
+        self.bar.set_postfix_str(
+            f"req/s {rate:.2f} tok {client.usage.total_tokens} ok {summary.accepted} rej {summary.rejected}",
+            refresh=False,
+        )
         self.bar.update(advance)
 
     def close(self) -> None:
@@ -216,8 +228,13 @@ class _Progress:
 class Synthesizer:
     """One run of :class:`SynthOptions` (see the module docstring); :meth:`run` does it."""
 
-    def __init__(self, options: SynthOptions, *, client: Optional[ChatClient] = None,
-                 log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True)):
+    def __init__(
+        self,
+        options: SynthOptions,
+        *,
+        client: ChatClient | None = None,
+        log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    ):
         self.options, self.log = options, log
         self.client = client
         self.summary = SynthSummary()
@@ -228,7 +245,7 @@ class Synthesizer:
         self._running: set = set()
         self.tasks: dict[str, list[str]] = {t: [] for t in prompts.TASK_TYPES}
         self.task_keys: set[str] = set()
-        self._fatal: Optional[BaseException] = None
+        self._fatal: BaseException | None = None
 
     # -- state from earlier runs ---------------------------------------------------------------
     def _seen_output(self, row: dict) -> None:
@@ -282,12 +299,20 @@ class Synthesizer:
         started = time.monotonic()
         own_client = self.client is None
         if own_client:
-            self.client = ChatClient(base_url=o.base_url, model=o.model, timeout=o.timeout,
-                                     retry=RetryPolicy(max_retries=o.max_retries), response_format=o.response_format,
-                                     temperature=o.temperature, top_p=o.top_p, max_tokens=o.max_tokens,
-                                     log=self.log)
-        task_writer = RowWriter(o.tasks_path, key=lambda r: _task_key(r.get("task_type"), r.get("task")),
-                                on_row=self._seen_task)
+            self.client = ChatClient(
+                base_url=o.base_url,
+                model=o.model,
+                timeout=o.timeout,
+                retry=RetryPolicy(max_retries=o.max_retries),
+                response_format=o.response_format,
+                temperature=o.temperature,
+                top_p=o.top_p,
+                max_tokens=o.max_tokens,
+                log=self.log,
+            )
+        task_writer = RowWriter(
+            o.tasks_path, key=lambda r: _task_key(r.get("task_type"), r.get("task")), on_row=self._seen_task
+        )
         reject_writer = RowWriter(o.rejects_path, key=_reject_key, on_row=self._seen_reject)
         writer = RowWriter(o.output, on_row=self._seen_output)
         for w in (task_writer, reject_writer, writer):
@@ -313,7 +338,7 @@ class Synthesizer:
             raise self._fatal
         return self.summary
 
-    async def _bounded(self, jobs: Iterator[Callable[[], "asyncio.Future"]]) -> None:
+    async def _bounded(self, jobs: Iterator[Callable[[], asyncio.Future]]) -> None:
         """Run the coroutines ``jobs`` yields, at most ``concurrency`` at once, until they end or the run stops."""
         running = self._running
         try:
@@ -324,9 +349,11 @@ class Synthesizer:
                     break
                 if not self._budget_left():
                     self._semaphore.release()
-                    self._stop(f"token budget of {self.options.token_budget} reached "
-                               f"({self._tokens_spent()} tokens spent); "
-                               "rerun the same command with a larger budget to go on")
+                    self._stop(
+                        f"token budget of {self.options.token_budget} reached "
+                        f"({self._tokens_spent()} tokens spent); "
+                        "rerun the same command with a larger budget to go on"
+                    )
                     break
                 task = asyncio.ensure_future(self._guard(job()))
                 running.add(task)
@@ -337,7 +364,7 @@ class Synthesizer:
             for task in list(running):
                 task.cancel()
 
-    def _finished(self, task: "asyncio.Task") -> None:
+    def _finished(self, task: asyncio.Task) -> None:
         self._running.discard(task)
         self._semaphore.release()
 
@@ -365,8 +392,11 @@ class Synthesizer:
         self.summary.failed += 1
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= self.options.max_failures_in_a_row:
-            self._stop(f"{self.failures_in_a_row} requests failed in a row (last: {error}); check the server, "
-                       "then rerun the same command", outage=True)
+            self._stop(
+                f"{self.failures_in_a_row} requests failed in a row (last: {error}); check the server, "
+                "then rerun the same command",
+                outage=True,
+            )
 
     # -- stage 1 ---------------------------------------------------------------------------------
     async def _stage1(self, task_writer: RowWriter, reject_writer: RowWriter) -> None:
@@ -387,17 +417,20 @@ class Synthesizer:
             have = min(len(self.tasks[task_type]), o.tasks_per_type)
             self.summary.tasks[task_type] = have
             if have < o.tasks_per_type and self.summary.stopped is None and self._fatal is None:
-                self.log(f"synth: only {have} of {o.tasks_per_type} {task_type} tasks after "
-                         f"{self.rounds_done[task_type]} brainstorm rounds; going on with those")
+                self.log(
+                    f"synth: only {have} of {o.tasks_per_type} {task_type} tasks after "
+                    f"{self.rounds_done[task_type]} brainstorm rounds; going on with those"
+                )
 
     async def _brainstorm(self, task_type: str, unit: str, task_writer: RowWriter, reject_writer: RowWriter) -> None:
         o = self.options
         messages = prompts.brainstorm_messages(task_type, o.brainstorm_size)
         self.summary.brainstorm_rounds += 1
-        reply: Optional[Reply] = None
+        reply: Reply | None = None
         try:
-            reply = await self.client.complete(messages, schema=prompts.BRAINSTORM_SCHEMA, name="tasks",
-                                               seed=unit_seed(o.seed, unit))
+            reply = await self.client.complete(
+                messages, schema=prompts.BRAINSTORM_SCHEMA, name="tasks", seed=unit_seed(o.seed, unit)
+            )
             self.failures_in_a_row = 0
             found = extract_json(reply.text).get("tasks")
             if not isinstance(found, list):
@@ -422,9 +455,17 @@ class Synthesizer:
             return
         self.rounds_done[task_type] += 1
         for i, task in enumerate(new):
-            task_writer.write({"task_type": task_type, "task": task, "round": unit, "first_of_round": i == 0,
-                               "tokens": reply.tokens if i == 0 else 0, "model": o.model,
-                               "prompt_version": prompts.PROMPT_VERSION})
+            task_writer.write(
+                {
+                    "task_type": task_type,
+                    "task": task,
+                    "round": unit,
+                    "first_of_round": i == 0,
+                    "tokens": reply.tokens if i == 0 else 0,
+                    "model": o.model,
+                    "prompt_version": prompts.PROMPT_VERSION,
+                }
+            )
             self.tasks[task_type].append(task)
 
     # -- stage 2 ---------------------------------------------------------------------------------
@@ -441,21 +482,26 @@ class Synthesizer:
         done = sum(unit in self.done_units for unit, _, _ in units)
         progress = _Progress(self.options.progress, len(units), done)
         try:
-            jobs = (lambda u=u, t=t, task=task: self._example(u, t, task, writer, reject_writer, progress)
-                    for u, t, task in units if u not in self.done_units)
+            jobs = (
+                lambda u=u, t=t, task=task: self._example(u, t, task, writer, reject_writer, progress)
+                for u, t, task in units
+                if u not in self.done_units
+            )
             await self._bounded(jobs)
         finally:
             progress.close()
 
-    async def _example(self, unit: str, task_type: str, task: str, writer: RowWriter, reject_writer: RowWriter,
-                       progress: _Progress) -> None:
+    async def _example(
+        self, unit: str, task_type: str, task: str, writer: RowWriter, reject_writer: RowWriter, progress: _Progress
+    ) -> None:
         o = self.options
         knobs = self._knobs(task_type, unit)
         messages = prompts.example_messages(task, task_type, knobs)
-        reply: Optional[Reply] = None
+        reply: Reply | None = None
         try:
-            reply = await self.client.complete(messages, schema=prompts.EXAMPLE_SCHEMA, name="mgh_example",
-                                               seed=unit_seed(o.seed, unit))
+            reply = await self.client.complete(
+                messages, schema=prompts.EXAMPLE_SCHEMA, name="mgh_example", seed=unit_seed(o.seed, unit)
+            )
             self.failures_in_a_row = 0
             try:
                 example = check_example(extract_json(reply.text), bounds=prompts.length_bounds(task_type))
@@ -463,9 +509,19 @@ class Synthesizer:
                 if reply.finish_reason == "length":
                     raise Rejected(f"{error} (the reply was cut at max_tokens={o.max_tokens})") from None
                 raise
-            row = {**example, "task": task, "task_type": task_type, "instruction": task, "model": o.model,
-                   "prompt_version": prompts.PROMPT_VERSION, "knobs": prompts.knobs_record(knobs), "unit": unit,
-                   "response_format": reply.response_format, "tokens": reply.tokens, "source": "mgh-synth"}
+            row = {
+                **example,
+                "task": task,
+                "task_type": task_type,
+                "instruction": task,
+                "model": o.model,
+                "prompt_version": prompts.PROMPT_VERSION,
+                "knobs": prompts.knobs_record(knobs),
+                "unit": unit,
+                "response_format": reply.response_format,
+                "tokens": reply.tokens,
+                "source": "mgh-synth",
+            }
             if row in writer:
                 raise Rejected("duplicate of an earlier row (same query and positive)")
             writer.write(row)
@@ -485,12 +541,20 @@ class Synthesizer:
         """The unit's knobs, drawn from (seed, unit): the same in a rerun and in the dry run."""
         return prompts.draw_knobs(task_type, random.Random(f"{self.options.seed}/{unit}"))
 
-    def _reject_row(self, unit: str, stage: str, task_type: str, task: Optional[str], reason: str,
-                    reply: Optional[Reply], final: bool) -> dict:
-        row = {"unit": unit, "stage": stage, "task_type": task_type, "task": task, "reason": reason,
-               "reply": reply.text[:REPLY_KEPT] if reply is not None else None,
-               "tokens": reply.tokens if reply is not None else 0, "model": self.options.model,
-               "prompt_version": prompts.PROMPT_VERSION}
+    def _reject_row(
+        self, unit: str, stage: str, task_type: str, task: str | None, reason: str, reply: Reply | None, final: bool
+    ) -> dict:
+        row = {
+            "unit": unit,
+            "stage": stage,
+            "task_type": task_type,
+            "task": task,
+            "reason": reason,
+            "reply": reply.text[:REPLY_KEPT] if reply is not None else None,
+            "tokens": reply.tokens if reply is not None else 0,
+            "model": self.options.model,
+            "prompt_version": prompts.PROMPT_VERSION,
+        }
         if not final:  # a failed request: the unit is not done; the id keeps each failure's row apart
             row.update(final=False, id=uuid.uuid4().hex)
         return row
@@ -503,20 +567,29 @@ class Synthesizer:
         if o.tasks_path.exists():
             for row in _read_rows(o.tasks_path):
                 self._seen_task(row)
-        print(f"# dry run: nothing is sent or written. model {o.model or '(none given)'} at "
-              f"{o.base_url or 'the OpenAI API'}; response_format {o.response_format}, temperature "
-              f"{o.temperature}, top_p {o.top_p}, max_tokens {o.max_tokens}; output {o.output}", file=out)
+        print(
+            f"# dry run: nothing is sent or written. model {o.model or '(none given)'} at "
+            f"{o.base_url or 'the OpenAI API'}; response_format {o.response_format}, temperature "
+            f"{o.temperature}, top_p {o.top_p}, max_tokens {o.max_tokens}; output {o.output}",
+            file=out,
+        )
         for task_type in o.task_types:
             have = len(self.tasks[task_type])
             rounds = math.ceil(max(o.tasks_per_type - have, 0) / o.brainstorm_size)
-            print(f"\n## stage 1 - {task_type}: {rounds} brainstorm request(s) like this one "
-                  f"({have} tasks already in {o.tasks_path})", file=out)
+            print(
+                f"\n## stage 1 - {task_type}: {rounds} brainstorm request(s) like this one "
+                f"({have} tasks already in {o.tasks_path})",
+                file=out,
+            )
             _print_messages(prompts.brainstorm_messages(task_type, o.brainstorm_size), out)
             task = self.tasks[task_type][0] if have else "<a task from stage 1>"
             unit = f"{task_type}/0/0"
             knobs = self._knobs(task_type, unit)
-            print(f"\n## stage 2 - {task_type}: {o.tasks_per_type * o.examples_per_task} example request(s); "
-                  f"unit {unit}, knobs {prompts.knobs_record(knobs)}", file=out)
+            print(
+                f"\n## stage 2 - {task_type}: {o.tasks_per_type * o.examples_per_task} example request(s); "
+                f"unit {unit}, knobs {prompts.knobs_record(knobs)}",
+                file=out,
+            )
             _print_messages(prompts.example_messages(task, task_type, knobs), out)
 
 

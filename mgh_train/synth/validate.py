@@ -88,8 +88,11 @@ def check_example(obj, *, bounds: LengthBounds = LengthBounds()) -> dict:
         raise Rejected(f"levels must be 1, 2, 3 and 4 once each, got {sorted(n['level'] for n in clean)}")
     by_level = sorted(clean, key=lambda n: n["level"])
     _check_distinct(query, positive, by_level)
-    for name, text, (low, high) in [("query", query, bounds.query), ("positive", positive, bounds.positive),
-                                    *[(f"level-{n['level']} negative", n["text"], bounds.negative) for n in clean]]:
+    for name, text, (low, high) in [
+        ("query", query, bounds.query),
+        ("positive", positive, bounds.positive),
+        *[(f"level-{n['level']} negative", n["text"], bounds.negative) for n in clean],
+    ]:
         words = _words(text)
         if not low <= words <= high:
             raise Rejected(f"the {name} has {words} words, expected {low}-{high}")

