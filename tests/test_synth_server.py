@@ -37,8 +37,16 @@ if os.environ.get("MGH_SKIP_SYNTH_SERVER") == "1":
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with LlamaServer(tmp_path_factory.mktemp("llama") / "server.log") as running:
-        yield running
+    """One llama server per module, and one at a time per test run: two generating at once on a
+    2-core machine slow every request past its timeout (xdist may split this module between
+    workers, so the second waits on a lock in the folder the workers share)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with FileLock(str(shared / "llama-server.lock")):
+        with LlamaServer(tmp_path_factory.mktemp("llama") / "server.log") as running:
+            yield running
 
 
 @pytest.fixture(autouse=True)
