@@ -42,12 +42,20 @@ def test_public_import():
     assert result.stdout.strip() == "mgh_kernels.pooling"
 
 
+def test_importing_the_cli_leaves_torch_dynamo_unloaded():
+    """torch._dynamo costs ~1.5 s to import: a CLI start (``--help``, a one-line error) does not pay it."""
+    result = run("-c", "import sys, mgh_train.__main__; print('torch._dynamo' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def collected(*args):
     result = run("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return [line for line in result.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.slow  # collects the whole suite twice in child processes (~20 s)
 def test_plain_pytest_collects_tests_only_and_benchmark_flag_the_suites_only():
     plain = collected()
     assert plain and all(line.startswith("tests/") for line in plain)

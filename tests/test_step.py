@@ -210,6 +210,7 @@ def traced_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", traced_only)
 
 
+@pytest.mark.slow  # compiles the step for two runs (~25 s); test_compile keeps compiled steps in the default run
 @pytest.mark.usefixtures("traced_compile")
 def test_compiled_run_resumes_an_eager_checkpoint_and_back(tmp_path):
     """--compile trains with the eager run's losses (same arithmetic, compiled), and its checkpoints

@@ -143,6 +143,31 @@ def test_gradients_without_colsum(path, gen):
         torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_under_torch_compile_runs_eagerly_with_the_same_values(gen):
+    """Under torch.compile the call is a graph break that runs eagerly (``torch.compiler.disable``,
+    applied at the first call): on that first call as on later ones, the same outputs and
+    gradients as the plain call, with the ops around it still compiled."""
+    import torch._dynamo.testing
+
+    lengths = [6, 1, 21]
+    (q, k, v), _ = packed_inputs(lengths, 4, 2, 16, torch.float32, gen, requires_grad=True)
+    fresh = varlen._eager_under_compile(ata_attention_varlen.__wrapped__)  # not yet called in this process
+
+    def step(attention, q, k, v):
+        out, colsum = attention(q * 0.5, k, v, cu_of(lengths), 21, causal=True)
+        return (out.sum(-1) * colsum[:, None]).sum()
+
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(step, backend=counter)
+    with use_backend("torch"):
+        want = torch.autograd.grad(step(ata_attention_varlen, q, k, v), (q, k, v))
+        for _ in range(2):  # the first call under compile, then the compiled frames again
+            got = torch.autograd.grad(compiled(fresh, q, k, v), (q, k, v))
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert counter.frame_count >= 2 and counter.op_count >= 2  # the multiply before, the sum after
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("path", PATHS)
 def test_equals_padded_attention_on_the_same_texts(causal, path, gen):

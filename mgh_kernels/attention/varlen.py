@@ -13,6 +13,7 @@ Under torch.compile the call runs eagerly (a graph break): the varlen kernels ha
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -99,7 +100,22 @@ def _per_sequence(q, k, v, bounds, causal: bool, scale: float, return_colsum: bo
     return out, (torch.cat(sums) if return_colsum else None)
 
 
-@torch.compiler.disable
+def _eager_under_compile(fn):
+    """``torch.compiler.disable(fn)`` applied at the first call rather than at import: the decorator
+    imports torch._dynamo, about 1.5 s that every ``import mgh_kernels`` (and CLI start) would pay."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
+@_eager_under_compile
 def ata_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
