@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 
+from xdist_shared import run_shared_dir
+
 # Without a GPU the Triton kernels run under Triton's interpreter. It is chosen when the kernels
 # are defined, so this must happen before any test module imports mgh_kernels.
 if not torch.cuda.is_available():
@@ -47,13 +49,6 @@ def cpu_kernels():
         return
     with use_backend("torch"):
         yield
-
-
-def run_shared_dir(tmp_path_factory):
-    """A folder of this test run shared by its pytest-xdist workers (each worker's own temporary
-    folder without xdist)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from mgh_train.data import read_examples
 from mgh_train.synth import prompts
 from mgh_train.synth.run import Synthesizer, SynthOptions, unit_seed
 from mgh_train.synth.validate import Rejected, check_example, extract_json
+from xdist_shared import run_shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +43,7 @@ def server(tmp_path_factory):
     workers, so the second waits on a lock in the folder the workers share)."""
     from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    with FileLock(str(shared / "llama-server.lock")):
+    with FileLock(str(run_shared_dir(tmp_path_factory) / "llama-server.lock")):
         with LlamaServer(tmp_path_factory.mktemp("llama") / "server.log") as running:
             yield running
 
