@@ -88,11 +88,26 @@ def row_passes(request, monkeypatch):
     return request.param
 
 
+# Modules of minutes-long tests run first. The llama server's tests take minutes one after another
+# (one server at a time); queued last, they were a tail that the other worker could not share.
+LONG_FIRST = (
+    "test_synth_server.py",
+    "test_run_faults.py",
+    "test_run_folder.py",
+    "test_distributed.py",
+    "test_export.py",
+    "test_evaluate.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marks
 def pytest_collection_modifyitems(config, items):
     """The default run keeps a pairwise subset of each grid in ``grids.PAIRWISE_GRIDS``; the other
-    cases are marked slow (tests/grids.py)."""
+    cases are marked slow (tests/grids.py). Modules in ``LONG_FIRST`` are moved to the front."""
     import grids
+
+    rank = {name: index for index, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: files keep their order
 
     cases: dict[str, list] = {}
     for item in items:
