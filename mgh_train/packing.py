@@ -108,11 +108,7 @@ class PackingCollate(Collate):
 
     def __init__(self, tokenizer, config, *, max_tokens: int = 0, chunk_size: int = 0, one_forward: bool = False):
         super().__init__(tokenizer, config, chunk_size=chunk_size, one_forward=one_forward)
-        if one_forward and max_tokens:
-            raise ValueError(
-                "max_tokens_per_forward: ranks whose forwards are collective (FSDP2) must run as many "
-                "each; under --packing bound the rows by --chunk-size only"
-            )
+        check_max_tokens(max_tokens, collective=one_forward)
         self.max_tokens = max_tokens
 
     def assemble(
@@ -155,7 +151,14 @@ def check_options(cfg) -> None:
             "packing: --compile is not supported with --packing (the varlen attention kernels run "
             "eagerly, a graph break per layer); drop one of them"
         )
-    if cfg.parallel == "fsdp" and cfg.max_tokens_per_forward:
+    check_max_tokens(cfg.max_tokens_per_forward, collective=cfg.parallel == "fsdp")
+
+
+def check_max_tokens(max_tokens: int, *, collective: bool) -> None:
+    """Refuse a token budget on packed rows where every forward is a collective (FSDP2): every rank
+    must then run as many forwards, which a budget cut from each rank's own texts does not promise
+    (``batches.check_chunk_tokens`` is the same rule for GradCache's chunks)."""
+    if collective and max_tokens:
         raise ValueError(
             "max_tokens_per_forward: under --parallel fsdp every forward is collective, so every "
             "process must run as many: bound the packed rows by --chunk-size only"
@@ -186,6 +189,7 @@ def describe(cfg, device: torch.device) -> str:
 
 __all__ = [
     "PackingCollate",
+    "check_max_tokens",
     "check_options",
     "collate_for",
     "describe",

@@ -231,6 +231,15 @@ def test_no_total_by_total_tensor_in_a_packed_step(plan, pooling):
     assert square.found  # the mode sees an L x L mask where there is one
 
 
+def test_a_token_budget_is_refused_where_forwards_are_collective():
+    """The collator refuses what the option check refuses (packing.check_max_tokens), for callers
+    that build it directly."""
+    embedder = tiny_embedder(pooling="ata")
+    with pytest.raises(ValueError, match=r"^max_tokens_per_forward: under --parallel fsdp every forward is collective"):
+        packing.PackingCollate(embedder.tokenizer, embedder.config, max_tokens=60, one_forward=True)
+    packing.PackingCollate(embedder.tokenizer, embedder.config, max_tokens=0, one_forward=True)  # texts only: fine
+
+
 def test_gradcache_chunks_cut_by_tokens_equal_the_plain_step(plan):
     """GradCache over packed chunks of at most 60 real tokens: the loss and LoRA gradients of one
     plain padded forward per bucket, to float32 rounding."""
