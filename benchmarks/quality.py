@@ -472,6 +472,7 @@ def _plot(output: Path, rows: dict, tasks: list, path) -> str:
             width,
             yerr=[0 if math.isnan(s) else s for _, s in stats],
             label=name,
+            color=f"C{i}",  # an arm's colour is the same in both panels (the base has no curve)
         )
         losses = {}
         for run in row["runs"]:
@@ -483,7 +484,7 @@ def _plot(output: Path, rows: dict, tasks: list, path) -> str:
                         losses.setdefault(int(r["step"]), []).append(float(r["loss"]))
         if losses:
             steps = sorted(losses)
-            curves.plot(steps, [sum(losses[s]) / len(losses[s]) for s in steps], label=name)
+            curves.plot(steps, [sum(losses[s]) / len(losses[s]) for s in steps], label=name, color=f"C{i}")
     bars.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     bars.set_ylabel("main score x 100 (mean ± std over seeds)")
     bars.legend(fontsize=7)
