@@ -35,8 +35,7 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_configure(config):
     """The test run shares the cores between its worker processes and the CLI processes tests start:
     idle OpenMP threads sleep rather than spin (the workers, started after this, and every child
-    inherit it; libgomp reads it when torch loads). About a fifth less CPU for the same tests.
-    Benchmarks keep the user's default."""
+    inherit it; libgomp reads it when torch loads). Benchmarks keep the user's default."""
     if not config.getoption("benchmark"):
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 

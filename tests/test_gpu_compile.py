@@ -71,18 +71,21 @@ KERNELS = {
 
 # The default run compiles one case per kernel family (the trainer's bf16 at head size 128, and the
 # case test_sass_summary_of_the_flash_forward reads); `pytest -m slow` compiles the rest.
-DEFAULT_CASES = ("attention-bf16-d128-bidirectional", "attention-varlen-bf16-d128-causal", "infonce-bf16-global-D1024")
+SASS_CASE = "attention-bf16-d128-bidirectional"
+DEFAULT_CASES = (SASS_CASE, "attention-varlen-bf16-d128-causal", "infonce-bf16-global-D1024")
 
 
 @pytest.fixture(scope="module")
 def compiled(request):
-    """The cases this session runs, compiled in one child process (starting one costs ~5 s)."""
-    selected = {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if getattr(item, "function", None) is test_kernels_compile_for_h100
-    }
-    names = [name for name in CASES if name in selected or name in DEFAULT_CASES]
+    """The cases the selected tests read, compiled in one child process (starting one costs ~5 s)."""
+    selected = set()
+    for item in request.session.items:
+        function = getattr(item, "function", None)
+        if function is test_kernels_compile_for_h100:
+            selected.add(item.callspec.params["name"])
+        elif function is test_sass_summary_of_the_flash_forward:
+            selected.add(SASS_CASE)
+    names = [name for name in CASES if name in selected]
     results = gpu_compile.compile_many([dict(CASES[name], arch=ARCH) for name in names])
     return dict(zip(names, results))
 
@@ -149,7 +152,7 @@ def test_unknown_tile_key_is_an_error():
 def test_sass_summary_of_the_flash_forward(compiled):
     """With ``sass=True`` each launch lists its hot loops: the flash forward has two (key tiles
     within L, then the boundary tiles), each with its two tensor-core products per tile."""
-    forward = compiled["attention-bf16-d128-bidirectional"][0]
+    forward = compiled[SASS_CASE][0]
     assert forward["kernel"] == "_fwd_kernel"
     assert len(forward["loops"]) == 2
     for loop in forward["loops"]:
