@@ -19,6 +19,9 @@ import urllib.request
 from pathlib import Path
 
 MODEL_ALIAS = "smollm2"
+# One generating thread: the server shares 2 cores with the other test worker, and ggml's threads
+# spin at their barriers when a core is taken, slowing every request (RESULTS.md, issue 35).
+N_THREADS = 1
 
 
 def gguf_path() -> Path:
@@ -86,7 +89,7 @@ class LlamaServer:
                 "--n_ctx",
                 str(self.n_ctx),
                 "--n_threads",
-                "2",
+                str(N_THREADS),
                 "--verbose",
                 "False",
             ]
