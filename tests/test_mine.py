@@ -155,7 +155,7 @@ def test_mined_rows_keep_margins_and_bands_order_on_held_out_pairs(tmp_path):
     assert summary.written == len(rows) >= 70
     assert read_examples(tmp_path / "mined.jsonl").examples  # the trainer reads them
     by_level = {level: [] for level in (1, 2, 3, 4)}
-    # every row's six texts in one encode call: 80 calls of six texts cost more than the mining
+    # every row's six texts in one encode call: one call per row took a large share of the test's time
     texts = [[row["query"], row["positive"], *(n["text"] for n in row["negatives"])] for row in rows]
     vectors = encoder.encode([text for group in texts for text in group]).split([len(g) for g in texts])
     for row, v in zip(rows, vectors):
